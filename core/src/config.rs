@@ -1,0 +1,243 @@
+//! Model configurations: SigLIP's vision tower and its image preprocessing.
+//!
+//! Read from the Hugging Face JSON files (`config.json`,
+//! `preprocessor_config.json`) given as text; core never opens files. The
+//! IP-Adapter's dimensions are *not* configured here: they are inferred from
+//! the checkpoint's tensor shapes (see [`crate::ip_adapter::IpAdapterDims`]).
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Hyper-parameters of the SigLIP vision transformer.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SiglipVisionConfig {
+    #[serde(default = "defaults::hidden_size")]
+    pub hidden_size: usize,
+    #[serde(default = "defaults::intermediate_size")]
+    pub intermediate_size: usize,
+    #[serde(default = "defaults::num_hidden_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "defaults::num_attention_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "defaults::num_channels")]
+    pub num_channels: usize,
+    #[serde(default = "defaults::image_size")]
+    pub image_size: usize,
+    #[serde(default = "defaults::patch_size")]
+    pub patch_size: usize,
+    #[serde(default = "defaults::hidden_act")]
+    pub hidden_act: String,
+    #[serde(default = "defaults::layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    /// Whether the attention-pooling head exists (transformers' `vision_use_head`).
+    #[serde(default = "defaults::vision_use_head")]
+    pub vision_use_head: bool,
+}
+
+/// transformers' `SiglipVisionConfig` defaults, used for keys a config.json omits.
+mod defaults {
+    pub fn hidden_size() -> usize {
+        768
+    }
+    pub fn intermediate_size() -> usize {
+        3072
+    }
+    pub fn num_hidden_layers() -> usize {
+        12
+    }
+    pub fn num_attention_heads() -> usize {
+        12
+    }
+    pub fn num_channels() -> usize {
+        3
+    }
+    pub fn image_size() -> usize {
+        224
+    }
+    pub fn patch_size() -> usize {
+        16
+    }
+    pub fn hidden_act() -> String {
+        "gelu_pytorch_tanh".into()
+    }
+    pub fn layer_norm_eps() -> f64 {
+        1e-6
+    }
+    pub fn vision_use_head() -> bool {
+        true
+    }
+}
+
+impl SiglipVisionConfig {
+    /// google/siglip-so400m-patch14-384, the encoder of the InstantX IP-Adapter.
+    pub fn so400m_patch14_384() -> Self {
+        Self {
+            hidden_size: 1152,
+            intermediate_size: 4304,
+            num_hidden_layers: 27,
+            num_attention_heads: 16,
+            num_channels: 3,
+            image_size: 384,
+            patch_size: 14,
+            hidden_act: defaults::hidden_act(),
+            layer_norm_eps: defaults::layer_norm_eps(),
+            vision_use_head: true,
+        }
+    }
+
+    /// Reads a Hugging Face `config.json`: either a full `SiglipModel`
+    /// (`model_type: siglip`, vision settings under `vision_config`) or a
+    /// vision-only `siglip_vision_model`. `source_name` names the file in errors.
+    pub fn from_hf_json(json: &str, source_name: &str) -> Result<Self> {
+        let err = |reason: String| Error::Config { source_name: source_name.to_string(), reason };
+        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        let model_type = value.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        let vision = match model_type {
+            "siglip" => value
+                .get("vision_config")
+                .cloned()
+                .ok_or_else(|| err("model_type is `siglip` but there is no `vision_config`".into()))?,
+            "siglip_vision_model" => value,
+            "" if value.get("vision_config").is_some() => value.get("vision_config").cloned().unwrap_or_default(),
+            other => {
+                return Err(err(format!(
+                    "model_type `{other}` is not SigLIP; expected `siglip` or `siglip_vision_model`"
+                )))
+            }
+        };
+        let cfg: Self = serde_json::from_value(vision).map_err(|e| err(e.to_string()))?;
+        cfg.validate().map_err(err)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+            return Err(format!("image_size {} is not a multiple of patch_size {}", self.image_size, self.patch_size));
+        }
+        if !matches!(self.hidden_act.as_str(), "gelu_pytorch_tanh" | "gelu_new" | "gelu" | "gelu_fast") {
+            return Err(format!("hidden_act `{}` is not supported", self.hidden_act));
+        }
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    pub fn num_patches(&self) -> usize {
+        let side = self.image_size / self.patch_size;
+        side * side
+    }
+}
+
+/// How an image becomes pixel values: transformers' `SiglipImageProcessor` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreprocessConfig {
+    pub height: usize,
+    pub width: usize,
+    pub rescale_factor: f32,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+}
+
+impl PreprocessConfig {
+    /// The settings google/siglip-so400m-patch14-384 ships, at the given square size.
+    pub fn siglip(image_size: usize) -> Self {
+        Self { height: image_size, width: image_size, rescale_factor: 1.0 / 255.0, image_mean: [0.5; 3], image_std: [0.5; 3] }
+    }
+
+    /// Reads a `preprocessor_config.json`. Only what SigLIP uses is supported:
+    /// resize of the whole image with bicubic (resample 3), rescale, normalize.
+    pub fn from_hf_json(json: &str, source_name: &str) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Size {
+            height: usize,
+            width: usize,
+        }
+        #[derive(Deserialize)]
+        struct Raw {
+            size: Option<Size>,
+            resample: Option<u32>,
+            rescale_factor: Option<f32>,
+            image_mean: Option<[f32; 3]>,
+            image_std: Option<[f32; 3]>,
+            do_resize: Option<bool>,
+            do_rescale: Option<bool>,
+            do_normalize: Option<bool>,
+        }
+        let err = |reason: String| Error::Config { source_name: source_name.to_string(), reason };
+        let raw: Raw = serde_json::from_str(json).map_err(|e| err(e.to_string()))?;
+        if raw.resample.is_some_and(|r| r != 3) {
+            return Err(err(format!("resample {:?} is not supported; only bicubic (3) is", raw.resample)));
+        }
+        if raw.do_resize == Some(false) || raw.do_rescale == Some(false) || raw.do_normalize == Some(false) {
+            return Err(err("do_resize, do_rescale and do_normalize must all be on for SigLIP".into()));
+        }
+        let size = raw.size.unwrap_or(Size { height: 384, width: 384 });
+        let base = Self::siglip(384);
+        Ok(Self {
+            height: size.height,
+            width: size.width,
+            rescale_factor: raw.rescale_factor.unwrap_or(base.rescale_factor),
+            image_mean: raw.image_mean.unwrap_or(base.image_mean),
+            image_std: raw.image_std.unwrap_or(base.image_std),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"{"architectures":["SiglipModel"],"model_type":"siglip",
+        "text_config":{"hidden_size":1152,"model_type":"siglip_text_model"},
+        "vision_config":{"hidden_size":1152,"image_size":384,"intermediate_size":4304,
+        "model_type":"siglip_vision_model","num_attention_heads":16,"num_hidden_layers":27,"patch_size":14}}"#;
+
+    #[test]
+    fn full_siglip_model_config_gives_so400m() {
+        let cfg = SiglipVisionConfig::from_hf_json(FULL, "config.json").unwrap();
+        assert_eq!(cfg, SiglipVisionConfig::so400m_patch14_384());
+        assert_eq!(cfg.num_patches(), 729);
+        assert_eq!(cfg.head_dim(), 72);
+    }
+
+    #[test]
+    fn vision_only_config() {
+        let json = r#"{"model_type":"siglip_vision_model","hidden_size":32,"num_attention_heads":4,
+            "num_hidden_layers":2,"intermediate_size":64,"image_size":384,"patch_size":14}"#;
+        let cfg = SiglipVisionConfig::from_hf_json(json, "c.json").unwrap();
+        assert_eq!((cfg.hidden_size, cfg.num_hidden_layers, cfg.layer_norm_eps), (32, 2, 1e-6));
+    }
+
+    #[test]
+    fn wrong_model_type_is_named() {
+        let err = SiglipVisionConfig::from_hf_json(r#"{"model_type":"clip"}"#, "x/config.json").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("x/config.json") && msg.contains("clip"), "{msg}");
+    }
+
+    #[test]
+    fn inconsistent_config_is_refused() {
+        let json = r#"{"model_type":"siglip_vision_model","hidden_size":30,"num_attention_heads":4}"#;
+        assert!(SiglipVisionConfig::from_hf_json(json, "c").is_err());
+    }
+
+    #[test]
+    fn preprocessor_config() {
+        let json = r#"{"do_normalize":true,"do_rescale":true,"do_resize":true,"image_mean":[0.5,0.5,0.5],
+            "image_processor_type":"SiglipImageProcessor","image_std":[0.5,0.5,0.5],"resample":3,
+            "rescale_factor":0.00392156862745098,"size":{"height":384,"width":384}}"#;
+        let p = PreprocessConfig::from_hf_json(json, "p").unwrap();
+        assert_eq!(p, PreprocessConfig::siglip(384));
+        let bilinear = json.replace("\"resample\":3", "\"resample\":2");
+        assert!(PreprocessConfig::from_hf_json(&bilinear, "p").is_err());
+    }
+}

@@ -1,0 +1,36 @@
+//! # ipaflux-core
+//!
+//! Image-prompt conditioning for FLUX.1 (the InstantX IP-Adapter), shared by
+//! the native binary and the browser build.
+//!
+//! What it does: parses checkpoints from bytes ([`weights`]: safetensors,
+//! sharded or not, and PyTorch zip pickles read without executing code),
+//! reads Hugging Face configs ([`config`]), turns image bytes into SigLIP
+//! pixel values exactly as transformers does ([`preprocess`]), runs the
+//! SigLIP vision tower with its pooling head ([`siglip`]), the MLP projection
+//! and the IP attention math ([`ip_adapter`]).
+//!
+//! What it does not do: no file or network IO (callers pass bytes), no global
+//! state, nothing platform-specific — it builds for `wasm32-unknown-unknown`.
+//! Flux itself, sampling and the memory registry live in later modules.
+
+#![cfg_attr(target_arch = "wasm32", allow(dead_code))]
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod ip_adapter;
+pub mod nn;
+pub mod preprocess;
+pub mod siglip;
+pub mod weights;
+
+pub use config::{PreprocessConfig, SiglipVisionConfig};
+pub use device::{DeviceSpec, Precision};
+pub use error::{Error, Result};
+pub use ip_adapter::{IpAdapter, IpAdapterDims, IpAttentionConfig, IpKv, VNorm};
+pub use siglip::SiglipVisionModel;
+pub use weights::TensorStore;
+
+/// Re-exported so callers build tensors with the same candle version.
+pub use candle_core;

@@ -1,0 +1,138 @@
+//! Small building blocks shared by the models: linear layers and norms that
+//! compute in f32 whatever the storage dtype (as PyTorch's CPU kernels do for
+//! half types), so bf16/f16 runs stay close to the f32 reference.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::error::Result;
+
+/// `y = x Wᵀ + b` over the last dimension, any number of leading dimensions.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")?, bias: Some(vb.get(out_dim, "bias")?) })
+    }
+
+    pub fn no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")?, bias: None })
+    }
+
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let lead: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((lead, in_dim))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_shape = dims[..dims.len() - 1].to_vec();
+        out_shape.push(self.weight.dim(0)?);
+        Ok(y.reshape(out_shape)?)
+    }
+}
+
+/// LayerNorm over the last dimension with affine weight and bias, computed in f32.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let y = y
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
+            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?;
+        Ok(y.to_dtype(dtype)?)
+    }
+}
+
+/// RMSNorm without weights over the last dimension (diffusers' `RMSNorm(elementwise_affine=False)`), in f32.
+pub fn rms_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(dtype)?)
+}
+
+/// Softmax over the last dimension, computed in f32.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    Ok(candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?)
+}
+
+/// Scaled dot-product attention of `q [B,H,L,D]` over `k, v [B,H,S,D]` (no mask), scale 1/√D.
+pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let d = q.dim(D::Minus1)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let probs = softmax_last(&scores)?;
+    Ok(probs.matmul(&v.contiguous()?)?)
+}
+
+/// An activation selected by its Hugging Face name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu_pytorch_tanh` / `gelu_new` / `gelu_fast`: the tanh approximation.
+    GeluTanh,
+    /// Exact erf GELU (`torch.nn.GELU()`).
+    GeluErf,
+}
+
+impl Module for Activation {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?;
+        let y = match self {
+            Self::GeluTanh => x32.gelu()?,
+            Self::GeluErf => x32.gelu_erf()?,
+        };
+        y.to_dtype(dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn rms_norm_of_constant_is_sign() {
+        let x = Tensor::new(&[[3f32, 3., 3., 3.], [-2., -2., -2., -2.]], &Device::Cpu).unwrap();
+        let y = rms_norm(&x, 0.0).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(y, vec![vec![1.0; 4], vec![-1.0; 4]]);
+    }
+
+    #[test]
+    fn sdpa_with_equal_keys_averages_values() {
+        let dev = Device::Cpu;
+        let q = Tensor::ones((1, 1, 2, 4), DType::F32, &dev).unwrap();
+        let k = Tensor::ones((1, 1, 3, 4), DType::F32, &dev).unwrap();
+        let v = Tensor::new(&[1f32, 2., 3.], &dev).unwrap().reshape((1, 1, 3, 1)).unwrap();
+        let v = v.broadcast_as((1, 1, 3, 4)).unwrap().contiguous().unwrap();
+        let o = sdpa(&q, &k, &v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(o.iter().all(|x| (x - 2.0).abs() < 1e-6));
+    }
+}

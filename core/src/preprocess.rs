@@ -1,0 +1,250 @@
+//! Image bytes → SigLIP pixel values, as transformers' SiglipImageProcessor
+//! computes them for google/siglip-so400m-patch14-384.
+//!
+//! Steps: decode (PNG, JPEG, WebP) → 8-bit RGB → resize the whole image to
+//! the model's size with Pillow's antialiased bicubic → ×1/255 → (x−mean)/std.
+//!
+//! **RGB conversion** follows Pillow's `convert("RGB")`: alpha is dropped (not
+//! composited), grayscale is replicated, palettes are expanded. 16-bit
+//! samples are scaled to 8 bits by rounding `v/257`; Pillow truncates RGB16 to
+//! its high byte (≤ 1/255 apart) and *clips* 16-bit grayscale at 255, which
+//! whitens such images — we scale instead, and the fixtures document it.
+//!
+//! **Resize** reimplements Pillow's `ImagingResample` for 8-bit images
+//! (libImaging/Resample.c): separable passes, horizontal first, a bicubic
+//! kernel with a = −0.5 stretched by the downscale factor (antialiasing),
+//! coefficients normalised then rounded to 22-bit fixed point, each pass
+//! rounded and clamped to `u8`. The result equals Pillow's byte for byte on the
+//! committed fixtures.
+//!
+//! Images over [`MAX_PIXELS`] are refused from their header, before any pixel
+//! is decoded. No file IO: bytes in, tensor out.
+
+use std::io::Cursor;
+
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, ImageReader};
+
+use crate::config::PreprocessConfig;
+use crate::error::{Error, Result};
+
+/// The largest image we decode: 64 megapixels.
+pub const MAX_PIXELS: u64 = 64 * 1024 * 1024;
+
+/// An 8-bit RGB image, rows top to bottom, pixels interleaved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+/// Decodes PNG/JPEG/WebP bytes to 8-bit RGB, refusing empty, unknown and oversized images.
+pub fn decode_rgb(bytes: &[u8], source_name: &str) -> Result<RgbImage> {
+    let err = |reason: String| Error::Image { source_name: source_name.to_string(), reason };
+    if bytes.is_empty() {
+        return Err(err("the file is empty".into()));
+    }
+    let reader = |b| {
+        ImageReader::new(Cursor::new(b))
+            .with_guessed_format()
+            .map_err(|e| err(format!("cannot read the image: {e}")))
+    };
+    let probe = reader(bytes)?;
+    if probe.format().is_none() {
+        return Err(err("not a PNG, JPEG or WebP image (unrecognised file signature)".into()));
+    }
+    let (w, h) = probe.into_dimensions().map_err(|e| err(format!("cannot read the image header: {e}")))?;
+    if w == 0 || h == 0 {
+        return Err(err(format!("the image is zero-sized ({w}×{h})")));
+    }
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > MAX_PIXELS {
+        return Err(err(format!(
+            "the image is {w}×{h} = {:.1} megapixels, over the limit of {} megapixels; downscale it first",
+            pixels as f64 / 1e6,
+            MAX_PIXELS / (1024 * 1024)
+        )));
+    }
+    let mut decoder = reader(bytes)?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    decoder.limits(limits);
+    let img = decoder.decode().map_err(|e| err(format!("cannot decode the image: {e}")))?;
+    Ok(to_rgb8(img))
+}
+
+/// Drops alpha, replicates gray, scales 16-bit and float samples to 8 bits.
+fn to_rgb8(img: DynamicImage) -> RgbImage {
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let rgb = match img {
+        DynamicImage::ImageRgb8(b) => b,
+        other => other.to_rgb8(),
+    };
+    RgbImage { width, height, data: rgb.into_raw() }
+}
+
+/// Pillow's bicubic kernel (a = −0.5).
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+const BICUBIC_SUPPORT: f64 = 2.0;
+
+/// Fixed-point filter taps for one output sample: first input index and weights.
+struct Taps {
+    start: usize,
+    weights: Vec<i32>,
+}
+
+/// Coefficients for resampling `in_size` samples to `out_size` (Pillow's `precompute_coeffs` + 8-bit normalisation).
+fn coefficients(in_size: usize, out_size: usize) -> Vec<Taps> {
+    let scale = in_size as f64 / out_size as f64;
+    let filter_scale = scale.max(1.0);
+    let support = BICUBIC_SUPPORT * filter_scale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            // Truncation toward zero, as C's (int) cast.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
+            let raw: Vec<f64> =
+                (xmin..xmax).map(|x| bicubic((x as f64 - center + 0.5) / filter_scale)).collect();
+            let total: f64 = raw.iter().sum();
+            let one = f64::from(1u32 << PRECISION_BITS);
+            let weights = raw
+                .iter()
+                .map(|&w| {
+                    let k = if total != 0.0 { w / total } else { w };
+                    // C's (int) truncation after ±0.5: round half away from zero.
+                    if k < 0.0 {
+                        (-0.5 + k * one) as i32
+                    } else {
+                        (0.5 + k * one) as i32
+                    }
+                })
+                .collect();
+            Taps { start: xmin, weights }
+        })
+        .collect()
+}
+
+fn clip8(acc: i64) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// One separable pass over interleaved RGB: resamples along x (`horizontal`) or y.
+fn resample_pass(src: &RgbImage, out_w: usize, out_h: usize, horizontal: bool) -> RgbImage {
+    let taps = if horizontal { coefficients(src.width, out_w) } else { coefficients(src.height, out_h) };
+    let mut data = vec![0u8; out_w * out_h * 3];
+    let half = 1i64 << (PRECISION_BITS - 1);
+    for y in 0..out_h {
+        for x in 0..out_w {
+            let t = if horizontal { &taps[x] } else { &taps[y] };
+            for c in 0..3 {
+                let mut acc = half;
+                for (i, &w) in t.weights.iter().enumerate() {
+                    let (sx, sy) = if horizontal { (t.start + i, y) } else { (x, t.start + i) };
+                    acc += i64::from(src.data[(sy * src.width + sx) * 3 + c]) * i64::from(w);
+                }
+                data[(y * out_w + x) * 3 + c] = clip8(acc);
+            }
+        }
+    }
+    RgbImage { width: out_w, height: out_h, data }
+}
+
+/// Resizes with Pillow's `Image.resize(size, Image.BICUBIC)` semantics.
+pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> RgbImage {
+    let mut out = img.clone();
+    if out.width != width {
+        out = resample_pass(&out, width, out.height, true);
+    }
+    if out.height != height {
+        out = resample_pass(&out, width, height, false);
+    }
+    out
+}
+
+/// The resized image as SigLIP pixel values: a `[1, 3, H, W]` f32 tensor on the CPU.
+pub fn pixel_values(img: &RgbImage, cfg: &PreprocessConfig) -> Result<Tensor> {
+    let resized = resize_bicubic(img, cfg.width, cfg.height);
+    let plane = cfg.width * cfg.height;
+    let mut chw = vec![0f32; 3 * plane];
+    for (i, px) in resized.data.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            let x = f32::from(px[c]) * cfg.rescale_factor;
+            chw[c * plane + i] = (x - cfg.image_mean[c]) / cfg.image_std[c];
+        }
+    }
+    Ok(Tensor::from_vec(chw, (1, 3, cfg.height, cfg.width), &Device::Cpu)?)
+}
+
+/// Decode + resize + normalise in one call.
+pub fn preprocess(bytes: &[u8], source_name: &str, cfg: &PreprocessConfig) -> Result<Tensor> {
+    pixel_values(&decode_rgb(bytes, source_name)?, cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png_header(w: u32, h: u32) -> Vec<u8> {
+        // Signature + IHDR chunk only (CRC is not checked before dimensions are read).
+        let mut b = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR".to_vec();
+        b.extend(w.to_be_bytes());
+        b.extend(h.to_be_bytes());
+        b.extend([8, 2, 0, 0, 0, 0, 0, 0, 0]);
+        b
+    }
+
+    #[test]
+    fn coefficients_sum_to_one_in_fixed_point() {
+        for (i, o) in [(1000, 384), (97, 384), (384, 384), (385, 384), (3, 384)] {
+            for t in coefficients(i, o) {
+                let s: i32 = t.weights.iter().sum();
+                assert!((s - (1 << PRECISION_BITS)).abs() <= t.weights.len() as i32, "{i}->{o}: {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn constant_image_stays_constant() {
+        let img = RgbImage { width: 50, height: 30, data: vec![77; 50 * 30 * 3] };
+        let r = resize_bicubic(&img, 384, 384);
+        assert!(r.data.iter().all(|&v| v == 77));
+    }
+
+    #[test]
+    fn same_size_is_a_copy() {
+        let data: Vec<u8> = (0..384 * 384 * 3).map(|i| (i * 7 % 251) as u8).collect();
+        let img = RgbImage { width: 384, height: 384, data };
+        assert_eq!(resize_bicubic(&img, 384, 384), img);
+    }
+
+    #[test]
+    fn refuses_huge_image_from_header() {
+        let err = decode_rgb(&png_header(10_000, 10_000), "big.png").unwrap_err().to_string();
+        assert!(err.contains("big.png") && err.contains("megapixels"), "{err}");
+    }
+
+    #[test]
+    fn refuses_zero_sized_and_non_images() {
+        let err = decode_rgb(&png_header(0, 10), "z.png").unwrap_err().to_string();
+        assert!(err.contains("z.png"), "{err}");
+        let err = decode_rgb(b"hello, I am text", "t.txt").unwrap_err().to_string();
+        assert!(err.contains("t.txt") && err.contains("not a PNG"), "{err}");
+        let err = decode_rgb(b"", "e.png").unwrap_err().to_string();
+        assert!(err.contains("empty"), "{err}");
+    }
+}

@@ -1,0 +1,310 @@
+//! Checkpoint parsing: named tensors from safetensors bytes or from a PyTorch
+//! zip pickle, and validation of those names and shapes against a model.
+//!
+//! Everything here works on byte slices the caller provides (a native caller
+//! memory-maps files; the browser passes fetched buffers). No file IO.
+
+mod pickle;
+mod zip;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result, TensorProblem};
+use pickle::{PickleError, TensorRef, Value};
+
+/// Named tensors on the CPU, as stored (dtype unchanged), with the name of
+/// where they came from for error messages.
+#[derive(Debug, Clone, Default)]
+pub struct TensorStore {
+    pub source_name: String,
+    tensors: BTreeMap<String, Tensor>,
+}
+
+impl TensorStore {
+    pub fn new(source_name: impl Into<String>) -> Self {
+        Self { source_name: source_name.into(), tensors: BTreeMap::new() }
+    }
+
+    /// Parses one safetensors file (or one shard of a sharded checkpoint).
+    pub fn from_safetensors(bytes: &[u8], source_name: &str) -> Result<Self> {
+        let mut store = Self::new(source_name);
+        store.add_safetensors(bytes, source_name)?;
+        Ok(store)
+    }
+
+    /// Adds the tensors of one more shard; a name present twice is an error.
+    pub fn add_safetensors(&mut self, bytes: &[u8], shard_name: &str) -> Result<()> {
+        let fmt_err = |reason: String| Error::Format { source_name: shard_name.to_string(), format: "safetensors", reason };
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| fmt_err(describe_safetensors_error(&e)))?;
+        for (name, view) in st.tensors() {
+            let dtype = match view.dtype() {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::F16 => DType::F16,
+                safetensors::Dtype::BF16 => DType::BF16,
+                safetensors::Dtype::F64 => DType::F64,
+                safetensors::Dtype::I64 => DType::I64,
+                safetensors::Dtype::U8 => DType::U8,
+                safetensors::Dtype::U32 => DType::U32,
+                other => return Err(fmt_err(format!("tensor `{name}` has unsupported dtype {other:?}"))),
+            };
+            let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
+                .map_err(|e| fmt_err(format!("tensor `{name}`: {e}")))?;
+            self.insert_new(name, t, shard_name)?;
+        }
+        Ok(())
+    }
+
+    fn insert_new(&mut self, name: String, t: Tensor, from: &str) -> Result<()> {
+        if self.tensors.contains_key(&name) {
+            return Err(Error::Format {
+                source_name: from.to_string(),
+                format: "checkpoint",
+                reason: format!("tensor `{name}` appears twice"),
+            });
+        }
+        self.tensors.insert(name, t);
+        Ok(())
+    }
+
+    /// Parses a PyTorch `torch.save` zip archive holding a (nested) dict of
+    /// tensors without executing its pickle. Nested dict keys are joined with
+    /// `.`: `{"image_proj": {"norm.weight": t}}` gives `image_proj.norm.weight`.
+    pub fn from_torch_zip(bytes: &[u8], source_name: &str) -> Result<Self> {
+        let fmt_err =
+            |reason: String| Error::Format { source_name: source_name.to_string(), format: "PyTorch zip checkpoint", reason };
+        if bytes.len() >= 2 && bytes[0] == 0x80 {
+            return Err(fmt_err("this is a legacy (pre-1.6) PyTorch pickle, not a zip archive; re-save it with torch.save".into()));
+        }
+        let entries = zip::read_entries(bytes).map_err(fmt_err)?;
+        let (pkl_name, pkl) = entries
+            .iter()
+            .find(|(n, _)| n.ends_with("data.pkl"))
+            .ok_or_else(|| fmt_err("no data.pkl entry in the archive".into()))?;
+        let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
+        if let Some(order) = entries.get(&format!("{prefix}byteorder")) {
+            if bytes.get(order.offset..order.offset + order.len) == Some(b"big".as_slice()) {
+                return Err(fmt_err("big-endian checkpoints are not supported".into()));
+            }
+        }
+        let root = pickle::load(&bytes[pkl.offset..pkl.offset + pkl.len]).map_err(|e| match e {
+            PickleError::Unsafe(global) => Error::UnsafePickle { source_name: source_name.to_string(), global },
+            PickleError::Malformed(m) => fmt_err(format!("data.pkl: {m}")),
+        })?;
+        let mut flat = Vec::new();
+        flatten("", root, &mut flat).map_err(fmt_err)?;
+        let mut store = Self::new(source_name);
+        for (name, tref) in flat {
+            let entry = entries
+                .get(&format!("{prefix}data/{}", tref.storage_key))
+                .ok_or_else(|| fmt_err(format!("tensor `{name}`: storage {} missing from the archive", tref.storage_key)))?;
+            let storage = &bytes[entry.offset..entry.offset + entry.len];
+            let t = tensor_from_storage(storage, &tref).map_err(|r| fmt_err(format!("tensor `{name}`: {r}")))?;
+            store.insert_new(name, t, source_name)?;
+        }
+        Ok(store)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Total bytes of all tensors as stored.
+    pub fn nbytes(&self) -> usize {
+        self.tensors.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+    }
+
+    /// Keeps only tensors for which `rename` returns a new name, renamed.
+    pub fn filter_rename(self, rename: impl Fn(&str) -> Option<String>) -> Self {
+        let tensors = self.tensors.into_iter().filter_map(|(k, v)| rename(&k).map(|k| (k, v))).collect();
+        Self { source_name: self.source_name, tensors }
+    }
+
+    /// Compares the stored tensors with what a model expects and reports every
+    /// missing, unexpected or mis-shaped tensor in one [`Error::Checkpoint`].
+    pub fn validate(&self, expected: &[(String, Vec<usize>)]) -> Result<()> {
+        let mut problems = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for (name, shape) in expected {
+            seen.insert(name.as_str());
+            match self.tensors.get(name) {
+                None => problems.push(TensorProblem::Missing { name: name.clone(), expected: shape.clone() }),
+                Some(t) if t.dims() != shape.as_slice() => problems.push(TensorProblem::WrongShape {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found: t.dims().to_vec(),
+                }),
+                Some(_) => {}
+            }
+        }
+        for (name, t) in &self.tensors {
+            if !seen.contains(name.as_str()) {
+                problems.push(TensorProblem::Unexpected { name: name.clone(), shape: t.dims().to_vec() });
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Checkpoint { source_name: self.source_name.clone(), problems })
+        }
+    }
+
+    /// A candle `VarBuilder` over these tensors, converting to `dtype` on `device` as each is fetched.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> candle_nn::VarBuilder<'static> {
+        let map: std::collections::HashMap<String, Tensor> =
+            self.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        candle_nn::VarBuilder::from_tensors(map, dtype, device)
+    }
+}
+
+/// Lists the distinct shard file names of a `model.safetensors.index.json`, in order of first use.
+pub fn shards_from_index_json(json: &str, source_name: &str) -> Result<Vec<String>> {
+    let err = |reason: String| Error::Format { source_name: source_name.to_string(), format: "safetensors index", reason };
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| err(e.to_string()))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| err("no `weight_map` object".into()))?;
+    let mut shards: Vec<String> = Vec::new();
+    for file in map.values() {
+        let file = file.as_str().ok_or_else(|| err("a weight_map value is not a file name".into()))?;
+        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+            return Err(err(format!("shard name `{file}` is not a plain file name")));
+        }
+        if !shards.iter().any(|s| s == file) {
+            shards.push(file.to_string());
+        }
+    }
+    Ok(shards)
+}
+
+fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall | E::MetadataIncompleteBuffer | E::InvalidHeaderLength => {
+            format!("the file is truncated or not safetensors ({e:?})")
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+fn flatten(prefix: &str, v: Value, out: &mut Vec<(String, TensorRef)>) -> Result<(), String> {
+    match v {
+        Value::Dict(items) => {
+            for (k, v) in items {
+                let key = match k {
+                    Value::Str(s) => s,
+                    Value::Int(i) => i.to_string(),
+                    other => return Err(format!("dict key {other:?} is not a string")),
+                };
+                let name = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
+                flatten(&name, v, out)?;
+            }
+            Ok(())
+        }
+        Value::Tensor(t) => {
+            out.push((prefix.to_string(), t));
+            Ok(())
+        }
+        // Non-tensor leaves (version numbers, metadata) carry no weights.
+        Value::None | Value::Bool(_) | Value::Int(_) | Value::Float(_) | Value::Str(_) => Ok(()),
+        other => Err(format!("`{prefix}` holds {other:?}, which is not a tensor or dict")),
+    }
+}
+
+/// Builds a contiguous tensor from a storage blob and a (possibly strided) view of it.
+fn tensor_from_storage(storage: &[u8], t: &TensorRef) -> Result<Tensor, String> {
+    let es = t.dtype.size_in_bytes();
+    let n: usize = t.shape.iter().product();
+    if t.stride.len() != t.shape.len() {
+        return Err("stride and shape ranks differ".into());
+    }
+    // Highest element index the view touches must lie inside the storage.
+    let last = t.offset + t.shape.iter().zip(&t.stride).map(|(d, s)| d.saturating_sub(1) * s).sum::<usize>();
+    if n > 0 && (last + 1) * es > storage.len() {
+        return Err(format!("view needs {} bytes but its storage has {} (truncated file?)", (last + 1) * es, storage.len()));
+    }
+    let contiguous = {
+        let mut expect = 1;
+        t.shape.iter().zip(&t.stride).rev().all(|(&d, &s)| {
+            let ok = d <= 1 || s == expect;
+            expect *= d;
+            ok
+        })
+    };
+    let bytes: std::borrow::Cow<[u8]> = if contiguous {
+        std::borrow::Cow::Borrowed(&storage[t.offset * es..(t.offset + n) * es])
+    } else {
+        let mut out = Vec::with_capacity(n * es);
+        let mut idx = vec![0usize; t.shape.len()];
+        for _ in 0..n {
+            let e = t.offset + idx.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
+            out.extend_from_slice(&storage[e * es..(e + 1) * es]);
+            for d in (0..idx.len()).rev() {
+                idx[d] += 1;
+                if idx[d] < t.shape[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    };
+    Tensor::from_raw_buffer(&bytes, t.dtype, &t.shape, &Device::Cpu).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_json_lists_shards_once() {
+        let json = r#"{"metadata":{},"weight_map":{"a":"model-00001-of-00002.safetensors",
+            "b":"model-00002-of-00002.safetensors","c":"model-00001-of-00002.safetensors"}}"#;
+        let shards = shards_from_index_json(json, "i").unwrap();
+        assert_eq!(shards, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]);
+        assert!(shards_from_index_json(r#"{"weight_map":{"a":"../x"}}"#, "i").is_err());
+    }
+
+    #[test]
+    fn strided_view_is_gathered() {
+        // A 2x3 tensor stored transposed (3x2 storage), f32 values 0..6.
+        let storage: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let t = TensorRef { storage_key: "0".into(), dtype: DType::F32, offset: 0, shape: vec![2, 3], stride: vec![1, 2] };
+        let x = tensor_from_storage(&storage, &t).unwrap();
+        assert_eq!(x.to_vec2::<f32>().unwrap(), vec![vec![0., 2., 4.], vec![1., 3., 5.]]);
+        let too_far = TensorRef { offset: 1, ..t };
+        assert!(tensor_from_storage(&storage, &too_far).is_err());
+    }
+
+    #[test]
+    fn validation_lists_every_problem() {
+        let mut s = TensorStore::new("ckpt");
+        s.tensors.insert("a".into(), Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap());
+        s.tensors.insert("extra".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+        let err = s.validate(&[("a".into(), vec![2, 3]), ("b".into(), vec![4])]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("3 problem(s)"), "{msg}");
+        assert!(msg.contains("`a` has shape [2, 2], expected [2, 3]"), "{msg}");
+        assert!(msg.contains("missing tensor `b`"), "{msg}");
+        assert!(msg.contains("unexpected tensor `extra`"), "{msg}");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bytes in [&b""[..], b"abc", b"\x08\x00\x00\x00\x00\x00\x00\x00{}", b"PK\x05\x06"] {
+            assert!(TensorStore::from_safetensors(bytes, "x").is_err());
+            assert!(TensorStore::from_torch_zip(bytes, "x").is_err());
+        }
+    }
+}
