@@ -118,8 +118,9 @@ impl SiglipVisionConfig {
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
-            return Err(format!("image_size {} is not a multiple of patch_size {}", self.image_size, self.patch_size));
+        // 384 / 14 is not whole: like the stride-14 convolution, the last pixels are dropped.
+        if self.patch_size == 0 || self.image_size < self.patch_size {
+            return Err(format!("image_size {} is smaller than patch_size {}", self.image_size, self.patch_size));
         }
         if !matches!(self.hidden_act.as_str(), "gelu_pytorch_tanh" | "gelu_new" | "gelu" | "gelu_fast") {
             return Err(format!("hidden_act `{}` is not supported", self.hidden_act));

@@ -199,12 +199,30 @@ pub fn preprocess(bytes: &[u8], source_name: &str, cfg: &PreprocessConfig) -> Re
 mod tests {
     use super::*;
 
+    fn crc32(data: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in data {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+
+    /// A PNG signature and IHDR chunk only: enough to read the size, no pixel data.
     fn png_header(w: u32, h: u32) -> Vec<u8> {
-        // Signature + IHDR chunk only (CRC is not checked before dimensions are read).
-        let mut b = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR".to_vec();
-        b.extend(w.to_be_bytes());
-        b.extend(h.to_be_bytes());
-        b.extend([8, 2, 0, 0, 0, 0, 0, 0, 0]);
+        let mut chunk = b"IHDR".to_vec();
+        chunk.extend(w.to_be_bytes());
+        chunk.extend(h.to_be_bytes());
+        chunk.extend([8, 2, 0, 0, 0]);
+        let mut b = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0d".to_vec();
+        b.extend(&chunk);
+        b.extend(crc32(&chunk).to_be_bytes());
+        // An empty IDAT: the header reader stops at the first data chunk.
+        b.extend([0, 0, 0, 0]);
+        b.extend(b"IDAT");
+        b.extend(crc32(b"IDAT").to_be_bytes());
         b
     }
 

@@ -104,6 +104,8 @@ impl Embeddings {
         let (b, c, hh, ww) = pixels.dims4()?;
         let p = self.patch_size;
         let (gh, gw) = (hh / p, ww / p);
+        // A stride-p convolution ignores the pixels past the last whole patch.
+        let pixels = pixels.narrow(2, 0, gh * p)?.narrow(3, 0, gw * p)?;
         // [B, C, gh, p, gw, p] → [B, gh, gw, C, p, p] → [B, gh*gw, C*p*p]
         let patches = pixels
             .reshape((b, c, gh, p, gw, p))?
