@@ -34,3 +34,4 @@ pub use weights::TensorStore;
 
 /// Re-exported so callers build tensors with the same candle version.
 pub use candle_core;
+pub use candle_nn;

@@ -1,1 +1,30 @@
+//! # ipaflux (native)
+//!
+//! The file-system side of ipaflux: finds and memory-maps checkpoints
+//! ([`load`]), runs the encoder pipeline with per-stage timings ([`encode`]),
+//! the bundled tiny demo ([`demo`]) and the CPU benchmark ([`bench`]). The
+//! numerics all live in `ipaflux-core`; this crate adds IO, timing and the CLI.
 
+pub mod bench;
+pub mod demo;
+pub mod encode;
+pub mod load;
+
+use std::path::PathBuf;
+
+/// Errors of the native library: IO with the path that failed, or a core error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Core(#[from] ipaflux_core::Error),
+}
+
+impl From<ipaflux_core::candle_core::Error> for Error {
+    fn from(e: ipaflux_core::candle_core::Error) -> Self {
+        Self::Core(e.into())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

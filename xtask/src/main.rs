@@ -1,1 +1,57 @@
-fn main() {}
+//! Project automation.
+//!
+//! - `cargo xtask test`: every check CI runs — installs the wasm32 target if
+//!   missing, runs all workspace tests, builds `ipaflux-core` for
+//!   wasm32-unknown-unknown.
+//! - `cargo xtask lint`: clippy with warnings as errors, and rustfmt check.
+//! - `cargo xtask fixtures`: regenerates tests/fixtures with the PyTorch reference
+//!   (needs `pip install torch transformers safetensors pillow`; `PYTHON` picks the interpreter).
+
+use std::process::{exit, Command};
+
+fn run(program: &str, args: &[&str]) {
+    eprintln!("xtask: $ {program} {}", args.join(" "));
+    let status = Command::new(program).args(args).status().unwrap_or_else(|e| {
+        eprintln!("xtask: cannot start {program}: {e}");
+        exit(2)
+    });
+    if !status.success() {
+        eprintln!("xtask: `{program} {}` failed ({status})", args.join(" "));
+        exit(status.code().unwrap_or(1));
+    }
+}
+
+fn ensure_wasm_target() {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("wasm32-unknown-unknown"))
+        .unwrap_or(false);
+    if !installed {
+        run("rustup", &["target", "add", "wasm32-unknown-unknown"]);
+    }
+}
+
+fn main() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let task = std::env::args().nth(1).unwrap_or_default();
+    match task.as_str() {
+        "test" => {
+            ensure_wasm_target();
+            run(&cargo, &["build", "-p", "ipaflux-core", "--target", "wasm32-unknown-unknown"]);
+            run(&cargo, &["test", "--workspace", "--exclude", "xtask"]);
+        }
+        "lint" => {
+            run(&cargo, &["fmt", "--all", "--check"]);
+            run(&cargo, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+        }
+        "fixtures" => {
+            let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+            run(&python, &["tests/reference/make_fixtures.py"]);
+        }
+        _ => {
+            eprintln!("usage: cargo xtask <test|lint|fixtures>");
+            exit(2);
+        }
+    }
+}

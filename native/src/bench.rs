@@ -1,0 +1,143 @@
+//! `ipaflux bench`: the encoder at the real so400m shapes with random weights,
+//! f32 on the CPU, against PyTorch on the same machine when it is importable.
+//! A benchmark prints a table; it asserts nothing.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Instant;
+
+use ipaflux_core::candle_core::{DType, Device, Tensor};
+use ipaflux_core::ip_adapter::{IpAdapterDims, MlpProjection};
+use ipaflux_core::siglip::expected_tensors;
+use ipaflux_core::{SiglipVisionConfig, SiglipVisionModel};
+
+use crate::Result;
+
+const TORCH_SCRIPT: &str = include_str!("../../tests/reference/bench_torch.py");
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub runs: usize,
+    pub projection: bool,
+    pub python: String,
+    pub compare_torch: bool,
+}
+
+/// One row of the table.
+pub struct Row {
+    pub name: String,
+    pub ours_ms: f64,
+    pub torch_ms: Option<f64>,
+}
+
+fn random_tensors(shapes: &[(String, Vec<usize>)]) -> Result<HashMap<String, Tensor>> {
+    let mut map = HashMap::new();
+    for (name, shape) in shapes {
+        map.insert(name.clone(), Tensor::randn(0f32, 0.02, shape.as_slice(), &Device::Cpu)?);
+    }
+    Ok(map)
+}
+
+fn median_ms(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?; // warm-up
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn torch_times(opts: &BenchOptions) -> Option<HashMap<String, f64>> {
+    let ok = Command::new(&opts.python).args(["-c", "import torch, transformers"]).output().ok()?.status.success();
+    if !ok {
+        tracing::warn!(python = %opts.python, "PyTorch/transformers not importable: no comparison");
+        return None;
+    }
+    tracing::info!("running the same shapes through PyTorch");
+    let out = Command::new(&opts.python)
+        .args(["-c", TORCH_SCRIPT, &opts.runs.to_string(), if opts.projection { "1" } else { "0" }])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        tracing::warn!(stderr = %String::from_utf8_lossy(&out.stderr), "PyTorch bench failed");
+        return None;
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.lines().last()?).ok()?;
+    let mut m = HashMap::new();
+    for key in ["siglip_ms", "projection_ms"] {
+        if let Some(x) = v.get(key).and_then(|x| x.as_f64()) {
+            m.insert(key.to_string(), x);
+        }
+    }
+    Some(m)
+}
+
+/// Runs the benchmark and returns its rows.
+pub fn run(opts: &BenchOptions) -> Result<Vec<Row>> {
+    let cfg = SiglipVisionConfig::so400m_patch14_384();
+    tracing::info!("building SigLIP so400m with random weights (f32)");
+    let vb = ipaflux_core::candle_nn::VarBuilder::from_tensors(random_tensors(&expected_tensors(&cfg))?, DType::F32, &Device::Cpu);
+    let siglip = SiglipVisionModel::new(&cfg, vb)?;
+    let pixels = Tensor::randn(0f32, 1.0, (1, 3, 384, 384), &Device::Cpu)?;
+    tracing::info!(runs = opts.runs, "timing SigLIP");
+    let mut rows = vec![Row {
+        name: "siglip so400m 384² b1".into(),
+        ours_ms: median_ms(opts.runs, || {
+            siglip.forward(&pixels)?;
+            Ok(())
+        })?,
+        torch_ms: None,
+    }];
+    drop(siglip);
+    if opts.projection {
+        let dims = IpAdapterDims { id_dim: 1152, proj_hidden: 2304, num_tokens: 128, cross_dim: 4096, num_processors: 0, hidden: 3072 };
+        tracing::info!("building the projection with random weights (f32, 4.8 GB)");
+        let shapes: Vec<_> = dims
+            .expected_tensors()
+            .into_iter()
+            .filter_map(|(n, s)| n.strip_prefix("image_proj.").map(|n| (n.to_string(), s)))
+            .collect();
+        let vb = ipaflux_core::candle_nn::VarBuilder::from_tensors(random_tensors(&shapes)?, DType::F32, &Device::Cpu);
+        let proj = MlpProjection::new(&dims, vb)?;
+        let pooled = Tensor::randn(0f32, 1.0, (1, 1152), &Device::Cpu)?;
+        rows.push(Row {
+            name: "projection 1152→128×4096".into(),
+            ours_ms: median_ms(opts.runs, || {
+                proj.forward(&pooled)?;
+                Ok(())
+            })?,
+            torch_ms: None,
+        });
+    }
+    if opts.compare_torch {
+        if let Some(t) = torch_times(opts) {
+            for row in &mut rows {
+                let key = if row.name.starts_with("siglip") { "siglip_ms" } else { "projection_ms" };
+                row.torch_ms = t.get(key).copied();
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// The table as text.
+pub fn table(rows: &[Row], runs: usize) -> String {
+    let mut s = format!(
+        "ipaflux bench — CPU f32, batch 1, random weights, median of {runs} runs, {} threads\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    s += &format!("{:<28} {:>12} {:>12} {:>8}\n", "stage", "ipaflux ms", "pytorch ms", "ratio");
+    for r in rows {
+        let (t, ratio) = match r.torch_ms {
+            Some(t) => (format!("{t:.1}"), format!("{:.2}×", r.ours_ms / t)),
+            None => ("-".into(), "-".into()),
+        };
+        s += &format!("{:<28} {:>12.1} {:>12} {:>8}\n", r.name, r.ours_ms, t, ratio);
+    }
+    s
+}

@@ -1,0 +1,111 @@
+//! Reading checkpoints from disk: memory-maps files and hands their bytes to
+//! `ipaflux-core`'s parsers. Knows the Hugging Face folder layouts (a repo
+//! folder, or a cache entry `models--org--name` with `snapshots/<rev>/`).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use ipaflux_core::weights::shards_from_index_json;
+use ipaflux_core::{PreprocessConfig, SiglipVisionConfig, TensorStore};
+use memmap2::Mmap;
+
+use crate::{Error, Result};
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Io { path: path.to_path_buf(), reason: e.to_string() }
+}
+
+/// Maps a file read-only. Empty files are returned as empty slices.
+pub fn map_file(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).map_err(|e| io_err(path, e))?;
+    if file.metadata().map_err(|e| io_err(path, e))?.is_dir() {
+        return Err(io_err(path, "is a folder, expected a file"));
+    }
+    // SAFETY-free: memmap2's `map` is unsafe only because another process may
+    // truncate the file meanwhile; we accept that, as every model loader does.
+    #[allow(unsafe_code)]
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
+    Ok(map)
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| io_err(path, e))
+}
+
+/// Resolves a Hugging Face cache entry (`models--org--name`) to its newest snapshot folder.
+pub fn resolve_model_dir(dir: &Path) -> Result<PathBuf> {
+    if !dir.exists() {
+        return Err(io_err(dir, "no such folder"));
+    }
+    if dir.join("config.json").exists() {
+        return Ok(dir.to_path_buf());
+    }
+    let snapshots = dir.join("snapshots");
+    if snapshots.is_dir() {
+        let mut revs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&snapshots)
+            .map_err(|e| io_err(&snapshots, e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join("config.json").exists())
+            .map(|e| (e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path()))
+            .collect();
+        revs.sort();
+        if let Some((_, p)) = revs.pop() {
+            return Ok(p);
+        }
+    }
+    Err(io_err(dir, "no config.json here (expected a Hugging Face model folder with config.json and model.safetensors)"))
+}
+
+/// A SigLIP folder's configs and weights (single `model.safetensors` or sharded with an index).
+pub struct SiglipFiles {
+    pub dir: PathBuf,
+    pub config: SiglipVisionConfig,
+    pub preprocess: PreprocessConfig,
+    pub weights: TensorStore,
+}
+
+pub fn load_siglip_dir(dir: &Path) -> Result<SiglipFiles> {
+    let dir = resolve_model_dir(dir)?;
+    let cfg_path = dir.join("config.json");
+    let config = SiglipVisionConfig::from_hf_json(&read_text(&cfg_path)?, &cfg_path.display().to_string())?;
+    let pre_path = dir.join("preprocessor_config.json");
+    let preprocess = if pre_path.exists() {
+        PreprocessConfig::from_hf_json(&read_text(&pre_path)?, &pre_path.display().to_string())?
+    } else {
+        PreprocessConfig::siglip(config.image_size)
+    };
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let weights = if single.exists() {
+        let map = map_file(&single)?;
+        TensorStore::from_safetensors(&map, &single.display().to_string())?
+    } else if index.exists() {
+        let shards = shards_from_index_json(&read_text(&index)?, &index.display().to_string())?;
+        let mut store = TensorStore::new(dir.display().to_string());
+        for shard in shards {
+            let path = dir.join(&shard);
+            let map = map_file(&path)?;
+            store.add_safetensors(&map, &path.display().to_string())?;
+        }
+        store
+    } else {
+        return Err(io_err(&dir, "neither model.safetensors nor model.safetensors.index.json is here"));
+    };
+    Ok(SiglipFiles { dir, config, preprocess, weights })
+}
+
+/// An IP-Adapter checkpoint: the InstantX `ip-adapter.bin` (PyTorch zip) or a flat safetensors, told apart by content.
+pub fn load_ip_adapter(path: &Path) -> Result<TensorStore> {
+    let map = map_file(path)?;
+    let name = path.display().to_string();
+    Ok(ipaflux_core_store_from_bytes(&map, &name)?)
+}
+
+/// Picks the parser from the first bytes: `PK` is a zip (torch.save), anything else is tried as safetensors.
+pub fn ipaflux_core_store_from_bytes(bytes: &[u8], name: &str) -> ipaflux_core::Result<TensorStore> {
+    if bytes.starts_with(b"PK") || bytes.first() == Some(&0x80) {
+        TensorStore::from_torch_zip(bytes, name)
+    } else {
+        TensorStore::from_safetensors(bytes, name)
+    }
+}
