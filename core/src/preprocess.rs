@@ -71,8 +71,43 @@ pub fn decode_rgb(bytes: &[u8], source_name: &str) -> Result<RgbImage> {
     limits.max_image_width = Some(w);
     limits.max_image_height = Some(h);
     decoder.limits(limits);
+    if decoder.format() == Some(image::ImageFormat::Jpeg) {
+        return decode_jpeg(bytes).map_err(err);
+    }
     let img = decoder.decode().map_err(|e| err(format!("cannot decode the image: {e}")))?;
     Ok(to_rgb8(img))
+}
+
+/// JPEG through `jpeg-decoder`, whose chroma upsampling is libjpeg's "fancy"
+/// (triangle) filter, as in the libjpeg-turbo that Pillow uses; the decoder
+/// `image` picks by default upsamples differently (up to 4/255 apart after resize).
+fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    use jpeg_decoder::PixelFormat;
+    let mut dec = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+    let pixels = dec.decode().map_err(|e| format!("cannot decode the JPEG: {e}"))?;
+    let info = dec.info().ok_or("JPEG without a frame header")?;
+    let (width, height) = (usize::from(info.width), usize::from(info.height));
+    let data = match info.pixel_format {
+        PixelFormat::RGB24 => pixels,
+        PixelFormat::L8 => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
+        PixelFormat::L16 => pixels.chunks_exact(2).flat_map(|c| {
+            let v = ((u32::from(u16::from_be_bytes([c[0], c[1]])) + 128) / 257) as u8;
+            [v, v, v]
+        }).collect(),
+        PixelFormat::CMYK32 => pixels
+            .chunks_exact(4)
+            .flat_map(|c| {
+                // Adobe-style inverted CMYK, as Pillow's CMYK→RGB: channel × (255 − K) / 255.
+                let k = u32::from(c[3]);
+                let f = |x: u8| (u32::from(x) * k / 255) as u8;
+                [f(c[0]), f(c[1]), f(c[2])]
+            })
+            .collect(),
+    };
+    if data.len() != width * height * 3 {
+        return Err("the JPEG decoded to an unexpected number of samples".into());
+    }
+    Ok(RgbImage { width, height, data })
 }
 
 /// Drops alpha, replicates gray, scales 16-bit and float samples to 8 bits.
