@@ -5,10 +5,10 @@
 //! the model's size with Pillow's antialiased bicubic → ×1/255 → (x−mean)/std.
 //!
 //! **RGB conversion** follows Pillow's `convert("RGB")`: alpha is dropped (not
-//! composited), grayscale is replicated, palettes are expanded. 16-bit
-//! samples are scaled to 8 bits by rounding `v/257`; Pillow truncates RGB16 to
-//! its high byte (≤ 1/255 apart) and *clips* 16-bit grayscale at 255, which
-//! whitens such images — we scale instead, and the fixtures document it.
+//! composited), grayscale is replicated, palettes are expanded. 16-bit colour
+//! keeps each sample's high byte, as Pillow reads it. 16-bit grayscale is
+//! scaled by rounding `v/257`: Pillow would *clip* it at 255, whitening such
+//! images, so there we deliberately differ (the fixture script documents it).
 //!
 //! **Resize** reimplements Pillow's `ImagingResample` for 8-bit images
 //! (libImaging/Resample.c): separable passes, horizontal first, a bicubic
@@ -113,11 +113,15 @@ fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
 /// Drops alpha, replicates gray, scales 16-bit and float samples to 8 bits.
 fn to_rgb8(img: DynamicImage) -> RgbImage {
     let (width, height) = (img.width() as usize, img.height() as usize);
-    let rgb = match img {
-        DynamicImage::ImageRgb8(b) => b,
-        other => other.to_rgb8(),
+    let high_byte = |px: &[u16]| [(px[0] >> 8) as u8, (px[1] >> 8) as u8, (px[2] >> 8) as u8];
+    let data = match img {
+        DynamicImage::ImageRgb8(b) => b.into_raw(),
+        // Pillow reads 16-bit colour PNGs as 8-bit by keeping each sample's high byte.
+        DynamicImage::ImageRgb16(b) => b.as_raw().chunks_exact(3).flat_map(high_byte).collect(),
+        DynamicImage::ImageRgba16(b) => b.as_raw().chunks_exact(4).flat_map(high_byte).collect(),
+        other => other.to_rgb8().into_raw(),
     };
-    RgbImage { width, height, data: rgb.into_raw() }
+    RgbImage { width, height, data }
 }
 
 /// Pillow's bicubic kernel (a = −0.5).
