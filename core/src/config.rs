@@ -151,7 +151,13 @@ pub struct PreprocessConfig {
 impl PreprocessConfig {
     /// The settings google/siglip-so400m-patch14-384 ships, at the given square size.
     pub fn siglip(image_size: usize) -> Self {
-        Self { height: image_size, width: image_size, rescale_factor: 1.0 / 255.0, image_mean: [0.5; 3], image_std: [0.5; 3] }
+        Self {
+            height: image_size,
+            width: image_size,
+            rescale_factor: 1.0 / 255.0,
+            image_mean: [0.5; 3],
+            image_std: [0.5; 3],
+        }
     }
 
     /// Reads a `preprocessor_config.json`. Only what SigLIP uses is supported:

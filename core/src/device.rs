@@ -52,9 +52,9 @@ impl FromStr for DeviceSpec {
         let ordinal = |i: Option<&str>| -> Result<usize> {
             match i {
                 None => Ok(0),
-                Some(i) => i
-                    .parse()
-                    .map_err(|_| Error::Unsupported(format!("device `{s}`: `{i}` is not a device number"))),
+                Some(i) => {
+                    i.parse().map_err(|_| Error::Unsupported(format!("device `{s}`: `{i}` is not a device number")))
+                }
             }
         };
         match kind {

@@ -56,7 +56,8 @@ impl IpAdapterDims {
         let p0 = dims_of(store, "image_proj.proj.0.weight", 2).ok_or_else(|| missing("image_proj.proj.0.weight"))?;
         let p2 = dims_of(store, "image_proj.proj.2.weight", 2).ok_or_else(|| missing("image_proj.proj.2.weight"))?;
         let norm = dims_of(store, "image_proj.norm.weight", 1).ok_or_else(|| missing("image_proj.norm.weight"))?;
-        let k0 = dims_of(store, "ip_adapter.0.to_k_ip.weight", 2).ok_or_else(|| missing("ip_adapter.0.to_k_ip.weight"))?;
+        let k0 =
+            dims_of(store, "ip_adapter.0.to_k_ip.weight", 2).ok_or_else(|| missing("ip_adapter.0.to_k_ip.weight"))?;
         let cross_dim = norm[0];
         if cross_dim == 0 || p2[0] % cross_dim != 0 {
             return Err(Error::Checkpoint {
@@ -68,10 +69,8 @@ impl IpAdapterDims {
                 }],
             });
         }
-        let indices: BTreeSet<usize> = store
-            .names()
-            .filter_map(|n| n.strip_prefix("ip_adapter.")?.split('.').next()?.parse().ok())
-            .collect();
+        let indices: BTreeSet<usize> =
+            store.names().filter_map(|n| n.strip_prefix("ip_adapter.")?.split('.').next()?.parse().ok()).collect();
         // Processors are numbered 0..n; a gap shows up as missing tensors in validation.
         let num_processors = indices.iter().next_back().map_or(0, |m| m + 1);
         Ok(Self {
@@ -103,7 +102,9 @@ impl IpAdapterDims {
 
     /// Bytes of the projection's weights at `dtype`.
     pub fn projection_bytes(&self, dtype: DType) -> usize {
-        let n = self.proj_hidden * (self.id_dim + 1) + self.num_tokens * self.cross_dim * (self.proj_hidden + 1) + 2 * self.cross_dim;
+        let n = self.proj_hidden * (self.id_dim + 1)
+            + self.num_tokens * self.cross_dim * (self.proj_hidden + 1)
+            + 2 * self.cross_dim;
         n * dtype.size_in_bytes()
     }
 

@@ -46,9 +46,7 @@ pub fn decode_rgb(bytes: &[u8], source_name: &str) -> Result<RgbImage> {
         return Err(err("the file is empty".into()));
     }
     let reader = |b| {
-        ImageReader::new(Cursor::new(b))
-            .with_guessed_format()
-            .map_err(|e| err(format!("cannot read the image: {e}")))
+        ImageReader::new(Cursor::new(b)).with_guessed_format().map_err(|e| err(format!("cannot read the image: {e}")))
     };
     let probe = reader(bytes)?;
     if probe.format().is_none() {
@@ -90,10 +88,13 @@ fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     let data = match info.pixel_format {
         PixelFormat::RGB24 => pixels,
         PixelFormat::L8 => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
-        PixelFormat::L16 => pixels.chunks_exact(2).flat_map(|c| {
-            let v = ((u32::from(u16::from_be_bytes([c[0], c[1]])) + 128) / 257) as u8;
-            [v, v, v]
-        }).collect(),
+        PixelFormat::L16 => pixels
+            .chunks_exact(2)
+            .flat_map(|c| {
+                let v = ((u32::from(u16::from_be_bytes([c[0], c[1]])) + 128) / 257) as u8;
+                [v, v, v]
+            })
+            .collect(),
         PixelFormat::CMYK32 => pixels
             .chunks_exact(4)
             .flat_map(|c| {
@@ -157,8 +158,7 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<Taps> {
             // Truncation toward zero, as C's (int) cast.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
-            let raw: Vec<f64> =
-                (xmin..xmax).map(|x| bicubic((x as f64 - center + 0.5) / filter_scale)).collect();
+            let raw: Vec<f64> = (xmin..xmax).map(|x| bicubic((x as f64 - center + 0.5) / filter_scale)).collect();
             let total: f64 = raw.iter().sum();
             let one = f64::from(1u32 << PRECISION_BITS);
             let weights = raw

@@ -107,11 +107,11 @@ impl Embeddings {
         // A stride-p convolution ignores the pixels past the last whole patch.
         let pixels = pixels.narrow(2, 0, gh * p)?.narrow(3, 0, gw * p)?;
         // [B, C, gh, p, gw, p] → [B, gh, gw, C, p, p] → [B, gh*gw, C*p*p]
-        let patches = pixels
-            .reshape((b, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b, gh * gw, c * p * p))?;
+        let patches = pixels.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.contiguous()?.reshape((
+            b,
+            gh * gw,
+            c * p * p,
+        ))?;
         let x = self.patch_embedding.forward(&patches)?;
         Ok(x.broadcast_add(&self.position_embedding)?)
     }
@@ -253,7 +253,8 @@ impl SiglipVisionModel {
     pub fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
         if !cfg.vision_use_head {
             return Err(Error::Unsupported(
-                "this SigLIP checkpoint has no attention-pooling head (vision_use_head=false); the IP-Adapter needs it".into(),
+                "this SigLIP checkpoint has no attention-pooling head (vision_use_head=false); the IP-Adapter needs it"
+                    .into(),
             ));
         }
         let layers = (0..cfg.num_hidden_layers)

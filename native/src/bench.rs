@@ -81,7 +81,11 @@ fn torch_times(opts: &BenchOptions) -> Option<HashMap<String, f64>> {
 pub fn run(opts: &BenchOptions) -> Result<Vec<Row>> {
     let cfg = SiglipVisionConfig::so400m_patch14_384();
     tracing::info!("building SigLIP so400m with random weights (f32)");
-    let vb = ipaflux_core::candle_nn::VarBuilder::from_tensors(random_tensors(&expected_tensors(&cfg))?, DType::F32, &Device::Cpu);
+    let vb = ipaflux_core::candle_nn::VarBuilder::from_tensors(
+        random_tensors(&expected_tensors(&cfg))?,
+        DType::F32,
+        &Device::Cpu,
+    );
     let siglip = SiglipVisionModel::new(&cfg, vb)?;
     let pixels = Tensor::randn(0f32, 1.0, (1, 3, 384, 384), &Device::Cpu)?;
     tracing::info!(runs = opts.runs, "timing SigLIP");
@@ -95,7 +99,14 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>> {
     }];
     drop(siglip);
     if opts.projection {
-        let dims = IpAdapterDims { id_dim: 1152, proj_hidden: 2304, num_tokens: 128, cross_dim: 4096, num_processors: 0, hidden: 3072 };
+        let dims = IpAdapterDims {
+            id_dim: 1152,
+            proj_hidden: 2304,
+            num_tokens: 128,
+            cross_dim: 4096,
+            num_processors: 0,
+            hidden: 3072,
+        };
         tracing::info!("building the projection with random weights (f32, 4.8 GB)");
         let shapes: Vec<_> = dims
             .expected_tensors()

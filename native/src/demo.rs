@@ -18,7 +18,14 @@ pub fn tiny_encoder(precision: Precision) -> Result<Encoder> {
     let cfg = SiglipVisionConfig::from_hf_json(CONFIG, "bundled siglip config.json")?;
     let siglip = TensorStore::from_safetensors(SIGLIP, "bundled siglip model.safetensors")?;
     let adapter = TensorStore::from_torch_zip(ADAPTER, "bundled ip-adapter.bin")?;
-    Encoder::new(&cfg, PreprocessConfig::siglip(cfg.image_size), siglip, &adapter, precision, ipaflux_core::candle_core::Device::Cpu)
+    Encoder::new(
+        &cfg,
+        PreprocessConfig::siglip(cfg.image_size),
+        siglip,
+        &adapter,
+        precision,
+        ipaflux_core::candle_core::Device::Cpu,
+    )
 }
 
 /// Encodes the bundled sample and computes the IP K/V of every block.
@@ -27,6 +34,8 @@ pub fn run(precision: Precision) -> Result<(Encoded, Vec<ipaflux_core::IpKv>, En
     let out = enc.encode(SAMPLE, "bundled sample photo.jpg")?;
     // The tiny adapter's Flux hidden size is 48: three heads of 16.
     let head_dim = 16;
-    let kv = enc.adapter.kv_all(&out.image_prompt_embeds.to_dtype(enc.dtype)?, &IpAttentionConfig { head_dim, ..Default::default() })?;
+    let kv = enc
+        .adapter
+        .kv_all(&out.image_prompt_embeds.to_dtype(enc.dtype)?, &IpAttentionConfig { head_dim, ..Default::default() })?;
     Ok((out, kv, enc))
 }

@@ -53,7 +53,10 @@ pub fn resolve_model_dir(dir: &Path) -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    Err(io_err(dir, "no config.json here (expected a Hugging Face model folder with config.json and model.safetensors)"))
+    Err(io_err(
+        dir,
+        "no config.json here (expected a Hugging Face model folder with config.json and model.safetensors)",
+    ))
 }
 
 /// A SigLIP folder's configs and weights (single `model.safetensors` or sharded with an index).

@@ -75,7 +75,8 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
     match Cli::parse().command {
@@ -103,7 +104,12 @@ fn main() -> anyhow::Result<()> {
             println!("{}", summarize("pooled", &enc.pooled)?);
             println!("{}", summarize("image_prompt_embeds", &enc.image_prompt_embeds)?);
             let kv_bytes: usize = kv.iter().map(|k| k.nbytes()).sum();
-            println!("IP K/V for {} blocks: {:?} each, {} bytes in all", kv.len(), kv.first().map(|k| k.k.dims().to_vec()), kv_bytes);
+            println!(
+                "IP K/V for {} blocks: {:?} each, {} bytes in all",
+                kv.len(),
+                kv.first().map(|k| k.k.dims().to_vec()),
+                kv_bytes
+            );
             println!("adapter dims: {:?}", encoder.adapter.dims);
             println!("stage times:");
             for (name, d) in &enc.stages {

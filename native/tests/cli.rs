@@ -63,7 +63,10 @@ fn missing_file() {
     let (s, a, _) = good();
     let img = fixture("images/does-not-exist.png");
     assert_fails(&encode(&s, &a, &img, &tmp("x.safetensors")), &["does-not-exist.png"]);
-    assert_fails(&encode(&fixture("nope"), &a, &fixture("images/wide.png"), &tmp("x.safetensors")), &["nope", "no such folder"]);
+    assert_fails(
+        &encode(&fixture("nope"), &a, &fixture("images/wide.png"), &tmp("x.safetensors")),
+        &["nope", "no such folder"],
+    );
 }
 
 #[test]
@@ -72,7 +75,10 @@ fn truncated_safetensors() {
     let bytes = std::fs::read(fixture("ip-adapter.safetensors")).unwrap();
     let cut = tmp("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    assert_fails(&encode(&fixture("siglip-vision"), &cut, &i, &tmp("x.safetensors")), &["cut.safetensors", "safetensors"]);
+    assert_fails(
+        &encode(&fixture("siglip-vision"), &cut, &i, &tmp("x.safetensors")),
+        &["cut.safetensors", "safetensors"],
+    );
     // A corrupt header is reported too.
     let mut bad = bytes.clone();
     bad[10] = b'!';
@@ -118,7 +124,10 @@ fn wrong_shapes_listed_in_one_error() {
 #[test]
 fn non_image_zero_sized_and_huge_images() {
     let (s, a, _) = good();
-    assert_fails(&encode(&s, &a, &fixture("images/not-an-image.png"), &tmp("x.safetensors")), &["not-an-image.png", "not a PNG"]);
+    assert_fails(
+        &encode(&s, &a, &fixture("images/not-an-image.png"), &tmp("x.safetensors")),
+        &["not-an-image.png", "not a PNG"],
+    );
     let empty = tmp("empty.png");
     std::fs::write(&empty, b"").unwrap();
     assert_fails(&encode(&s, &a, &empty, &tmp("x.safetensors")), &["empty.png", "empty"]);

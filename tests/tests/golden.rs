@@ -56,7 +56,12 @@ fn pooled_matches_transformers_for_both_layouts() {
         let enc = encoder(layout, "ip-adapter.safetensors", Precision::F32);
         for name in IMAGES {
             let pooled = enc.siglip.forward(&reference_pixels(name)).unwrap();
-            assert_close(&format!("{layout} pooled {name}"), &pooled, &gold[&format!("pooled.{}", name.replace('.', "_"))], F32_TOL);
+            assert_close(
+                &format!("{layout} pooled {name}"),
+                &pooled,
+                &gold[&format!("pooled.{}", name.replace('.', "_"))],
+                F32_TOL,
+            );
         }
     }
 }
@@ -71,7 +76,12 @@ fn encode_end_to_end_matches_reference_non_square_images() {
         for name in ["wide.png", "alpha.png", "gray.webp"] {
             let bytes = std::fs::read(fixture(&format!("images/{name}"))).unwrap();
             let out = enc.encode(&bytes, name).unwrap();
-            assert_close(&format!("e2e {layout} {name}"), &out.pooled, &gold[&format!("pooled.{}", name.replace('.', "_"))], F32_TOL);
+            assert_close(
+                &format!("e2e {layout} {name}"),
+                &out.pooled,
+                &gold[&format!("pooled.{}", name.replace('.', "_"))],
+                F32_TOL,
+            );
         }
     }
 }
@@ -95,7 +105,12 @@ fn projection_matches_for_both_adapter_formats_and_dtypes() {
         for (precision, tol) in [(Precision::F32, F32_TOL), (Precision::Bf16, BF16_TOL), (Precision::F16, BF16_TOL)] {
             let ad = IpAdapter::from_store(&store, precision.dtype(), &Device::Cpu).unwrap();
             let embeds = ad.image_proj.forward(pooled).unwrap();
-            assert_close(&format!("{file} {precision} image_prompt_embeds"), &embeds, &gold["image_prompt_embeds.photo_jpg"], tol);
+            assert_close(
+                &format!("{file} {precision} image_prompt_embeds"),
+                &embeds,
+                &gold["image_prompt_embeds.photo_jpg"],
+                tol,
+            );
         }
     }
 }
@@ -104,7 +119,10 @@ fn projection_matches_for_both_adapter_formats_and_dtypes() {
 fn dims_are_inferred_from_shapes() {
     let store = load_ip_adapter(&fixture("ip-adapter.bin")).unwrap();
     let d = ipaflux_core::IpAdapterDims::infer(&store).unwrap();
-    assert_eq!((d.id_dim, d.proj_hidden, d.num_tokens, d.cross_dim, d.num_processors, d.hidden), (32, 64, 8, 64, 5, 48));
+    assert_eq!(
+        (d.id_dim, d.proj_hidden, d.num_tokens, d.cross_dim, d.num_processors, d.hidden),
+        (32, 64, 8, 64, 5, 48)
+    );
 }
 
 #[test]
@@ -122,7 +140,12 @@ fn ip_kv_and_attention_match_both_variants() {
                 assert_close(&format!("{precision} {variant} {i} k"), &kv.k, &gold[&format!("{variant}.{i}.k")], tol);
                 assert_close(&format!("{precision} {variant} {i} v"), &kv.v, &gold[&format!("{variant}.{i}.v")], tol);
                 let out = kv.attend(q, 0.7).unwrap();
-                assert_close(&format!("{precision} {variant} {i} attn"), &out, &gold[&format!("{variant}.{i}.attn")], tol);
+                assert_close(
+                    &format!("{precision} {variant} {i} attn"),
+                    &out,
+                    &gold[&format!("{variant}.{i}.attn")],
+                    tol,
+                );
             }
         }
     }

@@ -36,7 +36,8 @@ impl TensorStore {
 
     /// Adds the tensors of one more shard; a name present twice is an error.
     pub fn add_safetensors(&mut self, bytes: &[u8], shard_name: &str) -> Result<()> {
-        let fmt_err = |reason: String| Error::Format { source_name: shard_name.to_string(), format: "safetensors", reason };
+        let fmt_err =
+            |reason: String| Error::Format { source_name: shard_name.to_string(), format: "safetensors", reason };
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| fmt_err(describe_safetensors_error(&e)))?;
         for (name, view) in st.tensors() {
             let dtype = match view.dtype() {
@@ -72,10 +73,15 @@ impl TensorStore {
     /// tensors without executing its pickle. Nested dict keys are joined with
     /// `.`: `{"image_proj": {"norm.weight": t}}` gives `image_proj.norm.weight`.
     pub fn from_torch_zip(bytes: &[u8], source_name: &str) -> Result<Self> {
-        let fmt_err =
-            |reason: String| Error::Format { source_name: source_name.to_string(), format: "PyTorch zip checkpoint", reason };
+        let fmt_err = |reason: String| Error::Format {
+            source_name: source_name.to_string(),
+            format: "PyTorch zip checkpoint",
+            reason,
+        };
         if bytes.len() >= 2 && bytes[0] == 0x80 {
-            return Err(fmt_err("this is a legacy (pre-1.6) PyTorch pickle, not a zip archive; re-save it with torch.save".into()));
+            return Err(fmt_err(
+                "this is a legacy (pre-1.6) PyTorch pickle, not a zip archive; re-save it with torch.save".into(),
+            ));
         }
         let entries = zip::read_entries(bytes).map_err(fmt_err)?;
         let (pkl_name, pkl) = entries
@@ -96,9 +102,9 @@ impl TensorStore {
         flatten("", root, &mut flat).map_err(fmt_err)?;
         let mut store = Self::new(source_name);
         for (name, tref) in flat {
-            let entry = entries
-                .get(&format!("{prefix}data/{}", tref.storage_key))
-                .ok_or_else(|| fmt_err(format!("tensor `{name}`: storage {} missing from the archive", tref.storage_key)))?;
+            let entry = entries.get(&format!("{prefix}data/{}", tref.storage_key)).ok_or_else(|| {
+                fmt_err(format!("tensor `{name}`: storage {} missing from the archive", tref.storage_key))
+            })?;
             let storage = &bytes[entry.offset..entry.offset + entry.len];
             let t = tensor_from_storage(storage, &tref).map_err(|r| fmt_err(format!("tensor `{name}`: {r}")))?;
             store.insert_new(name, t, source_name)?;
@@ -172,7 +178,8 @@ impl TensorStore {
 
 /// Lists the distinct shard file names of a `model.safetensors.index.json`, in order of first use.
 pub fn shards_from_index_json(json: &str, source_name: &str) -> Result<Vec<String>> {
-    let err = |reason: String| Error::Format { source_name: source_name.to_string(), format: "safetensors index", reason };
+    let err =
+        |reason: String| Error::Format { source_name: source_name.to_string(), format: "safetensors index", reason };
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| err(e.to_string()))?;
     let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| err("no `weight_map` object".into()))?;
     let mut shards: Vec<String> = Vec::new();
@@ -232,7 +239,11 @@ fn tensor_from_storage(storage: &[u8], t: &TensorRef) -> Result<Tensor, String> 
     // Highest element index the view touches must lie inside the storage.
     let last = t.offset + t.shape.iter().zip(&t.stride).map(|(d, s)| d.saturating_sub(1) * s).sum::<usize>();
     if n > 0 && (last + 1) * es > storage.len() {
-        return Err(format!("view needs {} bytes but its storage has {} (truncated file?)", (last + 1) * es, storage.len()));
+        return Err(format!(
+            "view needs {} bytes but its storage has {} (truncated file?)",
+            (last + 1) * es,
+            storage.len()
+        ));
     }
     let contiguous = {
         let mut expect = 1;
@@ -280,7 +291,8 @@ mod tests {
     fn strided_view_is_gathered() {
         // A 2x3 tensor stored transposed (3x2 storage), f32 values 0..6.
         let storage: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
-        let t = TensorRef { storage_key: "0".into(), dtype: DType::F32, offset: 0, shape: vec![2, 3], stride: vec![1, 2] };
+        let t =
+            TensorRef { storage_key: "0".into(), dtype: DType::F32, offset: 0, shape: vec![2, 3], stride: vec![1, 2] };
         let x = tensor_from_storage(&storage, &t).unwrap();
         assert_eq!(x.to_vec2::<f32>().unwrap(), vec![vec![0., 2., 4.], vec![1., 3., 5.]]);
         let too_far = TensorRef { offset: 1, ..t };

@@ -192,7 +192,11 @@ impl Machine {
         self.stack.last_mut().ok_or(PickleError::Malformed("stack underflow".into()))
     }
     fn pop_mark(&mut self) -> PResult<Vec<Value>> {
-        let mark = self.stack.iter().rposition(|v| matches!(v, Value::Mark)).ok_or(PickleError::Malformed("no MARK".into()))?;
+        let mark = self
+            .stack
+            .iter()
+            .rposition(|v| matches!(v, Value::Mark))
+            .ok_or(PickleError::Malformed("no MARK".into()))?;
         let items = self.stack.split_off(mark + 1);
         self.stack.pop();
         Ok(items)
