@@ -138,7 +138,7 @@ impl MlpProjection {
 
     /// `pooled [B, id]` → `image_prompt_embeds [B, T, C]`.
     pub fn forward(&self, pooled: &Tensor) -> Result<Tensor> {
-        let x = pooled.to_dtype(self.proj_0.weight.dtype())?;
+        let x = pooled.to_dtype(self.proj_0.dtype())?;
         let x = self.proj_0.forward(&x)?;
         let x = Activation::GeluErf.forward(&x)?;
         let x = self.proj_2.forward(&x)?;
@@ -206,7 +206,7 @@ impl IpProcessor {
 
     /// K and V of `image_prompt_embeds [B, T, C]`, split into heads and RMS-normalised.
     pub fn kv(&self, embeds: &Tensor, cfg: &IpAttentionConfig) -> Result<IpKv> {
-        let embeds = embeds.to_dtype(self.to_k_ip.weight.dtype())?;
+        let embeds = embeds.to_dtype(self.to_k_ip.dtype())?;
         let split = |x: Tensor| -> Result<Tensor> {
             let (b, t, hd) = x.dims3()?;
             if cfg.head_dim == 0 || hd % cfg.head_dim != 0 {

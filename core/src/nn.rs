@@ -8,23 +8,32 @@ use candle_nn::VarBuilder;
 use crate::error::Result;
 
 /// `y = x Wᵀ + b` over the last dimension, any number of leading dimensions.
+///
+/// The weight is kept transposed (`[in, out]`, contiguous), made once at load:
+/// the CPU matmul is faster on a contiguous right-hand side than on a strided one.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
+    weight_t: Tensor,
+    bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")?, bias: Some(vb.get(out_dim, "bias")?) })
+        Ok(Self::from_parts(vb.get((out_dim, in_dim), "weight")?, Some(vb.get(out_dim, "bias")?))?)
     }
 
     pub fn no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")?, bias: None })
+        Self::from_parts(vb.get((out_dim, in_dim), "weight")?, None)
     }
 
-    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+    /// From a PyTorch-layout weight `[out, in]` and optional bias `[out]`.
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self { weight_t: weight.t()?.contiguous()?, bias })
+    }
+
+    /// The dtype the weights are stored in.
+    pub fn dtype(&self) -> DType {
+        self.weight_t.dtype()
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -32,12 +41,12 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((lead, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = x2.matmul(&self.weight_t)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
         let mut out_shape = dims[..dims.len() - 1].to_vec();
-        out_shape.push(self.weight.dim(0)?);
+        out_shape.push(self.weight_t.dim(1)?);
         Ok(y.reshape(out_shape)?)
     }
 }
@@ -57,6 +66,10 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
+        if dtype == DType::F32 && self.weight.dtype() == DType::F32 {
+            // Fused kernel, same formula: (x − mean) / √(var + eps) · w + b.
+            return Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?);
+        }
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;

@@ -97,7 +97,7 @@ impl Embeddings {
         let w = pvb.get((h, c, p, p), "weight")?.reshape((h, c * p * p))?;
         let b = pvb.get(h, "bias")?;
         let position_embedding = vb.pp("position_embedding").get((cfg.num_patches(), h), "weight")?;
-        Ok(Self { patch_embedding: Linear::from_parts(w, Some(b)), position_embedding, patch_size: p })
+        Ok(Self { patch_embedding: Linear::from_parts(w, Some(b))?, position_embedding, patch_size: p })
     }
 
     fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
@@ -211,9 +211,8 @@ impl PoolingHead {
         let avb = vb.pp("attention");
         let w = avb.get((3 * h, h), "in_proj_weight")?;
         let b = avb.get(3 * h, "in_proj_bias")?;
-        let part = |i: usize| -> Result<Linear> {
-            Ok(Linear::from_parts(w.narrow(0, i * h, h)?, Some(b.narrow(0, i * h, h)?)))
-        };
+        let part =
+            |i: usize| -> Result<Linear> { Linear::from_parts(w.narrow(0, i * h, h)?, Some(b.narrow(0, i * h, h)?)) };
         Ok(Self {
             probe: vb.get((1, 1, h), "probe")?,
             q: part(0)?,

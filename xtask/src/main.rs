@@ -21,6 +21,48 @@ fn run(program: &str, args: &[&str]) {
     }
 }
 
+/// Runs the workspace tests, echoing their output, and ends with one plain
+/// `tests: N passed, N failed` line summed over every test binary (cargo's own
+/// last line is that of the last doc-test binary, often `0 passed`).
+fn test_with_summary(cargo: &str) {
+    use std::io::{BufRead, BufReader};
+    eprintln!("xtask: $ {cargo} test --workspace --exclude xtask");
+    let mut child = Command::new(cargo)
+        .args(["test", "--workspace", "--exclude", "xtask"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            eprintln!("xtask: cannot start cargo: {e}");
+            exit(2)
+        });
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| -> u64 {
+                    rest.split(';')
+                        .find_map(|part| {
+                            part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word)
+                        })
+                        .and_then(|n| n.trim().parse().ok())
+                        .unwrap_or(0)
+                };
+                passed += count(" passed");
+                failed += count(" failed");
+            }
+        }
+    }
+    let status = child.wait().unwrap_or_else(|e| {
+        eprintln!("xtask: cargo test did not finish: {e}");
+        exit(2)
+    });
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        exit(status.code().unwrap_or(1).max(1));
+    }
+}
+
 fn ensure_wasm_target() {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
@@ -39,7 +81,7 @@ fn main() {
         "test" => {
             ensure_wasm_target();
             run(&cargo, &["build", "-p", "ipaflux-core", "--target", "wasm32-unknown-unknown"]);
-            run(&cargo, &["test", "--workspace", "--exclude", "xtask"]);
+            test_with_summary(&cargo);
         }
         "lint" => {
             run(&cargo, &["fmt", "--all", "--check"]);
