@@ -19,7 +19,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self::from_parts(vb.get((out_dim, in_dim), "weight")?, Some(vb.get(out_dim, "bias")?))?)
+        Self::from_parts(vb.get((out_dim, in_dim), "weight")?, Some(vb.get(out_dim, "bias")?))
     }
 
     pub fn no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! The `ipaflux` binary on good and bad input: every failure is one clear
 //! message naming the file and the problem, a non-zero exit, and no panic.
 

@@ -1,8 +1,8 @@
 //! Project automation.
 //!
 //! - `cargo xtask test`: every check CI runs — installs the wasm32 target if
-//!   missing, runs all workspace tests, builds `ipaflux-core` for
-//!   wasm32-unknown-unknown.
+//!   missing, builds `ipaflux-core` for wasm32-unknown-unknown, runs the lint
+//!   (below) and all workspace tests.
 //! - `cargo xtask lint`: clippy with warnings as errors, and rustfmt check.
 //! - `cargo xtask fixtures`: regenerates tests/fixtures with the PyTorch reference
 //!   (needs `pip install torch transformers safetensors pillow`; `PYTHON` picks the interpreter).
@@ -63,6 +63,12 @@ fn test_with_summary(cargo: &str) {
     }
 }
 
+/// rustfmt and clippy (warnings are errors; library code may not unwrap).
+fn lint(cargo: &str) {
+    run(cargo, &["fmt", "--all", "--check"]);
+    run(cargo, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+}
+
 fn ensure_wasm_target() {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
@@ -81,12 +87,10 @@ fn main() {
         "test" => {
             ensure_wasm_target();
             run(&cargo, &["build", "-p", "ipaflux-core", "--target", "wasm32-unknown-unknown"]);
+            lint(&cargo);
             test_with_summary(&cargo);
         }
-        "lint" => {
-            run(&cargo, &["fmt", "--all", "--check"]);
-            run(&cargo, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
-        }
+        "lint" => lint(&cargo),
         "fixtures" => {
             let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
             run(&python, &["tests/reference/make_fixtures.py"]);
