@@ -14,8 +14,6 @@
 //! state, nothing platform-specific — it builds for `wasm32-unknown-unknown`.
 //! Flux itself, sampling and the memory registry live in later modules.
 
-#![cfg_attr(target_arch = "wasm32", allow(dead_code))]
-
 pub mod config;
 pub mod device;
 pub mod error;

@@ -21,8 +21,8 @@ pub fn map_file(path: &Path) -> Result<Mmap> {
     if file.metadata().map_err(|e| io_err(path, e))?.is_dir() {
         return Err(io_err(path, "is a folder, expected a file"));
     }
-    // SAFETY-free: memmap2's `map` is unsafe only because another process may
-    // truncate the file meanwhile; we accept that, as every model loader does.
+    // `Mmap::map` is unsafe because another process could truncate the file
+    // while it is mapped; like every model loader, we accept that risk.
     #[allow(unsafe_code)]
     let map = unsafe { Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
     Ok(map)
@@ -101,11 +101,11 @@ pub fn load_siglip_dir(dir: &Path) -> Result<SiglipFiles> {
 pub fn load_ip_adapter(path: &Path) -> Result<TensorStore> {
     let map = map_file(path)?;
     let name = path.display().to_string();
-    Ok(ipaflux_core_store_from_bytes(&map, &name)?)
+    Ok(store_from_bytes(&map, &name)?)
 }
 
 /// Picks the parser from the first bytes: `PK` is a zip (torch.save), anything else is tried as safetensors.
-pub fn ipaflux_core_store_from_bytes(bytes: &[u8], name: &str) -> ipaflux_core::Result<TensorStore> {
+pub fn store_from_bytes(bytes: &[u8], name: &str) -> ipaflux_core::Result<TensorStore> {
     if bytes.starts_with(b"PK") || bytes.first() == Some(&0x80) {
         TensorStore::from_torch_zip(bytes, name)
     } else {
