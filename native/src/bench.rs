@@ -77,6 +77,15 @@ fn torch_times(opts: &BenchOptions) -> Option<HashMap<String, f64>> {
     Some(m)
 }
 
+/// A row with our median time for `f` (PyTorch's is filled in later).
+fn timed_row<T>(name: &str, runs: usize, mut f: impl FnMut() -> ipaflux_core::Result<T>) -> Result<Row> {
+    let ours_ms = median_ms(runs, || {
+        f()?;
+        Ok(())
+    })?;
+    Ok(Row { name: name.into(), ours_ms, torch_ms: None })
+}
+
 /// Runs the benchmark and returns its rows.
 pub fn run(opts: &BenchOptions) -> Result<Vec<Row>> {
     let cfg = SiglipVisionConfig::so400m_patch14_384();
@@ -89,14 +98,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>> {
     let siglip = SiglipVisionModel::new(&cfg, vb)?;
     let pixels = Tensor::randn(0f32, 1.0, (1, 3, 384, 384), &Device::Cpu)?;
     tracing::info!(runs = opts.runs, "timing SigLIP");
-    let mut rows = vec![Row {
-        name: "siglip so400m 384² b1".into(),
-        ours_ms: median_ms(opts.runs, || {
-            siglip.forward(&pixels)?;
-            Ok(())
-        })?,
-        torch_ms: None,
-    }];
+    let mut rows = vec![timed_row("siglip so400m 384² b1", opts.runs, || siglip.forward(&pixels))?];
     drop(siglip);
     if opts.projection {
         let dims = IpAdapterDims {
@@ -116,14 +118,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>> {
         let vb = ipaflux_core::candle_nn::VarBuilder::from_tensors(random_tensors(&shapes)?, DType::F32, &Device::Cpu);
         let proj = MlpProjection::new(&dims, vb)?;
         let pooled = Tensor::randn(0f32, 1.0, (1, 1152), &Device::Cpu)?;
-        rows.push(Row {
-            name: "projection 1152→128×4096".into(),
-            ours_ms: median_ms(opts.runs, || {
-                proj.forward(&pooled)?;
-                Ok(())
-            })?,
-            torch_ms: None,
-        });
+        rows.push(timed_row("projection 1152→128×4096", opts.runs, || proj.forward(&pooled))?);
     }
     if opts.compare_torch {
         if let Some(t) = torch_times(opts) {

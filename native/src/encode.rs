@@ -48,11 +48,6 @@ impl Encoder {
         Ok(Self { siglip, adapter, preprocess, dtype, device })
     }
 
-    /// Pixel values for image bytes (`[1, 3, H, W]` f32 on the CPU).
-    pub fn pixels(&self, bytes: &[u8], name: &str) -> Result<Tensor> {
-        Ok(pixel_values(&decode_rgb(bytes, name)?, &self.preprocess)?)
-    }
-
     /// Runs every stage and times it.
     pub fn encode(&self, bytes: &[u8], name: &str) -> Result<Encoded> {
         let mut stages = Vec::new();
