@@ -13,11 +13,13 @@ use candle_core::{DType, Device};
 use crate::error::{Error, Result};
 
 /// A compute device, by canonical name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DeviceSpec {
     Cpu,
     /// An NVIDIA GPU by ordinal. Only usable in builds with CUDA support.
     Cuda(usize),
+    /// A WebGPU adapter by ordinal (the browser build; natively through wgpu).
+    WebGpu(usize),
 }
 
 impl DeviceSpec {
@@ -28,6 +30,9 @@ impl DeviceSpec {
             Self::Cuda(i) => Err(Error::Unsupported(format!(
                 "device cuda:{i} is not available: this build of ipaflux has no CUDA support; use --device cpu"
             ))),
+            Self::WebGpu(i) => Err(Error::Unsupported(format!(
+                "device webgpu:{i} has no candle backend; WebGPU runs through the web build's own kernels"
+            ))),
         }
     }
 }
@@ -37,6 +42,7 @@ impl fmt::Display for DeviceSpec {
         match self {
             Self::Cpu => f.write_str("cpu"),
             Self::Cuda(i) => write!(f, "cuda:{i}"),
+            Self::WebGpu(i) => write!(f, "webgpu:{i}"),
         }
     }
 }
@@ -60,7 +66,8 @@ impl FromStr for DeviceSpec {
         match kind {
             "cpu" if ordinal(index)? == 0 => Ok(Self::Cpu),
             "cuda" | "gpu" => Ok(Self::Cuda(ordinal(index)?)),
-            _ => Err(Error::Unsupported(format!("unknown device `{s}`; expected `cpu` or `cuda[:N]`"))),
+            "webgpu" | "wgpu" => Ok(Self::WebGpu(ordinal(index)?)),
+            _ => Err(Error::Unsupported(format!("unknown device `{s}`; expected `cpu`, `cuda[:N]` or `webgpu[:N]`"))),
         }
     }
 }
@@ -118,6 +125,7 @@ mod tests {
         assert!("cpu:1".parse::<DeviceSpec>().is_err());
         assert!("tpu".parse::<DeviceSpec>().is_err());
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
+        assert_eq!("webgpu".parse::<DeviceSpec>().ok().map(|d| d.to_string()), Some("webgpu:0".into()));
     }
 
     #[test]

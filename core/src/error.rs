@@ -72,6 +72,22 @@ pub enum Error {
     #[error("shape mismatch: {0}")]
     Shape(String),
 
+    /// A job that does not fit on its device even with every splittable model streamed.
+    #[error(
+        "stage `{stage}`: {device} cannot run it: it needs at least {} (working memory, stream buffers and \
+         unsplittable models) but only {} is usable after the reserve and safety margin. {hint}",
+        crate::registry::Bytes(*needed), crate::registry::Bytes(*usable)
+    )]
+    OutOfMemory { stage: String, device: String, needed: u64, usable: u64, hint: String },
+
+    /// A memory registry call that cannot be honoured (unknown device or model, a cycle, ...).
+    #[error("memory registry: {0}")]
+    Registry(String),
+
+    /// A plan scenario (built-in name or JSON) that cannot be used.
+    #[error("{source_name}: not a usable scenario: {reason}")]
+    Scenario { source_name: String, reason: String },
+
     /// An error from the tensor library during computation.
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),

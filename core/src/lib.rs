@@ -12,7 +12,9 @@
 //!
 //! What it does not do: no file or network IO (callers pass bytes), no global
 //! state, nothing platform-specific — it builds for `wasm32-unknown-unknown`.
-//! Flux itself, sampling and the memory registry live in later modules.
+//! The memory [`registry`] decides where every model's weights live; it
+//! accounts and plans, and callers move the tensors. Flux itself and sampling
+//! live in later modules.
 
 pub mod config;
 pub mod device;
@@ -20,6 +22,7 @@ pub mod error;
 pub mod ip_adapter;
 pub mod nn;
 pub mod preprocess;
+pub mod registry;
 pub mod siglip;
 pub mod weights;
 

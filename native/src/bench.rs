@@ -131,6 +131,90 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Decision overhead of the memory registry (no tensors move).
+#[derive(Debug, Clone)]
+pub struct RegistryBench {
+    pub models: usize,
+    pub units: usize,
+    pub calls: usize,
+    pub median_us: f64,
+    pub p99_us: f64,
+    /// Calls that evicted something or streamed (so the timing covers real decisions).
+    pub calls_with_eviction: usize,
+    /// Timeline events per call, on average (each is also a `tracing` event).
+    pub events_per_call: f64,
+}
+
+/// Times `Registry::load_for_job` with 100 registered models of 10 units each
+/// on a 24 GiB budgeted device: jobs of 3 models with a 3-stage lookahead,
+/// cycling so that most calls must evict.
+pub fn registry_overhead(calls: usize) -> Result<RegistryBench> {
+    use ipaflux_core::registry::{
+        BudgetedDevice, HostMemory, JobRequest, MemoryDevice, ModelSpec, Registry, RegistryConfig, Role,
+    };
+    use ipaflux_core::DeviceSpec;
+    const MODELS: usize = 100;
+    const UNITS: usize = 10;
+    let gpu = DeviceSpec::Cuda(0);
+    let devices: Vec<Box<dyn MemoryDevice>> =
+        vec![Box::new(BudgetedDevice::new(gpu, 24 << 30)), Box::new(HostMemory::unbounded())];
+    let mut registry = Registry::new(RegistryConfig::default(), devices)?;
+    let mut ids = Vec::new();
+    for i in 0..MODELS {
+        let bytes = (200 + (i as u64 * 7919) % 1800) << 20;
+        let spec = ModelSpec::uniform(&format!("model-{i}"), Role::Other, gpu, bytes, UNITS, "block");
+        ids.push(registry.register(spec)?.model);
+    }
+    for i in (0..MODELS).step_by(10) {
+        registry.attach(ids[i], "adapter", &[ids[(i + 1) % MODELS]])?;
+    }
+    // A fixed pseudo-random job sequence (LCG), same every run.
+    let mut state = 12345u64;
+    let mut next = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) as usize % MODELS
+    };
+    let stages: Vec<Vec<_>> = (0..calls + 3).map(|_| vec![ids[next()], ids[next()], ids[next()]]).collect();
+    let mut times = Vec::with_capacity(calls);
+    let mut evicting = 0;
+    let mut events = 0;
+    for i in 0..calls {
+        let request = JobRequest::new(gpu, &stages[i]).working(1 << 30).lookahead(stages[i + 1..i + 4].to_vec());
+        let before = registry.traffic().d2h_bytes;
+        let t = Instant::now();
+        let plan = registry.load_for_job(&request)?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        if registry.traffic().d2h_bytes > before || plan.streams() {
+            evicting += 1;
+        }
+        events += registry.drain_events().len();
+    }
+    registry.audit()?;
+    times.sort_by(f64::total_cmp);
+    let pick = |q: f64| times.get(((times.len() - 1) as f64 * q) as usize).copied().unwrap_or(f64::NAN);
+    Ok(RegistryBench {
+        models: MODELS,
+        units: MODELS * UNITS,
+        calls,
+        median_us: pick(0.5),
+        p99_us: pick(0.99),
+        calls_with_eviction: evicting,
+        events_per_call: events as f64 / calls.max(1) as f64,
+    })
+}
+
+/// The registry lines of the bench output.
+pub fn registry_table(r: &RegistryBench) -> String {
+    let mut s = format!("{:<28} {:>12} {:>12}\n", "registry load_for_job", "median µs", "p99 µs");
+    s += &format!("{:<28} {:>12.1} {:>12.1}\n", "decision, no tensors moved", r.median_us, r.p99_us);
+    s += &format!(
+        "({} calls; {} models, {} units; {} calls evicted or streamed; {:.1} timeline events per call, \
+         each also a tracing event (RUST_LOG decides whether they are printed); target: median < 50 µs)\n",
+        r.calls, r.models, r.units, r.calls_with_eviction, r.events_per_call
+    );
+    s
+}
+
 /// The table as text.
 pub fn table(rows: &[Row], runs: usize) -> String {
     let mut s = format!(

@@ -2,13 +2,15 @@
 //!
 //! The file-system side of ipaflux: finds and memory-maps checkpoints
 //! ([`load`]), runs the encoder pipeline with per-stage timings ([`encode`]),
-//! the bundled tiny demo ([`demo`]) and the CPU benchmark ([`bench`]). The
+//! the bundled tiny demo ([`demo`]), the CPU benchmark ([`bench`]) and the
+//! memory plan report ([`plan`]). The
 //! numerics all live in `ipaflux-core`; this crate adds IO, timing and the CLI.
 
 pub mod bench;
 pub mod demo;
 pub mod encode;
 pub mod load;
+pub mod plan;
 
 use std::path::PathBuf;
 

@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ipaflux::{bench, demo, encode, load};
+use ipaflux::{bench, demo, encode, load, plan};
+use ipaflux_core::registry::{parse_bytes, scenario, EvictionPolicy, RegistryConfig, VramState};
 use ipaflux_core::{DeviceSpec, Precision};
 
 #[derive(Parser)]
@@ -42,6 +43,33 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Run the memory registry through a whole job on a simulated device and print what it does.
+    Plan {
+        /// Memory of the simulated device: bytes or a size like `24GiB`.
+        #[arg(long)]
+        vram: String,
+        /// VRAM state: normal, low, no or high.
+        #[arg(long, default_value = "normal")]
+        state: VramState,
+        /// Memory to keep free for other programs, like ComfyUI's --reserve-vram.
+        #[arg(long, default_value = "0")]
+        reserve: String,
+        /// Offload image encoder, projection and IP processors once embeddings exist.
+        #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+        offload_preprocessing: String,
+        /// Eviction policy: furthest-next-use, lru, largest-first or comfyui.
+        #[arg(long, default_value = "furthest-next-use")]
+        policy: EvictionPolicy,
+        /// A built-in scenario (flux-dev-ipadapter) or a scenario JSON file (schema in ARCHITECTURE.md).
+        #[arg(long, default_value = "flux-dev-ipadapter")]
+        scenario: String,
+        /// Sampler steps (the uses of stages with "repeat": "steps").
+        #[arg(long, default_value_t = scenario::DEFAULT_STEPS)]
+        steps: u64,
+        /// Print JSON: {events, summary, stages}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmark the encoder at the real so400m shapes (random weights, CPU f32), against PyTorch when available.
     Bench {
         #[arg(long, default_value_t = 3)]
@@ -52,6 +80,9 @@ enum Cmd {
         /// Skip the PyTorch comparison.
         #[arg(long)]
         no_torch: bool,
+        /// Only the memory registry's decision overhead (fast; no encoder).
+        #[arg(long)]
+        registry_only: bool,
         /// Python interpreter with torch and transformers.
         #[arg(long, env = "IPAFLUX_PYTHON", default_value = "python3")]
         python: String,
@@ -120,10 +151,29 @@ fn main() -> anyhow::Result<()> {
                 println!("wrote {}", path.display());
             }
         }
-        Cmd::Bench { runs, no_projection, no_torch, python } => {
-            let opts = bench::BenchOptions { runs, projection: !no_projection, python, compare_torch: !no_torch };
-            let rows = bench::run(&opts)?;
-            print!("{}", bench::table(&rows, runs));
+        Cmd::Plan { vram, state, reserve, offload_preprocessing, policy, scenario: name, steps, json } => {
+            let config = RegistryConfig {
+                state,
+                reserve_bytes: parse_bytes(&reserve).context("--reserve")?,
+                offload_preprocessing: offload_preprocessing == "on",
+                policy,
+                ..RegistryConfig::default()
+            };
+            let options = scenario::PlanOptions { vram_bytes: parse_bytes(&vram).context("--vram")?, config, steps };
+            let report = scenario::run(&plan::load_scenario(&name)?, &options)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", plan::render(&report));
+            }
+        }
+        Cmd::Bench { runs, no_projection, no_torch, registry_only, python } => {
+            if !registry_only {
+                let opts = bench::BenchOptions { runs, projection: !no_projection, python, compare_torch: !no_torch };
+                let rows = bench::run(&opts)?;
+                print!("{}", bench::table(&rows, runs));
+            }
+            print!("{}", bench::registry_table(&bench::registry_overhead(20_000)?));
         }
     }
     Ok(())
