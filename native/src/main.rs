@@ -173,7 +173,11 @@ fn main() -> anyhow::Result<()> {
                 let rows = bench::run(&opts)?;
                 print!("{}", bench::table(&rows, runs));
             }
-            print!("{}", bench::registry_table(&bench::registry_overhead(20_000)?));
+            let quiet = tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::default(), || {
+                bench::registry_overhead(20_000)
+            })?;
+            let logged = bench::registry_overhead(20_000)?;
+            print!("{}", bench::registry_table(&quiet, &logged));
         }
     }
     Ok(())
