@@ -20,6 +20,8 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod ip_adapter;
+pub mod jpeg;
+pub mod kernels;
 pub mod nn;
 pub mod preprocess;
 pub mod registry;

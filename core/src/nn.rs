@@ -90,15 +90,42 @@ pub fn rms_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// Softmax over the last dimension, computed in f32.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if let Some(y) = crate::kernels::softmax_last_f32(x) {
+        return Ok(y?);
+    }
     let dtype = x.dtype();
     Ok(candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?)
 }
 
 /// Scaled dot-product attention of `q [B,H,L,D]` over `k, v [B,H,S,D]` (no mask), scale 1/√D.
+///
+/// The score matrix is materialised, a group of heads at a time so that each
+/// group's scores stay under [`SCORES_CHUNK_BYTES`]: allocations that size are
+/// recycled by the allocator instead of being fresh pages each call (zeroing
+/// 34 MB of new pages per SigLIP layer cost more than the softmax itself).
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let d = q.dim(D::Minus1)?;
+    let (b, h, l, d) = q.dims4()?;
+    let s = k.dim(2)?;
+    let per_head = b * l * s * q.dtype().size_in_bytes();
+    let group = (SCORES_CHUNK_BYTES / per_head.max(1)).clamp(1, h.max(1));
+    if group >= h {
+        return sdpa_all(q, k, v, d);
+    }
+    let mut outs = Vec::with_capacity(h.div_ceil(group));
+    for start in (0..h).step_by(group) {
+        let n = group.min(h - start);
+        outs.push(sdpa_all(&q.narrow(1, start, n)?, &k.narrow(1, start, n)?, &v.narrow(1, start, n)?, d)?);
+    }
+    Ok(Tensor::cat(&outs, 1)?)
+}
+
+/// Largest score matrix [`sdpa`] materialises at once.
+pub const SCORES_CHUNK_BYTES: usize = 8 << 20;
+
+fn sdpa_all(q: &Tensor, k: &Tensor, v: &Tensor, d: usize) -> Result<Tensor> {
     let scale = 1.0 / (d as f64).sqrt();
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    // Scaling q (L×D) instead of the scores (L×S) touches fewer elements.
+    let scores = (q * scale)?.contiguous()?.matmul(&k.t()?.contiguous()?)?;
     let probs = softmax_last(&scores)?;
     Ok(probs.matmul(&v.contiguous()?)?)
 }
@@ -114,6 +141,11 @@ pub enum Activation {
 
 impl Module for Activation {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if *self == Self::GeluTanh {
+            if let Some(y) = crate::kernels::gelu_tanh_f32(x) {
+                return y;
+            }
+        }
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
         let y = match self {

@@ -76,10 +76,24 @@ pub fn decode_rgb(bytes: &[u8], source_name: &str) -> Result<RgbImage> {
     Ok(to_rgb8(img))
 }
 
-/// JPEG through `jpeg-decoder`, whose chroma upsampling is libjpeg's "fancy"
-/// (triangle) filter, as in the libjpeg-turbo that Pillow uses; the decoder
-/// `image` picks by default upsamples differently (up to 4/255 apart after resize).
+/// JPEG through our libjpeg-turbo-exact decoder ([`crate::jpeg`]), so pixels
+/// match Pillow's; JPEGs it does not cover (CMYK, 12-bit, arithmetic coding)
+/// go through `jpeg-decoder`, whose output may differ by a few levels.
 fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    match crate::jpeg::decode(bytes) {
+        Ok(d) => {
+            let data = if d.channels == 1 { d.data.iter().flat_map(|&v| [v, v, v]).collect() } else { d.data };
+            Ok(RgbImage { width: d.width, height: d.height, data })
+        }
+        Err(crate::jpeg::JpegError::Corrupt(reason)) => Err(format!("cannot decode the JPEG: {reason}")),
+        Err(crate::jpeg::JpegError::Unsupported(what)) => {
+            tracing::debug!(%what, "JPEG outside the exact decoder's scope; using jpeg-decoder");
+            decode_jpeg_fallback(bytes)
+        }
+    }
+}
+
+fn decode_jpeg_fallback(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     use jpeg_decoder::PixelFormat;
     let mut dec = jpeg_decoder::Decoder::new(Cursor::new(bytes));
     let pixels = dec.decode().map_err(|e| format!("cannot decode the JPEG: {e}"))?;

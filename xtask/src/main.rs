@@ -97,6 +97,7 @@ fn main() {
         "fixtures" => {
             let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
             run(&python, &["tests/reference/make_fixtures.py"]);
+            run(&python, &["tests/reference/make_jpeg_fixtures.py"]);
         }
         _ => {
             eprintln!("usage: cargo xtask <test|lint|fixtures>");
