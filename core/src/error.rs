@@ -18,6 +18,7 @@ pub enum TensorProblem {
 impl fmt::Display for TensorProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::Missing { name, expected } if expected.is_empty() => write!(f, "missing tensor `{name}`"),
             Self::Missing { name, expected } => write!(f, "missing tensor `{name}` (expected shape {expected:?})"),
             Self::Unexpected { name, shape } => write!(f, "unexpected tensor `{name}` with shape {shape:?}"),
             Self::WrongShape { name, expected, found } => {

@@ -269,8 +269,9 @@ pub fn decode(bytes: &[u8]) -> Res<Decoded> {
     }
     let mut pos = 2;
     loop {
-        // Find the next marker (skipping fill bytes).
-        while bytes.get(pos) == Some(&0xFF) && bytes.get(pos + 1) == Some(&0xFF) {
+        // Find the next marker: like libjpeg, skip extraneous bytes (a warning
+        // there, tolerated here) and 0xFF fill bytes.
+        while pos < bytes.len() && !(bytes[pos] == 0xFF && bytes.get(pos + 1).is_some_and(|&b| b != 0xFF && b != 0)) {
             pos += 1;
         }
         let (Some(&0xFF), Some(&marker)) = (bytes.get(pos), bytes.get(pos + 1)) else {

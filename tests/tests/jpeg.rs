@@ -65,3 +65,17 @@ fn corrupt_jpegs_never_panic() {
     eprintln!("{runs} corrupted inputs, {errors} rejected, the rest decoded");
     assert!(errors > 0 && runs >= 4000);
 }
+
+/// Extraneous bytes between segments (some encoders write them; libjpeg warns and goes on) change nothing.
+#[test]
+fn extraneous_bytes_before_a_marker_are_skipped() {
+    let bytes = std::fs::read(fixture("jpeg/q75_444.jpg")).unwrap();
+    let clean = ipaflux_core::jpeg::decode(&bytes).unwrap();
+    // Insert junk right after the APP0 (JFIF) segment, before the next marker.
+    let app0_len = usize::from(u16::from_be_bytes([bytes[4], bytes[5]]));
+    let at = 4 + app0_len;
+    let mut junk = bytes[..at].to_vec();
+    junk.extend_from_slice(&[0x00, 0x12, 0xFF, 0xFF]);
+    junk.extend_from_slice(&bytes[at..]);
+    assert_eq!(ipaflux_core::jpeg::decode(&junk).unwrap(), clean);
+}

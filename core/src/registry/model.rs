@@ -24,6 +24,17 @@ pub enum Role {
 }
 
 impl Role {
+    pub const ALL: [Role; 8] = [
+        Role::Diffusion,
+        Role::TextEncoder,
+        Role::Vae,
+        Role::ImageEncoder,
+        Role::Projection,
+        Role::IpProcessors,
+        Role::Cache,
+        Role::Other,
+    ];
+
     /// Image encoder, projection and IP processors: needed only until the image
     /// embeddings and per-block K/V exist.
     pub fn is_preprocessing(self) -> bool {
@@ -52,18 +63,8 @@ impl fmt::Display for Role {
 impl FromStr for Role {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        const ALL: [Role; 8] = [
-            Role::Diffusion,
-            Role::TextEncoder,
-            Role::Vae,
-            Role::ImageEncoder,
-            Role::Projection,
-            Role::IpProcessors,
-            Role::Cache,
-            Role::Other,
-        ];
-        ALL.into_iter().find(|r| r.name() == s).ok_or_else(|| {
-            let names: Vec<_> = ALL.iter().map(|r| r.name()).collect();
+        Role::ALL.into_iter().find(|r| r.name() == s).ok_or_else(|| {
+            let names: Vec<_> = Role::ALL.iter().map(|r| r.name()).collect();
             Error::Registry(format!("unknown role `{s}`; expected one of {}", names.join(", ")))
         })
     }

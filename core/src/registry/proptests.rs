@@ -47,16 +47,6 @@ fn action() -> impl Strategy<Value = Action> {
     ]
 }
 
-const ROLES: [Role; 8] = [
-    Role::Diffusion,
-    Role::TextEncoder,
-    Role::Vae,
-    Role::ImageEncoder,
-    Role::Projection,
-    Role::IpProcessors,
-    Role::Cache,
-    Role::Other,
-];
 const STATES: [VramState; 4] = [VramState::Normal, VramState::Low, VramState::NoVram, VramState::High];
 
 struct World {
@@ -83,7 +73,7 @@ impl World {
 fn step(w: &mut World, a: Action) -> Result<(), TestCaseError> {
     match a {
         Action::Register { mb, units, key, role, in_job } => {
-            let mut spec = ModelSpec::uniform("m", ROLES[role as usize % 8], GPU, mb * MB, units, "u");
+            let mut spec = ModelSpec::uniform("m", Role::ALL[role as usize % 8], GPU, mb * MB, units, "u");
             if let Some(k) = key {
                 // The same key always means the same size here, as for real files.
                 spec = ModelSpec::uniform("m", spec.role, GPU, (u64::from(k) + 1) * 10 * MB, units, "u");
