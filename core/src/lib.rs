@@ -25,6 +25,7 @@ pub mod kernels;
 pub mod nn;
 pub mod preprocess;
 pub mod registry;
+pub mod schedule;
 pub mod siglip;
 pub mod weights;
 

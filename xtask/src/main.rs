@@ -98,6 +98,7 @@ fn main() {
             let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
             run(&python, &["tests/reference/make_fixtures.py"]);
             run(&python, &["tests/reference/make_jpeg_fixtures.py"]);
+            run(&python, &["tests/reference/make_schedule_fixtures.py"]);
         }
         _ => {
             eprintln!("usage: cargo xtask <test|lint|fixtures>");
