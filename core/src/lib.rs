@@ -19,6 +19,7 @@
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod flux;
 pub mod ip_adapter;
 pub mod jpeg;
 pub mod kernels;

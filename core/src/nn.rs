@@ -36,14 +36,19 @@ impl Linear {
         self.weight_t.dtype()
     }
 
+    /// Weights stored in another dtype than `x` (fp8 checkpoints) are converted for this call only.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((lead, in_dim))?;
-        let mut y = x2.matmul(&self.weight_t)?;
+        let mut y = if self.weight_t.dtype() == x.dtype() {
+            x2.matmul(&self.weight_t)?
+        } else {
+            x2.matmul(&self.weight_t.to_dtype(x.dtype())?)?
+        };
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = if b.dtype() == y.dtype() { y.broadcast_add(b)? } else { y.broadcast_add(&b.to_dtype(y.dtype())?)? };
         }
         let mut out_shape = dims[..dims.len() - 1].to_vec();
         out_shape.push(self.weight_t.dim(1)?);
@@ -62,6 +67,15 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+    }
+
+    /// Without learned weight and bias (`elementwise_affine=False`): weight 1, bias 0, in f32.
+    pub fn no_affine(dim: usize, eps: f64, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            weight: Tensor::ones(dim, DType::F32, device)?,
+            bias: Tensor::zeros(dim, DType::F32, device)?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

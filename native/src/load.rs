@@ -37,7 +37,8 @@ pub fn resolve_model_dir(dir: &Path) -> Result<PathBuf> {
     if !dir.exists() {
         return Err(io_err(dir, "no such folder"));
     }
-    if dir.join("config.json").exists() {
+    let is_model = |d: &Path| d.join("config.json").exists() || d.join("model_index.json").exists();
+    if is_model(dir) {
         return Ok(dir.to_path_buf());
     }
     let snapshots = dir.join("snapshots");
@@ -45,7 +46,7 @@ pub fn resolve_model_dir(dir: &Path) -> Result<PathBuf> {
         let mut revs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&snapshots)
             .map_err(|e| io_err(&snapshots, e))?
             .filter_map(|e| e.ok())
-            .filter(|e| e.path().join("config.json").exists())
+            .filter(|e| is_model(&e.path()))
             .map(|e| (e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path()))
             .collect();
         revs.sort();
@@ -77,11 +78,17 @@ pub fn load_siglip_dir(dir: &Path) -> Result<SiglipFiles> {
     } else {
         PreprocessConfig::siglip(config.image_size)
     };
-    let single = dir.join("model.safetensors");
-    let index = dir.join("model.safetensors.index.json");
-    let weights = if single.exists() {
+    let weights = load_safetensors_in(&dir, "model")?;
+    Ok(SiglipFiles { dir, config, preprocess, weights })
+}
+
+/// `<stem>.safetensors`, or the shards listed in `<stem>.safetensors.index.json`, in `dir`.
+pub fn load_safetensors_in(dir: &Path, stem: &str) -> Result<TensorStore> {
+    let single = dir.join(format!("{stem}.safetensors"));
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
+    if single.exists() {
         let map = map_file(&single)?;
-        TensorStore::from_safetensors(&map, &single.display().to_string())?
+        Ok(TensorStore::from_safetensors(&map, &single.display().to_string())?)
     } else if index.exists() {
         let shards = shards_from_index_json(&read_text(&index)?, &index.display().to_string())?;
         let mut store = TensorStore::new(dir.display().to_string());
@@ -90,11 +97,55 @@ pub fn load_siglip_dir(dir: &Path) -> Result<SiglipFiles> {
             let map = map_file(&path)?;
             store.add_safetensors(&map, &path.display().to_string())?;
         }
-        store
+        Ok(store)
     } else {
-        return Err(io_err(&dir, "neither model.safetensors nor model.safetensors.index.json is here"));
+        Err(io_err(dir, format!("neither {stem}.safetensors nor {stem}.safetensors.index.json is here")))
+    }
+}
+
+/// A Flux transformer's weights and, from a diffusers `config.json`, its RoPE axes.
+pub struct FluxFiles {
+    pub weights: TensorStore,
+    pub axes_dim: Option<Vec<usize>>,
+}
+
+/// Loads Flux from a BFL single file (`flux1-dev.safetensors`, fp8 too), a
+/// diffusers `transformer/` folder, a repo folder holding either, or a Hugging
+/// Face cache entry of such a repo.
+pub fn load_flux(path: &Path) -> Result<FluxFiles> {
+    if path.is_file() {
+        let map = map_file(path)?;
+        return Ok(FluxFiles { weights: store_from_bytes(&map, &path.display().to_string())?, axes_dim: None });
+    }
+    let dir = resolve_model_dir(path)?;
+    let dir = if dir.join("transformer").is_dir() { dir.join("transformer") } else { dir };
+    let has = |stem: &str| {
+        dir.join(format!("{stem}.safetensors")).exists() || dir.join(format!("{stem}.safetensors.index.json")).exists()
     };
-    Ok(SiglipFiles { dir, config, preprocess, weights })
+    if has("diffusion_pytorch_model") {
+        let cfg_path = dir.join("config.json");
+        let axes_dim = if cfg_path.exists() {
+            let v: serde_json::Value = serde_json::from_str(&read_text(&cfg_path)?).map_err(|e| io_err(&cfg_path, e))?;
+            v.get("axes_dims_rope")
+                .and_then(|a| a.as_array())
+                .map(|a| a.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect())
+        } else {
+            None
+        };
+        return Ok(FluxFiles { weights: load_safetensors_in(&dir, "diffusion_pytorch_model")?, axes_dim });
+    }
+    // A BFL repo folder: the single file next to the README.
+    let single = std::fs::read_dir(&dir)
+        .map_err(|e| io_err(&dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("flux1") && n.ends_with(".safetensors")));
+    match single {
+        Some(p) => load_flux(&p),
+        None => Err(io_err(
+            &dir,
+            "no Flux weights here: expected transformer/diffusion_pytorch_model*.safetensors or flux1-*.safetensors",
+        )),
+    }
 }
 
 /// An IP-Adapter checkpoint: the InstantX `ip-adapter.bin` (PyTorch zip) or a flat safetensors, told apart by content.

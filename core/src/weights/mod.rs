@@ -48,6 +48,8 @@ impl TensorStore {
                 safetensors::Dtype::I64 => DType::I64,
                 safetensors::Dtype::U8 => DType::U8,
                 safetensors::Dtype::U32 => DType::U32,
+                // fp8 checkpoints (e.g. `flux1-dev-fp8`): kept as stored, upcast where used.
+                safetensors::Dtype::F8_E4M3 => DType::F8E4M3,
                 other => return Err(fmt_err(format!("tensor `{name}` has unsupported dtype {other:?}"))),
             };
             let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
@@ -126,6 +128,11 @@ impl TensorStore {
 
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
+    }
+
+    /// Removes and returns a tensor (models that rearrange weights take them out as they go).
+    pub fn take(&mut self, name: &str) -> Option<Tensor> {
+        self.tensors.remove(name)
     }
 
     /// Total bytes of all tensors as stored.

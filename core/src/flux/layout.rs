@@ -1,0 +1,260 @@
+//! The two checkpoint layouts of a Flux transformer, mapped onto one set of
+//! canonical (BFL) tensor names.
+//!
+//! - **BFL** single file (`flux1-dev.safetensors`, also under ComfyUI's
+//!   `model.diffusion_model.` prefix): `double_blocks.N.img_attn.qkv.weight`, ...
+//! - **diffusers** folder (`transformer/diffusion_pytorch_model-*.safetensors`):
+//!   `transformer_blocks.N.attn.to_q.weight`, ...; Q, K, V (and the single
+//!   blocks' MLP input) are separate tensors that BFL stores concatenated, and
+//!   the final modulation stores (scale, shift) where BFL stores (shift, scale).
+//!
+//! The mapping follows diffusers' `convert_flux_transformer_checkpoint_to_diffusers`,
+//! read backwards. Everything is checked (all problems at once) before any
+//! tensor is rearranged.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use candle_core::Tensor;
+
+use super::config::InferredSizes;
+use crate::error::{Error, Result, TensorProblem};
+use crate::weights::TensorStore;
+
+/// Which naming a Flux checkpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FluxLayout {
+    Bfl,
+    Diffusers,
+}
+
+/// ComfyUI's full-checkpoint prefix for the diffusion model.
+const COMFY_PREFIX: &str = "model.diffusion_model.";
+
+impl FluxLayout {
+    /// Tells the layout from the tensor names; strips ComfyUI's prefix (dropping
+    /// the VAE and text encoders such a file also holds).
+    pub fn detect(store: TensorStore) -> Result<(Self, TensorStore)> {
+        let store = if store.names().any(|n| n.starts_with(COMFY_PREFIX)) {
+            store.filter_rename(|n| n.strip_prefix(COMFY_PREFIX).map(str::to_string))
+        } else {
+            store
+        };
+        if store.names().any(|n| n.starts_with("scaled_fp8") || n.ends_with(".scale_weight")) {
+            return Err(Error::Unsupported(format!(
+                "{}: ComfyUI's scaled-fp8 Flux files are not supported; use the plain fp8-e4m3, bf16 or fp16 file",
+                store.source_name
+            )));
+        }
+        let layout = if store.names().any(|n| n.starts_with("double_blocks.") || n == "img_in.weight") {
+            Self::Bfl
+        } else if store.names().any(|n| n.starts_with("transformer_blocks.") || n == "x_embedder.weight") {
+            Self::Diffusers
+        } else {
+            return Err(Error::Format {
+                source_name: store.source_name.clone(),
+                format: "Flux transformer",
+                reason: "neither BFL (`double_blocks.*`, `img_in.*`) nor diffusers (`transformer_blocks.*`, \
+                         `x_embedder.*`) tensor names found"
+                    .into(),
+            });
+        };
+        Ok((layout, store))
+    }
+
+    /// The tensors (and the rows of each, along dim 0) that hold canonical `name`, in order.
+    fn sources(self, name: &str, hidden: usize, mlp: usize) -> Vec<(String, usize)> {
+        if self == Self::Bfl {
+            return vec![(name.to_string(), 0)];
+        }
+        let (stem, leaf) = match name.rsplit_once('.') {
+            Some((s, l)) if l == "weight" || l == "bias" => (s, Some(l)),
+            _ => (name, None),
+        };
+        let join = |p: &str| leaf.map_or_else(|| p.to_string(), |l| format!("{p}.{l}"));
+        let one = |p: &str| vec![(join(p), 0)];
+        let mut parts = stem.splitn(3, '.');
+        let (a, b, c) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        match (a, b, c) {
+            ("double_blocks", i, rest) => {
+                let p = |s: &str| format!("transformer_blocks.{i}.{s}");
+                let qkv = |names: [&str; 3]| names.iter().map(|s| (join(&p(s)), hidden)).collect();
+                match rest {
+                    "img_mod.lin" => one(&p("norm1.linear")),
+                    "txt_mod.lin" => one(&p("norm1_context.linear")),
+                    "img_attn.qkv" => qkv(["attn.to_q", "attn.to_k", "attn.to_v"]),
+                    "img_attn.norm.query_norm.scale" => one(&p("attn.norm_q.weight")),
+                    "img_attn.norm.key_norm.scale" => one(&p("attn.norm_k.weight")),
+                    "img_attn.proj" => one(&p("attn.to_out.0")),
+                    "txt_attn.qkv" => qkv(["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
+                    "txt_attn.norm.query_norm.scale" => one(&p("attn.norm_added_q.weight")),
+                    "txt_attn.norm.key_norm.scale" => one(&p("attn.norm_added_k.weight")),
+                    "txt_attn.proj" => one(&p("attn.to_add_out")),
+                    "img_mlp.0" => one(&p("ff.net.0.proj")),
+                    "img_mlp.2" => one(&p("ff.net.2")),
+                    "txt_mlp.0" => one(&p("ff_context.net.0.proj")),
+                    "txt_mlp.2" => one(&p("ff_context.net.2")),
+                    _ => one(name),
+                }
+            }
+            ("single_blocks", i, rest) => {
+                let p = |s: &str| format!("single_transformer_blocks.{i}.{s}");
+                match rest {
+                    "linear1" => ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+                        .iter()
+                        .zip([hidden, hidden, hidden, mlp])
+                        .map(|(s, rows)| (join(&p(s)), rows))
+                        .collect(),
+                    "linear2" => one(&p("proj_out")),
+                    "norm.query_norm.scale" => one(&p("attn.norm_q.weight")),
+                    "norm.key_norm.scale" => one(&p("attn.norm_k.weight")),
+                    "modulation.lin" => one(&p("norm.linear")),
+                    _ => one(name),
+                }
+            }
+            _ => match stem {
+                "img_in" => one("x_embedder"),
+                "txt_in" => one("context_embedder"),
+                "time_in.in_layer" => one("time_text_embed.timestep_embedder.linear_1"),
+                "time_in.out_layer" => one("time_text_embed.timestep_embedder.linear_2"),
+                "vector_in.in_layer" => one("time_text_embed.text_embedder.linear_1"),
+                "vector_in.out_layer" => one("time_text_embed.text_embedder.linear_2"),
+                "guidance_in.in_layer" => one("time_text_embed.guidance_embedder.linear_1"),
+                "guidance_in.out_layer" => one("time_text_embed.guidance_embedder.linear_2"),
+                "final_layer.linear" => one("proj_out"),
+                "final_layer.adaLN_modulation.1" => one("norm_out.linear"),
+                _ => one(name),
+            },
+        }
+    }
+
+    /// diffusers' `AdaLayerNormContinuous` stores (scale, shift); BFL (shift, scale).
+    fn swaps_halves(self, name: &str) -> bool {
+        self == Self::Diffusers && name.starts_with("final_layer.adaLN_modulation.1.")
+    }
+
+    fn source_name(self, name: &str) -> String {
+        self.sources(name, 0, 0).into_iter().next().map_or_else(|| name.to_string(), |(n, _)| n)
+    }
+
+    /// Sizes from tensor shapes; the ones every Flux has are required.
+    pub fn infer(self, store: &TensorStore) -> Result<InferredSizes> {
+        let shape = |name: &str| -> Result<Vec<usize>> {
+            let src = self.source_name(name);
+            store.get(&src).map(|t| t.dims().to_vec()).ok_or_else(|| Error::Checkpoint {
+                source_name: store.source_name.clone(),
+                problems: vec![TensorProblem::Missing { name: src, expected: vec![] }],
+            })
+        };
+        let dim = |name: &str, i: usize| -> Result<usize> {
+            let s = shape(name)?;
+            s.get(i).copied().ok_or_else(|| {
+                Error::Shape(format!("{}: `{}` has shape {s:?}", store.source_name, self.source_name(name)))
+            })
+        };
+        let count = |prefix: &str| -> usize {
+            let idx: BTreeSet<usize> = store
+                .names()
+                .filter_map(|n| n.strip_prefix(prefix)?.split('.').next()?.parse().ok())
+                .collect();
+            idx.iter().next_back().map_or(0, |m| m + 1)
+        };
+        let (double_prefix, single_prefix) = match self {
+            Self::Bfl => ("double_blocks.", "single_blocks."),
+            Self::Diffusers => ("transformer_blocks.", "single_transformer_blocks."),
+        };
+        let depth = count(double_prefix);
+        let depth_single = count(single_prefix);
+        let hidden_size = dim("img_in.weight", 0)?;
+        let (mlp_hidden, head_dim) = if depth > 0 {
+            (dim("double_blocks.0.img_mlp.0.weight", 0)?, dim("double_blocks.0.img_attn.norm.query_norm.scale", 0)?)
+        } else {
+            let rows = match self {
+                Self::Bfl => dim("single_blocks.0.linear1.weight", 0)?.saturating_sub(3 * hidden_size),
+                Self::Diffusers => dim_of(store, "single_transformer_blocks.0.proj_mlp.weight", 0).unwrap_or(0),
+            };
+            (rows, dim("single_blocks.0.norm.query_norm.scale", 0)?)
+        };
+        Ok(InferredSizes {
+            in_channels: dim("img_in.weight", 1)?,
+            out_channels: dim("final_layer.linear.weight", 0)?,
+            vec_in_dim: dim("vector_in.in_layer.weight", 1)?,
+            context_in_dim: dim("txt_in.weight", 1)?,
+            hidden_size,
+            mlp_hidden,
+            head_dim,
+            depth,
+            depth_single,
+            guidance_embed: store.get(&self.source_name("guidance_in.in_layer.weight")).is_some(),
+        })
+    }
+
+    /// Checks every tensor the model needs (names in this layout, shapes) and
+    /// that nothing else is there; all problems in one error. Then builds the
+    /// canonical tensors, concatenating and reordering as needed.
+    pub fn canonicalize(
+        self,
+        mut store: TensorStore,
+        canonical: &[(String, Vec<usize>)],
+        hidden: usize,
+        mlp: usize,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let mut expected = Vec::new();
+        for (name, shape) in canonical {
+            for (src, rows) in self.sources(name, hidden, mlp) {
+                let mut s = shape.clone();
+                if rows > 0 {
+                    s[0] = rows;
+                }
+                expected.push((src, s));
+            }
+        }
+        store.validate(&expected)?;
+        let mut out = BTreeMap::new();
+        for (name, _) in canonical {
+            let mut parts = Vec::new();
+            for (src, _) in self.sources(name, hidden, mlp) {
+                parts.push(store.take(&src).ok_or_else(|| Error::Checkpoint {
+                    source_name: store.source_name.clone(),
+                    problems: vec![TensorProblem::Missing { name: src, expected: vec![] }],
+                })?);
+            }
+            let t = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 0)? };
+            let t = if self.swaps_halves(name) {
+                let n = t.dim(0)? / 2;
+                Tensor::cat(&[t.narrow(0, n, n)?, t.narrow(0, 0, n)?], 0)?
+            } else {
+                t
+            };
+            out.insert(name.clone(), t);
+        }
+        Ok(out)
+    }
+}
+
+fn dim_of(store: &TensorStore, name: &str, i: usize) -> Option<usize> {
+    store.get(name).and_then(|t| t.dims().get(i).copied())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diffusers_names_follow_the_converter() {
+        let d = FluxLayout::Diffusers;
+        let names = |n: &str| d.sources(n, 8, 32).into_iter().collect::<Vec<_>>();
+        assert_eq!(
+            names("double_blocks.3.img_attn.qkv.bias"),
+            vec![
+                ("transformer_blocks.3.attn.to_q.bias".to_string(), 8),
+                ("transformer_blocks.3.attn.to_k.bias".to_string(), 8),
+                ("transformer_blocks.3.attn.to_v.bias".to_string(), 8)
+            ]
+        );
+        assert_eq!(names("single_blocks.0.linear1.weight")[3], ("single_transformer_blocks.0.proj_mlp.weight".into(), 32));
+        assert_eq!(names("double_blocks.0.txt_attn.norm.key_norm.scale")[0].0, "transformer_blocks.0.attn.norm_added_k.weight");
+        assert_eq!(names("final_layer.adaLN_modulation.1.weight")[0].0, "norm_out.linear.weight");
+        assert!(d.swaps_halves("final_layer.adaLN_modulation.1.bias"));
+        assert!(!FluxLayout::Bfl.swaps_halves("final_layer.adaLN_modulation.1.bias"));
+    }
+}

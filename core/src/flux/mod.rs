@@ -1,0 +1,25 @@
+//! FLUX.1 transformer with typed attention hooks, the IP-Adapter as one such
+//! hook, and flow-matching sampling.
+//!
+//! - [`config`]: sizes (dev/schnell presets, inferred from checkpoints);
+//! - [`layout`]: BFL and diffusers checkpoint layouts → one canonical naming;
+//! - [`model`]: the transformer (double and single blocks, RoPE, modulation);
+//! - [`hooks`]: where adapters enter a block, and with what;
+//! - [`ip`]: the InstantX IP-Adapter hook (weights, sigma window, ramp, per-block weights, several images);
+//! - [`sampler`]: seeded noise, packing, Euler.
+//!
+//! Not here: text encoders, the VAE, file IO, device placement (the caller,
+//! with the memory registry, decides where weights live).
+
+pub mod config;
+pub mod hooks;
+pub mod ip;
+pub mod layout;
+pub mod model;
+pub mod sampler;
+
+pub use config::FluxConfig;
+pub use hooks::{AttentionHook, HookPoint, Hooks, Site};
+pub use ip::{IpAdapterHook, IpHookConfig, IpImage, IpWeight};
+pub use layout::FluxLayout;
+pub use model::{Conditioning, FluxModel};

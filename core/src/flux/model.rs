@@ -1,0 +1,481 @@
+//! The Flux transformer (MMDiT): double-stream blocks over text and image
+//! tokens, then single-stream blocks over both, with AdaLN modulation from
+//! the timestep, guidance and pooled text vector, and 3-axis RoPE.
+//!
+//! Written after BFL's reference (`flux/model.py`, `flux/modules/layers.py`)
+//! and checked against diffusers' `FluxTransformer2DModel`. Field names mirror
+//! BFL's checkpoint keys. Norms, RoPE and softmax compute in f32; matmuls in
+//! the model dtype. fp8-e4m3 weights stay fp8 in memory and are upcast to the
+//! model dtype by each layer as it runs.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use super::config::FluxConfig;
+use super::hooks::{HookPoint, Hooks, Site};
+use super::layout::FluxLayout;
+use crate::error::{Error, Result};
+use crate::nn::{rms_norm, sdpa, Activation, LayerNorm, Linear};
+use crate::weights::TensorStore;
+
+/// QK RMSNorm epsilon (BFL's `RMSNorm`).
+const QK_NORM_EPS: f64 = 1e-6;
+/// Epsilon of the affine-free LayerNorms.
+const LN_EPS: f64 = 1e-6;
+/// Width of the sinusoidal timestep / guidance embedding.
+const TIME_EMBED_DIM: usize = 256;
+/// BFL's `time_factor`: timesteps in [0, 1] are scaled to [0, 1000].
+const TIME_FACTOR: f32 = 1000.0;
+
+/// Tensors by canonical name, converted to the model dtype on the model device as they are taken.
+struct Weights {
+    map: BTreeMap<String, Tensor>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Weights {
+    fn get(&self, name: &str) -> Result<Tensor> {
+        let t = self.map.get(name).ok_or_else(|| Error::Shape(format!("Flux weight `{name}` was not prepared")))?;
+        let t = t.to_device(&self.device)?;
+        // fp8 stays fp8: each layer upcasts it when it runs.
+        Ok(if t.dtype() == DType::F8E4M3 { t } else { t.to_dtype(self.dtype)? })
+    }
+
+    fn linear(&self, prefix: &str) -> Result<Linear> {
+        Linear::from_parts(self.get(&format!("{prefix}.weight"))?, Some(self.get(&format!("{prefix}.bias"))?))
+    }
+}
+
+/// Every canonical (BFL) tensor of a model with this config, with its shape.
+pub fn canonical_tensors(cfg: &FluxConfig) -> Vec<(String, Vec<usize>)> {
+    let h = cfg.hidden_size;
+    let mut v: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut lin = |name: String, out: usize, inp: usize| {
+        v.push((format!("{name}.weight"), vec![out, inp]));
+        v.push((format!("{name}.bias"), vec![out]));
+    };
+    lin("img_in".into(), h, cfg.in_channels);
+    lin("time_in.in_layer".into(), h, TIME_EMBED_DIM);
+    lin("time_in.out_layer".into(), h, h);
+    lin("vector_in.in_layer".into(), h, cfg.vec_in_dim);
+    lin("vector_in.out_layer".into(), h, h);
+    if cfg.guidance_embed {
+        lin("guidance_in.in_layer".into(), h, TIME_EMBED_DIM);
+        lin("guidance_in.out_layer".into(), h, h);
+    }
+    lin("txt_in".into(), h, cfg.context_in_dim);
+    for i in 0..cfg.depth {
+        for s in ["img", "txt"] {
+            let p = format!("double_blocks.{i}.{s}");
+            lin(format!("{p}_mod.lin"), 6 * h, h);
+            lin(format!("{p}_attn.qkv"), 3 * h, h);
+            lin(format!("{p}_attn.proj"), h, h);
+            lin(format!("{p}_mlp.0"), cfg.mlp_hidden, h);
+            lin(format!("{p}_mlp.2"), h, cfg.mlp_hidden);
+        }
+    }
+    for i in 0..cfg.depth_single {
+        let p = format!("single_blocks.{i}");
+        lin(format!("{p}.linear1"), 3 * h + cfg.mlp_hidden, h);
+        lin(format!("{p}.linear2"), h, h + cfg.mlp_hidden);
+        lin(format!("{p}.modulation.lin"), 3 * h, h);
+    }
+    lin("final_layer.adaLN_modulation.1".into(), 2 * h, h);
+    lin("final_layer.linear".into(), cfg.out_channels, h);
+    let d = cfg.head_dim();
+    for i in 0..cfg.depth {
+        for s in ["img", "txt"] {
+            for n in ["query", "key"] {
+                v.push((format!("double_blocks.{i}.{s}_attn.norm.{n}_norm.scale"), vec![d]));
+            }
+        }
+    }
+    for i in 0..cfg.depth_single {
+        for n in ["query", "key"] {
+            v.push((format!("single_blocks.{i}.norm.{n}_norm.scale"), vec![d]));
+        }
+    }
+    v
+}
+
+/// `in_layer → SiLU → out_layer` (BFL's `MLPEmbedder`).
+#[derive(Debug, Clone)]
+struct MlpEmbedder {
+    in_layer: Linear,
+    out_layer: Linear,
+}
+
+impl MlpEmbedder {
+    fn new(w: &Weights, p: &str) -> Result<Self> {
+        Ok(Self { in_layer: w.linear(&format!("{p}.in_layer"))?, out_layer: w.linear(&format!("{p}.out_layer"))? })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.out_layer.forward(&self.in_layer.forward(x)?.silu()?)
+    }
+}
+
+/// RMSNorm over the head size with a learned scale (BFL's `QKNorm`).
+#[derive(Debug, Clone)]
+struct QkNorm {
+    query_norm: Tensor,
+    key_norm: Tensor,
+}
+
+impl QkNorm {
+    fn new(w: &Weights, p: &str) -> Result<Self> {
+        Ok(Self {
+            query_norm: w.get(&format!("{p}.query_norm.scale"))?,
+            key_norm: w.get(&format!("{p}.key_norm.scale"))?,
+        })
+    }
+
+    fn forward(&self, q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
+        let norm = |x: &Tensor, scale: &Tensor| -> Result<Tensor> {
+            Ok(rms_norm(x, QK_NORM_EPS)?.broadcast_mul(&scale.to_dtype(x.dtype())?)?)
+        };
+        Ok((norm(q, &self.query_norm)?, norm(k, &self.key_norm)?))
+    }
+}
+
+/// Shift, scale and gate of one modulated sub-layer, each `[B, 1, hidden]`.
+#[derive(Debug, Clone)]
+struct Mod {
+    shift: Tensor,
+    scale: Tensor,
+    gate: Tensor,
+}
+
+impl Mod {
+    /// `(1 + scale) · x + shift`.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.broadcast_mul(&(&self.scale + 1.0)?)?.broadcast_add(&self.shift)?)
+    }
+}
+
+/// `lin(SiLU(vec))` cut into `n` groups of (shift, scale, gate).
+fn modulation(lin: &Linear, vec: &Tensor, n: usize) -> Result<Vec<Mod>> {
+    let out = lin.forward(&vec.silu()?)?.unsqueeze(1)?;
+    let chunks = out.chunk(3 * n, D::Minus1)?;
+    Ok(chunks.chunks(3).map(|c| Mod { shift: c[0].clone(), scale: c[1].clone(), gate: c[2].clone() }).collect())
+}
+
+/// `[B, L, 3·H·D]` → three `[B, H, L, D]`.
+fn split_qkv(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, l, n) = qkv.dims3()?;
+    let d = n / (3 * heads);
+    let qkv = qkv.reshape((b, l, 3, heads, d))?;
+    let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous()?) };
+    Ok((part(0)?, part(1)?, part(2)?))
+}
+
+/// RoPE tables for every token, `[L, D/2]` cos and sin in f32.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// From token positions `ids [L, axes]` (text tokens first, as the model sees them).
+    /// Angles in f64 as BFL's `rope`, then f32.
+    pub fn new(ids: &[[f32; 3]], axes_dim: &[usize], theta: f64, device: &Device) -> Result<Self> {
+        let half: usize = axes_dim.iter().sum::<usize>() / 2;
+        let mut cos = Vec::with_capacity(ids.len() * half);
+        let mut sin = Vec::with_capacity(ids.len() * half);
+        for pos in ids {
+            for (axis, &dim) in axes_dim.iter().enumerate() {
+                let p = f64::from(pos.get(axis).copied().unwrap_or(0.0));
+                for j in 0..dim / 2 {
+                    let omega = 1.0 / theta.powf((2 * j) as f64 / dim as f64);
+                    let a = p * omega;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+        }
+        let n = ids.len();
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (n, half, 1), device)?,
+            sin: Tensor::from_vec(sin, (n, half, 1), device)?,
+        })
+    }
+
+    /// Rotates consecutive pairs of `x [B, H, L, D]`: (a, b) → (a·cos − b·sin, a·sin + b·cos).
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, l, d) = x.dims4()?;
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?.reshape((b, h, l, d / 2, 2))?;
+        let x0 = x.narrow(4, 0, 1)?;
+        let x1 = x.narrow(4, 1, 1)?;
+        let o0 = (x0.broadcast_mul(&self.cos)? - x1.broadcast_mul(&self.sin)?)?;
+        let o1 = (x0.broadcast_mul(&self.sin)? + x1.broadcast_mul(&self.cos)?)?;
+        Ok(Tensor::cat(&[o0, o1], 4)?.reshape((b, h, l, d))?.to_dtype(dtype)?)
+    }
+}
+
+/// RoPE on q and k, SDPA, heads merged: `[B, L, H·D]`.
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Result<Tensor> {
+    let (q, k) = (rope.apply(q)?, rope.apply(k)?);
+    let (b, h, l, d) = q.dims4()?;
+    Ok(sdpa(&q, &k, v)?.transpose(1, 2)?.reshape((b, l, h * d))?)
+}
+
+/// One stream (image or text) of a double block.
+#[derive(Debug, Clone)]
+struct Stream {
+    modulation: Linear,
+    qkv: Linear,
+    norm: QkNorm,
+    proj: Linear,
+    mlp_0: Linear,
+    mlp_2: Linear,
+}
+
+impl Stream {
+    fn new(w: &Weights, p: &str) -> Result<Self> {
+        Ok(Self {
+            modulation: w.linear(&format!("{p}_mod.lin"))?,
+            qkv: w.linear(&format!("{p}_attn.qkv"))?,
+            norm: QkNorm::new(w, &format!("{p}_attn.norm"))?,
+            proj: w.linear(&format!("{p}_attn.proj"))?,
+            mlp_0: w.linear(&format!("{p}_mlp.0"))?,
+            mlp_2: w.linear(&format!("{p}_mlp.2"))?,
+        })
+    }
+
+    /// Modulation and normed Q, K, V of this stream.
+    fn qkv(&self, x: &Tensor, vec: &Tensor, ln: &LayerNorm, heads: usize) -> Result<(Vec<Mod>, [Tensor; 3])> {
+        let mods = modulation(&self.modulation, vec, 2)?;
+        let (q, k, v) = split_qkv(&self.qkv.forward(&mods[0].apply(&ln.forward(x)?)?)?, heads)?;
+        let (q, k) = self.norm.forward(&q, &k)?;
+        Ok((mods, [q, k, v]))
+    }
+
+    /// Residual updates after attention.
+    fn finish(&self, x: &Tensor, attn: &Tensor, mods: &[Mod], ln: &LayerNorm) -> Result<Tensor> {
+        let x = (x + self.proj.forward(attn)?.broadcast_mul(&mods[0].gate)?)?;
+        let mlp = self.mlp_0.forward(&mods[1].apply(&ln.forward(&x)?)?)?;
+        let mlp = self.mlp_2.forward(&Activation::GeluTanh.forward(&mlp)?)?;
+        Ok((&x + mlp.broadcast_mul(&mods[1].gate)?)?)
+    }
+}
+
+/// A double-stream block: text and image keep separate weights and attend jointly.
+#[derive(Debug, Clone)]
+pub struct DoubleBlock {
+    img: Stream,
+    txt: Stream,
+}
+
+/// A single-stream block over the concatenated text and image tokens.
+#[derive(Debug, Clone)]
+pub struct SingleBlock {
+    linear1: Linear,
+    linear2: Linear,
+    norm: QkNorm,
+    modulation: Linear,
+}
+
+/// What one model call needs besides the image tokens.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// T5 tokens `[B, L_txt, context_in_dim]`.
+    pub txt: Tensor,
+    /// Pooled CLIP vector `[B, vec_in_dim]`.
+    pub y: Tensor,
+    /// Distilled guidance (dev only; ignored by schnell).
+    pub guidance: Option<f32>,
+}
+
+/// Per-call state shared by every block.
+struct Ctx<'a> {
+    vec: &'a Tensor,
+    rope: &'a Rope,
+    ln: &'a LayerNorm,
+    hooks: Hooks<'a>,
+    point: HookPoint,
+}
+
+/// A Flux transformer with its weights on one device.
+#[derive(Debug, Clone)]
+pub struct FluxModel {
+    pub cfg: FluxConfig,
+    pub dtype: DType,
+    img_in: Linear,
+    time_in: MlpEmbedder,
+    vector_in: MlpEmbedder,
+    guidance_in: Option<MlpEmbedder>,
+    txt_in: Linear,
+    pub double_blocks: Vec<DoubleBlock>,
+    pub single_blocks: Vec<SingleBlock>,
+    final_mod: Linear,
+    final_linear: Linear,
+    ln: LayerNorm,
+    device: Device,
+}
+
+/// BFL's `timestep_embedding`: `[cos(t·f), sin(t·f)]`, `f_j = 10000^(−j/half)`, t scaled by 1000, in f32.
+/// `t` is first rounded to the model dtype, as both references pass it in that dtype.
+pub fn timestep_embedding(t: &[f32], dtype: DType, device: &Device) -> Result<Tensor> {
+    let half = TIME_EMBED_DIM / 2;
+    let t = Tensor::new(t, device)?.to_dtype(dtype)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let log_period = (10_000f32).ln();
+    let freqs: Vec<f32> = (0..half).map(|j| ((-log_period * j as f32) / half as f32).exp()).collect();
+    let mut out = Vec::with_capacity(t.len() * TIME_EMBED_DIM);
+    for ti in &t {
+        let ti = ti * TIME_FACTOR;
+        out.extend(freqs.iter().map(|f| (ti * f).cos()));
+        out.extend(freqs.iter().map(|f| (ti * f).sin()));
+    }
+    Ok(Tensor::from_vec(out, (t.len(), TIME_EMBED_DIM), device)?.to_dtype(dtype)?)
+}
+
+impl FluxModel {
+    /// Loads either layout (see [`FluxLayout`]): infers the sizes, validates
+    /// every tensor, rearranges to BFL's layout, converts to `dtype` (fp8 kept).
+    /// `axes_dim` is needed only for head sizes other than FLUX.1's 128.
+    pub fn from_store(store: TensorStore, axes_dim: Option<Vec<usize>>, dtype: DType, device: &Device) -> Result<Self> {
+        let (layout, store) = FluxLayout::detect(store)?;
+        let cfg = layout.infer(&store)?.into_config(axes_dim)?;
+        let map = layout.canonicalize(store, &canonical_tensors(&cfg), cfg.hidden_size, cfg.mlp_hidden)?;
+        tracing::debug!(target: "ipaflux::flux", ?layout, depth = cfg.depth, single = cfg.depth_single, "loaded Flux");
+        Self::from_canonical(cfg, map, dtype, device)
+    }
+
+    /// Builds from canonical tensors (already validated against `cfg`).
+    pub fn from_canonical(cfg: FluxConfig, map: BTreeMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
+        cfg.check()?;
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::Unsupported(format!("Flux compute dtype must be f32, bf16 or f16, not {dtype:?}")));
+        }
+        let w = Weights { map, dtype, device: device.clone() };
+        let double_blocks = (0..cfg.depth)
+            .map(|i| {
+                let p = format!("double_blocks.{i}");
+                Ok(DoubleBlock { img: Stream::new(&w, &format!("{p}.img"))?, txt: Stream::new(&w, &format!("{p}.txt"))? })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let single_blocks = (0..cfg.depth_single)
+            .map(|i| {
+                let p = format!("single_blocks.{i}");
+                Ok(SingleBlock {
+                    linear1: w.linear(&format!("{p}.linear1"))?,
+                    linear2: w.linear(&format!("{p}.linear2"))?,
+                    norm: QkNorm::new(&w, &format!("{p}.norm"))?,
+                    modulation: w.linear(&format!("{p}.modulation.lin"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            img_in: w.linear("img_in")?,
+            time_in: MlpEmbedder::new(&w, "time_in")?,
+            vector_in: MlpEmbedder::new(&w, "vector_in")?,
+            guidance_in: if cfg.guidance_embed { Some(MlpEmbedder::new(&w, "guidance_in")?) } else { None },
+            txt_in: w.linear("txt_in")?,
+            double_blocks,
+            single_blocks,
+            final_mod: w.linear("final_layer.adaLN_modulation.1")?,
+            final_linear: w.linear("final_layer.linear")?,
+            ln: LayerNorm::no_affine(cfg.hidden_size, LN_EPS, device)?,
+            device: device.clone(),
+            dtype,
+            cfg,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Predicts the flow velocity for packed latents `img [B, L_img, in_channels]`
+    /// at positions `img_ids` (`[row, col]` per token; text positions are 0) and
+    /// timestep `sigma`. `step` numbers the sampler step for the hooks.
+    pub fn forward(
+        &self,
+        img: &Tensor,
+        img_ids: &[[f32; 3]],
+        cond: &Conditioning,
+        sigma: f64,
+        step: usize,
+        hooks: Hooks<'_>,
+    ) -> Result<Tensor> {
+        let (b, l_img, c) = img.dims3()?;
+        let l_txt = cond.txt.dim(1)?;
+        if c != self.cfg.in_channels || img_ids.len() != l_img {
+            return Err(Error::Shape(format!(
+                "latents [{b}, {l_img}, {c}] with {} positions for a model of {} input channels",
+                img_ids.len(),
+                self.cfg.in_channels
+            )));
+        }
+        let dt = self.dtype;
+        let img = self.img_in.forward(&img.to_dtype(dt)?)?;
+        let mut vec = self.time_in.forward(&timestep_embedding(&vec![sigma as f32; b], dt, &self.device)?)?;
+        if let Some(g_in) = &self.guidance_in {
+            let g = cond.guidance.ok_or_else(|| {
+                Error::Unsupported("this Flux model has a guidance embedding (dev): give a guidance value".into())
+            })?;
+            vec = (vec + g_in.forward(&timestep_embedding(&vec![g; b], dt, &self.device)?)?)?;
+        }
+        let vec = (vec + self.vector_in.forward(&cond.y.to_dtype(dt)?)?)?;
+        let txt = self.txt_in.forward(&cond.txt.to_dtype(dt)?)?;
+
+        let ids: Vec<[f32; 3]> = std::iter::repeat_n([0.0; 3], l_txt).chain(img_ids.iter().copied()).collect();
+        let rope = Rope::new(&ids, &self.cfg.axes_dim, self.cfg.theta, &self.device)?;
+        let point = HookPoint { site: Site::Double { index: 0 }, depth: self.cfg.depth, sigma, step, txt_len: l_txt };
+        let ctx = Ctx { vec: &vec, rope: &rope, ln: &self.ln, hooks, point };
+
+        let (mut img, mut txt) = (img, txt);
+        for (index, block) in self.double_blocks.iter().enumerate() {
+            (img, txt) = block.forward(&img, &txt, &ctx, index, self.cfg.num_heads)?;
+        }
+        let mut x = Tensor::cat(&[&txt, &img], 1)?;
+        for (index, block) in self.single_blocks.iter().enumerate() {
+            x = block.forward(&x, &ctx, index, &self.cfg)?;
+        }
+        let img = x.narrow(1, l_txt, l_img)?;
+        let m = self.final_mod.forward(&vec.silu()?)?.unsqueeze(1)?.chunk(2, D::Minus1)?;
+        let img = self.ln.forward(&img)?.broadcast_mul(&(&m[1] + 1.0)?)?.broadcast_add(&m[0])?;
+        self.final_linear.forward(&img)
+    }
+}
+
+impl DoubleBlock {
+    fn forward(&self, img: &Tensor, txt: &Tensor, ctx: &Ctx, index: usize, heads: usize) -> Result<(Tensor, Tensor)> {
+        let ln = ctx.ln;
+        let (img_mods, [img_q, img_k, img_v]) = self.img.qkv(img, ctx.vec, ln, heads)?;
+        let (txt_mods, [txt_q, txt_k, txt_v]) = self.txt.qkv(txt, ctx.vec, ln, heads)?;
+        let q = Tensor::cat(&[&txt_q, &img_q], 2)?;
+        let k = Tensor::cat(&[&txt_k, &img_k], 2)?;
+        let v = Tensor::cat(&[&txt_v, &img_v], 2)?;
+        let attn = attention(&q, &k, &v, ctx.rope)?;
+        let l_txt = txt.dim(1)?;
+        let txt_attn = attn.narrow(1, 0, l_txt)?;
+        let img_attn = attn.narrow(1, l_txt, img.dim(1)?)?.contiguous()?;
+        let point = HookPoint { site: Site::Double { index }, ..ctx.point };
+        let img_attn = ctx.hooks.apply(&point, &img_q, img_attn)?;
+        let img = self.img.finish(img, &img_attn, &img_mods, ln)?;
+        let txt = self.txt.finish(txt, &txt_attn.contiguous()?, &txt_mods, ln)?;
+        Ok((img, txt))
+    }
+}
+
+impl SingleBlock {
+    fn forward(&self, x: &Tensor, ctx: &Ctx, index: usize, cfg: &FluxConfig) -> Result<Tensor> {
+        let h = cfg.hidden_size;
+        let m = modulation(&self.modulation, ctx.vec, 1)?;
+        let lin1 = self.linear1.forward(&m[0].apply(&ctx.ln.forward(x)?)?)?;
+        let (q, k, v) = split_qkv(&lin1.narrow(2, 0, 3 * h)?, cfg.num_heads)?;
+        let mlp = lin1.narrow(2, 3 * h, cfg.mlp_hidden)?;
+        let (q, k) = self.norm.forward(&q, &k)?;
+        let attn = attention(&q, &k, &v, ctx.rope)?;
+        let point = HookPoint { site: Site::Single { index }, ..ctx.point };
+        let attn = ctx.hooks.apply(&point, &q, attn)?;
+        let mlp = Activation::GeluTanh.forward(&mlp.contiguous()?)?;
+        let out = self.linear2.forward(&Tensor::cat(&[&attn, &mlp], 2)?)?;
+        Ok((x + out.broadcast_mul(&m[0].gate)?)?)
+    }
+}

@@ -1,0 +1,180 @@
+//! Flow-matching Euler sampling for Flux: seeded noise, latent packing into
+//! 2×2 patches and token positions (after BFL's `sampling.py`), and the loop
+//! `x ← x + (σₙ₊₁ − σₙ) · v(x, σₙ)` over the time-shifted schedule
+//! ([`crate::schedule::flux_schedule`]). Latents stay f32 between steps
+//! (diffusers' scheduler upcasts the same way); the model runs in its dtype.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::hooks::Hooks;
+use super::model::{Conditioning, FluxModel};
+use crate::error::{Error, Result};
+
+/// VAE downsampling × patch size: width and height must be multiples of this.
+pub const PIXELS_PER_TOKEN: usize = 16;
+/// Latent channels of the Flux VAE.
+pub const LATENT_CHANNELS: usize = 16;
+/// Largest side accepted (BFL's reference works up to 2 MP; this is a sanity bound).
+pub const MAX_SIDE: usize = 4096;
+
+/// Checks an output size: both sides multiples of 16, between 16 and [`MAX_SIDE`].
+pub fn check_size(width: usize, height: usize) -> Result<()> {
+    for (what, v) in [("width", width), ("height", height)] {
+        if v == 0 || v % PIXELS_PER_TOKEN != 0 || v > MAX_SIDE {
+            return Err(Error::Unsupported(format!(
+                "{what} {v} must be a multiple of {PIXELS_PER_TOKEN} between {PIXELS_PER_TOKEN} and {MAX_SIDE} \
+                 (Flux works on 16×16-pixel tokens)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Token grid `(rows, cols)` of an image.
+pub fn token_grid(width: usize, height: usize) -> (usize, usize) {
+    (height / PIXELS_PER_TOKEN, width / PIXELS_PER_TOKEN)
+}
+
+/// Token positions `[0, row, col]`, row-major (BFL's `img_ids`).
+pub fn img_ids(rows: usize, cols: usize) -> Vec<[f32; 3]> {
+    (0..rows).flat_map(|r| (0..cols).map(move |c| [0.0, r as f32, c as f32])).collect()
+}
+
+/// xoshiro256** (Blackman & Vigna), seeded through splitmix64: small, fast and
+/// the same on every platform, so a seed gives the same noise everywhere.
+#[derive(Debug, Clone)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        let mut z = seed;
+        let mut next = || {
+            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            x ^ (x >> 31)
+        };
+        Self { s: [next(), next(), next(), next()] }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let s = &mut self.s;
+        let out = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        out
+    }
+
+    /// Uniform in (0, 1].
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    /// `n` standard normal samples (Box–Muller, both outputs used).
+    pub fn normals(&mut self, n: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n + 1);
+        while out.len() < n {
+            let r = (-2.0 * self.uniform().ln()).sqrt();
+            let a = std::f64::consts::TAU * self.uniform();
+            out.push((r * a.cos()) as f32);
+            out.push((r * a.sin()) as f32);
+        }
+        out.truncate(n);
+        out
+    }
+}
+
+/// Seeded Gaussian latents `[1, 16, H/8, W/8]` in f32.
+pub fn noise(seed: u64, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    check_size(width, height)?;
+    let (h, w) = (height / 8, width / 8);
+    let v = Rng::new(seed).normals(LATENT_CHANNELS * h * w);
+    Ok(Tensor::from_vec(v, (1, LATENT_CHANNELS, h, w), device)?)
+}
+
+/// `[B, C, H, W]` → `[B, (H/2)(W/2), 4C]`: 2×2 patches, channel-major (`b c (h ph) (w pw) -> b (h w) (c ph pw)`).
+pub fn pack(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    Ok(x.reshape((b, c, h / 2, 2, w / 2, 2))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b, (h / 2) * (w / 2), c * 4))?)
+}
+
+/// Inverse of [`pack`] for a latent of `h × w` (in latent pixels).
+pub fn unpack(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (b, _, c4) = x.dims3()?;
+    let c = c4 / 4;
+    Ok(x.reshape((b, h / 2, w / 2, c, 2, 2))?.permute((0, 3, 1, 4, 2, 5))?.reshape((b, c, h, w))?)
+}
+
+/// Progress of the sampling loop, reported after each step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepInfo {
+    pub step: usize,
+    pub steps: usize,
+    pub sigma: f32,
+}
+
+/// Euler over `sigmas` (descending, ending at 0): returns the final packed latents in f32.
+pub fn euler(
+    model: &FluxModel,
+    latents: &Tensor,
+    ids: &[[f32; 3]],
+    cond: &Conditioning,
+    sigmas: &[f32],
+    hooks: Hooks<'_>,
+    on_step: &mut dyn FnMut(StepInfo),
+) -> Result<Tensor> {
+    let mut x = latents.to_dtype(DType::F32)?;
+    let steps = sigmas.len().saturating_sub(1);
+    for (step, pair) in sigmas.windows(2).enumerate() {
+        let (s, s_next) = (pair[0], pair[1]);
+        let v = model.forward(&x, ids, cond, f64::from(s), step, hooks)?.to_dtype(DType::F32)?;
+        x = (x + (v * f64::from(s_next - s))?)?;
+        on_step(StepInfo { step, steps, sigma: s });
+    }
+    Ok(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_unpack_round_trip_and_layout() {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f32, 2. * 4. * 6., &dev).unwrap().reshape((1, 2, 4, 6)).unwrap();
+        let p = pack(&x).unwrap();
+        assert_eq!(p.dims(), &[1, 6, 8]);
+        // Token 0 = rows 0-1, cols 0-1; channel-major: c0 (0,0) (0,1) (1,0) (1,1), then c1.
+        let t0 = p.get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(t0, vec![0., 1., 6., 7., 24., 25., 30., 31.]);
+        let back = unpack(&p, 4, 6).unwrap();
+        assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+
+    #[test]
+    fn noise_is_seeded_and_standard() {
+        let a = Rng::new(7).normals(20_000);
+        assert_eq!(a, Rng::new(7).normals(20_000));
+        assert_ne!(a[..8], Rng::new(8).normals(8)[..]);
+        let mean = a.iter().map(|&x| f64::from(x)).sum::<f64>() / a.len() as f64;
+        let var = a.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / a.len() as f64;
+        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean}, var {var}");
+    }
+
+    #[test]
+    fn sizes_must_be_multiples_of_16() {
+        check_size(512, 768).unwrap();
+        for (w, h) in [(500, 512), (512, 0), (8192, 512)] {
+            assert!(check_size(w, h).unwrap_err().to_string().contains("multiple of 16"));
+        }
+        assert_eq!(img_ids(2, 3)[4], [0.0, 1.0, 1.0]);
+    }
+}
