@@ -11,6 +11,8 @@ pub mod demo;
 pub mod encode;
 pub mod load;
 pub mod plan;
+pub mod text;
+pub mod vae;
 
 use std::path::PathBuf;
 
