@@ -71,11 +71,7 @@ impl LayerNorm {
 
     /// Without learned weight and bias (`elementwise_affine=False`): weight 1, bias 0, in f32.
     pub fn no_affine(dim: usize, eps: f64, device: &candle_core::Device) -> Result<Self> {
-        Ok(Self {
-            weight: Tensor::ones(dim, DType::F32, device)?,
-            bias: Tensor::zeros(dim, DType::F32, device)?,
-            eps,
-        })
+        Ok(Self { weight: Tensor::ones(dim, DType::F32, device)?, bias: Tensor::zeros(dim, DType::F32, device)?, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

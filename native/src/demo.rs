@@ -1,41 +1,98 @@
-//! The bundled demo: a tiny random SigLIP and IP-Adapter in the real
-//! checkpoint layouts (the test fixtures), compiled into the binary, encode a
-//! bundled sample image. Shows the whole encoder path with no downloads.
+//! The bundled demo: the whole pipeline — T5 and CLIP text encoders, SigLIP
+//! reference-image encoding, IP-Adapter projection and per-block K/V, Flux
+//! sampling with the IP hook, VAE decode — on tiny random models in the real
+//! checkpoint layouts (the test fixtures), compiled into the binary. Its PNG is
+//! byte-identical from run to run for the default seed.
 
-use ipaflux_core::{IpAttentionConfig, Precision, PreprocessConfig, SiglipVisionConfig, TensorStore};
+use ipaflux_core::candle_core::{DType, Device};
+use ipaflux_core::flux::ip::IpWeight;
+use ipaflux_core::registry::RegistryConfig;
+use ipaflux_core::{DeviceSpec, Precision, PreprocessConfig, SiglipVisionConfig, TensorStore, VNorm};
 
-use crate::encode::{Encoded, Encoder};
+use crate::encode::Encoder;
+use crate::generate::{Reference, Settings, Sources, TextFiles};
+use crate::load::FluxFiles;
 use crate::Result;
 
-const CONFIG: &str = include_str!("../../tests/fixtures/siglip-vision/config.json");
+const SIGLIP_CONFIG: &str = include_str!("../../tests/fixtures/siglip-vision/config.json");
 const SIGLIP: &[u8] = include_bytes!("../../tests/fixtures/siglip-vision/model.safetensors");
 const ADAPTER: &[u8] = include_bytes!("../../tests/fixtures/ip-adapter.bin");
-/// The sample image the demo encodes.
+const FLUX: &[u8] = include_bytes!("../../tests/fixtures/flux/flux-tiny-bfl.safetensors");
+const T5_CONFIG: &str = include_str!("../../tests/fixtures/pipeline/t5/config.json");
+const T5: &[u8] = include_bytes!("../../tests/fixtures/pipeline/t5/model.safetensors");
+const T5_TOKENIZER: &[u8] = include_bytes!("../../tests/fixtures/pipeline/t5/tokenizer.json");
+const CLIP_CONFIG: &str = include_str!("../../tests/fixtures/pipeline/clip/config.json");
+const CLIP: &[u8] = include_bytes!("../../tests/fixtures/pipeline/clip/model.safetensors");
+const CLIP_TOKENIZER: &[u8] = include_bytes!("../../tests/fixtures/pipeline/clip/tokenizer.json");
+const VAE: &[u8] = include_bytes!("../../tests/fixtures/pipeline/ae.safetensors");
+/// The sample reference image.
 pub const SAMPLE: &[u8] = include_bytes!("../../tests/fixtures/images/photo.jpg");
+/// The tiny Flux's RoPE axes (head size 16; FLUX.1's are 16, 56, 56 for 128).
+const TINY_AXES: [usize; 3] = [4, 6, 6];
+/// The tiny Flux's head size.
+const TINY_HEAD_DIM: usize = 16;
 
-/// Builds the bundled tiny encoder.
+/// Builds the bundled tiny encoder (SigLIP + projection).
 pub fn tiny_encoder(precision: Precision) -> Result<Encoder> {
-    let cfg = SiglipVisionConfig::from_hf_json(CONFIG, "bundled siglip config.json")?;
+    let cfg = SiglipVisionConfig::from_hf_json(SIGLIP_CONFIG, "bundled siglip config.json")?;
     let siglip = TensorStore::from_safetensors(SIGLIP, "bundled siglip model.safetensors")?;
     let adapter = TensorStore::from_torch_zip(ADAPTER, "bundled ip-adapter.bin")?;
-    Encoder::new(
-        &cfg,
-        PreprocessConfig::siglip(cfg.image_size),
-        siglip,
-        &adapter,
-        precision,
-        ipaflux_core::candle_core::Device::Cpu,
-    )
+    Encoder::new(&cfg, PreprocessConfig::siglip(cfg.image_size), siglip, &adapter, precision, Device::Cpu)
 }
 
-/// Encodes the bundled sample and computes the IP K/V of every block.
-pub fn run(precision: Precision) -> Result<(Encoded, Vec<ipaflux_core::IpKv>, Encoder)> {
-    let enc = tiny_encoder(precision)?;
-    let out = enc.encode(SAMPLE, "bundled sample photo.jpg")?;
-    // The tiny adapter's Flux hidden size is 48: three heads of 16.
-    let head_dim = 16;
-    let kv = enc
-        .adapter
-        .kv_all(&out.image_prompt_embeds.to_dtype(enc.dtype)?, &IpAttentionConfig { head_dim, ..Default::default() })?;
-    Ok((out, kv, enc))
+fn text(config: &'static str, weights: &'static [u8], tokenizer: &'static [u8], name: &str) -> Result<TextFiles> {
+    Ok(TextFiles {
+        config: config.to_string(),
+        weights: TensorStore::from_safetensors(weights, name)?,
+        tokenizer: tokenizer.to_vec(),
+    })
+}
+
+/// Every bundled model, read lazily like files.
+pub fn sources() -> Sources {
+    let n = |b: &[u8]| b.len() as u64;
+    Sources {
+        flux: (
+            Box::new(|| {
+                Ok(FluxFiles {
+                    weights: TensorStore::from_safetensors(FLUX, "bundled flux-tiny-bfl.safetensors")?,
+                    axes_dim: Some(TINY_AXES.to_vec()),
+                })
+            }),
+            n(FLUX),
+        ),
+        t5: (Box::new(|| text(T5_CONFIG, T5, T5_TOKENIZER, "bundled t5")), n(T5)),
+        clip: (Box::new(|| text(CLIP_CONFIG, CLIP, CLIP_TOKENIZER, "bundled clip")), n(CLIP)),
+        vae: (Box::new(|| Ok(TensorStore::from_safetensors(VAE, "bundled ae.safetensors")?)), n(VAE)),
+        image_encoder: Some((Box::new(|| tiny_encoder(Precision::F32)), n(SIGLIP))),
+        ip_adapter: (Box::new(|| Ok(TensorStore::from_torch_zip(ADAPTER, "bundled ip-adapter.bin")?)), n(ADAPTER)),
+        flux_head_dim: TINY_HEAD_DIM,
+    }
+}
+
+/// The demo's settings: 128×128, 4 steps, seed 0, f32 on the CPU.
+pub fn settings(seed: u64) -> Settings {
+    Settings {
+        prompt: "a watercolor painting of a cat on a red sofa".into(),
+        width: 128,
+        height: 128,
+        steps: 4,
+        guidance: 3.5,
+        seed,
+        dtype: DType::F32,
+        device: Device::Cpu,
+        device_spec: DeviceSpec::Cpu,
+        t5_max_len: 16,
+        ip_weight: IpWeight::Constant(1.0),
+        start_percent: 0.0,
+        end_percent: 1.0,
+        block_weights: None,
+        v_norm: VNorm::InstantX,
+        registry: RegistryConfig::default(),
+    }
+}
+
+/// The bundled sample as the one reference.
+pub fn references() -> Vec<Reference> {
+    vec![Reference::Image { bytes: SAMPLE.to_vec(), name: "bundled sample photo.jpg".into(), weight: 1.0 }]
 }

@@ -9,8 +9,10 @@
 pub mod bench;
 pub mod demo;
 pub mod encode;
+pub mod generate;
 pub mod load;
 pub mod plan;
+pub mod png_out;
 pub mod text;
 pub mod vae;
 

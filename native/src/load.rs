@@ -125,7 +125,8 @@ pub fn load_flux(path: &Path) -> Result<FluxFiles> {
     if has("diffusion_pytorch_model") {
         let cfg_path = dir.join("config.json");
         let axes_dim = if cfg_path.exists() {
-            let v: serde_json::Value = serde_json::from_str(&read_text(&cfg_path)?).map_err(|e| io_err(&cfg_path, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&read_text(&cfg_path)?).map_err(|e| io_err(&cfg_path, e))?;
             v.get("axes_dims_rope")
                 .and_then(|a| a.as_array())
                 .map(|a| a.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect())
@@ -135,10 +136,12 @@ pub fn load_flux(path: &Path) -> Result<FluxFiles> {
         return Ok(FluxFiles { weights: load_safetensors_in(&dir, "diffusion_pytorch_model")?, axes_dim });
     }
     // A BFL repo folder: the single file next to the README.
-    let single = std::fs::read_dir(&dir)
-        .map_err(|e| io_err(&dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("flux1") && n.ends_with(".safetensors")));
+    let single =
+        std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))?.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("flux1") && n.ends_with(".safetensors"))
+        });
     match single {
         Some(p) => load_flux(&p),
         None => Err(io_err(
@@ -161,5 +164,120 @@ pub fn store_from_bytes(bytes: &[u8], name: &str) -> ipaflux_core::Result<Tensor
         TensorStore::from_torch_zip(bytes, name)
     } else {
         TensorStore::from_safetensors(bytes, name)
+    }
+}
+
+/// A path as given, or a Hugging Face repo id (`org/name`) looked up in the
+/// local cache (`$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`); offline.
+pub fn resolve_arg(arg: &Path) -> Result<PathBuf> {
+    if arg.exists() {
+        return Ok(arg.to_path_buf());
+    }
+    let s = arg.to_string_lossy();
+    let is_repo_id = s.split('/').count() == 2 && !s.starts_with('.') && !s.contains('\\');
+    if is_repo_id {
+        let hub = std::env::var_os("HF_HUB_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")));
+        if let Some(hub) = hub {
+            let entry = hub.join(format!("models--{}", s.replace('/', "--")));
+            if entry.exists() {
+                return Ok(entry);
+            }
+            return Err(io_err(arg, format!("no such file, and no Hugging Face cache entry at {}", entry.display())));
+        }
+    }
+    Err(io_err(arg, "no such file or folder"))
+}
+
+/// Bytes of the weight files a model path stands for (a file, or the `.safetensors` in a folder).
+pub fn weight_bytes(path: &Path) -> u64 {
+    if path.is_file() {
+        return path.metadata().map(|m| m.len()).unwrap_or(0);
+    }
+    std::fs::read_dir(path)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Flux's head size from a safetensors header (no tensor data read): the QK-norm scale's length.
+pub fn flux_head_dim_in(bytes: &[u8]) -> Option<usize> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).ok()?;
+    let names = [
+        "double_blocks.0.img_attn.norm.query_norm.scale",
+        "model.diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale",
+        "transformer_blocks.0.attn.norm_q.weight",
+        "single_blocks.0.norm.query_norm.scale",
+        "single_transformer_blocks.0.attn.norm_q.weight",
+    ];
+    let tensors = meta.tensors();
+    names.iter().find_map(|n| tensors.get(*n).and_then(|info| info.shape.first().copied()))
+}
+
+/// The folder of a Flux transformer and the file to read its header from.
+pub fn flux_head_dim(path: &Path) -> Result<usize> {
+    if path.is_file() {
+        let map = map_file(path)?;
+        return flux_head_dim_in(&map).ok_or_else(|| io_err(path, "no Flux attention norms in this file's header"));
+    }
+    let dir = resolve_model_dir(path)?;
+    let dir = if dir.join("transformer").is_dir() { dir.join("transformer") } else { dir };
+    let cfg = dir.join("config.json");
+    if cfg.exists() {
+        let v: serde_json::Value = serde_json::from_str(&read_text(&cfg)?).map_err(|e| io_err(&cfg, e))?;
+        if let Some(d) = v.get("attention_head_dim").and_then(|d| d.as_u64()) {
+            return Ok(d as usize);
+        }
+    }
+    Ok(ipaflux_core::ip_adapter::FLUX_HEAD_DIM)
+}
+
+/// A text encoder from a diffusers FLUX.1 repo folder (`sub` = `text_encoder` for CLIP,
+/// `text_encoder_2` for T5, tokenizers in `tokenizer`/`tokenizer_2`) or one folder holding
+/// `config.json`, the weights and `tokenizer.json`.
+pub fn load_text_encoder(path: &Path, sub: &str) -> Result<crate::generate::TextFiles> {
+    let dir = resolve_model_dir(path)?;
+    let (model_dir, tok_dir) = if dir.join(sub).is_dir() {
+        (dir.join(sub), dir.join(sub.replace("text_encoder", "tokenizer")))
+    } else {
+        (dir.clone(), dir)
+    };
+    let tok_path = tok_dir.join("tokenizer.json");
+    let tokenizer = std::fs::read(&tok_path).map_err(|e| io_err(&tok_path, e))?;
+    Ok(crate::generate::TextFiles {
+        config: read_text(&model_dir.join("config.json"))?,
+        weights: load_safetensors_in(&model_dir, "model")?,
+        tokenizer,
+    })
+}
+
+/// The folder a text encoder's weights are in (for its size).
+pub fn text_encoder_dir(path: &Path, sub: &str) -> PathBuf {
+    let dir = resolve_model_dir(path).unwrap_or_else(|_| path.to_path_buf());
+    if dir.join(sub).is_dir() {
+        dir.join(sub)
+    } else {
+        dir
+    }
+}
+
+/// The VAE: BFL's `ae.safetensors`, or a repo folder holding it.
+pub fn vae_file(path: &Path) -> Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let dir = resolve_model_dir(path)?;
+    let f = dir.join("ae.safetensors");
+    if f.exists() {
+        Ok(f)
+    } else {
+        Err(io_err(&dir, "no ae.safetensors here (the diffusers `vae/` layout is not supported yet)"))
     }
 }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ipaflux::{bench, demo, encode, load, plan};
+use ipaflux::{bench, demo, encode, generate, load, plan, png_out};
 use ipaflux_core::registry::{parse_bytes, scenario, EvictionPolicy, RegistryConfig, VramState};
 use ipaflux_core::{DeviceSpec, Precision};
 
@@ -37,12 +37,17 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
-    /// Run the main job on bundled tiny random models: encode the bundled sample image.
+    /// Run the main job on bundled tiny random models: text encoders, reference-image encoding,
+    /// IP K/V, Flux sampling with the IP-Adapter, VAE decode; prints the memory timeline, writes a PNG.
     Demo {
-        /// Also write the embeddings to this safetensors file.
-        #[arg(long)]
-        out: Option<PathBuf>,
+        /// The PNG to write.
+        #[arg(long, default_value = "ipaflux-demo.png")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
+    /// Generate an image from a text prompt and reference images (the full FLUX.1 + IP-Adapter pipeline).
+    Generate(Box<GenerateArgs>),
     /// Run the memory registry through a whole job on a simulated device and print what it does.
     Plan {
         /// Memory of the simulated device: bytes or a size like `24GiB`.
@@ -89,17 +94,198 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Flux transformer: BFL single file (bf16/fp16/fp8-e4m3), diffusers folder, repo folder or HF repo id.
+    #[arg(long)]
+    flux: PathBuf,
+    /// T5 encoder: folder with config.json, weights and tokenizer.json, or a FLUX.1 repo folder / HF repo id.
+    #[arg(long)]
+    t5: PathBuf,
+    /// CLIP-L text encoder: folder with config.json, weights and tokenizer.json, or a FLUX.1 repo folder / HF repo id.
+    #[arg(long)]
+    clip: PathBuf,
+    /// VAE: BFL ae.safetensors, or a repo folder holding it.
+    #[arg(long)]
+    vae: PathBuf,
+    /// IP-Adapter: InstantX ip-adapter.bin or a flat .safetensors.
+    #[arg(long)]
+    ip_adapter: PathBuf,
+    /// SigLIP folder or HF repo id (needed for --image).
+    #[arg(long)]
+    siglip: Option<PathBuf>,
+    /// Reference image (repeatable).
+    #[arg(long)]
+    image: Vec<PathBuf>,
+    /// Embeddings written by `ipaflux encode` (or the browser) instead of an image (repeatable).
+    #[arg(long)]
+    embeds: Vec<PathBuf>,
+    /// Weight per reference, in order (images, then embeds); one value applies to all. Range -1..5.
+    #[arg(long, value_delimiter = ',', default_value = "1.0")]
+    ip_weight: Vec<f64>,
+    /// Linear weight ramp over the sampler steps (ComfyUI's Advanced node); replaces --ip-weight's global factor.
+    #[arg(long, requires = "weight_end")]
+    weight_start: Option<f64>,
+    #[arg(long, requires = "weight_start")]
+    weight_end: Option<f64>,
+    /// Per-block weights: 57 values (19 double, then 38 single), comma-separated; `;` may separate the two groups.
+    #[arg(long)]
+    block_weights: Option<String>,
+    #[arg(long, default_value_t = 0.0)]
+    start_percent: f64,
+    #[arg(long, default_value_t = 1.0)]
+    end_percent: f64,
+    /// IP V-norm variant: instantx (reference, no V-norm) or comfyui (V-norm).
+    #[arg(long, default_value = "instantx")]
+    v_norm: ipaflux_core::VNorm,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 1024)]
+    width: usize,
+    #[arg(long, default_value_t = 1024)]
+    height: usize,
+    #[arg(long, default_value_t = 28)]
+    steps: usize,
+    #[arg(long, default_value_t = 3.5)]
+    guidance: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// T5 sequence length: 512 for dev, 256 for schnell.
+    #[arg(long, default_value_t = ipaflux::text::T5_MAX_LEN_DEV)]
+    t5_max_len: usize,
+    #[arg(long, default_value = "f32")]
+    dtype: Precision,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    #[arg(long, default_value = "normal")]
+    vram_state: VramState,
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    offload_preprocessing: String,
+    /// Print the memory registry's timeline.
+    #[arg(long)]
+    verbose: bool,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn parse_block_weights(s: &str) -> anyhow::Result<Vec<f64>> {
+    s.split([',', ';'])
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<f64>().with_context(|| format!("--block-weights: `{x}` is not a number")))
+        .collect()
+}
+
+fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let device = a.device.to_candle()?;
+    let n_refs = a.image.len() + a.embeds.len();
+    if n_refs == 0 {
+        anyhow::bail!("give at least one --image or --embeds reference");
+    }
+    if a.ip_weight.len() != 1 && a.ip_weight.len() != n_refs {
+        anyhow::bail!(
+            "{} --ip-weight values for {n_refs} references: give one, or one per reference",
+            a.ip_weight.len()
+        );
+    }
+    if !a.image.is_empty() && a.siglip.is_none() {
+        anyhow::bail!("--image needs --siglip (the image encoder); or pass --embeds from `ipaflux encode`");
+    }
+    ipaflux_core::flux::sampler::check_size(a.width, a.height)?;
+    let weight = |i: usize| if a.ip_weight.len() == 1 { a.ip_weight[0] } else { a.ip_weight[i] };
+    let mut refs = Vec::new();
+    for (i, p) in a.image.iter().enumerate() {
+        let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read the reference image", p.display()))?;
+        refs.push(generate::Reference::Image { bytes, name: p.display().to_string(), weight: weight(i) });
+    }
+    for (j, p) in a.embeds.iter().enumerate() {
+        let t = ipaflux_core::candle_core::safetensors::load(p, &ipaflux_core::candle_core::Device::Cpu)
+            .with_context(|| format!("{}: cannot read embeddings", p.display()))?;
+        let e = t
+            .get("image_prompt_embeds")
+            .with_context(|| format!("{}: no `image_prompt_embeds` tensor", p.display()))?;
+        refs.push(generate::Reference::Embeds {
+            image_prompt_embeds: e.clone(),
+            name: p.display().to_string(),
+            weight: weight(a.image.len() + j),
+        });
+    }
+    let ip_weight = match (a.weight_start, a.weight_end) {
+        (Some(s), Some(e)) => generate::ramp(s, e, a.steps),
+        _ => ipaflux_core::flux::IpWeight::Constant(1.0),
+    };
+    let settings = generate::Settings {
+        prompt: a.prompt.clone(),
+        width: a.width,
+        height: a.height,
+        steps: a.steps,
+        guidance: a.guidance,
+        seed: a.seed,
+        dtype: a.dtype.dtype(),
+        device: device.clone(),
+        device_spec: a.device,
+        t5_max_len: a.t5_max_len,
+        ip_weight,
+        start_percent: a.start_percent,
+        end_percent: a.end_percent,
+        block_weights: a.block_weights.as_deref().map(parse_block_weights).transpose()?,
+        v_norm: a.v_norm,
+        registry: RegistryConfig {
+            state: a.vram_state,
+            offload_preprocessing: a.offload_preprocessing == "on",
+            ..RegistryConfig::default()
+        },
+    };
+    let paths = generate::ModelPaths {
+        flux: a.flux,
+        t5: a.t5,
+        clip: a.clip,
+        vae: a.vae,
+        ip_adapter: a.ip_adapter,
+        siglip: a.siglip,
+        encoder_dtype: a.dtype,
+    };
+    let sources = paths.into_sources(device)?;
+    let out = run_pipeline(&sources, &refs, &settings, &a.out, a.verbose)?;
+    eprintln!("wrote {} ({}×{})", a.out.display(), out.0, out.1);
+    Ok(())
+}
+
+/// Runs the pipeline with a progress bar, writes the PNG, prints stage times (and the timeline).
+fn run_pipeline(
+    sources: &generate::Sources,
+    refs: &[generate::Reference],
+    s: &generate::Settings,
+    out: &std::path::Path,
+    timeline: bool,
+) -> anyhow::Result<(usize, usize)> {
+    let bar = indicatif::ProgressBar::new(s.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps  {elapsed} (eta {eta}) {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let g = generate::generate(sources, refs, s, &mut |st| {
+        bar.set_message(format!("sigma {:.3}", st.sigma));
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    let params = generate::parameters_json(s, refs);
+    png_out::write_png(out, g.width, g.height, &g.rgb, &[("parameters", params)])?;
+    if timeline {
+        println!("{}", plan::timeline_table(&g.timeline));
+    }
+    println!("IP K/V cache: {} bytes for {} reference(s)", g.ip_kv_bytes, refs.len());
+    println!("stage times:");
+    for (name, d) in &g.stages {
+        println!("  {name:<26} {:>9.2} ms", d.as_secs_f64() * 1e3);
+    }
+    Ok((g.width, g.height))
+}
+
 fn print_stages(stages: &[(&str, std::time::Duration)]) {
     for (name, d) in stages {
         eprintln!("  {name:<18} {:>9.2} ms", d.as_secs_f64() * 1e3);
     }
-}
-
-fn summarize(name: &str, t: &ipaflux_core::candle_core::Tensor) -> anyhow::Result<String> {
-    let v = t.flatten_all()?.to_vec1::<f32>()?;
-    let mean = v.iter().sum::<f32>() / v.len() as f32;
-    let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt();
-    Ok(format!("{name:<20} {:?}  mean {mean:+.5}  std {std:.5}  first {:?}", t.dims(), &v[..v.len().min(4)]))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -107,7 +293,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ipaflux::registry=warn")),
         )
         .init();
     match Cli::parse().command {
@@ -129,28 +315,16 @@ fn main() -> anyhow::Result<()> {
             print_stages(&[("write", t.elapsed())]);
             eprintln!("wrote {}", out.display());
         }
-        Cmd::Demo { out } => {
-            let (enc, kv, encoder) = demo::run(Precision::F32)?;
-            println!("ipaflux demo: bundled tiny SigLIP + IP-Adapter (random weights), bundled sample image");
-            println!("{}", summarize("pooled", &enc.pooled)?);
-            println!("{}", summarize("image_prompt_embeds", &enc.image_prompt_embeds)?);
-            let kv_bytes: usize = kv.iter().map(|k| k.nbytes()).sum();
+        Cmd::Demo { out, seed } => {
             println!(
-                "IP K/V for {} blocks: {:?} each, {} bytes in all",
-                kv.len(),
-                kv.first().map(|k| k.k.dims().to_vec()),
-                kv_bytes
+                "ipaflux demo: bundled tiny T5, CLIP, SigLIP, IP-Adapter, Flux and VAE (random weights, real layouts); \
+                 bundled sample image as the reference"
             );
-            println!("adapter dims: {:?}", encoder.adapter.dims);
-            println!("stage times:");
-            for (name, d) in &enc.stages {
-                println!("  {name:<18} {:>9.2} ms", d.as_secs_f64() * 1e3);
-            }
-            if let Some(path) = out {
-                encode::write_embeddings(&path, &enc)?;
-                println!("wrote {}", path.display());
-            }
+            let s = demo::settings(seed);
+            run_pipeline(&demo::sources(), &demo::references(), &s, &out, true)?;
+            println!("wrote {} ({}×{}, seed {seed})", out.display(), s.width, s.height);
         }
+        Cmd::Generate(args) => run_generate(*args)?,
         Cmd::Plan { vram, state, reserve, offload_preprocessing, policy, scenario: name, steps, json } => {
             let config = RegistryConfig {
                 state,

@@ -53,20 +53,7 @@ pub fn render(report: &PlanReport) -> String {
         if s.offload_preprocessing { "on" } else { "off" },
         s.steps
     );
-    let _ = writeln!(out, "\ntimeline");
-    let _ = writeln!(out, "  {:<13} {:<13} {:<15} {:>11} {:<7} reason", "stage", "op", "model", "bytes", "device");
-    for e in &report.events {
-        let _ = writeln!(
-            out,
-            "  {:<13} {:<13} {:<15} {:>11} {:<7} {}",
-            e.stage,
-            e.op.name(),
-            e.model,
-            Bytes(e.bytes).to_string(),
-            e.device,
-            e.reason
-        );
-    }
+    out.push_str(&timeline_table(&report.events));
     render_residency(&mut out, report);
     let _ = writeln!(out, "\nsummary");
     let _ =
@@ -104,4 +91,24 @@ fn render_residency(out: &mut String, report: &PlanReport) {
         let _ = write!(out, " {:>13}", gib(st.streamed_bytes_per_use));
     }
     let _ = writeln!(out, "\n  (~ partially loaded; - nothing on the device)");
+}
+
+/// The registry's events as a table: stage, op, model, bytes, device, reason.
+pub fn timeline_table(events: &[ipaflux_core::registry::Event]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "\ntimeline");
+    let _ = writeln!(out, "  {:<13} {:<13} {:<17} {:>11} {:<7} reason", "stage", "op", "model", "bytes", "device");
+    for e in events {
+        let _ = writeln!(
+            out,
+            "  {:<13} {:<13} {:<17} {:>11} {:<7} {}",
+            e.stage,
+            e.op.name(),
+            e.model,
+            Bytes(e.bytes).to_string(),
+            e.device,
+            e.reason
+        );
+    }
+    out
 }

@@ -21,7 +21,8 @@ fn text_err(what: &str, reason: impl std::fmt::Display) -> Error {
 
 /// A tokenizer that pads with `pad` and truncates to `max_len`, adding the special tokens.
 fn fixed_length_tokenizer(json: &[u8], name: &str, max_len: usize, pad: &str) -> Result<Tokenizer> {
-    let mut tok = Tokenizer::from_bytes(json).map_err(|e| text_err(name, format!("not a usable tokenizer.json: {e}")))?;
+    let mut tok =
+        Tokenizer::from_bytes(json).map_err(|e| text_err(name, format!("not a usable tokenizer.json: {e}")))?;
     let pad_id = tok.token_to_id(pad).ok_or_else(|| text_err(name, format!("the tokenizer has no `{pad}` token")))?;
     tok.with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
         .map_err(|e| text_err(name, e))?;
@@ -48,7 +49,14 @@ pub struct T5Encoder {
 impl T5Encoder {
     /// From `config.json` text, weights (`encoder.*`, `shared.weight` or `encoder.embed_tokens.weight`),
     /// `tokenizer.json` bytes. f16 is refused: T5 overflows in it.
-    pub fn new(config_json: &str, weights: &TensorStore, tokenizer_json: &[u8], max_len: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        config_json: &str,
+        weights: &TensorStore,
+        tokenizer_json: &[u8],
+        max_len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let name = &weights.source_name;
         if dtype == DType::F16 {
             return Err(text_err(name, "T5 overflows in f16; use f32 or bf16"));
@@ -82,14 +90,23 @@ pub struct ClipEncoder {
 impl ClipEncoder {
     /// From `config.json` (`CLIPTextModel` or full `CLIPModel` with `text_config`), weights (`text_model.*` or
     /// unprefixed), `tokenizer.json`.
-    pub fn new(config_json: &str, weights: &TensorStore, tokenizer_json: &[u8], dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        config_json: &str,
+        weights: &TensorStore,
+        tokenizer_json: &[u8],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         use candle_transformers::models::clip::text_model::{Activation, ClipTextConfig, ClipTextTransformer};
         let name = &weights.source_name;
         let v: serde_json::Value =
             serde_json::from_str(config_json).map_err(|e| text_err(name, format!("config.json: {e}")))?;
         let v = v.get("text_config").cloned().unwrap_or(v);
         let get = |k: &str| -> Result<usize> {
-            v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).ok_or_else(|| text_err(name, format!("config.json has no `{k}`")))
+            v.get(k)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .ok_or_else(|| text_err(name, format!("config.json has no `{k}`")))
         };
         let act = v.get("hidden_act").and_then(|a| a.as_str()).unwrap_or("quick_gelu");
         if act != "quick_gelu" {
@@ -128,10 +145,14 @@ impl ClipEncoder {
         let pos = match self.eos_id {
             Some(eos) => ids.iter().position(|&t| t == eos),
             // First position of the largest id, as torch's argmax.
-            None => ids.iter().enumerate().fold(None, |best: Option<(usize, u32)>, (i, &t)| match best {
-                Some((_, b)) if b >= t => best,
-                _ => Some((i, t)),
-            }).map(|(i, _)| i),
+            None => ids
+                .iter()
+                .enumerate()
+                .fold(None, |best: Option<(usize, u32)>, (i, &t)| match best {
+                    Some((_, b)) if b >= t => best,
+                    _ => Some((i, t)),
+                })
+                .map(|(i, _)| i),
         }
         .unwrap_or(ids.len().saturating_sub(1));
         Ok((ids, hidden.i((.., pos, ..))?))

@@ -25,18 +25,15 @@ pub struct VaeDecoder {
 }
 
 fn dim(store: &TensorStore, name: &str, i: usize) -> Result<usize> {
-    store
-        .get(name)
-        .and_then(|t| t.dims().get(i).copied())
-        .ok_or_else(|| vae_err(&store.source_name, format!("missing `{name}`: not a Flux VAE (ae.safetensors) decoder")))
+    store.get(name).and_then(|t| t.dims().get(i).copied()).ok_or_else(|| {
+        vae_err(&store.source_name, format!("missing `{name}`: not a Flux VAE (ae.safetensors) decoder"))
+    })
 }
 
 impl VaeDecoder {
     /// Sizes from the shapes: channels per level from each level's first block, blocks per level, latent channels.
     pub fn new(store: &TensorStore, dtype: DType, device: &Device) -> Result<Self> {
-        let levels = (0..)
-            .take_while(|i| store.get(&format!("decoder.up.{i}.block.0.conv2.weight")).is_some())
-            .count();
+        let levels = (0..).take_while(|i| store.get(&format!("decoder.up.{i}.block.0.conv2.weight")).is_some()).count();
         if levels == 0 {
             return Err(vae_err(&store.source_name, "no `decoder.up.N` blocks: not a Flux VAE (ae.safetensors)"));
         }

@@ -167,11 +167,142 @@ fn unknown_device_and_dtype() {
 }
 
 #[test]
-fn demo_runs() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ipaflux")).arg("demo").output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("image_prompt_embeds") && stdout.contains("[1, 8, 64]"), "{stdout}");
+fn demo_runs_the_whole_pipeline_and_is_byte_identical() {
+    let run = |name: &str| {
+        let path = tmp(name);
+        let out = Command::new(env!("CARGO_BIN_EXE_ipaflux")).arg("demo").arg("--out").arg(&path).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (stdout, std::fs::read(&path).unwrap())
+    };
+    let (stdout, a) = run("demo-a.png");
+    for needle in ["timeline", "register", "release", "flux", "ip-kv-cache", "sampling", "vae decode", "128×128"] {
+        assert!(stdout.contains(needle), "demo output lacks `{needle}`: {stdout}");
+    }
+    assert!(a.starts_with(b"\x89PNG") && a.windows(10).any(|w| w == b"parameters"), "no PNG with parameters");
+    let (_, b) = run("demo-b.png");
+    assert!(a == b, "the demo PNG differs between runs");
+}
+
+/// `ipaflux generate` on the tiny fixtures (diffusers-layout Flux folder, HF-style text encoder folders).
+fn generate(extra: &[&str], out: &std::path::Path) -> Output {
+    let f = |r: &str| fixture(r).display().to_string();
+    let mut args: Vec<String> = vec![
+        "generate".into(),
+        "--flux".into(),
+        f("flux/transformer"),
+        "--t5".into(),
+        f("pipeline/t5"),
+        "--clip".into(),
+        f("pipeline/clip"),
+        "--vae".into(),
+        f("pipeline/ae.safetensors"),
+        "--ip-adapter".into(),
+        f("ip-adapter.bin"),
+        "--siglip".into(),
+        f("siglip-vision"),
+        "--prompt".into(),
+        "a cat".into(),
+        "--width".into(),
+        "64".into(),
+        "--height".into(),
+        "48".into(),
+        "--steps".into(),
+        "2".into(),
+        "--t5-max-len".into(),
+        "16".into(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    // An option given in `extra` replaces the default above; others are appended.
+    let base = args.len();
+    let mut extra = extra.iter().map(|s| s.to_string()).peekable();
+    while let Some(a) = extra.next() {
+        match args[..base].iter().position(|x| *x == a) {
+            Some(i) if a.starts_with("--") && extra.peek().is_some() => args[i + 1] = extra.next().unwrap(),
+            _ => args.push(a),
+        }
+    }
+    Command::new(env!("CARGO_BIN_EXE_ipaflux")).args(&args).output().unwrap()
+}
+
+#[test]
+fn generate_with_images_and_with_embeds() {
+    let photo = fixture("images/photo.jpg").display().to_string();
+    let wide = fixture("images/wide.png").display().to_string();
+    let out1 = tmp("gen-two-images.png");
+    let o = generate(&["--image", &photo, "--image", &wide, "--ip-weight", "0.8,0.4", "--verbose"], &out1);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("timeline"));
+    let png = std::fs::read(&out1).unwrap();
+    assert!(png.windows(10).any(|w| w == b"\"weight\":0"), "parameters chunk lacks the weights");
+
+    // Embeddings from `ipaflux encode` give the same image as the image itself.
+    let emb = tmp("gen-photo.safetensors");
+    let e = encode(&fixture("siglip-vision"), &fixture("ip-adapter.bin"), &fixture("images/photo.jpg"), &emb);
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let (a, b) = (tmp("gen-from-image.png"), tmp("gen-from-embeds.png"));
+    assert!(generate(&["--image", &photo], &a).status.success());
+    let o = generate(&["--embeds", &emb.display().to_string()], &b);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pixels = |p: &PathBuf| {
+        let d = png_pixels(&std::fs::read(p).unwrap());
+        assert_eq!(d.len(), 64 * 48 * 3);
+        d
+    };
+    assert_eq!(pixels(&a), pixels(&b), "--embeds and --image differ");
+    // A different reference changes the picture.
+    assert_ne!(pixels(&a), pixels(&out1));
+}
+
+/// Decoded RGB bytes of a PNG (parameters chunk aside).
+fn png_pixels(bytes: &[u8]) -> Vec<u8> {
+    let dec = png::Decoder::new(std::io::Cursor::new(bytes));
+    let mut r = dec.read_info().unwrap();
+    let mut buf = vec![0; r.output_buffer_size().unwrap()];
+    let info = r.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    buf
+}
+
+#[test]
+fn generate_refuses_bad_input_cleanly() {
+    let photo = fixture("images/photo.jpg").display().to_string();
+    let out = tmp("gen-bad.png");
+    let o = generate(&["--image", &photo, "--width", "100"], &out);
+    assert_fails(&o, &["width 100", "multiple of 16"]);
+    let not_image = fixture("reference.json").display().to_string();
+    assert_fails(&generate(&["--image", &not_image], &out), &["reference.json"]);
+    assert_fails(
+        &generate(&["--image", &photo, "--flux", &fixture("ip-adapter.safetensors").display().to_string()], &out),
+        &["ip-adapter.safetensors"],
+    );
+    assert_fails(&generate(&["--image", &photo, "--ip-weight", "7"], &out), &["outside the accepted range"]);
+    assert_fails(&generate(&[], &out), &["--image or --embeds"]);
+    // An adapter made for another Flux (K/V 32 wide instead of 48).
+    let adapter = tmp("adapter-32.safetensors");
+    write_adapter(&adapter, 32);
+    let o = generate(&["--image", &photo, "--ip-adapter", &adapter.display().to_string()], &out);
+    assert_fails(&o, &["hidden size 32", "hidden size 48"]);
+}
+
+/// A random IP-Adapter for the tiny SigLIP (32-wide embeddings) with K/V `hidden` wide, 5 processors.
+fn write_adapter(path: &std::path::Path, hidden: usize) {
+    use ipaflux_core::candle_core::{DType, Device, Tensor};
+    let dev = Device::Cpu;
+    let r = |shape: &[usize]| Tensor::randn(0f32, 0.2, shape, &dev).unwrap().to_dtype(DType::F32).unwrap();
+    let mut t = std::collections::HashMap::new();
+    t.insert("image_proj.proj.0.weight".to_string(), r(&[64, 32]));
+    t.insert("image_proj.proj.0.bias".to_string(), r(&[64]));
+    t.insert("image_proj.proj.2.weight".to_string(), r(&[8 * 64, 64]));
+    t.insert("image_proj.proj.2.bias".to_string(), r(&[8 * 64]));
+    t.insert("image_proj.norm.weight".to_string(), r(&[64]));
+    t.insert("image_proj.norm.bias".to_string(), r(&[64]));
+    for i in 0..5 {
+        t.insert(format!("ip_adapter.{i}.to_k_ip.weight"), r(&[hidden, 64]));
+        t.insert(format!("ip_adapter.{i}.to_v_ip.weight"), r(&[hidden, 64]));
+    }
+    ipaflux_core::candle_core::safetensors::save(&t, path).unwrap();
 }
 
 fn crc32(data: &[u8]) -> u32 {

@@ -124,11 +124,18 @@ fn neutral_settings_equal_no_adapter() {
         IpHookConfig { window: IpWindow::from_percent(0.6, 0.4, COMFY_FLUX_SHIFT), ..constant(1.0) },
     );
     // A window that excludes this sigma (0.7) only.
-    let outside = ip_hook(&m, img(), IpHookConfig { window: IpWindow { sigma_start: 0.5, sigma_end: 0.0 }, ..constant(1.0) });
-    for (what, hook) in [("weight 0", &zero_weight), ("block weights 0", &zero_blocks), ("empty window", &empty), ("outside window", &outside)] {
+    let outside =
+        ip_hook(&m, img(), IpHookConfig { window: IpWindow { sigma_start: 0.5, sigma_end: 0.0 }, ..constant(1.0) });
+    for (what, hook) in [
+        ("weight 0", &zero_weight),
+        ("block weights 0", &zero_blocks),
+        ("empty window", &empty),
+        ("outside window", &outside),
+    ] {
         assert_eq!(rel_max_err(&forward(&m, &g, &[hook]), &plain), 0.0, "{what} must equal no adapter");
     }
-    let inside = ip_hook(&m, img(), IpHookConfig { window: IpWindow { sigma_start: 0.8, sigma_end: 0.6 }, ..constant(1.0) });
+    let inside =
+        ip_hook(&m, img(), IpHookConfig { window: IpWindow { sigma_start: 0.8, sigma_end: 0.6 }, ..constant(1.0) });
     assert!(rel_max_err(&forward(&m, &g, &[&inside]), &plain) > 1e-2);
 }
 
@@ -234,9 +241,10 @@ fn missing_and_misshaped_flux_tensors_are_all_reported() {
     });
     let e = FluxModel::from_store(store, Some(vec![4, 6, 6]), DType::F32, &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("single_blocks.2.linear2.weight") && e.contains("double_blocks.1.txt_attn.proj.bias"), "{e}");
-    let e = FluxModel::from_store(load_flux(&fixture("flux/transformer")).unwrap().weights, None, DType::F32, &Device::Cpu)
-        .unwrap_err()
-        .to_string();
+    let e =
+        FluxModel::from_store(load_flux(&fixture("flux/transformer")).unwrap().weights, None, DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
     assert!(e.contains("RoPE axes"), "{e}");
 }
 

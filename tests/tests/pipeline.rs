@@ -27,13 +27,22 @@ fn ids(t: &Tensor) -> Vec<u32> {
     t.flatten_all().unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect()
 }
 
-const PROMPTS: [&str; 2] = ["a cat on a sofa, watercolor", "portrait of an astronaut with a very long prompt that gets truncated here"];
+const PROMPTS: [&str; 2] =
+    ["a cat on a sofa, watercolor", "portrait of an astronaut with a very long prompt that gets truncated here"];
 
 #[test]
 fn t5_matches_transformers() {
     let g = gold();
     let tok = std::fs::read(fixture("pipeline/t5/tokenizer.json")).unwrap();
-    let mut t5 = T5Encoder::new(&text("pipeline/t5/config.json"), &store("pipeline/t5/model.safetensors"), &tok, 16, DType::F32, &Device::Cpu).unwrap();
+    let mut t5 = T5Encoder::new(
+        &text("pipeline/t5/config.json"),
+        &store("pipeline/t5/model.safetensors"),
+        &tok,
+        16,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     for (i, p) in PROMPTS.iter().enumerate() {
         let (got_ids, out) = t5.encode(p).unwrap();
         assert_eq!(got_ids, ids(&g[&format!("t5.ids.{i}")]), "T5 token ids of {p:?}");
@@ -45,7 +54,14 @@ fn t5_matches_transformers() {
 fn clip_matches_transformers() {
     let g = gold();
     let tok = std::fs::read(fixture("pipeline/clip/tokenizer.json")).unwrap();
-    let clip = ClipEncoder::new(&text("pipeline/clip/config.json"), &store("pipeline/clip/model.safetensors"), &tok, DType::F32, &Device::Cpu).unwrap();
+    let clip = ClipEncoder::new(
+        &text("pipeline/clip/config.json"),
+        &store("pipeline/clip/model.safetensors"),
+        &tok,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     for (i, p) in PROMPTS.iter().enumerate() {
         let (got_ids, pooled) = clip.encode(p).unwrap();
         assert_eq!(got_ids, ids(&g[&format!("clip.ids.{i}")]), "CLIP token ids of {p:?}");
@@ -57,17 +73,40 @@ fn clip_matches_transformers() {
 fn vae_decoder_matches_diffusers() {
     let g = gold();
     let vae = VaeDecoder::new(&store("pipeline/ae.safetensors"), DType::F32, &Device::Cpu).unwrap();
-    assert_eq!((vae.cfg.ch, vae.cfg.ch_mult.clone(), vae.cfg.num_res_blocks, vae.cfg.z_channels), (32, vec![1, 1, 1, 2], 0, 16));
+    assert_eq!(
+        (vae.cfg.ch, vae.cfg.ch_mult.clone(), vae.cfg.num_res_blocks, vae.cfg.z_channels),
+        (32, vec![1, 1, 1, 2], 0, 16)
+    );
     assert_close("VAE decode", &vae.decode(&g["vae.latents"]).unwrap(), &g["vae.decoded"], F32_TOL);
 }
 
 #[test]
 fn wrong_files_give_clear_errors() {
     let tok = std::fs::read(fixture("pipeline/t5/tokenizer.json")).unwrap();
-    let e = T5Encoder::new(&text("pipeline/t5/config.json"), &store("pipeline/ae.safetensors"), &tok, 16, DType::F32, &Device::Cpu).err().unwrap().to_string();
+    let e = T5Encoder::new(
+        &text("pipeline/t5/config.json"),
+        &store("pipeline/ae.safetensors"),
+        &tok,
+        16,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("not a T5 encoder checkpoint"), "{e}");
-    let e = VaeDecoder::new(&store("pipeline/t5/model.safetensors"), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    let e =
+        VaeDecoder::new(&store("pipeline/t5/model.safetensors"), DType::F32, &Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("not a Flux VAE"), "{e}");
-    let e = ClipEncoder::new(&text("pipeline/clip/config.json"), &store("pipeline/clip/model.safetensors"), b"{}", DType::F32, &Device::Cpu).err().unwrap().to_string();
+    let e = ClipEncoder::new(
+        &text("pipeline/clip/config.json"),
+        &store("pipeline/clip/model.safetensors"),
+        b"{}",
+        DType::F32,
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("tokenizer.json"), "{e}");
 }

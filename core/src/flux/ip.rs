@@ -157,7 +157,10 @@ impl AttentionHook for IpAdapterHook {
     fn attention(&self, at: &HookPoint, q: &Tensor, attn: &Tensor) -> Result<Option<Tensor>> {
         let block = at.site.global_index(at.depth);
         if block >= self.num_blocks {
-            return Err(Error::Shape(format!("IP-Adapter called for block {block} of a {}-block model", self.num_blocks)));
+            return Err(Error::Shape(format!(
+                "IP-Adapter called for block {block} of a {}-block model",
+                self.num_blocks
+            )));
         }
         let mut out: Option<Tensor> = None;
         for (i, img) in self.images.iter().enumerate() {

@@ -152,10 +152,8 @@ impl FluxLayout {
             })
         };
         let count = |prefix: &str| -> usize {
-            let idx: BTreeSet<usize> = store
-                .names()
-                .filter_map(|n| n.strip_prefix(prefix)?.split('.').next()?.parse().ok())
-                .collect();
+            let idx: BTreeSet<usize> =
+                store.names().filter_map(|n| n.strip_prefix(prefix)?.split('.').next()?.parse().ok()).collect();
             idx.iter().next_back().map_or(0, |m| m + 1)
         };
         let (double_prefix, single_prefix) = match self {
@@ -251,8 +249,14 @@ mod tests {
                 ("transformer_blocks.3.attn.to_v.bias".to_string(), 8)
             ]
         );
-        assert_eq!(names("single_blocks.0.linear1.weight")[3], ("single_transformer_blocks.0.proj_mlp.weight".into(), 32));
-        assert_eq!(names("double_blocks.0.txt_attn.norm.key_norm.scale")[0].0, "transformer_blocks.0.attn.norm_added_k.weight");
+        assert_eq!(
+            names("single_blocks.0.linear1.weight")[3],
+            ("single_transformer_blocks.0.proj_mlp.weight".into(), 32)
+        );
+        assert_eq!(
+            names("double_blocks.0.txt_attn.norm.key_norm.scale")[0].0,
+            "transformer_blocks.0.attn.norm_added_k.weight"
+        );
         assert_eq!(names("final_layer.adaLN_modulation.1.weight")[0].0, "norm_out.linear.weight");
         assert!(d.swaps_halves("final_layer.adaLN_modulation.1.bias"));
         assert!(!FluxLayout::Bfl.swaps_halves("final_layer.adaLN_modulation.1.bias"));

@@ -346,7 +346,12 @@ impl FluxModel {
     }
 
     /// Builds from canonical tensors (already validated against `cfg`).
-    pub fn from_canonical(cfg: FluxConfig, map: BTreeMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn from_canonical(
+        cfg: FluxConfig,
+        map: BTreeMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         cfg.check()?;
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(Error::Unsupported(format!("Flux compute dtype must be f32, bf16 or f16, not {dtype:?}")));
@@ -355,7 +360,10 @@ impl FluxModel {
         let double_blocks = (0..cfg.depth)
             .map(|i| {
                 let p = format!("double_blocks.{i}");
-                Ok(DoubleBlock { img: Stream::new(&w, &format!("{p}.img"))?, txt: Stream::new(&w, &format!("{p}.txt"))? })
+                Ok(DoubleBlock {
+                    img: Stream::new(&w, &format!("{p}.img"))?,
+                    txt: Stream::new(&w, &format!("{p}.txt"))?,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         let single_blocks = (0..cfg.depth_single)

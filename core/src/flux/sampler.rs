@@ -156,7 +156,10 @@ mod tests {
         let t0 = p.get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(t0, vec![0., 1., 6., 7., 24., 25., 30., 31.]);
         let back = unpack(&p, 4, 6).unwrap();
-        assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
 
     #[test]

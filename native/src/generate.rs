@@ -1,0 +1,365 @@
+//! The full text + image-prompt pipeline: text encoders → reference-image
+//! encoding → per-block IP K/V → Flux sampling with the IP-Adapter hook → VAE
+//! decode → PNG. Every model is registered with the memory registry, loaded
+//! for its stage through `load_for_job`, and released after its last use; the
+//! registry's timeline is returned with the image.
+//!
+//! Models are read lazily through [`Sources`], so the same code runs on files
+//! (the CLI) and on bundled bytes (the demo). On the CPU nothing moves between
+//! devices: the timeline shows registrations, jobs and releases; moving,
+//! partial loading and streaming of Flux blocks need the CUDA backend.
+
+use std::time::{Duration, Instant};
+
+use ipaflux_core::candle_core::{DType, Device, Tensor};
+use ipaflux_core::flux::ip::{check_compatible, IpAdapterHook, IpHookConfig, IpImage, IpWeight};
+use ipaflux_core::flux::sampler::{self, StepInfo};
+use ipaflux_core::flux::{Conditioning, FluxModel, Hooks};
+use ipaflux_core::registry::{
+    Event, HostMemory, JobRequest, ModelHandle, ModelId, ModelSpec, Registry, RegistryConfig, Role,
+};
+use ipaflux_core::schedule::{flux_schedule, IpWindow, Shift, WeightRamp, COMFY_FLUX_SHIFT};
+use ipaflux_core::{DeviceSpec, IpAdapter, IpAdapterDims, IpAttentionConfig, TensorStore, VNorm};
+
+use crate::encode::Encoder;
+use crate::load::FluxFiles;
+use crate::text::{ClipEncoder, T5Encoder};
+use crate::vae::VaeDecoder;
+use crate::Result;
+
+/// A model's files, read when its stage begins.
+pub type LoadFn<T> = Box<dyn Fn() -> Result<T>>;
+
+/// A text encoder's config, weights and tokenizer.
+pub struct TextFiles {
+    pub config: String,
+    pub weights: TensorStore,
+    pub tokenizer: Vec<u8>,
+}
+
+/// Where every model comes from, with its size (bytes as stored) for the registry.
+pub struct Sources {
+    pub flux: (LoadFn<FluxFiles>, u64),
+    pub t5: (LoadFn<TextFiles>, u64),
+    pub clip: (LoadFn<TextFiles>, u64),
+    pub vae: (LoadFn<TensorStore>, u64),
+    /// SigLIP + projection; `None` when every reference comes as embeddings.
+    pub image_encoder: Option<(LoadFn<Encoder>, u64)>,
+    pub ip_adapter: (LoadFn<TensorStore>, u64),
+    /// Flux's attention head size (128 for FLUX.1), read from the checkpoint header:
+    /// the IP K/V are split into heads before Flux itself is loaded.
+    pub flux_head_dim: usize,
+}
+
+/// A reference for the IP-Adapter: an image to encode, or `image_prompt_embeds` made earlier.
+pub enum Reference {
+    Image { bytes: Vec<u8>, name: String, weight: f64 },
+    Embeds { image_prompt_embeds: Tensor, name: String, weight: f64 },
+}
+
+/// Everything but the models.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    pub seed: u64,
+    pub dtype: DType,
+    pub device: Device,
+    pub device_spec: DeviceSpec,
+    pub t5_max_len: usize,
+    pub ip_weight: IpWeight,
+    pub start_percent: f64,
+    pub end_percent: f64,
+    pub block_weights: Option<Vec<f64>>,
+    pub v_norm: VNorm,
+    pub registry: RegistryConfig,
+}
+
+/// The result: RGB pixels, the memory timeline, stage timings.
+pub struct Generated {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+    pub timeline: Vec<Event>,
+    pub stages: Vec<(&'static str, Duration)>,
+    /// Bytes of the cached IP K/V of all references.
+    pub ip_kv_bytes: usize,
+}
+
+struct Handles {
+    t5: ModelHandle,
+    clip: ModelHandle,
+    image_encoder: Option<ModelHandle>,
+    ip: ModelHandle,
+    flux: ModelHandle,
+    vae: ModelHandle,
+}
+
+fn register_all(reg: &mut Registry, src: &Sources, dev: DeviceSpec) -> Result<Handles> {
+    let spec = |name: &str, role, bytes| ModelSpec::uniform(name, role, dev, bytes, 1, name);
+    Ok(Handles {
+        t5: reg.register(spec("t5", Role::TextEncoder, src.t5.1))?,
+        clip: reg.register(spec("clip", Role::TextEncoder, src.clip.1))?,
+        image_encoder: match &src.image_encoder {
+            Some((_, bytes)) => Some(reg.register(spec("siglip+projection", Role::ImageEncoder, *bytes))?),
+            None => None,
+        },
+        ip: reg.register(spec("ip-adapter", Role::IpProcessors, src.ip_adapter.1))?,
+        // Blocks are the units Flux is streamed in; 57 for FLUX.1 (+1 for embedders and final layer).
+        flux: reg.register(ModelSpec::uniform("flux", Role::Diffusion, dev, src.flux.1, 58, "block"))?,
+        vae: reg.register(spec("vae", Role::Vae, src.vae.1))?,
+    })
+}
+
+/// Runs a registry job for `stage` over `models`, with the later stages as lookahead.
+fn job(reg: &mut Registry, stage: &str, dev: DeviceSpec, models: &[ModelId], later: Vec<Vec<ModelId>>) -> Result<()> {
+    reg.begin_stage(stage);
+    reg.load_for_job(&JobRequest::new(dev, models).lookahead(later))?;
+    Ok(())
+}
+
+fn timed<T>(
+    stages: &mut Vec<(&'static str, Duration)>,
+    name: &'static str,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let t = Instant::now();
+    let out = f()?;
+    stages.push((name, t.elapsed()));
+    tracing::info!(stage = name, ms = t.elapsed().as_secs_f64() * 1e3, "stage done");
+    Ok(out)
+}
+
+/// Runs the pipeline. `on_step` is called after each sampler step.
+pub fn generate(
+    src: &Sources,
+    refs: &[Reference],
+    s: &Settings,
+    on_step: &mut dyn FnMut(StepInfo),
+) -> Result<Generated> {
+    sampler::check_size(s.width, s.height)?;
+    let dev = s.device_spec;
+    let mut reg = Registry::new(s.registry.clone(), vec![Box::new(HostMemory::unbounded())])?;
+    let h = register_all(&mut reg, src, dev)?;
+    let mut stages = Vec::new();
+    let (flux_id, vae_id, ip_id) = (h.flux.model, h.vae.model, h.ip.model);
+
+    // Text: T5 tokens and the pooled CLIP vector.
+    job(&mut reg, "text", dev, &[h.t5.model, h.clip.model], vec![vec![ip_id], vec![flux_id], vec![vae_id]])?;
+    let (txt, y) = timed(&mut stages, "text encoders", || {
+        let f = (src.t5.0)()?;
+        let mut t5 = T5Encoder::new(&f.config, &f.weights, &f.tokenizer, s.t5_max_len, s.dtype, &s.device)?;
+        let (_, txt) = t5.encode(&s.prompt)?;
+        let f = (src.clip.0)()?;
+        let clip = ClipEncoder::new(&f.config, &f.weights, &f.tokenizer, s.dtype, &s.device)?;
+        let (_, y) = clip.encode(&s.prompt)?;
+        Ok((txt, y))
+    })?;
+    reg.release(h.t5);
+    reg.release(h.clip);
+
+    // Reference images → image prompt embeddings → per-block K/V (computed once).
+    let mut image_models = vec![ip_id];
+    image_models.extend(h.image_encoder.map(|e| e.model));
+    job(&mut reg, "image", dev, &image_models, vec![vec![flux_id], vec![vae_id]])?;
+    let (images, adapter_dims, kv_bytes) = timed(&mut stages, "reference images + IP K/V", || ip_images(src, refs, s))?;
+    reg.embeddings_ready(&image_models)?;
+    let kv = reg.register(ModelSpec::uniform("ip-kv-cache", Role::Cache, dev, kv_bytes as u64, 1, "kv"))?;
+    if let Some(e) = h.image_encoder {
+        reg.release(e);
+    }
+    reg.release(h.ip);
+
+    // Sampling.
+    job(&mut reg, "sample", dev, &[flux_id, kv.model], vec![vec![vae_id]])?;
+    let latents = timed(&mut stages, "sampling", || sample(src, images, adapter_dims, &txt, &y, s, on_step))?;
+    reg.release(kv);
+    reg.release(h.flux);
+
+    // Decode.
+    job(&mut reg, "decode", dev, &[vae_id], vec![])?;
+    let (width, height, rgb) = timed(&mut stages, "vae decode", || {
+        let vae = VaeDecoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
+        let img = vae.decode(&sampler::unpack(&latents, s.height / 8, s.width / 8)?)?;
+        crate::vae::to_rgb8(&img)
+    })?;
+    reg.release(h.vae);
+    reg.audit()?;
+    Ok(Generated { width, height, rgb, timeline: reg.drain_events(), stages, ip_kv_bytes: kv_bytes })
+}
+
+/// Encodes every reference and computes its K/V with one loaded adapter.
+fn ip_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<(Vec<IpImage>, Option<IpAdapterDims>, usize)> {
+    if refs.is_empty() {
+        return Ok((Vec::new(), None, 0));
+    }
+    let adapter = IpAdapter::from_store(&(src.ip_adapter.0)()?, s.dtype, &s.device)?;
+    let encoder = match &src.image_encoder {
+        Some((load, _)) if refs.iter().any(|r| matches!(r, Reference::Image { .. })) => Some(load()?),
+        _ => None,
+    };
+    let cfg = IpAttentionConfig { head_dim: src.flux_head_dim, v_norm: s.v_norm };
+    let mut images = Vec::new();
+    for r in refs {
+        let (embeds, weight) = match r {
+            Reference::Image { bytes, name, weight } => {
+                let enc = encoder.as_ref().ok_or_else(|| {
+                    ipaflux_core::Error::Unsupported("a reference image needs --siglip (or give --embeds)".into())
+                })?;
+                (enc.encode(bytes, name)?.image_prompt_embeds, *weight)
+            }
+            Reference::Embeds { image_prompt_embeds, name, weight } => {
+                let want = [1, adapter.dims.num_tokens, adapter.dims.cross_dim];
+                if image_prompt_embeds.dims() != want {
+                    return Err(ipaflux_core::Error::Shape(format!(
+                        "{name}: image_prompt_embeds {:?} do not fit this IP-Adapter ({want:?})",
+                        image_prompt_embeds.dims()
+                    ))
+                    .into());
+                }
+                (image_prompt_embeds.clone(), *weight)
+            }
+        };
+        let kv = adapter.kv_all(&embeds.to_device(&s.device)?.to_dtype(s.dtype)?, &cfg)?;
+        images.push(IpImage { kv, weight });
+    }
+    let bytes = images.iter().flat_map(|i| &i.kv).map(|kv| kv.nbytes()).sum();
+    Ok((images, Some(adapter.dims), bytes))
+}
+
+fn sample(
+    src: &Sources,
+    images: Vec<IpImage>,
+    adapter_dims: Option<IpAdapterDims>,
+    txt: &Tensor,
+    y: &Tensor,
+    s: &Settings,
+    on_step: &mut dyn FnMut(StepInfo),
+) -> Result<Tensor> {
+    let files = (src.flux.0)()?;
+    let model = FluxModel::from_store(files.weights, files.axes_dim, s.dtype, &s.device)?;
+    if let Some(dims) = adapter_dims {
+        check_compatible(&dims, &model.cfg)?;
+    }
+    let hook = if images.is_empty() {
+        None
+    } else {
+        let cfg = IpHookConfig {
+            weight: s.ip_weight,
+            window: IpWindow::from_percent(s.start_percent, s.end_percent, COMFY_FLUX_SHIFT),
+            block_weights: s.block_weights.clone(),
+        };
+        Some(IpAdapterHook::new(images, cfg, &model.cfg)?)
+    };
+    let (rows, cols) = sampler::token_grid(s.width, s.height);
+    let shift = if model.cfg.guidance_embed { Shift::DEV } else { Shift::None };
+    let sigmas = flux_schedule(s.steps, rows * cols, shift);
+    let noise = sampler::pack(&sampler::noise(s.seed, s.width, s.height, &s.device)?)?;
+    let cond = Conditioning { txt: txt.clone(), y: y.clone(), guidance: Some(s.guidance) };
+    let list: Vec<&dyn ipaflux_core::flux::AttentionHook> = hook.iter().map(|h| h as _).collect();
+    Ok(sampler::euler(&model, &noise, &sampler::img_ids(rows, cols), &cond, &sigmas, Hooks::new(&list), on_step)?)
+}
+
+/// A linear ramp from `start` to `end` over `steps` (the Advanced node's weight_start/weight_end).
+pub fn ramp(start: f64, end: f64, steps: usize) -> IpWeight {
+    IpWeight::Ramp(WeightRamp { start, end, steps })
+}
+
+impl Reference {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Image { name, .. } | Self::Embeds { name, .. } => name,
+        }
+    }
+
+    pub fn weight(&self) -> f64 {
+        match self {
+            Self::Image { weight, .. } | Self::Embeds { weight, .. } => *weight,
+        }
+    }
+}
+
+/// The parameters as JSON, for the PNG's `parameters` text chunk.
+pub fn parameters_json(s: &Settings, refs: &[Reference]) -> String {
+    let weight = match s.ip_weight {
+        IpWeight::Constant(w) => serde_json::json!(w),
+        IpWeight::Ramp(r) => serde_json::json!({"start": r.start, "end": r.end, "steps": r.steps}),
+    };
+    serde_json::json!({
+        "generator": concat!("ipaflux ", env!("CARGO_PKG_VERSION")),
+        "prompt": s.prompt,
+        "width": s.width,
+        "height": s.height,
+        "steps": s.steps,
+        "guidance": s.guidance,
+        "seed": s.seed,
+        "dtype": format!("{:?}", s.dtype).to_lowercase(),
+        "references": refs.iter().map(|r| serde_json::json!({"name": r.name(), "weight": r.weight()})).collect::<Vec<_>>(),
+        "ip_weight": weight,
+        "start_percent": s.start_percent,
+        "end_percent": s.end_percent,
+        "block_weights": s.block_weights,
+        "v_norm": format!("{:?}", s.v_norm).to_lowercase(),
+    })
+    .to_string()
+}
+
+/// Sources read from paths (files, folders or Hugging Face cache entries).
+pub struct ModelPaths {
+    pub flux: std::path::PathBuf,
+    pub t5: std::path::PathBuf,
+    pub clip: std::path::PathBuf,
+    pub vae: std::path::PathBuf,
+    pub ip_adapter: std::path::PathBuf,
+    pub siglip: Option<std::path::PathBuf>,
+    pub encoder_dtype: ipaflux_core::Precision,
+}
+
+impl ModelPaths {
+    /// Resolves every path now (so a typo fails before any work) and reads lazily later.
+    pub fn into_sources(self, device: Device) -> Result<Sources> {
+        use crate::load;
+        let flux = load::resolve_arg(&self.flux)?;
+        let t5 = load::resolve_arg(&self.t5)?;
+        let clip = load::resolve_arg(&self.clip)?;
+        let vae = load::vae_file(&load::resolve_arg(&self.vae)?)?;
+        let ip = load::resolve_arg(&self.ip_adapter)?;
+        let siglip = self.siglip.as_deref().map(load::resolve_arg).transpose()?;
+        let flux_head_dim = load::flux_head_dim(&flux)?;
+        let flux_bytes = load::weight_bytes(&if flux.is_file() { flux.clone() } else { flux_dir(&flux) });
+        let t5_bytes = load::weight_bytes(&load::text_encoder_dir(&t5, "text_encoder_2"));
+        let clip_bytes = load::weight_bytes(&load::text_encoder_dir(&clip, "text_encoder"));
+        let (vae_bytes, ip_bytes) = (load::weight_bytes(&vae), load::weight_bytes(&ip));
+        let image_encoder: Option<(LoadFn<Encoder>, u64)> = siglip.map(|dir| {
+            let bytes = load::weight_bytes(&load::resolve_model_dir(&dir).unwrap_or_else(|_| dir.clone()));
+            let (ip, dtype, device) = (ip.clone(), self.encoder_dtype, device.clone());
+            let f: LoadFn<Encoder> = Box::new(move || {
+                let files = load::load_siglip_dir(&dir)?;
+                let adapter = load::load_ip_adapter(&ip)?;
+                Encoder::new(&files.config, files.preprocess, files.weights, &adapter, dtype, device.clone())
+            });
+            (f, bytes)
+        });
+        Ok(Sources {
+            flux: (Box::new(move || load::load_flux(&flux)), flux_bytes),
+            t5: (Box::new(move || load::load_text_encoder(&t5, "text_encoder_2")), t5_bytes),
+            clip: (Box::new(move || load::load_text_encoder(&clip, "text_encoder")), clip_bytes),
+            vae: (Box::new(move || load::load_ip_adapter(&vae)), vae_bytes),
+            image_encoder,
+            ip_adapter: (Box::new(move || load::load_ip_adapter(&ip)), ip_bytes),
+            flux_head_dim,
+        })
+    }
+}
+
+fn flux_dir(path: &std::path::Path) -> std::path::PathBuf {
+    let dir = crate::load::resolve_model_dir(path).unwrap_or_else(|_| path.to_path_buf());
+    if dir.join("transformer").is_dir() {
+        dir.join("transformer")
+    } else {
+        dir
+    }
+}
