@@ -8,13 +8,15 @@
 //! reads Hugging Face configs ([`config`]), turns image bytes into SigLIP
 //! pixel values exactly as transformers does ([`preprocess`]), runs the
 //! SigLIP vision tower with its pooling head ([`siglip`]), the MLP projection
-//! and the IP attention math ([`ip_adapter`]).
+//! and the IP attention math ([`ip_adapter`]), the Flux transformer with its
+//! typed attention hooks, the IP-Adapter hook and Euler sampling ([`flux`]),
+//! and the Flux schedule ([`schedule`]).
 //!
 //! What it does not do: no file or network IO (callers pass bytes), no global
 //! state, nothing platform-specific — it builds for `wasm32-unknown-unknown`.
 //! The memory [`registry`] decides where every model's weights live; it
-//! accounts and plans, and callers move the tensors. Flux itself and sampling
-//! live in later modules.
+//! accounts and plans, and callers move the tensors. Text encoders and the
+//! VAE are used from candle-transformers by the native crate.
 
 pub mod config;
 pub mod device;

@@ -315,6 +315,9 @@ pub struct ModelPaths {
     pub vae: std::path::PathBuf,
     pub ip_adapter: std::path::PathBuf,
     pub siglip: Option<std::path::PathBuf>,
+    /// `tokenizer.json` (or a folder / repo holding it) for single-file text encoders.
+    pub t5_tokenizer: Option<std::path::PathBuf>,
+    pub clip_tokenizer: Option<std::path::PathBuf>,
     pub encoder_dtype: ipaflux_core::Precision,
 }
 
@@ -329,6 +332,7 @@ impl ModelPaths {
         let ip = load::resolve_arg(&self.ip_adapter)?;
         let siglip = self.siglip.as_deref().map(load::resolve_arg).transpose()?;
         let flux_head_dim = load::flux_head_dim(&flux)?;
+        let (t5_tok, clip_tok) = (self.t5_tokenizer, self.clip_tokenizer);
         let flux_bytes = load::weight_bytes(&if flux.is_file() { flux.clone() } else { flux_dir(&flux) });
         let t5_bytes = load::weight_bytes(&load::text_encoder_dir(&t5, "text_encoder_2"));
         let clip_bytes = load::weight_bytes(&load::text_encoder_dir(&clip, "text_encoder"));
@@ -345,8 +349,8 @@ impl ModelPaths {
         });
         Ok(Sources {
             flux: (Box::new(move || load::load_flux(&flux)), flux_bytes),
-            t5: (Box::new(move || load::load_text_encoder(&t5, "text_encoder_2")), t5_bytes),
-            clip: (Box::new(move || load::load_text_encoder(&clip, "text_encoder")), clip_bytes),
+            t5: (Box::new(move || load::load_text_encoder(&t5, "text_encoder_2", t5_tok.as_deref())), t5_bytes),
+            clip: (Box::new(move || load::load_text_encoder(&clip, "text_encoder", clip_tok.as_deref())), clip_bytes),
             vae: (Box::new(move || load::load_ip_adapter(&vae)), vae_bytes),
             image_encoder,
             ip_adapter: (Box::new(move || load::load_ip_adapter(&ip)), ip_bytes),

@@ -2,11 +2,15 @@
 //!
 //! The file-system side of ipaflux: finds and memory-maps checkpoints
 //! ([`load`]), runs the encoder pipeline with per-stage timings ([`encode`]),
-//! the bundled tiny demo ([`demo`]), the CPU benchmark ([`bench`]) and the
-//! memory plan report ([`plan`]). The
-//! numerics all live in `ipaflux-core`; this crate adds IO, timing and the CLI.
+//! the full text + image-prompt pipeline through the memory registry
+//! ([`generate`], with the text encoders in [`text`], the VAE in [`vae`] and
+//! PNG output in [`png_out`]), the bundled tiny demo ([`demo`]), the CPU
+//! benchmarks ([`bench`], [`bench_flux`]) and the memory plan report ([`plan`]).
+//! Our own numerics live in `ipaflux-core`; T5, CLIP and the VAE decoder are
+//! candle-transformers'; this crate adds IO, timing and the CLI.
 
 pub mod bench;
+pub mod bench_flux;
 pub mod demo;
 pub mod encode;
 pub mod generate;

@@ -240,17 +240,49 @@ pub fn flux_head_dim(path: &Path) -> Result<usize> {
 }
 
 /// A text encoder from a diffusers FLUX.1 repo folder (`sub` = `text_encoder` for CLIP,
-/// `text_encoder_2` for T5, tokenizers in `tokenizer`/`tokenizer_2`) or one folder holding
-/// `config.json`, the weights and `tokenizer.json`.
-pub fn load_text_encoder(path: &Path, sub: &str) -> Result<crate::generate::TextFiles> {
-    let dir = resolve_model_dir(path)?;
-    let (model_dir, tok_dir) = if dir.join(sub).is_dir() {
-        (dir.join(sub), dir.join(sub.replace("text_encoder", "tokenizer")))
-    } else {
-        (dir.clone(), dir)
+/// `text_encoder_2` for T5, tokenizers in `tokenizer`/`tokenizer_2`), one folder holding
+/// `config.json`, the weights and `tokenizer.json`, or a single weights file as ComfyUI
+/// keeps them (`t5xxl_fp16.safetensors`, `clip_l.safetensors`): then the config is the
+/// FLUX.1 preset and `tokenizer` must name a `tokenizer.json` (or a folder / repo with one).
+pub fn load_text_encoder(path: &Path, sub: &str, tokenizer: Option<&Path>) -> Result<crate::generate::TextFiles> {
+    let tok_sub = sub.replace("text_encoder", "tokenizer");
+    let read_tokenizer = |p: &Path| -> Result<Vec<u8>> {
+        let p = if p.is_dir() {
+            let dir = resolve_model_dir(p).unwrap_or_else(|_| p.to_path_buf());
+            [dir.join("tokenizer.json"), dir.join(&tok_sub).join("tokenizer.json")]
+                .into_iter()
+                .find(|f| f.exists())
+                .unwrap_or_else(|| dir.join("tokenizer.json"))
+        } else {
+            p.to_path_buf()
+        };
+        std::fs::read(&p).map_err(|e| io_err(&p, e))
     };
-    let tok_path = tok_dir.join("tokenizer.json");
-    let tokenizer = std::fs::read(&tok_path).map_err(|e| io_err(&tok_path, e))?;
+    if path.is_file() {
+        let flag = if sub == "text_encoder_2" { "--t5-tokenizer" } else { "--clip-tokenizer" };
+        let tok = tokenizer.ok_or_else(|| {
+            io_err(
+                path,
+                format!(
+                    "a single-file text encoder needs {flag} (its tokenizer.json, e.g. the FLUX.1 repo's {tok_sub}/)"
+                ),
+            )
+        })?;
+        let config = if sub == "text_encoder_2" { crate::text::T5_XXL_CONFIG } else { crate::text::CLIP_L_CONFIG };
+        let map = map_file(path)?;
+        return Ok(crate::generate::TextFiles {
+            config: config.to_string(),
+            weights: store_from_bytes(&map, &path.display().to_string())?,
+            tokenizer: read_tokenizer(&resolve_arg(tok)?)?,
+        });
+    }
+    let dir = resolve_model_dir(path)?;
+    let (model_dir, tok_dir) =
+        if dir.join(sub).is_dir() { (dir.join(sub), dir.join(&tok_sub)) } else { (dir.clone(), dir) };
+    let tokenizer = match tokenizer {
+        Some(t) => read_tokenizer(&resolve_arg(t)?)?,
+        None => read_tokenizer(&tok_dir)?,
+    };
     Ok(crate::generate::TextFiles {
         config: read_text(&model_dir.join("config.json"))?,
         weights: load_safetensors_in(&model_dir, "model")?,

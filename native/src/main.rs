@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ipaflux::{bench, demo, encode, generate, load, plan, png_out};
+use ipaflux::{bench, bench_flux, demo, encode, generate, load, plan, png_out};
 use ipaflux_core::registry::{parse_bytes, scenario, EvictionPolicy, RegistryConfig, VramState};
 use ipaflux_core::{DeviceSpec, Precision};
 
@@ -60,8 +60,8 @@ enum Cmd {
         #[arg(long, default_value = "0")]
         reserve: String,
         /// Offload image encoder, projection and IP processors once embeddings exist.
-        #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-        offload_preprocessing: String,
+        #[arg(long, default_value = "on")]
+        offload_preprocessing: OnOff,
         /// Eviction policy: furthest-next-use, lru, largest-first or comfyui.
         #[arg(long, default_value = "furthest-next-use")]
         policy: EvictionPolicy,
@@ -88,10 +88,28 @@ enum Cmd {
         /// Only the memory registry's decision overhead (fast; no encoder).
         #[arg(long)]
         registry_only: bool,
+        /// Instead: one Flux transformer step at FLUX.1-dev shapes, without IP, with cached and recomputed IP K/V.
+        #[arg(long)]
+        flux: bool,
+        /// Image side for --flux (1024 → 4096 image tokens).
+        #[arg(long, default_value_t = 1024)]
+        flux_size: usize,
+        /// Double and single blocks for --flux (reduced depth on the CPU; FLUX.1 has 19 and 38).
+        #[arg(long, num_args = 2, default_values_t = [1, 1])]
+        flux_depth: Vec<usize>,
+        #[arg(long, default_value = "f32")]
+        flux_dtype: Precision,
         /// Python interpreter with torch and transformers.
         #[arg(long, env = "IPAFLUX_PYTHON", default_value = "python3")]
         python: String,
     },
+}
+
+/// A switch given as `on` or `off`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(clap::Args)]
@@ -99,12 +117,20 @@ struct GenerateArgs {
     /// Flux transformer: BFL single file (bf16/fp16/fp8-e4m3), diffusers folder, repo folder or HF repo id.
     #[arg(long)]
     flux: PathBuf,
-    /// T5 encoder: folder with config.json, weights and tokenizer.json, or a FLUX.1 repo folder / HF repo id.
+    /// T5 encoder: folder with config.json, weights and tokenizer.json, a FLUX.1 repo folder / HF repo id,
+    /// or a single file (with --t5-tokenizer).
     #[arg(long)]
     t5: PathBuf,
-    /// CLIP-L text encoder: folder with config.json, weights and tokenizer.json, or a FLUX.1 repo folder / HF repo id.
+    /// CLIP-L text encoder: folder with config.json, weights and tokenizer.json, a FLUX.1 repo folder / HF repo id,
+    /// or a single file (with --clip-tokenizer).
     #[arg(long)]
     clip: PathBuf,
+    /// tokenizer.json for a single-file --t5 (ComfyUI's t5xxl_*.safetensors); a file, folder or HF repo id.
+    #[arg(long)]
+    t5_tokenizer: Option<PathBuf>,
+    /// tokenizer.json for a single-file --clip (ComfyUI's clip_l.safetensors); a file, folder or HF repo id.
+    #[arg(long)]
+    clip_tokenizer: Option<PathBuf>,
     /// VAE: BFL ae.safetensors, or a repo folder holding it.
     #[arg(long)]
     vae: PathBuf,
@@ -123,7 +149,8 @@ struct GenerateArgs {
     /// Weight per reference, in order (images, then embeds); one value applies to all. Range -1..5.
     #[arg(long, value_delimiter = ',', default_value = "1.0")]
     ip_weight: Vec<f64>,
-    /// Linear weight ramp over the sampler steps (ComfyUI's Advanced node); replaces --ip-weight's global factor.
+    /// Linear weight ramp from --weight-start to --weight-end over the sampler steps (ComfyUI's Advanced node);
+    /// multiplies each reference's --ip-weight.
     #[arg(long, requires = "weight_end")]
     weight_start: Option<f64>,
     #[arg(long, requires = "weight_start")]
@@ -159,8 +186,8 @@ struct GenerateArgs {
     device: DeviceSpec,
     #[arg(long, default_value = "normal")]
     vram_state: VramState,
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    offload_preprocessing: String,
+    #[arg(long, default_value = "on")]
+    offload_preprocessing: OnOff,
     /// Print the memory registry's timeline.
     #[arg(long)]
     verbose: bool,
@@ -232,7 +259,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         v_norm: a.v_norm,
         registry: RegistryConfig {
             state: a.vram_state,
-            offload_preprocessing: a.offload_preprocessing == "on",
+            offload_preprocessing: a.offload_preprocessing == OnOff::On,
             ..RegistryConfig::default()
         },
     };
@@ -243,6 +270,8 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         vae: a.vae,
         ip_adapter: a.ip_adapter,
         siglip: a.siglip,
+        t5_tokenizer: a.t5_tokenizer,
+        clip_tokenizer: a.clip_tokenizer,
         encoder_dtype: a.dtype,
     };
     let sources = paths.into_sources(device)?;
@@ -329,7 +358,7 @@ fn main() -> anyhow::Result<()> {
             let config = RegistryConfig {
                 state,
                 reserve_bytes: parse_bytes(&reserve).context("--reserve")?,
-                offload_preprocessing: offload_preprocessing == "on",
+                offload_preprocessing: offload_preprocessing == OnOff::On,
                 policy,
                 ..RegistryConfig::default()
             };
@@ -341,7 +370,19 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", plan::render(&report));
             }
         }
-        Cmd::Bench { runs, no_projection, no_torch, registry_only, python } => {
+        Cmd::Bench { flux: true, runs, flux_size, flux_depth, flux_dtype, .. } => {
+            let o = bench_flux::FluxBenchOptions {
+                size: flux_size,
+                txt_tokens: 512,
+                depth: flux_depth[0],
+                depth_single: flux_depth[1],
+                runs,
+                dtype: flux_dtype.dtype(),
+            };
+            ipaflux_core::flux::sampler::check_size(flux_size, flux_size)?;
+            print!("{}", bench_flux::table(&bench_flux::run(&o)?, &o));
+        }
+        Cmd::Bench { runs, no_projection, no_torch, registry_only, python, .. } => {
             if !registry_only {
                 let opts = bench::BenchOptions { runs, projection: !no_projection, python, compare_torch: !no_torch };
                 let rows = bench::run(&opts)?;

@@ -15,6 +15,17 @@ pub const T5_MAX_LEN_DEV: usize = 512;
 /// T5 sequence length for FLUX.1-schnell.
 pub const T5_MAX_LEN_SCHNELL: usize = 256;
 
+/// google/t5-v1_1-xxl's encoder config, for single-file T5 checkpoints (ComfyUI's `t5xxl_*.safetensors`).
+pub const T5_XXL_CONFIG: &str = r#"{"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24,
+  "num_heads": 64, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "dropout_rate": 0.1,
+  "layer_norm_epsilon": 1e-6, "initializer_factor": 1.0, "feed_forward_proj": "gated-gelu", "is_encoder_decoder": true,
+  "tie_word_embeddings": false, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}"#;
+
+/// openai/clip-vit-large-patch14's text config, for single-file CLIP-L checkpoints (ComfyUI's `clip_l.safetensors`).
+pub const CLIP_L_CONFIG: &str = r#"{"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
+  "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+  "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "projection_dim": 768}"#;
+
 fn text_err(what: &str, reason: impl std::fmt::Display) -> Error {
     Error::Core(ipaflux_core::Error::Unsupported(format!("{what}: {reason}")))
 }

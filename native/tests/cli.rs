@@ -279,6 +279,12 @@ fn generate_refuses_bad_input_cleanly() {
     );
     assert_fails(&generate(&["--image", &photo, "--ip-weight", "7"], &out), &["outside the accepted range"]);
     assert_fails(&generate(&[], &out), &["--image or --embeds"]);
+    // A single-file T5 needs its tokenizer, and gets the T5-XXL config: the tiny weights do not fit it.
+    let t5_file = fixture("pipeline/t5/model.safetensors").display().to_string();
+    assert_fails(&generate(&["--image", &photo, "--t5", &t5_file], &out), &["--t5-tokenizer"]);
+    let tok = fixture("pipeline/t5/tokenizer.json").display().to_string();
+    let o = generate(&["--image", &photo, "--t5", &t5_file, "--t5-tokenizer", &tok], &out);
+    assert_fails(&o, &["model.safetensors", "not a T5 encoder checkpoint"]);
     // An adapter made for another Flux (K/V 32 wide instead of 48).
     let adapter = tmp("adapter-32.safetensors");
     write_adapter(&adapter, 32);

@@ -99,6 +99,8 @@ fn main() {
             run(&python, &["tests/reference/make_fixtures.py"]);
             run(&python, &["tests/reference/make_jpeg_fixtures.py"]);
             run(&python, &["tests/reference/make_schedule_fixtures.py"]);
+            run(&python, &["tests/reference/make_flux_fixtures.py"]);
+            run(&python, &["tests/reference/make_pipeline_fixtures.py"]);
         }
         _ => {
             eprintln!("usage: cargo xtask <test|lint|fixtures>");

@@ -28,7 +28,10 @@ const TIME_EMBED_DIM: usize = 256;
 /// BFL's `time_factor`: timesteps in [0, 1] are scaled to [0, 1000].
 const TIME_FACTOR: f32 = 1000.0;
 
-/// Tensors by canonical name, converted to the model dtype on the model device as they are taken.
+/// Tensors by canonical name, converted to the model dtype on the model device
+/// as they are taken. Taking removes them, so a layer's source tensor is freed
+/// as soon as the layer holds its own copy: loading peaks at about one model
+/// plus one layer, not two models.
 struct Weights {
     map: BTreeMap<String, Tensor>,
     dtype: DType,
@@ -36,14 +39,14 @@ struct Weights {
 }
 
 impl Weights {
-    fn get(&self, name: &str) -> Result<Tensor> {
-        let t = self.map.get(name).ok_or_else(|| Error::Shape(format!("Flux weight `{name}` was not prepared")))?;
+    fn get(&mut self, name: &str) -> Result<Tensor> {
+        let t = self.map.remove(name).ok_or_else(|| Error::Shape(format!("Flux weight `{name}` was not prepared")))?;
         let t = t.to_device(&self.device)?;
         // fp8 stays fp8: each layer upcasts it when it runs.
         Ok(if t.dtype() == DType::F8E4M3 { t } else { t.to_dtype(self.dtype)? })
     }
 
-    fn linear(&self, prefix: &str) -> Result<Linear> {
+    fn linear(&mut self, prefix: &str) -> Result<Linear> {
         Linear::from_parts(self.get(&format!("{prefix}.weight"))?, Some(self.get(&format!("{prefix}.bias"))?))
     }
 }
@@ -108,7 +111,7 @@ struct MlpEmbedder {
 }
 
 impl MlpEmbedder {
-    fn new(w: &Weights, p: &str) -> Result<Self> {
+    fn new(w: &mut Weights, p: &str) -> Result<Self> {
         Ok(Self { in_layer: w.linear(&format!("{p}.in_layer"))?, out_layer: w.linear(&format!("{p}.out_layer"))? })
     }
 
@@ -125,7 +128,7 @@ struct QkNorm {
 }
 
 impl QkNorm {
-    fn new(w: &Weights, p: &str) -> Result<Self> {
+    fn new(w: &mut Weights, p: &str) -> Result<Self> {
         Ok(Self {
             query_norm: w.get(&format!("{p}.query_norm.scale"))?,
             key_norm: w.get(&format!("{p}.key_norm.scale"))?,
@@ -235,7 +238,7 @@ struct Stream {
 }
 
 impl Stream {
-    fn new(w: &Weights, p: &str) -> Result<Self> {
+    fn new(w: &mut Weights, p: &str) -> Result<Self> {
         Ok(Self {
             modulation: w.linear(&format!("{p}_mod.lin"))?,
             qkv: w.linear(&format!("{p}_attn.qkv"))?,
@@ -356,13 +359,13 @@ impl FluxModel {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(Error::Unsupported(format!("Flux compute dtype must be f32, bf16 or f16, not {dtype:?}")));
         }
-        let w = Weights { map, dtype, device: device.clone() };
+        let mut w = Weights { map, dtype, device: device.clone() };
         let double_blocks = (0..cfg.depth)
             .map(|i| {
                 let p = format!("double_blocks.{i}");
                 Ok(DoubleBlock {
-                    img: Stream::new(&w, &format!("{p}.img"))?,
-                    txt: Stream::new(&w, &format!("{p}.txt"))?,
+                    img: Stream::new(&mut w, &format!("{p}.img"))?,
+                    txt: Stream::new(&mut w, &format!("{p}.txt"))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -372,16 +375,16 @@ impl FluxModel {
                 Ok(SingleBlock {
                     linear1: w.linear(&format!("{p}.linear1"))?,
                     linear2: w.linear(&format!("{p}.linear2"))?,
-                    norm: QkNorm::new(&w, &format!("{p}.norm"))?,
+                    norm: QkNorm::new(&mut w, &format!("{p}.norm"))?,
                     modulation: w.linear(&format!("{p}.modulation.lin"))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             img_in: w.linear("img_in")?,
-            time_in: MlpEmbedder::new(&w, "time_in")?,
-            vector_in: MlpEmbedder::new(&w, "vector_in")?,
-            guidance_in: if cfg.guidance_embed { Some(MlpEmbedder::new(&w, "guidance_in")?) } else { None },
+            time_in: MlpEmbedder::new(&mut w, "time_in")?,
+            vector_in: MlpEmbedder::new(&mut w, "vector_in")?,
+            guidance_in: if cfg.guidance_embed { Some(MlpEmbedder::new(&mut w, "guidance_in")?) } else { None },
             txt_in: w.linear("txt_in")?,
             double_blocks,
             single_blocks,

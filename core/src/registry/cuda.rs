@@ -73,13 +73,7 @@ impl MemoryDevice for CudaMemory {
         self.placed
     }
     fn place(&mut self, bytes: u64) -> Result<(), DeviceFull> {
-        match self.placed.checked_add(bytes) {
-            Some(after) if after <= self.total => {
-                self.placed = after;
-                Ok(())
-            }
-            _ => Err(DeviceFull { device: self.id(), requested: bytes, placed: self.placed, capacity: self.total }),
-        }
+        super::memory::place_within(self.id(), &mut self.placed, self.total, bytes)
     }
     fn remove(&mut self, bytes: u64) {
         self.placed = self.placed.saturating_sub(bytes);

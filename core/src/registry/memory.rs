@@ -135,7 +135,7 @@ impl MemoryDevice for BudgetedDevice {
     }
 }
 
-fn place_within(device: DeviceSpec, placed: &mut u64, capacity: u64, bytes: u64) -> Result<(), DeviceFull> {
+pub(super) fn place_within(device: DeviceSpec, placed: &mut u64, capacity: u64, bytes: u64) -> Result<(), DeviceFull> {
     match placed.checked_add(bytes) {
         Some(after) if after <= capacity => {
             *placed = after;

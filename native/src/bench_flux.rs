@@ -1,0 +1,222 @@
+//! `ipaflux bench --flux`: one Flux transformer step at FLUX.1-dev shapes
+//! (hidden 3072, 24 heads, 1024² → 4096 image tokens, 512 text tokens) with
+//! random weights, without the IP-Adapter, with cached IP K/V, and with K/V
+//! recomputed every step (what a replaced-forward implementation does).
+//! On the CPU the depth is reduced (default 1 double + 1 single block; FLUX.1
+//! has 19 + 38) and the table says so. Prints time and the process's peak
+//! resident memory; asserts nothing.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use ipaflux_core::candle_core::{DType, Device, Tensor};
+use ipaflux_core::flux::hooks::{AttentionHook, HookPoint, Hooks, Site};
+use ipaflux_core::flux::ip::{IpAdapterHook, IpHookConfig, IpImage};
+use ipaflux_core::flux::model::canonical_tensors;
+use ipaflux_core::flux::sampler::{img_ids, token_grid};
+use ipaflux_core::flux::{Conditioning, FluxConfig, FluxModel};
+use ipaflux_core::ip_adapter::{IpAdapterDims, IpProcessor};
+use ipaflux_core::{IpAttentionConfig, IpKv};
+
+use crate::Result;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct FluxBenchOptions {
+    pub size: usize,
+    pub txt_tokens: usize,
+    pub depth: usize,
+    pub depth_single: usize,
+    pub runs: usize,
+    pub dtype: DType,
+}
+
+/// One row: what ran, its median time and the peak RSS after it.
+pub struct FluxRow {
+    pub name: String,
+    pub ms: f64,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Peak resident set of this process (Linux `VmHWM`).
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// IP-Adapter without a cache: K/V from the processors at every block call.
+struct RecomputeIp {
+    processors: Vec<IpProcessor>,
+    embeds: Tensor,
+    cfg: IpAttentionConfig,
+    scale: f64,
+}
+
+impl AttentionHook for RecomputeIp {
+    fn name(&self) -> &str {
+        "ip-adapter (recomputed K/V)"
+    }
+
+    fn attention(&self, at: &HookPoint, q: &Tensor, attn: &Tensor) -> ipaflux_core::Result<Option<Tensor>> {
+        let p = &self.processors[at.site.global_index(at.depth)];
+        let kv = p.kv(&self.embeds, &self.cfg)?;
+        Ok(Some((attn + kv.attend(q, self.scale)?)?))
+    }
+}
+
+fn random(shape: &[usize], dtype: DType) -> Result<Tensor> {
+    Ok(Tensor::randn(0f32, 0.02, shape, &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+fn time_ms(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut t: Vec<f64> = (0..runs.max(1))
+        .map(|_| {
+            let s = Instant::now();
+            f().map(|_| s.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_>>()?;
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// Runs the three variants.
+pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
+    let cfg = FluxConfig { depth: o.depth, depth_single: o.depth_single, ..FluxConfig::dev() };
+    let mut map = BTreeMap::new();
+    for (name, shape) in canonical_tensors(&cfg) {
+        let t = if name.ends_with(".scale") {
+            Tensor::ones(shape.as_slice(), o.dtype, &Device::Cpu)?
+        } else {
+            random(&shape, o.dtype)?
+        };
+        map.insert(name, t);
+    }
+    let model = FluxModel::from_canonical(cfg.clone(), map, o.dtype, &Device::Cpu)?;
+    let (rows, cols) = token_grid(o.size, o.size);
+    let img = random(&[1, rows * cols, cfg.in_channels], o.dtype)?;
+    let ids = img_ids(rows, cols);
+    let cond = Conditioning {
+        txt: random(&[1, o.txt_tokens, cfg.context_in_dim], o.dtype)?,
+        y: random(&[1, cfg.vec_in_dim], o.dtype)?,
+        guidance: Some(3.5),
+    };
+    // An InstantX-sized adapter for these blocks: 128 tokens of 4096 → K/V 3072 wide.
+    let dims = IpAdapterDims {
+        id_dim: 1152,
+        proj_hidden: 2304,
+        num_tokens: 128,
+        cross_dim: 4096,
+        num_processors: cfg.num_blocks(),
+        hidden: cfg.hidden_size,
+    };
+    let mut pmap = std::collections::HashMap::new();
+    for i in 0..dims.num_processors {
+        for n in ["to_k_ip", "to_v_ip"] {
+            pmap.insert(format!("{i}.{n}.weight"), random(&[dims.hidden, dims.cross_dim], o.dtype)?);
+        }
+    }
+    let vb = ipaflux_core::candle_nn::VarBuilder::from_tensors(pmap, o.dtype, &Device::Cpu);
+    let processors = (0..dims.num_processors)
+        .map(|i| Ok(IpProcessor::new(&dims, vb.pp(i.to_string()))?))
+        .collect::<Result<Vec<_>>>()?;
+    let embeds = random(&[1, dims.num_tokens, dims.cross_dim], o.dtype)?;
+    let ip_cfg = IpAttentionConfig::default();
+
+    let step = |hooks: &[&dyn AttentionHook]| -> Result<()> {
+        model.forward(&img, &ids, &cond, 0.7, 0, Hooks::new(hooks))?;
+        Ok(())
+    };
+    let mut out = Vec::new();
+    let label = format!(
+        "{}² ({} img + {} txt tokens), {}+{} blocks, {:?}",
+        o.size,
+        rows * cols,
+        o.txt_tokens,
+        o.depth,
+        o.depth_single,
+        o.dtype
+    );
+    step(&[])?; // warm-up: first-touch allocations, caches
+    let ms = time_ms(o.runs, || step(&[]))?;
+    out.push(FluxRow { name: format!("step, no IP: {label}"), ms, peak_rss_bytes: peak_rss() });
+
+    let t = Instant::now();
+    let kv: Vec<IpKv> = processors.iter().map(|p| p.kv(&embeds, &ip_cfg)).collect::<ipaflux_core::Result<_>>()?;
+    let kv_ms = t.elapsed().as_secs_f64() * 1e3;
+    let kv_bytes: usize = kv.iter().map(IpKv::nbytes).sum();
+    let hook = IpAdapterHook::new(vec![IpImage { kv, weight: 1.0 }], IpHookConfig::default(), &cfg)?;
+    let ms_cached = time_ms(o.runs, || step(&[&hook]))?;
+    out.push(FluxRow { name: "step, IP with cached K/V".into(), ms: ms_cached, peak_rss_bytes: peak_rss() });
+    out.push(FluxRow {
+        name: format!(
+            "  K/V computed once per image ({} for these blocks)",
+            ipaflux_core::registry::Bytes(kv_bytes as u64)
+        ),
+        ms: kv_ms,
+        peak_rss_bytes: None,
+    });
+    let recompute = RecomputeIp { processors, embeds, cfg: ip_cfg, scale: 1.0 };
+    let ms_re = time_ms(o.runs, || step(&[&recompute]))?;
+    out.push(FluxRow { name: "step, IP with K/V recomputed per step".into(), ms: ms_re, peak_rss_bytes: peak_rss() });
+
+    // The IP branch alone, on queries of each block's shape: whole-step differences are
+    // within the machine's noise, this is not.
+    let heads = cfg.num_heads;
+    let q_double = random(&[1, heads, rows * cols, cfg.head_dim()], o.dtype)?;
+    let q_single = random(&[1, heads, rows * cols + o.txt_tokens, cfg.head_dim()], o.dtype)?;
+    let attn_of = |q: &Tensor| -> Result<Tensor> { random(&[1, q.dim(2)?, cfg.hidden_size], o.dtype) };
+    let (a_double, a_single) = (attn_of(&q_double)?, attn_of(&q_single)?);
+    let branch = |hook: &dyn AttentionHook| -> Result<()> {
+        for site in (0..cfg.depth)
+            .map(|index| Site::Double { index })
+            .chain((0..cfg.depth_single).map(|index| Site::Single { index }))
+        {
+            let at = HookPoint { site, depth: cfg.depth, sigma: 0.7, step: 0, txt_len: o.txt_tokens };
+            let (q, a) =
+                if matches!(site, Site::Double { .. }) { (&q_double, &a_double) } else { (&q_single, &a_single) };
+            hook.attention(&at, q, a)?;
+        }
+        Ok(())
+    };
+    let ms = time_ms(o.runs.max(3), || branch(&hook))?;
+    out.push(FluxRow { name: "IP branch alone, cached K/V (all blocks of the step)".into(), ms, peak_rss_bytes: None });
+    let ms = time_ms(o.runs.max(3), || branch(&recompute))?;
+    out.push(FluxRow { name: "IP branch alone, K/V recomputed".into(), ms, peak_rss_bytes: None });
+    Ok(out)
+}
+
+/// The table, with the IP overhead relative to the plain step and the cache size at full depth.
+pub fn table(rows: &[FluxRow], o: &FluxBenchOptions) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let base = rows.first().map_or(1.0, |r| r.ms);
+    let _ = writeln!(s, "{:<72} {:>11} {:>9} {:>12}", "flux step (CPU, random weights)", "ms", "vs plain", "peak RSS");
+    for r in rows {
+        let rss = r.peak_rss_bytes.map_or("-".to_string(), |b| ipaflux_core::registry::Bytes(b).to_string());
+        let rel = if r.name.starts_with("step") {
+            format!("{:+.2}%", (r.ms / base - 1.0) * 100.0)
+        } else if r.name.starts_with("IP branch") {
+            format!("{:.2}%", r.ms / base * 100.0)
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(s, "{:<72} {:>11.1} {:>9} {:>12}", r.name, r.ms, rel, rss);
+    }
+    let full = FluxConfig::dev();
+    let per_image = full.num_blocks() * 2 * 128 * full.hidden_size * o.dtype.size_in_bytes();
+    let _ = writeln!(
+        s,
+        "reduced depth: {}+{} of FLUX.1's {}+{} blocks (the IP share is per block, so it carries over). \
+         `vs plain`: whole steps as a change, IP branch as a share of the plain step. \
+         Cached K/V at full depth: {} per reference image at {:?}",
+        o.depth,
+        o.depth_single,
+        full.depth,
+        full.depth_single,
+        ipaflux_core::registry::Bytes(per_image as u64),
+        o.dtype
+    );
+    s
+}
