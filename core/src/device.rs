@@ -27,8 +27,12 @@ impl DeviceSpec {
     pub fn to_candle(self) -> Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(i) => Device::new_cuda(i).map_err(|e| Error::Unsupported(format!("device cuda:{i}: {e}"))),
+            #[cfg(not(feature = "cuda"))]
             Self::Cuda(i) => Err(Error::Unsupported(format!(
-                "device cuda:{i} is not available: this build of ipaflux has no CUDA support; use --device cpu"
+                "device cuda:{i} is not available: this build of ipaflux has no CUDA support (build with \
+                 `--features cuda`); use --device cpu"
             ))),
             Self::WebGpu(i) => Err(Error::Unsupported(format!(
                 "device webgpu:{i} has no candle backend; WebGPU runs through the web build's own kernels"

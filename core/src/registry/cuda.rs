@@ -1,9 +1,9 @@
 //! CUDA device memory for the registry (feature `cuda`): capacity and free
 //! memory from the driver, so memory other programs use is respected.
 //!
-//! The driver library is loaded at run time: without one (or without a GPU)
-//! [`CudaMemory::new`] is a clear error, never a crash. Tensors themselves are
-//! allocated by their owners; this type only accounts.
+//! Built with candle's CUDA backend (feature `cuda`), which links the driver
+//! library; without a GPU [`CudaMemory::new`] is a clear error. Tensors
+//! themselves are allocated by their owners; this type only accounts.
 
 use std::sync::Arc;
 
@@ -22,24 +22,9 @@ pub struct CudaMemory {
     placed: u64,
 }
 
-/// Whether a CUDA driver library can be loaded at all.
-pub fn driver_present() -> bool {
-    // SAFETY: only tries to open the driver library by its usual names and
-    // drops the handle; no driver function is called.
-    #[allow(unsafe_code)]
-    unsafe {
-        cudarc::driver::sys::is_culib_present()
-    }
-}
-
 impl CudaMemory {
     /// Opens GPU `ordinal` (its primary context) and reads its capacity.
     pub fn new(ordinal: usize) -> Result<Self> {
-        if !driver_present() {
-            return Err(Error::Unsupported(format!(
-                "cuda:{ordinal}: no CUDA driver found (libcuda.so.1); install the NVIDIA driver or use the CPU"
-            )));
-        }
         let fail = |e: cudarc::driver::DriverError| Error::Unsupported(format!("cuda:{ordinal}: {e}"));
         let context = CudaContext::new(ordinal).map_err(fail)?;
         let (_, total) = context.mem_get_info().map_err(fail)?;

@@ -39,7 +39,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 pub use bytes::{parse_bytes, Bytes};
 #[cfg(feature = "cuda")]
-pub use cuda::{driver_present, CudaMemory};
+pub use cuda::CudaMemory;
 pub use job::{JobPlan, JobRequest, ModelPlacement, Move};
 pub use memory::{BudgetedDevice, DeviceFull, HostMemory, MemoryDevice};
 pub use model::{JobId, ModelHandle, ModelId, ModelSpec, Role, UnitSpec};
