@@ -333,7 +333,7 @@ impl ModelPaths {
         let siglip = self.siglip.as_deref().map(load::resolve_arg).transpose()?;
         let flux_head_dim = load::flux_head_dim(&flux)?;
         let (t5_tok, clip_tok) = (self.t5_tokenizer, self.clip_tokenizer);
-        let flux_bytes = load::weight_bytes(&if flux.is_file() { flux.clone() } else { flux_dir(&flux) });
+        let flux_bytes = load::weight_bytes(&if flux.is_file() { flux.clone() } else { load::flux_dir(&flux)? });
         let t5_bytes = load::weight_bytes(&load::text_encoder_dir(&t5, "text_encoder_2"));
         let clip_bytes = load::weight_bytes(&load::text_encoder_dir(&clip, "text_encoder"));
         let (vae_bytes, ip_bytes) = (load::weight_bytes(&vae), load::weight_bytes(&ip));
@@ -351,19 +351,10 @@ impl ModelPaths {
             flux: (Box::new(move || load::load_flux(&flux)), flux_bytes),
             t5: (Box::new(move || load::load_text_encoder(&t5, "text_encoder_2", t5_tok.as_deref())), t5_bytes),
             clip: (Box::new(move || load::load_text_encoder(&clip, "text_encoder", clip_tok.as_deref())), clip_bytes),
-            vae: (Box::new(move || load::load_ip_adapter(&vae)), vae_bytes),
+            vae: (Box::new(move || load::load_store(&vae)), vae_bytes),
             image_encoder,
             ip_adapter: (Box::new(move || load::load_ip_adapter(&ip)), ip_bytes),
             flux_head_dim,
         })
-    }
-}
-
-fn flux_dir(path: &std::path::Path) -> std::path::PathBuf {
-    let dir = crate::load::resolve_model_dir(path).unwrap_or_else(|_| path.to_path_buf());
-    if dir.join("transformer").is_dir() {
-        dir.join("transformer")
-    } else {
-        dir
     }
 }

@@ -109,6 +109,12 @@ pub struct FluxFiles {
     pub axes_dim: Option<Vec<usize>>,
 }
 
+/// The folder holding a Flux transformer: a repo's `transformer/`, or the folder itself.
+pub fn flux_dir(path: &Path) -> Result<PathBuf> {
+    let dir = resolve_model_dir(path)?;
+    Ok(if dir.join("transformer").is_dir() { dir.join("transformer") } else { dir })
+}
+
 /// Loads Flux from a BFL single file (`flux1-dev.safetensors`, fp8 too), a
 /// diffusers `transformer/` folder, a repo folder holding either, or a Hugging
 /// Face cache entry of such a repo.
@@ -117,8 +123,7 @@ pub fn load_flux(path: &Path) -> Result<FluxFiles> {
         let map = map_file(path)?;
         return Ok(FluxFiles { weights: store_from_bytes(&map, &path.display().to_string())?, axes_dim: None });
     }
-    let dir = resolve_model_dir(path)?;
-    let dir = if dir.join("transformer").is_dir() { dir.join("transformer") } else { dir };
+    let dir = flux_dir(path)?;
     let has = |stem: &str| {
         dir.join(format!("{stem}.safetensors")).exists() || dir.join(format!("{stem}.safetensors.index.json")).exists()
     };
@@ -153,9 +158,13 @@ pub fn load_flux(path: &Path) -> Result<FluxFiles> {
 
 /// An IP-Adapter checkpoint: the InstantX `ip-adapter.bin` (PyTorch zip) or a flat safetensors, told apart by content.
 pub fn load_ip_adapter(path: &Path) -> Result<TensorStore> {
+    load_store(path)
+}
+
+/// Any single-file checkpoint (safetensors or PyTorch zip, told apart by content).
+pub fn load_store(path: &Path) -> Result<TensorStore> {
     let map = map_file(path)?;
-    let name = path.display().to_string();
-    Ok(store_from_bytes(&map, &name)?)
+    Ok(store_from_bytes(&map, &path.display().to_string())?)
 }
 
 /// Picks the parser from the first bytes: `PK` is a zip (torch.save), anything else is tried as safetensors.
@@ -227,8 +236,7 @@ pub fn flux_head_dim(path: &Path) -> Result<usize> {
         let map = map_file(path)?;
         return flux_head_dim_in(&map).ok_or_else(|| io_err(path, "no Flux attention norms in this file's header"));
     }
-    let dir = resolve_model_dir(path)?;
-    let dir = if dir.join("transformer").is_dir() { dir.join("transformer") } else { dir };
+    let dir = flux_dir(path)?;
     let cfg = dir.join("config.json");
     if cfg.exists() {
         let v: serde_json::Value = serde_json::from_str(&read_text(&cfg)?).map_err(|e| io_err(&cfg, e))?;
