@@ -85,50 +85,22 @@ impl FluxConfig {
     }
 }
 
-/// Sizes read off a checkpoint (layout-independent); the head count comes from the QK-norm size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InferredSizes {
-    pub in_channels: usize,
-    pub out_channels: usize,
-    pub vec_in_dim: usize,
-    pub context_in_dim: usize,
-    pub hidden_size: usize,
-    pub mlp_hidden: usize,
-    pub head_dim: usize,
-    pub depth: usize,
-    pub depth_single: usize,
-    pub guidance_embed: bool,
-}
-
-impl InferredSizes {
-    /// A full config; the RoPE axes are FLUX.1's for head size 128, else `axes_dim` must be given.
-    pub fn into_config(self, axes_dim: Option<Vec<usize>>) -> Result<FluxConfig> {
-        let axes_dim = match axes_dim {
+impl FluxConfig {
+    /// Resolves the RoPE axes of a config inferred from a checkpoint (which has
+    /// none): `axes_dim` if given, else FLUX.1's for head size 128; then checks it.
+    pub fn with_axes(mut self, axes_dim: Option<Vec<usize>>) -> Result<Self> {
+        self.axes_dim = match axes_dim {
             Some(a) => a,
-            None if self.head_dim == FLUX_AXES_DIM.iter().sum::<usize>() => FLUX_AXES_DIM.to_vec(),
+            None if self.head_dim() == FLUX_AXES_DIM.iter().sum::<usize>() => FLUX_AXES_DIM.to_vec(),
             None => {
                 return Err(Error::Unsupported(format!(
                     "head size {} is not FLUX.1's 128: give the RoPE axes (diffusers' `axes_dims_rope`)",
-                    self.head_dim
+                    self.head_dim()
                 )))
             }
         };
-        let cfg = FluxConfig {
-            in_channels: self.in_channels,
-            out_channels: self.out_channels,
-            vec_in_dim: self.vec_in_dim,
-            context_in_dim: self.context_in_dim,
-            hidden_size: self.hidden_size,
-            mlp_hidden: self.mlp_hidden,
-            num_heads: self.hidden_size / self.head_dim.max(1),
-            depth: self.depth,
-            depth_single: self.depth_single,
-            axes_dim,
-            theta: FLUX_THETA,
-            guidance_embed: self.guidance_embed,
-        };
-        cfg.check()?;
-        Ok(cfg)
+        self.check()?;
+        Ok(self)
     }
 }
 

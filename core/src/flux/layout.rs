@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::Tensor;
 
-use super::config::InferredSizes;
+use super::config::{FluxConfig, FLUX_THETA};
 use crate::error::{Error, Result, TensorProblem};
 use crate::weights::TensorStore;
 
@@ -136,8 +136,10 @@ impl FluxLayout {
         self.sources(name, 0, 0).into_iter().next().map_or_else(|| name.to_string(), |(n, _)| n)
     }
 
-    /// Sizes from tensor shapes; the ones every Flux has are required.
-    pub fn infer(self, store: &TensorStore) -> Result<InferredSizes> {
+    /// Sizes from tensor shapes (the ones every Flux has are required); the head
+    /// count comes from the QK-norm size. RoPE axes are not in a checkpoint: the
+    /// config has none until [`FluxConfig::with_axes`].
+    pub fn infer(self, store: &TensorStore) -> Result<FluxConfig> {
         let shape = |name: &str| -> Result<Vec<usize>> {
             let src = self.source_name(name);
             store.get(&src).map(|t| t.dims().to_vec()).ok_or_else(|| Error::Checkpoint {
@@ -172,16 +174,18 @@ impl FluxLayout {
             };
             (rows, dim("single_blocks.0.norm.query_norm.scale", 0)?)
         };
-        Ok(InferredSizes {
+        Ok(FluxConfig {
             in_channels: dim("img_in.weight", 1)?,
             out_channels: dim("final_layer.linear.weight", 0)?,
             vec_in_dim: dim("vector_in.in_layer.weight", 1)?,
             context_in_dim: dim("txt_in.weight", 1)?,
             hidden_size,
             mlp_hidden,
-            head_dim,
+            num_heads: hidden_size / head_dim.max(1),
             depth,
             depth_single,
+            axes_dim: Vec::new(),
+            theta: FLUX_THETA,
             guidance_embed: store.get(&self.source_name("guidance_in.in_layer.weight")).is_some(),
         })
     }

@@ -342,7 +342,7 @@ impl FluxModel {
     /// `axes_dim` is needed only for head sizes other than FLUX.1's 128.
     pub fn from_store(store: TensorStore, axes_dim: Option<Vec<usize>>, dtype: DType, device: &Device) -> Result<Self> {
         let (layout, store) = FluxLayout::detect(store)?;
-        let cfg = layout.infer(&store)?.into_config(axes_dim)?;
+        let cfg = layout.infer(&store)?.with_axes(axes_dim)?;
         let map = layout.canonicalize(store, &canonical_tensors(&cfg), cfg.hidden_size, cfg.mlp_hidden)?;
         tracing::debug!(target: "ipaflux::flux", ?layout, depth = cfg.depth, single = cfg.depth_single, "loaded Flux");
         Self::from_canonical(cfg, map, dtype, device)
