@@ -196,10 +196,18 @@ fn ip_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<(Vec<IpI
     if refs.is_empty() {
         return Ok((Vec::new(), None, 0));
     }
-    let adapter = IpAdapter::from_store(&(src.ip_adapter.0)()?, s.dtype, &s.device)?;
     let encoder = match &src.image_encoder {
         Some((load, _)) if refs.iter().any(|r| matches!(r, Reference::Image { .. })) => Some(load()?),
         _ => None,
+    };
+    // The encoder already holds the whole adapter (projection and processors): read it once.
+    let loaded;
+    let adapter = match &encoder {
+        Some(e) => &e.adapter,
+        None => {
+            loaded = IpAdapter::from_store(&(src.ip_adapter.0)()?, s.dtype, &s.device)?;
+            &loaded
+        }
     };
     let cfg = IpAttentionConfig { head_dim: src.flux_head_dim, v_norm: s.v_norm };
     let mut images = Vec::new();
