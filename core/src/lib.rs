@@ -26,6 +26,7 @@ pub mod ip_adapter;
 pub mod jpeg;
 pub mod kernels;
 pub mod nn;
+pub mod ops;
 pub mod preprocess;
 pub mod registry;
 pub mod schedule;

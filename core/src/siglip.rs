@@ -8,13 +8,17 @@
 //! `vision_model.` prefix; [`siglip_tensor_name`] maps checkpoint names.
 //! The patch embedding (a stride = kernel convolution) runs as a matmul over
 //! unfolded patches: same numbers, one primitive fewer for other backends.
+//!
+//! The math is written once, generic over [`VisionOps`] ([`SiglipVision`]);
+//! [`SiglipVisionModel`] is that model on candle.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use crate::config::SiglipVisionConfig;
 use crate::error::{Error, Result};
-use crate::nn::{sdpa, Activation, LayerNorm, Linear};
+use crate::nn::Activation;
+use crate::ops::{CandleOps, LoadOps, VisionOps};
 
 /// Maps a checkpoint tensor name to ours: strips `vision_model.`; drops the
 /// text tower and logit scale/bias of a full `SiglipModel` (`None`).
@@ -71,228 +75,280 @@ fn activation(cfg: &SiglipVisionConfig) -> Activation {
     }
 }
 
-/// Splits `[B, L, H*D]` into heads `[B, H, L, D]`.
-fn heads(x: &Tensor, n: usize) -> Result<Tensor> {
-    let (b, l, hd) = x.dims3()?;
-    Ok(x.reshape((b, l, n, hd / n))?.transpose(1, 2)?)
+fn linear<O: LoadOps>(ops: &O, vb: &VarBuilder, out: usize, inp: usize) -> Result<O::Linear, O::Error> {
+    let w = vb.get((out, inp), "weight").map_err(Error::from)?;
+    let b = vb.get(out, "bias").map_err(Error::from)?;
+    ops.load_linear(w, b)
 }
 
-/// Merges heads `[B, H, L, D]` back to `[B, L, H*D]`.
-fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, h, l, d) = x.dims4()?;
-    Ok(x.transpose(1, 2)?.reshape((b, l, h * d))?)
+fn layer_norm<O: LoadOps>(ops: &O, vb: &VarBuilder, dim: usize, eps: f64) -> Result<O::Norm, O::Error> {
+    let w = vb.get(dim, "weight").map_err(Error::from)?;
+    let b = vb.get(dim, "bias").map_err(Error::from)?;
+    ops.load_norm(w, b, eps)
 }
 
-#[derive(Debug, Clone)]
-struct Embeddings {
-    patch_embedding: Linear,
-    position_embedding: Tensor,
+struct Embeddings<O: VisionOps> {
+    patch_embedding: O::Linear,
+    position_embedding: O::T,
     patch_size: usize,
 }
 
-impl Embeddings {
-    fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
+impl<O: VisionOps> Embeddings<O> {
+    fn new(ops: &O, cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self, O::Error>
+    where
+        O: LoadOps,
+    {
         let (h, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
         let pvb = vb.pp("patch_embedding");
-        let w = pvb.get((h, c, p, p), "weight")?.reshape((h, c * p * p))?;
-        let b = pvb.get(h, "bias")?;
-        let position_embedding = vb.pp("position_embedding").get((cfg.num_patches(), h), "weight")?;
-        Ok(Self { patch_embedding: Linear::from_parts(w, Some(b))?, position_embedding, patch_size: p })
+        // A stride = kernel convolution is a matmul over unfolded patches.
+        let w = pvb.get((h, c, p, p), "weight").and_then(|w| w.reshape((h, c * p * p))).map_err(Error::from)?;
+        let b = pvb.get(h, "bias").map_err(Error::from)?;
+        let pos = vb
+            .pp("position_embedding")
+            .get((cfg.num_patches(), h), "weight")
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(Error::from)?;
+        Ok(Self { patch_embedding: ops.load_linear(w, b)?, position_embedding: ops.load_tensor(pos)?, patch_size: p })
     }
 
-    fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        let (b, c, hh, ww) = pixels.dims4()?;
-        let p = self.patch_size;
-        let (gh, gw) = (hh / p, ww / p);
-        // A stride-p convolution ignores the pixels past the last whole patch.
-        let pixels = pixels.narrow(2, 0, gh * p)?.narrow(3, 0, gw * p)?;
-        // [B, C, gh, p, gw, p] → [B, gh, gw, C, p, p] → [B, gh*gw, C*p*p]
-        let patches = pixels.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.contiguous()?.reshape((
-            b,
-            gh * gw,
-            c * p * p,
-        ))?;
-        let x = self.patch_embedding.forward(&patches)?;
-        Ok(x.broadcast_add(&self.position_embedding)?)
+    fn forward(&self, ops: &O, pixels: &O::T) -> Result<O::T, O::Error> {
+        let x = ops.linear(&ops.patchify(pixels, self.patch_size)?, &self.patch_embedding)?;
+        ops.add_rows(&x, &self.position_embedding)
     }
 }
 
-#[derive(Debug, Clone)]
-struct SelfAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+struct SelfAttention<O: VisionOps> {
+    q_proj: O::Linear,
+    k_proj: O::Linear,
+    v_proj: O::Linear,
+    out_proj: O::Linear,
     num_heads: usize,
 }
 
-impl SelfAttention {
-    fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
+impl<O: VisionOps> SelfAttention<O> {
+    fn new(ops: &O, cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self, O::Error>
+    where
+        O: LoadOps,
+    {
         let h = cfg.hidden_size;
         Ok(Self {
-            q_proj: Linear::new(h, h, vb.pp("q_proj"))?,
-            k_proj: Linear::new(h, h, vb.pp("k_proj"))?,
-            v_proj: Linear::new(h, h, vb.pp("v_proj"))?,
-            out_proj: Linear::new(h, h, vb.pp("out_proj"))?,
+            q_proj: linear(ops, &vb.pp("q_proj"), h, h)?,
+            k_proj: linear(ops, &vb.pp("k_proj"), h, h)?,
+            v_proj: linear(ops, &vb.pp("v_proj"), h, h)?,
+            out_proj: linear(ops, &vb.pp("out_proj"), h, h)?,
             num_heads: cfg.num_attention_heads,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let q = heads(&self.q_proj.forward(x)?, self.num_heads)?;
-        let k = heads(&self.k_proj.forward(x)?, self.num_heads)?;
-        let v = heads(&self.v_proj.forward(x)?, self.num_heads)?;
-        self.out_proj.forward(&merge_heads(&sdpa(&q, &k, &v)?)?)
+    fn forward(&self, ops: &O, x: &O::T) -> Result<O::T, O::Error> {
+        let q = ops.linear(x, &self.q_proj)?;
+        let k = ops.linear(x, &self.k_proj)?;
+        let v = ops.linear(x, &self.v_proj)?;
+        ops.linear(&ops.attention(&q, &k, &v, self.num_heads)?, &self.out_proj)
     }
 }
 
-#[derive(Debug, Clone)]
-struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
+struct Mlp<O: VisionOps> {
+    fc1: O::Linear,
+    fc2: O::Linear,
     act: Activation,
 }
 
-impl Mlp {
-    fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
+impl<O: VisionOps> Mlp<O> {
+    fn new(ops: &O, cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self, O::Error>
+    where
+        O: LoadOps,
+    {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            fc1: Linear::new(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
-            fc2: Linear::new(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            fc1: linear(ops, &vb.pp("fc1"), i, h)?,
+            fc2: linear(ops, &vb.pp("fc2"), h, i)?,
             act: activation(cfg),
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.act.forward(&self.fc1.forward(x)?)?)
+    fn forward(&self, ops: &O, x: &O::T) -> Result<O::T, O::Error> {
+        ops.linear(&ops.activation(&ops.linear(x, &self.fc1)?, self.act)?, &self.fc2)
     }
 }
 
-#[derive(Debug, Clone)]
-struct EncoderLayer {
-    layer_norm1: LayerNorm,
-    self_attn: SelfAttention,
-    layer_norm2: LayerNorm,
-    mlp: Mlp,
+struct EncoderLayer<O: VisionOps> {
+    layer_norm1: O::Norm,
+    self_attn: SelfAttention<O>,
+    layer_norm2: O::Norm,
+    mlp: Mlp<O>,
 }
 
-impl EncoderLayer {
-    fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
+impl<O: VisionOps> EncoderLayer<O> {
+    fn new(ops: &O, cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self, O::Error>
+    where
+        O: LoadOps,
+    {
         let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         Ok(Self {
-            layer_norm1: LayerNorm::new(h, eps, vb.pp("layer_norm1"))?,
-            self_attn: SelfAttention::new(cfg, vb.pp("self_attn"))?,
-            layer_norm2: LayerNorm::new(h, eps, vb.pp("layer_norm2"))?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            layer_norm1: layer_norm(ops, &vb.pp("layer_norm1"), h, eps)?,
+            self_attn: SelfAttention::new(ops, cfg, vb.pp("self_attn"))?,
+            layer_norm2: layer_norm(ops, &vb.pp("layer_norm2"), h, eps)?,
+            mlp: Mlp::new(ops, cfg, vb.pp("mlp"))?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
-        Ok((&x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?)?)
+    fn forward(&self, ops: &O, x: &O::T) -> Result<O::T, O::Error> {
+        let x = ops.add(x, &self.self_attn.forward(ops, &ops.layer_norm(x, &self.layer_norm1)?)?)?;
+        ops.add(&x, &self.mlp.forward(ops, &ops.layer_norm(&x, &self.layer_norm2)?)?)
     }
 }
 
 /// `torch.nn.MultiheadAttention`-style pooling: a learned probe attends over all tokens.
-#[derive(Debug, Clone)]
-struct PoolingHead {
-    probe: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out_proj: Linear,
-    layernorm: LayerNorm,
-    mlp: Mlp,
+struct PoolingHead<O: VisionOps> {
+    probe: O::T,
+    q: O::Linear,
+    k: O::Linear,
+    v: O::Linear,
+    out_proj: O::Linear,
+    layernorm: O::Norm,
+    mlp: Mlp<O>,
     num_heads: usize,
 }
 
-impl PoolingHead {
-    fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
+impl<O: VisionOps> PoolingHead<O> {
+    fn new(ops: &O, cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self, O::Error>
+    where
+        O: LoadOps,
+    {
         let h = cfg.hidden_size;
         let avb = vb.pp("attention");
-        let w = avb.get((3 * h, h), "in_proj_weight")?;
-        let b = avb.get(3 * h, "in_proj_bias")?;
-        let part =
-            |i: usize| -> Result<Linear> { Linear::from_parts(w.narrow(0, i * h, h)?, Some(b.narrow(0, i * h, h)?)) };
+        let w = avb.get((3 * h, h), "in_proj_weight").map_err(Error::from)?;
+        let b = avb.get(3 * h, "in_proj_bias").map_err(Error::from)?;
+        // `in_proj` packs q, k and v along the output dimension.
+        let part = |i: usize| -> Result<O::Linear, O::Error> {
+            let wi = w.narrow(0, i * h, h).and_then(|t| t.contiguous()).map_err(Error::from)?;
+            let bi = b.narrow(0, i * h, h).and_then(|t| t.contiguous()).map_err(Error::from)?;
+            ops.load_linear(wi, bi)
+        };
         Ok(Self {
-            probe: vb.get((1, 1, h), "probe")?,
+            probe: ops.load_tensor(vb.get((1, 1, h), "probe").map_err(Error::from)?)?,
             q: part(0)?,
             k: part(1)?,
             v: part(2)?,
-            out_proj: Linear::new(h, h, avb.pp("out_proj"))?,
-            layernorm: LayerNorm::new(h, cfg.layer_norm_eps, vb.pp("layernorm"))?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            out_proj: linear(ops, &avb.pp("out_proj"), h, h)?,
+            layernorm: layer_norm(ops, &vb.pp("layernorm"), h, cfg.layer_norm_eps)?,
+            mlp: Mlp::new(ops, cfg, vb.pp("mlp"))?,
             num_heads: cfg.num_attention_heads,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let b = x.dim(0)?;
-        let probe = self.probe.broadcast_as((b, 1, self.probe.dim(2)?))?.contiguous()?;
-        let q = heads(&self.q.forward(&probe)?, self.num_heads)?;
-        let k = heads(&self.k.forward(x)?, self.num_heads)?;
-        let v = heads(&self.v.forward(x)?, self.num_heads)?;
-        let attn = self.out_proj.forward(&merge_heads(&sdpa(&q, &k, &v)?)?)?;
-        let y = (&attn + self.mlp.forward(&self.layernorm.forward(&attn)?)?)?;
-        Ok(y.squeeze(1)?)
+    /// Tokens `[B, L, C]` → pooled `[B, 1, C]`.
+    fn forward(&self, ops: &O, x: &O::T) -> Result<O::T, O::Error> {
+        let probe = ops.expand_batch(&self.probe, ops.batch(x)?)?;
+        let q = ops.linear(&probe, &self.q)?;
+        let k = ops.linear(x, &self.k)?;
+        let v = ops.linear(x, &self.v)?;
+        let attn = ops.linear(&ops.attention(&q, &k, &v, self.num_heads)?, &self.out_proj)?;
+        ops.add(&attn, &self.mlp.forward(ops, &ops.layer_norm(&attn, &self.layernorm)?)?)
     }
 }
 
-/// The vision tower. `forward` returns the pooled embedding `[B, hidden]`.
-#[derive(Debug, Clone)]
-pub struct SiglipVisionModel {
-    embeddings: Embeddings,
-    layers: Vec<EncoderLayer>,
-    post_layernorm: LayerNorm,
-    head: PoolingHead,
+/// The vision tower on any [`VisionOps`] backend. [`SiglipVisionModel`] is
+/// this on candle; `ipaflux-gpu` builds it on WebGPU/wgpu.
+pub struct SiglipVision<O: VisionOps> {
+    embeddings: Embeddings<O>,
+    layers: Vec<EncoderLayer<O>>,
+    post_layernorm: O::Norm,
+    head: PoolingHead<O>,
     cfg: SiglipVisionConfig,
+}
+
+impl<O: LoadOps> SiglipVision<O> {
+    /// Builds from a `VarBuilder` whose names have no `vision_model.` prefix;
+    /// `ops` converts each host tensor into the backend's format.
+    pub fn load(ops: &O, cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self, O::Error> {
+        if !cfg.vision_use_head {
+            return Err(Error::Unsupported(
+                "this SigLIP checkpoint has no attention-pooling head (vision_use_head=false); the IP-Adapter needs it"
+                    .into(),
+            )
+            .into());
+        }
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| EncoderLayer::new(ops, cfg, vb.pp(format!("encoder.layers.{l}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            embeddings: Embeddings::new(ops, cfg, vb.pp("embeddings"))?,
+            layers,
+            post_layernorm: layer_norm(ops, &vb.pp("post_layernorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            head: PoolingHead::new(ops, cfg, vb.pp("head"))?,
+            cfg: cfg.clone(),
+        })
+    }
+}
+
+impl<O: VisionOps> SiglipVision<O> {
+    pub fn config(&self) -> &SiglipVisionConfig {
+        &self.cfg
+    }
+
+    /// The tokens after the encoder and `post_layernorm`: `[B, num_patches, hidden]`
+    /// from pixels `[B, C, H, W]` (shape checked by the caller).
+    pub fn last_hidden_state(&self, ops: &O, pixels: &O::T) -> Result<O::T, O::Error> {
+        let mut x = self.embeddings.forward(ops, pixels)?;
+        for layer in &self.layers {
+            x = layer.forward(ops, &x)?;
+        }
+        ops.layer_norm(&x, &self.post_layernorm)
+    }
+
+    /// Pooled embedding `[B, 1, hidden]`.
+    pub fn pooled(&self, ops: &O, pixels: &O::T) -> Result<O::T, O::Error> {
+        self.head.forward(ops, &self.last_hidden_state(ops, pixels)?)
+    }
+
+    /// Checks pixel values `[_, C, H, W]` against the config.
+    pub fn check_pixels(&self, dims: &[usize]) -> Result<(), Error> {
+        let s = self.cfg.image_size;
+        match dims {
+            [_, c, h, w] if *c == self.cfg.num_channels && *h == s && *w == s => Ok(()),
+            _ => Err(Error::Shape(format!(
+                "pixel values are {dims:?}, the model takes [_, {}, {s}, {s}]",
+                self.cfg.num_channels
+            ))),
+        }
+    }
+}
+
+/// The vision tower on candle. `forward` returns the pooled embedding `[B, hidden]`.
+pub struct SiglipVisionModel {
+    inner: SiglipVision<CandleOps>,
+    dtype: candle_core::DType,
+}
+
+impl std::fmt::Debug for SiglipVisionModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiglipVisionModel").field("cfg", &self.inner.cfg).field("dtype", &self.dtype).finish()
+    }
 }
 
 impl SiglipVisionModel {
     /// Builds from a `VarBuilder` whose names have no `vision_model.` prefix.
     pub fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
-        if !cfg.vision_use_head {
-            return Err(Error::Unsupported(
-                "this SigLIP checkpoint has no attention-pooling head (vision_use_head=false); the IP-Adapter needs it"
-                    .into(),
-            ));
-        }
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|l| EncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{l}"))))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            embeddings: Embeddings::new(cfg, vb.pp("embeddings"))?,
-            layers,
-            post_layernorm: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("post_layernorm"))?,
-            head: PoolingHead::new(cfg, vb.pp("head"))?,
-            cfg: cfg.clone(),
-        })
+        let dtype = vb.dtype();
+        Ok(Self { inner: SiglipVision::load(&CandleOps, cfg, vb)?, dtype })
     }
 
     pub fn config(&self) -> &SiglipVisionConfig {
-        &self.cfg
+        &self.inner.cfg
     }
 
     /// The tokens after the encoder and `post_layernorm`: `[B, num_patches, hidden]`.
     pub fn last_hidden_state(&self, pixels: &Tensor) -> Result<Tensor> {
-        let (_, c, h, w) = pixels.dims4()?;
-        if c != self.cfg.num_channels || h != self.cfg.image_size || w != self.cfg.image_size {
-            return Err(Error::Shape(format!(
-                "pixel values are [_, {c}, {h}, {w}], the model takes [_, {}, {s}, {s}]",
-                self.cfg.num_channels,
-                s = self.cfg.image_size
-            )));
-        }
-        let mut x = self.embeddings.forward(pixels)?;
-        for layer in &self.layers {
-            x = layer.forward(&x)?;
-        }
-        self.post_layernorm.forward(&x)
+        self.inner.check_pixels(pixels.dims())?;
+        self.inner.last_hidden_state(&CandleOps, &pixels.to_dtype(self.dtype)?)
     }
 
     /// Pooled embedding `[B, hidden]` (`pooler_output`).
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        let pixels = pixels.to_dtype(self.embeddings.position_embedding.dtype())?;
-        self.head.forward(&self.last_hidden_state(&pixels)?)
+        self.inner.check_pixels(pixels.dims())?;
+        Ok(self.inner.pooled(&CandleOps, &pixels.to_dtype(self.dtype)?)?.squeeze(1)?)
     }
 }
 
