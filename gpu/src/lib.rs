@@ -24,6 +24,7 @@ mod error;
 pub mod kernels;
 mod memory;
 mod ops;
+pub mod parity;
 pub mod quant;
 mod tensor;
 

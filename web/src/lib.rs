@@ -1,0 +1,255 @@
+//! ipaflux in the browser: the SigLIP image encoder behind a small
+//! wasm-bindgen API, on WebGPU when the browser has an adapter and on candle's
+//! CPU path (compiled to wasm, simd128) when it does not. The picture never
+//! leaves the page: what a native server would receive is the pooled
+//! embedding (4.6 KB for so400m) or, with an adapter's projection loaded, the
+//! image-prompt embeddings.
+//!
+//! JS API (see `www/app.js` for a user):
+//! - `await Encoder.create(configJson, weights, {device, format, adapter})`:
+//!   `device` is `"auto"` (WebGPU, else CPU), `"webgpu"` or `"cpu"`;
+//!   `format` is `f32`, `f16`, `q8` or `q4` (WebGPU only; the CPU runs f32);
+//!   `adapter` optionally holds IP-Adapter bytes for the projection.
+//! - `await enc.encode(imageBytes)` → `{pooled: Float32Array, embeds?,
+//!   embedsShape?, device, format, timings: {decodeMs, encodeMs, projectMs}}`.
+//! - `enc.device`, `enc.gpuBytes`, `enc.free()` (frees the GPU buffers now).
+//! - `webgpuAvailable()`, `selfCheck()` (every kernel vs the CPU),
+//!   `plan(scenario, vramGiB)` (the registry's timeline as JSON).
+//!
+//! Errors become JS exceptions carrying the same messages as the native CLI.
+//! What it does not do: fetch or cache files (the page does), run Flux.
+
+use std::rc::Rc;
+
+use ipaflux_core::candle_core::{DType, Device, Tensor};
+use ipaflux_core::config::{PreprocessConfig, SiglipVisionConfig};
+use ipaflux_core::preprocess::{decode_rgb, pixel_values};
+use ipaflux_core::weights::TensorStore;
+use ipaflux_core::SiglipVisionModel;
+use ipaflux_gpu::{GpuContext, GpuEncoder, GpuOptions, WeightFormat};
+use serde::{Deserialize, Serialize};
+use wasm_bindgen::prelude::*;
+
+/// Milliseconds from the page's clock.
+fn now_ms() -> f64 {
+    js_sys::Date::now()
+}
+
+fn js_err(e: impl std::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct CreateOptions {
+    device: Option<String>,
+    format: Option<String>,
+    #[serde(with = "serde_bytes_opt")]
+    adapter: Option<Vec<u8>>,
+    preprocessor_config: Option<String>,
+}
+
+/// `Uint8Array` (or absent) → bytes, through serde-wasm-bindgen.
+mod serde_bytes_opt {
+    use serde::{Deserialize, Deserializer};
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<serde_bytes_shim::Bytes>::deserialize(d).map(|o| o.map(|b| b.0))
+    }
+    mod serde_bytes_shim {
+        pub struct Bytes(pub Vec<u8>);
+        impl<'de> serde::Deserialize<'de> for Bytes {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = Bytes;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("a Uint8Array")
+                    }
+                    fn visit_bytes<E>(self, v: &[u8]) -> Result<Bytes, E> {
+                        Ok(Bytes(v.to_vec()))
+                    }
+                    fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                        Ok(Bytes(v))
+                    }
+                }
+                d.deserialize_bytes(V)
+            }
+        }
+    }
+}
+
+enum Backend {
+    Gpu(GpuEncoder),
+    Cpu(SiglipVisionModel),
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Timings {
+    decode_ms: f64,
+    encode_ms: f64,
+    project_ms: f64,
+}
+
+/// The image encoder (SigLIP + pooling head), optionally with the IP-Adapter's projection.
+#[wasm_bindgen]
+pub struct Encoder {
+    backend: Option<Backend>,
+    preprocess: PreprocessConfig,
+    projection: Option<ipaflux_core::ip_adapter::MlpProjection>,
+    device: String,
+    format: WeightFormat,
+}
+
+async fn gpu_context() -> Result<Rc<GpuContext>, ipaflux_gpu::Error> {
+    GpuContext::new(&GpuOptions::default()).await.map(Rc::new)
+}
+
+/// Whether this browser gives us a WebGPU adapter.
+#[wasm_bindgen(js_name = webgpuAvailable)]
+pub async fn webgpu_available() -> bool {
+    gpu_context().await.is_ok()
+}
+
+#[wasm_bindgen]
+impl Encoder {
+    /// Builds an encoder from a SigLIP `config.json` and its safetensors bytes.
+    pub async fn create(config_json: String, weights: Vec<u8>, options: JsValue) -> Result<Encoder, JsError> {
+        let opts: CreateOptions = if options.is_undefined() || options.is_null() {
+            CreateOptions::default()
+        } else {
+            serde_wasm_bindgen::from_value(options)?
+        };
+        let cfg = SiglipVisionConfig::from_hf_json(&config_json, "config.json").map_err(js_err)?;
+        let preprocess = match &opts.preprocessor_config {
+            Some(json) => PreprocessConfig::from_hf_json(json, "preprocessor_config.json").map_err(js_err)?,
+            None => PreprocessConfig::siglip(cfg.image_size),
+        };
+        let format: WeightFormat = opts.format.as_deref().unwrap_or("f32").parse().map_err(js_err)?;
+        let store = TensorStore::from_safetensors(&weights, "model.safetensors").map_err(js_err)?;
+        drop(weights);
+        let want = opts.device.as_deref().unwrap_or("auto");
+        let gpu = match want {
+            "cpu" => None,
+            "webgpu" => Some(gpu_context().await.map_err(js_err)?),
+            "auto" => gpu_context().await.ok(),
+            other => return Err(JsError::new(&format!("unknown device `{other}`; expected auto, webgpu or cpu"))),
+        };
+        let (backend, device, format) = match gpu {
+            Some(ctx) => {
+                let name = format!("webgpu: {}", ctx.adapter());
+                (Backend::Gpu(GpuEncoder::load(ctx, &cfg, store, format).await.map_err(js_err)?), name, format)
+            }
+            None => {
+                let model = SiglipVisionModel::from_store(&cfg, store, DType::F32, &Device::Cpu).map_err(js_err)?;
+                (Backend::Cpu(model), "cpu (wasm)".to_string(), WeightFormat::F32)
+            }
+        };
+        let projection = match opts.adapter {
+            Some(bytes) => Some(load_projection(&bytes).map_err(js_err)?),
+            None => None,
+        };
+        Ok(Encoder { backend: Some(backend), preprocess, projection, device, format })
+    }
+
+    /// Encodes image bytes (PNG, JPEG, WebP).
+    pub async fn encode(&self, image: Vec<u8>) -> Result<JsValue, JsError> {
+        let backend = self.backend.as_ref().ok_or_else(|| JsError::new("this encoder was freed"))?;
+        let t0 = now_ms();
+        let rgb = decode_rgb(&image, "the image").map_err(js_err)?;
+        let pixels = pixel_values(&rgb, &self.preprocess).map_err(js_err)?;
+        let t1 = now_ms();
+        let pooled: Vec<f32> = match backend {
+            Backend::Gpu(enc) => {
+                let flat = pixels.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(js_err)?;
+                enc.pooled(&flat, 1).await.map_err(js_err)?
+            }
+            Backend::Cpu(model) => {
+                model.forward(&pixels).and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?)).map_err(js_err)?
+            }
+        };
+        let t2 = now_ms();
+        let result = js_sys::Object::new();
+        let set = |k: &str, v: &JsValue| js_sys::Reflect::set(&result, &k.into(), v).map(|_| ());
+        if let Some(proj) = &self.projection {
+            let p = Tensor::from_vec(pooled.clone(), (1, pooled.len()), &Device::Cpu).map_err(js_err)?;
+            let embeds = proj.forward(&p).map_err(js_err)?;
+            let shape: Vec<u32> = embeds.dims().iter().map(|d| *d as u32).collect();
+            let flat = embeds.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(js_err)?;
+            set("embeds", &js_sys::Float32Array::from(flat.as_slice()).into()).map_err(|_| JsError::new("result"))?;
+            set("embedsShape", &serde_wasm_bindgen::to_value(&shape)?).map_err(|_| JsError::new("result"))?;
+        }
+        let t3 = now_ms();
+        let timings = Timings { decode_ms: t1 - t0, encode_ms: t2 - t1, project_ms: t3 - t2 };
+        set("pooled", &js_sys::Float32Array::from(pooled.as_slice()).into()).map_err(|_| JsError::new("result"))?;
+        set("device", &self.device.clone().into()).map_err(|_| JsError::new("result"))?;
+        set("format", &self.format.name().into()).map_err(|_| JsError::new("result"))?;
+        set("timings", &serde_wasm_bindgen::to_value(&timings)?).map_err(|_| JsError::new("result"))?;
+        Ok(result.into())
+    }
+
+    /// Which device runs the encoder, e.g. `webgpu: SwiftShader Device (...)` or `cpu (wasm)`.
+    #[wasm_bindgen(getter)]
+    pub fn device(&self) -> String {
+        self.device.clone()
+    }
+
+    /// Bytes of weights on the GPU (0 on the CPU path or once released).
+    #[wasm_bindgen(getter, js_name = gpuBytes)]
+    pub fn gpu_bytes(&self) -> f64 {
+        match &self.backend {
+            Some(Backend::Gpu(g)) => g.gpu_bytes() as f64,
+            _ => 0.0,
+        }
+    }
+
+    /// Drops the weights (GPU buffers are destroyed now, not at garbage
+    /// collection); later `encode` calls fail with a clear message.
+    pub fn release(&mut self) {
+        self.backend = None;
+        self.projection = None;
+    }
+}
+
+fn load_projection(bytes: &[u8]) -> ipaflux_core::Result<ipaflux_core::ip_adapter::MlpProjection> {
+    let store = if bytes.starts_with(b"PK") {
+        TensorStore::from_torch_zip(bytes, "ip-adapter.bin")?
+    } else {
+        TensorStore::from_safetensors(bytes, "ip-adapter.safetensors")?
+    };
+    let adapter = ipaflux_core::IpAdapter::from_store(&store, DType::F32, &Device::Cpu)?;
+    Ok(adapter.image_proj)
+}
+
+/// Runs every WGSL kernel against candle's CPU path on random inputs;
+/// resolves to `[{name, relErr, tol, passed}]`.
+#[wasm_bindgen(js_name = selfCheck)]
+pub async fn self_check() -> Result<JsValue, JsError> {
+    let ctx = gpu_context().await.map_err(js_err)?;
+    let checks = ipaflux_gpu::parity::check_all(ctx).await.map_err(js_err)?;
+    let rows: Vec<serde_json::Value> = checks
+        .iter()
+        .map(|c| serde_json::json!({"name": c.name, "relErr": c.rel_err, "tol": c.tol, "passed": c.passed()}))
+        .collect();
+    Ok(serde_wasm_bindgen::to_value(&rows)?)
+}
+
+/// The memory registry's plan of a job (a built-in scenario name or scenario
+/// JSON) on a device with `vram_gib`: the `ipaflux plan --json` report.
+#[wasm_bindgen]
+pub fn plan(scenario: &str, vram_gib: f64) -> Result<String, JsError> {
+    use ipaflux_core::registry::scenario::{run, PlanOptions, Scenario};
+    let s = if scenario.trim_start().starts_with('{') {
+        Scenario::from_json("scenario.json", scenario)
+    } else {
+        Scenario::builtin(scenario)
+    }
+    .map_err(js_err)?;
+    let options = PlanOptions {
+        vram_bytes: (vram_gib * (1u64 << 30) as f64) as u64,
+        config: Default::default(),
+        steps: ipaflux_core::registry::scenario::DEFAULT_STEPS,
+    };
+    let report = run(&s, &options).map_err(js_err)?;
+    serde_json::to_string(&report).map_err(js_err)
+}
