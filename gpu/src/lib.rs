@@ -19,6 +19,7 @@
 //! the CPU fallback is core's candle path.
 
 mod context;
+pub mod bench;
 mod encoder;
 mod error;
 pub mod kernels;

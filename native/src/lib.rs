@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod bench_flux;
+pub mod bench_webgpu;
 pub mod demo;
 pub mod encode;
 pub mod generate;

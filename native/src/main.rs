@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ipaflux::{bench, bench_flux, demo, encode, generate, load, plan, png_out};
+use ipaflux::{bench, bench_flux, bench_webgpu, demo, encode, generate, load, plan, png_out};
 use ipaflux_core::registry::{parse_bytes, scenario, EvictionPolicy, RegistryConfig, VramState};
 use ipaflux_core::{DeviceSpec, Precision};
 
@@ -99,6 +99,15 @@ enum Cmd {
         flux_depth: Vec<usize>,
         #[arg(long, default_value = "f32")]
         flux_dtype: Precision,
+        /// Instead: the encoder on the native wgpu adapter (the browser's WGSL kernels) vs candle on the CPU.
+        #[arg(long)]
+        webgpu: bool,
+        /// Encoder layers for --webgpu (timed at N and N+1, extrapolated to 27).
+        #[arg(long, default_value_t = 1)]
+        webgpu_layers: usize,
+        /// Weight formats for --webgpu.
+        #[arg(long, value_delimiter = ',', default_value = "f32,f16,q8,q4")]
+        webgpu_formats: Vec<String>,
         /// Python interpreter with torch and transformers.
         #[arg(long, env = "IPAFLUX_PYTHON", default_value = "python3")]
         python: String,
@@ -381,6 +390,10 @@ fn main() -> anyhow::Result<()> {
             };
             ipaflux_core::flux::sampler::check_size(flux_size, flux_size)?;
             print!("{}", bench_flux::table(&bench_flux::run(&o)?, &o));
+        }
+        Cmd::Bench { webgpu: true, runs, webgpu_layers, webgpu_formats, .. } => {
+            let formats = webgpu_formats.iter().map(|f| f.parse()).collect::<Result<Vec<_>, _>>()?;
+            print!("{}", bench_webgpu::run(&bench_webgpu::Options { layers: webgpu_layers, runs, formats })?);
         }
         Cmd::Bench { runs, no_projection, no_torch, registry_only, python, .. } => {
             if !registry_only {

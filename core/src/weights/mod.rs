@@ -59,6 +59,13 @@ impl TensorStore {
         Ok(())
     }
 
+    /// Adds a tensor made in memory (random weights for benchmarks, tests);
+    /// a name present twice is an error.
+    pub fn insert(&mut self, name: impl Into<String>, t: Tensor) -> Result<()> {
+        let from = self.source_name.clone();
+        self.insert_new(name.into(), t, &from)
+    }
+
     fn insert_new(&mut self, name: String, t: Tensor, from: &str) -> Result<()> {
         if self.tensors.contains_key(&name) {
             return Err(Error::Format {
