@@ -18,8 +18,8 @@
 //! and IP processors (they stay on candle), or anything without an adapter —
 //! the CPU fallback is core's candle path.
 
-mod context;
 pub mod bench;
+mod context;
 mod encoder;
 mod error;
 pub mod kernels;

@@ -64,13 +64,27 @@ pub fn run(o: &Options) -> Result<String> {
         ctx.adapter(),
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    out += &format!("runs at {} and {} encoder layers, median of {}; 27-layer figure extrapolated per layer\n\n", o.layers, o.layers + 1, o.runs);
-    out += &format!("{:<26}{:>14}{:>14}{:>16}{:>12}\n", "path", "ms/layer", "ms (27 est.)", "× vs candle", "MB weights");
+    out += &format!(
+        "runs at {} and {} encoder layers, median of {}; 27-layer figure extrapolated per layer\n\n",
+        o.layers,
+        o.layers + 1,
+        o.runs
+    );
+    out +=
+        &format!("{:<26}{:>14}{:>14}{:>16}{:>12}\n", "path", "ms/layer", "ms (27 est.)", "× vs candle", "MB weights");
     // Encoder-layer weights at full depth (4 attention projections, 2 MLP matrices per layer).
     let layers_mb = |f: WeightFormat| (f.bytes(1152, 1152) * 4 + f.bytes(4304, 1152) * 2) as f64 * 27.0 / 1e6;
     let (c0, c1) = (cpu_ms(o.layers, o.runs)?, cpu_ms(o.layers + 1, o.runs)?);
     let (cl, cfull) = full(c0, c1, o.layers);
-    out += &format!("{:<26}{:>14.1}{:>14.0}{:>16}{:>12.0}\n", "candle CPU f32", cl, cfull, "1.00", layers_mb(WeightFormat::F32));
+    out += &format!(
+        "{:<26}{:>14.1}{:>14.0}{:>16}{:>12.0}\n",
+        "candle CPU f32",
+        cl,
+        cfull,
+        "1.00",
+        layers_mb(WeightFormat::F32)
+    );
+    eprint!("{out}");
     for &format in &o.formats {
         let (g0, g1) = (gpu_ms(&ctx, o.layers, o.runs, format)?, gpu_ms(&ctx, o.layers + 1, o.runs, format)?);
         let (gl, gfull) = full(g0, g1, o.layers);
@@ -82,13 +96,17 @@ pub fn run(o: &Options) -> Result<String> {
             cfull / gfull,
             layers_mb(format)
         );
+        eprintln!("{}", out.lines().last().unwrap_or_default());
     }
     let gflops = pollster::block_on(matmul_gflops(&ctx, 1024, WeightFormat::F32, 5, || {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e3)
     }))?;
     let a = Tensor::randn(0f32, 1.0, (1024, 1024), &Device::Cpu)?;
     let cpu = median(5, || Ok(a.matmul(&a.t()?).map(|_| ())?))?;
-    out += &format!("\nmatmul 1024³ f32: WGSL {gflops:.1} GFLOP/s; candle CPU {:.1} GFLOP/s\n", 2.0 * 1024f64.powi(3) / (cpu / 1e3) / 1e9);
+    out += &format!(
+        "\nmatmul 1024³ f32: WGSL {gflops:.1} GFLOP/s; candle CPU {:.1} GFLOP/s\n",
+        2.0 * 1024f64.powi(3) / (cpu / 1e3) / 1e9
+    );
     out += "(the × column > 1 means faster than candle on the CPU; the weights column counts encoder layers only)\n";
     Ok(out)
 }

@@ -106,7 +106,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         webgpu_layers: usize,
         /// Weight formats for --webgpu.
-        #[arg(long, value_delimiter = ',', default_value = "f32,f16,q8,q4")]
+        #[arg(long, value_delimiter = ',', default_value = "f32,q8")]
         webgpu_formats: Vec<String>,
         /// Python interpreter with torch and transformers.
         #[arg(long, env = "IPAFLUX_PYTHON", default_value = "python3")]

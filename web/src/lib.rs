@@ -79,8 +79,8 @@ mod serde_bytes_opt {
 }
 
 enum Backend {
-    Gpu(GpuEncoder),
-    Cpu(SiglipVisionModel),
+    Gpu(Box<GpuEncoder>),
+    Cpu(Box<SiglipVisionModel>),
 }
 
 #[derive(Serialize)]
@@ -138,11 +138,15 @@ impl Encoder {
         let (backend, device, format) = match gpu {
             Some(ctx) => {
                 let name = format!("webgpu: {}", ctx.adapter());
-                (Backend::Gpu(GpuEncoder::load(ctx, &cfg, store, format).await.map_err(js_err)?), name, format)
+                (
+                    Backend::Gpu(Box::new(GpuEncoder::load(ctx, &cfg, store, format).await.map_err(js_err)?)),
+                    name,
+                    format,
+                )
             }
             None => {
                 let model = SiglipVisionModel::from_store(&cfg, store, DType::F32, &Device::Cpu).map_err(js_err)?;
-                (Backend::Cpu(model), "cpu (wasm)".to_string(), WeightFormat::F32)
+                (Backend::Cpu(Box::new(model)), "cpu (wasm)".to_string(), WeightFormat::F32)
             }
         };
         let projection = match opts.adapter {
@@ -226,7 +230,15 @@ fn load_projection(bytes: &[u8]) -> ipaflux_core::Result<ipaflux_core::ip_adapte
 #[wasm_bindgen(js_name = selfCheck)]
 pub async fn self_check() -> Result<JsValue, JsError> {
     let ctx = gpu_context().await.map_err(js_err)?;
-    let checks = ipaflux_gpu::parity::check_all(ctx).await.map_err(js_err)?;
+    // Both matmul variants: tiled (workgroup memory) and direct.
+    let mut checks = Vec::new();
+    for direct in [false, true] {
+        ctx.set_direct_kernels(Some(direct));
+        for mut c in ipaflux_gpu::parity::check_all(ctx.clone()).await.map_err(js_err)? {
+            c.name = format!("{} ({})", c.name, if direct { "direct" } else { "tiled" });
+            checks.push(c);
+        }
+    }
     let rows: Vec<serde_json::Value> = checks
         .iter()
         .map(|c| serde_json::json!({"name": c.name, "relErr": c.rel_err, "tol": c.tol, "passed": c.passed()}))
@@ -252,4 +264,61 @@ pub fn plan(scenario: &str, vram_gib: f64) -> Result<String, JsError> {
     };
     let report = run(&s, &options).map_err(js_err)?;
     serde_json::to_string(&report).map_err(js_err)
+}
+
+/// Median milliseconds of one encode at the real so400m shapes with random
+/// weights and `layers` of the 27 encoder layers, on `device` (`webgpu` or
+/// `cpu`), over `runs` runs after a warm-up. For the bench page.
+#[wasm_bindgen(js_name = benchEncoder)]
+pub async fn bench_encoder(layers: usize, format: String, device: String, runs: usize) -> Result<f64, JsError> {
+    use ipaflux_gpu::bench::{random_pixels, random_store, so400m_with_layers};
+    let cfg = so400m_with_layers(layers);
+    let store = random_store(&cfg).map_err(js_err)?;
+    let px = random_pixels(&cfg);
+    let mut times = Vec::new();
+    match device.as_str() {
+        "webgpu" => {
+            let ctx = gpu_context().await.map_err(js_err)?;
+            let enc = GpuEncoder::load(ctx, &cfg, store, format.parse().map_err(js_err)?).await.map_err(js_err)?;
+            for i in 0..=runs {
+                let t = now_ms();
+                enc.pooled(&px, 1).await.map_err(js_err)?;
+                if i > 0 {
+                    times.push(now_ms() - t);
+                }
+            }
+        }
+        "cpu" => {
+            let model = SiglipVisionModel::from_store(&cfg, store, DType::F32, &Device::Cpu).map_err(js_err)?;
+            let x = Tensor::from_vec(px, (1, 3, cfg.image_size, cfg.image_size), &Device::Cpu).map_err(js_err)?;
+            for i in 0..=runs {
+                let t = now_ms();
+                model.forward(&x).map_err(js_err)?;
+                if i > 0 {
+                    times.push(now_ms() - t);
+                }
+            }
+        }
+        other => return Err(JsError::new(&format!("unknown device `{other}`; expected webgpu or cpu"))),
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times.get(times.len() / 2).copied().unwrap_or(f64::NAN))
+}
+
+/// GFLOP/s of the WGSL matmul at `n`³ with weights in `format`.
+#[wasm_bindgen(js_name = benchMatmul)]
+pub async fn bench_matmul(n: usize, format: String, reps: usize) -> Result<f64, JsError> {
+    let ctx = gpu_context().await.map_err(js_err)?;
+    ipaflux_gpu::bench::matmul_gflops(&ctx, n, format.parse().map_err(js_err)?, reps, now_ms).await.map_err(js_err)
+}
+
+/// GFLOP/s of candle's CPU matmul (wasm) at `n`³, for comparison.
+#[wasm_bindgen(js_name = benchCpuMatmul)]
+pub fn bench_cpu_matmul(n: usize, reps: usize) -> Result<f64, JsError> {
+    let a = Tensor::from_vec(ipaflux_gpu::parity::random(1, n * n, 1.0), (n, n), &Device::Cpu).map_err(js_err)?;
+    let t = now_ms();
+    for _ in 0..reps.max(1) {
+        a.matmul(&a.t().map_err(js_err)?).map_err(js_err)?;
+    }
+    Ok(2.0 * (n as f64).powi(3) * reps.max(1) as f64 / ((now_ms() - t) / 1e3) / 1e9)
 }

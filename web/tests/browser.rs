@@ -4,6 +4,7 @@
 //! on the CPU fallback, against the transformers golden output.
 //! Tolerances (relative max error): f32 1e-4 on both devices; q8 3e-2.
 #![cfg(target_arch = "wasm32")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use ipaflux_web::{self_check, Encoder};
 use wasm_bindgen::{JsCast, JsValue};
@@ -43,7 +44,7 @@ async fn encode(device: &str, format: &str) -> (Vec<f32>, String) {
 async fn every_kernel_matches_candle_in_the_browser() {
     let rows = self_check().await.unwrap();
     let rows: Vec<serde_json::Value> = serde_wasm_bindgen::from_value(rows).unwrap();
-    assert!(rows.len() >= 16);
+    assert!(rows.len() >= 32);
     for r in &rows {
         assert_eq!(r["passed"], true, "{r}");
     }

@@ -9,7 +9,8 @@ pub mod layer_norm;
 pub mod matmul;
 pub mod patchify;
 
-#[cfg(test)]
+// Native only: in the browser the same checks run from web/tests/browser.rs.
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests;
 
 /// `(a as u32)`, refusing sizes a kernel cannot index.

@@ -67,7 +67,8 @@ fn split_matmul_matches_candle_in_every_format() -> R {
         let reference = host(
             &CandleOps.linear(&xt, &CandleOps.load_linear(wt, Tensor::from_vec(bias.clone(), n, &Device::Cpu)?)?)?,
         );
-        for max_part in [u64::MAX, format.bytes(40, k)] {
+        for (max_part, direct) in [(u64::MAX, false), (format.bytes(40, k), false), (format.bytes(40, k), true)] {
+            ctx.set_direct_kernels(Some(direct));
             let layer = super::matmul::GpuLinear::with_max_part_bytes(&ctx, &w, &bias, n, k, format, max_part)?;
             assert_eq!(layer.parts() > 1, max_part != u64::MAX, "{format}: split");
             let gx = GpuTensor::from_slice(&ctx, &x, &[b, m, k])?;
@@ -84,15 +85,18 @@ fn split_matmul_matches_candle_in_every_format() -> R {
 }
 
 #[test]
-fn every_kernel_matches_candle() {
+fn every_kernel_matches_candle_with_tiled_and_direct_matmul() {
     let Some((ctx, _)) = setup() else { return };
-    let checks = pollster::block_on(crate::parity::check_all(ctx));
-    let checks =
-        checks.unwrap_or_else(|e| vec![crate::parity::Check { name: e.to_string(), rel_err: f32::INFINITY, tol: 0.0 }]);
-    for c in &checks {
-        eprintln!("{:<40} rel err {:.2e} (tol {:.0e})", c.name, c.rel_err, c.tol);
+    for direct in [false, true] {
+        ctx.set_direct_kernels(Some(direct));
+        let checks = pollster::block_on(crate::parity::check_all(ctx.clone()));
+        let checks = checks
+            .unwrap_or_else(|e| vec![crate::parity::Check { name: e.to_string(), rel_err: f32::INFINITY, tol: 0.0 }]);
+        for c in &checks {
+            eprintln!("direct {direct}: {:<40} rel err {:.2e} (tol {:.0e})", c.name, c.rel_err, c.tol);
+        }
+        assert!(checks.len() >= 16 && checks.iter().all(|c| c.passed()), "direct {direct}: {checks:#?}");
     }
-    assert!(checks.len() >= 16 && checks.iter().all(|c| c.passed()), "{checks:#?}");
 }
 
 #[test]

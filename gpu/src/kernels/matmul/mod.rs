@@ -12,14 +12,16 @@ use crate::tensor::GpuTensor;
 use super::u32_of;
 
 const SOURCE: &str = include_str!("matmul.wgsl");
+const DIRECT: &str = include_str!("matmul_direct.wgsl");
 const FORMATS: &str = include_str!("formats.wgsl");
 
-/// The matmul shader with the `w_at` of `format` appended.
-fn source(format: WeightFormat) -> String {
+/// The matmul shader (tiled through workgroup memory, or direct for
+/// CPU-emulated adapters) with the `w_at` of `format` appended.
+fn source(direct: bool, format: WeightFormat) -> String {
     let marker = format!("//! {}\n", format.name());
     let body =
         FORMATS.split_once(&marker).map(|(_, rest)| rest.split("//! ").next().unwrap_or(rest)).unwrap_or_default();
-    format!("{SOURCE}\n{body}")
+    format!("{}\n{body}", if direct { DIRECT } else { SOURCE })
 }
 
 /// One row range of a weight, in one buffer.
@@ -118,8 +120,9 @@ pub fn linear(ctx: &GpuContext, x: &GpuTensor, l: &GpuLinear) -> Result<GpuTenso
         *last = l.n;
     }
     let y = GpuTensor::empty(ctx, "linear out", &shape)?;
-    let key = format!("matmul-{}", l.format.name());
-    let src = source(l.format);
+    let direct = ctx.prefers_direct_kernels();
+    let key = format!("matmul-{}-{}", if direct { "direct" } else { "tiled" }, l.format.name());
+    let src = source(direct, l.format);
     let kernel = Kernel { key, source: &src, entry: "main" };
     for part in &l.parts {
         let params = [
@@ -136,7 +139,8 @@ pub fn linear(ctx: &GpuContext, x: &GpuTensor, l: &GpuLinear) -> Result<GpuTenso
         if let Some(s) = &part.scales {
             buffers.push((3, s));
         }
-        let groups = (u32_of("linear", part.n.div_ceil(64))?, u32_of("linear", m.div_ceil(64))?, 1);
+        let tile = if direct { 32 } else { 64 };
+        let groups = (u32_of("linear", part.n.div_ceil(tile))?, u32_of("linear", m.div_ceil(tile))?, 1);
         ctx.dispatch(&kernel, &params, &buffers, groups);
     }
     Ok(y)
