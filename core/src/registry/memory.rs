@@ -135,7 +135,9 @@ impl MemoryDevice for BudgetedDevice {
     }
 }
 
-pub(super) fn place_within(device: DeviceSpec, placed: &mut u64, capacity: u64, bytes: u64) -> Result<(), DeviceFull> {
+/// Adds `bytes` to `placed` if the result stays within `capacity`; otherwise
+/// leaves it and says why. The rule every [`MemoryDevice::place`] follows.
+pub fn place_within(device: DeviceSpec, placed: &mut u64, capacity: u64, bytes: u64) -> Result<(), DeviceFull> {
     match placed.checked_add(bytes) {
         Some(after) if after <= capacity => {
             *placed = after;

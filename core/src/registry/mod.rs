@@ -41,7 +41,7 @@ pub use bytes::{parse_bytes, Bytes};
 #[cfg(feature = "cuda")]
 pub use cuda::CudaMemory;
 pub use job::{JobPlan, JobRequest, ModelPlacement, Move};
-pub use memory::{BudgetedDevice, DeviceFull, HostMemory, MemoryDevice};
+pub use memory::{place_within, BudgetedDevice, DeviceFull, HostMemory, MemoryDevice};
 pub use model::{JobId, ModelHandle, ModelId, ModelSpec, Role, UnitSpec};
 pub use policy::{EvictionPolicy, RegistryConfig, VramState, DEFAULT_LOW_VRAM_WEIGHT_PERCENT, DEFAULT_SAFETY_MARGIN};
 pub use timeline::{Event, Op, Traffic};

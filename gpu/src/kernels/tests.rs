@@ -8,24 +8,20 @@ use std::rc::Rc;
 
 use candle_core::{DType, Device, Tensor};
 use ipaflux_core::ops::{CandleOps, LoadOps, VisionOps};
-use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::quant::{QuantizedMatrix, WeightFormat};
 use crate::{GpuContext, GpuTensor, WgpuOps};
 
 type R = Result<(), Box<dyn std::error::Error>>;
 
-fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
-}
+use crate::parity::rel_err;
 
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    let diff = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-    let peak = b.iter().fold(0.0f32, |m, y| m.max(y.abs()));
-    if a.len() != b.len() || a.iter().any(|v| !v.is_finite()) {
-        return f32::INFINITY;
-    }
-    diff / peak.max(1e-12)
+/// A fresh seed per input, so every input differs (the browser's generator, `parity::random`).
+struct Seeds(u64);
+
+fn random(seeds: &mut Seeds, n: usize, scale: f32) -> Vec<f32> {
+    seeds.0 += 1;
+    crate::parity::random(seeds.0, n, scale)
 }
 
 fn host(t: &Tensor) -> Vec<f32> {
@@ -36,8 +32,8 @@ fn read(ctx: &GpuContext, t: &GpuTensor) -> Vec<f32> {
     pollster::block_on(t.to_vec(ctx)).unwrap_or_default()
 }
 
-fn setup() -> Option<(Rc<GpuContext>, StdRng)> {
-    crate::test_context().map(|c| (c, StdRng::seed_from_u64(7)))
+fn setup() -> Option<(Rc<GpuContext>, Seeds)> {
+    crate::test_context().map(|c| (c, Seeds(7)))
 }
 
 const TOL: f32 = 1e-4;
