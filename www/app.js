@@ -54,12 +54,19 @@ async function loadModel() {
     });
     const adapter = sample ? await fetchBytes("assets/ip-adapter.safetensors", () => {}) : undefined;
     $("load-progress").value = 1;
-    $("load-status").textContent = `uploading weights (${$("format").value})…`;
+    $("load-status").textContent = `uploading weights (${$("format").value || "as stored"})…`;
     await frame();
     const t0 = performance.now();
-    encoder = await Encoder.create(config, weights, { device: $("device").value, format: $("format").value, adapter });
+    const options = { device: $("device").value, adapter };
+    if ($("format").value) options.format = $("format").value;
+    if ($("budget").value !== "") options.gpuBudget = Number($("budget").value) * 1048576;
+    encoder = await Encoder.create(config, weights, options);
     $("load-status").textContent = `ready on ${encoder.device} in ${(performance.now() - t0).toFixed(0)} ms`;
     $("out-bytes").textContent = `${(encoder.gpuBytes / 1e6).toFixed(2)} MB`;
+    const mem = encoder.memory();
+    $("out-memory").textContent = mem
+      ? `${(mem.placed / 1e6).toFixed(2)} MB placed of a ${(mem.budget / 1048576).toFixed(0)} MiB budget (${mem.events.length} events)`
+      : "not used (CPU path)";
     document.body.dataset.ready = "1";
   } catch (e) {
     setError(e);
@@ -107,7 +114,7 @@ async function encodeBytes(bytes, name) {
     else drawHeatmap(out.pooled, Math.max(1, Math.floor(Math.sqrt(out.pooled.length))), Math.ceil(out.pooled.length / Math.floor(Math.sqrt(out.pooled.length))));
     $("encode-status").textContent = `done: ${name}`;
     document.body.dataset.encoded = "1";
-    window.lastResult = { device: out.device, format: out.format, pooled: Array.from(out.pooled) };
+    window.lastResult = { device: out.device, format: out.format, pooled: Array.from(out.pooled), embedsShape: out.embedsShape || null };
   } catch (e) {
     setError(e);
     $("encode-status").textContent = "failed";

@@ -9,6 +9,7 @@ async function run() {
   $("error").textContent = "";
   const L = Number($("layers").value), runs = Number($("runs").value);
   const rows = [];
+  window.benchRows = rows; // filled as each path finishes (www/tests/bench.mjs prints them as they come)
   const tbody = $("table").tBodies[0];
   tbody.innerHTML = "";
   try {

@@ -10,7 +10,8 @@
 //! SigLIP vision tower with its pooling head ([`siglip`]), the MLP projection
 //! and the IP attention math ([`ip_adapter`]), the Flux transformer with its
 //! typed attention hooks, the IP-Adapter hook and Euler sampling ([`flux`]),
-//! and the Flux schedule ([`schedule`]).
+//! and the Flux schedule ([`schedule`]); and the weight formats of the WebGPU
+//! path with pre-quantized checkpoints ([`quant`]).
 //!
 //! What it does not do: no file or network IO (callers pass bytes), no global
 //! state, nothing platform-specific — it builds for `wasm32-unknown-unknown`.
@@ -28,6 +29,7 @@ pub mod kernels;
 pub mod nn;
 pub mod ops;
 pub mod preprocess;
+pub mod quant;
 pub mod registry;
 pub mod schedule;
 pub mod siglip;

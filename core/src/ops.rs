@@ -12,6 +12,7 @@
 //! SigLIP needs, at the shapes it needs them (`[B, L, C]` activations).
 
 use candle_core::Tensor;
+use candle_nn::VarBuilder;
 
 use crate::nn::{Activation, LayerNorm, Linear};
 
@@ -54,6 +55,15 @@ pub trait VisionOps {
 pub trait LoadOps: VisionOps {
     /// `weight [out, in]`, `bias [out]`.
     fn load_linear(&self, weight: Tensor, bias: Tensor) -> Result<Self::Linear, Self::Error>;
+    /// The linear layer stored under `vb` (`weight [out, in]`, `bias [out]`).
+    /// By default through [`LoadOps::load_linear`] (a pre-quantized weight
+    /// arrives dequantized); a backend that can use packed weights as stored
+    /// overrides this ([`crate::quant::find_packed`]).
+    fn load_linear_at(&self, vb: &VarBuilder, out: usize, inp: usize) -> Result<Self::Linear, Self::Error> {
+        let w = vb.get((out, inp), "weight").map_err(crate::Error::from)?;
+        let b = vb.get(out, "bias").map_err(crate::Error::from)?;
+        self.load_linear(w, b)
+    }
     fn load_norm(&self, weight: Tensor, bias: Tensor, eps: f64) -> Result<Self::Norm, Self::Error>;
     /// A constant activation-shaped tensor (position embeddings, the probe).
     fn load_tensor(&self, t: Tensor) -> Result<Self::T, Self::Error>;

@@ -67,6 +67,26 @@ pub fn expected_tensors(cfg: &SiglipVisionConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
+/// The weights loaded as linear layers by name (`[out, in]`): the ones
+/// `ipaflux quantize` stores in a smaller format. The patch embedding (4-D)
+/// and the head's packed `in_proj_weight` stay as stored.
+pub fn linear_weights(cfg: &SiglipVisionConfig) -> Vec<String> {
+    let mut names = Vec::new();
+    for l in 0..cfg.num_hidden_layers {
+        for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            names.push(format!("encoder.layers.{l}.self_attn.{proj}.weight"));
+        }
+        names.push(format!("encoder.layers.{l}.mlp.fc1.weight"));
+        names.push(format!("encoder.layers.{l}.mlp.fc2.weight"));
+    }
+    if cfg.vision_use_head {
+        for n in ["head.attention.out_proj", "head.mlp.fc1", "head.mlp.fc2"] {
+            names.push(format!("{n}.weight"));
+        }
+    }
+    names
+}
+
 fn activation(cfg: &SiglipVisionConfig) -> Activation {
     if cfg.hidden_act == "gelu" {
         Activation::GeluErf
@@ -76,9 +96,7 @@ fn activation(cfg: &SiglipVisionConfig) -> Activation {
 }
 
 fn linear<O: LoadOps>(ops: &O, vb: &VarBuilder, out: usize, inp: usize) -> Result<O::Linear, O::Error> {
-    let w = vb.get((out, inp), "weight").map_err(Error::from)?;
-    let b = vb.get(out, "bias").map_err(Error::from)?;
-    ops.load_linear(w, b)
+    ops.load_linear_at(vb, out, inp)
 }
 
 fn layer_norm<O: LoadOps>(ops: &O, vb: &VarBuilder, dim: usize, eps: f64) -> Result<O::Norm, O::Error> {

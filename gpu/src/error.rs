@@ -12,6 +12,16 @@ pub enum Error {
     /// A buffer could not be allocated: the GPU (or the browser's share of it) is full.
     #[error("out of GPU memory while {what}; free other models or choose a smaller weight format (q8, q4)")]
     OutOfMemory { what: String },
+    /// The memory registry refused weights past the page's GPU budget (nothing was uploaded).
+    #[error(
+        "the SigLIP weights need {needed} of GPU memory in {format}, more than the {budget} budget; \
+         raise the GPU budget or choose a smaller format (q8, q4)"
+    )]
+    OverBudget {
+        needed: ipaflux_core::registry::Bytes,
+        budget: ipaflux_core::registry::Bytes,
+        format: crate::WeightFormat,
+    },
     /// A tensor larger than one buffer may be on this adapter, and not splittable.
     #[error("{what} needs a {bytes}-byte buffer, larger than this adapter allows ({limit} bytes)")]
     TooLarge { what: String, bytes: u64, limit: u64 },
@@ -24,9 +34,12 @@ pub enum Error {
     /// Shapes that do not fit an operation.
     #[error("shape mismatch in {op}: {detail}")]
     Shape { op: &'static str, detail: String },
-    /// An unknown weight-format name.
-    #[error("unknown weight format `{0}`; expected f32, f16, q8 or q4")]
-    Format(String),
+    /// A pre-quantized checkpoint asked to load in another format.
+    #[error(
+        "these weights are pre-quantized to {stored} (by `ipaflux quantize`); load them as {stored}, \
+         or load the original checkpoint to use {requested}"
+    )]
+    FormatMismatch { stored: crate::WeightFormat, requested: crate::WeightFormat },
     /// An error from the model code or the checkpoint (same message as on the CPU).
     #[error(transparent)]
     Core(#[from] ipaflux_core::Error),

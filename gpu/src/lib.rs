@@ -10,9 +10,13 @@
 //! - [`WgpuOps`]: `ipaflux-core`'s [`VisionOps`](ipaflux_core::ops::VisionOps)
 //!   on those kernels, so the SigLIP model code of core runs here unchanged
 //!   ([`GpuEncoder`]).
-//! - [`quant`]: the weight formats and their host-side (de)quantisation.
+//! - [`quant`] (re-exported from `ipaflux-core`, where pre-quantized files are
+//!   read): the weight formats and their host-side (de)quantisation; weights
+//!   stored pre-quantized by `ipaflux quantize` are uploaded as stored.
 //! - [`WebGpuMemory`]: the registry's memory device for WebGPU, which keeps its
-//!   own byte count (WebGPU cannot report free memory).
+//!   own byte count (WebGPU cannot report free memory); [`webgpu_registry`]
+//!   and [`reserve_encoder`] put the encoder's predicted bytes through the
+//!   registry before uploading, so a page's budget is enforced up front.
 //!
 //! What it does not: file or network IO (callers pass bytes), the projection
 //! and IP processors (they stay on candle), or anything without an adapter —
@@ -26,13 +30,13 @@ pub mod kernels;
 mod memory;
 mod ops;
 pub mod parity;
-pub mod quant;
+pub use ipaflux_core::quant;
 mod tensor;
 
 pub use context::{AdapterSummary, GpuContext, GpuOptions};
 pub use encoder::GpuEncoder;
 pub use error::{Error, Result};
-pub use memory::WebGpuMemory;
+pub use memory::{reserve_encoder, webgpu_registry, WebGpuMemory, DEFAULT_WEBGPU_BUDGET};
 pub use ops::{GpuLinear, GpuNorm, WgpuOps};
 pub use quant::WeightFormat;
 pub use tensor::GpuTensor;

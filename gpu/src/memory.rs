@@ -5,8 +5,54 @@
 //! user or assumes a default), and the adapter's largest buffer is recorded
 //! so loaders split weights that exceed it.
 
+use ipaflux_core::config::SiglipVisionConfig;
 use ipaflux_core::device::DeviceSpec;
-use ipaflux_core::registry::{DeviceFull, MemoryDevice};
+use ipaflux_core::registry::{
+    place_within, Bytes, DeviceFull, HostMemory, JobRequest, MemoryDevice, ModelHandle, ModelSpec, Registry,
+    RegistryConfig, Role, VramState,
+};
+
+use crate::error::{Error, Result};
+use crate::quant::WeightFormat;
+use crate::GpuEncoder;
+
+/// The budget when the page sets none: WebGPU cannot tell how much memory
+/// the adapter has, so this is an assumption (a modest integrated GPU's
+/// share), stated wherever it is used.
+pub const DEFAULT_WEBGPU_BUDGET: u64 = 4 << 30;
+
+/// A registry for one WebGPU adapter with `budget` bytes (weights only: the
+/// budget is the caller's number, so no safety margin is added) and the host.
+/// Models load whole or not at all (`VramState::High`): the encoder has no
+/// streamed path on WebGPU.
+pub fn webgpu_registry(budget: u64, max_binding: u64) -> ipaflux_core::Result<Registry> {
+    let config = RegistryConfig { state: VramState::High, safety_margin_bytes: 0, ..RegistryConfig::default() };
+    Registry::new(config, vec![Box::new(WebGpuMemory::new(0, budget, max_binding)), Box::new(HostMemory::unbounded())])
+}
+
+/// Registers the SigLIP encoder's predicted GPU bytes and places them on the
+/// WebGPU device before anything is uploaded: a model that does not fit the
+/// budget is refused ([`Error::OverBudget`]) instead of failing halfway
+/// through the upload, and leaves nothing registered.
+pub fn reserve_encoder(registry: &mut Registry, cfg: &SiglipVisionConfig, format: WeightFormat) -> Result<ModelHandle> {
+    let device = DeviceSpec::WebGpu(0);
+    let bytes = GpuEncoder::predicted_bytes(cfg, format);
+    let spec = ModelSpec::uniform("siglip", Role::ImageEncoder, device, bytes, 1, "siglip");
+    let handle = registry.register(spec)?;
+    registry.begin_stage("load");
+    match registry.load_for_job(&JobRequest::new(device, &[handle.model])) {
+        Ok(_) => Ok(handle),
+        Err(e) => {
+            registry.release(handle);
+            Err(match e {
+                ipaflux_core::Error::OutOfMemory { .. } => {
+                    Error::OverBudget { needed: Bytes(bytes), budget: Bytes(registry.usable_bytes(device)), format }
+                }
+                other => other.into(),
+            })
+        }
+    }
+}
 
 /// A WebGPU adapter as a registry memory device.
 #[derive(Debug, Clone)]
@@ -41,13 +87,7 @@ impl MemoryDevice for WebGpuMemory {
         self.placed
     }
     fn place(&mut self, bytes: u64) -> Result<(), DeviceFull> {
-        match self.placed.checked_add(bytes) {
-            Some(after) if after <= self.budget => {
-                self.placed = after;
-                Ok(())
-            }
-            _ => Err(DeviceFull { device: self.id(), requested: bytes, placed: self.placed, capacity: self.budget }),
-        }
+        place_within(self.id(), &mut self.placed, self.budget, bytes)
     }
     fn remove(&mut self, bytes: u64) {
         self.placed = self.placed.saturating_sub(bytes);
@@ -69,5 +109,21 @@ mod tests {
         m.remove(60); // never below zero
         assert_eq!(m.placed_bytes(), 0);
         assert_eq!(m.reported_free_bytes(), None);
+    }
+
+    #[test]
+    fn the_encoder_is_refused_past_the_budget_and_released_once() -> Result<()> {
+        let cfg = ipaflux_core::config::SiglipVisionConfig::so400m_patch14_384();
+        let q8 = GpuEncoder::predicted_bytes(&cfg, WeightFormat::Q8);
+        let mut reg = webgpu_registry(q8 + 1, 128 << 20)?;
+        let err = reserve_encoder(&mut reg, &cfg, WeightFormat::F32).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("more than the") && err.contains("budget") && err.contains("in f32"), "{err}");
+        assert_eq!(reg.placed_bytes(DeviceSpec::WebGpu(0)), 0, "a refused model leaves nothing behind");
+        let handle = reserve_encoder(&mut reg, &cfg, WeightFormat::Q8)?;
+        assert_eq!(reg.placed_bytes(DeviceSpec::WebGpu(0)), q8);
+        reg.release(handle);
+        reg.release(handle);
+        assert_eq!(reg.placed_bytes(DeviceSpec::WebGpu(0)), 0);
+        Ok(reg.audit()?)
     }
 }

@@ -5,6 +5,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
 use ipaflux_core::nn::Activation;
 use ipaflux_core::ops::{LoadOps, VisionOps};
 
@@ -97,14 +98,44 @@ impl VisionOps for WgpuOps {
     }
 }
 
-impl LoadOps for WgpuOps {
-    fn load_linear(&self, weight: Tensor, bias: Tensor) -> Result<GpuLinear> {
-        let (w, dims) = host_f32(&weight)?;
-        let (b, _) = host_f32(&bias)?;
+impl WgpuOps {
+    fn upload_linear(&self, weight: &Tensor, bias: &Tensor, format: WeightFormat) -> Result<GpuLinear> {
+        let (w, dims) = host_f32(weight)?;
+        let (b, _) = host_f32(bias)?;
         let &[n, k] = dims.as_slice() else {
             return Err(Error::Shape { op: "load_linear", detail: format!("weight {dims:?}") });
         };
-        let layer = GpuLinear::new(&self.ctx, &w, &b, n, k, self.format)?;
+        let layer = GpuLinear::new(&self.ctx, &w, &b, n, k, format)?;
+        self.count(layer.bytes());
+        Ok(layer)
+    }
+}
+
+/// The weight format applies to the model's named linear layers
+/// ([`ipaflux_core::siglip::linear_weights`], through `load_linear_at`): the
+/// ones `ipaflux quantize` stores small, so a pre-quantized checkpoint and
+/// quantizing at upload give the same GPU weights. Linear layers built from
+/// other tensors — the patch embedding (a reshaped convolution) and the
+/// pooling head's packed `in_proj` (≈1 % of so400m's weights) — stay f32.
+impl LoadOps for WgpuOps {
+    fn load_linear(&self, weight: Tensor, bias: Tensor) -> Result<GpuLinear> {
+        self.upload_linear(&weight, &bias, WeightFormat::F32)
+    }
+
+    /// A weight stored pre-quantized (`ipaflux quantize`) is uploaded as
+    /// stored, without a round trip through f32; others are converted to the
+    /// backend's format.
+    fn load_linear_at(&self, vb: &VarBuilder, out: usize, inp: usize) -> Result<GpuLinear> {
+        // Packed tensors keep their stored dtypes: u32 words, f32 scales.
+        let lookup = |name: &str| {
+            let dtype = if name.ends_with("_scales") { DType::F32 } else { DType::U32 };
+            vb.get_unchecked_dtype(name, dtype).ok()
+        };
+        let Some(q) = ipaflux_core::quant::find_packed(lookup, "weight", out, inp)? else {
+            return self.upload_linear(&vb.get((out, inp), "weight")?, &vb.get(out, "bias")?, self.format);
+        };
+        let (b, _) = host_f32(&vb.get(out, "bias")?)?;
+        let layer = GpuLinear::from_quantized(&self.ctx, &q, &b)?;
         self.count(layer.bytes());
         Ok(layer)
     }

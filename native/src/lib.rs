@@ -18,6 +18,7 @@ pub mod generate;
 pub mod load;
 pub mod plan;
 pub mod png_out;
+pub mod quantize;
 pub mod text;
 pub mod vae;
 

@@ -48,6 +48,19 @@ enum Cmd {
     },
     /// Generate an image from a text prompt and reference images (the full FLUX.1 + IP-Adapter pipeline).
     Generate(Box<GenerateArgs>),
+    /// Write a smaller copy of a SigLIP folder for the browser (or any ipaflux encoder): the linear
+    /// layers' weights in f16, q8 or q4 (the WebGPU kernels' formats; the CPU dequantizes them on load).
+    Quantize {
+        /// SigLIP folder (config.json + model.safetensors or a sharded index), or its Hugging Face cache entry.
+        #[arg(long)]
+        siglip: PathBuf,
+        /// f16, q8 or q4 (f32 also works: a plain f32 copy).
+        #[arg(long)]
+        format: ipaflux_core::quant::WeightFormat,
+        /// Output folder (created; config.json and preprocessor_config.json are copied along).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Run the memory registry through a whole job on a simulated device and print what it does.
     Plan {
         /// Memory of the simulated device: bytes or a size like `24GiB`.
@@ -352,6 +365,34 @@ fn main() -> anyhow::Result<()> {
             print_stages(&enc.stages);
             print_stages(&[("write", t.elapsed())]);
             eprintln!("wrote {}", out.display());
+        }
+        Cmd::Quantize { siglip, format, out } => {
+            let t = Instant::now();
+            let mut shown = 0;
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let r = ipaflux::quantize::quantize_siglip(&siglip, &out, format, |done, total| {
+                // Twenty updates of one line, whatever the tensor count.
+                if tty && (done * 20 / total.max(1) > shown || done == total) {
+                    shown = done * 20 / total.max(1);
+                    eprint!("\rquantizing: {done}/{total} tensors");
+                }
+            })?;
+            if tty {
+                eprintln!();
+            }
+            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            println!("format   linear weights  tensors  in (MiB)  out (MiB)  ratio   time");
+            println!(
+                "{:<8} {:>14}  {:>7}  {:>8.1}  {:>9.1}  {:>5.2}  {:>5.1} s",
+                r.format.name(),
+                r.linear,
+                r.tensors,
+                mib(r.in_bytes),
+                mib(r.out_bytes),
+                r.out_bytes as f64 / r.in_bytes.max(1) as f64,
+                t.elapsed().as_secs_f64()
+            );
+            println!("wrote {}", r.out_dir.join("model.safetensors").display());
         }
         Cmd::Demo { out, seed } => {
             println!(

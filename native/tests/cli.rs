@@ -321,3 +321,38 @@ fn crc32(data: &[u8]) -> u32 {
     }
     !c
 }
+
+fn quantize(siglip: &PathBuf, format: &str, out: &PathBuf) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ipaflux"))
+        .args(["quantize", "--format", format, "--siglip"])
+        .arg(siglip)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
+/// `ipaflux quantize` writes a smaller SigLIP folder the encoder loads (the
+/// CPU dequantizes it), prints its table, and refuses to overwrite its input
+/// or to quantize twice.
+#[test]
+fn quantize_writes_a_smaller_folder_the_encoder_loads() {
+    let (s, a, i) = good();
+    let original = std::fs::metadata(s.join("model.safetensors")).unwrap().len();
+    for format in ["f16", "q8", "q4"] {
+        let dir = tmp(&format!("quantized-{format}"));
+        let out = quantize(&s, format, &dir);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(table.contains("ratio") && table.contains(format), "{table}");
+        let written = std::fs::metadata(dir.join("model.safetensors")).unwrap().len();
+        assert!(written < original, "{format}: {written} bytes, original {original}");
+        assert!(dir.join("config.json").exists() && dir.join("preprocessor_config.json").exists());
+        let enc = encode(&dir, &a, &i, &tmp(&format!("quantized-{format}.safetensors")));
+        assert!(enc.status.success(), "{format}: {}", String::from_utf8_lossy(&enc.stderr));
+    }
+    let q8 = tmp("quantized-q8");
+    assert_fails(&quantize(&q8, "q4", &tmp("twice")), &["already quantized (q8)"]);
+    assert_fails(&quantize(&s, "q4", &s), &["is the input folder"]);
+    assert_fails(&quantize(&s, "q5", &tmp("q5")), &["unknown weight format `q5`"]);
+}

@@ -6,13 +6,19 @@
 //! image-prompt embeddings.
 //!
 //! JS API (see `www/app.js` for a user):
-//! - `await Encoder.create(configJson, weights, {device, format, adapter})`:
+//! - `await Encoder.create(configJson, weights, {device, format, adapter, gpuBudget})`:
 //!   `device` is `"auto"` (WebGPU, else CPU), `"webgpu"` or `"cpu"`;
-//!   `format` is `f32`, `f16`, `q8` or `q4` (WebGPU only; the CPU runs f32);
-//!   `adapter` optionally holds IP-Adapter bytes for the projection.
+//!   `format` is `f32`, `f16`, `q8` or `q4` (WebGPU only; the CPU runs f32;
+//!   default f32, or the file's own format for weights written by `ipaflux
+//!   quantize`, which both devices load); `adapter` optionally holds
+//!   IP-Adapter bytes for the projection; `gpuBudget` is the bytes of GPU
+//!   memory the memory registry may place (default 4 GiB: WebGPU cannot
+//!   report free memory) — weights past it are refused before any upload.
 //! - `await enc.encode(imageBytes)` → `{pooled: Float32Array, embeds?,
 //!   embedsShape?, device, format, timings: {decodeMs, encodeMs, projectMs}}`.
-//! - `enc.device`, `enc.gpuBytes`, `enc.free()` (frees the GPU buffers now).
+//! - `enc.device`, `enc.gpuBytes`, `enc.memory()` (the registry's view: budget,
+//!   placed bytes, events), `enc.release()` (frees the GPU buffers now and
+//!   tells the registry; again is harmless).
 //! - `webgpuAvailable()`, `selfCheck()` (every kernel vs the CPU),
 //!   `plan(scenario, vramGiB)` (the registry's timeline as JSON).
 //!
@@ -24,9 +30,12 @@ use std::rc::Rc;
 use ipaflux_core::candle_core::{DType, Device, Tensor};
 use ipaflux_core::config::{PreprocessConfig, SiglipVisionConfig};
 use ipaflux_core::preprocess::{decode_rgb, pixel_values};
+use ipaflux_core::registry::{ModelHandle, Registry};
 use ipaflux_core::weights::TensorStore;
 use ipaflux_core::SiglipVisionModel;
-use ipaflux_gpu::{GpuContext, GpuEncoder, GpuOptions, WeightFormat};
+use ipaflux_gpu::{
+    reserve_encoder, webgpu_registry, GpuContext, GpuEncoder, GpuOptions, WeightFormat, DEFAULT_WEBGPU_BUDGET,
+};
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 
@@ -39,43 +48,28 @@ fn js_err(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }
 
+/// `Encoder.create`'s options (the `adapter` bytes are read apart, as a `Uint8Array`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 struct CreateOptions {
     device: Option<String>,
     format: Option<String>,
-    #[serde(with = "serde_bytes_opt")]
-    adapter: Option<Vec<u8>>,
     preprocessor_config: Option<String>,
+    gpu_budget: Option<f64>,
 }
 
-/// `Uint8Array` (or absent) → bytes, through serde-wasm-bindgen.
-mod serde_bytes_opt {
-    use serde::{Deserialize, Deserializer};
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
-        Option::<serde_bytes_shim::Bytes>::deserialize(d).map(|o| o.map(|b| b.0))
+/// The options object's `adapter` field: absent, or the IP-Adapter file's bytes.
+fn adapter_bytes(options: &JsValue) -> Result<Option<Vec<u8>>, JsError> {
+    if !options.is_object() {
+        return Ok(None);
     }
-    mod serde_bytes_shim {
-        pub struct Bytes(pub Vec<u8>);
-        impl<'de> serde::Deserialize<'de> for Bytes {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                struct V;
-                impl serde::de::Visitor<'_> for V {
-                    type Value = Bytes;
-                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                        f.write_str("a Uint8Array")
-                    }
-                    fn visit_bytes<E>(self, v: &[u8]) -> Result<Bytes, E> {
-                        Ok(Bytes(v.to_vec()))
-                    }
-                    fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Bytes, E> {
-                        Ok(Bytes(v))
-                    }
-                }
-                d.deserialize_bytes(V)
-            }
-        }
+    let v = js_sys::Reflect::get(options, &"adapter".into()).map_err(|_| JsError::new("options.adapter"))?;
+    if v.is_undefined() || v.is_null() {
+        return Ok(None);
     }
+    v.dyn_into::<js_sys::Uint8Array>()
+        .map(|a| Some(a.to_vec()))
+        .map_err(|_| JsError::new("options.adapter must be a Uint8Array of the IP-Adapter file's bytes"))
 }
 
 enum Backend {
@@ -99,6 +93,8 @@ pub struct Encoder {
     projection: Option<ipaflux_core::ip_adapter::MlpProjection>,
     device: String,
     format: WeightFormat,
+    /// The memory registry of the WebGPU path (none on the CPU path).
+    memory: Option<(Registry, ModelHandle)>,
 }
 
 async fn gpu_context() -> Result<Rc<GpuContext>, ipaflux_gpu::Error> {
@@ -115,6 +111,7 @@ pub async fn webgpu_available() -> bool {
 impl Encoder {
     /// Builds an encoder from a SigLIP `config.json` and its safetensors bytes.
     pub async fn create(config_json: String, weights: Vec<u8>, options: JsValue) -> Result<Encoder, JsError> {
+        let adapter = adapter_bytes(&options)?;
         let opts: CreateOptions = if options.is_undefined() || options.is_null() {
             CreateOptions::default()
         } else {
@@ -125,9 +122,13 @@ impl Encoder {
             Some(json) => PreprocessConfig::from_hf_json(json, "preprocessor_config.json").map_err(js_err)?,
             None => PreprocessConfig::siglip(cfg.image_size),
         };
-        let format: WeightFormat = opts.format.as_deref().unwrap_or("f32").parse().map_err(js_err)?;
         let store = TensorStore::from_safetensors(&weights, "model.safetensors").map_err(js_err)?;
         drop(weights);
+        let stored = store.quantized_format();
+        let format: WeightFormat = match opts.format.as_deref() {
+            Some(name) => name.parse().map_err(js_err)?,
+            None => stored.unwrap_or(WeightFormat::F32),
+        };
         let want = opts.device.as_deref().unwrap_or("auto");
         let gpu = match want {
             "cpu" => None,
@@ -135,25 +136,36 @@ impl Encoder {
             "auto" => gpu_context().await.ok(),
             other => return Err(JsError::new(&format!("unknown device `{other}`; expected auto, webgpu or cpu"))),
         };
-        let (backend, device, format) = match gpu {
+        let (backend, device, format, memory) = match gpu {
             Some(ctx) => {
                 let name = format!("webgpu: {}", ctx.adapter());
-                (
-                    Backend::Gpu(Box::new(GpuEncoder::load(ctx, &cfg, store, format).await.map_err(js_err)?)),
-                    name,
-                    format,
-                )
+                let budget = match opts.gpu_budget {
+                    Some(b) if b.is_finite() && b >= 0.0 => b as u64,
+                    Some(b) => return Err(JsError::new(&format!("gpuBudget must be a number of bytes ≥ 0, not {b}"))),
+                    None => DEFAULT_WEBGPU_BUDGET,
+                };
+                let mut registry = webgpu_registry(budget, ctx.max_binding()).map_err(js_err)?;
+                let handle = reserve_encoder(&mut registry, &cfg, format).map_err(js_err)?;
+                let enc = match GpuEncoder::load(ctx, &cfg, store, format).await {
+                    Ok(enc) => enc,
+                    Err(e) => {
+                        registry.release(handle);
+                        return Err(js_err(e));
+                    }
+                };
+                (Backend::Gpu(Box::new(enc)), name, format, Some((registry, handle)))
             }
             None => {
                 let model = SiglipVisionModel::from_store(&cfg, store, DType::F32, &Device::Cpu).map_err(js_err)?;
-                (Backend::Cpu(Box::new(model)), "cpu (wasm)".to_string(), WeightFormat::F32)
+                // A pre-quantized file runs dequantized: its weights are still the q8/q4 values.
+                (Backend::Cpu(Box::new(model)), "cpu (wasm)".to_string(), stored.unwrap_or(WeightFormat::F32), None)
             }
         };
-        let projection = match opts.adapter {
+        let projection = match adapter {
             Some(bytes) => Some(load_projection(&bytes).map_err(js_err)?),
             None => None,
         };
-        Ok(Encoder { backend: Some(backend), preprocess, projection, device, format })
+        Ok(Encoder { backend: Some(backend), preprocess, projection, device, format, memory })
     }
 
     /// Encodes image bytes (PNG, JPEG, WebP).
@@ -207,11 +219,28 @@ impl Encoder {
         }
     }
 
+    /// The memory registry's view of the GPU: `{budget, placed, events:
+    /// [{stage, op, model, bytes, device, reason}]}` (`null` on the CPU path).
+    pub fn memory(&self) -> Result<JsValue, JsError> {
+        let Some((registry, _)) = &self.memory else { return Ok(JsValue::NULL) };
+        let dev = ipaflux_core::DeviceSpec::WebGpu(0);
+        let report = serde_json::json!({
+            "budget": registry.usable_bytes(dev),
+            "placed": registry.placed_bytes(dev),
+            "events": registry.events(),
+        });
+        Ok(report.serialize(&serde_wasm_bindgen::Serializer::json_compatible())?)
+    }
+
     /// Drops the weights (GPU buffers are destroyed now, not at garbage
-    /// collection); later `encode` calls fail with a clear message.
+    /// collection) and tells the registry; later `encode` calls fail with a
+    /// clear message. Releasing twice changes nothing.
     pub fn release(&mut self) {
         self.backend = None;
         self.projection = None;
+        if let Some((registry, handle)) = &mut self.memory {
+            registry.release(*handle);
+        }
     }
 }
 

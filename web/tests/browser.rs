@@ -85,3 +85,71 @@ async fn bad_input_is_an_exception_with_the_native_message() {
     let msg = JsValue::from(bad).dyn_into::<js_sys::Error>().unwrap().message().as_string().unwrap();
     assert!(msg.contains("q5"), "{msg}");
 }
+
+fn message(e: wasm_bindgen::JsError) -> String {
+    JsValue::from(e).dyn_into::<js_sys::Error>().unwrap().message().as_string().unwrap()
+}
+
+/// The fixture as `ipaflux quantize --format <format>` writes it.
+fn quantized_weights(format: ipaflux_core::quant::WeightFormat) -> Vec<u8> {
+    use ipaflux_core::siglip::{linear_weights, siglip_tensor_name};
+    let cfg = ipaflux_core::SiglipVisionConfig::from_hf_json(CONFIG, "config.json").unwrap();
+    let store = ipaflux_core::weights::TensorStore::from_safetensors(WEIGHTS, "model.safetensors")
+        .unwrap()
+        .filter_rename(siglip_tensor_name);
+    let named: Vec<_> = store.names().map(|n| (n, store.get(n).unwrap())).collect();
+    ipaflux_core::quant::quantize_checkpoint(named, &linear_weights(&cfg), format, |_, _| {}).unwrap()
+}
+
+/// A pre-quantized q8 file (smaller download) loads on WebGPU in its own
+/// format without being told, and on the CPU fallback (dequantized); both
+/// within the q8 tolerance of transformers on the original.
+#[wasm_bindgen_test]
+async fn pre_quantized_weights_load_on_both_devices() {
+    let bytes = quantized_weights(ipaflux_core::quant::WeightFormat::Q8);
+    assert!(bytes.len() < WEIGHTS.len());
+    let gold = golden_pooled();
+    let mut outs = Vec::new();
+    for device in ["webgpu", "cpu"] {
+        let o = js_sys::Object::new();
+        js_sys::Reflect::set(&o, &"device".into(), &device.into()).unwrap();
+        let enc = Encoder::create(CONFIG.into(), bytes.clone(), o.into()).await.unwrap();
+        let out = enc.encode(IMAGE.to_vec()).await.unwrap();
+        assert_eq!(field(&out, "format").as_string().unwrap(), "q8", "{device}");
+        let pooled = field(&out, "pooled").dyn_into::<js_sys::Float32Array>().unwrap().to_vec();
+        let err = ipaflux_gpu::parity::rel_err(&pooled, &gold);
+        assert!(err <= 3e-2, "{device}: {err}");
+        outs.push(pooled);
+    }
+    // Same weights on both devices: same numbers up to f32 rounding.
+    assert!(ipaflux_gpu::parity::rel_err(&outs[0], &outs[1]) <= 1e-4);
+    // Asked for another format: the native message.
+    let err = Encoder::create(CONFIG.into(), bytes, options("webgpu", "f16")).await.err().unwrap();
+    assert!(message(err).contains("pre-quantized to q8"));
+}
+
+/// The memory registry guards the WebGPU budget: weights past it are refused
+/// before any upload with a message naming the device; an encoder that fits
+/// is counted at exactly its GPU bytes, and releasing (twice) returns them.
+#[wasm_bindgen_test]
+async fn the_gpu_budget_is_enforced_by_the_registry() {
+    let with_budget = |bytes: f64| {
+        let o = js_sys::Object::new();
+        js_sys::Reflect::set(&o, &"device".into(), &"webgpu".into()).unwrap();
+        js_sys::Reflect::set(&o, &"format".into(), &"f32".into()).unwrap();
+        js_sys::Reflect::set(&o, &"gpuBudget".into(), &bytes.into()).unwrap();
+        JsValue::from(o)
+    };
+    let err = Encoder::create(CONFIG.into(), WEIGHTS.to_vec(), with_budget(1000.0)).await.err().unwrap();
+    let msg = message(err);
+    assert!(msg.contains("more than the") && msg.contains("budget"), "{msg}");
+    let mut enc = Encoder::create(CONFIG.into(), WEIGHTS.to_vec(), with_budget(1e6)).await.unwrap();
+    let mem: serde_json::Value = serde_wasm_bindgen::from_value(enc.memory().unwrap()).unwrap();
+    assert_eq!(mem["placed"].as_f64(), Some(enc.gpu_bytes()), "{mem}");
+    assert_eq!(mem["budget"].as_f64(), Some(1e6));
+    enc.release();
+    enc.release();
+    let mem: serde_json::Value = serde_wasm_bindgen::from_value(enc.memory().unwrap()).unwrap();
+    assert_eq!(mem["placed"].as_f64(), Some(0.0), "{mem}");
+    assert!(enc.encode(IMAGE.to_vec()).await.is_err());
+}

@@ -24,14 +24,19 @@ await page.goto(`http://127.0.0.1:${server.address().port}/bench.html`);
 await page.fill("#layers", L);
 await page.fill("#formats", formats);
 await page.click("#run");
-await page.waitForFunction(() => window.benchResult, null, { timeout: 0 });
-const r = await page.evaluate(() => window.benchResult);
 console.log(`headless Chromium ${browser.version()}, WebGPU adapter as the browser gives it (SwiftShader without a GPU)`);
-if (r.error) console.log("error:", r.error);
-for (const row of r.rows || []) {
-  console.log(`${row.path.padEnd(14)} L=${L}: ${row.msL.toFixed(0)} ms, L+1: ${row.msL1.toFixed(0)} ms, ` +
-    `per layer ${row.perLayer.toFixed(0)} ms, 27 layers ≈ ${row.full.toFixed(0)} ms, × vs wasm CPU ${row.speedup.toFixed(2)}`);
+const show = (row) => console.log(`${row.path.padEnd(14)} L=${L}: ${row.msL.toFixed(0)} ms, L+1: ${row.msL1.toFixed(0)} ms, ` +
+  `per layer ${row.perLayer.toFixed(0)} ms, 27 layers ≈ ${row.full.toFixed(0)} ms, × vs wasm CPU ${row.speedup.toFixed(2)}`);
+// Rows are printed as each path finishes, so a run cut short still reports what it measured.
+let shown = 0, r = null;
+for (;;) {
+  const state = await page.evaluate(() => ({ rows: window.benchRows || [], result: window.benchResult || null,
+    status: document.getElementById("status").textContent }));
+  for (; shown < state.rows.length; shown++) show(state.rows[shown]);
+  if (state.result) { r = state.result; break; }
+  await new Promise((res) => setTimeout(res, 5000));
 }
+if (r.error) console.log("error:", r.error);
 if (r.matmul) console.log(`matmul ${r.matmul.n}³ f32: WGSL ${r.matmul.webgpuGflops.toFixed(2)} GFLOP/s, wasm CPU ${r.matmul.cpuGflops.toFixed(2)} GFLOP/s`);
 await browser.close();
 server.close();

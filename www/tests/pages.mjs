@@ -5,8 +5,9 @@
 //     is WebGPU and its pooled values match the golden reference (rel 3e-2, f16 weights).
 //  2. WebGPU off (no --enable-unsafe-webgpu: no adapter): the same page falls
 //     back to the CPU path, same embedding (rel 1e-4 vs golden).
-//  3. Bad input: a non-image file and a truncated weights URL → a message on
-//     the page, the tab still responds.
+//  3. Bad input: a non-image file, a truncated weights URL and weights past
+//     the GPU budget (refused by the memory registry before any upload) → a
+//     message on the page, the tab still responds and loads again.
 //  4. The memory-plan page draws the registry's timeline.
 // Screenshots go to www/tests/out/.
 import { chromium } from "playwright-core";
@@ -76,6 +77,8 @@ try {
     check(webgpu ? /^webgpu/.test(r.device) : r.device === "cpu (wasm)", `${label}: device is ${r.device}`);
     const err = relErr(r.pooled || [], golden);
     check(err <= tol, `${label}: pooled vs golden rel err ${err.toExponential(2)} (tol ${tol})`);
+    const shape = JSON.stringify(r.embedsShape);
+    check(shape === "[1,8,64]", `${label}: the adapter's projection ran: image_prompt_embeds ${shape}`);
     const shown = await page.textContent("#out-values");
     check(shown.split(",").length === 6, `${label}: values shown on the page: ${shown}`);
     await page.screenshot({ path: path.join(out, webgpu ? "encoder-webgpu.png" : "encoder-cpu.png"), fullPage: true });
@@ -96,6 +99,19 @@ try {
       check(/model\.safetensors/.test(msg2), `truncated weights → message: ${msg2}`);
       check(await page.evaluate(() => 1 + 1) === 2, "tab still responds");
       await page.screenshot({ path: path.join(out, "encoder-error.png"), fullPage: true });
+      // Weights past the GPU budget: the registry's message on the page; then a sane budget loads.
+      await page.selectOption("#weights", "sample");
+      await page.selectOption("#format", "f32");
+      await page.fill("#budget", "0.01");
+      await page.click("#load");
+      await page.waitForFunction(() => document.getElementById("load-status").textContent === "not loaded", null, { timeout: 60000 });
+      const msg3 = await page.textContent("#error");
+      check(/more than the .* budget/.test(msg3), `over the GPU budget → message: ${msg3}`);
+      await page.fill("#budget", "64");
+      await page.click("#load");
+      await page.waitForFunction(() => /^ready/.test(document.getElementById("load-status").textContent), null, { timeout: 120000 });
+      const mem = await page.textContent("#out-memory");
+      check(/placed of a 64 MiB budget/.test(mem), `loads again within the budget: ${mem}`);
 
       await page.goto(`${base}/plan.html`);
       await page.waitForSelector("body[data-planned]", { timeout: 60000 });

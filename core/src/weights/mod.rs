@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result, TensorProblem};
+use crate::quant;
 use pickle::{PickleError, TensorRef, Value};
 
 /// Named tensors on the CPU, as stored (dtype unchanged), with the name of
@@ -157,11 +158,15 @@ impl TensorStore {
     /// missing, unexpected or mis-shaped tensor in one [`Error::Checkpoint`].
     pub fn validate(&self, expected: &[(String, Vec<usize>)]) -> Result<()> {
         let mut problems = Vec::new();
-        let mut seen = std::collections::BTreeSet::new();
+        let mut seen: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
         for (name, shape) in expected {
-            seen.insert(name.as_str());
+            seen.insert(name.clone());
             match self.tensors.get(name) {
-                None => problems.push(TensorProblem::Missing { name: name.clone(), expected: shape.clone() }),
+                None => match self.packed_problem(name, shape) {
+                    Some(Ok(stored)) => seen.extend(stored),
+                    Some(Err(problem)) => problems.push(problem),
+                    None => problems.push(TensorProblem::Missing { name: name.clone(), expected: shape.clone() }),
+                },
                 Some(t) if t.dims() != shape.as_slice() => problems.push(TensorProblem::WrongShape {
                     name: name.clone(),
                     expected: shape.clone(),
@@ -171,7 +176,7 @@ impl TensorStore {
             }
         }
         for (name, t) in &self.tensors {
-            if !seen.contains(name.as_str()) {
+            if !seen.contains(name) {
                 problems.push(TensorProblem::Unexpected { name: name.clone(), shape: t.dims().to_vec() });
             }
         }
@@ -182,11 +187,98 @@ impl TensorStore {
         }
     }
 
-    /// A candle `VarBuilder` over these tensors, converting to `dtype` on `device` as each is fetched.
+    /// For an expected 2-D weight stored pre-quantized ([`crate::quant`]):
+    /// `Some(Ok(names of its two tensors))` when they fit `shape`,
+    /// `Some(Err(problem))` when they do not, `None` when not stored packed.
+    fn packed_problem(&self, name: &str, shape: &[usize]) -> Option<std::result::Result<[String; 2], TensorProblem>> {
+        let &[n, k] = shape else { return None };
+        quant::PACKED_FORMATS.into_iter().find_map(|format| {
+            let (wname, sname) = quant::packed_names(name, format);
+            let words = self.tensors.get(&wname)?;
+            let [wshape, sshape] = quant::packed_shapes(format, n, k);
+            let wrong = |tname: &str, expected: &[usize], found: Option<&Tensor>| {
+                Err(match found {
+                    None => TensorProblem::Missing { name: tname.to_string(), expected: expected.to_vec() },
+                    Some(t) => TensorProblem::WrongShape {
+                        name: tname.to_string(),
+                        expected: expected.to_vec(),
+                        found: t.dims().to_vec(),
+                    },
+                })
+            };
+            Some(if words.dims() != wshape.as_slice() {
+                wrong(&wname, &wshape, Some(words))
+            } else {
+                match self.tensors.get(&sname) {
+                    Some(s) if s.dims() == sshape.as_slice() => Ok([wname, sname]),
+                    found => wrong(&sname, &sshape, found),
+                }
+            })
+        })
+    }
+
+    /// The packed format of a pre-quantized store (`ipaflux quantize`), if it is one.
+    pub fn quantized_format(&self) -> Option<quant::WeightFormat> {
+        quant::stored_format(self.names())
+    }
+
+    /// A candle `VarBuilder` over these tensors, converting to `dtype` on
+    /// `device` as each is fetched. Pre-quantized (q8/q4) weights are
+    /// dequantized as they are fetched, one at a time; their packed tensors
+    /// stay reachable by name (`get_unchecked`) for backends that use them as stored.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> candle_nn::VarBuilder<'static> {
-        let map: std::collections::HashMap<String, Tensor> =
-            self.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        candle_nn::VarBuilder::from_tensors(map, dtype, device)
+        let backend = StoreBackend { tensors: self.tensors.clone() };
+        candle_nn::VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+    }
+}
+
+/// [`TensorStore::var_builder`]'s backend: dense tensors as stored, packed weights dequantized on demand.
+struct StoreBackend {
+    tensors: BTreeMap<String, Tensor>,
+}
+
+impl StoreBackend {
+    fn lookup(&self, name: &str) -> Option<Tensor> {
+        self.tensors.get(name).cloned()
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for StoreBackend {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = match (self.tensors.get(name), s.dims()) {
+            (Some(t), _) => t.clone(),
+            (None, &[n, k]) => match quant::find_packed(|n| self.lookup(n), name, n, k) {
+                Ok(Some(q)) => Tensor::from_vec(q.dequantize(), (n, k), &Device::Cpu)?,
+                Ok(None) => return Err(candle_core::Error::CannotFindTensor { path: name.to_string() }),
+                Err(e) => return Err(candle_core::Error::Msg(e.to_string())),
+            },
+            (None, _) => return Err(candle_core::Error::CannotFindTensor { path: name.to_string() }),
+        };
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            });
+        }
+        t.to_device(dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.lookup(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
+        t.to_device(dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+            || quant::PACKED_FORMATS.into_iter().any(|f| self.tensors.contains_key(&quant::packed_names(name, f).0))
     }
 }
 

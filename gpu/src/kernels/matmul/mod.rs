@@ -62,19 +62,42 @@ impl GpuLinear {
         format: WeightFormat,
         max_part: u64,
     ) -> Result<Self> {
+        let q = QuantizedMatrix::new(w, n, k, format)?;
+        Self::from_quantized_with_max_part_bytes(ctx, &q, bias, max_part)
+    }
+
+    /// Uploads a weight already in its GPU format (e.g. read from a
+    /// pre-quantized checkpoint) and `bias [n]`.
+    pub fn from_quantized(ctx: &GpuContext, q: &QuantizedMatrix, bias: &[f32]) -> Result<Self> {
+        Self::from_quantized_with_max_part_bytes(ctx, q, bias, ctx.max_binding())
+    }
+
+    fn from_quantized_with_max_part_bytes(
+        ctx: &GpuContext,
+        q: &QuantizedMatrix,
+        bias: &[f32],
+        max_part: u64,
+    ) -> Result<Self> {
+        let (n, k) = (q.n, q.k);
         if bias.len() != n {
             return Err(Error::Shape {
                 op: "linear",
                 detail: format!("bias has {} values for {n} outputs", bias.len()),
             });
         }
-        let q = QuantizedMatrix::new(w, n, k, format)?;
         let row_bytes = (q.word_bytes() / n.max(1) as u64).max(1);
         let rows_per_part = usize::try_from(max_part.min(ctx.max_binding()) / row_bytes).unwrap_or(usize::MAX).max(1);
         let mut parts = Vec::new();
         for start in (0..n).step_by(rows_per_part) {
             let len = rows_per_part.min(n - start);
-            let part = q.rows(start, len);
+            // One part (the usual case) uploads the matrix as it is, without a copy.
+            let split;
+            let part = if len == n {
+                q
+            } else {
+                split = q.rows(start, len);
+                &split
+            };
             let scales = if part.scales.is_empty() {
                 None
             } else {
@@ -84,8 +107,8 @@ impl GpuLinear {
             let bias = ctx.upload("linear bias", bytemuck::cast_slice(&bias[start..start + len]))?;
             parts.push(Part { words, scales, bias, n_offset: start, n: len });
         }
-        let bytes = format.bytes(n, k) + 4 * n as u64;
-        Ok(Self { parts, format, n, k, stride: q.stride, bytes })
+        let bytes = q.format.bytes(n, k) + 4 * n as u64;
+        Ok(Self { parts, format: q.format, n, k, stride: q.stride, bytes })
     }
 
     pub fn format(&self) -> WeightFormat {
