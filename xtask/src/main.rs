@@ -96,8 +96,8 @@ fn lint(cargo: &str) {
 
 /// `cargo xtask cuda-check`: the `cuda` feature compiles (candle's kernels to PTX
 /// with nvcc from PyPI, all our CUDA code under clippy) on a machine without a
-/// GPU. Not linked, not run. Not part of `test`: candle's kernels alone take
-/// about 16 minutes on 2 cores.
+/// GPU. Not linked, not run. Not part of `test` (candle's kernels alone take
+/// about 16 minutes on 2 cores); CI runs it after `test` (`.ci/run`).
 fn cuda_lint(cargo: &str) {
     let env = Command::new("bash").arg("scripts/cuda-env.sh").output();
     let cu13 = match env {
