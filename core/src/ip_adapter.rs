@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result, TensorProblem};
-use crate::nn::{rms_norm, sdpa, Activation, LayerNorm, Linear};
+use crate::nn::{rms_norm, Activation, LayerNorm, Linear};
 use crate::weights::TensorStore;
 use candle_core::Module;
 
@@ -228,6 +228,11 @@ impl IpKv {
     /// `scale · softmax(q kᵀ/√D) v` for a block's query `q [B, H, L, D]` (QK-normed, pre-RoPE),
     /// returned as `[B, L, H·D]` — the term the block adds to its attention output.
     pub fn attend(&self, q: &Tensor, scale: f64) -> Result<Tensor> {
+        self.attend_with(q, scale, &crate::nn::Attention::reference())
+    }
+
+    /// [`Self::attend`] with the given attention implementation.
+    pub fn attend_with(&self, q: &Tensor, scale: f64, attention: &crate::nn::Attention) -> Result<Tensor> {
         let (b, h, l, d) = q.dims4()?;
         let (kb, kh, _, kd) = self.k.dims4()?;
         if (h, d) != (kh, kd) || (kb != b && kb != 1) {
@@ -238,7 +243,7 @@ impl IpKv {
         } else {
             (self.k.broadcast_as((b, h, self.k.dim(2)?, d))?, self.v.broadcast_as((b, h, self.v.dim(2)?, d))?)
         };
-        let out = sdpa(&q.to_dtype(k.dtype())?, &k, &v)?;
+        let out = attention.sdpa(&q.to_dtype(k.dtype())?, &k, &v)?;
         let out = out.transpose(1, 2)?.reshape((b, l, h * d))?.to_dtype(q.dtype())?;
         Ok((out * scale)?)
     }

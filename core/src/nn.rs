@@ -2,6 +2,8 @@
 //! compute in f32 whatever the storage dtype (as PyTorch's CPU kernels do for
 //! half types), so bf16/f16 runs stay close to the f32 reference.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -27,8 +29,14 @@ impl Linear {
     }
 
     /// From a PyTorch-layout weight `[out, in]` and optional bias `[out]`.
+    ///
+    /// On the CPU the transpose is made contiguous once (its matmul is faster
+    /// so); on a GPU it stays a view of `weight` (cuBLAS takes the transposed
+    /// operand as is), so the layer holds exactly the checkpoint's bytes and
+    /// shares them with whoever else holds `weight`.
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self { weight_t: weight.t()?.contiguous()?, bias })
+        let weight_t = if weight.device().is_cpu() { weight.t()?.contiguous()? } else { weight.t()? };
+        Ok(Self { weight_t, bias })
     }
 
     /// The dtype the weights are stored in.
@@ -76,6 +84,11 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
+        if !x.device().is_cpu() {
+            // candle's fused kernel (f32 accumulation for every dtype): one pass instead of ~10.
+            let (w, b) = (self.weight.to_dtype(dtype)?, self.bias.to_dtype(dtype)?);
+            return Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, self.eps as f32)?);
+        }
         if dtype == DType::F32 && self.weight.dtype() == DType::F32 {
             // Fused kernel, same formula: (x − mean) / √(var + eps) · w + b.
             return Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?);
@@ -93,9 +106,23 @@ impl LayerNorm {
 /// RMSNorm without weights over the last dimension (diffusers' `RMSNorm(elementwise_affine=False)`), in f32.
 pub fn rms_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
+    if !x.device().is_cpu() {
+        let ones = Tensor::ones(x.dim(D::Minus1)?, dtype, x.device())?;
+        return rms_norm_scaled(x, &ones, eps);
+    }
     let x = x.to_dtype(DType::F32)?;
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(dtype)?)
+}
+
+/// `rms_norm(x) · scale`. On a GPU one fused kernel (candle's, f32
+/// accumulation); on the CPU the f32 path of [`rms_norm`], then the scale.
+pub fn rms_norm_scaled(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    if !x.device().is_cpu() {
+        return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &scale.to_dtype(dtype)?, eps as f32)?);
+    }
+    Ok(rms_norm(x, eps)?.broadcast_mul(&scale.to_dtype(dtype)?)?)
 }
 
 /// Softmax over the last dimension, computed in f32.
@@ -117,7 +144,8 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, h, l, d) = q.dims4()?;
     let s = k.dim(2)?;
     let per_head = b * l * s * q.dtype().size_in_bytes();
-    let group = (SCORES_CHUNK_BYTES / per_head.max(1)).clamp(1, h.max(1));
+    let limit = if q.device().is_cpu() { SCORES_CHUNK_BYTES } else { DEVICE_SCORES_CHUNK_BYTES };
+    let group = (limit / per_head.max(1)).clamp(1, h.max(1));
     if group >= h {
         return sdpa_all(q, k, v, d);
     }
@@ -129,8 +157,57 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&outs, 1)?)
 }
 
-/// Largest score matrix [`sdpa`] materialises at once.
+/// Largest score matrix [`sdpa`] materialises at once on the CPU.
 pub const SCORES_CHUNK_BYTES: usize = 8 << 20;
+
+/// Largest score matrix [`sdpa`] materialises at once on a GPU: all heads of
+/// a Flux 1024² block in bf16 (1 GiB, as candle's own attention would), so the
+/// reference path is one batched product per call there. [`Attention`] with a
+/// fused kernel never materialises it.
+pub const DEVICE_SCORES_CHUNK_BYTES: usize = 2 << 30;
+
+/// A fused attention kernel for some devices and dtypes (the CUDA one lives
+/// in the `ipaflux` crate, which may use `unsafe`; core may not).
+pub trait FusedAttention: std::fmt::Debug + Send + Sync {
+    /// Short name for reports.
+    fn name(&self) -> &'static str;
+    /// Attention of `q [B,H,L,D]` over `k, v [B,H,S,D]`, scale 1/√D, no mask;
+    /// `None` when this kernel does not take these inputs (device, dtype, head
+    /// size), so the caller uses the reference path instead.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Result<Tensor>>;
+}
+
+/// Which attention a model runs: the reference [`sdpa`] (scores
+/// materialised), or a fused kernel wherever it applies. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Attention {
+    fused: Option<Arc<dyn FusedAttention>>,
+}
+
+impl Attention {
+    /// The reference path everywhere.
+    pub fn reference() -> Self {
+        Self::default()
+    }
+
+    /// `kernel` where it takes the inputs, the reference path elsewhere.
+    pub fn fused(kernel: Arc<dyn FusedAttention>) -> Self {
+        Self { fused: Some(kernel) }
+    }
+
+    /// The fused kernel's name, or `"reference"`.
+    pub fn name(&self) -> &'static str {
+        self.fused.as_ref().map_or("reference", |k| k.name())
+    }
+
+    /// Scaled dot-product attention as [`sdpa`].
+    pub fn sdpa(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        if let Some(out) = self.fused.as_ref().and_then(|f| f.attend(q, k, v)) {
+            return out;
+        }
+        sdpa(q, k, v)
+    }
+}
 
 fn sdpa_all(q: &Tensor, k: &Tensor, v: &Tensor, d: usize) -> Result<Tensor> {
     let scale = 1.0 / (d as f64).sqrt();

@@ -71,8 +71,11 @@ pub trait LoadOps: VisionOps {
 
 /// candle's implementation: any candle device and dtype (the tensors of the
 /// `VarBuilder` decide). Uses the f32 kernels of [`crate::kernels`] on the CPU.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CandleOps;
+#[derive(Debug, Clone, Default)]
+pub struct CandleOps {
+    /// Reference attention unless a fused kernel is set.
+    pub attention: crate::nn::Attention,
+}
 
 /// Splits `[B, L, H*D]` into heads `[B, H, L, D]`.
 fn heads(x: &Tensor, n: usize) -> crate::Result<Tensor> {
@@ -118,7 +121,7 @@ impl VisionOps for CandleOps {
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, n: usize) -> crate::Result<Tensor> {
-        let out = crate::nn::sdpa(&heads(q, n)?, &heads(k, n)?, &heads(v, n)?)?;
+        let out = self.attention.sdpa(&heads(q, n)?, &heads(k, n)?, &heads(v, n)?)?;
         merge_heads(&out)
     }
 

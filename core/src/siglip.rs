@@ -337,12 +337,17 @@ impl<O: VisionOps> SiglipVision<O> {
 /// The vision tower on candle. `forward` returns the pooled embedding `[B, hidden]`.
 pub struct SiglipVisionModel {
     inner: SiglipVision<CandleOps>,
+    ops: CandleOps,
     dtype: candle_core::DType,
 }
 
 impl std::fmt::Debug for SiglipVisionModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SiglipVisionModel").field("cfg", &self.inner.cfg).field("dtype", &self.dtype).finish()
+        f.debug_struct("SiglipVisionModel")
+            .field("cfg", &self.inner.cfg)
+            .field("dtype", &self.dtype)
+            .field("attention", &self.ops.attention.name())
+            .finish()
     }
 }
 
@@ -350,7 +355,13 @@ impl SiglipVisionModel {
     /// Builds from a `VarBuilder` whose names have no `vision_model.` prefix.
     pub fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
         let dtype = vb.dtype();
-        Ok(Self { inner: SiglipVision::load(&CandleOps, cfg, vb)?, dtype })
+        let ops = CandleOps::default();
+        Ok(Self { inner: SiglipVision::load(&ops, cfg, vb)?, ops, dtype })
+    }
+
+    /// Uses `attention` (e.g. a fused CUDA kernel) from now on.
+    pub fn set_attention(&mut self, attention: crate::nn::Attention) {
+        self.ops.attention = attention;
     }
 
     pub fn config(&self) -> &SiglipVisionConfig {
@@ -360,13 +371,13 @@ impl SiglipVisionModel {
     /// The tokens after the encoder and `post_layernorm`: `[B, num_patches, hidden]`.
     pub fn last_hidden_state(&self, pixels: &Tensor) -> Result<Tensor> {
         self.inner.check_pixels(pixels.dims())?;
-        self.inner.last_hidden_state(&CandleOps, &pixels.to_dtype(self.dtype)?)
+        self.inner.last_hidden_state(&self.ops, &pixels.to_dtype(self.dtype)?)
     }
 
     /// Pooled embedding `[B, hidden]` (`pooler_output`).
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         self.inner.check_pixels(pixels.dims())?;
-        Ok(self.inner.pooled(&CandleOps, &pixels.to_dtype(self.dtype)?)?.squeeze(1)?)
+        Ok(self.inner.pooled(&self.ops, &pixels.to_dtype(self.dtype)?)?.squeeze(1)?)
     }
 }
 

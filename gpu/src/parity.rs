@@ -155,15 +155,15 @@ pub async fn check_all(ctx: std::rc::Rc<GpuContext>) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     let gpu = WgpuOps::new(ctx.clone(), WeightFormat::F32);
     for (name, case) in cases()? {
-        let want = run(&CandleOps, &case)?.flatten_all()?.to_vec1::<f32>()?;
+        let want = run(&CandleOps::default(), &case)?.flatten_all()?.to_vec1::<f32>()?;
         let got = run(&gpu, &case)?.to_vec(&ctx).await?;
         checks.push(Check { name, rel_err: rel_err(&got, &want), tol: F32_TOL });
     }
     let (bt, m, k, n) = (2, 37, 70, 131);
     let (x, w, b) = (random(30, bt * m * k, 1.0), random(31, n * k, 0.5), random(32, n, 0.1));
     let linear = |w: Vec<f32>| -> Result<Vec<f32>> {
-        let layer = CandleOps.load_linear(t(w, &[n, k])?, t(b.clone(), &[n])?)?;
-        Ok(CandleOps.linear(&t(x.clone(), &[bt, m, k])?, &layer)?.flatten_all()?.to_vec1::<f32>()?)
+        let layer = CandleOps::default().load_linear(t(w, &[n, k])?, t(b.clone(), &[n])?)?;
+        Ok(CandleOps::default().linear(&t(x.clone(), &[bt, m, k])?, &layer)?.flatten_all()?.to_vec1::<f32>()?)
     };
     let exact = linear(w.clone())?;
     for format in [WeightFormat::F16, WeightFormat::Q8, WeightFormat::Q4] {

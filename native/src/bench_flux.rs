@@ -3,10 +3,13 @@
 //! random weights, without the IP-Adapter, with cached IP K/V, and with K/V
 //! recomputed every step (what a replaced-forward implementation does).
 //! On the CPU the depth is reduced (default 1 double + 1 single block; FLUX.1
-//! has 19 + 38) and the table says so. Prints time and the process's peak
-//! resident memory; asserts nothing.
+//! has 19 + 38) and the table says so. Prints time and peak memory (the
+//! process's resident memory, or a device probe's); asserts nothing. Runs on
+//! any candle device (`ipaflux gpu-check` runs it on CUDA at full depth),
+//! synchronising the device around each timed run.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use ipaflux_core::candle_core::{DType, Device, Tensor};
@@ -16,6 +19,7 @@ use ipaflux_core::flux::model::canonical_tensors;
 use ipaflux_core::flux::sampler::{img_ids, token_grid};
 use ipaflux_core::flux::{Conditioning, FluxConfig, FluxModel};
 use ipaflux_core::ip_adapter::{IpAdapterDims, IpProcessor};
+use ipaflux_core::nn::Attention;
 use ipaflux_core::{IpAttentionConfig, IpKv};
 
 use crate::Result;
@@ -24,11 +28,55 @@ use crate::Result;
 #[derive(Debug, Clone)]
 pub struct FluxBenchOptions {
     pub size: usize,
+    /// FLUX.1's shapes but 2 heads wide (hidden 256): smoke runs only.
+    pub narrow: bool,
     pub txt_tokens: usize,
     pub depth: usize,
     pub depth_single: usize,
     pub runs: usize,
     pub dtype: DType,
+    pub device: Device,
+    pub attention: Attention,
+    /// How peak memory is read.
+    pub peak: Arc<dyn PeakMemory>,
+}
+
+impl FluxBenchOptions {
+    /// On the CPU, f32, reference attention, peak RSS.
+    pub fn cpu(size: usize, depth: usize, depth_single: usize, runs: usize, dtype: DType) -> Self {
+        Self {
+            size,
+            narrow: false,
+            txt_tokens: 512,
+            depth,
+            depth_single,
+            runs,
+            dtype,
+            device: Device::Cpu,
+            attention: Attention::reference(),
+            peak: Arc::new(Rss),
+        }
+    }
+}
+
+/// A peak-memory reading: the process's RSS on the CPU, the driver's used
+/// memory on a GPU (sampled while the work runs).
+pub trait PeakMemory: std::fmt::Debug + Send + Sync {
+    /// Starts a new measurement.
+    fn reset(&self);
+    /// Peak bytes since the last reset (or since the start).
+    fn peak(&self) -> Option<u64>;
+}
+
+/// The process's peak resident set ([`peak_rss`]); cannot be reset.
+#[derive(Debug, Clone, Copy)]
+pub struct Rss;
+
+impl PeakMemory for Rss {
+    fn reset(&self) {}
+    fn peak(&self) -> Option<u64> {
+        peak_rss()
+    }
 }
 
 /// One row: what ran, its median time and the peak RSS after it.
@@ -52,6 +100,7 @@ struct RecomputeIp {
     embeds: Tensor,
     cfg: IpAttentionConfig,
     scale: f64,
+    attention: Attention,
 }
 
 impl AttentionHook for RecomputeIp {
@@ -62,46 +111,81 @@ impl AttentionHook for RecomputeIp {
     fn attention(&self, at: &HookPoint, q: &Tensor, attn: &Tensor) -> ipaflux_core::Result<Option<Tensor>> {
         let p = &self.processors[at.site.global_index(at.depth)];
         let kv = p.kv(&self.embeds, &self.cfg)?;
-        Ok(Some((attn + kv.attend(q, self.scale)?)?))
+        Ok(Some((attn + kv.attend_with(q, self.scale, &self.attention)?)?))
     }
 }
 
-fn random(shape: &[usize], dtype: DType) -> Result<Tensor> {
-    Ok(Tensor::randn(0f32, 0.02, shape, &Device::Cpu)?.to_dtype(dtype)?)
+fn random(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?)
 }
 
-fn time_ms(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let mut t: Vec<f64> = (0..runs.max(1))
-        .map(|_| {
-            let s = Instant::now();
-            f().map(|_| s.elapsed().as_secs_f64() * 1e3)
-        })
-        .collect::<Result<_>>()?;
+/// Median of `runs` timed calls, the device synchronised after each.
+fn time_ms(device: &Device, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut t = Vec::with_capacity(runs.max(1));
+    for _ in 0..runs.max(1) {
+        let s = Instant::now();
+        f()?;
+        device.synchronize()?;
+        t.push(s.elapsed().as_secs_f64() * 1e3);
+    }
     t.sort_by(f64::total_cmp);
     Ok(t[t.len() / 2])
 }
 
-/// Runs the three variants.
-pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
-    let cfg = FluxConfig { depth: o.depth, depth_single: o.depth_single, ..FluxConfig::dev() };
+/// A model with random weights (σ 0.02, QK-norm scales 1) and random inputs.
+struct Setup {
+    cfg: FluxConfig,
+    model: FluxModel,
+    img: Tensor,
+    ids: Vec<[f32; 3]>,
+    cond: Conditioning,
+    rows: usize,
+    cols: usize,
+}
+
+fn setup(o: &FluxBenchOptions) -> Result<Setup> {
+    let mut cfg = FluxConfig { depth: o.depth, depth_single: o.depth_single, ..FluxConfig::dev() };
+    if o.narrow {
+        cfg = FluxConfig { hidden_size: 256, mlp_hidden: 1024, num_heads: 2, context_in_dim: 256, ..cfg };
+    }
+    let dev = &o.device;
     let mut map = BTreeMap::new();
     for (name, shape) in canonical_tensors(&cfg) {
         let t = if name.ends_with(".scale") {
-            Tensor::ones(shape.as_slice(), o.dtype, &Device::Cpu)?
+            Tensor::ones(shape.as_slice(), o.dtype, dev)?
         } else {
-            random(&shape, o.dtype)?
+            random(&shape, o.dtype, dev)?
         };
         map.insert(name, t);
     }
-    let model = FluxModel::from_canonical(cfg.clone(), map, o.dtype, &Device::Cpu)?;
+    let mut model = FluxModel::from_canonical(cfg.clone(), map, o.dtype, dev)?;
+    model.set_attention(o.attention.clone());
     let (rows, cols) = token_grid(o.size, o.size);
-    let img = random(&[1, rows * cols, cfg.in_channels], o.dtype)?;
+    let img = random(&[1, rows * cols, cfg.in_channels], o.dtype, dev)?;
     let ids = img_ids(rows, cols);
     let cond = Conditioning {
-        txt: random(&[1, o.txt_tokens, cfg.context_in_dim], o.dtype)?,
-        y: random(&[1, cfg.vec_in_dim], o.dtype)?,
+        txt: random(&[1, o.txt_tokens, cfg.context_in_dim], o.dtype, dev)?,
+        y: random(&[1, cfg.vec_in_dim], o.dtype, dev)?,
         guidance: Some(3.5),
     };
+    Ok(Setup { cfg, model, img, ids, cond, rows, cols })
+}
+
+/// Only the plain step (no IP): median ms.
+pub fn run_plain(o: &FluxBenchOptions) -> Result<f64> {
+    let s = setup(o)?;
+    let step = || -> Result<()> {
+        s.model.forward(&s.img, &s.ids, &s.cond, 0.7, 0, Hooks::none())?;
+        Ok(())
+    };
+    step()?;
+    time_ms(&o.device, o.runs, step)
+}
+
+/// Runs the three variants.
+pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
+    let Setup { cfg, model, img, ids, cond, rows, cols } = setup(o)?;
+    let dev = &o.device;
     // An InstantX-sized adapter for these blocks: 128 tokens of 4096 → K/V 3072 wide.
     let dims = IpAdapterDims {
         id_dim: 1152,
@@ -114,14 +198,14 @@ pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
     let mut pmap = std::collections::HashMap::new();
     for i in 0..dims.num_processors {
         for n in ["to_k_ip", "to_v_ip"] {
-            pmap.insert(format!("{i}.{n}.weight"), random(&[dims.hidden, dims.cross_dim], o.dtype)?);
+            pmap.insert(format!("{i}.{n}.weight"), random(&[dims.hidden, dims.cross_dim], o.dtype, dev)?);
         }
     }
-    let vb = ipaflux_core::candle_nn::VarBuilder::from_tensors(pmap, o.dtype, &Device::Cpu);
+    let vb = ipaflux_core::candle_nn::VarBuilder::from_tensors(pmap, o.dtype, dev);
     let processors = (0..dims.num_processors)
         .map(|i| Ok(IpProcessor::new(&dims, vb.pp(i.to_string()))?))
         .collect::<Result<Vec<_>>>()?;
-    let embeds = random(&[1, dims.num_tokens, dims.cross_dim], o.dtype)?;
+    let embeds = random(&[1, dims.num_tokens, dims.cross_dim], o.dtype, dev)?;
     let ip_cfg = IpAttentionConfig::default();
 
     let step = |hooks: &[&dyn AttentionHook]| -> Result<()> {
@@ -138,17 +222,28 @@ pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
         o.depth_single,
         o.dtype
     );
-    step(&[])?; // warm-up: first-touch allocations, caches
-    let ms = time_ms(o.runs, || step(&[]))?;
-    out.push(FluxRow { name: format!("step, no IP: {label}"), ms, peak_rss_bytes: peak_rss() });
+    step(&[])?; // warm-up: first-touch allocations, caches, kernel loading
+    dev.synchronize()?;
+    o.peak.reset();
+    let ms = time_ms(dev, o.runs, || step(&[]))?;
+    out.push(FluxRow { name: format!("step, no IP: {label}"), ms, peak_rss_bytes: o.peak.peak() });
 
+    let kv_once = || -> Result<Vec<IpKv>> {
+        Ok(processors.iter().map(|p| p.kv(&embeds, &ip_cfg)).collect::<ipaflux_core::Result<_>>()?)
+    };
+    kv_once()?; // warm-up
+    dev.synchronize()?;
     let t = Instant::now();
-    let kv: Vec<IpKv> = processors.iter().map(|p| p.kv(&embeds, &ip_cfg)).collect::<ipaflux_core::Result<_>>()?;
+    let kv = kv_once()?;
+    dev.synchronize()?;
     let kv_ms = t.elapsed().as_secs_f64() * 1e3;
     let kv_bytes: usize = kv.iter().map(IpKv::nbytes).sum();
-    let hook = IpAdapterHook::new(vec![IpImage { kv, weight: 1.0 }], IpHookConfig::default(), &cfg)?;
-    let ms_cached = time_ms(o.runs, || step(&[&hook]))?;
-    out.push(FluxRow { name: "step, IP with cached K/V".into(), ms: ms_cached, peak_rss_bytes: peak_rss() });
+    let hook = IpAdapterHook::new(vec![IpImage { kv, weight: 1.0 }], IpHookConfig::default(), &cfg)?
+        .with_attention(o.attention.clone());
+    step(&[&hook])?;
+    o.peak.reset();
+    let ms_cached = time_ms(dev, o.runs, || step(&[&hook]))?;
+    out.push(FluxRow { name: "step, IP with cached K/V".into(), ms: ms_cached, peak_rss_bytes: o.peak.peak() });
     out.push(FluxRow {
         name: format!(
             "  K/V computed once per image ({} for these blocks)",
@@ -157,16 +252,17 @@ pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
         ms: kv_ms,
         peak_rss_bytes: None,
     });
-    let recompute = RecomputeIp { processors, embeds, cfg: ip_cfg, scale: 1.0 };
-    let ms_re = time_ms(o.runs, || step(&[&recompute]))?;
-    out.push(FluxRow { name: "step, IP with K/V recomputed per step".into(), ms: ms_re, peak_rss_bytes: peak_rss() });
+    let recompute = RecomputeIp { processors, embeds, cfg: ip_cfg, scale: 1.0, attention: o.attention.clone() };
+    step(&[&recompute])?;
+    let ms_re = time_ms(dev, o.runs, || step(&[&recompute]))?;
+    out.push(FluxRow { name: "step, IP with K/V recomputed per step".into(), ms: ms_re, peak_rss_bytes: None });
 
     // The IP branch alone, on queries of each block's shape: whole-step differences are
     // within the machine's noise, this is not.
     let heads = cfg.num_heads;
-    let q_double = random(&[1, heads, rows * cols, cfg.head_dim()], o.dtype)?;
-    let q_single = random(&[1, heads, rows * cols + o.txt_tokens, cfg.head_dim()], o.dtype)?;
-    let attn_of = |q: &Tensor| -> Result<Tensor> { random(&[1, q.dim(2)?, cfg.hidden_size], o.dtype) };
+    let q_double = random(&[1, heads, rows * cols, cfg.head_dim()], o.dtype, dev)?;
+    let q_single = random(&[1, heads, rows * cols + o.txt_tokens, cfg.head_dim()], o.dtype, dev)?;
+    let attn_of = |q: &Tensor| -> Result<Tensor> { random(&[1, q.dim(2)?, cfg.hidden_size], o.dtype, dev) };
     let (a_double, a_single) = (attn_of(&q_double)?, attn_of(&q_single)?);
     let branch = |hook: &dyn AttentionHook| -> Result<()> {
         for site in (0..cfg.depth)
@@ -180,9 +276,11 @@ pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
         }
         Ok(())
     };
-    let ms = time_ms(o.runs.max(3), || branch(&hook))?;
+    branch(&hook)?;
+    let ms = time_ms(dev, o.runs.max(3), || branch(&hook))?;
     out.push(FluxRow { name: "IP branch alone, cached K/V (all blocks of the step)".into(), ms, peak_rss_bytes: None });
-    let ms = time_ms(o.runs.max(3), || branch(&recompute))?;
+    branch(&recompute)?;
+    let ms = time_ms(dev, o.runs.max(3), || branch(&recompute))?;
     out.push(FluxRow { name: "IP branch alone, K/V recomputed".into(), ms, peak_rss_bytes: None });
     Ok(out)
 }

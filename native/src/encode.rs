@@ -36,7 +36,8 @@ impl Encoder {
         device: Device,
     ) -> Result<Self> {
         let dtype = precision.dtype();
-        let siglip = SiglipVisionModel::from_store(siglip_cfg, siglip_weights, dtype, &device)?;
+        let mut siglip = SiglipVisionModel::from_store(siglip_cfg, siglip_weights, dtype, &device)?;
+        siglip.set_attention(crate::attention_for(&device));
         let adapter = IpAdapter::from_store(adapter_weights, dtype, &device)?;
         if adapter.dims.id_dim != siglip_cfg.hidden_size {
             return Err(ipaflux_core::Error::Shape(format!(

@@ -248,7 +248,8 @@ fn sample(
     on_step: &mut dyn FnMut(StepInfo),
 ) -> Result<Tensor> {
     let files = (src.flux.0)()?;
-    let model = FluxModel::from_store(files.weights, files.axes_dim, s.dtype, &s.device)?;
+    let mut model = FluxModel::from_store(files.weights, files.axes_dim, s.dtype, &s.device)?;
+    model.set_attention(crate::attention_for(&s.device));
     if let Some(dims) = adapter_dims {
         check_compatible(&dims, &model.cfg)?;
     }
@@ -260,7 +261,7 @@ fn sample(
             window: IpWindow::from_percent(s.start_percent, s.end_percent, COMFY_FLUX_SHIFT),
             block_weights: s.block_weights.clone(),
         };
-        Some(IpAdapterHook::new(images, cfg, &model.cfg)?)
+        Some(IpAdapterHook::new(images, cfg, &model.cfg)?.with_attention(crate::attention_for(&s.device)))
     };
     let (rows, cols) = sampler::token_grid(s.width, s.height);
     let shift = if model.cfg.guidance_embed { Shift::DEV } else { Shift::None };

@@ -12,9 +12,12 @@
 pub mod bench;
 pub mod bench_flux;
 pub mod bench_webgpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod demo;
 pub mod encode;
 pub mod generate;
+pub mod gpu_check;
 pub mod load;
 pub mod plan;
 pub mod png_out;
@@ -40,3 +43,15 @@ impl From<ipaflux_core::candle_core::Error> for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The attention the models use on `device`: the fused CUDA kernel on a CUDA
+/// device when built with `cuda` (it takes bf16/f16 and declines the rest),
+/// core's reference path everywhere else.
+pub fn attention_for(device: &ipaflux_core::candle_core::Device) -> ipaflux_core::nn::Attention {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return cuda::fused_attention();
+    }
+    let _ = device;
+    ipaflux_core::nn::Attention::reference()
+}

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ipaflux::{bench, bench_flux, bench_webgpu, demo, encode, generate, load, plan, png_out};
+use ipaflux::{bench, bench_flux, bench_webgpu, demo, encode, generate, gpu_check, load, plan, png_out};
 use ipaflux_core::registry::{parse_bytes, scenario, EvictionPolicy, RegistryConfig, VramState};
 use ipaflux_core::{DeviceSpec, Precision};
 
@@ -87,6 +87,27 @@ enum Cmd {
         /// Print JSON: {events, summary, stages}.
         #[arg(long)]
         json: bool,
+    },
+    /// Check and measure on a GPU: parity with the CPU and the PyTorch goldens, fused attention,
+    /// registry vs driver, benchmarks at the real shapes; one table (scripts/gpu-check.sh).
+    GpuCheck {
+        /// The device under test (`cuda:0`, or `cpu` for a smoke run).
+        #[arg(long, default_value = "cuda:0")]
+        device: DeviceSpec,
+        /// This repository's `tests/fixtures`.
+        #[arg(long, default_value = "tests/fixtures")]
+        fixtures: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Small models instead of the real shapes (seconds, any device).
+        #[arg(long)]
+        quick: bool,
+        /// PyTorch's figures from the same card (JSON from scripts/gpu_bench_torch.py).
+        #[arg(long)]
+        torch: Option<PathBuf>,
+        /// Also write the table here.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Benchmark the encoder at the real so400m shapes (random weights, CPU f32), against PyTorch when available.
     Bench {
@@ -420,15 +441,35 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", plan::render(&report));
             }
         }
-        Cmd::Bench { flux: true, runs, flux_size, flux_depth, flux_dtype, .. } => {
-            let o = bench_flux::FluxBenchOptions {
-                size: flux_size,
-                txt_tokens: 512,
-                depth: flux_depth[0],
-                depth_single: flux_depth[1],
-                runs,
-                dtype: flux_dtype.dtype(),
+        Cmd::GpuCheck { device, fixtures, runs, quick, torch, out } => {
+            let dev = device.to_candle()?;
+            #[cfg(feature = "cuda")]
+            let (fused, peak): (_, std::sync::Arc<dyn bench_flux::PeakMemory>) = if dev.is_cuda() {
+                (
+                    Some(ipaflux::cuda::fused_attention()),
+                    std::sync::Arc::new(ipaflux::cuda::check::DriverPeak::start(&dev)?),
+                )
+            } else {
+                (None, std::sync::Arc::new(bench_flux::Rss))
             };
+            #[cfg(not(feature = "cuda"))]
+            let (fused, peak): (_, std::sync::Arc<dyn bench_flux::PeakMemory>) =
+                (None, std::sync::Arc::new(bench_flux::Rss));
+            let torch = torch.as_deref().map(gpu_check::read_torch_figures).transpose()?;
+            let o = gpu_check::CheckOptions { device: dev, fixtures, runs, quick, fused, torch, peak };
+            let report = gpu_check::run(&o);
+            let table = report.table();
+            print!("{table}");
+            if let Some(path) = out {
+                std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
+            }
+            if report.failures() > 0 {
+                anyhow::bail!("{} GPU check(s) failed", report.failures());
+            }
+        }
+        Cmd::Bench { flux: true, runs, flux_size, flux_depth, flux_dtype, .. } => {
+            let o =
+                bench_flux::FluxBenchOptions::cpu(flux_size, flux_depth[0], flux_depth[1], runs, flux_dtype.dtype());
             ipaflux_core::flux::sampler::check_size(flux_size, flux_size)?;
             print!("{}", bench_flux::table(&bench_flux::run(&o)?, &o));
         }

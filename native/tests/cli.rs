@@ -356,3 +356,35 @@ fn quantize_writes_a_smaller_folder_the_encoder_loads() {
     assert_fails(&quantize(&s, "q4", &s), &["is the input folder"]);
     assert_fails(&quantize(&s, "q5", &tmp("q5")), &["unknown weight format `q5`"]);
 }
+
+#[test]
+fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
+    // The GPU check's code on the CPU at small sizes, so it builds and runs in
+    // every CI run; the CUDA sections are compiled by `cargo xtask cuda-check`.
+    let torch = tmp("torch.json");
+    std::fs::write(&torch, r#"{"device": "test", "siglip_ms": 1000.0, "flux_128_ms": 2.0}"#).unwrap();
+    let table = tmp("gpu-check.md");
+    let out = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
+        .args(["gpu-check", "--device", "cpu", "--quick", "--runs", "1", "--fixtures"])
+        .arg(fixture(""))
+        .arg("--torch")
+        .arg(&torch)
+        .arg("--out")
+        .arg(&table)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    let written = std::fs::read_to_string(&table).unwrap();
+    assert_eq!(written, stdout);
+    // Parity rows ran and passed; PyTorch's figure is shown beside ours.
+    assert!(written.contains("| parity | Flux tiny + IP, cpu F32 (reference attention) vs diffusers |"), "{written}");
+    assert!(written.contains("| 1000.00 ms |"), "{written}");
+    assert!(written.contains(", 0 failed"), "{written}");
+    // A missing fixture folder is a failed check, not a panic.
+    let bad = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
+        .args(["gpu-check", "--device", "cpu", "--quick", "--runs", "1", "--fixtures", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert_fails(&bad, &["GPU check(s) failed", "/nonexistent"]);
+}

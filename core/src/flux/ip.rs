@@ -96,6 +96,7 @@ pub struct IpAdapterHook {
     images: Vec<IpImage>,
     cfg: IpHookConfig,
     num_blocks: usize,
+    attention: crate::nn::Attention,
 }
 
 impl IpAdapterHook {
@@ -129,7 +130,13 @@ impl IpAdapterHook {
                 )));
             }
         }
-        Ok(Self { images, cfg, num_blocks: n })
+        Ok(Self { images, cfg, num_blocks: n, attention: crate::nn::Attention::reference() })
+    }
+
+    /// Runs the image attention with `attention` (e.g. the fused CUDA kernel, as the model's).
+    pub fn with_attention(mut self, attention: crate::nn::Attention) -> Self {
+        self.attention = attention;
+        self
     }
 
     /// Bytes of the cached K/V of all images.
@@ -168,7 +175,7 @@ impl AttentionHook for IpAdapterHook {
             if s == 0.0 {
                 continue;
             }
-            let term = img.kv[block].attend(q, s)?;
+            let term = img.kv[block].attend_with(q, s, &self.attention)?;
             out = Some(match out {
                 None => (attn + term)?,
                 Some(o) => (o + term)?,

@@ -16,7 +16,7 @@ use super::config::FluxConfig;
 use super::hooks::{HookPoint, Hooks, Site};
 use super::layout::FluxLayout;
 use crate::error::{Error, Result};
-use crate::nn::{rms_norm, sdpa, Activation, LayerNorm, Linear};
+use crate::nn::{rms_norm_scaled, Activation, Attention, LayerNorm, Linear};
 use crate::weights::TensorStore;
 
 /// QK RMSNorm epsilon (BFL's `RMSNorm`).
@@ -136,9 +136,7 @@ impl QkNorm {
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
-        let norm = |x: &Tensor, scale: &Tensor| -> Result<Tensor> {
-            Ok(rms_norm(x, QK_NORM_EPS)?.broadcast_mul(&scale.to_dtype(x.dtype())?)?)
-        };
+        let norm = |x: &Tensor, scale: &Tensor| -> Result<Tensor> { rms_norm_scaled(x, scale, QK_NORM_EPS) };
         Ok((norm(q, &self.query_norm)?, norm(k, &self.key_norm)?))
     }
 }
@@ -210,6 +208,11 @@ impl Rope {
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, l, d) = x.dims4()?;
         let dtype = x.dtype();
+        if !x.device().is_cpu() {
+            // candle's fused kernel for consecutive pairs (one pass; in the input dtype).
+            let (c, s) = (self.cos.squeeze(2)?.to_dtype(dtype)?, self.sin.squeeze(2)?.to_dtype(dtype)?);
+            return Ok(candle_nn::rotary_emb::rope_i(&x.contiguous()?, &c, &s)?);
+        }
         let x = x.to_dtype(DType::F32)?.reshape((b, h, l, d / 2, 2))?;
         let x0 = x.narrow(4, 0, 1)?;
         let x1 = x.narrow(4, 1, 1)?;
@@ -220,10 +223,10 @@ impl Rope {
 }
 
 /// RoPE on q and k, SDPA, heads merged: `[B, L, H·D]`.
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Result<Tensor> {
-    let (q, k) = (rope.apply(q)?, rope.apply(k)?);
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+    let (q, k) = (ctx.rope.apply(q)?, ctx.rope.apply(k)?);
     let (b, h, l, d) = q.dims4()?;
-    Ok(sdpa(&q, &k, v)?.transpose(1, 2)?.reshape((b, l, h * d))?)
+    Ok(ctx.attention.sdpa(&q, &k, v)?.transpose(1, 2)?.reshape((b, l, h * d))?)
 }
 
 /// One stream (image or text) of a double block.
@@ -297,6 +300,7 @@ pub struct Conditioning {
 struct Ctx<'a> {
     vec: &'a Tensor,
     rope: &'a Rope,
+    attention: &'a Attention,
     ln: &'a LayerNorm,
     hooks: Hooks<'a>,
     point: HookPoint,
@@ -317,6 +321,7 @@ pub struct FluxModel {
     final_mod: Linear,
     final_linear: Linear,
     ln: LayerNorm,
+    attention: Attention,
     device: Device,
 }
 
@@ -391,6 +396,7 @@ impl FluxModel {
             final_mod: w.linear("final_layer.adaLN_modulation.1")?,
             final_linear: w.linear("final_layer.linear")?,
             ln: LayerNorm::no_affine(cfg.hidden_size, LN_EPS, device)?,
+            attention: Attention::reference(),
             device: device.clone(),
             dtype,
             cfg,
@@ -399,6 +405,11 @@ impl FluxModel {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Uses `attention` (e.g. a fused CUDA kernel) in every block from now on.
+    pub fn set_attention(&mut self, attention: Attention) {
+        self.attention = attention;
     }
 
     /// Predicts the flow velocity for packed latents `img [B, L_img, in_channels]`
@@ -437,7 +448,7 @@ impl FluxModel {
         let ids: Vec<[f32; 3]> = std::iter::repeat_n([0.0; 3], l_txt).chain(img_ids.iter().copied()).collect();
         let rope = Rope::new(&ids, &self.cfg.axes_dim, self.cfg.theta, &self.device)?;
         let point = HookPoint { site: Site::Double { index: 0 }, depth: self.cfg.depth, sigma, step, txt_len: l_txt };
-        let ctx = Ctx { vec: &vec, rope: &rope, ln: &self.ln, hooks, point };
+        let ctx = Ctx { vec: &vec, rope: &rope, attention: &self.attention, ln: &self.ln, hooks, point };
 
         let (mut img, mut txt) = (img, txt);
         for (index, block) in self.double_blocks.iter().enumerate() {
@@ -462,7 +473,7 @@ impl DoubleBlock {
         let q = Tensor::cat(&[&txt_q, &img_q], 2)?;
         let k = Tensor::cat(&[&txt_k, &img_k], 2)?;
         let v = Tensor::cat(&[&txt_v, &img_v], 2)?;
-        let attn = attention(&q, &k, &v, ctx.rope)?;
+        let attn = attention(&q, &k, &v, ctx)?;
         let l_txt = txt.dim(1)?;
         let txt_attn = attn.narrow(1, 0, l_txt)?;
         let img_attn = attn.narrow(1, l_txt, img.dim(1)?)?.contiguous()?;
@@ -482,7 +493,7 @@ impl SingleBlock {
         let (q, k, v) = split_qkv(&lin1.narrow(2, 0, 3 * h)?, cfg.num_heads)?;
         let mlp = lin1.narrow(2, 3 * h, cfg.mlp_hidden)?;
         let (q, k) = self.norm.forward(&q, &k)?;
-        let attn = attention(&q, &k, &v, ctx.rope)?;
+        let attn = attention(&q, &k, &v, ctx)?;
         let point = HookPoint { site: Site::Single { index }, ..ctx.point };
         let attn = ctx.hooks.apply(&point, &q, attn)?;
         let mlp = Activation::GeluTanh.forward(&mlp.contiguous()?)?;

@@ -47,9 +47,9 @@ fn split_matmul_matches_candle_in_every_format() -> R {
     let w = random(&mut rng, n * k, 0.5);
     let bias = random(&mut rng, n, 0.1);
     let xt = Tensor::from_vec(x.clone(), (b, m, k), &Device::Cpu)?;
-    let exact = host(&CandleOps.linear(
+    let exact = host(&CandleOps::default().linear(
         &xt,
-        &CandleOps.load_linear(
+        &CandleOps::default().load_linear(
             Tensor::from_vec(w.clone(), (n, k), &Device::Cpu)?,
             Tensor::from_vec(bias.clone(), n, &Device::Cpu)?,
         )?,
@@ -60,9 +60,11 @@ fn split_matmul_matches_candle_in_every_format() -> R {
     for (format, bound) in bounds {
         let deq = QuantizedMatrix::new(&w, n, k, format)?.dequantize();
         let wt = Tensor::from_vec(deq, (n, k), &Device::Cpu)?;
-        let reference = host(
-            &CandleOps.linear(&xt, &CandleOps.load_linear(wt, Tensor::from_vec(bias.clone(), n, &Device::Cpu)?)?)?,
-        );
+        let reference =
+            host(&CandleOps::default().linear(
+                &xt,
+                &CandleOps::default().load_linear(wt, Tensor::from_vec(bias.clone(), n, &Device::Cpu)?)?,
+            )?);
         for (max_part, direct) in [(u64::MAX, false), (format.bytes(40, k), false), (format.bytes(40, k), true)] {
             ctx.set_direct_kernels(Some(direct));
             let layer = super::matmul::GpuLinear::with_max_part_bytes(&ctx, &w, &bias, n, k, format, max_part)?;

@@ -1,0 +1,176 @@
+// Fused attention forward for bf16/f16 on tensor cores (WMMA), no score matrix
+// in global memory: per block BR query rows of one (batch, head), looping over
+// key tiles of BC with the online softmax of FlashAttention-2 (Dao, 2023,
+// "FlashAttention-2: Faster Attention with Better Parallelism"): running row
+// max m and sum l in f32, output rescaled by exp(m_old - m_new) per tile,
+// P rounded to the input type before P·V (as FlashAttention does), O in f32.
+//
+// q [BH, L, D], k/v [BH, S, D], o [BH, L, D], all contiguous. D <= 128; the
+// tiles are zero-padded to DP (D rounded up to 16), so any head size works
+// (SigLIP so400m: 72). Shared-memory rows are padded (LD* = width + 16 bytes)
+// so that the WMMA tile loads and the per-row softmax hit distinct banks; Q's
+// fragments stay in registers for the whole key loop; global loads are 16
+// bytes wide when D % 8 == 0 and the pointers are aligned (`vec`).
+// Written for this project; no code copied.
+#include <mma.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+using namespace nvcuda;
+
+#define BR 64       // query rows per block: 4 warps x 16 rows
+#define BC 64       // keys per tile
+#define THREADS 128
+#define MAX_K16 8   // DP / 16 at most (D <= 128)
+
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// Copies rows [r0, r0 + rows) of a [n, D] matrix into a [rows, DP] tile with
+// row stride ld, zero outside. vec: 8 elements (16 bytes) per load.
+template <typename T>
+__device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ src, int r0, int rows, int n,
+                                          int D, int DP, bool vec) {
+    if (vec) {
+        const int cpr = DP / 8;
+        for (int i = threadIdx.x; i < rows * cpr; i += THREADS) {
+            const int r = i / cpr, c = (i - r * cpr) * 8, g = r0 + r;
+            uint4 val = make_uint4(0u, 0u, 0u, 0u);
+            if (g < n && c < D) val = *reinterpret_cast<const uint4*>(src + (size_t)g * D + c);
+            *reinterpret_cast<uint4*>(dst + r * ld + c) = val;
+        }
+    } else {
+        const T zero = from_f<T>(0.f);
+        for (int i = threadIdx.x; i < rows * DP; i += THREADS) {
+            const int r = i / DP, c = i - r * DP, g = r0 + r;
+            dst[r * ld + c] = (g < n && c < D) ? src[(size_t)g * D + c] : zero;
+        }
+    }
+}
+
+template <typename T>
+__device__ void attention(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                          T* __restrict__ o, int L, int S, int D, int DP, float scale_log2, int vec_loads) {
+    const int LDT = DP + 8;    // bf16/f16 tiles (Q staging, K, V)
+    const int LDS = BC + 4;    // f32 scores
+    const int LDP = BC + 8;    // probabilities
+    const int LDO = DP + 4;    // f32 output accumulator
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* Ks = reinterpret_cast<T*>(smem);                   // BC x LDT (first holds the Q tile)
+    T* Vs = Ks + BC * LDT;                                 // BC x LDT
+    float* Ss = reinterpret_cast<float*>(Vs + BC * LDT);   // BR x LDS
+    T* Ps = reinterpret_cast<T*>(Ss + BR * LDS);           // BR x LDP
+    float* Os = reinterpret_cast<float*>(Ps + BR * LDP);   // BR x LDO
+
+    const bool vec = vec_loads != 0;
+    const int bh = blockIdx.y, row0 = blockIdx.x * BR;
+    const T* qb = q + (size_t)bh * L * D;
+    const T* kb = k + (size_t)bh * S * D;
+    const T* vb = v + (size_t)bh * S * D;
+    T* ob = o + (size_t)bh * L * D;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wr = warp * 16;        // this warp's first row in the tile
+    const int r = lane >> 1;         // two lanes per row for the softmax
+    const int half = lane & 1;       // which half of the BC columns
+    const int nk = DP / 16;
+
+    // Q tile through shared memory into registers, once.
+    load_tile(Ks, LDT, qb, row0, BR, L, D, DP, vec);
+    for (int i = threadIdx.x; i < BR * LDO; i += THREADS) Os[i] = 0.f;
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[MAX_K16];
+#pragma unroll
+    for (int kk = 0; kk < MAX_K16; ++kk)
+        if (kk < nk) wmma::load_matrix_sync(qf[kk], Ks + wr * LDT + kk * 16, LDT);
+    __syncthreads();
+
+    float* Sw = Ss + wr * LDS;
+    T* Pw = Ps + wr * LDP;
+    float* Ow = Os + wr * LDO;
+    float m = -INFINITY, l = 0.f;    // row max (scaled, log2 domain) and row sum
+
+    for (int s0 = 0; s0 < S; s0 += BC) {
+        load_tile(Ks, LDT, kb, s0, BC, S, D, DP, vec);
+        load_tile(Vs, LDT, vb, s0, BC, S, D, DP, vec);
+        __syncthreads();
+
+        // S = Q K^T for this warp's 16 rows.
+#pragma unroll
+        for (int j = 0; j < BC / 16; ++j) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+            for (int kk = 0; kk < MAX_K16; ++kk) {
+                if (kk < nk) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+                    wmma::load_matrix_sync(b, Ks + j * 16 * LDT + kk * 16, LDT);
+                    wmma::mma_sync(acc, qf[kk], b, acc);
+                }
+            }
+            wmma::store_matrix_sync(Sw + j * 16, acc, LDS, wmma::mem_row_major);
+        }
+        __syncwarp();
+
+        // Online softmax of row r over this tile's valid columns.
+        const int valid = min(BC, S - s0);
+        const float* srow = Sw + r * LDS;
+        float mx = -INFINITY;
+        for (int c = half * 32; c < half * 32 + 32; ++c)
+            if (c < valid) mx = fmaxf(mx, srow[c]);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        const float m_new = fmaxf(m, mx * scale_log2);
+        const float alpha = exp2f(m - m_new);
+        float sum = 0.f;
+        T* prow = Pw + r * LDP;
+        for (int c = half * 32; c < half * 32 + 32; ++c) {
+            const float p = c < valid ? exp2f(srow[c] * scale_log2 - m_new) : 0.f;
+            prow[c] = from_f<T>(p);
+            sum += p;
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        l = l * alpha + sum;
+        m = m_new;
+        float* orow = Ow + r * LDO;
+        for (int c = half; c < DP; c += 2) orow[c] *= alpha;
+        __syncwarp();
+
+        // O += P V.
+        for (int n = 0; n < nk; ++n) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::load_matrix_sync(acc, Ow + n * 16, LDO, wmma::mem_row_major);
+#pragma unroll
+            for (int kk = 0; kk < BC / 16; ++kk) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+                wmma::load_matrix_sync(a, Pw + kk * 16, LDP);
+                wmma::load_matrix_sync(b, Vs + kk * 16 * LDT + n * 16, LDT);
+                wmma::mma_sync(acc, a, b, acc);
+            }
+            wmma::store_matrix_sync(Ow + n * 16, acc, LDO, wmma::mem_row_major);
+        }
+        __syncthreads();   // K/V tiles are overwritten next
+    }
+
+    const int g = row0 + wr + r;
+    if (g < L) {
+        const float inv = 1.f / l;
+        for (int c = half; c < D; c += 2) ob[(size_t)g * D + c] = from_f<T>(Ow[r * LDO + c] * inv);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+ipaflux_attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                       __nv_bfloat16* o, int L, int S, int D, int DP, float scale_log2, int vec_loads) {
+    attention<__nv_bfloat16>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+ipaflux_attention_f16(const __half* q, const __half* k, const __half* v, __half* o,
+                      int L, int S, int D, int DP, float scale_log2, int vec_loads) {
+    attention<__half>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads);
+}

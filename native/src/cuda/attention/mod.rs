@@ -1,0 +1,190 @@
+//! Fused attention on CUDA ([`attention.cu`](attention.cu)): bf16/f16 q, k, v
+//! `[B, H, L|S, D]` with D ≤ 128, online softmax over key tiles on tensor
+//! cores (WMMA), so no `[L, S]` score matrix ever exists in GPU memory: the
+//! extra memory of a call is its output. f32 inputs, other devices and larger
+//! heads are declined (`None`), and the caller runs core's reference `sdpa`.
+//!
+//! The kernel is compiled to PTX by nvcc at build time (`build.rs`, for
+//! `CUDA_COMPUTE_CAP`, default 90) and loaded by candle's CUDA device on first
+//! use. Parity with the reference path is checked on the GPU by
+//! `ipaflux gpu-check` (see `scripts/gpu-check.sh`).
+
+use std::mem::size_of;
+
+use ipaflux_core::candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use ipaflux_core::candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use ipaflux_core::candle_core::{self as candle, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use ipaflux_core::nn::FusedAttention;
+
+/// The PTX nvcc made of `attention.cu`.
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+/// Query rows per thread block (4 warps × 16), keys per tile, threads per block:
+/// must match `BR`, `BC`, `THREADS` in `attention.cu`.
+const BR: usize = 64;
+const BC: usize = 64;
+const THREADS: u32 = 128;
+/// Largest head size the kernel takes (its tiles are sized for it).
+pub const MAX_HEAD_DIM: usize = 128;
+
+/// The fused CUDA attention as core's [`FusedAttention`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CudaFusedAttention;
+
+impl FusedAttention for CudaFusedAttention {
+    fn name(&self) -> &'static str {
+        "cuda-fused"
+    }
+
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Option<ipaflux_core::Result<Tensor>> {
+        let dtype = q.dtype();
+        let takes = q.device().is_cuda()
+            && matches!(dtype, DType::BF16 | DType::F16)
+            && k.dtype() == dtype
+            && v.dtype() == dtype
+            && q.dims().len() == 4
+            && q.dim(3).is_ok_and(|d| d <= MAX_HEAD_DIM && d > 0)
+            && k.dims() == v.dims()
+            && k.dim(2).is_ok_and(|s| s > 0);
+        takes.then(|| fused(q, k, v))
+    }
+}
+
+/// Runs the kernel (inputs made contiguous first).
+pub fn fused(q: &Tensor, k: &Tensor, v: &Tensor) -> ipaflux_core::Result<Tensor> {
+    let (b, h, l, d) = q.dims4()?;
+    let (kb, kh, s, kd) = k.dims4()?;
+    if (kb, kh, kd) != (b, h, d) || v.dims4()? != (b, h, s, d) {
+        return Err(ipaflux_core::Error::Shape(format!(
+            "fused attention: q {:?}, k {:?}, v {:?} do not match",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    let op = AttentionOp { b, h, l, s, d };
+    Ok(q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?)
+}
+
+/// Dynamic shared memory of one block for head size `d` and element size `elem`:
+/// K and V tiles (the first also stages Q), scores f32, probabilities, output
+/// accumulator f32; every row padded by 16 bytes as in `attention.cu`.
+fn shared_bytes(d: usize, elem: usize) -> usize {
+    let dp = d.div_ceil(16) * 16;
+    2 * BC * (dp + 8) * elem + BR * (BC + 4) * 4 + BR * (BC + 8) * elem + BR * (dp + 4) * 4
+}
+
+struct AttentionOp {
+    b: usize,
+    h: usize,
+    l: usize,
+    s: usize,
+    d: usize,
+}
+
+fn cuda_err(e: impl std::error::Error + Send + Sync + 'static) -> candle::Error {
+    candle::Error::Cuda(Box::new(e))
+}
+
+impl AttentionOp {
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        kernel: &str,
+        (q, lq): (&CudaSlice<T>, &Layout),
+        (k, lk): (&CudaSlice<T>, &Layout),
+        (v, lv): (&CudaSlice<T>, &Layout),
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        let range = |l: &Layout| {
+            l.contiguous_offsets().ok_or_else(|| candle::Error::Msg("fused attention needs contiguous inputs".into()))
+        };
+        let ((q0, q1), (k0, k1), (v0, v1)) = (range(lq)?, range(lk)?, range(lv)?);
+        // 16-byte loads need rows and slices on 8-element boundaries (allocations are 256-byte aligned).
+        let vec_loads = i32::from(self.d % 8 == 0 && [q0, k0, v0].iter().all(|o| o % 8 == 0) && size_of::<T>() == 2);
+        let (q, k, v) = (q.slice(q0..q1), k.slice(k0..k1), v.slice(v0..v1));
+        let func = dev.get_or_load_custom_func(kernel, "ipaflux_attention", PTX)?;
+        let smem = shared_bytes(self.d, size_of::<T>());
+        let smem_i32 = i32::try_from(smem).map_err(|_| candle::Error::Msg("fused attention: shared memory".into()))?;
+        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_i32)
+            .map_err(cuda_err)?;
+        let bh = self.b * self.h;
+        // SAFETY: every element is written by the kernel (rows < L, columns < D).
+        let out = unsafe { dev.alloc::<T>(bh * self.l * self.d) }?;
+        let to_i32 =
+            |x: usize| i32::try_from(x).map_err(|_| candle::Error::Msg("fused attention: size over i32".into()));
+        let (l, s, d, dp) = (to_i32(self.l)?, to_i32(self.s)?, to_i32(self.d)?, to_i32(self.d.div_ceil(16) * 16)?);
+        let scale_log2 = (1.0 / (self.d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
+        let grid_x = u32::try_from(self.l.div_ceil(BR)).map_err(|_| candle::Error::Msg("fused attention: L".into()))?;
+        let grid_y = u32::try_from(bh).map_err(|_| candle::Error::Msg("fused attention: B·H".into()))?;
+        let cfg =
+            LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+        let mut builder = func.builder();
+        builder.arg(&q).arg(&k).arg(&v).arg(&out).arg(&l).arg(&s).arg(&d).arg(&dp).arg(&scale_log2).arg(&vec_loads);
+        // SAFETY: the arguments match the kernel's signature in attention.cu;
+        // q/k/v/out hold B·H·L·D, B·H·S·D, B·H·S·D, B·H·L·D elements (checked
+        // shapes, contiguous slices) and the grid covers exactly L rows × B·H.
+        unsafe { builder.launch(cfg) }.map_err(cuda_err)?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((self.b, self.h, self.l, self.d))))
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "ipaflux-fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle::Result<(CpuStorage, Shape)> {
+        Err(candle::Error::Msg("the fused attention runs on CUDA only; the CPU uses the reference path".into()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        lq: &Layout,
+        k: &CudaStorage,
+        lk: &Layout,
+        v: &CudaStorage,
+        lv: &Layout,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        use ipaflux_core::candle_core::backend::BackendStorage;
+        let dev = q.device().clone();
+        match q.dtype() {
+            DType::BF16 => self.launch::<half::bf16>(
+                &dev,
+                "ipaflux_attention_bf16",
+                (q.as_cuda_slice()?, lq),
+                (k.as_cuda_slice()?, lk),
+                (v.as_cuda_slice()?, lv),
+            ),
+            DType::F16 => self.launch::<half::f16>(
+                &dev,
+                "ipaflux_attention_f16",
+                (q.as_cuda_slice()?, lq),
+                (k.as_cuda_slice()?, lk),
+                (v.as_cuda_slice()?, lv),
+            ),
+            other => Err(candle::Error::Msg(format!("the fused attention takes bf16 or f16, not {other:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_memory_fits_hopper_and_ampere() {
+        // 227 KiB per block on H100/H200, 163 KiB on A100; 2 blocks per SM on Hopper at D = 128.
+        assert_eq!(shared_bytes(128, 2), 2 * 64 * 136 * 2 + 64 * 68 * 4 + 64 * 72 * 2 + 64 * 132 * 4);
+        assert_eq!(shared_bytes(72, 2), 2 * 64 * 88 * 2 + 64 * 68 * 4 + 64 * 72 * 2 + 64 * 84 * 4);
+        assert!(2 * shared_bytes(MAX_HEAD_DIM, 2) <= 227 * 1024);
+    }
+}

@@ -1,0 +1,229 @@
+//! The CUDA-only sections of `ipaflux gpu-check` ([`crate::gpu_check`]):
+//! the registry's accounting against the driver while an encoder is loaded,
+//! offloaded to pinned memory and reloaded over several jobs; host ↔ device
+//! copy speed, pinned and pageable; and [`DriverPeak`], the peak-memory probe
+//! the Flux benchmark uses on CUDA.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{CudaContext, DriverError};
+use ipaflux_core::candle_core::{DType, Device};
+use ipaflux_core::candle_nn::VarBuilder;
+use ipaflux_core::registry::{CudaMemory, HostMemory, JobRequest, ModelSpec, Registry, RegistryConfig, Role};
+use ipaflux_core::siglip::expected_tensors;
+use ipaflux_core::{DeviceSpec, SiglipVisionModel};
+
+use super::pinned::PinnedStash;
+use crate::bench_flux::PeakMemory;
+use crate::gpu_check::{random_weights, siglip_config, CheckOptions, Report};
+use crate::{Error, Result};
+
+const MIB: u64 = 1 << 20;
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn driver(e: DriverError) -> Error {
+    Error::Core(ipaflux_core::Error::Unsupported(format!("CUDA driver: {e}")))
+}
+
+fn context(device: &Device) -> Option<Arc<CudaContext>> {
+    match device {
+        Device::Cuda(d) => Some(d.cuda_stream().context().clone()),
+        _ => None,
+    }
+}
+
+fn free_bytes(ctx: &CudaContext) -> Result<u64> {
+    Ok(ctx.mem_get_info().map_err(driver)?.0 as u64)
+}
+
+/// Peak device memory in use, sampled from the driver every millisecond on a
+/// thread of its own: like `nvidia-smi`, it sees everything this process holds
+/// (allocator pools included), counted from when the probe started.
+#[derive(Debug)]
+pub struct DriverPeak {
+    base_free: u64,
+    min_free: Arc<AtomicU64>,
+    ctx: Arc<CudaContext>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DriverPeak {
+    /// Starts sampling; what is in use now counts as zero.
+    pub fn start(device: &Device) -> Result<Self> {
+        let ctx =
+            context(device).ok_or_else(|| Error::Core(ipaflux_core::Error::Unsupported("not a CUDA device".into())))?;
+        let base_free = free_bytes(&ctx)?;
+        let min_free = Arc::new(AtomicU64::new(base_free));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, m, s) = (ctx.clone(), min_free.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((free, _)) = c.mem_get_info() {
+                    m.fetch_min(free as u64, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        Ok(Self { base_free, min_free, ctx, stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for DriverPeak {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl PeakMemory for DriverPeak {
+    fn reset(&self) {
+        if let Ok((free, _)) = self.ctx.mem_get_info() {
+            self.min_free.store(free as u64, Ordering::Relaxed);
+        }
+    }
+    fn peak(&self) -> Option<u64> {
+        Some(self.base_free.saturating_sub(self.min_free.load(Ordering::Relaxed)))
+    }
+}
+
+/// Registry accounting vs the driver over three jobs: SigLIP loaded from
+/// pinned memory for an encode, offloaded once its embeddings exist (d2h into
+/// the same pinned buffers), job ended. Also the offload/reload speeds.
+pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
+    let dev = &o.device;
+    let Some(ctx) = context(dev) else { return Ok(()) };
+    let cfg = siglip_config(o.quick);
+    let list = expected_tensors(&cfg);
+    // Predicted from the config alone: what the registry is told.
+    let predicted: u64 = list.iter().map(|(_, s)| s.iter().product::<usize>() as u64 * 2).sum();
+    // The weights start on the host (pinned); no GPU copy is kept.
+    let mut stash = PinnedStash::new(&random_weights(&list, DType::BF16, dev)?)?;
+    dev.synchronize()?;
+    let pixels = ipaflux_core::candle_core::Tensor::randn(0f32, 1.0, (1, 3, cfg.image_size, cfg.image_size), dev)?
+        .to_dtype(DType::BF16)?;
+    let free0 = free_bytes(&ctx)?;
+    let gpu = CudaMemory::new(0)?;
+    let mut reg = Registry::new(RegistryConfig::default(), vec![Box::new(gpu), Box::new(HostMemory::unbounded())])?;
+    let cuda = DeviceSpec::Cuda(0);
+    let (mut loads, mut offloads) = (Vec::new(), Vec::new());
+    for round in 1..=3 {
+        let job = reg.begin_job("gpu-check");
+        let spec = ModelSpec::uniform("siglip", Role::ImageEncoder, cuda, predicted, cfg.num_hidden_layers, "layer");
+        let h = reg.register_in(job, spec)?;
+        reg.begin_stage("encode");
+        let plan = reg.load_for_job(&JobRequest::new(cuda, &[h.model]))?;
+        let moved: u64 = plan.moves.iter().filter(|m| m.to == cuda).map(|m| m.bytes).sum();
+        // The owner executes the plan: every unit comes in, so all weights.
+        let t = Instant::now();
+        let weights = if moved > 0 { stash.reload()? } else { Default::default() };
+        loads.push(predicted as f64 / t.elapsed().as_secs_f64() / 1e9);
+        let (placed, used) = (reg.placed_bytes(cuda), free0.saturating_sub(free_bytes(&ctx)?));
+        r.bool_check(
+            "registry",
+            format!("job {round}: SigLIP loaded, registry vs driver"),
+            format!("registry {:.1} MiB, driver {:.1} MiB", placed as f64 / MIB as f64, used as f64 / MIB as f64),
+            "within 5 %".into(),
+            used.abs_diff(placed) * 20 <= placed.max(1),
+        );
+        {
+            let model = SiglipVisionModel::new(&cfg, VarBuilder::from_tensors(weights.clone(), DType::BF16, dev))?;
+            drop(model.forward(&pixels)?);
+            dev.synchronize()?;
+        }
+        reg.embeddings_ready(&[h.model])?;
+        let offloaded = reg.model(h.model).is_some_and(|m| m.loaded_bytes == 0);
+        let t = Instant::now();
+        if offloaded {
+            stash.offload(&weights)?;
+            drop(weights);
+            dev.synchronize()?;
+        }
+        offloads.push(predicted as f64 / t.elapsed().as_secs_f64() / 1e9);
+        let (placed, used) = (reg.placed_bytes(cuda), free0.saturating_sub(free_bytes(&ctx)?));
+        r.bool_check(
+            "registry",
+            format!("job {round}: embeddings ready → offloaded to pinned memory"),
+            format!("registry {:.1} MiB, driver {:.1} MiB", placed as f64 / MIB as f64, used as f64 / MIB as f64),
+            "registry 0, driver < 64 MiB".into(),
+            offloaded && placed == 0 && used < 64 * MIB,
+        );
+        reg.end_job(job);
+        reg.audit()?;
+    }
+    let used = free0.saturating_sub(free_bytes(&ctx)?);
+    r.bool_check(
+        "registry",
+        "after 3 jobs: nothing grew",
+        format!("driver {:.1} MiB, registry {} B", used as f64 / MIB as f64, reg.placed_bytes(cuda)),
+        "< 64 MiB, 0 B".into(),
+        used < 64 * MIB && reg.placed_bytes(cuda) == 0,
+    );
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let gb = predicted as f64 / 1e9;
+    let (off, load) = (best(&offloads), best(&loads));
+    r.info(
+        "bench",
+        format!("encoder offload GPU → pinned host ({gb:.2} GB), best of 3"),
+        format!("{off:.1} GB/s"),
+        "≥ 45 GB/s (target)".into(),
+        if off >= 45.0 { "met".into() } else { "**not met**".into() },
+    );
+    r.info(
+        "bench",
+        format!("encoder reload pinned host → GPU ({gb:.2} GB), best of 3"),
+        format!("{load:.1} GB/s"),
+        "—".into(),
+        String::new(),
+    );
+    Ok(())
+}
+
+/// Host ↔ device copy speed, pinned and pageable, against PyTorch's on the same card.
+pub fn transfers(o: &CheckOptions, r: &mut Report) -> Result<()> {
+    let Some(ctx) = context(&o.device) else { return Ok(()) };
+    let n: usize = if o.quick { 16 << 20 } else { 256 << 20 }; // f32 elements: 64 MiB / 1 GiB
+    let bytes = (n * 4) as f64;
+    let stream = ctx.default_stream();
+    // SAFETY: written by the first copy into it before it is read.
+    let mut pinned = unsafe { ctx.alloc_pinned_with_flags::<f32>(n, 0) }.map_err(driver)?;
+    let mut pageable = vec![0.5f32; n];
+    let mut dbuf = stream.alloc_zeros::<f32>(n).map_err(driver)?;
+    let gbs = |f: &mut dyn FnMut() -> std::result::Result<(), DriverError>| -> Result<f64> {
+        f().map_err(driver)?;
+        stream.synchronize().map_err(driver)?;
+        let mut best = 0f64;
+        for _ in 0..5 {
+            let t = Instant::now();
+            f().map_err(driver)?;
+            stream.synchronize().map_err(driver)?;
+            best = best.max(bytes / t.elapsed().as_secs_f64() / 1e9);
+        }
+        Ok(best)
+    };
+    let h2d_pinned = gbs(&mut || stream.memcpy_htod(&pinned, &mut dbuf))?;
+    let h2d_pageable = gbs(&mut || stream.memcpy_htod(pageable.as_slice(), &mut dbuf))?;
+    let d2h_pinned = gbs(&mut || stream.memcpy_dtoh(&dbuf, &mut pinned))?;
+    let d2h_pageable = gbs(&mut || stream.memcpy_dtoh(&dbuf, pageable.as_mut_slice()))?;
+    for (what, ours, key) in [
+        ("host → device, pinned", h2d_pinned, "h2d_pinned_gbs"),
+        ("host → device, pageable", h2d_pageable, "h2d_pageable_gbs"),
+        ("device → host, pinned", d2h_pinned, "d2h_pinned_gbs"),
+        ("device → host, pageable", d2h_pageable, "d2h_pageable_gbs"),
+    ] {
+        let torch = o.torch.as_ref().and_then(|t| t.get(key).copied());
+        r.info(
+            "bench",
+            format!("{what}, {:.2} GiB, best of 5", bytes / GIB),
+            format!("{ours:.1} GB/s"),
+            torch.map_or("—".into(), |t| format!("{t:.1} GB/s")),
+            torch.map_or(String::new(), |t| format!("{:.2}×", ours / t)),
+        );
+    }
+    Ok(())
+}

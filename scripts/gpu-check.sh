@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU check: one run on a machine with an NVIDIA GPU (H100/H200 for the
+# default build) that has the driver, CUDA 13.0's libraries and PyTorch, but
+# needs neither Rust nor a network. Build first, on any Linux machine:
+#
+#   scripts/cuda-build.sh          # → .gpu/ipaflux.gz and .gpu/core-tests.gz
+#
+# then, on the GPU machine, in the repository root (fixtures in tests/fixtures):
+#
+#   scripts/gpu-check.sh [OUT_DIR]
+#
+# It runs, in order (each step's log in OUT_DIR):
+#   1. the registry's CUDA test against the driver (core's test binary, IPAFLUX_REQUIRE_CUDA=1);
+#   2. scripts/gpu_bench_torch.py: PyTorch's figures at the real shapes on this card;
+#   3. ipaflux gpu-check --torch …: parity checks, fused attention, registry vs driver,
+#      benchmarks with PyTorch's figures and the ratios; prints the table last.
+# Exit status: non-zero if a check failed (benchmarks never fail it).
+# diffusers (pure Python) may be missing there: put its wheel and importlib_metadata's in .whl/.
+set -uo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+out="${1:-${OUT:-/tmp/ipaflux-gpu-check}}"
+mkdir -p "$out"
+export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PYTHONUNBUFFERED=1
+status=0
+bin="$(mktemp -d)"
+for f in ipaflux core-tests; do
+  if [ -f ".gpu/$f.gz" ]; then gzip -dc ".gpu/$f.gz" > "$bin/$f" && chmod +x "$bin/$f"; fi
+done
+if [ ! -x "$bin/ipaflux" ]; then
+  echo "gpu-check: .gpu/ipaflux.gz is missing: run scripts/cuda-build.sh first" >&2
+  exit 2
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader | tee "$out/gpu.txt"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+echo "== 1. registry vs driver (core test)"
+if [ -x "$bin/core-tests" ]; then
+  IPAFLUX_REQUIRE_CUDA=1 timeout 60 "$bin/core-tests" registry::cuda --nocapture 2>&1 | tee "$out/core-tests.log" | tail -n 8
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  echo "gpu-check: .gpu/core-tests.gz missing; skipped" | tee "$out/core-tests.log"
+fi
+
+echo "== 2. PyTorch on this card"
+timeout 200 python3 scripts/gpu_bench_torch.py --json "$out/torch.json" --runs "${RUNS:-10}" > "$out/torch.log" 2>&1
+echo "torch: exit $? ($(tail -n 1 "$out/torch.log" | cut -c1-100))"
+grep 'gpu_bench_torch:' "$out/torch.log" || true
+
+echo "== 3. ipaflux gpu-check"
+torch_arg=()
+[ -s "$out/torch.json" ] && torch_arg=(--torch "$out/torch.json")
+timeout 270 "$bin/ipaflux" gpu-check --runs "${RUNS:-10}" "${torch_arg[@]}" --out "$out/table.md" > "$out/gpu-check.log" 2>&1
+rc=$?
+[ "$rc" -eq 0 ] || status=1
+grep -v '^|' "$out/gpu-check.log" | tail -n 20
+echo "ipaflux gpu-check: exit $rc"
+cat "$out/table.md" 2>/dev/null || tail -n 40 "$out/gpu-check.log"
+exit $status
