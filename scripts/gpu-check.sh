@@ -12,9 +12,12 @@
 # It runs, in order (each step's log in OUT_DIR):
 #   1. the registry's CUDA test against the driver (core's test binary, IPAFLUX_REQUIRE_CUDA=1);
 #   2. scripts/gpu_bench_torch.py: PyTorch's figures at the real shapes on this card;
-#   3. ipaflux gpu-check --torch …: parity checks, fused attention, registry vs driver,
+#   3. ipaflux generate on the tiny fixtures on the CPU, on CUDA in f32 (pixels within 2/255 of
+#      the CPU's) and in bf16 (difference reported);
+#   4. ipaflux gpu-check --torch …: parity checks, fused attention, registry vs driver,
 #      benchmarks with PyTorch's figures and the ratios; prints the table last.
 # Exit status: non-zero if a check failed (benchmarks never fail it).
+# STEPS="3 4" runs only those steps (default: all).
 # diffusers (pure Python) may be missing there: put its wheel and importlib_metadata's in .whl/.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -24,6 +27,7 @@ mkdir -p "$out"
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONUNBUFFERED=1
 status=0
+want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
 bin="$(mktemp -d)"
 for f in ipaflux core-tests; do
   if [ -f ".gpu/$f.gz" ]; then gzip -dc ".gpu/$f.gz" > "$bin/$f" && chmod +x "$bin/$f"; fi
@@ -39,20 +43,56 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-echo "== 1. registry vs driver (core test)"
+if want 1; then
+echo "== 1. registry vs driver (core's test binary, built with CORE_TESTS=1)"
 if [ -x "$bin/core-tests" ]; then
   IPAFLUX_REQUIRE_CUDA=1 timeout 60 "$bin/core-tests" registry::cuda --nocapture 2>&1 | tee "$out/core-tests.log" | tail -n 8
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else
   echo "gpu-check: .gpu/core-tests.gz missing; skipped" | tee "$out/core-tests.log"
 fi
+fi
 
+if want 2; then
 echo "== 2. PyTorch on this card"
 timeout 200 python3 scripts/gpu_bench_torch.py --json "$out/torch.json" --runs "${RUNS:-10}" > "$out/torch.log" 2>&1
 echo "torch: exit $? ($(tail -n 1 "$out/torch.log" | cut -c1-100))"
 grep 'gpu_bench_torch:' "$out/torch.log" || true
+fi
 
-echo "== 3. ipaflux gpu-check"
+if want 3; then
+echo "== 3. ipaflux generate on the fixtures (tiny models): CUDA against the CPU"
+f=tests/fixtures
+gen() {
+  timeout 60 "$bin/ipaflux" generate --flux $f/flux/transformer --t5 $f/pipeline/t5 --clip $f/pipeline/clip \
+    --vae $f/pipeline/ae.safetensors --ip-adapter $f/ip-adapter.bin --siglip $f/siglip-vision \
+    --image $f/images/wide.png --prompt "a cat" --width 64 --height 48 --steps 2 --t5-max-len 16 "$@" >> "$out/generate.log" 2>&1
+}
+gen --device cpu --out "$out/gen-cpu.png" && gen --device cuda:0 --out "$out/gen-cuda-f32.png" \
+  && gen --device cuda:0 --dtype bf16 --out "$out/gen-cuda-bf16.png"
+g=$?
+echo "generate: exit $g"
+[ "$g" -eq 0 ] || { status=1; tail -n 5 "$out/generate.log"; }
+python3 - "$out" <<'PY' || status=1
+import sys
+import numpy as np
+from PIL import Image
+out = sys.argv[1]
+cpu = np.asarray(Image.open(f"{out}/gen-cpu.png"), dtype=np.int16)
+bad = 0
+for name, limit in (("cuda-f32", 2), ("cuda-bf16", None)):
+    img = np.asarray(Image.open(f"{out}/gen-{name}.png"), dtype=np.int16)
+    d = np.abs(img - cpu)
+    verdict = "" if limit is None else ("PASS" if d.max() <= limit else "FAIL")
+    bad += verdict == "FAIL"
+    print(f"generate {name} vs cpu f32: max |diff| {d.max()}/255, mean {d.mean():.3f}"
+          + (f" (limit {limit}) {verdict}" if limit is not None else " (reported)"))
+sys.exit(1 if bad else 0)
+PY
+fi
+
+if want 4; then
+echo "== 4. ipaflux gpu-check"
 torch_arg=()
 [ -s "$out/torch.json" ] && torch_arg=(--torch "$out/torch.json")
 timeout 270 "$bin/ipaflux" gpu-check --runs "${RUNS:-10}" "${torch_arg[@]}" --out "$out/table.md" > "$out/gpu-check.log" 2>&1
@@ -61,4 +101,5 @@ rc=$?
 grep -v '^|' "$out/gpu-check.log" | tail -n 20
 echo "ipaflux gpu-check: exit $rc"
 cat "$out/table.md" 2>/dev/null || tail -n 40 "$out/gpu-check.log"
+fi
 exit $status

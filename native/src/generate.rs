@@ -133,6 +133,25 @@ fn timed<T>(
     Ok(out)
 }
 
+/// The registry's devices for a run on `dev`: host memory, plus the GPU
+/// itself (capacity and free memory from the driver) when it is one.
+fn memory_devices(dev: DeviceSpec) -> Result<Vec<Box<dyn ipaflux_core::registry::MemoryDevice>>> {
+    let host: Box<dyn ipaflux_core::registry::MemoryDevice> = Box::new(HostMemory::unbounded());
+    let gpu: Option<Box<dyn ipaflux_core::registry::MemoryDevice>> = match dev {
+        DeviceSpec::Cpu => None,
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(i) => Some(Box::new(ipaflux_core::registry::CudaMemory::new(i)?)),
+        other => {
+            return Err(ipaflux_core::Error::Unsupported(format!(
+                "generate runs on the CPU{}, not on {other}",
+                if cfg!(feature = "cuda") { " or CUDA" } else { " (this build has no `cuda` feature)" }
+            ))
+            .into())
+        }
+    };
+    Ok(std::iter::once(host).chain(gpu).collect())
+}
+
 /// Runs the pipeline. `on_step` is called after each sampler step.
 pub fn generate(
     src: &Sources,
@@ -142,7 +161,7 @@ pub fn generate(
 ) -> Result<Generated> {
     sampler::check_size(s.width, s.height)?;
     let dev = s.device_spec;
-    let mut reg = Registry::new(s.registry.clone(), vec![Box::new(HostMemory::unbounded())])?;
+    let mut reg = Registry::new(s.registry.clone(), memory_devices(dev)?)?;
     let h = register_all(&mut reg, src, dev)?;
     let mut stages = Vec::new();
     let (flux_id, vae_id, ip_id) = (h.flux.model, h.vae.model, h.ip.model);
