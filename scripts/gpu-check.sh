@@ -13,9 +13,12 @@
 #   1. the registry's CUDA test against the driver (core's test binary, IPAFLUX_REQUIRE_CUDA=1);
 #   2. scripts/gpu_bench_torch.py: PyTorch's figures at the real shapes on this card;
 #   3. ipaflux generate on the tiny fixtures on the CPU, on CUDA in f32 (pixels within 2/255 of
-#      the CPU's) and in bf16 (difference reported);
+#      the CPU's), in bf16 (difference reported), and in f32 with --vram-budget so small that the
+#      registry streams some Flux blocks (pixels identical to the all-resident CUDA run);
 #   4. ipaflux gpu-check --torch …: parity checks, fused attention, registry vs driver,
-#      benchmarks with PyTorch's figures and the ratios; prints the table last.
+#      benchmarks with PyTorch's figures and the ratios, Flux streamed in 12 GiB; prints the table;
+#   5. where Nsight Compute (ncu) is installed: GPU time per kernel of a Flux step (1+1 blocks,
+#      1024², bf16), summed by kernel name: where the step's time goes (ncu.csv, kernels.txt).
 # Exit status: non-zero if a check failed (benchmarks never fail it).
 # STEPS="3 4" runs only those steps (default: all).
 # diffusers (pure Python) may be missing there: put its wheel and importlib_metadata's in .whl/.
@@ -68,9 +71,12 @@ gen() {
     --vae $f/pipeline/ae.safetensors --ip-adapter $f/ip-adapter.bin --siglip $f/siglip-vision \
     --image $f/images/wide.png --prompt "a cat" --width 64 --height 48 --steps 2 --t5-max-len 16 "$@" >> "$out/generate.log" 2>&1
 }
+# 1 GiB (the registry's safety margin) + 1.2 MB: the tiny Flux (1.29 MB in f32) cannot be all resident.
 gen --device cpu --out "$out/gen-cpu.png" && gen --device cuda:0 --out "$out/gen-cuda-f32.png" \
-  && gen --device cuda:0 --dtype bf16 --out "$out/gen-cuda-bf16.png"
+  && gen --device cuda:0 --dtype bf16 --out "$out/gen-cuda-bf16.png" \
+  && gen --device cuda:0 --vram-budget 1074941824 --verbose --out "$out/gen-cuda-stream.png"
 g=$?
+grep -E "stream" "$out/generate.log" | head -n 6
 echo "generate: exit $g"
 [ "$g" -eq 0 ] || { status=1; tail -n 5 "$out/generate.log"; }
 python3 - "$out" <<'PY' || status=1
@@ -80,13 +86,18 @@ from PIL import Image
 out = sys.argv[1]
 cpu = np.asarray(Image.open(f"{out}/gen-cpu.png"), dtype=np.int16)
 bad = 0
-for name, limit in (("cuda-f32", 2), ("cuda-bf16", None)):
+for name, limit in (("cuda-f32", 2), ("cuda-bf16", None), ("cuda-stream", 2)):
     img = np.asarray(Image.open(f"{out}/gen-{name}.png"), dtype=np.int16)
     d = np.abs(img - cpu)
     verdict = "" if limit is None else ("PASS" if d.max() <= limit else "FAIL")
     bad += verdict == "FAIL"
     print(f"generate {name} vs cpu f32: max |diff| {d.max()}/255, mean {d.mean():.3f}"
           + (f" (limit {limit}) {verdict}" if limit is not None else " (reported)"))
+a = np.asarray(Image.open(f"{out}/gen-cuda-f32.png"), dtype=np.int16)
+b = np.asarray(Image.open(f"{out}/gen-cuda-stream.png"), dtype=np.int16)
+same = bool((a == b).all())
+bad += not same
+print(f"generate cuda-stream vs cuda-f32 all resident: {'identical PASS' if same else 'DIFFERENT FAIL'}")
 sys.exit(1 if bad else 0)
 PY
 fi
@@ -95,11 +106,24 @@ if want 4; then
 echo "== 4. ipaflux gpu-check"
 torch_arg=()
 [ -s "$out/torch.json" ] && torch_arg=(--torch "$out/torch.json")
-timeout 270 "$bin/ipaflux" gpu-check --runs "${RUNS:-10}" "${torch_arg[@]}" --out "$out/table.md" > "$out/gpu-check.log" 2>&1
+timeout 400 "$bin/ipaflux" gpu-check --runs "${RUNS:-10}" "${torch_arg[@]}" --out "$out/table.md" > "$out/gpu-check.log" 2>&1
 rc=$?
 [ "$rc" -eq 0 ] || status=1
 grep -v '^|' "$out/gpu-check.log" | tail -n 20
 echo "ipaflux gpu-check: exit $rc"
 cat "$out/table.md" 2>/dev/null || tail -n 40 "$out/gpu-check.log"
+fi
+if want 5; then
+echo "== 5. kernel times of one Flux step (ncu; 1 double + 1 single block, 1024², bf16)"
+ncu="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
+if [ -n "$ncu" ]; then
+  timeout 150 "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
+    --print-units base "$bin/ipaflux" bench --flux --flux-device cuda:0 --flux-dtype bf16 --flux-depth 1 1 \
+    --flux-plain --runs 1 > "$out/ncu.csv" 2> "$out/ncu.log"
+  echo "ncu: exit $?"
+  python3 scripts/ncu_summary.py "$out/ncu.csv" | tee "$out/kernels.txt"
+else
+  echo "ncu not found; skipped"
+fi
 fi
 exit $status

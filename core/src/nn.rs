@@ -39,6 +39,15 @@ impl Linear {
         Ok(Self { weight_t, bias })
     }
 
+    /// The weight in PyTorch's layout `[out, in]` (a view, no copy).
+    pub fn weight(&self) -> Result<Tensor> {
+        Ok(self.weight_t.t()?)
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// The dtype the weights are stored in.
     pub fn dtype(&self) -> DType {
         self.weight_t.dtype()

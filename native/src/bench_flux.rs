@@ -17,12 +17,15 @@ use ipaflux_core::flux::hooks::{AttentionHook, HookPoint, Hooks, Site};
 use ipaflux_core::flux::ip::{IpAdapterHook, IpHookConfig, IpImage};
 use ipaflux_core::flux::model::canonical_tensors;
 use ipaflux_core::flux::sampler::{img_ids, token_grid};
+use ipaflux_core::flux::stream::{blocks_of_units, unit_specs, BlockId, BlockSource, HostBlocks};
 use ipaflux_core::flux::{Conditioning, FluxConfig, FluxModel};
 use ipaflux_core::ip_adapter::{IpAdapterDims, IpProcessor};
 use ipaflux_core::nn::Attention;
+use ipaflux_core::registry::{BudgetedDevice, HostMemory, JobRequest, ModelSpec, Registry, RegistryConfig, Role};
+use ipaflux_core::DeviceSpec;
 use ipaflux_core::{IpAttentionConfig, IpKv};
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -143,11 +146,18 @@ struct Setup {
     cols: usize,
 }
 
-fn setup(o: &FluxBenchOptions) -> Result<Setup> {
-    let mut cfg = FluxConfig { depth: o.depth, depth_single: o.depth_single, ..FluxConfig::dev() };
+/// The model these options build.
+pub fn bench_config(o: &FluxBenchOptions) -> FluxConfig {
+    let cfg = FluxConfig { depth: o.depth, depth_single: o.depth_single, ..FluxConfig::dev() };
     if o.narrow {
-        cfg = FluxConfig { hidden_size: 256, mlp_hidden: 1024, num_heads: 2, context_in_dim: 256, ..cfg };
+        FluxConfig { hidden_size: 256, mlp_hidden: 1024, num_heads: 2, context_in_dim: 256, ..cfg }
+    } else {
+        cfg
     }
+}
+
+fn setup(o: &FluxBenchOptions) -> Result<Setup> {
+    let cfg = bench_config(o);
     let dev = &o.device;
     let mut map = BTreeMap::new();
     for (name, shape) in canonical_tensors(&cfg) {
@@ -317,4 +327,119 @@ pub fn table(rows: &[FluxRow], o: &FluxBenchOptions) -> String {
         o.dtype
     );
     s
+}
+
+/// Makes the source of the streamed blocks from their tensors (taken out of
+/// the model on its device): pinned memory and a copy stream on CUDA
+/// (`cuda::stream::PinnedBlocks`), [`HostBlocks`] elsewhere.
+pub type SourceMaker<'a> = &'a dyn Fn(&BTreeMap<String, Tensor>, &[BlockId]) -> Result<Arc<dyn BlockSource>>;
+
+/// The streamed run's figures.
+#[derive(Debug, Clone)]
+pub struct StreamedRun {
+    /// The same step with every block resident (median ms), timed first.
+    pub resident_ms: f64,
+    pub resident_peak: Option<u64>,
+    /// Median ms with the registry's plan executed.
+    pub streamed_ms: f64,
+    pub streamed_peak: Option<u64>,
+    pub resident_blocks: usize,
+    pub streamed_blocks: usize,
+    /// Bytes copied in per step.
+    pub streamed_bytes: u64,
+    pub weight_bytes: u64,
+    /// What the job asked the registry for beyond weights.
+    pub working_bytes: u64,
+    /// The registry's predicted peak for the job (resident + stream buffer + working).
+    pub planned_peak: u64,
+}
+
+/// One step all-resident, then the registry plans the model into `budget`
+/// bytes of the device (units = [`unit_specs`], `working` bytes of
+/// activations, or with `None` what the all-resident step used beyond its
+/// weights by the peak probe (at least 1 GiB); two-block stream buffer), the streamed blocks go to
+/// `make_source`, and the step runs again streamed. On the CPU (smoke runs)
+/// the plan is made for a budgeted `cuda:0` and executed with [`HostBlocks`].
+pub fn run_streamed(
+    o: &FluxBenchOptions,
+    budget: u64,
+    working: Option<u64>,
+    make_source: SourceMaker,
+) -> Result<StreamedRun> {
+    let Setup { cfg, mut model, img, ids, cond, .. } = setup(o)?;
+    let dev = &o.device;
+    let step = |m: &FluxModel| -> Result<()> {
+        m.forward(&img, &ids, &cond, 0.7, 0, Hooks::none())?;
+        Ok(())
+    };
+    step(&model)?;
+    dev.synchronize()?;
+    o.peak.reset();
+    let resident_ms = time_ms(dev, o.runs, || step(&model))?;
+    let resident_peak = o.peak.peak();
+
+    let units = unit_specs(&cfg, o.dtype);
+    let weight_bytes: u64 = units.iter().map(|u| u.bytes).sum();
+    let working = match (working, resident_peak) {
+        (Some(w), _) => w,
+        (None, Some(peak)) => peak.saturating_sub(weight_bytes).max(1 << 30),
+        (None, None) => {
+            return Err(Error::Core(ipaflux_core::Error::Unsupported(
+                "no peak-memory probe on this device to measure the step's working memory".into(),
+            )))
+        }
+    };
+    let job_device = DeviceSpec::Cuda(0);
+    let mut reg = Registry::new(
+        RegistryConfig::default(),
+        vec![Box::new(BudgetedDevice::new(job_device, budget)), Box::new(HostMemory::unbounded())],
+    )?;
+    let spec = ModelSpec {
+        name: "flux".into(),
+        role: Role::Diffusion,
+        load_device: job_device,
+        offload_device: DeviceSpec::Cpu,
+        units,
+        weights_key: None,
+    };
+    let handle = reg.register(spec)?;
+    let plan = reg.load_for_job(&JobRequest::new(job_device, &[handle.model]).working(working))?;
+    let placement = plan
+        .placements
+        .iter()
+        .find(|p| p.model == handle.model)
+        .ok_or_else(|| Error::Core(ipaflux_core::Error::Registry("the plan has no placement for flux".into())))?;
+    let blocks = blocks_of_units(&cfg, &placement.streamed)?;
+    tracing::info!(target: "ipaflux::bench", resident = placement.resident.len(), streamed = blocks.len(), "flux streaming plan");
+
+    let tensors = model.stream_blocks(&blocks)?;
+    let source = make_source(&tensors, &blocks)?;
+    drop(tensors);
+    model.set_block_source(source);
+    dev.synchronize()?;
+    step(&model)?;
+    dev.synchronize()?;
+    o.peak.reset();
+    let streamed_ms = time_ms(dev, o.runs, || step(&model))?;
+    Ok(StreamedRun {
+        resident_ms,
+        resident_peak,
+        streamed_ms,
+        streamed_peak: o.peak.peak(),
+        resident_blocks: cfg.num_blocks() - blocks.len(),
+        streamed_blocks: blocks.len(),
+        streamed_bytes: plan.stream_bytes_per_use,
+        weight_bytes,
+        working_bytes: working,
+        planned_peak: plan.peak_bytes,
+    })
+}
+
+/// The plain source: [`HostBlocks`] on the CPU, copied to `device` on use.
+pub fn host_source(device: &Device) -> impl Fn(&BTreeMap<String, Tensor>, &[BlockId]) -> Result<Arc<dyn BlockSource>> {
+    let device = device.clone();
+    move |tensors, blocks| {
+        let source = HostBlocks::new(tensors.clone(), blocks, &Device::Cpu, &device)?;
+        Ok(Arc::new(source) as Arc<dyn BlockSource>)
+    }
 }

@@ -67,6 +67,8 @@ pub fn sources() -> Sources {
         image_encoder: Some((Box::new(|| tiny_encoder(Precision::F32)), n(SIGLIP))),
         ip_adapter: (Box::new(|| Ok(TensorStore::from_torch_zip(ADAPTER, "bundled ip-adapter.bin")?)), n(ADAPTER)),
         flux_head_dim: TINY_HEAD_DIM,
+        flux_units: crate::load::flux_units_in(&[(FLUX, "bundled flux-tiny-bfl.safetensors".into())])
+            .unwrap_or_default(),
     }
 }
 
@@ -89,6 +91,7 @@ pub fn settings(seed: u64) -> Settings {
         block_weights: None,
         v_norm: VNorm::InstantX,
         registry: RegistryConfig::default(),
+        vram_budget: None,
     }
 }
 

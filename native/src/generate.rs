@@ -9,14 +9,16 @@
 //! devices: the timeline shows registrations, jobs and releases; moving,
 //! partial loading and streaming of Flux blocks need the CUDA backend.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipaflux_core::candle_core::{DType, Device, Tensor};
 use ipaflux_core::flux::ip::{check_compatible, IpAdapterHook, IpHookConfig, IpImage, IpWeight};
 use ipaflux_core::flux::sampler::{self, StepInfo};
-use ipaflux_core::flux::{Conditioning, FluxModel, Hooks};
+use ipaflux_core::flux::{BlockId, BlockSource, Conditioning, FluxModel, Hooks, HostBlocks};
 use ipaflux_core::registry::{
-    Event, HostMemory, JobRequest, ModelHandle, ModelId, ModelSpec, Registry, RegistryConfig, Role,
+    Event, HostMemory, JobPlan, JobRequest, ModelHandle, ModelId, ModelSpec, Registry, RegistryConfig, Role,
 };
 use ipaflux_core::schedule::{flux_schedule, IpWindow, Shift, WeightRamp, COMFY_FLUX_SHIFT};
 use ipaflux_core::{DeviceSpec, IpAdapter, IpAdapterDims, IpAttentionConfig, TensorStore, VNorm};
@@ -49,6 +51,10 @@ pub struct Sources {
     /// Flux's attention head size (128 for FLUX.1), read from the checkpoint header:
     /// the IP K/V are split into heads before Flux itself is loaded.
     pub flux_head_dim: usize,
+    /// Flux's registry units (embedders, then each block) from its headers, so
+    /// a partial load is planned per block before any weight is read; empty
+    /// when unknown (then Flux is one unit, loaded whole).
+    pub flux_units: crate::load::FluxUnits,
 }
 
 /// A reference for the IP-Adapter: an image to encode, or `image_prompt_embeds` made earlier.
@@ -76,6 +82,8 @@ pub struct Settings {
     pub block_weights: Option<Vec<f64>>,
     pub v_norm: VNorm,
     pub registry: RegistryConfig,
+    /// At most this much of the GPU is planned with (`--vram-budget`); `None`: all of it.
+    pub vram_budget: Option<u64>,
 }
 
 /// The result: RGB pixels, the memory timeline, stage timings.
@@ -98,8 +106,14 @@ struct Handles {
     vae: ModelHandle,
 }
 
-fn register_all(reg: &mut Registry, src: &Sources, dev: DeviceSpec) -> Result<Handles> {
+fn register_all(reg: &mut Registry, src: &Sources, dev: DeviceSpec, dtype: DType) -> Result<Handles> {
     let spec = |name: &str, role, bytes| ModelSpec::uniform(name, role, dev, bytes, 1, name);
+    let flux_units = src.flux_units.specs(dtype);
+    let flux = if flux_units.is_empty() {
+        spec("flux", Role::Diffusion, src.flux.1)
+    } else {
+        ModelSpec { units: flux_units, ..spec("flux", Role::Diffusion, 0) }
+    };
     Ok(Handles {
         t5: reg.register(spec("t5", Role::TextEncoder, src.t5.1))?,
         clip: reg.register(spec("clip", Role::TextEncoder, src.clip.1))?,
@@ -109,16 +123,21 @@ fn register_all(reg: &mut Registry, src: &Sources, dev: DeviceSpec) -> Result<Ha
         },
         ip: reg.register(spec("ip-adapter", Role::IpProcessors, src.ip_adapter.1))?,
         // Blocks are the units Flux is streamed in; 57 for FLUX.1 (+1 for embedders and final layer).
-        flux: reg.register(ModelSpec::uniform("flux", Role::Diffusion, dev, src.flux.1, 58, "block"))?,
+        flux: reg.register(flux)?,
         vae: reg.register(spec("vae", Role::Vae, src.vae.1))?,
     })
 }
 
 /// Runs a registry job for `stage` over `models`, with the later stages as lookahead.
-fn job(reg: &mut Registry, stage: &str, dev: DeviceSpec, models: &[ModelId], later: Vec<Vec<ModelId>>) -> Result<()> {
+fn job(
+    reg: &mut Registry,
+    stage: &str,
+    dev: DeviceSpec,
+    models: &[ModelId],
+    later: Vec<Vec<ModelId>>,
+) -> Result<JobPlan> {
     reg.begin_stage(stage);
-    reg.load_for_job(&JobRequest::new(dev, models).lookahead(later))?;
-    Ok(())
+    Ok(reg.load_for_job(&JobRequest::new(dev, models).lookahead(later))?)
 }
 
 fn timed<T>(
@@ -135,12 +154,21 @@ fn timed<T>(
 
 /// The registry's devices for a run on `dev`: host memory, plus the GPU
 /// itself (capacity and free memory from the driver) when it is one.
-fn memory_devices(dev: DeviceSpec) -> Result<Vec<Box<dyn ipaflux_core::registry::MemoryDevice>>> {
+fn memory_devices(dev: DeviceSpec, budget: Option<u64>) -> Result<Vec<Box<dyn ipaflux_core::registry::MemoryDevice>>> {
     let host: Box<dyn ipaflux_core::registry::MemoryDevice> = Box::new(HostMemory::unbounded());
     let gpu: Option<Box<dyn ipaflux_core::registry::MemoryDevice>> = match dev {
+        DeviceSpec::Cpu if budget.is_some() => {
+            return Err(ipaflux_core::Error::Unsupported(
+                "--vram-budget limits a GPU; on the CPU every model is resident in host memory".into(),
+            )
+            .into())
+        }
         DeviceSpec::Cpu => None,
         #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(i) => Some(Box::new(ipaflux_core::registry::CudaMemory::new(i)?)),
+        DeviceSpec::Cuda(i) => Some(Box::new(match budget {
+            Some(b) => ipaflux_core::registry::CudaMemory::with_budget(i, b)?,
+            None => ipaflux_core::registry::CudaMemory::new(i)?,
+        })),
         other => {
             return Err(ipaflux_core::Error::Unsupported(format!(
                 "generate runs on the CPU{}, not on {other}",
@@ -161,8 +189,8 @@ pub fn generate(
 ) -> Result<Generated> {
     sampler::check_size(s.width, s.height)?;
     let dev = s.device_spec;
-    let mut reg = Registry::new(s.registry.clone(), memory_devices(dev)?)?;
-    let h = register_all(&mut reg, src, dev)?;
+    let mut reg = Registry::new(s.registry.clone(), memory_devices(dev, s.vram_budget)?)?;
+    let h = register_all(&mut reg, src, dev, s.dtype)?;
     let mut stages = Vec::new();
     let (flux_id, vae_id, ip_id) = (h.flux.model, h.vae.model, h.ip.model);
 
@@ -192,9 +220,15 @@ pub fn generate(
     }
     reg.release(h.ip);
 
-    // Sampling.
-    job(&mut reg, "sample", dev, &[flux_id, kv.model], vec![vec![vae_id]])?;
-    let latents = timed(&mut stages, "sampling", || sample(src, images, adapter_dims, &txt, &y, s, on_step))?;
+    // Sampling: the blocks the registry did not make resident are streamed.
+    let plan = job(&mut reg, "sample", dev, &[flux_id, kv.model], vec![vec![vae_id]])?;
+    let streamed = match plan.placements.iter().find(|p| p.model == flux_id) {
+        Some(p) if !p.streamed.is_empty() => src.flux_units.blocks(&p.streamed)?,
+        _ => Vec::new(),
+    };
+    reg.stream(&plan, s.steps as u64);
+    let latents =
+        timed(&mut stages, "sampling", || sample(src, (images, adapter_dims), &txt, &y, s, &streamed, on_step))?;
     reg.release(kv);
     reg.release(h.flux);
 
@@ -259,15 +293,27 @@ fn ip_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<(Vec<IpI
 
 fn sample(
     src: &Sources,
-    images: Vec<IpImage>,
-    adapter_dims: Option<IpAdapterDims>,
+    (images, adapter_dims): (Vec<IpImage>, Option<IpAdapterDims>),
     txt: &Tensor,
     y: &Tensor,
     s: &Settings,
+    streamed: &[BlockId],
     on_step: &mut dyn FnMut(StepInfo),
 ) -> Result<Tensor> {
     let files = (src.flux.0)()?;
-    let mut model = FluxModel::from_store(files.weights, files.axes_dim, s.dtype, &s.device)?;
+    let (mut model, kept) =
+        FluxModel::from_store_streamed(files.weights, files.axes_dim, s.dtype, &s.device, streamed)?;
+    if !streamed.is_empty() {
+        let u = &src.flux_units;
+        if (u.depth, u.depth_single) != (model.cfg.depth, model.cfg.depth_single) {
+            return Err(ipaflux_core::Error::Shape(format!(
+                "Flux has {}+{} blocks but its headers listed {}+{}: cannot map the registry's streamed units",
+                model.cfg.depth, model.cfg.depth_single, u.depth, u.depth_single
+            ))
+            .into());
+        }
+        model.set_block_source(block_source(kept, streamed, &s.device)?);
+    }
     model.set_attention(crate::attention_for(&s.device));
     if let Some(dims) = adapter_dims {
         check_compatible(&dims, &model.cfg)?;
@@ -289,6 +335,16 @@ fn sample(
     let cond = Conditioning { txt: txt.clone(), y: y.clone(), guidance: Some(s.guidance) };
     let list: Vec<&dyn ipaflux_core::flux::AttentionHook> = hook.iter().map(|h| h as _).collect();
     Ok(sampler::euler(&model, &noise, &sampler::img_ids(rows, cols), &cond, &sigmas, Hooks::new(&list), on_step)?)
+}
+
+/// Where streamed blocks wait: pinned memory with prefetch on CUDA, host tensors elsewhere.
+fn block_source(kept: BTreeMap<String, Tensor>, blocks: &[BlockId], device: &Device) -> Result<Arc<dyn BlockSource>> {
+    tracing::info!(target: "ipaflux::stream", blocks = blocks.len(), "Flux runs with blocks streamed");
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return Ok(Arc::new(crate::cuda::stream::PinnedBlocks::new(&kept, blocks, device)?));
+    }
+    Ok(Arc::new(HostBlocks::new(kept, blocks, &Device::Cpu, device)?))
 }
 
 /// A linear ramp from `start` to `end` over `steps` (the Advanced node's weight_start/weight_end).
@@ -360,6 +416,7 @@ impl ModelPaths {
         let ip = load::resolve_arg(&self.ip_adapter)?;
         let siglip = self.siglip.as_deref().map(load::resolve_arg).transpose()?;
         let flux_head_dim = load::flux_head_dim(&flux)?;
+        let flux_units = load::flux_units(&flux)?;
         let (t5_tok, clip_tok) = (self.t5_tokenizer, self.clip_tokenizer);
         let flux_bytes = load::weight_bytes(&if flux.is_file() { flux.clone() } else { load::flux_dir(&flux)? });
         let t5_bytes = load::weight_bytes(&load::text_encoder_dir(&t5, "text_encoder_2"));
@@ -383,6 +440,7 @@ impl ModelPaths {
             image_encoder,
             ip_adapter: (Box::new(move || load::load_ip_adapter(&ip)), ip_bytes),
             flux_head_dim,
+            flux_units,
         })
     }
 }

@@ -2,6 +2,7 @@
 //! `ipaflux-core`'s parsers. Knows the Hugging Face folder layouts (a repo
 //! folder, or a cache entry `models--org--name` with `snapshots/<rev>/`).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -319,5 +320,172 @@ pub fn vae_file(path: &Path) -> Result<PathBuf> {
         Ok(f)
     } else {
         Err(io_err(&dir, "no ae.safetensors here (the diffusers `vae/` layout is not supported yet)"))
+    }
+}
+
+/// Which registry unit of Flux a checkpoint tensor belongs to (BFL or
+/// diffusers names, ComfyUI's prefix allowed): `Some(None)` for the embedders
+/// and final layer, `Some(Some(block))` for a block, `None` for tensors that
+/// are not Flux's (a VAE next to it in a BFL repo folder).
+fn flux_unit_of(name: &str) -> Option<Option<ipaflux_core::flux::BlockId>> {
+    use ipaflux_core::flux::BlockId;
+    let name = name.strip_prefix("model.diffusion_model.").unwrap_or(name);
+    let index = |rest: &str| rest.split('.').next().and_then(|i| i.parse::<usize>().ok());
+    for (prefix, double) in [
+        ("double_blocks.", true),
+        ("single_blocks.", false),
+        ("transformer_blocks.", true),
+        ("single_transformer_blocks.", false),
+    ] {
+        if let Some(i) = name.strip_prefix(prefix).and_then(index) {
+            return Some(Some(if double { BlockId::Double(i) } else { BlockId::Single(i) }));
+        }
+    }
+    const BASE: [&str; 13] = [
+        "img_in.",
+        "time_in.",
+        "vector_in.",
+        "guidance_in.",
+        "txt_in.",
+        "final_layer.",
+        "x_embedder.",
+        "time_text_embed.",
+        "context_embedder.",
+        "norm_out.",
+        "proj_out.",
+        "distilled_guidance_layer.",
+        "guidance_embedder.",
+    ];
+    BASE.iter().any(|p| name.starts_with(p)).then_some(None)
+}
+
+/// The sizes of Flux's registry units read from its safetensors headers (no
+/// tensor data read), so the registry can plan partial loading before any
+/// weight is loaded: the embedders and final layer, then every block in
+/// execution order (`ipaflux_core::flux::stream::unit_specs`' order).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FluxUnits {
+    pub depth: usize,
+    pub depth_single: usize,
+    /// Per unit: elements stored in a 16/32-bit type, elements stored as fp8 (kept fp8 in memory).
+    pub elements: Vec<(u64, u64)>,
+}
+
+impl FluxUnits {
+    /// Registry units for a model computing in `dtype`.
+    pub fn specs(&self, dtype: ipaflux_core::candle_core::DType) -> Vec<ipaflux_core::registry::UnitSpec> {
+        let blocks = (0..self.depth)
+            .map(|i| format!("double_blocks.{i}"))
+            .chain((0..self.depth_single).map(|i| format!("single_blocks.{i}")));
+        std::iter::once(ipaflux_core::flux::stream::BASE_UNIT.to_string())
+            .chain(blocks)
+            .zip(&self.elements)
+            .map(|(name, &(wide, fp8))| ipaflux_core::registry::UnitSpec {
+                name,
+                bytes: wide * dtype.size_in_bytes() as u64 + fp8,
+            })
+            .collect()
+    }
+
+    /// The blocks behind registry unit indices of [`Self::specs`].
+    pub fn blocks(&self, units: &[usize]) -> ipaflux_core::Result<Vec<ipaflux_core::flux::BlockId>> {
+        let cfg = ipaflux_core::flux::FluxConfig {
+            depth: self.depth,
+            depth_single: self.depth_single,
+            ..ipaflux_core::flux::FluxConfig::dev()
+        };
+        ipaflux_core::flux::stream::blocks_of_units(&cfg, units)
+    }
+}
+
+/// [`FluxUnits`] of a Flux checkpoint (a file, or a folder of `.safetensors` shards).
+pub fn flux_units(path: &Path) -> Result<FluxUnits> {
+    let files: Vec<PathBuf> = if path.is_file() {
+        vec![path.to_path_buf()]
+    } else {
+        let dir = flux_dir(path)?;
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| io_err(&dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        v.sort();
+        v
+    };
+    let maps = files.iter().map(|f| map_file(f)).collect::<Result<Vec<_>>>()?;
+    let headers: Vec<(&[u8], String)> =
+        maps.iter().zip(&files).map(|(m, f)| (&m[..], f.display().to_string())).collect();
+    flux_units_in(&headers)
+}
+
+/// [`FluxUnits`] from safetensors files in memory (bytes, name for errors).
+pub fn flux_units_in(files: &[(&[u8], String)]) -> Result<FluxUnits> {
+    use ipaflux_core::flux::BlockId;
+    let mut base = (0u64, 0u64);
+    let mut blocks: BTreeMap<BlockId, (u64, u64)> = BTreeMap::new();
+    for (bytes, name) in files {
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| io_err(Path::new(name), e))?;
+        for (tensor, info) in meta.tensors() {
+            let Some(unit) = flux_unit_of(&tensor) else { continue };
+            let n = info.shape.iter().product::<usize>() as u64;
+            let slot = match unit {
+                None => &mut base,
+                Some(b) => blocks.entry(b).or_default(),
+            };
+            if info.dtype == safetensors::Dtype::F8_E4M3 {
+                slot.1 += n;
+            } else {
+                slot.0 += n;
+            }
+        }
+    }
+    if blocks.is_empty() {
+        return Ok(FluxUnits::default()); // not a Flux checkpoint we can read headers of: one unit
+    }
+    let depth = blocks.keys().filter(|b| matches!(b, BlockId::Double(_))).count();
+    let depth_single = blocks.len() - depth;
+    let mut elements = vec![base];
+    elements.extend(blocks.values().copied()); // BlockId orders doubles first, by index
+    Ok(FluxUnits { depth, depth_single, elements })
+}
+
+#[cfg(test)]
+mod tests {
+    use ipaflux_core::candle_core::{DType, Device};
+    use ipaflux_core::flux::stream::unit_specs;
+    use ipaflux_core::flux::{BlockId, FluxModel};
+
+    use super::*;
+
+    fn fixture(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
+    }
+
+    #[test]
+    fn flux_units_from_headers_equal_the_loaded_model_units() {
+        // The diffusers-layout shards of the tiny fixture: separate q/k/v, other names.
+        let path = fixture("flux/transformer");
+        let units = flux_units(&path).unwrap();
+        let files = load_flux(&path).unwrap();
+        let model = FluxModel::from_store(files.weights, files.axes_dim, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!((units.depth, units.depth_single), (model.cfg.depth, model.cfg.depth_single));
+        for dtype in [DType::F32, DType::BF16] {
+            assert_eq!(units.specs(dtype), unit_specs(&model.cfg, dtype));
+        }
+        let n = units.elements.len();
+        assert_eq!(units.blocks(&[1, n - 1]).unwrap(), [BlockId::Double(0), BlockId::Single(units.depth_single - 1)]);
+    }
+
+    #[test]
+    fn flux_unit_names_in_both_layouts() {
+        assert_eq!(
+            flux_unit_of("model.diffusion_model.double_blocks.3.img_mod.lin.weight"),
+            Some(Some(BlockId::Double(3)))
+        );
+        assert_eq!(flux_unit_of("single_transformer_blocks.12.proj_out.weight"), Some(Some(BlockId::Single(12))));
+        assert_eq!(flux_unit_of("transformer_blocks.0.attn.to_q.weight"), Some(Some(BlockId::Double(0))));
+        assert_eq!(flux_unit_of("proj_out.weight"), Some(None));
+        assert_eq!(flux_unit_of("final_layer.linear.bias"), Some(None));
+        assert_eq!(flux_unit_of("decoder.conv_in.weight"), None);
     }
 }

@@ -133,6 +133,12 @@ enum Cmd {
         flux_depth: Vec<usize>,
         #[arg(long, default_value = "f32")]
         flux_dtype: Precision,
+        /// Device for --flux (`cuda:0` uses the fused attention; peak memory is then the host's only).
+        #[arg(long, default_value = "cpu")]
+        flux_device: DeviceSpec,
+        /// Only the plain step for --flux (no IP variants): what a kernel profiler should see.
+        #[arg(long)]
+        flux_plain: bool,
         /// Instead: the encoder on the native wgpu adapter (the browser's WGSL kernels) vs candle on the CPU.
         #[arg(long)]
         webgpu: bool,
@@ -229,6 +235,10 @@ struct GenerateArgs {
     device: DeviceSpec,
     #[arg(long, default_value = "normal")]
     vram_state: VramState,
+    /// Plan with at most this much of the GPU (e.g. `12GiB`): Flux blocks that do not fit are
+    /// streamed from pinned host memory, one block ahead of use.
+    #[arg(long)]
+    vram_budget: Option<String>,
     #[arg(long, default_value = "on")]
     offload_preprocessing: OnOff,
     /// Print the memory registry's timeline.
@@ -305,6 +315,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
             offload_preprocessing: a.offload_preprocessing == OnOff::On,
             ..RegistryConfig::default()
         },
+        vram_budget: a.vram_budget.as_deref().map(parse_bytes).transpose().context("--vram-budget")?,
     };
     let paths = generate::ModelPaths {
         flux: a.flux,
@@ -444,19 +455,21 @@ fn main() -> anyhow::Result<()> {
         Cmd::GpuCheck { device, fixtures, runs, quick, torch, out } => {
             let dev = device.to_candle()?;
             #[cfg(feature = "cuda")]
-            let (fused, peak): (_, std::sync::Arc<dyn bench_flux::PeakMemory>) = if dev.is_cuda() {
+            let (fused, alternatives, peak): (_, _, std::sync::Arc<dyn bench_flux::PeakMemory>) = if dev.is_cuda() {
+                ipaflux::cuda::explicit_stream_ordering(&dev);
                 (
                     Some(ipaflux::cuda::fused_attention()),
+                    vec![ipaflux::cuda::fused_attention_with(ipaflux::cuda::attention::Kernel::Wmma)],
                     std::sync::Arc::new(ipaflux::cuda::check::DriverPeak::start(&dev)?),
                 )
             } else {
-                (None, std::sync::Arc::new(bench_flux::Rss))
+                (None, Vec::new(), std::sync::Arc::new(bench_flux::Rss))
             };
             #[cfg(not(feature = "cuda"))]
-            let (fused, peak): (_, std::sync::Arc<dyn bench_flux::PeakMemory>) =
-                (None, std::sync::Arc::new(bench_flux::Rss));
+            let (fused, alternatives, peak): (_, _, std::sync::Arc<dyn bench_flux::PeakMemory>) =
+                (None, Vec::new(), std::sync::Arc::new(bench_flux::Rss));
             let torch = torch.as_deref().map(gpu_check::read_torch_figures).transpose()?;
-            let o = gpu_check::CheckOptions { device: dev, fixtures, runs, quick, fused, torch, peak };
+            let o = gpu_check::CheckOptions { device: dev, fixtures, runs, quick, fused, alternatives, torch, peak };
             let report = gpu_check::run(&o);
             let table = report.table();
             print!("{table}");
@@ -467,11 +480,23 @@ fn main() -> anyhow::Result<()> {
                 anyhow::bail!("{} GPU check(s) failed", report.failures());
             }
         }
-        Cmd::Bench { flux: true, runs, flux_size, flux_depth, flux_dtype, .. } => {
-            let o =
+        Cmd::Bench { flux: true, runs, flux_size, flux_depth, flux_dtype, flux_device, flux_plain, .. } => {
+            let mut o =
                 bench_flux::FluxBenchOptions::cpu(flux_size, flux_depth[0], flux_depth[1], runs, flux_dtype.dtype());
             ipaflux_core::flux::sampler::check_size(flux_size, flux_size)?;
-            print!("{}", bench_flux::table(&bench_flux::run(&o)?, &o));
+            o.device = flux_device.to_candle()?;
+            o.attention = ipaflux::attention_for(&o.device);
+            #[cfg(feature = "cuda")]
+            ipaflux::cuda::explicit_stream_ordering(&o.device);
+            if flux_plain {
+                let ms = bench_flux::run_plain(&o)?;
+                println!(
+                    "flux step, no IP, {flux_size}², {}+{} blocks, {:?} on {flux_device}: {ms:.2} ms",
+                    o.depth, o.depth_single, o.dtype
+                );
+            } else {
+                print!("{}", bench_flux::table(&bench_flux::run(&o)?, &o));
+            }
         }
         Cmd::Bench { webgpu: true, runs, webgpu_layers, webgpu_formats, .. } => {
             let formats = webgpu_formats.iter().map(|f| f.parse()).collect::<Result<Vec<_>, _>>()?;

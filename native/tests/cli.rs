@@ -381,6 +381,9 @@ fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
     assert!(written.contains("| parity | Flux tiny + IP, cpu F32 (reference attention) vs diffusers |"), "{written}");
     assert!(written.contains("| 1000.00 ms |"), "{written}");
     assert!(written.contains(", 0 failed"), "{written}");
+    // The streamed run executed the registry's partial-load plan (some blocks streamed).
+    let streamed = written.lines().find(|l| l.starts_with("| stream |") && l.contains("streamed in a")).unwrap();
+    assert!(!streamed.contains(" 0 streamed"), "{streamed}");
     // A missing fixture folder is a failed check, not a panic.
     let bad = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
         .args(["gpu-check", "--device", "cpu", "--quick", "--runs", "1", "--fixtures", "/nonexistent"])

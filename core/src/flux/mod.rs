@@ -6,7 +6,8 @@
 //! - [`model`]: the transformer (double and single blocks, RoPE, modulation);
 //! - [`hooks`]: where adapters enter a block, and with what;
 //! - [`ip`]: the InstantX IP-Adapter hook (weights, sigma window, ramp, per-block weights, several images);
-//! - [`sampler`]: seeded noise, packing, Euler.
+//! - [`sampler`]: seeded noise, packing, Euler;
+//! - [`stream`]: running with some blocks not resident (fetched per use from a [`stream::BlockSource`]).
 //!
 //! Not here: text encoders, the VAE, file IO, device placement (the caller,
 //! with the memory registry, decides where weights live).
@@ -17,9 +18,11 @@ pub mod ip;
 pub mod layout;
 pub mod model;
 pub mod sampler;
+pub mod stream;
 
 pub use config::FluxConfig;
 pub use hooks::{AttentionHook, HookPoint, Hooks, Site};
 pub use ip::{IpAdapterHook, IpHookConfig, IpImage, IpWeight};
 pub use layout::FluxLayout;
 pub use model::{Conditioning, FluxModel};
+pub use stream::{BlockId, BlockSource, HostBlocks};

@@ -9,12 +9,14 @@
 //! model dtype by each layer as it runs.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::config::FluxConfig;
 use super::hooks::{HookPoint, Hooks, Site};
 use super::layout::FluxLayout;
+use super::stream::{BlockId, BlockSource};
 use crate::error::{Error, Result};
 use crate::nn::{rms_norm_scaled, Activation, Attention, LayerNorm, Linear};
 use crate::weights::TensorStore;
@@ -48,6 +50,16 @@ impl Weights {
 
     fn linear(&mut self, prefix: &str) -> Result<Linear> {
         Linear::from_parts(self.get(&format!("{prefix}.weight"))?, Some(self.get(&format!("{prefix}.bias"))?))
+    }
+}
+
+impl Linear {
+    /// Puts `{p}.weight` and `{p}.bias` (Flux's linears all have one) into `out`.
+    fn put(&self, p: &str, out: &mut BTreeMap<String, Tensor>) -> Result<()> {
+        out.insert(format!("{p}.weight"), self.weight()?);
+        let bias = self.bias().ok_or_else(|| Error::Shape(format!("Flux linear `{p}` has no bias")))?;
+        out.insert(format!("{p}.bias"), bias.clone());
+        Ok(())
     }
 }
 
@@ -103,6 +115,10 @@ pub fn canonical_tensors(cfg: &FluxConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
+fn no_block(block: BlockId) -> Error {
+    Error::Shape(format!("{block} is not a block of this model"))
+}
+
 /// `in_layer → SiLU → out_layer` (BFL's `MLPEmbedder`).
 #[derive(Debug, Clone)]
 struct MlpEmbedder {
@@ -133,6 +149,11 @@ impl QkNorm {
             query_norm: w.get(&format!("{p}.query_norm.scale"))?,
             key_norm: w.get(&format!("{p}.key_norm.scale"))?,
         })
+    }
+
+    fn put(&self, p: &str, out: &mut BTreeMap<String, Tensor>) {
+        out.insert(format!("{p}.query_norm.scale"), self.query_norm.clone());
+        out.insert(format!("{p}.key_norm.scale"), self.key_norm.clone());
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -252,6 +273,16 @@ impl Stream {
         })
     }
 
+    /// Its tensors by canonical name (`p` as in [`Self::new`]).
+    fn tensors(&self, p: &str, out: &mut BTreeMap<String, Tensor>) -> Result<()> {
+        self.modulation.put(&format!("{p}_mod.lin"), out)?;
+        self.qkv.put(&format!("{p}_attn.qkv"), out)?;
+        self.norm.put(&format!("{p}_attn.norm"), out);
+        self.proj.put(&format!("{p}_attn.proj"), out)?;
+        self.mlp_0.put(&format!("{p}_mlp.0"), out)?;
+        self.mlp_2.put(&format!("{p}_mlp.2"), out)
+    }
+
     /// Modulation and normed Q, K, V of this stream.
     fn qkv(&self, x: &Tensor, vec: &Tensor, ln: &LayerNorm, heads: usize) -> Result<(Vec<Mod>, [Tensor; 3])> {
         let mods = modulation(&self.modulation, vec, 2)?;
@@ -285,6 +316,46 @@ pub struct SingleBlock {
     modulation: Linear,
 }
 
+impl DoubleBlock {
+    fn new(w: &mut Weights, i: usize) -> Result<Self> {
+        let p = format!("double_blocks.{i}");
+        Ok(Self { img: Stream::new(w, &format!("{p}.img"))?, txt: Stream::new(w, &format!("{p}.txt"))? })
+    }
+
+    fn tensors(&self, i: usize, out: &mut BTreeMap<String, Tensor>) -> Result<()> {
+        let p = format!("double_blocks.{i}");
+        self.img.tensors(&format!("{p}.img"), out)?;
+        self.txt.tensors(&format!("{p}.txt"), out)
+    }
+}
+
+impl SingleBlock {
+    fn new(w: &mut Weights, i: usize) -> Result<Self> {
+        let p = format!("single_blocks.{i}");
+        Ok(Self {
+            linear1: w.linear(&format!("{p}.linear1"))?,
+            linear2: w.linear(&format!("{p}.linear2"))?,
+            norm: QkNorm::new(w, &format!("{p}.norm"))?,
+            modulation: w.linear(&format!("{p}.modulation.lin"))?,
+        })
+    }
+
+    fn tensors(&self, i: usize, out: &mut BTreeMap<String, Tensor>) -> Result<()> {
+        let p = format!("single_blocks.{i}");
+        self.linear1.put(&format!("{p}.linear1"), out)?;
+        self.linear2.put(&format!("{p}.linear2"), out)?;
+        self.norm.put(&format!("{p}.norm"), out);
+        self.modulation.put(&format!("{p}.modulation.lin"), out)
+    }
+}
+
+/// A block held by the model, or streamed from its [`BlockSource`] per use.
+#[derive(Debug, Clone)]
+enum Slot<B> {
+    Resident(B),
+    Streamed,
+}
+
 /// What one model call needs besides the image tokens.
 #[derive(Debug, Clone)]
 pub struct Conditioning {
@@ -316,8 +387,10 @@ pub struct FluxModel {
     vector_in: MlpEmbedder,
     guidance_in: Option<MlpEmbedder>,
     txt_in: Linear,
-    pub double_blocks: Vec<DoubleBlock>,
-    pub single_blocks: Vec<SingleBlock>,
+    double_blocks: Vec<Slot<DoubleBlock>>,
+    single_blocks: Vec<Slot<SingleBlock>>,
+    /// Where streamed blocks come from; `None` while every block is resident.
+    source: Option<Arc<dyn BlockSource>>,
     final_mod: Linear,
     final_linear: Linear,
     ln: LayerNorm,
@@ -346,11 +419,25 @@ impl FluxModel {
     /// every tensor, rearranges to BFL's layout, converts to `dtype` (fp8 kept).
     /// `axes_dim` is needed only for head sizes other than FLUX.1's 128.
     pub fn from_store(store: TensorStore, axes_dim: Option<Vec<usize>>, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self::from_store_streamed(store, axes_dim, dtype, device, &[])?.0)
+    }
+
+    /// As [`Self::from_store`], but the tensors of `streamed` blocks never
+    /// reach `device`: they are returned (canonical names, converted to
+    /// `dtype` where they stay, normally host memory; fp8 kept) for the
+    /// caller's [`BlockSource`], and the model runs once it has one.
+    pub fn from_store_streamed(
+        store: TensorStore,
+        axes_dim: Option<Vec<usize>>,
+        dtype: DType,
+        device: &Device,
+        streamed: &[BlockId],
+    ) -> Result<(Self, BTreeMap<String, Tensor>)> {
         let (layout, store) = FluxLayout::detect(store)?;
         let cfg = layout.infer(&store)?.with_axes(axes_dim)?;
         let map = layout.canonicalize(store, &canonical_tensors(&cfg), cfg.hidden_size, cfg.mlp_hidden)?;
         tracing::debug!(target: "ipaflux::flux", ?layout, depth = cfg.depth, single = cfg.depth_single, "loaded Flux");
-        Self::from_canonical(cfg, map, dtype, device)
+        Self::from_canonical_streamed(cfg, map, dtype, device, streamed)
     }
 
     /// Builds from canonical tensors (already validated against `cfg`).
@@ -360,32 +447,54 @@ impl FluxModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Ok(Self::from_canonical_streamed(cfg, map, dtype, device, &[])?.0)
+    }
+
+    /// As [`Self::from_canonical`], with `streamed` blocks left where their
+    /// tensors are (see [`Self::from_store_streamed`]).
+    pub fn from_canonical_streamed(
+        cfg: FluxConfig,
+        mut map: BTreeMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        streamed: &[BlockId],
+    ) -> Result<(Self, BTreeMap<String, Tensor>)> {
         cfg.check()?;
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(Error::Unsupported(format!("Flux compute dtype must be f32, bf16 or f16, not {dtype:?}")));
         }
+        let all = BlockId::all(&cfg);
+        if let Some(b) = streamed.iter().find(|b| !all.contains(b)) {
+            return Err(no_block(*b));
+        }
+        let names: Vec<String> = map.keys().filter(|n| streamed.iter().any(|b| b.owns(n))).cloned().collect();
+        let mut kept = BTreeMap::new();
+        for name in names {
+            if let Some(t) = map.remove(&name) {
+                let t = if t.dtype() == DType::F8E4M3 { t } else { t.to_dtype(dtype)? };
+                kept.insert(name, t);
+            }
+        }
         let mut w = Weights { map, dtype, device: device.clone() };
         let double_blocks = (0..cfg.depth)
             .map(|i| {
-                let p = format!("double_blocks.{i}");
-                Ok(DoubleBlock {
-                    img: Stream::new(&mut w, &format!("{p}.img"))?,
-                    txt: Stream::new(&mut w, &format!("{p}.txt"))?,
+                Ok(if streamed.contains(&BlockId::Double(i)) {
+                    Slot::Streamed
+                } else {
+                    Slot::Resident(DoubleBlock::new(&mut w, i)?)
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let single_blocks = (0..cfg.depth_single)
             .map(|i| {
-                let p = format!("single_blocks.{i}");
-                Ok(SingleBlock {
-                    linear1: w.linear(&format!("{p}.linear1"))?,
-                    linear2: w.linear(&format!("{p}.linear2"))?,
-                    norm: QkNorm::new(&mut w, &format!("{p}.norm"))?,
-                    modulation: w.linear(&format!("{p}.modulation.lin"))?,
+                Ok(if streamed.contains(&BlockId::Single(i)) {
+                    Slot::Streamed
+                } else {
+                    Slot::Resident(SingleBlock::new(&mut w, i)?)
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
+        let model = Self {
             img_in: w.linear("img_in")?,
             time_in: MlpEmbedder::new(&mut w, "time_in")?,
             vector_in: MlpEmbedder::new(&mut w, "vector_in")?,
@@ -393,6 +502,7 @@ impl FluxModel {
             txt_in: w.linear("txt_in")?,
             double_blocks,
             single_blocks,
+            source: None,
             final_mod: w.linear("final_layer.adaLN_modulation.1")?,
             final_linear: w.linear("final_layer.linear")?,
             ln: LayerNorm::no_affine(cfg.hidden_size, LN_EPS, device)?,
@@ -400,7 +510,8 @@ impl FluxModel {
             device: device.clone(),
             dtype,
             cfg,
-        })
+        };
+        Ok((model, kept))
     }
 
     pub fn device(&self) -> &Device {
@@ -410,6 +521,59 @@ impl FluxModel {
     /// Uses `attention` (e.g. a fused CUDA kernel) in every block from now on.
     pub fn set_attention(&mut self, attention: Attention) {
         self.attention = attention;
+    }
+
+    /// Takes `blocks` out of the model and returns their tensors by canonical
+    /// name (on the model's device; the caller moves them where it keeps
+    /// streamed weights, and the model's device memory is freed once they
+    /// are dropped). The model runs again once it has a [`BlockSource`]
+    /// holding them ([`Self::set_block_source`]). Already streamed blocks are
+    /// skipped.
+    pub fn stream_blocks(&mut self, blocks: &[BlockId]) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for &block in blocks {
+            match block {
+                BlockId::Double(i) => {
+                    let slot = self.double_blocks.get_mut(i).ok_or_else(|| no_block(block))?;
+                    if let Slot::Resident(b) = std::mem::replace(slot, Slot::Streamed) {
+                        b.tensors(i, &mut out)?;
+                    }
+                }
+                BlockId::Single(i) => {
+                    let slot = self.single_blocks.get_mut(i).ok_or_else(|| no_block(block))?;
+                    if let Slot::Resident(b) = std::mem::replace(slot, Slot::Streamed) {
+                        b.tensors(i, &mut out)?;
+                    }
+                }
+            }
+        }
+        tracing::debug!(target: "ipaflux::flux", blocks = blocks.len(), tensors = out.len(), "blocks taken out for streaming");
+        Ok(out)
+    }
+
+    /// The source of the streamed blocks' tensors.
+    pub fn set_block_source(&mut self, source: Arc<dyn BlockSource>) {
+        self.source = Some(source);
+    }
+
+    /// The blocks not resident, in execution order.
+    pub fn streamed_blocks(&self) -> Vec<BlockId> {
+        let doubles = self.double_blocks.iter().enumerate().filter(|(_, s)| matches!(s, Slot::Streamed));
+        let singles = self.single_blocks.iter().enumerate().filter(|(_, s)| matches!(s, Slot::Streamed));
+        doubles.map(|(i, _)| BlockId::Double(i)).chain(singles.map(|(i, _)| BlockId::Single(i))).collect()
+    }
+
+    /// A streamed block's tensors from the source, after announcing the
+    /// streamed block that follows it so its copy overlaps this block's work.
+    fn fetch_streamed(&self, block: BlockId, next: Option<BlockId>) -> Result<Weights> {
+        let source = self.source.as_ref().ok_or_else(|| {
+            Error::Registry(format!("{block} is streamed but the model has no block source (set_block_source)"))
+        })?;
+        let map = source.fetch(block)?;
+        if let Some(next) = next {
+            source.prefetch(next)?;
+        }
+        Ok(Weights { map, dtype: self.dtype, device: self.device.clone() })
     }
 
     /// Predicts the flow velocity for packed latents `img [B, L_img, in_channels]`
@@ -450,13 +614,31 @@ impl FluxModel {
         let point = HookPoint { site: Site::Double { index: 0 }, depth: self.cfg.depth, sigma, step, txt_len: l_txt };
         let ctx = Ctx { vec: &vec, rope: &rope, attention: &self.attention, ln: &self.ln, hooks, point };
 
+        // Streamed blocks: the first is prefetched now, each later one while its predecessor runs.
+        let streamed = self.streamed_blocks();
+        if let (Some(first), Some(source)) = (streamed.first(), &self.source) {
+            source.prefetch(*first)?;
+        }
+        let mut upcoming = streamed.iter().copied().skip(1);
         let (mut img, mut txt) = (img, txt);
-        for (index, block) in self.double_blocks.iter().enumerate() {
-            (img, txt) = block.forward(&img, &txt, &ctx, index, self.cfg.num_heads)?;
+        for (index, slot) in self.double_blocks.iter().enumerate() {
+            (img, txt) = match slot {
+                Slot::Resident(block) => block.forward(&img, &txt, &ctx, index, self.cfg.num_heads)?,
+                Slot::Streamed => {
+                    let mut w = self.fetch_streamed(BlockId::Double(index), upcoming.next())?;
+                    DoubleBlock::new(&mut w, index)?.forward(&img, &txt, &ctx, index, self.cfg.num_heads)?
+                }
+            };
         }
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
-        for (index, block) in self.single_blocks.iter().enumerate() {
-            x = block.forward(&x, &ctx, index, &self.cfg)?;
+        for (index, slot) in self.single_blocks.iter().enumerate() {
+            x = match slot {
+                Slot::Resident(block) => block.forward(&x, &ctx, index, &self.cfg)?,
+                Slot::Streamed => {
+                    let mut w = self.fetch_streamed(BlockId::Single(index), upcoming.next())?;
+                    SingleBlock::new(&mut w, index)?.forward(&x, &ctx, index, &self.cfg)?
+                }
+            };
         }
         let img = x.narrow(1, l_txt, l_img)?;
         let m = self.final_mod.forward(&vec.silu()?)?.unsqueeze(1)?.chunk(2, D::Minus1)?;

@@ -32,6 +32,14 @@ impl CudaMemory {
     }
 
     /// The context, for owners that allocate the real buffers.
+    /// As [`Self::new`], planning within at most `budget` bytes of the card
+    /// (a share of a GPU others use too, or a smaller card's size).
+    pub fn with_budget(ordinal: usize, budget: u64) -> Result<Self> {
+        let mut m = Self::new(ordinal)?;
+        m.total = m.total.min(budget);
+        Ok(m)
+    }
+
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.context
     }

@@ -1,21 +1,40 @@
 //! What the native binary adds on CUDA (feature `cuda`): the fused attention
-//! kernel ([`attention`]), pinned-memory offload ([`pinned`]) and the
-//! CUDA-only sections of the GPU check ([`check`]). Both are
-//! exercised on a GPU by `ipaflux gpu-check` (`scripts/gpu-check.sh`); this
-//! module compiles without a GPU (`cargo xtask cuda-check`).
-//!
-//! Not here yet: block streaming of Flux weights with prefetch on a second
-//! stream (the registry plans it; no owner executes it on CUDA yet).
+//! kernel ([`attention`]), pinned-memory offload ([`pinned`]), Flux block
+//! streaming from pinned memory with prefetch on a second stream
+//! ([`stream`]) and the CUDA-only sections of the GPU check ([`check`]). All
+//! are exercised on a GPU by `ipaflux gpu-check` (`scripts/gpu-check.sh`);
+//! this module compiles without a GPU (`cargo xtask cuda-check`).
 
 pub mod attention;
 pub mod check;
 pub mod pinned;
+pub mod stream;
 
 use std::sync::Arc;
 
+use ipaflux_core::candle_core::Device;
 use ipaflux_core::nn::Attention;
 
-/// The fused CUDA attention wherever it applies (bf16/f16, head size ≤ 128).
+/// Switches off cudarc's automatic cross-stream event tracking for the
+/// device's context. With it on, every allocation creates two CUDA events
+/// and, once a second stream exists, every launch waits on and records them;
+/// ipaflux orders its only second stream ([`stream`]) with explicit events,
+/// so the tracking is pure overhead. Affects allocations made from now on.
+pub fn explicit_stream_ordering(device: &Device) {
+    if let Device::Cuda(d) = device {
+        // SAFETY: candle runs all work on the device's one stream; the block
+        // stream's copies are ordered by its own events (see `stream`).
+        unsafe { d.disable_event_tracking() };
+    }
+}
+
+/// The fused CUDA attention wherever it applies (bf16/f16, head size ≤ 128):
+/// the default kernel version.
 pub fn fused_attention() -> Attention {
-    Attention::fused(Arc::new(attention::CudaFusedAttention))
+    fused_attention_with(attention::Kernel::default())
+}
+
+/// The fused CUDA attention with a given kernel version.
+pub fn fused_attention_with(kernel: attention::Kernel) -> Attention {
+    Attention::fused(Arc::new(attention::CudaFusedAttention { kernel }))
 }

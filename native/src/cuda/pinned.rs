@@ -18,7 +18,7 @@ use ipaflux_core::candle_core::op::BackpropOp;
 use ipaflux_core::candle_core::{self as candle, DType, Device, Shape, Storage, Tensor};
 
 /// One pinned buffer, by element type.
-enum Host {
+pub(crate) enum Host {
     BF16(PinnedHostSlice<bf16>),
     F16(PinnedHostSlice<f16>),
     F32(PinnedHostSlice<f32>),
@@ -42,25 +42,25 @@ impl std::fmt::Debug for PinnedStash {
     }
 }
 
-fn cuda_err(e: impl std::error::Error + Send + Sync + 'static) -> candle::Error {
+pub(crate) fn cuda_err(e: impl std::error::Error + Send + Sync + 'static) -> candle::Error {
     candle::Error::Cuda(Box::new(e))
 }
 
-fn cuda_device(device: &Device) -> candle::Result<CudaDevice> {
+pub(crate) fn cuda_device(device: &Device) -> candle::Result<CudaDevice> {
     match device {
         Device::Cuda(d) => Ok(d.clone()),
         other => Err(candle::Error::Msg(format!("pinned offload needs a CUDA device, not {other:?}"))),
     }
 }
 
-fn pinned<T: DeviceRepr>(ctx: &std::sync::Arc<CudaContext>, n: usize) -> candle::Result<PinnedHostSlice<T>> {
+pub(crate) fn pinned<T: DeviceRepr>(ctx: &std::sync::Arc<CudaContext>, n: usize) -> candle::Result<PinnedHostSlice<T>> {
     // SAFETY: the buffer is only written by device copies before it is read.
     // Flags 0: ordinary (not write-combined) pinned memory, fast in both directions.
     unsafe { ctx.alloc_pinned_with_flags::<T>(n, 0) }.map_err(cuda_err)
 }
 
 /// Copies the contiguous elements of a CUDA tensor into `host` (asynchronously).
-fn copy_out<T: CudaDType + DeviceRepr>(
+pub(crate) fn copy_out<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     t: &Tensor,
     host: &mut PinnedHostSlice<T>,

@@ -174,3 +174,223 @@ ipaflux_attention_f16(const __half* q, const __half* k, const __half* v, __half*
                       int L, int S, int D, int DP, float scale_log2, int vec_loads) {
     attention<__half>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads);
 }
+
+// ---------------------------------------------------------------------------
+// Version 2 (`mma`): the same algorithm with every per-tile intermediate in
+// registers, after FlashAttention-2's layout: each warp owns 16 query rows;
+// S = Q Kᵀ is accumulated by `mma.sync.m16n8k16` into fragments whose layout
+// is exactly the A operand of the following P·V product, so scores and
+// probabilities never touch shared memory, and the output accumulator stays
+// in registers for the whole key loop (version 1 stores S, P and O to shared
+// memory every tile). Operands come from shared memory through `ldmatrix`
+// (K as stored, V transposed by `.trans`). Row statistics of a fragment row
+// live in the 4 lanes of a quad and are combined with two shuffles.
+// Fragment layouts: PTX ISA, "Matrix Fragments for mma.m16n8k16".
+// ---------------------------------------------------------------------------
+
+#define BR2 64      // query rows per block: 4 warps x 16 rows
+#define BC2 64      // keys per tile
+#define MAX_D8 16   // DP / 8 at most (D <= 128)
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm_x2(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+// c += a (16x16, row) * b (16x8, col), f32 accumulate.
+template <typename T> __device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats rounded to T, the lower column in the low half (fragment order).
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
+template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+template <> __device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+template <typename T>
+__device__ void attention2(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                           T* __restrict__ o, int L, int S, int D, int DP, float scale_log2, int vec_loads) {
+    const int LDT = DP + 8;    // 16 bytes of padding: 8 ldmatrix rows hit distinct banks
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* Ks = reinterpret_cast<T*>(smem);   // BC2 x LDT (first holds the Q tile)
+    T* Vs = Ks + BC2 * LDT;               // BC2 x LDT
+
+    const bool vec = vec_loads != 0;
+    const int bh = blockIdx.y, row0 = blockIdx.x * BR2;
+    const T* qb = q + (size_t)bh * L * D;
+    const T* kb = k + (size_t)bh * S * D;
+    const T* vb = v + (size_t)bh * S * D;
+    T* ob = o + (size_t)bh * L * D;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane >> 2, t = lane & 3;     // fragment row group and column pair
+    const int lm = lane >> 3, lr = lane & 7;   // ldmatrix: which 8x8 matrix this lane addresses, which row
+    const int nk = DP / 16;                    // 16-wide chunks of the head dimension
+    const int nd = DP / 8;                     // 8-wide output column tiles (even)
+
+    // Q fragments (A operand, 16 rows x DP) into registers, once.
+    load_tile(Ks, LDT, qb, row0, BR2, L, D, DP, vec);
+    __syncthreads();
+    unsigned qf[MAX_K16][4];
+#pragma unroll
+    for (int kk = 0; kk < MAX_K16; ++kk)
+        if (kk < nk) ldsm_x4(qf[kk], Ks + (warp * 16 + (lm & 1) * 8 + lr) * LDT + kk * 16 + (lm >> 1) * 8);
+    __syncthreads();
+
+    float oacc[MAX_D8][4];
+#pragma unroll
+    for (int n = 0; n < MAX_D8; ++n) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
+    // Rows g and g + 8 of this warp: running max (log2 domain) and this lane's part of the sum.
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+
+    for (int s0 = 0; s0 < S; s0 += BC2) {
+        load_tile(Ks, LDT, kb, s0, BC2, S, D, DP, vec);
+        load_tile(Vs, LDT, vb, s0, BC2, S, D, DP, vec);
+        __syncthreads();
+
+        // S = Q Kᵀ: 8 tiles of 8 keys. B fragments of K straight from its rows.
+        float sacc[BC2 / 8][4];
+#pragma unroll
+        for (int j = 0; j < BC2 / 8; ++j) {
+            sacc[j][0] = sacc[j][1] = sacc[j][2] = sacc[j][3] = 0.f;
+            const T* krow = Ks + (j * 8 + lr) * LDT + lm * 8;
+#pragma unroll
+            for (int kk = 0; kk < MAX_K16; kk += 2) {
+                if (kk + 1 < nk) {
+                    unsigned b[4];
+                    ldsm_x4(b, krow + kk * 16);
+                    mma16816<T>(sacc[j], qf[kk], b[0], b[1]);
+                    mma16816<T>(sacc[j], qf[kk + 1], b[2], b[3]);
+                } else if (kk < nk) {
+                    unsigned b[4];
+                    ldsm_x2(b, krow + kk * 16);
+                    mma16816<T>(sacc[j], qf[kk], b[0], b[1]);
+                }
+            }
+        }
+
+        // Online softmax; keys past S are masked.
+        const int valid = S - s0;
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < BC2 / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                if (j * 8 + 2 * t + e < valid) {
+                    mx0 = fmaxf(mx0, sacc[j][e]);
+                    mx1 = fmaxf(mx1, sacc[j][2 + e]);
+                } else {
+                    sacc[j][e] = -INFINITY;
+                    sacc[j][2 + e] = -INFINITY;
+                }
+            }
+        }
+        const float mn0 = fmaxf(m0, quad_max(mx0) * scale_log2);
+        const float mn1 = fmaxf(m1, quad_max(mx1) * scale_log2);
+        const float alpha0 = exp2f(m0 - mn0), alpha1 = exp2f(m1 - mn1);
+        m0 = mn0;
+        m1 = mn1;
+        float sum0 = 0.f, sum1 = 0.f;
+        unsigned pa[BC2 / 16][4];   // P as A fragments: 4 chunks of 16 keys
+#pragma unroll
+        for (int j = 0; j < BC2 / 8; ++j) {
+            const float p0 = exp2f(sacc[j][0] * scale_log2 - mn0), p1 = exp2f(sacc[j][1] * scale_log2 - mn0);
+            const float p2 = exp2f(sacc[j][2] * scale_log2 - mn1), p3 = exp2f(sacc[j][3] * scale_log2 - mn1);
+            sum0 += p0 + p1;
+            sum1 += p2 + p3;
+            pa[j / 2][(j & 1) * 2 + 0] = pack2<T>(p0, p1);   // row g
+            pa[j / 2][(j & 1) * 2 + 1] = pack2<T>(p2, p3);   // row g + 8
+        }
+        l0 = l0 * alpha0 + sum0;
+        l1 = l1 * alpha1 + sum1;
+#pragma unroll
+        for (int n = 0; n < MAX_D8; ++n) {
+            oacc[n][0] *= alpha0;
+            oacc[n][1] *= alpha0;
+            oacc[n][2] *= alpha1;
+            oacc[n][3] *= alpha1;
+        }
+
+        // O += P V: B fragments of V through ldmatrix.trans, two column tiles per load.
+#pragma unroll
+        for (int kc = 0; kc < BC2 / 16; ++kc) {
+            const T* vrow = Vs + (kc * 16 + (lm & 1) * 8 + lr) * LDT + (lm >> 1) * 8;
+#pragma unroll
+            for (int n = 0; n < MAX_D8; n += 2) {
+                if (n < nd) {
+                    unsigned b[4];
+                    ldsm_x4_trans(b, vrow + n * 8);
+                    mma16816<T>(oacc[n], pa[kc], b[0], b[1]);
+                    mma16816<T>(oacc[n + 1], pa[kc], b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();   // K/V tiles are overwritten next
+    }
+
+    const float inv0 = 1.f / quad_sum(l0), inv1 = 1.f / quad_sum(l1);
+    const int ga = row0 + warp * 16 + g, gb = ga + 8;
+#pragma unroll
+    for (int n = 0; n < MAX_D8; ++n) {
+        const int c = n * 8 + 2 * t;
+        if (n >= nd || c >= D) continue;
+        if (ga < L) {
+            ob[(size_t)ga * D + c] = from_f<T>(oacc[n][0] * inv0);
+            if (c + 1 < D) ob[(size_t)ga * D + c + 1] = from_f<T>(oacc[n][1] * inv0);
+        }
+        if (gb < L) {
+            ob[(size_t)gb * D + c] = from_f<T>(oacc[n][2] * inv1);
+            if (c + 1 < D) ob[(size_t)gb * D + c + 1] = from_f<T>(oacc[n][3] * inv1);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+ipaflux_attention2_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                        __nv_bfloat16* o, int L, int S, int D, int DP, float scale_log2, int vec_loads) {
+    attention2<__nv_bfloat16>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+ipaflux_attention2_f16(const __half* q, const __half* k, const __half* v, __half* o,
+                       int L, int S, int D, int DP, float scale_log2, int vec_loads) {
+    attention2<__half>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads);
+}

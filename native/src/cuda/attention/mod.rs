@@ -1,8 +1,13 @@
 //! Fused attention on CUDA ([`attention.cu`](attention.cu)): bf16/f16 q, k, v
 //! `[B, H, L|S, D]` with D ≤ 128, online softmax over key tiles on tensor
-//! cores (WMMA), so no `[L, S]` score matrix ever exists in GPU memory: the
-//! extra memory of a call is its output. f32 inputs, other devices and larger
-//! heads are declined (`None`), and the caller runs core's reference `sdpa`.
+//! cores, so no `[L, S]` score matrix ever exists in GPU memory: the extra
+//! memory of a call is its output. f32 inputs, other devices and larger heads
+//! are declined (`None`), and the caller runs core's reference `sdpa`.
+//!
+//! Two versions of the kernel ([`Kernel`]): `wmma` (the first: WMMA, scores,
+//! probabilities and output accumulator through shared memory every tile) and
+//! `mma` (the default: `mma.sync` fragments kept in registers, FlashAttention-2's
+//! layout). `ipaflux gpu-check` checks and times both.
 //!
 //! The kernel is compiled to PTX by nvcc at build time (`build.rs`, for
 //! `CUDA_COMPUTE_CAP`, default 90) and loaded by candle's CUDA device on first
@@ -27,13 +32,48 @@ const THREADS: u32 = 128;
 /// Largest head size the kernel takes (its tiles are sized for it).
 pub const MAX_HEAD_DIM: usize = 128;
 
+/// Which version of the kernel (module docs).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// Version 1: WMMA, per-tile intermediates in shared memory.
+    Wmma,
+    /// Version 2: `mma.sync` with scores and output in registers.
+    #[default]
+    Mma,
+}
+
+impl Kernel {
+    fn entry(self, dtype: DType) -> &'static str {
+        match (self, dtype) {
+            (Self::Wmma, DType::F16) => "ipaflux_attention_f16",
+            (Self::Wmma, _) => "ipaflux_attention_bf16",
+            (Self::Mma, DType::F16) => "ipaflux_attention2_f16",
+            (Self::Mma, _) => "ipaflux_attention2_bf16",
+        }
+    }
+
+    /// Dynamic shared memory of one block for head size `d` and element size `elem`.
+    fn shared_bytes(self, d: usize, elem: usize) -> usize {
+        match self {
+            Self::Wmma => shared_bytes(d, elem),
+            // K and V tiles only (the first also stages Q), rows padded by 16 bytes.
+            Self::Mma => 2 * BC * (d.div_ceil(16) * 16 + 8) * elem,
+        }
+    }
+}
+
 /// The fused CUDA attention as core's [`FusedAttention`].
 #[derive(Debug, Default, Clone, Copy)]
-pub struct CudaFusedAttention;
+pub struct CudaFusedAttention {
+    pub kernel: Kernel,
+}
 
 impl FusedAttention for CudaFusedAttention {
     fn name(&self) -> &'static str {
-        "cuda-fused"
+        match self.kernel {
+            Kernel::Wmma => "cuda-fused (wmma)",
+            Kernel::Mma => "cuda-fused (mma)",
+        }
     }
 
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Option<ipaflux_core::Result<Tensor>> {
@@ -46,12 +86,12 @@ impl FusedAttention for CudaFusedAttention {
             && q.dim(3).is_ok_and(|d| d <= MAX_HEAD_DIM && d > 0)
             && k.dims() == v.dims()
             && k.dim(2).is_ok_and(|s| s > 0);
-        takes.then(|| fused(q, k, v))
+        takes.then(|| fused(q, k, v, self.kernel))
     }
 }
 
 /// Runs the kernel (inputs made contiguous first).
-pub fn fused(q: &Tensor, k: &Tensor, v: &Tensor) -> ipaflux_core::Result<Tensor> {
+pub fn fused(q: &Tensor, k: &Tensor, v: &Tensor, kernel: Kernel) -> ipaflux_core::Result<Tensor> {
     let (b, h, l, d) = q.dims4()?;
     let (kb, kh, s, kd) = k.dims4()?;
     if (kb, kh, kd) != (b, h, d) || v.dims4()? != (b, h, s, d) {
@@ -62,7 +102,7 @@ pub fn fused(q: &Tensor, k: &Tensor, v: &Tensor) -> ipaflux_core::Result<Tensor>
             v.dims()
         )));
     }
-    let op = AttentionOp { b, h, l, s, d };
+    let op = AttentionOp { b, h, l, s, d, kernel };
     Ok(q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?)
 }
 
@@ -80,6 +120,7 @@ struct AttentionOp {
     l: usize,
     s: usize,
     d: usize,
+    kernel: Kernel,
 }
 
 fn cuda_err(e: impl std::error::Error + Send + Sync + 'static) -> candle::Error {
@@ -87,10 +128,9 @@ fn cuda_err(e: impl std::error::Error + Send + Sync + 'static) -> candle::Error 
 }
 
 impl AttentionOp {
-    fn launch<T: CudaDType + DeviceRepr>(
+    fn launch<T: CudaDType + DeviceRepr + candle::WithDType>(
         &self,
         dev: &CudaDevice,
-        kernel: &str,
         (q, lq): (&CudaSlice<T>, &Layout),
         (k, lk): (&CudaSlice<T>, &Layout),
         (v, lv): (&CudaSlice<T>, &Layout),
@@ -102,8 +142,8 @@ impl AttentionOp {
         // 16-byte loads need rows and slices on 8-element boundaries (allocations are 256-byte aligned).
         let vec_loads = i32::from(self.d % 8 == 0 && [q0, k0, v0].iter().all(|o| o % 8 == 0) && size_of::<T>() == 2);
         let (q, k, v) = (q.slice(q0..q1), k.slice(k0..k1), v.slice(v0..v1));
-        let func = dev.get_or_load_custom_func(kernel, "ipaflux_attention", PTX)?;
-        let smem = shared_bytes(self.d, size_of::<T>());
+        let func = dev.get_or_load_custom_func(self.kernel.entry(T::DTYPE), "ipaflux_attention", PTX)?;
+        let smem = self.kernel.shared_bytes(self.d, size_of::<T>());
         let smem_i32 = i32::try_from(smem).map_err(|_| candle::Error::Msg("fused attention: shared memory".into()))?;
         func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_i32)
             .map_err(cuda_err)?;
@@ -159,14 +199,12 @@ impl CustomOp3 for AttentionOp {
         match q.dtype() {
             DType::BF16 => self.launch::<half::bf16>(
                 &dev,
-                "ipaflux_attention_bf16",
                 (q.as_cuda_slice()?, lq),
                 (k.as_cuda_slice()?, lk),
                 (v.as_cuda_slice()?, lv),
             ),
             DType::F16 => self.launch::<half::f16>(
                 &dev,
-                "ipaflux_attention_f16",
                 (q.as_cuda_slice()?, lq),
                 (k.as_cuda_slice()?, lk),
                 (v.as_cuda_slice()?, lv),
@@ -186,5 +224,18 @@ mod tests {
         assert_eq!(shared_bytes(128, 2), 2 * 64 * 136 * 2 + 64 * 68 * 4 + 64 * 72 * 2 + 64 * 132 * 4);
         assert_eq!(shared_bytes(72, 2), 2 * 64 * 88 * 2 + 64 * 68 * 4 + 64 * 72 * 2 + 64 * 84 * 4);
         assert!(2 * shared_bytes(MAX_HEAD_DIM, 2) <= 227 * 1024);
+        assert_eq!(Kernel::Mma.shared_bytes(128, 2), 2 * 64 * 136 * 2);
+        assert_eq!(Kernel::Mma.shared_bytes(72, 2), 2 * 64 * 88 * 2);
+        assert_eq!(Kernel::Wmma.shared_bytes(72, 2), shared_bytes(72, 2));
+    }
+
+    #[test]
+    fn each_kernel_has_its_entry_points_in_the_ptx() {
+        for kernel in [Kernel::Wmma, Kernel::Mma] {
+            for dtype in [DType::BF16, DType::F16] {
+                let entry = kernel.entry(dtype);
+                assert!(PTX.contains(&format!(".entry {entry}(")), "{entry} missing from the PTX");
+            }
+        }
     }
 }
