@@ -1,13 +1,18 @@
-//! With the `cuda` feature: compiles `src/cuda/attention/attention.cu` to PTX
-//! with nvcc (`NVCC`, else `nvcc` on PATH) for `compute_$CUDA_COMPUTE_CAP`
-//! (default 90: H100/H200). Without it: nothing.
+//! With the `cuda` feature: compiles our kernels (`src/cuda/*/<name>.cu`) to
+//! PTX with nvcc (`NVCC`, else `nvcc` on PATH) for `compute_$CUDA_COMPUTE_CAP`
+//! (default 90: H100/H200), as `$OUT_DIR/<name>.ptx`. Without it: nothing.
 
 use std::path::PathBuf;
 use std::process::Command;
 
+/// Our kernels: (source, PTX file name).
+const KERNELS: [(&str, &str); 2] =
+    [("src/cuda/attention/attention.cu", "attention.ptx"), ("src/cuda/modulation/modulation.cu", "modulation.ptx")];
+
 fn main() {
-    let source = "src/cuda/attention/attention.cu";
-    println!("cargo:rerun-if-changed={source}");
+    for (source, _) in KERNELS {
+        println!("cargo:rerun-if-changed={source}");
+    }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -16,14 +21,16 @@ fn main() {
     let Some(out_dir) = std::env::var_os("OUT_DIR") else {
         panic!("cargo did not set OUT_DIR");
     };
-    let out = PathBuf::from(out_dir).join("attention.ptx");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), "-o"])
-        .arg(&out)
-        .arg(source)
-        .status();
+    for (source, ptx) in KERNELS {
+        compile(&nvcc, &cap, source, &PathBuf::from(&out_dir).join(ptx));
+    }
+}
+
+fn compile(nvcc: &str, cap: &str, source: &str, out: &std::path::Path) {
+    let status =
+        Command::new(nvcc).args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), "-o"]).arg(out).arg(source).status();
     match status {
         Ok(s) if s.success() => {}
         Ok(s) => panic!("{nvcc} failed on {source} ({s})"),

@@ -55,6 +55,15 @@ impl Linear {
 
     /// Weights stored in another dtype than `x` (fp8 checkpoints) are converted for this call only.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    /// `x Wᵀ` without the bias (for a caller that fuses the bias into what follows).
+    pub fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
+    }
+
+    fn apply(&self, x: &Tensor, with_bias: bool) -> Result<Tensor> {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let lead: usize = dims[..dims.len() - 1].iter().product();
@@ -64,7 +73,7 @@ impl Linear {
         } else {
             x2.matmul(&self.weight_t.to_dtype(x.dtype())?)?
         };
-        if let Some(b) = &self.bias {
+        if let (Some(b), true) = (&self.bias, with_bias) {
             y = if b.dtype() == y.dtype() { y.broadcast_add(b)? } else { y.broadcast_add(&b.to_dtype(y.dtype())?)? };
         }
         let mut out_shape = dims[..dims.len() - 1].to_vec();
@@ -216,6 +225,62 @@ impl Attention {
         }
         sdpa(q, k, v)
     }
+}
+
+/// Fused elementwise kernels for the modulated sub-layers of DiT blocks (Flux),
+/// for some devices and dtypes; the CUDA ones live in the `ipaflux` crate.
+/// Each method returns `None` for inputs it does not take, and the caller
+/// runs the reference ops ([`modulate`], [`gated_add`]).
+pub trait FusedModulation: std::fmt::Debug + Send + Sync {
+    /// Short name for reports.
+    fn name(&self) -> &'static str;
+    /// `LayerNorm(x) · (1 + scale) + shift`: LayerNorm without affine over
+    /// the last dimension of `x [B, L, H]`, `scale`, `shift` `[B, 1, H]`.
+    fn ln_modulate(&self, x: &Tensor, scale: &Tensor, shift: &Tensor, eps: f64) -> Option<Result<Tensor>>;
+    /// `x + y · gate`: `x`, `y` `[B, L, H]`, `gate` `[B, 1, H]`.
+    fn gated_add(&self, x: &Tensor, y: &Tensor, gate: &Tensor) -> Option<Result<Tensor>>;
+    /// GELU (tanh approximation) of `x + bias` (`bias` `[W]` over the last
+    /// dimension, if any), contiguous; `x [B, L, W]` may be a narrow of a
+    /// wider tensor's last dimension (the single blocks' MLP half).
+    fn gelu_tanh(&self, _x: &Tensor, _bias: Option<&Tensor>) -> Option<Result<Tensor>> {
+        None
+    }
+}
+
+/// GELU-tanh of `x + bias` with `fused` where it applies, else as separate ops
+/// (the bias added in `x`'s dtype, then [`Activation::GeluTanh`]).
+pub fn bias_gelu(fused: Option<&dyn FusedModulation>, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(out) = fused.and_then(|f| f.gelu_tanh(x, bias)) {
+        return out;
+    }
+    let x = match bias {
+        Some(b) if b.dtype() == x.dtype() => x.broadcast_add(b)?,
+        Some(b) => x.broadcast_add(&b.to_dtype(x.dtype())?)?,
+        None => x.clone(),
+    };
+    Ok(Activation::GeluTanh.forward(&x.contiguous()?)?)
+}
+
+/// `ln(x) · (1 + scale) + shift` with `fused` where it applies, else as separate ops.
+pub fn modulate(
+    fused: Option<&dyn FusedModulation>,
+    ln: &LayerNorm,
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+) -> Result<Tensor> {
+    if let Some(out) = fused.and_then(|f| f.ln_modulate(x, scale, shift, ln.eps)) {
+        return out;
+    }
+    Ok(ln.forward(x)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
+}
+
+/// `x + y · gate` with `fused` where it applies, else as separate ops.
+pub fn gated_add(fused: Option<&dyn FusedModulation>, x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    if let Some(out) = fused.and_then(|f| f.gated_add(x, y, gate)) {
+        return out;
+    }
+    Ok((x + y.broadcast_mul(gate)?)?)
 }
 
 fn sdpa_all(q: &Tensor, k: &Tensor, v: &Tensor, d: usize) -> Result<Tensor> {

@@ -20,7 +20,7 @@ use ipaflux_core::flux::sampler::{img_ids, token_grid};
 use ipaflux_core::flux::stream::{blocks_of_units, unit_specs, BlockId, BlockSource, HostBlocks};
 use ipaflux_core::flux::{Conditioning, FluxConfig, FluxModel};
 use ipaflux_core::ip_adapter::{IpAdapterDims, IpProcessor};
-use ipaflux_core::nn::Attention;
+use ipaflux_core::nn::{Attention, FusedModulation};
 use ipaflux_core::registry::{BudgetedDevice, HostMemory, JobRequest, ModelSpec, Registry, RegistryConfig, Role};
 use ipaflux_core::DeviceSpec;
 use ipaflux_core::{IpAttentionConfig, IpKv};
@@ -40,6 +40,8 @@ pub struct FluxBenchOptions {
     pub dtype: DType,
     pub device: Device,
     pub attention: Attention,
+    /// Fused LayerNorm + modulation and gated residuals, if any.
+    pub modulation: Option<Arc<dyn FusedModulation>>,
     /// How peak memory is read.
     pub peak: Arc<dyn PeakMemory>,
 }
@@ -57,6 +59,7 @@ impl FluxBenchOptions {
             dtype,
             device: Device::Cpu,
             attention: Attention::reference(),
+            modulation: None,
             peak: Arc::new(Rss),
         }
     }
@@ -170,6 +173,7 @@ fn setup(o: &FluxBenchOptions) -> Result<Setup> {
     }
     let mut model = FluxModel::from_canonical(cfg.clone(), map, o.dtype, dev)?;
     model.set_attention(o.attention.clone());
+    model.set_fused_modulation(o.modulation.clone());
     let (rows, cols) = token_grid(o.size, o.size);
     let img = random(&[1, rows * cols, cfg.in_channels], o.dtype, dev)?;
     let ids = img_ids(rows, cols);

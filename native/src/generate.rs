@@ -315,6 +315,7 @@ fn sample(
         model.set_block_source(block_source(kept, streamed, &s.device)?);
     }
     model.set_attention(crate::attention_for(&s.device));
+    model.set_fused_modulation(crate::modulation_for(&s.device));
     if let Some(dims) = adapter_dims {
         check_compatible(&dims, &model.cfg)?;
     }

@@ -37,7 +37,7 @@ use ipaflux_core::flux::sampler::img_ids;
 use ipaflux_core::flux::stream::unit_specs;
 use ipaflux_core::flux::{Conditioning, FluxModel};
 use ipaflux_core::ip_adapter::{IpAdapterDims, MlpProjection};
-use ipaflux_core::nn::{sdpa, Attention};
+use ipaflux_core::nn::{sdpa, Attention, FusedModulation};
 use ipaflux_core::registry::DEFAULT_SAFETY_MARGIN;
 use ipaflux_core::siglip::expected_tensors;
 use ipaflux_core::{IpAdapter, IpAttentionConfig, IpKv, SiglipVisionConfig, SiglipVisionModel, VNorm};
@@ -65,6 +65,8 @@ pub struct CheckOptions {
     pub fused: Option<Attention>,
     /// Other fused kernels to check and time beside it (earlier versions).
     pub alternatives: Vec<Attention>,
+    /// Fused LayerNorm + modulation and gated residuals, if this build has them.
+    pub modulation: Option<Arc<dyn FusedModulation>>,
     /// PyTorch's figures from the same card (`scripts/gpu_bench_torch.py --json`).
     pub torch: Option<HashMap<String, f64>>,
     /// How the Flux benchmark reads peak memory.
@@ -318,6 +320,7 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
         let mut m = FluxModel::from_store(files.weights, axes, dtype, device)?;
         if let (true, Some(a)) = (fused, &o.fused) {
             m.set_attention(a.clone());
+            m.set_fused_modulation(o.modulation.clone());
         }
         let adapter = IpAdapter::from_store(&ip_store, DType::F32, device)?;
         let embeds = get("in.embeds_a")?.to_device(device)?;
@@ -344,7 +347,11 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
     }
     for (dtype, fused, tol) in cases {
         let got = forward(dtype, dev, fused)?;
-        let label = if fused { "fused attention" } else { "reference attention" };
+        let label = match (fused, &o.modulation) {
+            (false, _) => "reference attention",
+            (true, None) => "fused attention",
+            (true, Some(_)) => "fused attention and modulation",
+        };
         let name = dev_name(dev);
         r.check(
             "parity",
@@ -539,6 +546,7 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let dtype = if dev.is_cpu() { DType::F32 } else { DType::BF16 };
     let (depth, single, sizes) = if o.quick { (1, 1, vec![128]) } else { (19, 38, vec![1024, 512]) };
     let attention = o.fused.clone().unwrap_or_default();
+    let fused_mod = if o.modulation.is_some() { " + fused modulation" } else { "" };
     for size in sizes {
         let opts = FluxBenchOptions {
             size,
@@ -550,6 +558,7 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
             dtype,
             device: dev.clone(),
             attention: attention.clone(),
+            modulation: o.modulation.clone(),
             peak: o.peak.clone(),
         };
         let rows = bench_flux::run(&opts)?;
@@ -558,7 +567,8 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
             return Err(Error::Core(ipaflux_core::Error::Shape("bench rows missing".into())));
         };
         let peak = rows.iter().find_map(|row| row.peak_rss_bytes);
-        let label = format!("Flux {depth}+{single} blocks step {size}², {dtype:?}, {} attention", attention.name());
+        let label =
+            format!("Flux {depth}+{single} blocks step {size}², {dtype:?}, {} attention{fused_mod}", attention.name());
         ratio_row(r, o, label.clone(), plain, &format!("flux_{size}_ms"), if size == 1024 { Some(0.9) } else { None });
         if let Some(p) = peak {
             let torch = o.torch.as_ref().and_then(|t| t.get(&format!("flux_{size}_peak_gib")).copied());
@@ -604,14 +614,30 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
             runs: o.runs.min(3),
             dtype,
             device: dev.clone(),
-            attention: Attention::reference(),
+            attention: attention.clone(),
+            modulation: None,
             peak: o.peak.clone(),
         };
+        if o.modulation.is_some() {
+            let ms = bench_flux::run_plain(&opts)?;
+            ratio_row(
+                r,
+                o,
+                format!(
+                    "Flux {depth}+{single} step 1024², {dtype:?}, {} attention, candle's separate modulation ops",
+                    attention.name()
+                ),
+                ms,
+                "flux_1024_ms",
+                None,
+            );
+        }
+        let opts = FluxBenchOptions { attention: Attention::reference(), modulation: o.modulation.clone(), ..opts };
         let ms = bench_flux::run_plain(&opts)?;
         ratio_row(
             r,
             o,
-            format!("Flux {depth}+{single} step 1024², {dtype:?}, reference attention"),
+            format!("Flux {depth}+{single} step 1024², {dtype:?}, reference attention{fused_mod}"),
             ms,
             "flux_1024_ms",
             None,
@@ -651,6 +677,7 @@ fn bench_flux_streamed(o: &CheckOptions, r: &mut Report) -> Result<()> {
         dtype,
         device: dev.clone(),
         attention: o.fused.clone().unwrap_or_default(),
+        modulation: o.modulation.clone(),
         peak: o.peak.clone(),
     };
     let weights: u64 = unit_specs(&bench_flux::bench_config(&opts), dtype).iter().map(|u| u.bytes).sum();

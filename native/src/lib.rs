@@ -55,3 +55,17 @@ pub fn attention_for(device: &ipaflux_core::candle_core::Device) -> ipaflux_core
     let _ = device;
     ipaflux_core::nn::Attention::reference()
 }
+
+/// The fused LayerNorm + modulation and gated-residual kernels Flux uses on
+/// `device`: CUDA's with `cuda` on a CUDA device (bf16/f16; they decline the
+/// rest), none elsewhere (the reference ops).
+pub fn modulation_for(
+    device: &ipaflux_core::candle_core::Device,
+) -> Option<std::sync::Arc<dyn ipaflux_core::nn::FusedModulation>> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return Some(cuda::fused_modulation());
+    }
+    let _ = device;
+    None
+}

@@ -469,7 +469,18 @@ fn main() -> anyhow::Result<()> {
             let (fused, alternatives, peak): (_, _, std::sync::Arc<dyn bench_flux::PeakMemory>) =
                 (None, Vec::new(), std::sync::Arc::new(bench_flux::Rss));
             let torch = torch.as_deref().map(gpu_check::read_torch_figures).transpose()?;
-            let o = gpu_check::CheckOptions { device: dev, fixtures, runs, quick, fused, alternatives, torch, peak };
+            let modulation = ipaflux::modulation_for(&dev);
+            let o = gpu_check::CheckOptions {
+                device: dev,
+                fixtures,
+                runs,
+                quick,
+                fused,
+                alternatives,
+                modulation,
+                torch,
+                peak,
+            };
             let report = gpu_check::run(&o);
             let table = report.table();
             print!("{table}");
@@ -486,6 +497,7 @@ fn main() -> anyhow::Result<()> {
             ipaflux_core::flux::sampler::check_size(flux_size, flux_size)?;
             o.device = flux_device.to_candle()?;
             o.attention = ipaflux::attention_for(&o.device);
+            o.modulation = ipaflux::modulation_for(&o.device);
             #[cfg(feature = "cuda")]
             ipaflux::cuda::explicit_stream_ordering(&o.device);
             if flux_plain {

@@ -11,14 +11,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use super::config::FluxConfig;
 use super::hooks::{HookPoint, Hooks, Site};
 use super::layout::FluxLayout;
 use super::stream::{BlockId, BlockSource};
 use crate::error::{Error, Result};
-use crate::nn::{rms_norm_scaled, Activation, Attention, LayerNorm, Linear};
+use crate::nn::{bias_gelu, gated_add, modulate, rms_norm_scaled, Attention, FusedModulation, LayerNorm, Linear};
 use crate::weights::TensorStore;
 
 /// QK RMSNorm epsilon (BFL's `RMSNorm`).
@@ -170,13 +170,6 @@ struct Mod {
     gate: Tensor,
 }
 
-impl Mod {
-    /// `(1 + scale) · x + shift`.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.broadcast_mul(&(&self.scale + 1.0)?)?.broadcast_add(&self.shift)?)
-    }
-}
-
 /// `lin(SiLU(vec))` cut into `n` groups of (shift, scale, gate).
 fn modulation(lin: &Linear, vec: &Tensor, n: usize) -> Result<Vec<Mod>> {
     let out = lin.forward(&vec.silu()?)?.unsqueeze(1)?;
@@ -284,19 +277,19 @@ impl Stream {
     }
 
     /// Modulation and normed Q, K, V of this stream.
-    fn qkv(&self, x: &Tensor, vec: &Tensor, ln: &LayerNorm, heads: usize) -> Result<(Vec<Mod>, [Tensor; 3])> {
-        let mods = modulation(&self.modulation, vec, 2)?;
-        let (q, k, v) = split_qkv(&self.qkv.forward(&mods[0].apply(&ln.forward(x)?)?)?, heads)?;
+    fn qkv(&self, x: &Tensor, ctx: &Ctx, heads: usize) -> Result<(Vec<Mod>, [Tensor; 3])> {
+        let mods = modulation(&self.modulation, ctx.vec, 2)?;
+        let (q, k, v) = split_qkv(&self.qkv.forward(&ctx.modulate(x, &mods[0])?)?, heads)?;
         let (q, k) = self.norm.forward(&q, &k)?;
         Ok((mods, [q, k, v]))
     }
 
     /// Residual updates after attention.
-    fn finish(&self, x: &Tensor, attn: &Tensor, mods: &[Mod], ln: &LayerNorm) -> Result<Tensor> {
-        let x = (x + self.proj.forward(attn)?.broadcast_mul(&mods[0].gate)?)?;
-        let mlp = self.mlp_0.forward(&mods[1].apply(&ln.forward(&x)?)?)?;
-        let mlp = self.mlp_2.forward(&Activation::GeluTanh.forward(&mlp)?)?;
-        Ok((&x + mlp.broadcast_mul(&mods[1].gate)?)?)
+    fn finish(&self, x: &Tensor, attn: &Tensor, mods: &[Mod], ctx: &Ctx) -> Result<Tensor> {
+        let x = ctx.gated_add(x, &self.proj.forward(attn)?, &mods[0].gate)?;
+        let mlp = self.mlp_0.forward_no_bias(&ctx.modulate(&x, &mods[1])?)?;
+        let mlp = self.mlp_2.forward(&bias_gelu(ctx.fused, &mlp, self.mlp_0.bias())?)?;
+        ctx.gated_add(&x, &mlp, &mods[1].gate)
     }
 }
 
@@ -373,8 +366,21 @@ struct Ctx<'a> {
     rope: &'a Rope,
     attention: &'a Attention,
     ln: &'a LayerNorm,
+    fused: Option<&'a dyn FusedModulation>,
     hooks: Hooks<'a>,
     point: HookPoint,
+}
+
+impl Ctx<'_> {
+    /// `LN(x) · (1 + scale) + shift` of a modulated sub-layer.
+    fn modulate(&self, x: &Tensor, m: &Mod) -> Result<Tensor> {
+        modulate(self.fused, self.ln, x, &m.scale, &m.shift)
+    }
+
+    /// `x + y · gate`: a gated residual.
+    fn gated_add(&self, x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+        gated_add(self.fused, x, y, gate)
+    }
 }
 
 /// A Flux transformer with its weights on one device.
@@ -395,6 +401,8 @@ pub struct FluxModel {
     final_linear: Linear,
     ln: LayerNorm,
     attention: Attention,
+    /// Fused LayerNorm + modulation and gated residuals where they apply.
+    fused: Option<Arc<dyn FusedModulation>>,
     device: Device,
 }
 
@@ -507,6 +515,7 @@ impl FluxModel {
             final_linear: w.linear("final_layer.linear")?,
             ln: LayerNorm::no_affine(cfg.hidden_size, LN_EPS, device)?,
             attention: Attention::reference(),
+            fused: None,
             device: device.clone(),
             dtype,
             cfg,
@@ -521,6 +530,12 @@ impl FluxModel {
     /// Uses `attention` (e.g. a fused CUDA kernel) in every block from now on.
     pub fn set_attention(&mut self, attention: Attention) {
         self.attention = attention;
+    }
+
+    /// Uses `kernels` for LayerNorm + modulation and the gated residuals
+    /// wherever they take the inputs (`None`: the reference ops everywhere).
+    pub fn set_fused_modulation(&mut self, kernels: Option<Arc<dyn FusedModulation>>) {
+        self.fused = kernels;
     }
 
     /// Takes `blocks` out of the model and returns their tensors by canonical
@@ -612,7 +627,8 @@ impl FluxModel {
         let ids: Vec<[f32; 3]> = std::iter::repeat_n([0.0; 3], l_txt).chain(img_ids.iter().copied()).collect();
         let rope = Rope::new(&ids, &self.cfg.axes_dim, self.cfg.theta, &self.device)?;
         let point = HookPoint { site: Site::Double { index: 0 }, depth: self.cfg.depth, sigma, step, txt_len: l_txt };
-        let ctx = Ctx { vec: &vec, rope: &rope, attention: &self.attention, ln: &self.ln, hooks, point };
+        let fused = self.fused.as_deref();
+        let ctx = Ctx { vec: &vec, rope: &rope, attention: &self.attention, ln: &self.ln, fused, hooks, point };
 
         // Streamed blocks: the first is prefetched now, each later one while its predecessor runs.
         let streamed = self.streamed_blocks();
@@ -642,16 +658,15 @@ impl FluxModel {
         }
         let img = x.narrow(1, l_txt, l_img)?;
         let m = self.final_mod.forward(&vec.silu()?)?.unsqueeze(1)?.chunk(2, D::Minus1)?;
-        let img = self.ln.forward(&img)?.broadcast_mul(&(&m[1] + 1.0)?)?.broadcast_add(&m[0])?;
+        let img = modulate(fused, &self.ln, &img.contiguous()?, &m[1], &m[0])?;
         self.final_linear.forward(&img)
     }
 }
 
 impl DoubleBlock {
     fn forward(&self, img: &Tensor, txt: &Tensor, ctx: &Ctx, index: usize, heads: usize) -> Result<(Tensor, Tensor)> {
-        let ln = ctx.ln;
-        let (img_mods, [img_q, img_k, img_v]) = self.img.qkv(img, ctx.vec, ln, heads)?;
-        let (txt_mods, [txt_q, txt_k, txt_v]) = self.txt.qkv(txt, ctx.vec, ln, heads)?;
+        let (img_mods, [img_q, img_k, img_v]) = self.img.qkv(img, ctx, heads)?;
+        let (txt_mods, [txt_q, txt_k, txt_v]) = self.txt.qkv(txt, ctx, heads)?;
         let q = Tensor::cat(&[&txt_q, &img_q], 2)?;
         let k = Tensor::cat(&[&txt_k, &img_k], 2)?;
         let v = Tensor::cat(&[&txt_v, &img_v], 2)?;
@@ -661,8 +676,8 @@ impl DoubleBlock {
         let img_attn = attn.narrow(1, l_txt, img.dim(1)?)?.contiguous()?;
         let point = HookPoint { site: Site::Double { index }, ..ctx.point };
         let img_attn = ctx.hooks.apply(&point, &img_q, img_attn)?;
-        let img = self.img.finish(img, &img_attn, &img_mods, ln)?;
-        let txt = self.txt.finish(txt, &txt_attn.contiguous()?, &txt_mods, ln)?;
+        let img = self.img.finish(img, &img_attn, &img_mods, ctx)?;
+        let txt = self.txt.finish(txt, &txt_attn.contiguous()?, &txt_mods, ctx)?;
         Ok((img, txt))
     }
 }
@@ -671,15 +686,15 @@ impl SingleBlock {
     fn forward(&self, x: &Tensor, ctx: &Ctx, index: usize, cfg: &FluxConfig) -> Result<Tensor> {
         let h = cfg.hidden_size;
         let m = modulation(&self.modulation, ctx.vec, 1)?;
-        let lin1 = self.linear1.forward(&m[0].apply(&ctx.ln.forward(x)?)?)?;
+        let lin1 = self.linear1.forward(&ctx.modulate(x, &m[0])?)?;
         let (q, k, v) = split_qkv(&lin1.narrow(2, 0, 3 * h)?, cfg.num_heads)?;
         let mlp = lin1.narrow(2, 3 * h, cfg.mlp_hidden)?;
         let (q, k) = self.norm.forward(&q, &k)?;
         let attn = attention(&q, &k, &v, ctx)?;
         let point = HookPoint { site: Site::Single { index }, ..ctx.point };
         let attn = ctx.hooks.apply(&point, &q, attn)?;
-        let mlp = Activation::GeluTanh.forward(&mlp.contiguous()?)?;
+        let mlp = bias_gelu(ctx.fused, &mlp, None)?;
         let out = self.linear2.forward(&Tensor::cat(&[&attn, &mlp], 2)?)?;
-        Ok((x + out.broadcast_mul(&m[0].gate)?)?)
+        ctx.gated_add(x, &out, &m[0].gate)
     }
 }

@@ -330,6 +330,43 @@ mod tests {
         assert!(err.is_err());
     }
 
+    /// A stand-in for a device's fused kernels: the reference math, counted.
+    #[derive(Debug, Default)]
+    struct Counting {
+        modulate: std::sync::atomic::AtomicUsize,
+        gated: std::sync::atomic::AtomicUsize,
+    }
+
+    impl crate::nn::FusedModulation for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        fn ln_modulate(&self, x: &Tensor, scale: &Tensor, shift: &Tensor, eps: f64) -> Option<Result<Tensor>> {
+            self.modulate.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let ln = crate::nn::LayerNorm::no_affine(x.dim(2).ok()?, eps, x.device()).ok()?;
+            Some(crate::nn::modulate(None, &ln, x, scale, shift))
+        }
+        fn gated_add(&self, x: &Tensor, y: &Tensor, gate: &Tensor) -> Option<Result<Tensor>> {
+            self.gated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(crate::nn::gated_add(None, x, y, gate))
+        }
+    }
+
+    #[test]
+    fn fused_modulation_runs_at_every_modulated_sublayer_and_changes_nothing_here() {
+        let cfg = tiny();
+        let plain = random_model(&cfg);
+        let mut fused = plain.clone();
+        let kernels = Arc::new(Counting::default());
+        fused.set_fused_modulation(Some(kernels.clone()));
+        let x = inputs(&cfg);
+        assert_eq!(run(&plain, &x).unwrap(), run(&fused, &x).unwrap());
+        let load = |a: &std::sync::atomic::AtomicUsize| a.load(std::sync::atomic::Ordering::Relaxed);
+        // Per double block 2 streams × 2 sub-layers; per single block 1; the final layer's modulation.
+        assert_eq!(load(&kernels.modulate), cfg.depth * 4 + cfg.depth_single + 1);
+        assert_eq!(load(&kernels.gated), cfg.depth * 4 + cfg.depth_single);
+    }
+
     #[test]
     fn host_blocks_refuse_tensors_of_other_blocks_and_unknown_fetches() {
         let t = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();

@@ -1,5 +1,6 @@
 //! What the native binary adds on CUDA (feature `cuda`): the fused attention
-//! kernel ([`attention`]), pinned-memory offload ([`pinned`]), Flux block
+//! kernels ([`attention`]), fused LayerNorm + modulation and gated residuals
+//! ([`modulation`]), pinned-memory offload ([`pinned`]), Flux block
 //! streaming from pinned memory with prefetch on a second stream
 //! ([`stream`]) and the CUDA-only sections of the GPU check ([`check`]). All
 //! are exercised on a GPU by `ipaflux gpu-check` (`scripts/gpu-check.sh`);
@@ -7,6 +8,7 @@
 
 pub mod attention;
 pub mod check;
+pub mod modulation;
 pub mod pinned;
 pub mod stream;
 
@@ -32,6 +34,11 @@ pub fn explicit_stream_ordering(device: &Device) {
 /// the default kernel version.
 pub fn fused_attention() -> Attention {
     fused_attention_with(attention::Kernel::default())
+}
+
+/// Fused LayerNorm + modulation and gated residuals (bf16/f16) for Flux's blocks.
+pub fn fused_modulation() -> Arc<dyn ipaflux_core::nn::FusedModulation> {
+    Arc::new(modulation::CudaModulation)
 }
 
 /// The fused CUDA attention with a given kernel version.
