@@ -14,11 +14,13 @@
 #   2. scripts/gpu_bench_torch.py: PyTorch's figures at the real shapes on this card;
 #   3. ipaflux generate on the tiny fixtures on the CPU, on CUDA in f32 (pixels within 2/255 of
 #      the CPU's), in bf16 (difference reported), and in f32 with --vram-budget so small that the
-#      registry streams some Flux blocks (pixels identical to the all-resident CUDA run);
+#      registry streams some Flux blocks (pixels identical to the all-resident CUDA run), and in
+#      bf16 with --cuda-kernels candidate (within 24/255 of the CPU: catches a broken kernel);
 #   4. ipaflux gpu-check --torch …: parity checks, fused attention, registry vs driver,
 #      benchmarks with PyTorch's figures and the ratios, Flux streamed in 12 GiB; prints the table;
 #   5. where Nsight Compute (ncu) is installed: GPU time per kernel of a Flux step (1+1 blocks,
-#      1024², bf16), summed by kernel name: where the step's time goes (ncu.csv, kernels.txt).
+#      1024², bf16), summed by kernel name: where the step's time goes (ncu.csv, kernels.txt),
+#      then the same with the candidate kernels (ncu-candidate.csv, kernels-candidate.txt).
 # Exit status: non-zero if a check failed (benchmarks never fail it).
 # STEPS="3 4" runs only those steps (default: all).
 # diffusers (pure Python) may be missing there: put its wheel and importlib_metadata's in .whl/.
@@ -76,6 +78,8 @@ gen --device cpu --out "$out/gen-cpu.png" && gen --device cuda:0 --out "$out/gen
   && gen --device cuda:0 --dtype bf16 --out "$out/gen-cuda-bf16.png" \
   && gen --device cuda:0 --vram-budget 1074941824 --verbose --out "$out/gen-cuda-stream.png"
 g=$?
+# The candidate kernel set (not yet run on a GPU before): bf16 only (the kernels take bf16/f16).
+gen --device cuda:0 --dtype bf16 --cuda-kernels candidate --out "$out/gen-cuda-bf16-candidate.png" || g=1
 grep -E "stream" "$out/generate.log" | head -n 6
 echo "generate: exit $g"
 [ "$g" -eq 0 ] || { status=1; tail -n 5 "$out/generate.log"; }
@@ -86,7 +90,9 @@ from PIL import Image
 out = sys.argv[1]
 cpu = np.asarray(Image.open(f"{out}/gen-cpu.png"), dtype=np.int16)
 bad = 0
-for name, limit in (("cuda-f32", 2), ("cuda-bf16", None), ("cuda-stream", 2)):
+# bf16 is reported; the candidate kernels' bf16 image must stay near it (24/255 catches a broken
+# kernel, whose image is noise, not bf16 rounding).
+for name, limit in (("cuda-f32", 2), ("cuda-bf16", None), ("cuda-stream", 2), ("cuda-bf16-candidate", 24)):
     img = np.asarray(Image.open(f"{out}/gen-{name}.png"), dtype=np.int16)
     d = np.abs(img - cpu)
     verdict = "" if limit is None else ("PASS" if d.max() <= limit else "FAIL")
@@ -122,6 +128,12 @@ if [ -n "$ncu" ]; then
     --flux-plain --runs 1 > "$out/ncu.csv" 2> "$out/ncu.log"
   echo "ncu: exit $?"
   python3 scripts/ncu_summary.py "$out/ncu.csv" | tee "$out/kernels.txt"
+  echo "-- the same with --cuda-kernels candidate"
+  timeout 150 "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
+    --print-units base "$bin/ipaflux" bench --flux --flux-device cuda:0 --flux-dtype bf16 --flux-depth 1 1 \
+    --flux-plain --cuda-kernels candidate --runs 1 > "$out/ncu-candidate.csv" 2>> "$out/ncu.log"
+  echo "ncu (candidate): exit $?"
+  python3 scripts/ncu_summary.py "$out/ncu-candidate.csv" | tee "$out/kernels-candidate.txt"
 else
   echo "ncu not found; skipped"
 fi

@@ -233,19 +233,41 @@ impl IpKv {
 
     /// [`Self::attend`] with the given attention implementation.
     pub fn attend_with(&self, q: &Tensor, scale: f64, attention: &crate::nn::Attention) -> Result<Tensor> {
+        let (k, v) = self.kv_for(q)?;
+        let out = attention.sdpa_merged(&q.to_dtype(k.dtype())?, &k, &v)?.to_dtype(q.dtype())?;
+        Ok((out * scale)?)
+    }
+
+    /// `base + ` [`Self::attend`]: the attention output `base [B, L, H·D]`
+    /// with this image's term added, in one pass where `attention` has a
+    /// fused kernel that takes it (the same values as `base + attend(..)`
+    /// on the reference path).
+    pub fn attend_add(
+        &self,
+        q: &Tensor,
+        scale: f64,
+        base: &Tensor,
+        attention: &crate::nn::Attention,
+    ) -> Result<Tensor> {
+        let (k, v) = self.kv_for(q)?;
+        if q.dtype() != k.dtype() || base.dtype() != q.dtype() {
+            return Ok((base + self.attend_with(q, scale, attention)?)?);
+        }
+        attention.sdpa_merged_add(q, &k, &v, base, scale)
+    }
+
+    /// K and V for query `q`, broadcast over its batch if cached for one item.
+    fn kv_for(&self, q: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, h, l, d) = q.dims4()?;
         let (kb, kh, _, kd) = self.k.dims4()?;
         if (h, d) != (kh, kd) || (kb != b && kb != 1) {
             return Err(Error::Shape(format!("query [{b}, {h}, {l}, {d}] does not fit IP keys {:?}", self.k.dims())));
         }
-        let (k, v) = if kb == b {
+        Ok(if kb == b {
             (self.k.clone(), self.v.clone())
         } else {
             (self.k.broadcast_as((b, h, self.k.dim(2)?, d))?, self.v.broadcast_as((b, h, self.v.dim(2)?, d))?)
-        };
-        let out = attention.sdpa(&q.to_dtype(k.dtype())?, &k, &v)?;
-        let out = out.transpose(1, 2)?.reshape((b, l, h * d))?.to_dtype(q.dtype())?;
-        Ok((out * scale)?)
+        })
     }
 
     /// Bytes held by K and V.

@@ -88,16 +88,24 @@ pub struct LayerNorm {
     pub weight: Tensor,
     pub bias: Tensor,
     pub eps: f64,
+    /// False for [`Self::no_affine`] (weight 1, bias 0): only then may a fused
+    /// kernel that ignores the weights replace it ([`modulate`]).
+    pub affine: bool,
 }
 
 impl LayerNorm {
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps, affine: true })
     }
 
     /// Without learned weight and bias (`elementwise_affine=False`): weight 1, bias 0, in f32.
     pub fn no_affine(dim: usize, eps: f64, device: &candle_core::Device) -> Result<Self> {
-        Ok(Self { weight: Tensor::ones(dim, DType::F32, device)?, bias: Tensor::zeros(dim, DType::F32, device)?, eps })
+        Ok(Self {
+            weight: Tensor::ones(dim, DType::F32, device)?,
+            bias: Tensor::zeros(dim, DType::F32, device)?,
+            eps,
+            affine: false,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -193,6 +201,19 @@ pub trait FusedAttention: std::fmt::Debug + Send + Sync {
     /// `None` when this kernel does not take these inputs (device, dtype, head
     /// size), so the caller uses the reference path instead.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Result<Tensor>>;
+    /// [`Self::attend`] with the heads merged, `[B, L, H·D]`, and, with `add =
+    /// Some((base, s))`, `base + s · attention` (`base [B, L, H·D]`), written
+    /// in one pass instead of a transpose copy (and a scale and an add).
+    /// `None` where not taken (the default): [`Attention`] composes it.
+    fn attend_merged(
+        &self,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _add: Option<(&Tensor, f64)>,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
 }
 
 /// Which attention a model runs: the reference [`sdpa`] (scores
@@ -225,6 +246,30 @@ impl Attention {
         }
         sdpa(q, k, v)
     }
+
+    /// [`Self::sdpa`] with the heads merged: `[B, L, H·D]`.
+    pub fn sdpa_merged(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        if let Some(out) = self.fused.as_ref().and_then(|f| f.attend_merged(q, k, v, None)) {
+            return out;
+        }
+        merge_heads(&self.sdpa(q, k, v)?)
+    }
+
+    /// `base + scale · sdpa_merged(q, k, v)` (`base [B, L, H·D]`): the
+    /// reference rounds the scaled term to `base`'s dtype before the add.
+    pub fn sdpa_merged_add(&self, q: &Tensor, k: &Tensor, v: &Tensor, base: &Tensor, scale: f64) -> Result<Tensor> {
+        if let Some(out) = self.fused.as_ref().and_then(|f| f.attend_merged(q, k, v, Some((base, scale)))) {
+            return out;
+        }
+        let term = (merge_heads(&self.sdpa(q, k, v)?)?.to_dtype(base.dtype())? * scale)?;
+        Ok((base + term)?)
+    }
+}
+
+/// `[B, H, L, D]` → `[B, L, H·D]` (a copy).
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, l, d) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.reshape((b, l, h * d))?)
 }
 
 /// Fused elementwise kernels for the modulated sub-layers of DiT blocks (Flux),
@@ -237,14 +282,59 @@ pub trait FusedModulation: std::fmt::Debug + Send + Sync {
     /// `LayerNorm(x) · (1 + scale) + shift`: LayerNorm without affine over
     /// the last dimension of `x [B, L, H]`, `scale`, `shift` `[B, 1, H]`.
     fn ln_modulate(&self, x: &Tensor, scale: &Tensor, shift: &Tensor, eps: f64) -> Option<Result<Tensor>>;
-    /// `x + y · gate`: `x`, `y` `[B, L, H]`, `gate` `[B, 1, H]`.
-    fn gated_add(&self, x: &Tensor, y: &Tensor, gate: &Tensor) -> Option<Result<Tensor>>;
+    /// `x + (y + bias) · gate`: `x`, `y` `[B, L, H]`, `bias` `[H]` if any
+    /// (the bias of the linear layer that made `y`), `gate` `[B, 1, H]`.
+    fn gated_add(&self, x: &Tensor, y: &Tensor, bias: Option<&Tensor>, gate: &Tensor) -> Option<Result<Tensor>>;
     /// GELU (tanh approximation) of `x + bias` (`bias` `[W]` over the last
     /// dimension, if any), contiguous; `x [B, L, W]` may be a narrow of a
     /// wider tensor's last dimension (the single blocks' MLP half).
     fn gelu_tanh(&self, _x: &Tensor, _bias: Option<&Tensor>) -> Option<Result<Tensor>> {
         None
     }
+    /// Attention inputs from QKV projections made *without* their bias, as
+    /// [`QkvStreams`] describes; `None` where not taken (the default).
+    fn qkv_rope(&self, _streams: &QkvStreams<'_>) -> Option<Result<QkvOut>> {
+        None
+    }
+}
+
+/// One token stream's QKV projection for [`FusedModulation::qkv_rope`].
+#[derive(Debug, Clone, Copy)]
+pub struct QkvInput<'a> {
+    /// `[B, L, 3·H·D]` before the bias (q, k, v, each head after head); rows
+    /// may be a narrow of a wider tensor's last dimension.
+    pub qkv: &'a Tensor,
+    /// `[3·H·D]`, if the projection has one.
+    pub bias: Option<&'a Tensor>,
+    /// RMSNorm scales over the head size, `[D]`.
+    pub q_scale: &'a Tensor,
+    pub k_scale: &'a Tensor,
+}
+
+/// Everything [`FusedModulation::qkv_rope`] takes: the streams whose tokens
+/// are concatenated in this order (Flux's double blocks: text, then image),
+/// and the RoPE tables of the concatenation.
+#[derive(Debug, Clone, Copy)]
+pub struct QkvStreams<'a> {
+    pub streams: &'a [QkvInput<'a>],
+    pub heads: usize,
+    /// RMSNorm epsilon.
+    pub eps: f64,
+    /// Rotation of each consecutive pair of a head, `[L_total, D/2]` f32 each.
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    /// Also return q after the norm and before RoPE (for attention hooks).
+    pub keep_q: bool,
+}
+
+/// Q, K, V `[B, H, L_total, D]`, q and k normed and rotated, and q normed
+/// but not rotated when asked.
+#[derive(Debug, Clone)]
+pub struct QkvOut {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub q_pre_rope: Option<Tensor>,
 }
 
 /// GELU-tanh of `x + bias` with `fused` where it applies, else as separate ops
@@ -253,12 +343,7 @@ pub fn bias_gelu(fused: Option<&dyn FusedModulation>, x: &Tensor, bias: Option<&
     if let Some(out) = fused.and_then(|f| f.gelu_tanh(x, bias)) {
         return out;
     }
-    let x = match bias {
-        Some(b) if b.dtype() == x.dtype() => x.broadcast_add(b)?,
-        Some(b) => x.broadcast_add(&b.to_dtype(x.dtype())?)?,
-        None => x.clone(),
-    };
-    Ok(Activation::GeluTanh.forward(&x.contiguous()?)?)
+    Ok(Activation::GeluTanh.forward(&add_bias(x, bias)?.contiguous()?)?)
 }
 
 /// `ln(x) · (1 + scale) + shift` with `fused` where it applies, else as separate ops.
@@ -269,18 +354,36 @@ pub fn modulate(
     scale: &Tensor,
     shift: &Tensor,
 ) -> Result<Tensor> {
-    if let Some(out) = fused.and_then(|f| f.ln_modulate(x, scale, shift, ln.eps)) {
+    // The fused kernels' LayerNorm has no weights: an affine one runs as separate ops.
+    if let Some(out) = fused.filter(|_| !ln.affine).and_then(|f| f.ln_modulate(x, scale, shift, ln.eps)) {
         return out;
     }
     Ok(ln.forward(x)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
 }
 
-/// `x + y · gate` with `fused` where it applies, else as separate ops.
-pub fn gated_add(fused: Option<&dyn FusedModulation>, x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
-    if let Some(out) = fused.and_then(|f| f.gated_add(x, y, gate)) {
+/// `x + (y + bias) · gate` with `fused` where it applies, else as separate ops
+/// (the bias added in `y`'s dtype first, as [`Linear::forward`] does).
+pub fn gated_add(
+    fused: Option<&dyn FusedModulation>,
+    x: &Tensor,
+    y: &Tensor,
+    bias: Option<&Tensor>,
+    gate: &Tensor,
+) -> Result<Tensor> {
+    if let Some(out) = fused.and_then(|f| f.gated_add(x, y, bias, gate)) {
         return out;
     }
+    let y = add_bias(y, bias)?;
     Ok((x + y.broadcast_mul(gate)?)?)
+}
+
+/// `x + bias` over the last dimension in `x`'s dtype (as [`Linear::forward`]).
+pub fn add_bias(x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match bias {
+        Some(b) if b.dtype() == x.dtype() => x.broadcast_add(b)?,
+        Some(b) => x.broadcast_add(&b.to_dtype(x.dtype())?)?,
+        None => x.clone(),
+    })
 }
 
 fn sdpa_all(q: &Tensor, k: &Tensor, v: &Tensor, d: usize) -> Result<Tensor> {

@@ -145,7 +145,7 @@ impl LoadOps for CandleOps {
     }
 
     fn load_norm(&self, weight: Tensor, bias: Tensor, eps: f64) -> crate::Result<LayerNorm> {
-        Ok(LayerNorm { weight, bias, eps })
+        Ok(LayerNorm { weight, bias, eps, affine: true })
     }
 
     fn load_tensor(&self, t: Tensor) -> crate::Result<Tensor> {

@@ -117,7 +117,7 @@ impl AttentionHook for RecomputeIp {
     fn attention(&self, at: &HookPoint, q: &Tensor, attn: &Tensor) -> ipaflux_core::Result<Option<Tensor>> {
         let p = &self.processors[at.site.global_index(at.depth)];
         let kv = p.kv(&self.embeds, &self.cfg)?;
-        Ok(Some((attn + kv.attend_with(q, self.scale, &self.attention)?)?))
+        Ok(Some(kv.attend_add(q, self.scale, attn, &self.attention)?))
     }
 }
 

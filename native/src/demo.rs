@@ -92,6 +92,7 @@ pub fn settings(seed: u64) -> Settings {
         v_norm: VNorm::InstantX,
         registry: RegistryConfig::default(),
         vram_budget: None,
+        kernels: crate::KernelSet::default(),
     }
 }
 

@@ -37,7 +37,7 @@ impl Encoder {
     ) -> Result<Self> {
         let dtype = precision.dtype();
         let mut siglip = SiglipVisionModel::from_store(siglip_cfg, siglip_weights, dtype, &device)?;
-        siglip.set_attention(crate::attention_for(&device));
+        siglip.set_attention(crate::attention_for(&device, crate::KernelSet::default()));
         let adapter = IpAdapter::from_store(adapter_weights, dtype, &device)?;
         if adapter.dims.id_dim != siglip_cfg.hidden_size {
             return Err(ipaflux_core::Error::Shape(format!(

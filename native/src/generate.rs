@@ -84,6 +84,8 @@ pub struct Settings {
     pub registry: RegistryConfig,
     /// At most this much of the GPU is planned with (`--vram-budget`); `None`: all of it.
     pub vram_budget: Option<u64>,
+    /// Which fused CUDA kernels run (CUDA only).
+    pub kernels: crate::KernelSet,
 }
 
 /// The result: RGB pixels, the memory timeline, stage timings.
@@ -314,8 +316,8 @@ fn sample(
         }
         model.set_block_source(block_source(kept, streamed, &s.device)?);
     }
-    model.set_attention(crate::attention_for(&s.device));
-    model.set_fused_modulation(crate::modulation_for(&s.device));
+    model.set_attention(crate::attention_for(&s.device, s.kernels));
+    model.set_fused_modulation(crate::modulation_for(&s.device, s.kernels));
     if let Some(dims) = adapter_dims {
         check_compatible(&dims, &model.cfg)?;
     }
@@ -327,7 +329,7 @@ fn sample(
             window: IpWindow::from_percent(s.start_percent, s.end_percent, COMFY_FLUX_SHIFT),
             block_weights: s.block_weights.clone(),
         };
-        Some(IpAdapterHook::new(images, cfg, &model.cfg)?.with_attention(crate::attention_for(&s.device)))
+        Some(IpAdapterHook::new(images, cfg, &model.cfg)?.with_attention(crate::attention_for(&s.device, s.kernels)))
     };
     let (rows, cols) = sampler::token_grid(s.width, s.height);
     let shift = if model.cfg.guidance_embed { Shift::DEV } else { Shift::None };

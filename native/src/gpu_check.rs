@@ -67,10 +67,19 @@ pub struct CheckOptions {
     pub alternatives: Vec<Attention>,
     /// Fused LayerNorm + modulation and gated residuals, if this build has them.
     pub modulation: Option<Arc<dyn FusedModulation>>,
+    /// Kernels not yet run on a GPU, checked and timed beside the others.
+    pub candidate: Option<Candidate>,
     /// PyTorch's figures from the same card (`scripts/gpu_bench_torch.py --json`).
     pub torch: Option<HashMap<String, f64>>,
     /// How the Flux benchmark reads peak memory.
     pub peak: Arc<dyn PeakMemory>,
+}
+
+/// A candidate kernel set ([`ipaflux::KernelSet::Candidate`]).
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub attention: Attention,
+    pub modulation: Arc<dyn FusedModulation>,
 }
 
 /// Reads the JSON object of numbers `scripts/gpu_bench_torch.py` writes (other values are skipped).
@@ -314,14 +323,23 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
     };
     let want = get("out.ip_instantx")?;
     let ip_store = load_ip_adapter(&o.fixtures.join("ip-adapter.safetensors"))?;
-    let forward = |dtype: DType, device: &Device, fused: bool| -> Result<Tensor> {
+    let forward = |dtype: DType, device: &Device, kernels: Kernels| -> Result<Tensor> {
         let files = load_flux(&o.fixtures.join("flux/flux-tiny-bfl.safetensors"))?;
         let axes = files.axes_dim.or(Some(vec![4, 6, 6]));
         let mut m = FluxModel::from_store(files.weights, axes, dtype, device)?;
-        if let (true, Some(a)) = (fused, &o.fused) {
-            m.set_attention(a.clone());
-            m.set_fused_modulation(o.modulation.clone());
+        let mut attention = Attention::reference();
+        match (kernels, &o.fused, &o.candidate) {
+            (Kernels::Checked, Some(a), _) => {
+                attention = a.clone();
+                m.set_fused_modulation(o.modulation.clone());
+            }
+            (Kernels::Candidate, _, Some(c)) => {
+                attention = c.attention.clone();
+                m.set_fused_modulation(Some(c.modulation.clone()));
+            }
+            _ => {}
         }
+        m.set_attention(attention.clone());
         let adapter = IpAdapter::from_store(&ip_store, DType::F32, device)?;
         let embeds = get("in.embeds_a")?.to_device(device)?;
         let cfg = IpAttentionConfig { head_dim: m.cfg.head_dim(), v_norm: VNorm::InstantX };
@@ -331,7 +349,7 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
             .map(|kv| Ok(IpKv { k: kv.k.to_dtype(dtype)?, v: kv.v.to_dtype(dtype)? }))
             .collect::<Result<Vec<_>>>()?;
         let hook_cfg = IpHookConfig { weight: IpWeight::Constant(0.7), ..IpHookConfig::default() };
-        let hook = IpAdapterHook::new(vec![IpImage { kv, weight: 1.0 }], hook_cfg, &m.cfg)?;
+        let hook = IpAdapterHook::new(vec![IpImage { kv, weight: 1.0 }], hook_cfg, &m.cfg)?.with_attention(attention);
         let cond = Conditioning {
             txt: get("in.txt")?.to_device(device)?,
             y: get("in.y")?.to_device(device)?,
@@ -340,17 +358,21 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
         let hooks: [&dyn AttentionHook; 1] = [&hook];
         Ok(m.forward(&get("in.img")?.to_device(device)?, &img_ids(ROWS, COLS), &cond, SIGMA, 0, Hooks::new(&hooks))?)
     };
-    let cpu = forward(DType::F32, &Device::Cpu, false)?;
-    let mut cases = vec![(DType::F32, false, F32_TOL), (DType::BF16, false, HALF_TOL)];
+    let cpu = forward(DType::F32, &Device::Cpu, Kernels::Reference)?;
+    let mut cases = vec![(DType::F32, Kernels::Reference, F32_TOL), (DType::BF16, Kernels::Reference, HALF_TOL)];
     if o.fused.is_some() {
-        cases.push((DType::BF16, true, HALF_TOL));
+        cases.push((DType::BF16, Kernels::Checked, HALF_TOL));
     }
-    for (dtype, fused, tol) in cases {
-        let got = forward(dtype, dev, fused)?;
-        let label = match (fused, &o.modulation) {
-            (false, _) => "reference attention",
-            (true, None) => "fused attention",
-            (true, Some(_)) => "fused attention and modulation",
+    if o.candidate.is_some() {
+        cases.push((DType::BF16, Kernels::Candidate, HALF_TOL));
+    }
+    for (dtype, kernels, tol) in cases {
+        let got = forward(dtype, dev, kernels)?;
+        let label = match (kernels, &o.modulation) {
+            (Kernels::Reference, _) => "reference attention",
+            (Kernels::Checked, None) => "fused attention",
+            (Kernels::Checked, Some(_)) => "fused attention and modulation",
+            (Kernels::Candidate, _) => "candidate kernels",
         };
         let name = dev_name(dev);
         r.check(
@@ -367,6 +389,14 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Which kernels a parity run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernels {
+    Reference,
+    Checked,
+    Candidate,
 }
 
 fn randn(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
@@ -431,7 +461,58 @@ fn attention_real_shapes(o: &CheckOptions, r: &mut Report) -> Result<()> {
                 format!("{:.2}×", t_fused / t_naive),
             );
         }
+        if let Some(c) = &o.candidate {
+            merged_epilogue(o, r, &c.attention, fused, name, (&q, &k, &v), &exact)?;
+        }
     }
+    Ok(())
+}
+
+/// The candidate attention's merged-heads epilogue, plain and adding a scaled
+/// term to a base (the IP-Adapter's use), against f32; timed against the
+/// checked kernel followed by candle's transpose copy, scale and add.
+fn merged_epilogue(
+    o: &CheckOptions,
+    r: &mut Report,
+    candidate: &Attention,
+    checked: &Attention,
+    name: &str,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    exact: &Tensor,
+) -> Result<()> {
+    const SCALE: f64 = 0.7;
+    let exact = ipaflux_core::nn::merge_heads(exact)?;
+    let base = randn(exact.dims(), DType::BF16, &o.device)?;
+    let want_add = (base.to_dtype(DType::F32)? + (&exact * SCALE)?)?;
+    let merged = candidate.sdpa_merged(q, k, v)?;
+    r.check(
+        "attention",
+        format!("{name}: {} heads merged vs f32", candidate.name()),
+        rel_max_err(&merged, &exact)?,
+        HALF_TOL,
+    );
+    let added = candidate.sdpa_merged_add(q, k, v, &base, SCALE)?;
+    r.check(
+        "attention",
+        format!("{name}: {} base + {SCALE}·attention vs f32", candidate.name()),
+        rel_max_err(&added, &want_add)?,
+        HALF_TOL,
+    );
+    let t_epilogue = time_ms(&o.device, o.runs, || {
+        drop(candidate.sdpa_merged_add(q, k, v, &base, SCALE)?);
+        Ok(())
+    })?;
+    let t_separate = time_ms(&o.device, o.runs, || {
+        drop(checked.sdpa_merged_add(q, k, v, &base, SCALE)?);
+        Ok(())
+    })?;
+    r.info(
+        "attention",
+        "  base + s·attention, heads merged: in the epilogue vs kernel + transpose + scale + add".to_string(),
+        format!("{t_epilogue:.3} ms"),
+        format!("{t_separate:.3} ms"),
+        format!("{:.2}×", t_epilogue / t_separate),
+    );
     Ok(())
 }
 
@@ -540,69 +621,31 @@ fn bench_encoder(o: &CheckOptions, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// One Flux step at 1024² and 512² (full FLUX.1-dev depth unless quick), IP overhead.
+/// One Flux step at 1024² and 512² (full FLUX.1-dev depth unless quick), IP
+/// overhead; then the candidate kernel set at the first size, if this build has one.
 fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let dev = &o.device;
     let dtype = if dev.is_cpu() { DType::F32 } else { DType::BF16 };
     let (depth, single, sizes) = if o.quick { (1, 1, vec![128]) } else { (19, 38, vec![1024, 512]) };
     let attention = o.fused.clone().unwrap_or_default();
     let fused_mod = if o.modulation.is_some() { " + fused modulation" } else { "" };
-    for size in sizes {
-        let opts = FluxBenchOptions {
-            size,
-            narrow: o.quick,
-            txt_tokens: if o.quick { 32 } else { 512 },
-            depth,
-            depth_single: single,
-            runs: o.runs,
-            dtype,
-            device: dev.clone(),
-            attention: attention.clone(),
-            modulation: o.modulation.clone(),
-            peak: o.peak.clone(),
-        };
-        let rows = bench_flux::run(&opts)?;
-        let find = |prefix: &str| rows.iter().find(|row| row.name.starts_with(prefix)).map(|row| row.ms);
-        let (Some(plain), Some(cached)) = (find("step, no IP"), find("step, IP with cached")) else {
-            return Err(Error::Core(ipaflux_core::Error::Shape("bench rows missing".into())));
-        };
-        let peak = rows.iter().find_map(|row| row.peak_rss_bytes);
+    let base = FluxBenchOptions {
+        size: sizes[0],
+        narrow: o.quick,
+        txt_tokens: if o.quick { 32 } else { 512 },
+        depth,
+        depth_single: single,
+        runs: o.runs,
+        dtype,
+        device: dev.clone(),
+        attention: attention.clone(),
+        modulation: o.modulation.clone(),
+        peak: o.peak.clone(),
+    };
+    for &size in &sizes {
         let label =
             format!("Flux {depth}+{single} blocks step {size}², {dtype:?}, {} attention{fused_mod}", attention.name());
-        ratio_row(r, o, label.clone(), plain, &format!("flux_{size}_ms"), if size == 1024 { Some(0.9) } else { None });
-        if let Some(p) = peak {
-            let torch = o.torch.as_ref().and_then(|t| t.get(&format!("flux_{size}_peak_gib")).copied());
-            r.info(
-                "bench",
-                format!(
-                    "  peak memory during the step ({})",
-                    if dev.is_cpu() { "process RSS" } else { "driver-reported use" }
-                ),
-                format!("{:.2} GiB", p as f64 / (1u64 << 30) as f64),
-                torch.map_or("—".into(), |t| format!("{t:.2} GiB (torch max allocated)")),
-                String::new(),
-            );
-        }
-        let overhead = (cached - plain) / plain * 100.0;
-        r.info("bench", format!("  with IP-Adapter, cached K/V ({size}²)"), format!("{cached:.2} ms"), "—".into(), format!("overhead {overhead:+.2} % of the step (target ≤ 0.5 %; whole-step differences include run-to-run noise)"));
-        for row in rows.iter().filter(|row| row.name.starts_with("IP branch") || row.name.starts_with("  K/V")) {
-            let key = if row.name.contains("recomputed") {
-                format!("ip_recomputed_ms_{size}")
-            } else if row.name.contains("cached") {
-                format!("ip_cached_ms_{size}")
-            } else {
-                String::new()
-            };
-            let torch = o.torch.as_ref().and_then(|t| t.get(&key).copied());
-            let share = row.ms / plain * 100.0;
-            r.info(
-                "bench",
-                format!("  {} ({size}²)", row.name.trim()),
-                format!("{:.2} ms ({share:.2} % of the step)", row.ms),
-                torch.map_or("—".into(), |t| format!("{t:.2} ms")),
-                torch.map_or(String::new(), |t| format!("{:.2}×", row.ms / t)),
-            );
-        }
+        step_rows(o, r, &FluxBenchOptions { size, ..base.clone() }, label)?;
     }
     if o.fused.is_some() && !o.quick {
         let opts = FluxBenchOptions {
@@ -651,6 +694,67 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
             ms,
             "flux_1024_ms",
             None,
+        );
+    }
+    // Last: a candidate kernel that fails on its first GPU run loses no other figure.
+    if let Some(c) = &o.candidate {
+        let opts = FluxBenchOptions { attention: c.attention.clone(), modulation: Some(c.modulation.clone()), ..base };
+        let label = format!("Flux {depth}+{single} blocks step {}², {dtype:?}, candidate kernels", base.size);
+        step_rows(o, r, &opts, label)?;
+    }
+    Ok(())
+}
+
+/// One `bench_flux` run: the plain step against PyTorch, its peak memory,
+/// the IP-Adapter's overhead and branch times.
+fn step_rows(o: &CheckOptions, r: &mut Report, opts: &FluxBenchOptions, label: String) -> Result<()> {
+    let size = opts.size;
+    let rows = bench_flux::run(opts)?;
+    let find = |prefix: &str| rows.iter().find(|row| row.name.starts_with(prefix)).map(|row| row.ms);
+    let (Some(plain), Some(cached)) = (find("step, no IP"), find("step, IP with cached")) else {
+        return Err(Error::Core(ipaflux_core::Error::Shape("bench rows missing".into())));
+    };
+    let peak = rows.iter().find_map(|row| row.peak_rss_bytes);
+    ratio_row(r, o, label, plain, &format!("flux_{size}_ms"), if size == 1024 { Some(0.9) } else { None });
+    if let Some(p) = peak {
+        let torch = o.torch.as_ref().and_then(|t| t.get(&format!("flux_{size}_peak_gib")).copied());
+        r.info(
+            "bench",
+            format!(
+                "  peak memory during the step ({})",
+                if o.device.is_cpu() { "process RSS" } else { "driver-reported use" }
+            ),
+            format!("{:.2} GiB", p as f64 / (1u64 << 30) as f64),
+            torch.map_or("—".into(), |t| format!("{t:.2} GiB (torch max allocated)")),
+            String::new(),
+        );
+    }
+    let overhead = (cached - plain) / plain * 100.0;
+    r.info(
+        "bench",
+        format!("  with IP-Adapter, cached K/V ({size}²)"),
+        format!("{cached:.2} ms"),
+        "—".into(),
+        format!(
+            "overhead {overhead:+.2} % of the step (target ≤ 0.5 %; whole-step differences include run-to-run noise)"
+        ),
+    );
+    for row in rows.iter().filter(|row| row.name.starts_with("IP branch") || row.name.starts_with("  K/V")) {
+        let key = if row.name.contains("recomputed") {
+            format!("ip_recomputed_ms_{size}")
+        } else if row.name.contains("cached") {
+            format!("ip_cached_ms_{size}")
+        } else {
+            String::new()
+        };
+        let torch = o.torch.as_ref().and_then(|t| t.get(&key).copied());
+        let share = row.ms / plain * 100.0;
+        r.info(
+            "bench",
+            format!("  {} ({size}²)", row.name.trim()),
+            format!("{:.2} ms ({share:.2} % of the step)", row.ms),
+            torch.map_or("—".into(), |t| format!("{t:.2} ms")),
+            torch.map_or(String::new(), |t| format!("{:.2}×", row.ms / t)),
         );
     }
     Ok(())

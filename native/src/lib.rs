@@ -44,15 +44,31 @@ impl From<ipaflux_core::candle_core::Error> for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Which fused CUDA kernels the models run (`--cuda-kernels`); other
+/// devices run core's reference path whatever the set.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelSet {
+    /// Checked and timed on a GPU (`native/src/cuda/NOTES.md`): attention
+    /// (`mma`), LayerNorm + modulation, gated residuals, bias + GELU-tanh.
+    #[default]
+    Checked,
+    /// `Checked` plus kernels not yet run on a GPU: Q/K/V with bias, QK
+    /// norm, concatenation and RoPE in one pass; the linear layers' biases
+    /// inside the gated residuals; attention writing merged heads, with the
+    /// IP-Adapter's term added in its epilogue. `gpu-check` checks them
+    /// against the reference; make them the default once it has.
+    Candidate,
+}
+
 /// The attention the models use on `device`: the fused CUDA kernel on a CUDA
 /// device when built with `cuda` (it takes bf16/f16 and declines the rest),
 /// core's reference path everywhere else.
-pub fn attention_for(device: &ipaflux_core::candle_core::Device) -> ipaflux_core::nn::Attention {
+pub fn attention_for(device: &ipaflux_core::candle_core::Device, set: KernelSet) -> ipaflux_core::nn::Attention {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        return cuda::fused_attention();
+        return cuda::fused_attention(set);
     }
-    let _ = device;
+    let _ = (device, set);
     ipaflux_core::nn::Attention::reference()
 }
 
@@ -61,11 +77,12 @@ pub fn attention_for(device: &ipaflux_core::candle_core::Device) -> ipaflux_core
 /// rest), none elsewhere (the reference ops).
 pub fn modulation_for(
     device: &ipaflux_core::candle_core::Device,
+    set: KernelSet,
 ) -> Option<std::sync::Arc<dyn ipaflux_core::nn::FusedModulation>> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        return Some(cuda::fused_modulation());
+        return Some(cuda::fused_modulation(set));
     }
-    let _ = device;
+    let _ = (device, set);
     None
 }

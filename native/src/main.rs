@@ -139,6 +139,9 @@ enum Cmd {
         /// Only the plain step for --flux (no IP variants): what a kernel profiler should see.
         #[arg(long)]
         flux_plain: bool,
+        /// Fused CUDA kernels for --flux on a CUDA device.
+        #[arg(long, value_enum, default_value_t)]
+        cuda_kernels: ipaflux::KernelSet,
         /// Instead: the encoder on the native wgpu adapter (the browser's WGSL kernels) vs candle on the CPU.
         #[arg(long)]
         webgpu: bool,
@@ -239,6 +242,9 @@ struct GenerateArgs {
     /// streamed from pinned host memory, one block ahead of use.
     #[arg(long)]
     vram_budget: Option<String>,
+    /// Fused CUDA kernels: `checked` (measured on a GPU) or `candidate` (newer, not yet run on one).
+    #[arg(long, value_enum, default_value_t)]
+    cuda_kernels: ipaflux::KernelSet,
     #[arg(long, default_value = "on")]
     offload_preprocessing: OnOff,
     /// Print the memory registry's timeline.
@@ -316,6 +322,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
             ..RegistryConfig::default()
         },
         vram_budget: a.vram_budget.as_deref().map(parse_bytes).transpose().context("--vram-budget")?,
+        kernels: a.cuda_kernels,
     };
     let paths = generate::ModelPaths {
         flux: a.flux,
@@ -458,7 +465,7 @@ fn main() -> anyhow::Result<()> {
             let (fused, alternatives, peak): (_, _, std::sync::Arc<dyn bench_flux::PeakMemory>) = if dev.is_cuda() {
                 ipaflux::cuda::explicit_stream_ordering(&dev);
                 (
-                    Some(ipaflux::cuda::fused_attention()),
+                    Some(ipaflux::cuda::fused_attention(ipaflux::KernelSet::Checked)),
                     vec![ipaflux::cuda::fused_attention_with(ipaflux::cuda::attention::Kernel::Wmma)],
                     std::sync::Arc::new(ipaflux::cuda::check::DriverPeak::start(&dev)?),
                 )
@@ -469,7 +476,12 @@ fn main() -> anyhow::Result<()> {
             let (fused, alternatives, peak): (_, _, std::sync::Arc<dyn bench_flux::PeakMemory>) =
                 (None, Vec::new(), std::sync::Arc::new(bench_flux::Rss));
             let torch = torch.as_deref().map(gpu_check::read_torch_figures).transpose()?;
-            let modulation = ipaflux::modulation_for(&dev);
+            let modulation = ipaflux::modulation_for(&dev, ipaflux::KernelSet::Checked);
+            let candidate =
+                ipaflux::modulation_for(&dev, ipaflux::KernelSet::Candidate).map(|modulation| gpu_check::Candidate {
+                    attention: ipaflux::attention_for(&dev, ipaflux::KernelSet::Candidate),
+                    modulation,
+                });
             let o = gpu_check::CheckOptions {
                 device: dev,
                 fixtures,
@@ -478,6 +490,7 @@ fn main() -> anyhow::Result<()> {
                 fused,
                 alternatives,
                 modulation,
+                candidate,
                 torch,
                 peak,
             };
@@ -491,13 +504,23 @@ fn main() -> anyhow::Result<()> {
                 anyhow::bail!("{} GPU check(s) failed", report.failures());
             }
         }
-        Cmd::Bench { flux: true, runs, flux_size, flux_depth, flux_dtype, flux_device, flux_plain, .. } => {
+        Cmd::Bench {
+            flux: true,
+            runs,
+            flux_size,
+            flux_depth,
+            flux_dtype,
+            flux_device,
+            flux_plain,
+            cuda_kernels,
+            ..
+        } => {
             let mut o =
                 bench_flux::FluxBenchOptions::cpu(flux_size, flux_depth[0], flux_depth[1], runs, flux_dtype.dtype());
             ipaflux_core::flux::sampler::check_size(flux_size, flux_size)?;
             o.device = flux_device.to_candle()?;
-            o.attention = ipaflux::attention_for(&o.device);
-            o.modulation = ipaflux::modulation_for(&o.device);
+            o.attention = ipaflux::attention_for(&o.device, cuda_kernels);
+            o.modulation = ipaflux::modulation_for(&o.device, cuda_kernels);
             #[cfg(feature = "cuda")]
             ipaflux::cuda::explicit_stream_ordering(&o.device);
             if flux_plain {

@@ -76,6 +76,11 @@ impl<'a> Hooks<'a> {
     }
 
     /// Runs every hook on `attn`.
+    /// No hook registered: the model need not keep the pre-RoPE query.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
     pub fn apply(&self, at: &HookPoint, q: &Tensor, attn: Tensor) -> Result<Tensor> {
         let mut attn = attn;
         for hook in self.list {

@@ -175,11 +175,8 @@ impl AttentionHook for IpAdapterHook {
             if s == 0.0 {
                 continue;
             }
-            let term = img.kv[block].attend_with(q, s, &self.attention)?;
-            out = Some(match out {
-                None => (attn + term)?,
-                Some(o) => (o + term)?,
-            });
+            let base = out.as_ref().unwrap_or(attn);
+            out = Some(img.kv[block].attend_add(q, s, base, &self.attention)?);
         }
         Ok(out)
     }

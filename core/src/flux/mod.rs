@@ -16,9 +16,13 @@ pub mod config;
 pub mod hooks;
 pub mod ip;
 pub mod layout;
+#[cfg(test)]
+mod mirror;
 pub mod model;
 pub mod sampler;
 pub mod stream;
+#[cfg(test)]
+mod testing;
 
 pub use config::FluxConfig;
 pub use hooks::{AttentionHook, HookPoint, Hooks, Site};

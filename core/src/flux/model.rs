@@ -9,7 +9,7 @@
 //! model dtype by each layer as it runs.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -18,7 +18,10 @@ use super::hooks::{HookPoint, Hooks, Site};
 use super::layout::FluxLayout;
 use super::stream::{BlockId, BlockSource};
 use crate::error::{Error, Result};
-use crate::nn::{bias_gelu, gated_add, modulate, rms_norm_scaled, Attention, FusedModulation, LayerNorm, Linear};
+use crate::nn::{
+    add_bias, bias_gelu, gated_add, modulate, rms_norm_scaled, Attention, FusedModulation, LayerNorm, Linear, QkvInput,
+    QkvOut, QkvStreams,
+};
 use crate::weights::TensorStore;
 
 /// QK RMSNorm epsilon (BFL's `RMSNorm`).
@@ -186,36 +189,45 @@ fn split_qkv(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
     Ok((part(0)?, part(1)?, part(2)?))
 }
 
-/// RoPE tables for every token, `[L, D/2]` cos and sin in f32.
+/// RoPE tables for every token: the angle of each consecutive pair of a
+/// head, `[L, D/2]`, as cos and sin in f32, and in the model's dtype for
+/// candle's fused GPU kernel (converted once per table, not per block).
 #[derive(Debug, Clone)]
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    cos_dt: Tensor,
+    sin_dt: Tensor,
 }
 
 impl Rope {
     /// From token positions `ids [L, axes]` (text tokens first, as the model sees them).
     /// Angles in f64 as BFL's `rope`, then f32.
-    pub fn new(ids: &[[f32; 3]], axes_dim: &[usize], theta: f64, device: &Device) -> Result<Self> {
+    pub fn new(ids: &[[f32; 3]], axes_dim: &[usize], theta: f64, dtype: DType, device: &Device) -> Result<Self> {
         let half: usize = axes_dim.iter().sum::<usize>() / 2;
+        // ω_j = θ^(−2j/dim) per axis, computed once.
+        let omegas: Vec<Vec<f64>> = axes_dim
+            .iter()
+            .map(|&dim| (0..dim / 2).map(|j| 1.0 / theta.powf((2 * j) as f64 / dim as f64)).collect())
+            .collect();
         let mut cos = Vec::with_capacity(ids.len() * half);
         let mut sin = Vec::with_capacity(ids.len() * half);
         for pos in ids {
-            for (axis, &dim) in axes_dim.iter().enumerate() {
+            for (axis, omega) in omegas.iter().enumerate() {
                 let p = f64::from(pos.get(axis).copied().unwrap_or(0.0));
-                for j in 0..dim / 2 {
-                    let omega = 1.0 / theta.powf((2 * j) as f64 / dim as f64);
-                    let a = p * omega;
+                for w in omega {
+                    let a = p * w;
                     cos.push(a.cos() as f32);
                     sin.push(a.sin() as f32);
                 }
             }
         }
         let n = ids.len();
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (n, half, 1), device)?,
-            sin: Tensor::from_vec(sin, (n, half, 1), device)?,
-        })
+        let cos = Tensor::from_vec(cos, (n, half), device)?;
+        let sin = Tensor::from_vec(sin, (n, half), device)?;
+        let (cos_dt, sin_dt) =
+            if device.is_cpu() { (cos.clone(), sin.clone()) } else { (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?) };
+        Ok(Self { cos, sin, cos_dt, sin_dt })
     }
 
     /// Rotates consecutive pairs of `x [B, H, L, D]`: (a, b) → (a·cos − b·sin, a·sin + b·cos).
@@ -224,23 +236,61 @@ impl Rope {
         let dtype = x.dtype();
         if !x.device().is_cpu() {
             // candle's fused kernel for consecutive pairs (one pass; in the input dtype).
-            let (c, s) = (self.cos.squeeze(2)?.to_dtype(dtype)?, self.sin.squeeze(2)?.to_dtype(dtype)?);
+            let (c, s) = if self.cos_dt.dtype() == dtype {
+                (self.cos_dt.clone(), self.sin_dt.clone())
+            } else {
+                (self.cos.to_dtype(dtype)?, self.sin.to_dtype(dtype)?)
+            };
             return Ok(candle_nn::rotary_emb::rope_i(&x.contiguous()?, &c, &s)?);
         }
+        let (cos, sin) = (self.cos.unsqueeze(2)?, self.sin.unsqueeze(2)?);
         let x = x.to_dtype(DType::F32)?.reshape((b, h, l, d / 2, 2))?;
         let x0 = x.narrow(4, 0, 1)?;
         let x1 = x.narrow(4, 1, 1)?;
-        let o0 = (x0.broadcast_mul(&self.cos)? - x1.broadcast_mul(&self.sin)?)?;
-        let o1 = (x0.broadcast_mul(&self.sin)? + x1.broadcast_mul(&self.cos)?)?;
+        let o0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+        let o1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
         Ok(Tensor::cat(&[o0, o1], 4)?.reshape((b, h, l, d))?.to_dtype(dtype)?)
     }
 }
 
-/// RoPE on q and k, SDPA, heads merged: `[B, L, H·D]`.
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-    let (q, k) = (ctx.rope.apply(q)?, ctx.rope.apply(k)?);
-    let (b, h, l, d) = q.dims4()?;
-    Ok(ctx.attention.sdpa(&q, &k, v)?.transpose(1, 2)?.reshape((b, l, h * d))?)
+/// Token positions and their RoPE tables.
+type RopeEntry = (Vec<[f32; 3]>, Arc<Rope>);
+
+/// One stream's QKV projection without its bias, with what turns it into
+/// attention inputs.
+struct QkvPart<'a> {
+    qkv: Tensor,
+    bias: Option<&'a Tensor>,
+    norm: &'a QkNorm,
+}
+
+/// Normed and rotated q, k and v `[B, H, L, D]` of `parts`, their tokens
+/// concatenated in order, and q before RoPE when hooks want it: one fused
+/// kernel where `ctx.fused` takes it, else bias, split, norm, concatenation
+/// and RoPE as separate ops.
+fn qkv_rope(parts: &[QkvPart<'_>], ctx: &Ctx, heads: usize) -> Result<QkvOut> {
+    let keep_q = !ctx.hooks.is_empty();
+    let inputs: Vec<QkvInput<'_>> = parts
+        .iter()
+        .map(|p| QkvInput { qkv: &p.qkv, bias: p.bias, q_scale: &p.norm.query_norm, k_scale: &p.norm.key_norm })
+        .collect();
+    let streams =
+        QkvStreams { streams: &inputs, heads, eps: QK_NORM_EPS, cos: &ctx.rope.cos, sin: &ctx.rope.sin, keep_q };
+    if let Some(out) = ctx.fused.and_then(|f| f.qkv_rope(&streams)) {
+        return out;
+    }
+    let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+    for p in parts {
+        let (q, k, v) = split_qkv(&add_bias(&p.qkv, p.bias)?, heads)?;
+        let (q, k) = p.norm.forward(&q, &k)?;
+        qs.push(q);
+        ks.push(k);
+        vs.push(v);
+    }
+    let cat = |xs: &[Tensor]| -> Result<Tensor> { Ok(if let [x] = xs { x.clone() } else { Tensor::cat(xs, 2)? }) };
+    let (q, k, v) = (cat(&qs)?, cat(&ks)?, cat(&vs)?);
+    let q_pre_rope = keep_q.then(|| q.clone());
+    Ok(QkvOut { q: ctx.rope.apply(&q)?, k: ctx.rope.apply(&k)?, v, q_pre_rope })
 }
 
 /// One stream (image or text) of a double block.
@@ -276,20 +326,19 @@ impl Stream {
         self.mlp_2.put(&format!("{p}_mlp.2"), out)
     }
 
-    /// Modulation and normed Q, K, V of this stream.
-    fn qkv(&self, x: &Tensor, ctx: &Ctx, heads: usize) -> Result<(Vec<Mod>, [Tensor; 3])> {
+    /// Modulation and QKV projection (bias not yet added) of this stream.
+    fn qkv<'s>(&'s self, x: &Tensor, ctx: &Ctx) -> Result<(Vec<Mod>, QkvPart<'s>)> {
         let mods = modulation(&self.modulation, ctx.vec, 2)?;
-        let (q, k, v) = split_qkv(&self.qkv.forward(&ctx.modulate(x, &mods[0])?)?, heads)?;
-        let (q, k) = self.norm.forward(&q, &k)?;
-        Ok((mods, [q, k, v]))
+        let qkv = self.qkv.forward_no_bias(&ctx.modulate(x, &mods[0])?)?;
+        Ok((mods, QkvPart { qkv, bias: self.qkv.bias(), norm: &self.norm }))
     }
 
-    /// Residual updates after attention.
+    /// Residual updates after attention (each bias added by the op that follows its matmul).
     fn finish(&self, x: &Tensor, attn: &Tensor, mods: &[Mod], ctx: &Ctx) -> Result<Tensor> {
-        let x = ctx.gated_add(x, &self.proj.forward(attn)?, &mods[0].gate)?;
+        let x = ctx.gated_add(x, &self.proj.forward_no_bias(attn)?, self.proj.bias(), &mods[0].gate)?;
         let mlp = self.mlp_0.forward_no_bias(&ctx.modulate(&x, &mods[1])?)?;
-        let mlp = self.mlp_2.forward(&bias_gelu(ctx.fused, &mlp, self.mlp_0.bias())?)?;
-        ctx.gated_add(&x, &mlp, &mods[1].gate)
+        let mlp = self.mlp_2.forward_no_bias(&bias_gelu(ctx.fused, &mlp, self.mlp_0.bias())?)?;
+        ctx.gated_add(&x, &mlp, self.mlp_2.bias(), &mods[1].gate)
     }
 }
 
@@ -377,9 +426,9 @@ impl Ctx<'_> {
         modulate(self.fused, self.ln, x, &m.scale, &m.shift)
     }
 
-    /// `x + y · gate`: a gated residual.
-    fn gated_add(&self, x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
-        gated_add(self.fused, x, y, gate)
+    /// `x + (y + bias) · gate`: a gated residual.
+    fn gated_add(&self, x: &Tensor, y: &Tensor, bias: Option<&Tensor>, gate: &Tensor) -> Result<Tensor> {
+        gated_add(self.fused, x, y, bias, gate)
     }
 }
 
@@ -403,6 +452,9 @@ pub struct FluxModel {
     attention: Attention,
     /// Fused LayerNorm + modulation and gated residuals where they apply.
     fused: Option<Arc<dyn FusedModulation>>,
+    /// The RoPE tables of the last call's token positions (a sampler's
+    /// steps all use the same ones), shared by clones of this model.
+    rope_cache: Arc<Mutex<Option<RopeEntry>>>,
     device: Device,
 }
 
@@ -516,6 +568,7 @@ impl FluxModel {
             ln: LayerNorm::no_affine(cfg.hidden_size, LN_EPS, device)?,
             attention: Attention::reference(),
             fused: None,
+            rope_cache: Arc::default(),
             device: device.clone(),
             dtype,
             cfg,
@@ -591,6 +644,19 @@ impl FluxModel {
         Ok(Weights { map, dtype: self.dtype, device: self.device.clone() })
     }
 
+    /// RoPE tables for `ids`, from the cache when the last call had the same positions.
+    fn rope(&self, ids: Vec<[f32; 3]>) -> Result<Arc<Rope>> {
+        let mut cache = self.rope_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((cached, rope)) = cache.as_ref() {
+            if *cached == ids {
+                return Ok(rope.clone());
+            }
+        }
+        let rope = Arc::new(Rope::new(&ids, &self.cfg.axes_dim, self.cfg.theta, self.dtype, &self.device)?);
+        *cache = Some((ids, rope.clone()));
+        Ok(rope)
+    }
+
     /// Predicts the flow velocity for packed latents `img [B, L_img, in_channels]`
     /// at positions `img_ids` (`[row, col]` per token; text positions are 0) and
     /// timestep `sigma`. `step` numbers the sampler step for the hooks.
@@ -625,7 +691,7 @@ impl FluxModel {
         let txt = self.txt_in.forward(&cond.txt.to_dtype(dt)?)?;
 
         let ids: Vec<[f32; 3]> = std::iter::repeat_n([0.0; 3], l_txt).chain(img_ids.iter().copied()).collect();
-        let rope = Rope::new(&ids, &self.cfg.axes_dim, self.cfg.theta, &self.device)?;
+        let rope = self.rope(ids)?;
         let point = HookPoint { site: Site::Double { index: 0 }, depth: self.cfg.depth, sigma, step, txt_len: l_txt };
         let fused = self.fused.as_deref();
         let ctx = Ctx { vec: &vec, rope: &rope, attention: &self.attention, ln: &self.ln, fused, hooks, point };
@@ -665,17 +731,17 @@ impl FluxModel {
 
 impl DoubleBlock {
     fn forward(&self, img: &Tensor, txt: &Tensor, ctx: &Ctx, index: usize, heads: usize) -> Result<(Tensor, Tensor)> {
-        let (img_mods, [img_q, img_k, img_v]) = self.img.qkv(img, ctx, heads)?;
-        let (txt_mods, [txt_q, txt_k, txt_v]) = self.txt.qkv(txt, ctx, heads)?;
-        let q = Tensor::cat(&[&txt_q, &img_q], 2)?;
-        let k = Tensor::cat(&[&txt_k, &img_k], 2)?;
-        let v = Tensor::cat(&[&txt_v, &img_v], 2)?;
-        let attn = attention(&q, &k, &v, ctx)?;
-        let l_txt = txt.dim(1)?;
+        let (img_mods, img_part) = self.img.qkv(img, ctx)?;
+        let (txt_mods, txt_part) = self.txt.qkv(txt, ctx)?;
+        let qkv = qkv_rope(&[txt_part, img_part], ctx, heads)?;
+        let attn = ctx.attention.sdpa_merged(&qkv.q, &qkv.k, &qkv.v)?;
+        let (l_txt, l_img) = (txt.dim(1)?, img.dim(1)?);
         let txt_attn = attn.narrow(1, 0, l_txt)?;
-        let img_attn = attn.narrow(1, l_txt, img.dim(1)?)?.contiguous()?;
-        let point = HookPoint { site: Site::Double { index }, ..ctx.point };
-        let img_attn = ctx.hooks.apply(&point, &img_q, img_attn)?;
+        let mut img_attn = attn.narrow(1, l_txt, l_img)?.contiguous()?;
+        if let Some(q) = &qkv.q_pre_rope {
+            let point = HookPoint { site: Site::Double { index }, ..ctx.point };
+            img_attn = ctx.hooks.apply(&point, &q.narrow(2, l_txt, l_img)?, img_attn)?;
+        }
         let img = self.img.finish(img, &img_attn, &img_mods, ctx)?;
         let txt = self.txt.finish(txt, &txt_attn.contiguous()?, &txt_mods, ctx)?;
         Ok((img, txt))
@@ -686,15 +752,19 @@ impl SingleBlock {
     fn forward(&self, x: &Tensor, ctx: &Ctx, index: usize, cfg: &FluxConfig) -> Result<Tensor> {
         let h = cfg.hidden_size;
         let m = modulation(&self.modulation, ctx.vec, 1)?;
-        let lin1 = self.linear1.forward(&ctx.modulate(x, &m[0])?)?;
-        let (q, k, v) = split_qkv(&lin1.narrow(2, 0, 3 * h)?, cfg.num_heads)?;
-        let mlp = lin1.narrow(2, 3 * h, cfg.mlp_hidden)?;
-        let (q, k) = self.norm.forward(&q, &k)?;
-        let attn = attention(&q, &k, &v, ctx)?;
-        let point = HookPoint { site: Site::Single { index }, ..ctx.point };
-        let attn = ctx.hooks.apply(&point, &q, attn)?;
-        let mlp = bias_gelu(ctx.fused, &mlp, None)?;
-        let out = self.linear2.forward(&Tensor::cat(&[&attn, &mlp], 2)?)?;
-        ctx.gated_add(x, &out, &m[0].gate)
+        let lin1 = self.linear1.forward_no_bias(&ctx.modulate(x, &m[0])?)?;
+        let bias = self.linear1.bias();
+        let part = |i: usize, n: usize| -> Result<Option<Tensor>> { Ok(bias.map(|b| b.narrow(0, i, n)).transpose()?) };
+        let (qkv_bias, mlp_bias) = (part(0, 3 * h)?, part(3 * h, cfg.mlp_hidden)?);
+        let qkv_part = QkvPart { qkv: lin1.narrow(2, 0, 3 * h)?, bias: qkv_bias.as_ref(), norm: &self.norm };
+        let qkv = qkv_rope(&[qkv_part], ctx, cfg.num_heads)?;
+        let mut attn = ctx.attention.sdpa_merged(&qkv.q, &qkv.k, &qkv.v)?;
+        if let Some(q) = &qkv.q_pre_rope {
+            let point = HookPoint { site: Site::Single { index }, ..ctx.point };
+            attn = ctx.hooks.apply(&point, q, attn)?;
+        }
+        let mlp = bias_gelu(ctx.fused, &lin1.narrow(2, 3 * h, cfg.mlp_hidden)?, mlp_bias.as_ref())?;
+        let out = self.linear2.forward_no_bias(&Tensor::cat(&[&attn, &mlp], 2)?)?;
+        ctx.gated_add(x, &out, self.linear2.bias(), &m[0].gate)
     }
 }

@@ -171,63 +171,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::flux::hooks::Hooks;
-    use crate::flux::model::Conditioning;
-    use crate::flux::sampler::{img_ids, token_grid};
+    use crate::flux::testing::{inputs, random_map, random_model, run, tiny};
     use crate::flux::FluxModel;
-
-    fn tiny() -> FluxConfig {
-        FluxConfig {
-            in_channels: 8,
-            out_channels: 8,
-            vec_in_dim: 6,
-            context_in_dim: 10,
-            hidden_size: 16,
-            mlp_hidden: 32,
-            num_heads: 2,
-            depth: 2,
-            depth_single: 3,
-            axes_dim: vec![2, 2, 4],
-            ..FluxConfig::dev()
-        }
-    }
-
-    fn random_map(cfg: &FluxConfig) -> BTreeMap<String, Tensor> {
-        canonical_tensors(cfg)
-            .into_iter()
-            .map(|(name, shape)| (name, Tensor::randn(0f32, 0.3, shape.as_slice(), &Device::Cpu).unwrap()))
-            .collect()
-    }
-
-    fn random_model(cfg: &FluxConfig) -> FluxModel {
-        FluxModel::from_canonical(cfg.clone(), random_map(cfg), DType::F32, &Device::Cpu).unwrap()
-    }
-
-    /// Latents of a 64×32 image and conditioning, random once per test.
-    struct Inputs {
-        img: Tensor,
-        ids: Vec<[f32; 3]>,
-        cond: Conditioning,
-    }
-
-    fn inputs(cfg: &FluxConfig) -> Inputs {
-        let dev = Device::Cpu;
-        let (rows, cols) = token_grid(64, 32);
-        Inputs {
-            img: Tensor::randn(0f32, 1.0, (1, rows * cols, cfg.in_channels), &dev).unwrap(),
-            ids: img_ids(rows, cols),
-            cond: Conditioning {
-                txt: Tensor::randn(0f32, 1.0, (1, 5, cfg.context_in_dim), &dev).unwrap(),
-                y: Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), &dev).unwrap(),
-                guidance: Some(3.5),
-            },
-        }
-    }
-
-    fn run(model: &FluxModel, x: &Inputs) -> crate::Result<Vec<f32>> {
-        let out = model.forward(&x.img, &x.ids, &x.cond, 0.7, 0, Hooks::none())?;
-        Ok(out.flatten_all()?.to_vec1::<f32>()?)
-    }
 
     /// Records the calls a model makes, and which fetched blocks are still alive.
     #[derive(Debug)]
@@ -346,9 +291,9 @@ mod tests {
             let ln = crate::nn::LayerNorm::no_affine(x.dim(2).ok()?, eps, x.device()).ok()?;
             Some(crate::nn::modulate(None, &ln, x, scale, shift))
         }
-        fn gated_add(&self, x: &Tensor, y: &Tensor, gate: &Tensor) -> Option<Result<Tensor>> {
+        fn gated_add(&self, x: &Tensor, y: &Tensor, bias: Option<&Tensor>, gate: &Tensor) -> Option<Result<Tensor>> {
             self.gated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Some(crate::nn::gated_add(None, x, y, gate))
+            Some(crate::nn::gated_add(None, x, y, bias, gate))
         }
     }
 

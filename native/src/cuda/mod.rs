@@ -31,17 +31,20 @@ pub fn explicit_stream_ordering(device: &Device) {
 }
 
 /// The fused CUDA attention wherever it applies (bf16/f16, head size ≤ 128):
-/// the default kernel version.
-pub fn fused_attention() -> Attention {
-    fused_attention_with(attention::Kernel::default())
+/// the default kernel version; with the candidate set also its merged-heads
+/// epilogue.
+pub fn fused_attention(set: crate::KernelSet) -> Attention {
+    let merged_output = set == crate::KernelSet::Candidate;
+    Attention::fused(Arc::new(attention::CudaFusedAttention { kernel: attention::Kernel::default(), merged_output }))
 }
 
-/// Fused LayerNorm + modulation and gated residuals (bf16/f16) for Flux's blocks.
-pub fn fused_modulation() -> Arc<dyn ipaflux_core::nn::FusedModulation> {
-    Arc::new(modulation::CudaModulation)
+/// Fused LayerNorm + modulation and gated residuals (bf16/f16) for Flux's
+/// blocks, and with the candidate set the QKV and bias kernels.
+pub fn fused_modulation(set: crate::KernelSet) -> Arc<dyn ipaflux_core::nn::FusedModulation> {
+    Arc::new(modulation::CudaModulation { set })
 }
 
-/// The fused CUDA attention with a given kernel version.
+/// The fused CUDA attention with a given kernel version (`[B, H, L, D]` output only).
 pub fn fused_attention_with(kernel: attention::Kernel) -> Attention {
-    Attention::fused(Arc::new(attention::CudaFusedAttention { kernel }))
+    Attention::fused(Arc::new(attention::CudaFusedAttention { kernel, merged_output: false }))
 }

@@ -245,9 +245,14 @@ __device__ __forceinline__ float quad_sum(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// Epilogue (version 3): with merged = 0, o [BH, L, D]; with merged = 1, o
+// [B, L, H, D] (heads merged: the layout the output projection reads, so no
+// transpose copy follows); with has_base, o = base + out_scale * attention,
+// base in o's layout (an attention output that an IP-Adapter term is added to).
 template <typename T>
 __device__ void attention2(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                           T* __restrict__ o, int L, int S, int D, int DP, float scale_log2, int vec_loads) {
+                           T* __restrict__ o, int L, int S, int D, int DP, float scale_log2, int vec_loads,
+                           int H, int merged, const T* __restrict__ base, int has_base, float out_scale) {
     const int LDT = DP + 8;    // 16 bytes of padding: 8 ldmatrix rows hit distinct banks
     extern __shared__ __align__(128) unsigned char smem[];
     T* Ks = reinterpret_cast<T*>(smem);   // BC2 x LDT (first holds the Q tile)
@@ -258,7 +263,6 @@ __device__ void attention2(const T* __restrict__ q, const T* __restrict__ k, con
     const T* qb = q + (size_t)bh * L * D;
     const T* kb = k + (size_t)bh * S * D;
     const T* vb = v + (size_t)bh * S * D;
-    T* ob = o + (size_t)bh * L * D;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;     // fragment row group and column pair
@@ -368,29 +372,39 @@ __device__ void attention2(const T* __restrict__ q, const T* __restrict__ k, con
 
     const float inv0 = 1.f / quad_sum(l0), inv1 = 1.f / quad_sum(l1);
     const int ga = row0 + warp * 16 + g, gb = ga + 8;
+    // Element (row, column) of this (batch, head) in o's layout.
+    const int bi = bh / H, hi = bh - bi * H;
+    const size_t row_step = merged ? (size_t)H * D : (size_t)D;
+    const size_t first = merged ? ((size_t)bi * L * H + hi) * D : (size_t)bh * L * D;
+    auto put = [&](int row, int c, float val) {
+        const size_t idx = first + (size_t)row * row_step + c;
+        o[idx] = from_f<T>(has_base ? to_f<T>(base[idx]) + out_scale * val : val);
+    };
 #pragma unroll
     for (int n = 0; n < MAX_D8; ++n) {
         const int c = n * 8 + 2 * t;
         if (n >= nd || c >= D) continue;
         if (ga < L) {
-            ob[(size_t)ga * D + c] = from_f<T>(oacc[n][0] * inv0);
-            if (c + 1 < D) ob[(size_t)ga * D + c + 1] = from_f<T>(oacc[n][1] * inv0);
+            put(ga, c, oacc[n][0] * inv0);
+            if (c + 1 < D) put(ga, c + 1, oacc[n][1] * inv0);
         }
         if (gb < L) {
-            ob[(size_t)gb * D + c] = from_f<T>(oacc[n][2] * inv1);
-            if (c + 1 < D) ob[(size_t)gb * D + c + 1] = from_f<T>(oacc[n][3] * inv1);
+            put(gb, c, oacc[n][2] * inv1);
+            if (c + 1 < D) put(gb, c + 1, oacc[n][3] * inv1);
         }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 ipaflux_attention2_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                        __nv_bfloat16* o, int L, int S, int D, int DP, float scale_log2, int vec_loads) {
-    attention2<__nv_bfloat16>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads);
+                        __nv_bfloat16* o, int L, int S, int D, int DP, float scale_log2, int vec_loads, int H,
+                        int merged, const __nv_bfloat16* base, int has_base, float out_scale) {
+    attention2<__nv_bfloat16>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base, out_scale);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 ipaflux_attention2_f16(const __half* q, const __half* k, const __half* v, __half* o,
-                       int L, int S, int D, int DP, float scale_log2, int vec_loads) {
-    attention2<__half>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads);
+                       int L, int S, int D, int DP, float scale_log2, int vec_loads, int H,
+                       int merged, const __half* base, int has_base, float out_scale) {
+    attention2<__half>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base, out_scale);
 }

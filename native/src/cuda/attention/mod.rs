@@ -9,6 +9,13 @@
 //! `mma` (the default: `mma.sync` fragments kept in registers, FlashAttention-2's
 //! layout). `ipaflux gpu-check` checks and times both.
 //!
+//! With `merged_output` (the candidate kernel set, `mma` only) the kernel
+//! also serves core's `attend_merged`: it writes `[B, L, H·D]` directly (no
+//! transpose copy after it) and can add its result, scaled, to a given
+//! tensor in the same store (the IP-Adapter's term added to a block's
+//! attention output). That epilogue has not yet run on a GPU; `gpu-check`
+//! checks it against the reference path when one is lent.
+//!
 //! The kernel is compiled to PTX by nvcc at build time (`build.rs`, for
 //! `CUDA_COMPUTE_CAP`, default 90) and loaded by candle's CUDA device on first
 //! use. Parity with the reference path is checked on the GPU by
@@ -19,7 +26,7 @@ use std::mem::size_of;
 use ipaflux_core::candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use ipaflux_core::candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
-use ipaflux_core::candle_core::{self as candle, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use ipaflux_core::candle_core::{self as candle, CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use ipaflux_core::nn::FusedAttention;
 
 /// The PTX nvcc made of `attention.cu`.
@@ -66,6 +73,23 @@ impl Kernel {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CudaFusedAttention {
     pub kernel: Kernel,
+    /// Serve `attend_merged` too (the `mma` kernel's merged-heads epilogue).
+    pub merged_output: bool,
+}
+
+impl CudaFusedAttention {
+    /// Whether the kernel takes these q, k, v.
+    fn takes(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+        let dtype = q.dtype();
+        q.device().is_cuda()
+            && matches!(dtype, DType::BF16 | DType::F16)
+            && k.dtype() == dtype
+            && v.dtype() == dtype
+            && q.dims().len() == 4
+            && q.dim(3).is_ok_and(|d| d <= MAX_HEAD_DIM && d > 0)
+            && k.dims() == v.dims()
+            && k.dim(2).is_ok_and(|s| s > 0)
+    }
 }
 
 impl FusedAttention for CudaFusedAttention {
@@ -77,21 +101,40 @@ impl FusedAttention for CudaFusedAttention {
     }
 
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Option<ipaflux_core::Result<Tensor>> {
-        let dtype = q.dtype();
-        let takes = q.device().is_cuda()
-            && matches!(dtype, DType::BF16 | DType::F16)
-            && k.dtype() == dtype
-            && v.dtype() == dtype
-            && q.dims().len() == 4
-            && q.dim(3).is_ok_and(|d| d <= MAX_HEAD_DIM && d > 0)
-            && k.dims() == v.dims()
-            && k.dim(2).is_ok_and(|s| s > 0);
-        takes.then(|| fused(q, k, v, self.kernel))
+        Self::takes(q, k, v).then(|| fused(q, k, v, self.kernel))
     }
+
+    fn attend_merged(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        add: Option<(&Tensor, f64)>,
+    ) -> Option<ipaflux_core::Result<Tensor>> {
+        let (b, h, l, d) = q.dims4().ok()?;
+        let base_ok = add.is_none_or(|(base, _)| base.dtype() == q.dtype() && base.dims() == [b, l, h * d]);
+        let ok = self.merged_output && self.kernel == Kernel::Mma && base_ok && Self::takes(q, k, v);
+        ok.then(|| {
+            let add = add.map(|(base, s)| Ok::<_, candle::Error>((base.contiguous()?, s as f32))).transpose()?;
+            fused_with(q, k, v, self.kernel, Epilogue { merged: true, add })
+        })
+    }
+}
+
+/// Where and how the kernel stores its result (module docs).
+struct Epilogue {
+    /// `[B, L, H·D]` instead of `[B, H, L, D]`.
+    merged: bool,
+    /// `base + scale · attention`, `base` in the output's layout.
+    add: Option<(Tensor, f32)>,
 }
 
 /// Runs the kernel (inputs made contiguous first).
 pub fn fused(q: &Tensor, k: &Tensor, v: &Tensor, kernel: Kernel) -> ipaflux_core::Result<Tensor> {
+    fused_with(q, k, v, kernel, Epilogue { merged: false, add: None })
+}
+
+fn fused_with(q: &Tensor, k: &Tensor, v: &Tensor, kernel: Kernel, epilogue: Epilogue) -> ipaflux_core::Result<Tensor> {
     let (b, h, l, d) = q.dims4()?;
     let (kb, kh, s, kd) = k.dims4()?;
     if (kb, kh, kd) != (b, h, d) || v.dims4()? != (b, h, s, d) {
@@ -102,7 +145,10 @@ pub fn fused(q: &Tensor, k: &Tensor, v: &Tensor, kernel: Kernel) -> ipaflux_core
             v.dims()
         )));
     }
-    let op = AttentionOp { b, h, l, s, d, kernel };
+    if kernel == Kernel::Wmma && (epilogue.merged || epilogue.add.is_some()) {
+        return Err(ipaflux_core::Error::Unsupported("the wmma attention kernel writes [B, H, L, D] only".into()));
+    }
+    let op = AttentionOp { b, h, l, s, d, kernel, epilogue };
     Ok(q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?)
 }
 
@@ -121,6 +167,7 @@ struct AttentionOp {
     s: usize,
     d: usize,
     kernel: Kernel,
+    epilogue: Epilogue,
 }
 
 fn cuda_err(e: impl std::error::Error + Send + Sync + 'static) -> candle::Error {
@@ -160,11 +207,41 @@ impl AttentionOp {
             LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
         let mut builder = func.builder();
         builder.arg(&q).arg(&k).arg(&v).arg(&out).arg(&l).arg(&s).arg(&d).arg(&dp).arg(&scale_log2).arg(&vec_loads);
+        // Version 3's epilogue arguments (the mma kernel only).
+        let guard = self.epilogue.add.as_ref().map(|(base, _)| base.storage_and_layout());
+        let base = match guard.as_ref().map(|(g, lb)| (&**g, *lb)) {
+            Some((Storage::Cuda(st), lb)) => {
+                let (b0, b1) = range(lb)?;
+                Some(st.as_cuda_slice::<T>()?.slice(b0..b1))
+            }
+            Some(_) => return Err(candle::Error::Msg("fused attention: base not on the CUDA device".into())),
+            None => None,
+        };
+        if base.as_ref().is_some_and(|b| b.len() != bh * self.l * self.d) {
+            return Err(candle::Error::Msg("fused attention: base does not match the output".into()));
+        }
+        let (h, merged, has_base) =
+            (to_i32(self.h)?, i32::from(self.epilogue.merged), i32::from(self.epilogue.add.is_some()));
+        let out_scale = self.epilogue.add.as_ref().map_or(1.0, |(_, s)| *s);
+        if self.kernel == Kernel::Mma {
+            builder.arg(&h).arg(&merged);
+            match &base {
+                Some(bv) => builder.arg(bv),
+                None => builder.arg(&q), // not read
+            };
+            builder.arg(&has_base).arg(&out_scale);
+        }
         // SAFETY: the arguments match the kernel's signature in attention.cu;
         // q/k/v/out hold B·H·L·D, B·H·S·D, B·H·S·D, B·H·L·D elements (checked
-        // shapes, contiguous slices) and the grid covers exactly L rows × B·H.
+        // shapes, contiguous slices), base as many when read (checked above),
+        // and the grid covers exactly L rows × B·H.
         unsafe { builder.launch(cfg) }.map_err(cuda_err)?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((self.b, self.h, self.l, self.d))))
+        let shape = if self.epilogue.merged {
+            Shape::from((self.b, self.l, self.h * self.d))
+        } else {
+            Shape::from((self.b, self.h, self.l, self.d))
+        };
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
     }
 }
 

@@ -5,12 +5,25 @@
 //! and the model runs candle's separate ops. Checked on the GPU by
 //! `ipaflux gpu-check` (the Flux fixture through the whole model against
 //! diffusers, and in the benchmarks).
+//!
+//! With [`KernelSet::Candidate`] also the attention inputs from a QKV
+//! projection in one kernel (`qkv_rope`: bias, split, QK RMSNorm, the double
+//! blocks' concatenation, RoPE) and the linear layers' biases added inside
+//! the gated residual. Those are written and checked against a host mirror of
+//! their index math (core's `flux::mirror` tests), but have not yet run on a
+//! GPU: `gpu-check` checks them against the reference when one is lent.
 
 use ipaflux_core::candle_core::backend::BackendStorage;
-use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use ipaflux_core::candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
-use ipaflux_core::candle_core::{self as candle, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use ipaflux_core::nn::FusedModulation;
+use ipaflux_core::candle_core::{
+    self as candle, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor,
+};
+use ipaflux_core::nn::{FusedModulation, QkvOut, QkvStreams};
+
+use crate::KernelSet;
 
 /// The PTX nvcc made of `modulation.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/modulation.ptx"));
@@ -20,9 +33,16 @@ const THREADS: u32 = 256;
 /// Most blocks `gated_add` launches (it loops over the rest).
 const MAX_BLOCKS: usize = 132 * 16;
 
+/// Warps per block of `qkv_rope` (one (row, head) each).
+const QKV_WARPS: u32 = 8;
+/// Largest head size `qkv_rope` takes (4 pairs per lane).
+const QKV_MAX_HEAD_DIM: usize = 256;
+
 /// The CUDA kernels as core's [`FusedModulation`].
 #[derive(Debug, Default, Clone, Copy)]
-pub struct CudaModulation;
+pub struct CudaModulation {
+    pub set: KernelSet,
+}
 
 /// Whether these kernels take `x [B, L, H]` with rows `r [B, 1, H]` (and `y` like `x`).
 fn takes(x: &Tensor, rows: &[&Tensor], y: Option<&Tensor>) -> bool {
@@ -70,17 +90,47 @@ impl FusedModulation for CudaModulation {
         })
     }
 
-    fn gated_add(&self, x: &Tensor, y: &Tensor, gate: &Tensor) -> Option<ipaflux_core::Result<Tensor>> {
-        takes(x, &[gate], Some(y))
-            .then(|| Ok(x.contiguous()?.apply_op3_no_bwd(&y.contiguous()?, &gate.contiguous()?, &Op::GatedAdd)?))
+    fn gated_add(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        bias: Option<&Tensor>,
+        gate: &Tensor,
+    ) -> Option<ipaflux_core::Result<Tensor>> {
+        takes(x, &[gate], Some(y)).then(|| {
+            let (y, bias) = match (bias, self.set) {
+                (None, _) => (y.contiguous()?, None),
+                // The checked set adds the bias as its own op (as before the candidate kernels).
+                (Some(b), KernelSet::Checked) => (ipaflux_core::nn::add_bias(y, Some(b))?.contiguous()?, None),
+                (Some(b), KernelSet::Candidate) => (y.contiguous()?, Some(b.to_dtype(x.dtype())?.contiguous()?)),
+            };
+            if let Some(b) = &bias {
+                if b.dims() != [x.dim(2)?] {
+                    return Err(ipaflux_core::Error::Shape(format!(
+                        "gated residual: bias {:?} for {:?}",
+                        b.dims(),
+                        x.dims()
+                    )));
+                }
+            }
+            Ok(x.contiguous()?.apply_op3_no_bwd(&y, &gate.contiguous()?, &Op::GatedAdd { bias })?)
+        })
+    }
+
+    fn qkv_rope(&self, s: &QkvStreams<'_>) -> Option<ipaflux_core::Result<QkvOut>> {
+        if self.set != KernelSet::Candidate {
+            return None;
+        }
+        let op = QkvRopeOp::new(s)?;
+        Some(op.and_then(|op| op.run(s.sin)))
     }
 }
 
 enum Op {
     /// Inputs x, scale, shift.
     LnModulate { eps: f32 },
-    /// Inputs x, y, gate.
-    GatedAdd,
+    /// Inputs x, y, gate; the bias `[H]` of y's layer, if added here.
+    GatedAdd { bias: Option<Tensor> },
 }
 
 fn cuda_err(e: impl std::error::Error + Send + Sync + 'static) -> candle::Error {
@@ -94,6 +144,15 @@ fn slice<'a, T: CudaDType>(
     let (a, b) =
         l.contiguous_offsets().ok_or_else(|| candle::Error::Msg("fused modulation needs contiguous inputs".into()))?;
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+/// The contiguous elements of a CUDA tensor held by an op (not one of its
+/// candle inputs), from its storage guard.
+fn view<'a, T: CudaDType>(st: &'a Storage, l: &Layout) -> candle::Result<CudaView<'a, T>> {
+    match st {
+        Storage::Cuda(s) => slice::<T>(s, l),
+        _ => Err(candle::Error::Msg("a fused kernel's operand is not on the CUDA device".into())),
+    }
 }
 
 impl Op {
@@ -125,19 +184,211 @@ impl Op {
                 // B·L·H elements, scale and shift B·H (shapes checked by `takes`), one block per row.
                 unsafe { builder.launch(cfg) }.map_err(cuda_err)?;
             }
-            Op::GatedAdd => {
+            Op::GatedAdd { bias } => {
                 let func = dev.get_or_load_custom_func(&format!("ipaflux_gated_add_{suffix}"), MODULE, PTX)?;
                 let blocks = n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
                 let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
                 let (hh, per_item) = (to_i32(h)?, len * h);
+                let guard = bias.as_ref().map(Tensor::storage_and_layout);
+                let bias_view = guard.as_ref().map(|(st, l)| view::<T>(st, l)).transpose()?;
+                let has_bias = i32::from(bias_view.is_some());
                 let mut builder = func.builder();
-                builder.arg(&a).arg(&b).arg(&c).arg(&out).arg(&n).arg(&hh).arg(&per_item);
+                builder.arg(&a).arg(&b);
+                match &bias_view {
+                    Some(bv) => builder.arg(bv),
+                    None => builder.arg(&a), // not read
+                };
+                builder.arg(&c).arg(&out).arg(&n).arg(&hh).arg(&per_item).arg(&has_bias);
                 // SAFETY: arguments match `ipaflux_gated_add_*`; x, y and out hold n = B·L·H elements,
-                // gate B·H (checked by `takes`); the loop stays below n.
+                // gate B·H (checked by `takes`), bias H when read (checked by the caller); the loop
+                // stays below n.
                 unsafe { builder.launch(cfg) }.map_err(cuda_err)?;
             }
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), la.shape().clone()))
+    }
+}
+
+/// One stream's operands of `qkv_rope`, each in the activations' dtype.
+struct QkvArgs {
+    /// `[B, L, 3·H·D]`, rows evenly strided.
+    qkv: Tensor,
+    bias: Option<Tensor>,
+    q_scale: Tensor,
+    k_scale: Tensor,
+}
+
+/// Attention inputs from the QKV projections of one or more token streams
+/// (`qkv_rope` in modulation.cu): a `CustomOp1` on the RoPE `sin` table that
+/// holds its other operands. Output `[P, B, H, L_total, D]`, P = 3 or 4.
+struct QkvRopeOp {
+    streams: Vec<QkvArgs>,
+    cos: Tensor,
+    batch: usize,
+    heads: usize,
+    head_dim: usize,
+    l_total: usize,
+    eps: f32,
+    keep_q: bool,
+}
+
+impl QkvRopeOp {
+    /// `None` when the kernel does not take these inputs (device, dtype,
+    /// shapes); operands in other dtypes are converted.
+    fn new(s: &QkvStreams<'_>) -> Option<ipaflux_core::Result<Self>> {
+        let first = s.streams.first()?;
+        let dtype = first.qkv.dtype();
+        let (batch, _, width) = first.qkv.dims3().ok()?;
+        let heads = s.heads;
+        let head_dim = width / (3 * heads.max(1));
+        let l_total: usize = s.streams.iter().map(|st| st.qkv.dim(1).unwrap_or(0)).sum();
+        let ok = first.qkv.device().is_cuda()
+            && matches!(dtype, DType::BF16 | DType::F16)
+            && heads > 0
+            && 3 * heads * head_dim == width
+            && head_dim % 2 == 0
+            && (2..=QKV_MAX_HEAD_DIM).contains(&head_dim)
+            && s.streams.iter().all(|st| {
+                st.qkv.dtype() == dtype
+                    && st.qkv.dims3().is_ok_and(|(b, _, w)| b == batch && w == width)
+                    && st.bias.is_none_or(|b| b.dims() == [width])
+                    && st.q_scale.dims() == [head_dim]
+                    && st.k_scale.dims() == [head_dim]
+            })
+            && [s.cos, s.sin].iter().all(|t| t.dtype() == DType::F32 && t.dims() == [l_total, head_dim / 2]);
+        if !ok {
+            return None;
+        }
+        let cast = |t: &Tensor| -> ipaflux_core::Result<Tensor> { Ok(t.to_dtype(dtype)?.contiguous()?) };
+        let build = || -> ipaflux_core::Result<Self> {
+            let streams = s
+                .streams
+                .iter()
+                .map(|st| {
+                    // Rows a constant stride apart are read in place; anything else is copied first.
+                    let qkv = if GeluOp::rows_of(st.qkv.layout()).is_some() {
+                        st.qkv.clone()
+                    } else {
+                        st.qkv.contiguous()?
+                    };
+                    Ok(QkvArgs {
+                        qkv,
+                        bias: st.bias.map(cast).transpose()?,
+                        q_scale: cast(st.q_scale)?,
+                        k_scale: cast(st.k_scale)?,
+                    })
+                })
+                .collect::<ipaflux_core::Result<Vec<_>>>()?;
+            Ok(Self {
+                streams,
+                cos: s.cos.contiguous()?,
+                batch,
+                heads,
+                head_dim,
+                l_total,
+                eps: s.eps as f32,
+                keep_q: s.keep_q,
+            })
+        };
+        Some(build())
+    }
+
+    fn run(self, sin: &Tensor) -> ipaflux_core::Result<QkvOut> {
+        let all = sin.contiguous()?.apply_op1_no_bwd(&self)?;
+        let get = |p: usize| -> ipaflux_core::Result<Tensor> { Ok(all.get(p)?) };
+        let q_pre_rope = if self.keep_q { Some(get(3)?) } else { None };
+        Ok(QkvOut { q: get(0)?, k: get(1)?, v: get(2)?, q_pre_rope })
+    }
+
+    fn parts(&self) -> usize {
+        if self.keep_q {
+            4
+        } else {
+            3
+        }
+    }
+
+    fn launch<T: CudaDType + DeviceRepr + candle::WithDType>(
+        &self,
+        dev: &CudaDevice,
+        sin: CudaView<'_, f32>,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        let (b, h, d, lt) = (self.batch, self.heads, self.head_dim, self.l_total);
+        let cos_guard = self.cos.storage_and_layout();
+        let cos = view::<f32>(&cos_guard.0, cos_guard.1)?;
+        let suffix = if T::DTYPE == DType::F16 { "f16" } else { "bf16" };
+        let func = dev.get_or_load_custom_func(&format!("ipaflux_qkv_rope_{suffix}"), MODULE, PTX)?;
+        let to_i32 = |x: usize| i32::try_from(x).map_err(|_| candle::Error::Msg("qkv_rope: size over i32".into()));
+        let n = self.parts() * b * h * lt * d;
+        // SAFETY: the launches below write every element: the streams' rows cover all L_total
+        // tokens of every batch item, each warp all D values of its head in each part.
+        let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n) }?;
+        let mut offset = 0usize;
+        for st in &self.streams {
+            let (_, len, width) = st.qkv.dims3()?;
+            let g = st.qkv.storage_and_layout();
+            let Storage::Cuda(cs) = &*g.0 else {
+                return Err(candle::Error::Msg("qkv_rope: input not on the CUDA device".into()));
+            };
+            let (rows, w, row_stride, start) = GeluOp::rows_of(g.1)
+                .ok_or_else(|| candle::Error::Msg("qkv_rope: rows are not evenly strided".into()))?;
+            debug_assert_eq!(w, width);
+            let x = cs.as_cuda_slice::<T>()?.slice(start..start + (rows.max(1) - 1) * row_stride + w);
+            let bias_guard = st.bias.as_ref().map(Tensor::storage_and_layout);
+            let bias = bias_guard.as_ref().map(|(s, l)| view::<T>(s, l)).transpose()?;
+            let qs_guard = st.q_scale.storage_and_layout();
+            let ks_guard = st.k_scale.storage_and_layout();
+            let (qs, ks) = (view::<T>(&qs_guard.0, qs_guard.1)?, view::<T>(&ks_guard.0, ks_guard.1)?);
+            let tasks = rows * h;
+            let blocks = u32::try_from(tasks.div_ceil(QKV_WARPS as usize))
+                .map_err(|_| candle::Error::Msg("qkv_rope: too many rows".into()))?;
+            let cfg = LaunchConfig {
+                grid_dim: (blocks.max(1), 1, 1),
+                block_dim: (QKV_WARPS * 32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (r32, l32, h32, d32) = (to_i32(rows)?, to_i32(len)?, to_i32(h)?, to_i32(d)?);
+            let (has_bias, off32, lt32, b32) = (i32::from(bias.is_some()), to_i32(offset)?, to_i32(lt)?, to_i32(b)?);
+            let keep_q = i32::from(self.keep_q);
+            let mut builder = func.builder();
+            builder.arg(&x);
+            match &bias {
+                Some(bv) => builder.arg(bv),
+                None => builder.arg(&x), // not read
+            };
+            builder.arg(&qs).arg(&ks).arg(&cos).arg(&sin).arg(&out);
+            builder.arg(&r32).arg(&l32).arg(&h32).arg(&d32).arg(&row_stride).arg(&has_bias);
+            builder.arg(&off32).arg(&lt32).arg(&b32).arg(&keep_q).arg(&self.eps);
+            // SAFETY: arguments match `ipaflux_qkv_rope_*`; x covers rows × row_stride (last row
+            // 3·H·D), bias 3·H·D and the scales D elements (checked in `new`), cos/sin
+            // L_total × D/2 f32, out P·B·H·L_total·D; warps past rows × H return at once.
+            unsafe { builder.launch(cfg) }.map_err(cuda_err)?;
+            offset += len;
+        }
+        if offset != lt {
+            return Err(candle::Error::Msg(format!("qkv_rope: streams cover {offset} of {lt} tokens")));
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((self.parts(), b, h, lt, d))))
+    }
+}
+
+impl CustomOp1 for QkvRopeOp {
+    fn name(&self) -> &'static str {
+        "ipaflux-qkv-rope"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle::Result<(CpuStorage, Shape)> {
+        Err(candle::Error::Msg("the fused QKV kernel runs on CUDA only; the CPU uses the reference ops".into()))
+    }
+
+    fn cuda_fwd(&self, sin: &CudaStorage, l: &Layout) -> candle::Result<(CudaStorage, Shape)> {
+        let dev = sin.device().clone();
+        let sin = slice::<f32>(sin, l)?;
+        match self.streams.first().map(|s| s.qkv.dtype()) {
+            Some(DType::BF16) => self.launch::<half::bf16>(&dev, sin),
+            Some(DType::F16) => self.launch::<half::f16>(&dev, sin),
+            other => Err(candle::Error::Msg(format!("the fused QKV kernel takes bf16 or f16, not {other:?}"))),
+        }
     }
 }
 
@@ -214,7 +465,7 @@ impl CustomOp3 for Op {
     fn name(&self) -> &'static str {
         match self {
             Op::LnModulate { .. } => "ipaflux-ln-modulate",
-            Op::GatedAdd => "ipaflux-gated-add",
+            Op::GatedAdd { .. } => "ipaflux-gated-add",
         }
     }
 
@@ -254,7 +505,7 @@ mod tests {
 
     #[test]
     fn every_entry_point_is_in_the_ptx() {
-        for k in ["ln_modulate", "gated_add", "gelu_tanh"] {
+        for k in ["ln_modulate", "gated_add", "gelu_tanh", "qkv_rope"] {
             for t in ["bf16", "f16"] {
                 assert!(PTX.contains(&format!(".entry ipaflux_{k}_{t}(")), "ipaflux_{k}_{t} missing");
             }
@@ -267,9 +518,11 @@ mod tests {
         let x = Tensor::zeros((1, 4, 8), DType::BF16, &cpu).unwrap();
         let r = Tensor::zeros((1, 1, 8), DType::BF16, &cpu).unwrap();
         // CPU tensors: the reference ops run instead.
-        assert!(CudaModulation.ln_modulate(&x, &r, &r, 1e-6).is_none());
-        assert!(CudaModulation.gated_add(&x, &x, &r).is_none());
-        assert!(CudaModulation.gelu_tanh(&x, None).is_none());
+        for m in [CudaModulation { set: KernelSet::Checked }, CudaModulation { set: KernelSet::Candidate }] {
+            assert!(m.ln_modulate(&x, &r, &r, 1e-6).is_none());
+            assert!(m.gated_add(&x, &x, None, &r).is_none());
+            assert!(m.gelu_tanh(&x, None).is_none());
+        }
     }
 
     #[test]
