@@ -422,7 +422,8 @@ fn attention_real_shapes(o: &CheckOptions, r: &mut Report) -> Result<()> {
         ]
     };
     let reference = Attention::reference();
-    let kernels: Vec<&Attention> = std::iter::once(fused).chain(&o.alternatives).collect();
+    let candidate = o.candidate.as_ref().map(|c| &c.attention);
+    let kernels: Vec<&Attention> = std::iter::once(fused).chain(&o.alternatives).chain(candidate).collect();
     for (name, [b, h, l, s, d]) in shapes {
         let (q, k, v) = (
             randn(&[b, h, l, d], DType::BF16, dev)?,

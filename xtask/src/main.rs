@@ -12,6 +12,8 @@
 //! - `cargo xtask serve [PORT]`: serves `www/` locally (default port 8000).
 //! - `cargo xtask cuda-check`: clippy on `ipaflux --features cuda`, with nvcc
 //!   13.0 from PyPI (`scripts/cuda-env.sh`); no GPU needed; ~16 min on 2 cores.
+//!   Then `scripts/kernel-emulation.sh`: our elementwise CUDA kernels run on the
+//!   host (each CUDA thread a std::thread) against references (~10 s).
 //! - `cargo xtask fixtures`: regenerates tests/fixtures with the PyTorch reference
 //!   (needs `pip install torch transformers diffusers safetensors pillow`; `PYTHON` picks the interpreter).
 
@@ -131,6 +133,8 @@ fn cuda_lint(cargo: &str) {
             exit(2);
         }
     }
+    // The elementwise kernels run on the host against their references (no GPU).
+    run("bash", &["scripts/kernel-emulation.sh", &cu13]);
 }
 
 fn ensure_wasm_target() {

@@ -31,11 +31,15 @@ pub fn explicit_stream_ordering(device: &Device) {
 }
 
 /// The fused CUDA attention wherever it applies (bf16/f16, head size ≤ 128):
-/// the default kernel version; with the candidate set also its merged-heads
-/// epilogue.
+/// version 3 (`mma`); with the candidate set version 4 (`cp.async`
+/// double-buffered) with its merged-heads epilogue.
 pub fn fused_attention(set: crate::KernelSet) -> Attention {
+    let kernel = match set {
+        crate::KernelSet::Checked => attention::Kernel::Mma,
+        crate::KernelSet::Candidate => attention::Kernel::MmaPipelined,
+    };
     let merged_output = set == crate::KernelSet::Candidate;
-    Attention::fused(Arc::new(attention::CudaFusedAttention { kernel: attention::Kernel::default(), merged_output }))
+    Attention::fused(Arc::new(attention::CudaFusedAttention { kernel, merged_output }))
 }
 
 /// Fused LayerNorm + modulation and gated residuals (bf16/f16) for Flux's

@@ -12,11 +12,16 @@
 // fragments stay in registers for the whole key loop; global loads are 16
 // bytes wide when D % 8 == 0 and the pointers are aligned (`vec`).
 // Written for this project; no code copied.
-#include <mma.h>
+// IPAFLUX_HOST_EMULATION (host_emulation.cpp): compiled for the host, with
+// the inline PTX below replaced by the emulator's functions and version 1
+// (WMMA) left out.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-
+#ifndef IPAFLUX_HOST_EMULATION
+#include <mma.h>
 using namespace nvcuda;
+#define IPAFLUX_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
 
 #define BR 64       // query rows per block: 4 warps x 16 rows
 #define BC 64       // keys per tile
@@ -52,6 +57,7 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ 
     }
 }
 
+#ifndef IPAFLUX_HOST_EMULATION
 template <typename T>
 __device__ void attention(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                           T* __restrict__ o, int L, int S, int D, int DP, float scale_log2, int vec_loads) {
@@ -174,6 +180,7 @@ ipaflux_attention_f16(const __half* q, const __half* k, const __half* v, __half*
                       int L, int S, int D, int DP, float scale_log2, int vec_loads) {
     attention<__half>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads);
 }
+#endif  // IPAFLUX_HOST_EMULATION: version 1
 
 // ---------------------------------------------------------------------------
 // Version 2 (`mma`): the same algorithm with every per-tile intermediate in
@@ -192,6 +199,7 @@ ipaflux_attention_f16(const __half* q, const __half* k, const __half* v, __half*
 #define BC2 64      // keys per tile
 #define MAX_D8 16   // DP / 8 at most (D <= 128)
 
+#ifndef IPAFLUX_HOST_EMULATION
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
@@ -223,6 +231,7 @@ template <> __device__ __forceinline__ void mma16816<__half>(float (&c)[4], cons
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // IPAFLUX_HOST_EMULATION: ldmatrix, mma
 
 // Two floats rounded to T, the lower column in the low half (fragment order).
 template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
@@ -245,18 +254,56 @@ __device__ __forceinline__ float quad_sum(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+#ifndef IPAFLUX_HOST_EMULATION
+// cp.async (sm_80+): 16 bytes global -> shared without passing through
+// registers; with valid = false the 16 bytes are zero-filled and nothing is read.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+
+// 2^x on the special-function unit (ex2.approx.ftz: about 2 ulp; 2^-inf = 0),
+// where exp2f's accurate path takes several instructions.
+__device__ __forceinline__ float ex2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+#endif  // IPAFLUX_HOST_EMULATION: cp.async, ex2.approx
+
+template <bool FAST> __device__ __forceinline__ float exp2_(float x) { return FAST ? ex2_approx(x) : exp2f(x); }
+
+// load_tile's 16-byte path issued as cp.async (the caller commits and waits).
+template <typename T>
+__device__ __forceinline__ void load_tile_async(T* dst, int ld, const T* __restrict__ src, int r0, int rows, int n,
+                                                int D, int DP) {
+    const int cpr = DP / 8;
+    for (int i = threadIdx.x; i < rows * cpr; i += THREADS) {
+        const int r = i / cpr, c = (i - r * cpr) * 8, g = r0 + r;
+        const bool ok = g < n && c < D;
+        cp_async16(dst + r * ld + c, ok ? src + (size_t)g * D + c : src, ok);
+    }
+}
+
 // Epilogue (version 3): with merged = 0, o [BH, L, D]; with merged = 1, o
 // [B, L, H, D] (heads merged: the layout the output projection reads, so no
 // transpose copy follows); with has_base, o = base + out_scale * attention,
 // base in o's layout (an attention output that an IP-Adapter term is added to).
-template <typename T>
+//
+// PIPE (version 4): K/V tiles double-buffered with cp.async, the next tile's
+// copy in flight while this one is multiplied (needs the 16-byte path,
+// vec_loads = 1), shared memory [K0, V0, K1, V1], and the softmax's 2^x on the
+// special-function unit (ex2.approx). Without PIPE: [K, V], loaded
+// synchronously, exp2f (version 3).
+template <typename T, bool PIPE>
 __device__ void attention2(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                            T* __restrict__ o, int L, int S, int D, int DP, float scale_log2, int vec_loads,
                            int H, int merged, const T* __restrict__ base, int has_base, float out_scale) {
     const int LDT = DP + 8;    // 16 bytes of padding: 8 ldmatrix rows hit distinct banks
-    extern __shared__ __align__(128) unsigned char smem[];
+    IPAFLUX_DYNAMIC_SMEM(smem);
     T* Ks = reinterpret_cast<T*>(smem);   // BC2 x LDT (first holds the Q tile)
-    T* Vs = Ks + BC2 * LDT;               // BC2 x LDT
 
     const bool vec = vec_loads != 0;
     const int bh = blockIdx.y, row0 = blockIdx.x * BR2;
@@ -285,9 +332,30 @@ __device__ void attention2(const T* __restrict__ q, const T* __restrict__ k, con
     // Rows g and g + 8 of this warp: running max (log2 domain) and this lane's part of the sum.
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
 
-    for (int s0 = 0; s0 < S; s0 += BC2) {
-        load_tile(Ks, LDT, kb, s0, BC2, S, D, DP, vec);
-        load_tile(Vs, LDT, vb, s0, BC2, S, D, DP, vec);
+    const int stage = 2 * BC2 * LDT;   // elements of one K + V pair
+    if (PIPE) {
+        load_tile_async(Ks, LDT, kb, 0, BC2, S, D, DP);
+        load_tile_async(Ks + BC2 * LDT, LDT, vb, 0, BC2, S, D, DP);
+        cp_async_commit();
+    }
+    for (int s0 = 0, it = 0; s0 < S; s0 += BC2, ++it) {
+        T* Kc = PIPE ? Ks + (it & 1) * stage : Ks;
+        T* Vs = Kc + BC2 * LDT;
+        if (PIPE) {
+            if (s0 + BC2 < S) {
+                // The other stage was last read in the previous iteration, which ended in a barrier.
+                T* Kn = Ks + ((it + 1) & 1) * stage;
+                load_tile_async(Kn, LDT, kb, s0 + BC2, BC2, S, D, DP);
+                load_tile_async(Kn + BC2 * LDT, LDT, vb, s0 + BC2, BC2, S, D, DP);
+                cp_async_commit();
+                cp_async_wait<1>();   // this tile's group is complete, the next one may be in flight
+            } else {
+                cp_async_wait<0>();
+            }
+        } else {
+            load_tile(Kc, LDT, kb, s0, BC2, S, D, DP, vec);
+            load_tile(Vs, LDT, vb, s0, BC2, S, D, DP, vec);
+        }
         __syncthreads();
 
         // S = Q Kᵀ: 8 tiles of 8 keys. B fragments of K straight from its rows.
@@ -295,7 +363,7 @@ __device__ void attention2(const T* __restrict__ q, const T* __restrict__ k, con
 #pragma unroll
         for (int j = 0; j < BC2 / 8; ++j) {
             sacc[j][0] = sacc[j][1] = sacc[j][2] = sacc[j][3] = 0.f;
-            const T* krow = Ks + (j * 8 + lr) * LDT + lm * 8;
+            const T* krow = Kc + (j * 8 + lr) * LDT + lm * 8;
 #pragma unroll
             for (int kk = 0; kk < MAX_K16; kk += 2) {
                 if (kk + 1 < nk) {
@@ -329,15 +397,15 @@ __device__ void attention2(const T* __restrict__ q, const T* __restrict__ k, con
         }
         const float mn0 = fmaxf(m0, quad_max(mx0) * scale_log2);
         const float mn1 = fmaxf(m1, quad_max(mx1) * scale_log2);
-        const float alpha0 = exp2f(m0 - mn0), alpha1 = exp2f(m1 - mn1);
+        const float alpha0 = exp2_<PIPE>(m0 - mn0), alpha1 = exp2_<PIPE>(m1 - mn1);
         m0 = mn0;
         m1 = mn1;
         float sum0 = 0.f, sum1 = 0.f;
         unsigned pa[BC2 / 16][4];   // P as A fragments: 4 chunks of 16 keys
 #pragma unroll
         for (int j = 0; j < BC2 / 8; ++j) {
-            const float p0 = exp2f(sacc[j][0] * scale_log2 - mn0), p1 = exp2f(sacc[j][1] * scale_log2 - mn0);
-            const float p2 = exp2f(sacc[j][2] * scale_log2 - mn1), p3 = exp2f(sacc[j][3] * scale_log2 - mn1);
+            const float p0 = exp2_<PIPE>(sacc[j][0] * scale_log2 - mn0), p1 = exp2_<PIPE>(sacc[j][1] * scale_log2 - mn0);
+            const float p2 = exp2_<PIPE>(sacc[j][2] * scale_log2 - mn1), p3 = exp2_<PIPE>(sacc[j][3] * scale_log2 - mn1);
             sum0 += p0 + p1;
             sum1 += p2 + p3;
             pa[j / 2][(j & 1) * 2 + 0] = pack2<T>(p0, p1);   // row g
@@ -399,12 +467,29 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 ipaflux_attention2_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                         __nv_bfloat16* o, int L, int S, int D, int DP, float scale_log2, int vec_loads, int H,
                         int merged, const __nv_bfloat16* base, int has_base, float out_scale) {
-    attention2<__nv_bfloat16>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base, out_scale);
+    attention2<__nv_bfloat16, false>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base,
+                                     out_scale);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 ipaflux_attention2_f16(const __half* q, const __half* k, const __half* v, __half* o,
                        int L, int S, int D, int DP, float scale_log2, int vec_loads, int H,
                        int merged, const __half* base, int has_base, float out_scale) {
-    attention2<__half>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base, out_scale);
+    attention2<__half, false>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base, out_scale);
+}
+
+// Version 4 (PIPE): same arguments; vec_loads must be 1.
+extern "C" __global__ void __launch_bounds__(THREADS)
+ipaflux_attention4_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                        __nv_bfloat16* o, int L, int S, int D, int DP, float scale_log2, int vec_loads, int H,
+                        int merged, const __nv_bfloat16* base, int has_base, float out_scale) {
+    attention2<__nv_bfloat16, true>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base,
+                                    out_scale);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+ipaflux_attention4_f16(const __half* q, const __half* k, const __half* v, __half* o,
+                       int L, int S, int D, int DP, float scale_log2, int vec_loads, int H,
+                       int merged, const __half* base, int has_base, float out_scale) {
+    attention2<__half, true>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base, out_scale);
 }

@@ -4,17 +4,20 @@
 //! memory of a call is its output. f32 inputs, other devices and larger heads
 //! are declined (`None`), and the caller runs core's reference `sdpa`.
 //!
-//! Two versions of the kernel ([`Kernel`]): `wmma` (the first: WMMA, scores,
-//! probabilities and output accumulator through shared memory every tile) and
-//! `mma` (the default: `mma.sync` fragments kept in registers, FlashAttention-2's
-//! layout). `ipaflux gpu-check` checks and times both.
+//! Versions of the kernel ([`Kernel`]): `wmma` (the first: WMMA, scores,
+//! probabilities and output accumulator through shared memory every tile),
+//! `mma` (the default: `mma.sync` fragments kept in registers,
+//! FlashAttention-2's layout) and `mma` with `cp.async` double buffering of
+//! the K/V tiles (the candidate kernel set; not yet run on a GPU).
+//! `ipaflux gpu-check` checks and times all of them.
 //!
-//! With `merged_output` (the candidate kernel set, `mma` only) the kernel
+//! With `merged_output` (the candidate set; `mma` versions only) the kernel
 //! also serves core's `attend_merged`: it writes `[B, L, H·D]` directly (no
 //! transpose copy after it) and can add its result, scaled, to a given
 //! tensor in the same store (the IP-Adapter's term added to a block's
-//! attention output). That epilogue has not yet run on a GPU; `gpu-check`
-//! checks it against the reference path when one is lent.
+//! attention output). That epilogue has not yet run on a GPU either; both
+//! are checked on the host under an emulation of `ldmatrix`, `mma.sync` and
+//! `cp.async` (`host_emulation.cpp` beside the kernel).
 //!
 //! The kernel is compiled to PTX by nvcc at build time (`build.rs`, for
 //! `CUDA_COMPUTE_CAP`, default 90) and loaded by candle's CUDA device on first
@@ -47,25 +50,47 @@ pub enum Kernel {
     /// Version 2: `mma.sync` with scores and output in registers.
     #[default]
     Mma,
+    /// Version 4 (candidate, not yet run on a GPU): `Mma` with the K/V tiles
+    /// double-buffered by `cp.async`, the next tile's copy overlapping this
+    /// tile's products. Where 16-byte loads do not apply it runs as `Mma`.
+    MmaPipelined,
 }
 
 impl Kernel {
+    /// The kernel version a call runs: `MmaPipelined` needs the 16-byte path.
+    fn effective(self, vec_loads: bool) -> Self {
+        if self == Self::MmaPipelined && !vec_loads {
+            Self::Mma
+        } else {
+            self
+        }
+    }
+
     fn entry(self, dtype: DType) -> &'static str {
         match (self, dtype) {
             (Self::Wmma, DType::F16) => "ipaflux_attention_f16",
             (Self::Wmma, _) => "ipaflux_attention_bf16",
             (Self::Mma, DType::F16) => "ipaflux_attention2_f16",
             (Self::Mma, _) => "ipaflux_attention2_bf16",
+            (Self::MmaPipelined, DType::F16) => "ipaflux_attention4_f16",
+            (Self::MmaPipelined, _) => "ipaflux_attention4_bf16",
         }
     }
 
     /// Dynamic shared memory of one block for head size `d` and element size `elem`.
     fn shared_bytes(self, d: usize, elem: usize) -> usize {
+        // One K and one V tile, rows padded by 16 bytes (the first also stages Q).
+        let pair = 2 * BC * (d.div_ceil(16) * 16 + 8) * elem;
         match self {
             Self::Wmma => shared_bytes(d, elem),
-            // K and V tiles only (the first also stages Q), rows padded by 16 bytes.
-            Self::Mma => 2 * BC * (d.div_ceil(16) * 16 + 8) * elem,
+            Self::Mma => pair,
+            Self::MmaPipelined => 2 * pair,
         }
+    }
+
+    /// Takes the merged-heads / add epilogue (versions 3 and 4).
+    fn has_epilogue(self) -> bool {
+        self != Self::Wmma
     }
 }
 
@@ -94,9 +119,12 @@ impl CudaFusedAttention {
 
 impl FusedAttention for CudaFusedAttention {
     fn name(&self) -> &'static str {
-        match self.kernel {
-            Kernel::Wmma => "cuda-fused (wmma)",
-            Kernel::Mma => "cuda-fused (mma)",
+        match (self.kernel, self.merged_output) {
+            (Kernel::Wmma, _) => "cuda-fused (wmma)",
+            (Kernel::Mma, false) => "cuda-fused (mma)",
+            (Kernel::Mma, true) => "cuda-fused (mma, merged-heads epilogue)",
+            (Kernel::MmaPipelined, false) => "cuda-fused (mma, cp.async)",
+            (Kernel::MmaPipelined, true) => "cuda-fused (mma, cp.async, merged-heads epilogue)",
         }
     }
 
@@ -113,7 +141,7 @@ impl FusedAttention for CudaFusedAttention {
     ) -> Option<ipaflux_core::Result<Tensor>> {
         let (b, h, l, d) = q.dims4().ok()?;
         let base_ok = add.is_none_or(|(base, _)| base.dtype() == q.dtype() && base.dims() == [b, l, h * d]);
-        let ok = self.merged_output && self.kernel == Kernel::Mma && base_ok && Self::takes(q, k, v);
+        let ok = self.merged_output && self.kernel.has_epilogue() && base_ok && Self::takes(q, k, v);
         ok.then(|| {
             let add = add.map(|(base, s)| Ok::<_, candle::Error>((base.contiguous()?, s as f32))).transpose()?;
             fused_with(q, k, v, self.kernel, Epilogue { merged: true, add })
@@ -145,7 +173,7 @@ fn fused_with(q: &Tensor, k: &Tensor, v: &Tensor, kernel: Kernel, epilogue: Epil
             v.dims()
         )));
     }
-    if kernel == Kernel::Wmma && (epilogue.merged || epilogue.add.is_some()) {
+    if !kernel.has_epilogue() && (epilogue.merged || epilogue.add.is_some()) {
         return Err(ipaflux_core::Error::Unsupported("the wmma attention kernel writes [B, H, L, D] only".into()));
     }
     let op = AttentionOp { b, h, l, s, d, kernel, epilogue };
@@ -187,10 +215,12 @@ impl AttentionOp {
         };
         let ((q0, q1), (k0, k1), (v0, v1)) = (range(lq)?, range(lk)?, range(lv)?);
         // 16-byte loads need rows and slices on 8-element boundaries (allocations are 256-byte aligned).
-        let vec_loads = i32::from(self.d % 8 == 0 && [q0, k0, v0].iter().all(|o| o % 8 == 0) && size_of::<T>() == 2);
+        let vec = self.d % 8 == 0 && [q0, k0, v0].iter().all(|o| o % 8 == 0) && size_of::<T>() == 2;
+        let vec_loads = i32::from(vec);
+        let kernel = self.kernel.effective(vec);
         let (q, k, v) = (q.slice(q0..q1), k.slice(k0..k1), v.slice(v0..v1));
-        let func = dev.get_or_load_custom_func(self.kernel.entry(T::DTYPE), "ipaflux_attention", PTX)?;
-        let smem = self.kernel.shared_bytes(self.d, size_of::<T>());
+        let func = dev.get_or_load_custom_func(kernel.entry(T::DTYPE), "ipaflux_attention", PTX)?;
+        let smem = kernel.shared_bytes(self.d, size_of::<T>());
         let smem_i32 = i32::try_from(smem).map_err(|_| candle::Error::Msg("fused attention: shared memory".into()))?;
         func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_i32)
             .map_err(cuda_err)?;
@@ -223,7 +253,7 @@ impl AttentionOp {
         let (h, merged, has_base) =
             (to_i32(self.h)?, i32::from(self.epilogue.merged), i32::from(self.epilogue.add.is_some()));
         let out_scale = self.epilogue.add.as_ref().map_or(1.0, |(_, s)| *s);
-        if self.kernel == Kernel::Mma {
+        if kernel.has_epilogue() {
             builder.arg(&h).arg(&merged);
             match &base {
                 Some(bv) => builder.arg(bv),
@@ -304,11 +334,15 @@ mod tests {
         assert_eq!(Kernel::Mma.shared_bytes(128, 2), 2 * 64 * 136 * 2);
         assert_eq!(Kernel::Mma.shared_bytes(72, 2), 2 * 64 * 88 * 2);
         assert_eq!(Kernel::Wmma.shared_bytes(72, 2), shared_bytes(72, 2));
+        // Two stages of K and V; 3 blocks per SM still fit Hopper's 227 KiB at D = 128.
+        assert_eq!(Kernel::MmaPipelined.shared_bytes(128, 2), 4 * 64 * 136 * 2);
+        assert!(3 * Kernel::MmaPipelined.shared_bytes(MAX_HEAD_DIM, 2) <= 227 * 1024);
+        assert_eq!(Kernel::MmaPipelined.effective(false), Kernel::Mma);
     }
 
     #[test]
     fn each_kernel_has_its_entry_points_in_the_ptx() {
-        for kernel in [Kernel::Wmma, Kernel::Mma] {
+        for kernel in [Kernel::Wmma, Kernel::Mma, Kernel::MmaPipelined] {
             for dtype in [DType::BF16, DType::F16] {
                 let entry = kernel.entry(dtype);
                 assert!(PTX.contains(&format!(".entry {entry}(")), "{entry} missing from the PTX");

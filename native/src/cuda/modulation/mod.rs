@@ -9,9 +9,11 @@
 //! With [`KernelSet::Candidate`] also the attention inputs from a QKV
 //! projection in one kernel (`qkv_rope`: bias, split, QK RMSNorm, the double
 //! blocks' concatenation, RoPE) and the linear layers' biases added inside
-//! the gated residual. Those are written and checked against a host mirror of
-//! their index math (core's `flux::mirror` tests), but have not yet run on a
-//! GPU: `gpu-check` checks them against the reference when one is lent.
+//! the gated residual. Those have not yet run on a GPU: they are checked on
+//! the host under an emulation of the CUDA execution model
+//! (`host_emulation.cpp` beside the kernels, `scripts/kernel-emulation.sh`),
+//! the seams they plug into by core's `flux::mirror` tests, and `gpu-check`
+//! checks them against the reference when a GPU is lent.
 
 use ipaflux_core::candle_core::backend::BackendStorage;
 use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{

@@ -1,0 +1,87 @@
+// Runs attention.cu's `mma` kernels (versions 3 and 4) on the host, without a
+// GPU (../host_emulation.hpp emulates ldmatrix, mma.sync and cp.async), and
+// checks them against attention computed in double from the same bf16/f16
+// inputs: the [B, H, L, D] output, the merged-heads [B, L, H·D] epilogue and
+// base + scale · attention. Built and run by `scripts/kernel-emulation.sh`.
+// Written for this project.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <random>
+
+#include "../host_emulation.hpp"
+#include "attention.cu"
+
+struct Case {
+    const char* name;
+    int B, H, L, S, D;
+    bool pipelined, merged, add;
+};
+
+template <typename T> std::vector<T> randn(size_t n, std::mt19937& rng) {
+    std::normal_distribution<float> dist(0.f, 1.f);
+    std::vector<T> v(n);
+    for (auto& x : v) x = from_float<T>(dist(rng));
+    return v;
+}
+
+template <typename T> void run_case(const Case& c) {
+    std::mt19937 rng(5);
+    const int BH = c.B * c.H, DP = (c.D + 15) / 16 * 16;
+    auto q = randn<T>((size_t)BH * c.L * c.D, rng), k = randn<T>((size_t)BH * c.S * c.D, rng),
+         v = randn<T>((size_t)BH * c.S * c.D, rng), base = randn<T>((size_t)BH * c.L * c.D, rng);
+    const float out_scale = c.add ? 0.7f : 1.f;
+    std::vector<T> o(q.size(), from_float<T>(NAN));
+    const float scale_log2 = (float)(1.0 / std::sqrt((double)c.D) * 1.4426950408889634);
+    // As mod.rs: K and V tiles of BC2 rows padded by 8 elements, two stages when pipelined.
+    const size_t pair = 2 * BC2 * (DP + 8) * sizeof(T);
+    const size_t smem = c.pipelined ? 2 * pair : pair;
+    const Dim3 grid{(unsigned)((c.L + BR2 - 1) / BR2), (unsigned)BH};
+    launch(grid, THREADS, smem, [&] {
+        if (c.pipelined)
+            attention2<T, true>(q.data(), k.data(), v.data(), o.data(), c.L, c.S, c.D, DP, scale_log2, 1, c.H, c.merged,
+                                base.data(), c.add, out_scale);
+        else
+            attention2<T, false>(q.data(), k.data(), v.data(), o.data(), c.L, c.S, c.D, DP, scale_log2, 1, c.H, c.merged,
+                                 base.data(), c.add, out_scale);
+    });
+    std::vector<float> want(o.size());
+    std::vector<double> p(c.S);
+    for (int bh = 0; bh < BH; ++bh) {
+        const int b = bh / c.H, h = bh % c.H;
+        for (int r = 0; r < c.L; ++r) {
+            double mx = -INFINITY, sum = 0;
+            for (int s = 0; s < c.S; ++s) {
+                double dot = 0;
+                for (int d = 0; d < c.D; ++d)
+                    dot += (double)to_float(q[((size_t)bh * c.L + r) * c.D + d]) * to_float(k[((size_t)bh * c.S + s) * c.D + d]);
+                p[s] = dot / std::sqrt((double)c.D);
+                mx = std::fmax(mx, p[s]);
+            }
+            for (int s = 0; s < c.S; ++s) sum += (p[s] = std::exp(p[s] - mx));
+            for (int d = 0; d < c.D; ++d) {
+                double acc = 0;
+                for (int s = 0; s < c.S; ++s) acc += p[s] * to_float(v[((size_t)bh * c.S + s) * c.D + d]);
+                const size_t idx = c.merged ? (((size_t)b * c.L + r) * c.H + h) * c.D + d : ((size_t)bh * c.L + r) * c.D + d;
+                want[idx] = (float)(acc / sum) * out_scale + (c.add ? to_float(base[idx]) : 0.f);
+            }
+        }
+    }
+    // As gpu-check's tolerance for bf16/f16 attention (P is rounded to T before P·V, as FlashAttention does).
+    compare(c.name, o, want, 2e-2f);
+}
+
+int main() {
+    const Case cases[] = {
+        {"v3 bf16 [1,2,100|100,128] (checked on a GPU: emulation self-check)", 1, 2, 100, 100, 128, false, false, false},
+        {"v4 bf16 cp.async [1,2,100|200,128], 4 key tiles, the last partial", 1, 2, 100, 200, 128, true, false, false},
+        {"v4 bf16 [2,3,70|130,128] merged heads", 2, 3, 70, 130, 128, true, true, false},
+        {"v4 bf16 [2,2,64|128,128] merged, base + 0.7 attention (IP term)", 2, 2, 64, 128, 128, true, true, true},
+        {"v3 bf16 [2,2,64|128,128] merged, base + 0.7 attention", 2, 2, 64, 128, 128, false, true, true},
+        {"v4 bf16 [1,2,80|90,72] SigLIP head size (padded columns)", 1, 2, 80, 90, 72, true, false, false},
+    };
+    for (const auto& c : cases) run_case<__nv_bfloat16>(c);
+    run_case<__half>({"v4 f16 [1,2,100|200,128] merged", 1, 2, 100, 200, 128, true, true, false});
+    std::printf("attention kernels, host emulation: %d failure(s)\n", emu_failures);
+    return emu_failures ? 1 : 0;
+}
