@@ -99,6 +99,18 @@ pub struct Generated {
     pub ip_kv_bytes: usize,
 }
 
+/// T5 overflows in f16 (its feed-forward activations pass 65504): with
+/// `--dtype f16` it runs in bf16, which has f32's range at the same size;
+/// Flux takes its output in f16.
+fn t5_dtype(dtype: DType) -> DType {
+    if dtype == DType::F16 {
+        tracing::info!(target: "ipaflux::generate", "T5 runs in bf16: it overflows in f16");
+        DType::BF16
+    } else {
+        dtype
+    }
+}
+
 struct Handles {
     t5: ModelHandle,
     clip: ModelHandle,
@@ -200,7 +212,7 @@ pub fn generate(
     job(&mut reg, "text", dev, &[h.t5.model, h.clip.model], vec![vec![ip_id], vec![flux_id], vec![vae_id]])?;
     let (txt, y) = timed(&mut stages, "text encoders", || {
         let f = (src.t5.0)()?;
-        let mut t5 = T5Encoder::new(&f.config, &f.weights, &f.tokenizer, s.t5_max_len, s.dtype, &s.device)?;
+        let mut t5 = T5Encoder::new(&f.config, &f.weights, &f.tokenizer, s.t5_max_len, t5_dtype(s.dtype), &s.device)?;
         let (_, txt) = t5.encode(&s.prompt)?;
         let f = (src.clip.0)()?;
         let clip = ClipEncoder::new(&f.config, &f.weights, &f.tokenizer, s.dtype, &s.device)?;

@@ -255,6 +255,20 @@ fn generate_with_images_and_with_embeds() {
     assert_ne!(pixels(&a), pixels(&out1));
 }
 
+#[test]
+fn generate_in_f16_runs_t5_in_bf16_and_stays_near_f32() {
+    let photo = fixture("images/photo.jpg").display().to_string();
+    let (a, b) = (tmp("gen-f32.png"), tmp("gen-f16.png"));
+    let o = generate(&["--image", &photo], &a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = generate(&["--image", &photo, "--dtype", "f16"], &b);
+    assert!(o.status.success(), "f16 failed: {}", String::from_utf8_lossy(&o.stderr));
+    let (pa, pb) = (png_pixels(&std::fs::read(&a).unwrap()), png_pixels(&std::fs::read(&b).unwrap()));
+    let max = pa.iter().zip(&pb).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0);
+    // Half precision through every model of the tiny pipeline: a few levels, not noise.
+    assert!(max <= 12, "f16 vs f32: max |diff| {max}/255");
+}
+
 /// Decoded RGB bytes of a PNG (parameters chunk aside).
 fn png_pixels(bytes: &[u8]) -> Vec<u8> {
     let dec = png::Decoder::new(std::io::Cursor::new(bytes));

@@ -644,6 +644,38 @@ impl FluxModel {
         Ok(Weights { map, dtype: self.dtype, device: self.device.clone() })
     }
 
+    /// The double blocks on `img` and `txt`, then the single blocks on their
+    /// concatenation. Streamed blocks: the first is prefetched now, each later
+    /// one while its predecessor runs.
+    fn run_blocks(&self, img: Tensor, txt: Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let streamed = self.streamed_blocks();
+        if let (Some(first), Some(source)) = (streamed.first(), &self.source) {
+            source.prefetch(*first)?;
+        }
+        let mut upcoming = streamed.iter().copied().skip(1);
+        let (mut img, mut txt) = (img, txt);
+        for (index, slot) in self.double_blocks.iter().enumerate() {
+            (img, txt) = match slot {
+                Slot::Resident(block) => block.forward(&img, &txt, ctx, index, self.cfg.num_heads)?,
+                Slot::Streamed => {
+                    let mut w = self.fetch_streamed(BlockId::Double(index), upcoming.next())?;
+                    DoubleBlock::new(&mut w, index)?.forward(&img, &txt, ctx, index, self.cfg.num_heads)?
+                }
+            };
+        }
+        let mut x = Tensor::cat(&[&txt, &img], 1)?;
+        for (index, slot) in self.single_blocks.iter().enumerate() {
+            x = match slot {
+                Slot::Resident(block) => block.forward(&x, ctx, index, &self.cfg)?,
+                Slot::Streamed => {
+                    let mut w = self.fetch_streamed(BlockId::Single(index), upcoming.next())?;
+                    SingleBlock::new(&mut w, index)?.forward(&x, ctx, index, &self.cfg)?
+                }
+            };
+        }
+        Ok(x)
+    }
+
     /// RoPE tables for `ids`, from the cache when the last call had the same positions.
     fn rope(&self, ids: Vec<[f32; 3]>) -> Result<Arc<Rope>> {
         let mut cache = self.rope_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -696,32 +728,12 @@ impl FluxModel {
         let fused = self.fused.as_deref();
         let ctx = Ctx { vec: &vec, rope: &rope, attention: &self.attention, ln: &self.ln, fused, hooks, point };
 
-        // Streamed blocks: the first is prefetched now, each later one while its predecessor runs.
-        let streamed = self.streamed_blocks();
-        if let (Some(first), Some(source)) = (streamed.first(), &self.source) {
-            source.prefetch(*first)?;
+        let blocks = self.run_blocks(img, txt, &ctx);
+        if let (Err(_), Some(source)) = (&blocks, &self.source) {
+            // A block failed: blocks prefetched for the rest of this call would hold memory until the next.
+            source.discard_prefetched();
         }
-        let mut upcoming = streamed.iter().copied().skip(1);
-        let (mut img, mut txt) = (img, txt);
-        for (index, slot) in self.double_blocks.iter().enumerate() {
-            (img, txt) = match slot {
-                Slot::Resident(block) => block.forward(&img, &txt, &ctx, index, self.cfg.num_heads)?,
-                Slot::Streamed => {
-                    let mut w = self.fetch_streamed(BlockId::Double(index), upcoming.next())?;
-                    DoubleBlock::new(&mut w, index)?.forward(&img, &txt, &ctx, index, self.cfg.num_heads)?
-                }
-            };
-        }
-        let mut x = Tensor::cat(&[&txt, &img], 1)?;
-        for (index, slot) in self.single_blocks.iter().enumerate() {
-            x = match slot {
-                Slot::Resident(block) => block.forward(&x, &ctx, index, &self.cfg)?,
-                Slot::Streamed => {
-                    let mut w = self.fetch_streamed(BlockId::Single(index), upcoming.next())?;
-                    SingleBlock::new(&mut w, index)?.forward(&x, &ctx, index, &self.cfg)?
-                }
-            };
-        }
+        let x = blocks?;
         let img = x.narrow(1, l_txt, l_img)?;
         let m = self.final_mod.forward(&vec.silu()?)?.unsqueeze(1)?.chunk(2, D::Minus1)?;
         let img = modulate(fused, &self.ln, &img.contiguous()?, &m[1], &m[0])?;

@@ -113,6 +113,9 @@ pub trait BlockSource: fmt::Debug + Send + Sync {
     /// work queued after this call (a prefetch in flight is waited for, on
     /// the device's queue where it has one). Without a prefetch, copies now.
     fn fetch(&self, block: BlockId) -> Result<BTreeMap<String, Tensor>>;
+    /// Forgets blocks prefetched and not fetched, freeing what they hold: the
+    /// model calls it when a forward fails part-way. Default: nothing held.
+    fn discard_prefetched(&self) {}
 }
 
 /// Streamed blocks kept as tensors on one device (normally the CPU) and
@@ -172,7 +175,7 @@ mod tests {
 
     use super::*;
     use crate::flux::testing::{inputs, random_map, random_model, run, tiny};
-    use crate::flux::FluxModel;
+    use crate::flux::{FluxModel, Site};
 
     /// Records the calls a model makes, and which fetched blocks are still alive.
     #[derive(Debug)]
@@ -190,6 +193,48 @@ mod tests {
             self.calls.lock().unwrap().push(format!("fetch {block}"));
             self.inner.fetch(block)
         }
+        fn discard_prefetched(&self) {
+            self.calls.lock().unwrap().push("discard".into());
+        }
+    }
+
+    /// Fails at one block: a forward that stops part-way.
+    #[derive(Debug)]
+    struct FailAt(Site);
+
+    impl crate::flux::hooks::AttentionHook for FailAt {
+        fn name(&self) -> &str {
+            "fail"
+        }
+        fn attention(&self, at: &crate::flux::HookPoint, _q: &Tensor, _attn: &Tensor) -> Result<Option<Tensor>> {
+            if at.site == self.0 {
+                return Err(Error::Unsupported("planted failure".into()));
+            }
+            Ok(None)
+        }
+    }
+
+    #[test]
+    fn a_forward_that_fails_part_way_discards_what_it_prefetched() {
+        let cfg = tiny();
+        let mut streamed = random_model(&cfg);
+        let blocks = [BlockId::Double(1), BlockId::Single(1)];
+        let tensors = streamed.stream_blocks(&blocks).unwrap();
+        let inner = HostBlocks::new(tensors, &blocks, &Device::Cpu, &Device::Cpu).unwrap();
+        let source = Arc::new(Recording { inner, calls: Mutex::new(Vec::new()) });
+        streamed.set_block_source(source.clone());
+        let x = inputs(&cfg);
+        let fail = FailAt(Site::Double { index: 1 });
+        let hooks: [&dyn crate::flux::hooks::AttentionHook; 1] = [&fail];
+        let err = streamed.forward(&x.img, &x.ids, &x.cond, 0.7, 0, crate::flux::Hooks::new(&hooks));
+        assert!(err.unwrap_err().to_string().contains("planted failure"));
+        let calls = source.calls.lock().unwrap().clone();
+        // single_blocks.1 was prefetched while double_blocks.1 ran, then discarded.
+        assert_eq!(calls, ["prefetch double_blocks.1", "fetch double_blocks.1", "prefetch single_blocks.1", "discard"]);
+        // A forward that succeeds discards nothing.
+        source.calls.lock().unwrap().clear();
+        run(&streamed, &x).unwrap();
+        assert!(!source.calls.lock().unwrap().iter().any(|c| c == "discard"));
     }
 
     #[test]

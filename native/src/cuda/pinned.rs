@@ -12,7 +12,9 @@
 use std::collections::HashMap;
 
 use half::{bf16, f16};
-use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaSlice, DeviceRepr, PinnedHostSlice};
+use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{
+    CudaContext, CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+};
 use ipaflux_core::candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use ipaflux_core::candle_core::op::BackpropOp;
 use ipaflux_core::candle_core::{self as candle, DType, Device, Shape, Storage, Tensor};
@@ -22,6 +24,47 @@ pub(crate) enum Host {
     BF16(PinnedHostSlice<bf16>),
     F16(PinnedHostSlice<f16>),
     F32(PinnedHostSlice<f32>),
+}
+
+impl Host {
+    /// A pinned buffer for `n` elements of `dtype`; `what` names the tensor in the error.
+    pub(crate) fn alloc(ctx: &std::sync::Arc<CudaContext>, dtype: DType, n: usize, what: &str) -> candle::Result<Self> {
+        Ok(match dtype {
+            DType::BF16 => Self::BF16(pinned(ctx, n)?),
+            DType::F16 => Self::F16(pinned(ctx, n)?),
+            DType::F32 => Self::F32(pinned(ctx, n)?),
+            other => {
+                return Err(candle::Error::Msg(format!("pinned buffers hold bf16, f16 or f32, not {other:?} ({what})")))
+            }
+        })
+    }
+
+    /// Copies the contiguous tensor `t` (same dtype and size) in: from the
+    /// GPU on `dev`'s stream (asynchronously), from host memory at once.
+    pub(crate) fn fill(&mut self, dev: &CudaDevice, t: &Tensor) -> candle::Result<()> {
+        match self {
+            Self::BF16(h) => fill(dev, t, h),
+            Self::F16(h) => fill(dev, t, h),
+            Self::F32(h) => fill(dev, t, h),
+        }
+    }
+}
+
+fn fill<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle::WithDType>(
+    dev: &CudaDevice,
+    t: &Tensor,
+    host: &mut PinnedHostSlice<T>,
+) -> candle::Result<()> {
+    if t.device().is_cuda() {
+        return copy_out(dev, t, host);
+    }
+    let values = t.flatten_all()?.to_vec1::<T>()?;
+    let dst = host.as_mut_slice().map_err(cuda_err)?;
+    if dst.len() != values.len() {
+        return Err(candle::Error::Msg("pinned buffer of another size".into()));
+    }
+    dst.copy_from_slice(&values);
+    Ok(())
 }
 
 struct Entry {
@@ -53,14 +96,14 @@ pub(crate) fn cuda_device(device: &Device) -> candle::Result<CudaDevice> {
     }
 }
 
-pub(crate) fn pinned<T: DeviceRepr>(ctx: &std::sync::Arc<CudaContext>, n: usize) -> candle::Result<PinnedHostSlice<T>> {
+fn pinned<T: DeviceRepr>(ctx: &std::sync::Arc<CudaContext>, n: usize) -> candle::Result<PinnedHostSlice<T>> {
     // SAFETY: the buffer is only written by device copies before it is read.
     // Flags 0: ordinary (not write-combined) pinned memory, fast in both directions.
     unsafe { ctx.alloc_pinned_with_flags::<T>(n, 0) }.map_err(cuda_err)
 }
 
 /// Copies the contiguous elements of a CUDA tensor into `host` (asynchronously).
-pub(crate) fn copy_out<T: CudaDType + DeviceRepr>(
+fn copy_out<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     t: &Tensor,
     host: &mut PinnedHostSlice<T>,
@@ -100,12 +143,7 @@ impl PinnedStash {
         for name in names {
             let t = &tensors[name];
             let n = t.elem_count();
-            let host = match t.dtype() {
-                DType::BF16 => Host::BF16(pinned(&ctx, n)?),
-                DType::F16 => Host::F16(pinned(&ctx, n)?),
-                DType::F32 => Host::F32(pinned(&ctx, n)?),
-                other => return Err(candle::Error::Msg(format!("pinned offload of {other:?} tensors ({name})"))),
-            };
+            let host = Host::alloc(&ctx, t.dtype(), n, name)?;
             bytes += (n * t.dtype().size_in_bytes()) as u64;
             entries.push((name.clone(), Entry { shape: t.shape().clone(), host }));
         }
@@ -129,11 +167,7 @@ impl PinnedStash {
             if t.shape() != &e.shape {
                 return Err(candle::Error::Msg(format!("pinned offload: `{name}` changed shape")));
             }
-            match &mut e.host {
-                Host::BF16(h) => copy_out(&dev, t, h)?,
-                Host::F16(h) => copy_out(&dev, t, h)?,
-                Host::F32(h) => copy_out(&dev, t, h)?,
-            }
+            e.host.fill(&dev, t)?;
         }
         dev.cuda_stream().synchronize().map_err(cuda_err)
     }

@@ -27,14 +27,14 @@ use std::sync::{Arc, Mutex};
 
 use half::{bf16, f16};
 use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{
-    CudaEvent, CudaSlice, CudaStream, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+    CudaEvent, CudaSlice, CudaStream, DeviceRepr, PinnedHostSlice,
 };
 use ipaflux_core::candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use ipaflux_core::candle_core::op::BackpropOp;
-use ipaflux_core::candle_core::{self as candle, DType, Device, Shape, Storage, Tensor};
+use ipaflux_core::candle_core::{self as candle, Device, Shape, Storage, Tensor};
 use ipaflux_core::flux::stream::{BlockId, BlockSource};
 
-use super::pinned::{copy_out, cuda_device, cuda_err, pinned, Host};
+use super::pinned::{cuda_device, cuda_err, Host};
 
 /// One tensor of a streamed block, waiting in pinned memory.
 struct Pinned {
@@ -103,18 +103,8 @@ impl PinnedBlocks {
                 .ok_or_else(|| candle::Error::Msg(format!("tensor `{name}` belongs to no streamed block")))?;
             let t = t.contiguous()?;
             let n = t.elem_count();
-            let host = match t.dtype() {
-                DType::BF16 => Host::BF16(pinned(&ctx, n)?),
-                DType::F16 => Host::F16(pinned(&ctx, n)?),
-                DType::F32 => Host::F32(pinned(&ctx, n)?),
-                other => return Err(candle::Error::Msg(format!("streaming {other:?} tensors ({name})"))),
-            };
-            let mut host = host;
-            match &mut host {
-                Host::BF16(h) => fill(&device, &t, h)?,
-                Host::F16(h) => fill(&device, &t, h)?,
-                Host::F32(h) => fill(&device, &t, h)?,
-            }
+            let mut host = Host::alloc(&ctx, t.dtype(), n, name)?;
+            host.fill(&device, &t)?;
             bytes += (n * t.dtype().size_in_bytes()) as u64;
             by_block.entry(*block).or_default().push(Pinned { name: name.clone(), shape: t.shape().clone(), host });
         }
@@ -186,25 +176,6 @@ impl PinnedBlocks {
     }
 }
 
-/// Copies a contiguous tensor's elements into `host`: from the GPU on the
-/// device stream (asynchronously), from host memory at once.
-fn fill<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle::WithDType>(
-    device: &CudaDevice,
-    t: &Tensor,
-    host: &mut PinnedHostSlice<T>,
-) -> candle::Result<()> {
-    if t.device().is_cuda() {
-        return copy_out(device, t, host);
-    }
-    let values = t.flatten_all()?.to_vec1::<T>()?;
-    let dst = host.as_mut_slice().map_err(cuda_err)?;
-    if dst.len() != values.len() {
-        return Err(candle::Error::Msg("pinned buffer of another size".into()));
-    }
-    dst.copy_from_slice(&values);
-    Ok(())
-}
-
 /// A device buffer by element type.
 enum Dst {
     BF16(CudaSlice<bf16>),
@@ -240,6 +211,18 @@ impl BlockSource for PinnedBlocks {
             s.prefetched += u64::from(prefetched);
         }
         Ok(f.tensors)
+    }
+
+    fn discard_prefetched(&self) {
+        let Ok(mut in_flight) = self.in_flight.lock() else { return };
+        let main = self.device.cuda_stream();
+        for (block, f) in in_flight.drain() {
+            // Their buffers are freed on the compute stream, which must not run ahead of the copy into them.
+            if let Err(e) = main.wait(&f.done) {
+                tracing::warn!(target: "ipaflux::stream", "{block}: waiting for its copy before freeing it: {e}");
+            }
+            tracing::info!(target: "ipaflux::stream", "{block}: prefetched, discarded after a failed forward");
+        }
     }
 }
 
