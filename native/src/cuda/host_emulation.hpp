@@ -25,6 +25,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <random>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -206,6 +207,14 @@ template <typename T> T from_float(float x) {
     else return __float2half(x);
 }
 template <typename T> float round_to(float x) { return to_float(from_float<T>(x)); }
+
+// n values ~ N(0, scale²) rounded to T.
+template <typename T> std::vector<T> random_vec(size_t n, std::mt19937& rng, float scale = 1.f) {
+    std::normal_distribution<float> dist(0.f, scale);
+    std::vector<T> v(n);
+    for (auto& x : v) x = from_float<T>(dist(rng));
+    return v;
+}
 
 // Largest |got - want| over the largest |want|; counts a failure above tol.
 template <typename T>

@@ -7,8 +7,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <random>
-
 #include "../host_emulation.hpp"
 #include "attention.cu"
 
@@ -18,18 +16,11 @@ struct Case {
     bool pipelined, merged, add;
 };
 
-template <typename T> std::vector<T> randn(size_t n, std::mt19937& rng) {
-    std::normal_distribution<float> dist(0.f, 1.f);
-    std::vector<T> v(n);
-    for (auto& x : v) x = from_float<T>(dist(rng));
-    return v;
-}
-
 template <typename T> void run_case(const Case& c) {
     std::mt19937 rng(5);
     const int BH = c.B * c.H, DP = (c.D + 15) / 16 * 16;
-    auto q = randn<T>((size_t)BH * c.L * c.D, rng), k = randn<T>((size_t)BH * c.S * c.D, rng),
-         v = randn<T>((size_t)BH * c.S * c.D, rng), base = randn<T>((size_t)BH * c.L * c.D, rng);
+    auto q = random_vec<T>((size_t)BH * c.L * c.D, rng), k = random_vec<T>((size_t)BH * c.S * c.D, rng),
+         v = random_vec<T>((size_t)BH * c.S * c.D, rng), base = random_vec<T>((size_t)BH * c.L * c.D, rng);
     const float out_scale = c.add ? 0.7f : 1.f;
     std::vector<T> o(q.size(), from_float<T>(NAN));
     const float scale_log2 = (float)(1.0 / std::sqrt((double)c.D) * 1.4426950408889634);

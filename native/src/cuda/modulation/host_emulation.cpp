@@ -6,17 +6,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <random>
-
 #include "../host_emulation.hpp"
 #include "modulation.cu"
-
-template <typename T> std::vector<T> random_vec(size_t n, std::mt19937& rng, float scale = 1.f) {
-    std::normal_distribution<float> dist(0.f, scale);
-    std::vector<T> v(n);
-    for (auto& x : v) x = from_float<T>(dist(rng));
-    return v;
-}
 
 // One stream of qkv_rope: rows of width 3*H*D at row_stride, this stream's tokens at offset.
 template <typename T> struct Stream {
@@ -148,7 +139,25 @@ void check_ln_modulate() {
     compare("ln_modulate bf16 (emulation self-check)", out, want, 8e-3f);
 }
 
+// Checked on a GPU in session 7; here for completeness: rows at a stride (the
+// single blocks' MLP half), bias, grid-stride loop.
+void check_gelu_tanh() {
+    std::mt19937 rng(13);
+    const size_t rows = 9, W = 40, S = 57;
+    auto x = random_vec<__nv_bfloat16>(rows * S, rng, 2.f), bias = random_vec<__nv_bfloat16>(W, rng);
+    std::vector<__nv_bfloat16> out(rows * W, from_float<__nv_bfloat16>(NAN));
+    launch(1, 64, [&] { ipaflux_gelu_tanh_bf16(x.data() + 5, bias.data(), out.data(), rows, (int)W, S, 1); });
+    std::vector<float> want(rows * W);
+    for (size_t r = 0; r < rows; ++r)
+        for (size_t c = 0; c < W; ++c) {
+            const double v = (double)to_float(x[5 + r * S + c]) + to_float(bias[c]);
+            want[r * W + c] = (float)(0.5 * v * (1 + std::tanh(std::sqrt(2 / M_PI) * (v + 0.044715 * v * v * v))));
+        }
+    compare("gelu_tanh bf16, strided rows, bias", out, want, 8e-3f);
+}
+
 int main() {
+    check_gelu_tanh();
     check_ln_modulate();
     check_gated_add<__nv_bfloat16>("gated_add bf16 with bias", true);
     check_gated_add<__nv_bfloat16>("gated_add bf16 without bias", false);
