@@ -257,7 +257,7 @@ impl IpKv {
     }
 
     /// K and V for query `q`, broadcast over its batch if cached for one item.
-    fn kv_for(&self, q: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn kv_for(&self, q: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, h, l, d) = q.dims4()?;
         let (kb, kh, _, kd) = self.k.dims4()?;
         if (h, d) != (kh, kd) || (kb != b && kb != 1) {

@@ -214,6 +214,34 @@ pub trait FusedAttention: std::fmt::Debug + Send + Sync {
     ) -> Option<Result<Tensor>> {
         None
     }
+    /// [`Self::attend_merged`] (no `add`) with `extra`'s attention added to its
+    /// rows in the same launch (the IP-Adapter's term fused into a block's
+    /// attention). `None` where not taken (the default): the caller runs the
+    /// attention, then the term.
+    fn attend_merged_extra(
+        &self,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _extra: &ExtraAttention<'_>,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
+}
+
+/// A second attention added to rows of a main attention's output, for
+/// [`FusedAttention::attend_merged_extra`]: rows `row0..` of the `[B, L, H·D]`
+/// output get `scale · softmax(q kᵀ/√D) v` of that row, with `q [B, H, L, D]`
+/// (the same rows as the main query; rows before `row0` are not read),
+/// `k, v [B, H, S, D]`. The IP-Adapter's term: `q` is the block's pre-RoPE
+/// query, `row0` the first image token in a double block.
+#[derive(Debug, Clone, Copy)]
+pub struct ExtraAttention<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub row0: usize,
+    pub scale: f64,
 }
 
 /// Which attention a model runs: the reference [`sdpa`] (scores
@@ -263,6 +291,19 @@ impl Attention {
         }
         let term = (merge_heads(&self.sdpa(q, k, v)?)?.to_dtype(base.dtype())? * scale)?;
         Ok((base + term)?)
+    }
+
+    /// [`Self::sdpa_merged`] with `extra` added in one fused launch, or `None`
+    /// where no fused kernel takes it (then the caller runs the attention and
+    /// the term apart: this has no reference composition of its own).
+    pub fn sdpa_merged_extra(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        extra: &ExtraAttention<'_>,
+    ) -> Option<Result<Tensor>> {
+        self.fused.as_ref().and_then(|f| f.attend_merged_extra(q, k, v, extra))
     }
 }
 

@@ -20,7 +20,7 @@ use ipaflux_core::flux::sampler::{img_ids, token_grid};
 use ipaflux_core::flux::stream::{blocks_of_units, unit_specs, BlockId, BlockSource, HostBlocks};
 use ipaflux_core::flux::{Conditioning, FluxConfig, FluxModel};
 use ipaflux_core::ip_adapter::{IpAdapterDims, IpProcessor};
-use ipaflux_core::nn::{Attention, FusedModulation};
+use ipaflux_core::nn::{Attention, ExtraAttention, FusedModulation};
 use ipaflux_core::registry::{BudgetedDevice, HostMemory, JobRequest, ModelSpec, Registry, RegistryConfig, Role};
 use ipaflux_core::DeviceSpec;
 use ipaflux_core::{IpAttentionConfig, IpKv};
@@ -296,7 +296,48 @@ pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
     branch(&recompute)?;
     let ms = time_ms(dev, o.runs.max(3), || branch(&recompute))?;
     out.push(FluxRow { name: "IP branch alone, K/V recomputed".into(), ms, peak_rss_bytes: None });
+    if let Some(ms) = fused_ip_extra_ms(o, &cfg, rows * cols)? {
+        let name = "IP branch fused in the attention launch, cached K/V (its extra time)".into();
+        out.push(FluxRow { name, ms, peak_rss_bytes: None });
+    }
     Ok(out)
+}
+
+/// Where `o.attention` computes the IP term inside the block's attention
+/// launch (`sdpa_merged_extra`; the candidate CUDA kernels), what that adds
+/// to the attention alone over all blocks of a step: each block shape's
+/// attention timed with and without the term (double blocks: on the image
+/// rows; single blocks: on all rows). `None` where the attention does not
+/// take it (the step then runs the branch above).
+fn fused_ip_extra_ms(o: &FluxBenchOptions, cfg: &FluxConfig, img_tokens: usize) -> Result<Option<f64>> {
+    const IP_TOKENS: usize = 128;
+    let (dev, h, d) = (&o.device, cfg.num_heads, cfg.head_dim());
+    let l = img_tokens + o.txt_tokens;
+    let (q, k, v, q_pre) = (
+        random(&[1, h, l, d], o.dtype, dev)?,
+        random(&[1, h, l, d], o.dtype, dev)?,
+        random(&[1, h, l, d], o.dtype, dev)?,
+        random(&[1, h, l, d], o.dtype, dev)?,
+    );
+    let (k_ip, v_ip) = (random(&[1, h, IP_TOKENS, d], o.dtype, dev)?, random(&[1, h, IP_TOKENS, d], o.dtype, dev)?);
+    let extra = |row0: usize| ExtraAttention { q: &q_pre, k: &k_ip, v: &v_ip, row0, scale: 1.0 };
+    let Some(first) = o.attention.sdpa_merged_extra(&q, &k, &v, &extra(o.txt_tokens)) else { return Ok(None) };
+    drop(first?);
+    let runs = o.runs.max(3);
+    let with = |row0: usize| {
+        time_ms(dev, runs, || {
+            if let Some(out) = o.attention.sdpa_merged_extra(&q, &k, &v, &extra(row0)) {
+                drop(out?);
+            }
+            Ok(())
+        })
+    };
+    let alone = time_ms(dev, runs, || {
+        drop(o.attention.sdpa_merged(&q, &k, &v)?);
+        Ok(())
+    })?;
+    let (double, single) = (with(o.txt_tokens)? - alone, with(0)? - alone);
+    Ok(Some(o.depth as f64 * double + o.depth_single as f64 * single))
 }
 
 /// The table, with the IP overhead relative to the plain step and the cache size at full depth.

@@ -37,7 +37,7 @@ use ipaflux_core::flux::sampler::img_ids;
 use ipaflux_core::flux::stream::unit_specs;
 use ipaflux_core::flux::{Conditioning, FluxModel};
 use ipaflux_core::ip_adapter::{IpAdapterDims, MlpProjection};
-use ipaflux_core::nn::{sdpa, Attention, FusedModulation};
+use ipaflux_core::nn::{sdpa, Attention, ExtraAttention, FusedModulation};
 use ipaflux_core::registry::DEFAULT_SAFETY_MARGIN;
 use ipaflux_core::siglip::expected_tensors;
 use ipaflux_core::{IpAdapter, IpAttentionConfig, IpKv, SiglipVisionConfig, SiglipVisionModel, VNorm};
@@ -464,6 +464,9 @@ fn attention_real_shapes(o: &CheckOptions, r: &mut Report) -> Result<()> {
         }
         if let Some(c) = &o.candidate {
             merged_epilogue(o, r, &c.attention, fused, name, (&q, &k, &v), &exact)?;
+            if s == l && (d == 128 || o.quick) {
+                fused_ip_term(o, r, &c.attention, name, (&q, &k, &v), &exact)?;
+            }
         }
     }
     Ok(())
@@ -513,6 +516,71 @@ fn merged_epilogue(
         format!("{t_epilogue:.3} ms"),
         format!("{t_separate:.3} ms"),
         format!("{:.2}×", t_epilogue / t_separate),
+    );
+    Ok(())
+}
+
+/// The IP-Adapter's term (128 image tokens, pre-RoPE query) fused into the
+/// candidate attention's launch (`sdpa_merged_extra`), on the image rows of a
+/// double block (from the 512th) and on all rows (single block), against f32;
+/// timed against the same attention and the term in two launches (the
+/// candidate's own epilogue add).
+fn fused_ip_term(
+    o: &CheckOptions,
+    r: &mut Report,
+    candidate: &Attention,
+    name: &str,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    exact: &Tensor,
+) -> Result<()> {
+    const SCALE: f64 = 0.8;
+    const IP_TOKENS: usize = 128;
+    let (b, h, l, d) = q.dims4()?;
+    let dev = &o.device;
+    let (q_ip, k_ip, v_ip) = (
+        randn(&[b, h, l, d], DType::BF16, dev)?,
+        randn(&[b, h, IP_TOKENS, d], DType::BF16, dev)?,
+        randn(&[b, h, IP_TOKENS, d], DType::BF16, dev)?,
+    );
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let exact_main = ipaflux_core::nn::merge_heads(exact)?;
+    let exact_ip = (ipaflux_core::nn::merge_heads(&sdpa(&f32(&q_ip)?, &f32(&k_ip)?, &f32(&v_ip)?)?)? * SCALE)?;
+    let txt = if o.quick { l / 3 } else { 512.min(l) };
+    for (row0, site) in [(txt, "double block: rows from the first image token"), (0, "single block: all rows")] {
+        let extra = ExtraAttention { q: &q_ip, k: &k_ip, v: &v_ip, row0, scale: SCALE };
+        let Some(got) = candidate.sdpa_merged_extra(q, k, v, &extra) else {
+            let what = format!("{name}: IP term fused into {}", candidate.name());
+            r.bool_check("attention", what, "not taken".into(), "taken".into(), false);
+            return Ok(());
+        };
+        let term = Tensor::cat(&[exact_ip.narrow(1, 0, row0)?.zeros_like()?, exact_ip.narrow(1, row0, l - row0)?], 1)?;
+        r.check(
+            "attention",
+            format!("{name}: {} + IP term (S = {IP_TOKENS}) in one launch, {site}, vs f32", candidate.name()),
+            rel_max_err(&got?, &(&exact_main + term)?)?,
+            HALF_TOL,
+        );
+    }
+    let extra = ExtraAttention { q: &q_ip, k: &k_ip, v: &v_ip, row0: 0, scale: SCALE };
+    let t_fused = time_ms(dev, o.runs, || {
+        drop(candidate.sdpa_merged_extra(q, k, v, &extra).transpose()?);
+        Ok(())
+    })?;
+    let t_main = time_ms(dev, o.runs, || {
+        drop(candidate.sdpa_merged(q, k, v)?);
+        Ok(())
+    })?;
+    let t_two = time_ms(dev, o.runs, || {
+        let attn = candidate.sdpa_merged(q, k, v)?;
+        drop(candidate.sdpa_merged_add(&q_ip, &k_ip, &v_ip, &attn, SCALE)?);
+        Ok(())
+    })?;
+    r.info(
+        "attention",
+        format!("  attention + IP term: one launch vs two (attention alone {t_main:.3} ms)"),
+        format!("{t_fused:.3} ms (IP +{:.3} ms)", t_fused - t_main),
+        format!("{t_two:.3} ms (IP +{:.3} ms)", t_two - t_main),
+        format!("{:.2}×", t_fused / t_two),
     );
     Ok(())
 }

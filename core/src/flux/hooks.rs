@@ -10,6 +10,11 @@
 //! The query is the block's own, after the QK RMSNorm and before RoPE — what
 //! InstantX's processor uses as `ip_query`. Hooks run in registration order,
 //! each receiving the output of the previous one, so adapters stack.
+//!
+//! A hook may also say what it would do ([`AttentionHook::contribution`]):
+//! when a call's whole effect is one extra attention term (one IP-Adapter
+//! image in its window), a fused attention kernel computes it inside the
+//! block's own attention launch instead ([`Hooks::single_term`]).
 
 use candle_core::Tensor;
 
@@ -58,6 +63,37 @@ pub trait AttentionHook: Send + Sync {
     /// Returns the new attention output, or `None` to leave it unchanged
     /// (e.g. outside the adapter's sigma window).
     fn attention(&self, at: &HookPoint, q: &Tensor, attn: &Tensor) -> Result<Option<Tensor>>;
+
+    /// What [`Self::attention`] would do at `at`, where the hook can say so
+    /// without running (`q`: the block's pre-RoPE query, all its tokens; only
+    /// its batch, heads and head size matter). Lets the model compute a
+    /// single attention term inside the block's own attention kernel. The
+    /// default, [`Contribution::Other`], always runs [`Self::attention`].
+    fn contribution(&self, _at: &HookPoint, _q: &Tensor) -> Result<Contribution> {
+        Ok(Contribution::Other)
+    }
+}
+
+/// A hook's effect at one hook point ([`AttentionHook::contribution`]).
+#[derive(Debug, Clone)]
+pub enum Contribution {
+    /// Leaves the attention output unchanged (outside its window, weight 0).
+    Nothing,
+    /// Adds `scale · softmax(q kᵀ/√D) v` (heads merged) to the rows the hook
+    /// sees, `q` being its pre-RoPE query: `k, v [B, H, S, D]`, already
+    /// broadcast to the query's batch.
+    Attention { k: Tensor, v: Tensor, scale: f64 },
+    /// Anything else.
+    Other,
+}
+
+/// The one attention term that is the whole effect of a call's hooks
+/// ([`Hooks::single_term`]).
+#[derive(Debug, Clone)]
+pub struct HookTerm {
+    pub k: Tensor,
+    pub v: Tensor,
+    pub scale: f64,
 }
 
 /// The hooks of one model call, in order.
@@ -75,12 +111,29 @@ impl<'a> Hooks<'a> {
         Self { list: &[] }
     }
 
-    /// Runs every hook on `attn`.
     /// No hook registered: the model need not keep the pre-RoPE query.
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
     }
 
+    /// The hooks' whole effect at `at` when it is exactly one attention term
+    /// (every other hook contributing nothing), else `None` (no hook, several
+    /// terms, or one that must run): then the model calls [`Self::apply`].
+    /// Terms add, so running them inside the attention instead of after it
+    /// changes only the order of the additions.
+    pub fn single_term(&self, at: &HookPoint, q: &Tensor) -> Result<Option<HookTerm>> {
+        let mut term = None;
+        for hook in self.list {
+            match hook.contribution(at, q)? {
+                Contribution::Nothing => {}
+                Contribution::Attention { k, v, scale } if term.is_none() => term = Some(HookTerm { k, v, scale }),
+                Contribution::Attention { .. } | Contribution::Other => return Ok(None),
+            }
+        }
+        Ok(term)
+    }
+
+    /// Runs every hook on `attn`.
     pub fn apply(&self, at: &HookPoint, q: &Tensor, attn: Tensor) -> Result<Tensor> {
         let mut attn = attn;
         for hook in self.list {
@@ -103,5 +156,46 @@ impl<'a> Hooks<'a> {
 impl std::fmt::Debug for Hooks<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list().entries(self.list.iter().map(|h| h.name())).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// A hook that only reports a fixed contribution.
+    struct Says(fn() -> Contribution);
+
+    impl AttentionHook for Says {
+        fn name(&self) -> &str {
+            "says"
+        }
+        fn attention(&self, _: &HookPoint, _: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+            Ok(None)
+        }
+        fn contribution(&self, _: &HookPoint, _: &Tensor) -> Result<Contribution> {
+            Ok((self.0)())
+        }
+    }
+
+    fn term() -> Contribution {
+        let t = Tensor::zeros((1, 2, 3, 4), candle_core::DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        Contribution::Attention { k: t.clone(), v: t, scale: 0.5 }
+    }
+
+    #[test]
+    fn single_term_only_when_the_hooks_add_exactly_one_attention() {
+        let at = HookPoint { site: Site::Single { index: 0 }, depth: 2, sigma: 0.5, step: 0, txt_len: 0 };
+        let q = Tensor::zeros((1, 2, 5, 4), candle_core::DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        let (nothing, one, other) = (Says(|| Contribution::Nothing), Says(term), Says(|| Contribution::Other));
+        let single = |list: &[&dyn AttentionHook]| Hooks::new(list).single_term(&at, &q).map(|t| t.map(|t| t.scale));
+        assert_eq!(single(&[&nothing, &one, &nothing]).ok(), Some(Some(0.5)));
+        assert_eq!(single(&[&one]).ok(), Some(Some(0.5)));
+        assert_eq!(single(&[&one, &one]).ok(), Some(None), "two terms");
+        assert_eq!(single(&[&one, &other]).ok(), Some(None), "a hook that must run");
+        assert_eq!(single(&[&nothing]).ok(), Some(None), "no term");
+        assert_eq!(single(&[]).ok(), Some(None));
     }
 }

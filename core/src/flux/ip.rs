@@ -13,7 +13,7 @@
 use candle_core::Tensor;
 
 use super::config::FluxConfig;
-use super::hooks::{AttentionHook, HookPoint};
+use super::hooks::{AttentionHook, Contribution, HookPoint};
 use crate::error::{Error, Result};
 use crate::ip_adapter::{IpAdapterDims, IpKv};
 use crate::schedule::{IpWindow, WeightRamp};
@@ -162,13 +162,7 @@ impl AttentionHook for IpAdapterHook {
     }
 
     fn attention(&self, at: &HookPoint, q: &Tensor, attn: &Tensor) -> Result<Option<Tensor>> {
-        let block = at.site.global_index(at.depth);
-        if block >= self.num_blocks {
-            return Err(Error::Shape(format!(
-                "IP-Adapter called for block {block} of a {}-block model",
-                self.num_blocks
-            )));
-        }
+        let block = self.block(at)?;
         let mut out: Option<Tensor> = None;
         for (i, img) in self.images.iter().enumerate() {
             let s = self.scale(at, i);
@@ -179,5 +173,35 @@ impl AttentionHook for IpAdapterHook {
             out = Some(img.kv[block].attend_add(q, s, base, &self.attention)?);
         }
         Ok(out)
+    }
+
+    /// One image in its window (the usual case): its term, for the block's
+    /// attention kernel to add; none: nothing; several: [`Self::attention`].
+    fn contribution(&self, at: &HookPoint, q: &Tensor) -> Result<Contribution> {
+        let block = self.block(at)?;
+        let mut active =
+            self.images.iter().enumerate().map(|(i, img)| (img, self.scale(at, i))).filter(|(_, s)| *s != 0.0);
+        Ok(match (active.next(), active.next()) {
+            (None, _) => Contribution::Nothing,
+            (Some((img, scale)), None) => {
+                let (k, v) = img.kv[block].kv_for(q)?;
+                Contribution::Attention { k, v, scale }
+            }
+            (Some(_), Some(_)) => Contribution::Other,
+        })
+    }
+}
+
+impl IpAdapterHook {
+    /// The processor index of `at`, checked against the adapter's.
+    fn block(&self, at: &HookPoint) -> Result<usize> {
+        let block = at.site.global_index(at.depth);
+        if block >= self.num_blocks {
+            return Err(Error::Shape(format!(
+                "IP-Adapter called for block {block} of a {}-block model",
+                self.num_blocks
+            )));
+        }
+        Ok(block)
     }
 }

@@ -7,14 +7,17 @@
 //! tables, the output layouts, the pre-RoPE query for hooks). The kernels
 //! themselves are checked against the reference on a GPU by `gpu-check`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::hooks::{AttentionHook, HookPoint, Hooks};
+use super::ip::{IpAdapterHook, IpHookConfig, IpImage};
 use super::testing::{inputs, random_model, tiny, Inputs};
 use crate::error::Result;
-use crate::nn::{sdpa, Attention, FusedAttention, FusedModulation, QkvOut, QkvStreams};
+use crate::ip_adapter::IpKv;
+use crate::nn::{sdpa, Attention, ExtraAttention, FusedAttention, FusedModulation, QkvOut, QkvStreams};
 
 /// `x`'s elements in memory order over its layout (any strides), as f32.
 fn host(x: &Tensor) -> Vec<f32> {
@@ -30,7 +33,10 @@ fn rows(x: &Tensor) -> Vec<Vec<f32>> {
 }
 
 #[derive(Debug, Default)]
-struct Mirror;
+struct Mirror {
+    /// Calls of `attend_merged_extra` (the fused IP term), to show the path ran.
+    extra_calls: AtomicUsize,
+}
 
 impl FusedModulation for Mirror {
     fn name(&self) -> &'static str {
@@ -145,6 +151,32 @@ impl FusedAttention for Mirror {
         }
         Some(Tensor::from_vec(out, (b, l, h * d), q.device()).map_err(Into::into))
     }
+
+    /// The merged attention, then, as the `_ip` kernels' second pass, rows
+    /// `row0..` of each (item, head) get `scale ·` the extra attention of
+    /// that row added at its merged index.
+    fn attend_merged_extra(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        x: &ExtraAttention<'_>,
+    ) -> Option<Result<Tensor>> {
+        self.extra_calls.fetch_add(1, Ordering::Relaxed);
+        let (b, h, l, d) = q.dims4().ok()?;
+        let mut out = host(&self.attend_merged(q, k, v, None)?.ok()?);
+        let term = host(&sdpa(x.q, x.k, x.v).ok()?);
+        for bi in 0..b {
+            for hi in 0..h {
+                for r in x.row0..l {
+                    for c in 0..d {
+                        out[((bi * l + r) * h + hi) * d + c] += x.scale as f32 * term[((bi * h + hi) * l + r) * d + c];
+                    }
+                }
+            }
+        }
+        Some(Tensor::from_vec(out, (b, l, h * d), q.device()).map_err(Into::into))
+    }
 }
 
 /// Adds `0.5 · q` (heads merged) to the attention output: a hook whose effect
@@ -188,8 +220,8 @@ fn kernel_mirror_through_the_seams_equals_the_reference_path() {
     let cfg = tiny();
     let plain = random_model(&cfg);
     let mut fused = plain.clone();
-    fused.set_fused_modulation(Some(Arc::new(Mirror)));
-    fused.set_attention(Attention::fused(Arc::new(Mirror)));
+    fused.set_fused_modulation(Some(Arc::new(Mirror::default())));
+    fused.set_attention(Attention::fused(Arc::new(Mirror::default())));
     let x = batch_of_two(&cfg);
     let echo = QueryEcho;
     let hook_list: [&dyn AttentionHook; 1] = [&echo];
@@ -217,8 +249,50 @@ fn ip_attention_added_in_the_epilogue_equals_the_reference_sum() {
     };
     let base = Tensor::randn(0f32, 1.0, (b, l, h * d), &dev).unwrap();
     let reference = (&base + kv.attend(&q, 0.8).unwrap()).unwrap();
-    let mirrored = kv.attend_add(&q, 0.8, &base, &Attention::fused(Arc::new(Mirror))).unwrap();
+    let mirrored = kv.attend_add(&q, 0.8, &base, &Attention::fused(Arc::new(Mirror::default()))).unwrap();
     let plain = kv.attend_add(&q, 0.8, &base, &Attention::reference()).unwrap();
     assert_eq!(host(&plain), host(&reference), "the reference path is the same sum");
     assert!(max_rel_err(&mirrored, &reference) < 1e-6);
+}
+
+/// Random K/V for every block of `cfg`, cached for one batch item (the model
+/// broadcasts them), `s` image tokens.
+fn random_ip_image(cfg: &super::FluxConfig, s: usize, weight: f64) -> IpImage {
+    let (h, d) = (cfg.num_heads, cfg.hidden_size / cfg.num_heads);
+    let t = || Tensor::randn(0f32, 1.0, (1, h, s, d), &Device::Cpu).unwrap();
+    IpImage { kv: (0..cfg.num_blocks()).map(|_| IpKv { k: t(), v: t() }).collect(), weight }
+}
+
+#[test]
+fn ip_term_fused_into_the_block_attention_equals_the_hook_path() {
+    let cfg = tiny();
+    let plain = random_model(&cfg);
+    let mirror = Arc::new(Mirror::default());
+    let mut fused = plain.clone();
+    fused.set_fused_modulation(Some(Arc::new(Mirror::default())));
+    fused.set_attention(Attention::fused(mirror.clone()));
+    let x = batch_of_two(&cfg);
+    let one = IpAdapterHook::new(vec![random_ip_image(&cfg, 4, 0.9)], IpHookConfig::default(), &cfg).unwrap();
+    let two = IpAdapterHook::new(
+        vec![random_ip_image(&cfg, 4, 0.9), random_ip_image(&cfg, 3, 0.6)],
+        IpHookConfig::default(),
+        &cfg,
+    )
+    .unwrap();
+    let run = |m: &super::FluxModel, hook: &IpAdapterHook| {
+        let list: [&dyn AttentionHook; 1] = [hook];
+        m.forward(&x.img, &x.ids, &x.cond, 0.7, 0, Hooks::new(&list)).unwrap()
+    };
+    // One image: its term goes into every block's attention launch.
+    let (reference, mirrored) = (run(&plain, &one), run(&fused, &one));
+    assert_eq!(mirror.extra_calls.load(Ordering::Relaxed), cfg.num_blocks());
+    let err = max_rel_err(&mirrored, &reference);
+    assert!(err < 1e-5, "fused IP term vs hook path: {err:e}");
+    // The term matters, so a wrong row offset or query would have shown.
+    let none = plain.forward(&x.img, &x.ids, &x.cond, 0.7, 0, Hooks::none()).unwrap();
+    assert!(max_rel_err(&reference, &none) > 1e-3);
+    // Two images: not one term, so the hooks run after the attention.
+    let (reference, mirrored) = (run(&plain, &two), run(&fused, &two));
+    assert_eq!(mirror.extra_calls.load(Ordering::Relaxed), cfg.num_blocks(), "no fused call for two images");
+    assert!(max_rel_err(&mirrored, &reference) < 1e-5);
 }

@@ -25,7 +25,7 @@ pub mod stream;
 mod testing;
 
 pub use config::FluxConfig;
-pub use hooks::{AttentionHook, HookPoint, Hooks, Site};
+pub use hooks::{AttentionHook, Contribution, HookPoint, HookTerm, Hooks, Site};
 pub use ip::{IpAdapterHook, IpHookConfig, IpImage, IpWeight};
 pub use layout::FluxLayout;
 pub use model::{Conditioning, FluxModel};

@@ -19,8 +19,8 @@ use super::layout::FluxLayout;
 use super::stream::{BlockId, BlockSource};
 use crate::error::{Error, Result};
 use crate::nn::{
-    add_bias, bias_gelu, gated_add, modulate, rms_norm_scaled, Attention, FusedModulation, LayerNorm, Linear, QkvInput,
-    QkvOut, QkvStreams,
+    add_bias, bias_gelu, gated_add, modulate, rms_norm_scaled, Attention, ExtraAttention, FusedModulation, LayerNorm,
+    Linear, QkvInput, QkvOut, QkvStreams,
 };
 use crate::weights::TensorStore;
 
@@ -251,6 +251,17 @@ impl Rope {
         let o1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
         Ok(Tensor::cat(&[o0, o1], 4)?.reshape((b, h, l, d))?.to_dtype(dtype)?)
     }
+}
+
+/// A block's attention `[B, L, H·D]` with its hooks' effect on rows `row0..`
+/// computed in the same fused launch, where that effect is one attention term
+/// ([`Hooks::single_term`]: one IP-Adapter image) and the fused kernel takes
+/// it; `None` otherwise, and the block runs its attention, then the hooks.
+fn hooked_attention(qkv: &QkvOut, ctx: &Ctx, point: &HookPoint, row0: usize) -> Result<Option<Tensor>> {
+    let Some(q_pre) = &qkv.q_pre_rope else { return Ok(None) };
+    let Some(term) = ctx.hooks.single_term(point, q_pre)? else { return Ok(None) };
+    let extra = ExtraAttention { q: q_pre, k: &term.k, v: &term.v, row0, scale: term.scale };
+    ctx.attention.sdpa_merged_extra(&qkv.q, &qkv.k, &qkv.v, &extra).transpose()
 }
 
 /// Token positions and their RoPE tables.
@@ -746,14 +757,20 @@ impl DoubleBlock {
         let (img_mods, img_part) = self.img.qkv(img, ctx)?;
         let (txt_mods, txt_part) = self.txt.qkv(txt, ctx)?;
         let qkv = qkv_rope(&[txt_part, img_part], ctx, heads)?;
-        let attn = ctx.attention.sdpa_merged(&qkv.q, &qkv.k, &qkv.v)?;
         let (l_txt, l_img) = (txt.dim(1)?, img.dim(1)?);
-        let txt_attn = attn.narrow(1, 0, l_txt)?;
-        let mut img_attn = attn.narrow(1, l_txt, l_img)?.contiguous()?;
-        if let Some(q) = &qkv.q_pre_rope {
-            let point = HookPoint { site: Site::Double { index }, ..ctx.point };
-            img_attn = ctx.hooks.apply(&point, &q.narrow(2, l_txt, l_img)?, img_attn)?;
-        }
+        let point = HookPoint { site: Site::Double { index }, ..ctx.point };
+        // The hooks see the image tokens only.
+        let (txt_attn, img_attn) = match hooked_attention(&qkv, ctx, &point, l_txt)? {
+            Some(attn) => (attn.narrow(1, 0, l_txt)?, attn.narrow(1, l_txt, l_img)?.contiguous()?),
+            None => {
+                let attn = ctx.attention.sdpa_merged(&qkv.q, &qkv.k, &qkv.v)?;
+                let mut img_attn = attn.narrow(1, l_txt, l_img)?.contiguous()?;
+                if let Some(q) = &qkv.q_pre_rope {
+                    img_attn = ctx.hooks.apply(&point, &q.narrow(2, l_txt, l_img)?, img_attn)?;
+                }
+                (attn.narrow(1, 0, l_txt)?, img_attn)
+            }
+        };
         let img = self.img.finish(img, &img_attn, &img_mods, ctx)?;
         let txt = self.txt.finish(txt, &txt_attn.contiguous()?, &txt_mods, ctx)?;
         Ok((img, txt))
@@ -770,11 +787,17 @@ impl SingleBlock {
         let (qkv_bias, mlp_bias) = (part(0, 3 * h)?, part(3 * h, cfg.mlp_hidden)?);
         let qkv_part = QkvPart { qkv: lin1.narrow(2, 0, 3 * h)?, bias: qkv_bias.as_ref(), norm: &self.norm };
         let qkv = qkv_rope(&[qkv_part], ctx, cfg.num_heads)?;
-        let mut attn = ctx.attention.sdpa_merged(&qkv.q, &qkv.k, &qkv.v)?;
-        if let Some(q) = &qkv.q_pre_rope {
-            let point = HookPoint { site: Site::Single { index }, ..ctx.point };
-            attn = ctx.hooks.apply(&point, q, attn)?;
-        }
+        let point = HookPoint { site: Site::Single { index }, ..ctx.point };
+        let attn = match hooked_attention(&qkv, ctx, &point, 0)? {
+            Some(attn) => attn,
+            None => {
+                let attn = ctx.attention.sdpa_merged(&qkv.q, &qkv.k, &qkv.v)?;
+                match &qkv.q_pre_rope {
+                    Some(q) => ctx.hooks.apply(&point, q, attn)?,
+                    None => attn,
+                }
+            }
+        };
         let mlp = bias_gelu(ctx.fused, &lin1.narrow(2, 3 * h, cfg.mlp_hidden)?, mlp_bias.as_ref())?;
         let out = self.linear2.forward_no_bias(&Tensor::cat(&[&attn, &mlp], 2)?)?;
         ctx.gated_add(x, &out, self.linear2.bias(), &m[0].gate)

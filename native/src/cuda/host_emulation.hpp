@@ -176,7 +176,7 @@ template <typename T> void emu_mma16816(float (&c)[4], const unsigned (&a)[4], u
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __shfl_xor_sync(mask, v, offset) emu_shfl_xor(v, offset)
 #define __syncthreads() emu_syncthreads()
 #define rsqrtf(x) (1.0f / std::sqrt(x))

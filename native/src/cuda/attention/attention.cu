@@ -287,50 +287,32 @@ __device__ __forceinline__ void load_tile_async(T* dst, int ld, const T* __restr
     }
 }
 
-// Epilogue (version 3): with merged = 0, o [BH, L, D]; with merged = 1, o
-// [B, L, H, D] (heads merged: the layout the output projection reads, so no
-// transpose copy follows); with has_base, o = base + out_scale * attention,
-// base in o's layout (an attention output that an IP-Adapter term is added to).
+// One warp's share of a softmax attention over key tiles (versions 3 and 4):
+// its 16 query rows are `qf` (A fragments); K/V `[S, D]` tiles go through the
+// shared memory at `Ks`. Leaves O unnormalised in `oacc` (C fragments: rows g
+// and g + 8, columns n·8 + 2t, +1) and this lane's part of the row sums in l0,
+// l1 (quad_sum gives the row's). Ends in a barrier, so `Ks` may be reused.
 //
 // PIPE (version 4): K/V tiles double-buffered with cp.async, the next tile's
 // copy in flight while this one is multiplied (needs the 16-byte path,
-// vec_loads = 1), shared memory [K0, V0, K1, V1], and the softmax's 2^x on the
+// vec = true), shared memory [K0, V0, K1, V1], and the softmax's 2^x on the
 // special-function unit (ex2.approx). Without PIPE: [K, V], loaded
 // synchronously, exp2f (version 3).
 template <typename T, bool PIPE>
-__device__ void attention2(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                           T* __restrict__ o, int L, int S, int D, int DP, float scale_log2, int vec_loads,
-                           int H, int merged, const T* __restrict__ base, int has_base, float out_scale) {
-    const int LDT = DP + 8;    // 16 bytes of padding: 8 ldmatrix rows hit distinct banks
-    IPAFLUX_DYNAMIC_SMEM(smem);
-    T* Ks = reinterpret_cast<T*>(smem);   // BC2 x LDT (first holds the Q tile)
-
-    const bool vec = vec_loads != 0;
-    const int bh = blockIdx.y, row0 = blockIdx.x * BR2;
-    const T* qb = q + (size_t)bh * L * D;
-    const T* kb = k + (size_t)bh * S * D;
-    const T* vb = v + (size_t)bh * S * D;
-
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int g = lane >> 2, t = lane & 3;     // fragment row group and column pair
+__device__ __forceinline__ void softmax_pv(const unsigned (&qf)[MAX_K16][4], const T* __restrict__ kb,
+                                           const T* __restrict__ vb, int S, int D, int DP, float scale_log2,
+                                           T* Ks, int LDT, bool vec, float (&oacc)[MAX_D8][4], float& l0, float& l1) {
+    const int lane = threadIdx.x % 32;
+    const int t = lane & 3;                    // fragment column pair
     const int lm = lane >> 3, lr = lane & 7;   // ldmatrix: which 8x8 matrix this lane addresses, which row
     const int nk = DP / 16;                    // 16-wide chunks of the head dimension
     const int nd = DP / 8;                     // 8-wide output column tiles (even)
 
-    // Q fragments (A operand, 16 rows x DP) into registers, once.
-    load_tile(Ks, LDT, qb, row0, BR2, L, D, DP, vec);
-    __syncthreads();
-    unsigned qf[MAX_K16][4];
-#pragma unroll
-    for (int kk = 0; kk < MAX_K16; ++kk)
-        if (kk < nk) ldsm_x4(qf[kk], Ks + (warp * 16 + (lm & 1) * 8 + lr) * LDT + kk * 16 + (lm >> 1) * 8);
-    __syncthreads();
-
-    float oacc[MAX_D8][4];
 #pragma unroll
     for (int n = 0; n < MAX_D8; ++n) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
     // Rows g and g + 8 of this warp: running max (log2 domain) and this lane's part of the sum.
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY;
+    l0 = l1 = 0.f;
 
     const int stage = 2 * BC2 * LDT;   // elements of one K + V pair
     if (PIPE) {
@@ -437,59 +419,113 @@ __device__ void attention2(const T* __restrict__ q, const T* __restrict__ k, con
         }
         __syncthreads();   // K/V tiles are overwritten next
     }
+}
 
-    const float inv0 = 1.f / quad_sum(l0), inv1 = 1.f / quad_sum(l1);
-    const int ga = row0 + warp * 16 + g, gb = ga + 8;
-    // Element (row, column) of this (batch, head) in o's layout.
-    const int bi = bh / H, hi = bh - bi * H;
-    const size_t row_step = merged ? (size_t)H * D : (size_t)D;
-    const size_t first = merged ? ((size_t)bi * L * H + hi) * D : (size_t)bh * L * D;
-    auto put = [&](int row, int c, float val) {
-        const size_t idx = first + (size_t)row * row_step + c;
-        o[idx] = from_f<T>(has_base ? to_f<T>(base[idx]) + out_scale * val : val);
-    };
+// The Q tile of rows [row0, row0 + BR2) of `qb [L, D]` into this warp's A
+// fragments (its 16 rows), staged through `Ks`; ends in a barrier.
+template <typename T>
+__device__ __forceinline__ void load_q(unsigned (&qf)[MAX_K16][4], const T* __restrict__ qb, int row0, int L, int D,
+                                       int DP, T* Ks, int LDT, bool vec) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int lm = lane >> 3, lr = lane & 7;
+    const int nk = DP / 16;
+    load_tile(Ks, LDT, qb, row0, BR2, L, D, DP, vec);
+    __syncthreads();
 #pragma unroll
-    for (int n = 0; n < MAX_D8; ++n) {
-        const int c = n * 8 + 2 * t;
-        if (n >= nd || c >= D) continue;
-        if (ga < L) {
-            put(ga, c, oacc[n][0] * inv0);
-            if (c + 1 < D) put(ga, c + 1, oacc[n][1] * inv0);
+    for (int kk = 0; kk < MAX_K16; ++kk)
+        if (kk < nk) ldsm_x4(qf[kk], Ks + (warp * 16 + (lm & 1) * 8 + lr) * LDT + kk * 16 + (lm >> 1) * 8);
+    __syncthreads();
+}
+
+// Versions 3 and 4: softmax_pv over the whole key sequence, then the epilogue.
+//
+// Epilogue: with merged = 0, o [BH, L, D]; with merged = 1, o [B, L, H, D]
+// (heads merged: the layout the output projection reads, so no transpose copy
+// follows); with has_base, o = base + out_scale * attention, base in o's
+// layout (an attention output that an IP-Adapter term is added to).
+//
+// IP (the `_ip` entry points; has_ip = 1): the IP-Adapter's term fused into
+// the block's attention. Rows r >= ip_row0 also get
+// ip_scale * softmax(q_ip[r] k_ipᵀ/√D) v_ip, with q_ip [BH, L, D] (the
+// pre-RoPE query), k_ip, v_ip [BH, S_ip, D]. After storing its own result the
+// block loads its q_ip tile and runs a second softmax over the S_ip keys,
+// then adds the scaled term to the values it stored (each thread re-reads
+// only elements it wrote itself, so no synchronisation is needed, and the
+// rounding is that of attention followed by a separate base + s·attention
+// launch). What is saved is that launch, its Q tile load and its transposes.
+// A template parameter, so the kernels without it keep their registers.
+template <typename T, bool PIPE, bool IP>
+__device__ void attention2(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                           T* __restrict__ o, int L, int S, int D, int DP, float scale_log2, int vec_loads,
+                           int H, int merged, const T* __restrict__ base, int has_base, float out_scale,
+                           const T* __restrict__ q_ip, const T* __restrict__ k_ip, const T* __restrict__ v_ip,
+                           int S_ip, int ip_row0, float ip_scale, int has_ip) {
+    const int LDT = DP + 8;    // 16 bytes of padding: 8 ldmatrix rows hit distinct banks
+    IPAFLUX_DYNAMIC_SMEM(smem);
+    T* Ks = reinterpret_cast<T*>(smem);   // K/V tiles (and the Q tile while it is staged)
+
+    const bool vec = vec_loads != 0;
+    const int bh = blockIdx.y, row0 = blockIdx.x * BR2;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane >> 2, t = lane & 3;     // fragment row group and column pair
+    const int nd = DP / 8;
+
+    unsigned qf[MAX_K16][4];
+    float oacc[MAX_D8][4], l0, l1;
+    load_q(qf, q + (size_t)bh * L * D, row0, L, D, DP, Ks, LDT, vec);
+    softmax_pv<T, PIPE>(qf, k + (size_t)bh * S * D, v + (size_t)bh * S * D, S, D, DP, scale_log2, Ks, LDT, vec,
+                        oacc, l0, l1);
+
+    // f(row, index in o, value) for each of this lane's accumulator elements
+    // (rows < L, columns < D), rows g scaled by s0 and g + 8 by s1. The
+    // indices are derived here, not kept live across the IP term's key loop.
+    auto each = [&](float s0, float s1, auto&& f) {
+        const int ga = row0 + warp * 16 + g, gb = ga + 8;
+        // Element (row, column) of this (batch, head) in o's layout.
+        const int bi = bh / H, hi = bh - bi * H;
+        const size_t row_step = merged ? (size_t)H * D : (size_t)D;
+        const size_t first = merged ? ((size_t)bi * L * H + hi) * D : (size_t)bh * L * D;
+#pragma unroll
+        for (int n = 0; n < MAX_D8; ++n) {
+            const int c = n * 8 + 2 * t;
+            if (n >= nd || c >= D) continue;
+            for (int e = 0; e < 2 && c + e < D; ++e) {
+                if (ga < L) f(ga, first + (size_t)ga * row_step + c + e, oacc[n][e] * s0);
+                if (gb < L) f(gb, first + (size_t)gb * row_step + c + e, oacc[n][2 + e] * s1);
+            }
         }
-        if (gb < L) {
-            put(gb, c, oacc[n][2] * inv1);
-            if (c + 1 < D) put(gb, c + 1, oacc[n][3] * inv1);
-        }
+    };
+    each(1.f / quad_sum(l0), 1.f / quad_sum(l1), [&](int, size_t idx, float val) {
+        o[idx] = from_f<T>(has_base ? to_f<T>(base[idx]) + out_scale * val : val);
+    });
+    // The extra attention, where this block has rows that take it (the branch is uniform over the block).
+    if (!IP || !has_ip || row0 + BR2 <= ip_row0) return;
+    load_q(qf, q_ip + (size_t)bh * L * D, row0, L, D, DP, Ks, LDT, vec);
+    softmax_pv<T, PIPE>(qf, k_ip + (size_t)bh * S_ip * D, v_ip + (size_t)bh * S_ip * D, S_ip, D, DP, scale_log2, Ks,
+                        LDT, vec, oacc, l0, l1);
+    each(ip_scale / quad_sum(l0), ip_scale / quad_sum(l1), [&](int row, size_t idx, float val) {
+        if (row >= ip_row0) o[idx] = from_f<T>(to_f<T>(o[idx]) + val);
+    });
+}
+
+// Entry points, one per version and dtype (mod.rs loads them by name); the
+// arguments are attention2's. Version 4 (PIPE) needs vec_loads = 1. At most
+// 168 registers a thread (launch bounds: 3 blocks of 128 threads per SM's 64K
+// registers), which the kernels without IP meet on their own (ptxas: 168, no
+// spills); the IP entries would take 187 and fit 2 blocks an SM.
+#define IPAFLUX_ATTENTION_ENTRY(NAME, T, PIPE, IP)                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS, 3)                                                       \
+    NAME(const T* q, const T* k, const T* v, T* o, int L, int S, int D, int DP, float scale_log2, int vec_loads,   \
+         int H, int merged, const T* base, int has_base, float out_scale, const T* q_ip, const T* k_ip,            \
+         const T* v_ip, int S_ip, int ip_row0, float ip_scale, int has_ip) {                                       \
+        attention2<T, PIPE, IP>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base,         \
+                                out_scale, q_ip, k_ip, v_ip, S_ip, ip_row0, ip_scale, has_ip);                     \
     }
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS)
-ipaflux_attention2_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                        __nv_bfloat16* o, int L, int S, int D, int DP, float scale_log2, int vec_loads, int H,
-                        int merged, const __nv_bfloat16* base, int has_base, float out_scale) {
-    attention2<__nv_bfloat16, false>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base,
-                                     out_scale);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS)
-ipaflux_attention2_f16(const __half* q, const __half* k, const __half* v, __half* o,
-                       int L, int S, int D, int DP, float scale_log2, int vec_loads, int H,
-                       int merged, const __half* base, int has_base, float out_scale) {
-    attention2<__half, false>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base, out_scale);
-}
-
-// Version 4 (PIPE): same arguments; vec_loads must be 1.
-extern "C" __global__ void __launch_bounds__(THREADS)
-ipaflux_attention4_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                        __nv_bfloat16* o, int L, int S, int D, int DP, float scale_log2, int vec_loads, int H,
-                        int merged, const __nv_bfloat16* base, int has_base, float out_scale) {
-    attention2<__nv_bfloat16, true>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base,
-                                    out_scale);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS)
-ipaflux_attention4_f16(const __half* q, const __half* k, const __half* v, __half* o,
-                       int L, int S, int D, int DP, float scale_log2, int vec_loads, int H,
-                       int merged, const __half* base, int has_base, float out_scale) {
-    attention2<__half, true>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base, out_scale);
-}
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention2_bf16, __nv_bfloat16, false, false)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention2_f16, __half, false, false)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention4_bf16, __nv_bfloat16, true, false)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention4_f16, __half, true, false)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention2_ip_bf16, __nv_bfloat16, false, true)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention2_ip_f16, __half, false, true)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention4_ip_bf16, __nv_bfloat16, true, true)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention4_ip_f16, __half, true, true)

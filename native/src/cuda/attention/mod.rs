@@ -15,9 +15,13 @@
 //! also serves core's `attend_merged`: it writes `[B, L, H·D]` directly (no
 //! transpose copy after it) and can add its result, scaled, to a given
 //! tensor in the same store (the IP-Adapter's term added to a block's
-//! attention output). That epilogue has not yet run on a GPU either; both
-//! are checked on the host under an emulation of `ldmatrix`, `mma.sync` and
-//! `cp.async` (`host_emulation.cpp` beside the kernel).
+//! attention output). It also serves `attend_merged_extra`: the `_ip` entry
+//! points run the IP-Adapter's attention over its 128 image tokens in the
+//! same launch as the block's attention (a second softmax over those keys
+//! with the pre-RoPE query, added to the stored result), instead of a second
+//! launch after it. None of this has yet run on a GPU; all of it is checked
+//! on the host under an emulation of `ldmatrix`, `mma.sync` and `cp.async`
+//! (`host_emulation.cpp` beside the kernel).
 //!
 //! The kernel is compiled to PTX by nvcc at build time (`build.rs`, for
 //! `CUDA_COMPUTE_CAP`, default 90) and loaded by candle's CUDA device on first
@@ -27,10 +31,12 @@
 use std::mem::size_of;
 
 use ipaflux_core::candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use ipaflux_core::candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use ipaflux_core::candle_core::{self as candle, CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
-use ipaflux_core::nn::FusedAttention;
+use ipaflux_core::nn::{ExtraAttention, FusedAttention};
 
 /// The PTX nvcc made of `attention.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
@@ -66,14 +72,16 @@ impl Kernel {
         }
     }
 
-    fn entry(self, dtype: DType) -> &'static str {
-        match (self, dtype) {
-            (Self::Wmma, DType::F16) => "ipaflux_attention_f16",
-            (Self::Wmma, _) => "ipaflux_attention_bf16",
-            (Self::Mma, DType::F16) => "ipaflux_attention2_f16",
-            (Self::Mma, _) => "ipaflux_attention2_bf16",
-            (Self::MmaPipelined, DType::F16) => "ipaflux_attention4_f16",
-            (Self::MmaPipelined, _) => "ipaflux_attention4_bf16",
+    /// The entry point; `ip`: the one with the extra (IP) attention
+    /// (versions 3 and 4).
+    fn entry(self, dtype: DType, ip: bool) -> &'static str {
+        let f16 = dtype == DType::F16;
+        match (self, ip) {
+            (Self::Wmma, _) => ["ipaflux_attention_bf16", "ipaflux_attention_f16"][usize::from(f16)],
+            (Self::Mma, false) => ["ipaflux_attention2_bf16", "ipaflux_attention2_f16"][usize::from(f16)],
+            (Self::Mma, true) => ["ipaflux_attention2_ip_bf16", "ipaflux_attention2_ip_f16"][usize::from(f16)],
+            (Self::MmaPipelined, false) => ["ipaflux_attention4_bf16", "ipaflux_attention4_f16"][usize::from(f16)],
+            (Self::MmaPipelined, true) => ["ipaflux_attention4_ip_bf16", "ipaflux_attention4_ip_f16"][usize::from(f16)],
         }
     }
 
@@ -98,7 +106,8 @@ impl Kernel {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CudaFusedAttention {
     pub kernel: Kernel,
-    /// Serve `attend_merged` too (the `mma` kernel's merged-heads epilogue).
+    /// Serve `attend_merged` and `attend_merged_extra` too (the `mma`
+    /// kernels' merged-heads epilogue and their `_ip` entry points).
     pub merged_output: bool,
 }
 
@@ -144,7 +153,36 @@ impl FusedAttention for CudaFusedAttention {
         let ok = self.merged_output && self.kernel.has_epilogue() && base_ok && Self::takes(q, k, v);
         ok.then(|| {
             let add = add.map(|(base, s)| Ok::<_, candle::Error>((base.contiguous()?, s as f32))).transpose()?;
-            fused_with(q, k, v, self.kernel, Epilogue { merged: true, add })
+            fused_with(q, k, v, self.kernel, Epilogue { merged: true, add, extra: None })
+        })
+    }
+
+    fn attend_merged_extra(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        x: &ExtraAttention<'_>,
+    ) -> Option<ipaflux_core::Result<Tensor>> {
+        let (b, h, l, d) = q.dims4().ok()?;
+        let fits = x.q.dims() == q.dims()
+            && x.q.dtype() == q.dtype()
+            && x.k.dims4().is_ok_and(|(xb, xh, _, xd)| (xb, xh, xd) == (b, h, d))
+            && x.row0 <= l;
+        let ok = self.merged_output
+            && self.kernel.has_epilogue()
+            && fits
+            && Self::takes(q, k, v)
+            && Self::takes(x.q, x.k, x.v);
+        ok.then(|| {
+            let extra = Extra {
+                q: x.q.contiguous()?,
+                k: x.k.contiguous()?,
+                v: x.v.contiguous()?,
+                row0: x.row0,
+                scale: x.scale as f32,
+            };
+            fused_with(q, k, v, self.kernel, Epilogue { merged: true, add: None, extra: Some(extra) })
         })
     }
 }
@@ -155,11 +193,22 @@ struct Epilogue {
     merged: bool,
     /// `base + scale · attention`, `base` in the output's layout.
     add: Option<(Tensor, f32)>,
+    /// A second attention added to rows `row0..` (core's [`ExtraAttention`]).
+    extra: Option<Extra>,
+}
+
+/// [`ExtraAttention`] with its tensors made contiguous.
+struct Extra {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    row0: usize,
+    scale: f32,
 }
 
 /// Runs the kernel (inputs made contiguous first).
 pub fn fused(q: &Tensor, k: &Tensor, v: &Tensor, kernel: Kernel) -> ipaflux_core::Result<Tensor> {
-    fused_with(q, k, v, kernel, Epilogue { merged: false, add: None })
+    fused_with(q, k, v, kernel, Epilogue { merged: false, add: None, extra: None })
 }
 
 fn fused_with(q: &Tensor, k: &Tensor, v: &Tensor, kernel: Kernel, epilogue: Epilogue) -> ipaflux_core::Result<Tensor> {
@@ -173,7 +222,7 @@ fn fused_with(q: &Tensor, k: &Tensor, v: &Tensor, kernel: Kernel, epilogue: Epil
             v.dims()
         )));
     }
-    if !kernel.has_epilogue() && (epilogue.merged || epilogue.add.is_some()) {
+    if !kernel.has_epilogue() && (epilogue.merged || epilogue.add.is_some() || epilogue.extra.is_some()) {
         return Err(ipaflux_core::Error::Unsupported("the wmma attention kernel writes [B, H, L, D] only".into()));
     }
     let op = AttentionOp { b, h, l, s, d, kernel, epilogue };
@@ -202,6 +251,21 @@ fn cuda_err(e: impl std::error::Error + Send + Sync + 'static) -> candle::Error 
     candle::Error::Cuda(Box::new(e))
 }
 
+/// A contiguous CUDA tensor's `n` elements (its storage read-locked by the caller).
+fn view_of<'a, T: CudaDType + DeviceRepr>(
+    (storage, layout): (&'a Storage, &Layout),
+    n: usize,
+    what: &str,
+) -> candle::Result<CudaView<'a, T>> {
+    let Storage::Cuda(st) = storage else {
+        return Err(candle::Error::Msg(format!("fused attention: {what} is not on the CUDA device")));
+    };
+    match layout.contiguous_offsets() {
+        Some((a, b)) if b - a == n => Ok(st.as_cuda_slice::<T>()?.slice(a..b)),
+        _ => Err(candle::Error::Msg(format!("fused attention: {what} is not a contiguous {n}-element tensor"))),
+    }
+}
+
 impl AttentionOp {
     fn launch<T: CudaDType + DeviceRepr + candle::WithDType>(
         &self,
@@ -214,19 +278,34 @@ impl AttentionOp {
             l.contiguous_offsets().ok_or_else(|| candle::Error::Msg("fused attention needs contiguous inputs".into()))
         };
         let ((q0, q1), (k0, k1), (v0, v1)) = (range(lq)?, range(lk)?, range(lv)?);
+        let (q, k, v) = (q.slice(q0..q1), k.slice(k0..k1), v.slice(v0..v1));
+        let bh = self.b * self.h;
+        let (n_out, s_ip) = (bh * self.l * self.d, self.epilogue.extra.as_ref().map_or(Ok(0), |x| x.k.dim(2))?);
+        // Operands that are not inputs of the op, read-locked for the launch.
+        let base_held = self.epilogue.add.as_ref().map(|(base, _)| base.storage_and_layout());
+        let base = base_held.as_ref().map(|(g, l)| view_of::<T>((g, l), n_out, "base")).transpose()?;
+        let extra_held = self.epilogue.extra.as_ref().map(|x| [&x.q, &x.k, &x.v].map(|t| t.storage_and_layout()));
+        let extra = match &extra_held {
+            Some([xq, xk, xv]) => Some([
+                view_of::<T>((&xq.0, xq.1), n_out, "the extra attention's q")?,
+                view_of::<T>((&xk.0, xk.1), bh * s_ip * self.d, "the extra attention's k")?,
+                view_of::<T>((&xv.0, xv.1), bh * s_ip * self.d, "the extra attention's v")?,
+            ]),
+            None => None,
+        };
         // 16-byte loads need rows and slices on 8-element boundaries (allocations are 256-byte aligned).
-        let vec = self.d % 8 == 0 && [q0, k0, v0].iter().all(|o| o % 8 == 0) && size_of::<T>() == 2;
+        let mut offsets = vec![q0, k0, v0];
+        offsets.extend(extra_held.iter().flatten().filter_map(|(_, l)| l.contiguous_offsets().map(|(a, _)| a)));
+        let vec = self.d % 8 == 0 && offsets.iter().all(|o| o % 8 == 0) && size_of::<T>() == 2;
         let vec_loads = i32::from(vec);
         let kernel = self.kernel.effective(vec);
-        let (q, k, v) = (q.slice(q0..q1), k.slice(k0..k1), v.slice(v0..v1));
-        let func = dev.get_or_load_custom_func(kernel.entry(T::DTYPE), "ipaflux_attention", PTX)?;
+        let func = dev.get_or_load_custom_func(kernel.entry(T::DTYPE, extra.is_some()), "ipaflux_attention", PTX)?;
         let smem = kernel.shared_bytes(self.d, size_of::<T>());
         let smem_i32 = i32::try_from(smem).map_err(|_| candle::Error::Msg("fused attention: shared memory".into()))?;
         func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_i32)
             .map_err(cuda_err)?;
-        let bh = self.b * self.h;
         // SAFETY: every element is written by the kernel (rows < L, columns < D).
-        let out = unsafe { dev.alloc::<T>(bh * self.l * self.d) }?;
+        let out = unsafe { dev.alloc::<T>(n_out) }?;
         let to_i32 =
             |x: usize| i32::try_from(x).map_err(|_| candle::Error::Msg("fused attention: size over i32".into()));
         let (l, s, d, dp) = (to_i32(self.l)?, to_i32(self.s)?, to_i32(self.d)?, to_i32(self.d.div_ceil(16) * 16)?);
@@ -237,34 +316,27 @@ impl AttentionOp {
             LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
         let mut builder = func.builder();
         builder.arg(&q).arg(&k).arg(&v).arg(&out).arg(&l).arg(&s).arg(&d).arg(&dp).arg(&scale_log2).arg(&vec_loads);
-        // Version 3's epilogue arguments (the mma kernel only).
-        let guard = self.epilogue.add.as_ref().map(|(base, _)| base.storage_and_layout());
-        let base = match guard.as_ref().map(|(g, lb)| (&**g, *lb)) {
-            Some((Storage::Cuda(st), lb)) => {
-                let (b0, b1) = range(lb)?;
-                Some(st.as_cuda_slice::<T>()?.slice(b0..b1))
-            }
-            Some(_) => return Err(candle::Error::Msg("fused attention: base not on the CUDA device".into())),
-            None => None,
-        };
-        if base.as_ref().is_some_and(|b| b.len() != bh * self.l * self.d) {
-            return Err(candle::Error::Msg("fused attention: base does not match the output".into()));
-        }
-        let (h, merged, has_base) =
-            (to_i32(self.h)?, i32::from(self.epilogue.merged), i32::from(self.epilogue.add.is_some()));
+        // Versions 3 and 4: the epilogue's and the extra attention's arguments.
+        let (h, merged, has_base) = (to_i32(self.h)?, i32::from(self.epilogue.merged), i32::from(base.is_some()));
         let out_scale = self.epilogue.add.as_ref().map_or(1.0, |(_, s)| *s);
+        let x = self.epilogue.extra.as_ref();
+        let (s_ip, ip_row0, ip_scale) = (to_i32(s_ip)?, to_i32(x.map_or(0, |x| x.row0))?, x.map_or(0.0, |x| x.scale));
+        let has_ip = i32::from(extra.is_some());
         if kernel.has_epilogue() {
             builder.arg(&h).arg(&merged);
-            match &base {
-                Some(bv) => builder.arg(bv),
-                None => builder.arg(&q), // not read
-            };
+            builder.arg(base.as_ref().unwrap_or(&q)); // not read without has_base
             builder.arg(&has_base).arg(&out_scale);
+            match &extra {
+                Some([xq, xk, xv]) => builder.arg(xq).arg(xk).arg(xv),
+                None => builder.arg(&q).arg(&k).arg(&v), // not read without has_ip
+            };
+            builder.arg(&s_ip).arg(&ip_row0).arg(&ip_scale).arg(&has_ip);
         }
         // SAFETY: the arguments match the kernel's signature in attention.cu;
         // q/k/v/out hold B·H·L·D, B·H·S·D, B·H·S·D, B·H·L·D elements (checked
-        // shapes, contiguous slices), base as many when read (checked above),
-        // and the grid covers exactly L rows × B·H.
+        // shapes, contiguous slices), base and the extra q as many as out, the
+        // extra k and v B·H·S_ip·D (checked by view_of), and the grid covers
+        // exactly L rows × B·H.
         unsafe { builder.launch(cfg) }.map_err(cuda_err)?;
         let shape = if self.epilogue.merged {
             Shape::from((self.b, self.l, self.h * self.d))
@@ -343,10 +415,11 @@ mod tests {
     #[test]
     fn each_kernel_has_its_entry_points_in_the_ptx() {
         for kernel in [Kernel::Wmma, Kernel::Mma, Kernel::MmaPipelined] {
-            for dtype in [DType::BF16, DType::F16] {
-                let entry = kernel.entry(dtype);
+            for (dtype, ip) in [(DType::BF16, false), (DType::F16, false), (DType::BF16, true), (DType::F16, true)] {
+                let entry = kernel.entry(dtype, ip);
                 assert!(PTX.contains(&format!(".entry {entry}(")), "{entry} missing from the PTX");
             }
         }
+        assert_eq!(Kernel::MmaPipelined.entry(DType::F16, true), "ipaflux_attention4_ip_f16");
     }
 }
