@@ -711,10 +711,11 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
         modulation: o.modulation.clone(),
         peak: o.peak.clone(),
     };
+    let mut checked = Vec::new();
     for &size in &sizes {
         let label =
             format!("Flux {depth}+{single} blocks step {size}², {dtype:?}, {} attention{fused_mod}", attention.name());
-        step_rows(o, r, &FluxBenchOptions { size, ..base.clone() }, label)?;
+        checked.push(step_rows(o, r, &FluxBenchOptions { size, ..base.clone() }, label)?);
     }
     if o.fused.is_some() && !o.quick {
         let opts = FluxBenchOptions {
@@ -769,14 +770,26 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
     if let Some(c) = &o.candidate {
         let opts = FluxBenchOptions { attention: c.attention.clone(), modulation: Some(c.modulation.clone()), ..base };
         let label = format!("Flux {depth}+{single} blocks step {}², {dtype:?}, candidate kernels", base.size);
-        step_rows(o, r, &opts, label)?;
+        let candidate = step_rows(o, r, &opts, label)?;
+        // The two figures the default kernel set is chosen on (with the candidate rows' checks above).
+        if let Some(&(plain, ip)) = checked.first() {
+            let (c_plain, c_ip) = candidate;
+            r.info(
+                "bench",
+                format!("candidate vs checked kernel set, step {}² without / with IP", base.size),
+                format!("{c_plain:.2} / {c_ip:.2} ms"),
+                format!("{plain:.2} / {ip:.2} ms"),
+                format!("{:.3}× / {:.3}×", c_plain / plain, c_ip / ip),
+            );
+        }
     }
     Ok(())
 }
 
 /// One `bench_flux` run: the plain step against PyTorch, its peak memory,
-/// the IP-Adapter's overhead and branch times.
-fn step_rows(o: &CheckOptions, r: &mut Report, opts: &FluxBenchOptions, label: String) -> Result<()> {
+/// the IP-Adapter's overhead and branch times. Returns the step's time
+/// without and with the IP-Adapter (cached K/V).
+fn step_rows(o: &CheckOptions, r: &mut Report, opts: &FluxBenchOptions, label: String) -> Result<(f64, f64)> {
     let size = opts.size;
     let rows = bench_flux::run(opts)?;
     let find = |prefix: &str| rows.iter().find(|row| row.name.starts_with(prefix)).map(|row| row.ms);
@@ -826,7 +839,7 @@ fn step_rows(o: &CheckOptions, r: &mut Report, opts: &FluxBenchOptions, label: S
             torch.map_or(String::new(), |t| format!("{:.2}×", row.ms / t)),
         );
     }
-    Ok(())
+    Ok((plain, cached))
 }
 
 /// The budget FLUX.1-dev is streamed in (the target case).

@@ -176,7 +176,9 @@ impl AttentionHook for IpAdapterHook {
     }
 
     /// One image in its window (the usual case): its term, for the block's
-    /// attention kernel to add; none: nothing; several: [`Self::attention`].
+    /// attention kernel to add (the model's attention computes it then, not
+    /// the one given by [`IpAdapterHook::with_attention`]); none: nothing;
+    /// several: [`Self::attention`].
     fn contribution(&self, at: &HookPoint, q: &Tensor) -> Result<Contribution> {
         let block = self.block(at)?;
         let mut active =
