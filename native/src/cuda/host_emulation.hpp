@@ -8,9 +8,9 @@
 // `ldmatrix`, `mma.sync.m16n8k16`) publish each lane's operands to the warp,
 // meet at a barrier, compute each lane's result from all lanes' operands as the
 // PTX ISA defines the fragment layouts ("Matrix Fragments for mma.m16n8k16",
-// "ldmatrix"), and meet again. `cp.async` copies at once (its wait is then a
-// no-op), so data races between an asynchronous copy and a reader are not
-// caught; index and layout errors are. `__shared__` variables are statics and
+// "ldmatrix"), and meet again. `cp.async` lands only at the `wait_group`
+// that completes its group, its destination poisoned until then, so reading a
+// stage too early is caught (below), as are index and layout errors. `__shared__` variables are statics and
 // dynamic shared memory is a per-block buffer. Timing, memory coalescing and
 // bank conflicts are not emulated. Written for this project.
 #pragma once
@@ -189,13 +189,39 @@ inline void ldsm_x4_trans(unsigned (&r)[4], const void* p) { emu_ldmatrix(r, 4, 
 template <typename T> void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
     emu_mma16816<T>(c, a, b0, b1);
 }
+// cp.async as the PTX ISA defines its completion ("cp.async.wait_group"): a
+// copy lands only when a wait_group leaves its committed group among the
+// completed ones. Until then its destination holds NaN bytes (all ones: a NaN
+// in bf16, f16 and f32), so a kernel that reads a stage before waiting for it,
+// or waits for too few groups, computes NaN and fails its check. Per thread,
+// as on the device; other threads see the data after the barrier that
+// follows the wait.
+struct EmuAsyncCopy {
+    void* dst;
+    unsigned char data[16];
+};
+inline thread_local std::vector<EmuAsyncCopy> emu_async_pending;             // issued, not committed
+inline thread_local std::vector<std::vector<EmuAsyncCopy>> emu_async_groups;  // committed, oldest first
+
 inline void cp_async16(void* dst, const void* src, bool valid) {
-    if (valid) std::memcpy(dst, src, 16);
-    else std::memset(dst, 0, 16);
+    EmuAsyncCopy c{dst, {}};
+    if (valid) std::memcpy(c.data, src, 16);
+    std::memset(dst, 0xFF, 16);
+    emu_async_pending.push_back(c);
 }
-inline void cp_async_commit() {}
+inline void cp_async_commit() {
+    emu_async_groups.push_back(std::move(emu_async_pending));
+    emu_async_pending.clear();
+}
+// Completes all but the newest N committed groups.
+template <int N> void cp_async_wait() {
+    const size_t keep = N, n = emu_async_groups.size();
+    if (n <= keep) return;
+    for (size_t g = 0; g < n - keep; ++g)
+        for (const auto& c : emu_async_groups[g]) std::memcpy(c.dst, c.data, 16);
+    emu_async_groups.erase(emu_async_groups.begin(), emu_async_groups.begin() + (n - keep));
+}
 inline float ex2_approx(float x) { return std::exp2(x); }
-template <int N> void cp_async_wait() {}
 
 // Test helpers.
 inline int emu_failures = 0;
@@ -221,7 +247,10 @@ template <typename T>
 void compare(const char* what, const std::vector<T>& got, const std::vector<float>& want, float tol) {
     float err = 0.f, scale = 1e-12f;
     for (size_t i = 0; i < want.size(); ++i) {
-        err = std::fmax(err, std::fabs(to_float(got[i]) - want[i]));
+        // A NaN or infinity (an element never written, or computed from a
+        // poisoned stage) is an infinite error: fmax alone would skip a NaN.
+        const float g = to_float(got[i]);
+        err = std::fmax(err, std::isfinite(g) ? std::fabs(g - want[i]) : INFINITY);
         scale = std::fmax(scale, std::fabs(want[i]));
     }
     const float rel = err / scale;
