@@ -227,6 +227,12 @@ pub trait FusedAttention: std::fmt::Debug + Send + Sync {
     ) -> Option<Result<Tensor>> {
         None
     }
+    /// Whether [`Self::attend_merged_extra`] can take any input at all, so a
+    /// caller need not prepare an extra term for a kernel that never takes
+    /// one (the default: no).
+    fn takes_extra(&self) -> bool {
+        false
+    }
 }
 
 /// A second attention added to rows of a main attention's output, for
@@ -291,6 +297,12 @@ impl Attention {
         }
         let term = (merge_heads(&self.sdpa(q, k, v)?)?.to_dtype(base.dtype())? * scale)?;
         Ok((base + term)?)
+    }
+
+    /// Whether [`Self::sdpa_merged_extra`] may be taken (a fused kernel that
+    /// takes extra terms); when not, it is always `None`.
+    pub fn takes_extra(&self) -> bool {
+        self.fused.as_ref().is_some_and(|f| f.takes_extra())
     }
 
     /// [`Self::sdpa_merged`] with `extra` added in one fused launch, or `None`

@@ -80,6 +80,9 @@ pub struct CheckOptions {
 pub struct Candidate {
     pub attention: Attention,
     pub modulation: Arc<dyn FusedModulation>,
+    /// Other attention kernels the candidate step is also timed with (with
+    /// the same modulation kernels), to choose the candidate's attention.
+    pub attention_variants: Vec<Attention>,
 }
 
 /// Reads the JSON object of numbers `scripts/gpu_bench_torch.py` writes (other values are skipped).
@@ -462,10 +465,12 @@ fn attention_real_shapes(o: &CheckOptions, r: &mut Report) -> Result<()> {
                 format!("{:.2}×", t_fused / t_naive),
             );
         }
-        if let Some(c) = &o.candidate {
-            merged_epilogue(o, r, &c.attention, fused, name, (&q, &k, &v), &exact)?;
+        // The candidate's epilogues, with its own kernel and the variants it may take instead.
+        let candidates = o.candidate.iter().flat_map(|c| std::iter::once(&c.attention).chain(&c.attention_variants));
+        for attention in candidates {
+            merged_epilogue(o, r, attention, fused, name, (&q, &k, &v), &exact)?;
             if s == l && (d == 128 || o.quick) {
-                fused_ip_term(o, r, &c.attention, name, (&q, &k, &v), &exact)?;
+                fused_ip_term(o, r, attention, name, (&q, &k, &v), &exact)?;
             }
         }
     }
@@ -768,7 +773,8 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
     }
     // Last: a candidate kernel that fails on its first GPU run loses no other figure.
     if let Some(c) = &o.candidate {
-        let opts = FluxBenchOptions { attention: c.attention.clone(), modulation: Some(c.modulation.clone()), ..base };
+        let opts =
+            FluxBenchOptions { attention: c.attention.clone(), modulation: Some(c.modulation.clone()), ..base.clone() };
         let label = format!("Flux {depth}+{single} blocks step {}², {dtype:?}, candidate kernels", base.size);
         let candidate = step_rows(o, r, &opts, label)?;
         // The two figures the default kernel set is chosen on (with the candidate rows' checks above).
@@ -780,6 +786,23 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
                 format!("{c_plain:.2} / {c_ip:.2} ms"),
                 format!("{plain:.2} / {ip:.2} ms"),
                 format!("{:.3}× / {:.3}×", c_plain / plain, c_ip / ip),
+            );
+        }
+        // The same step with the candidate's other attention kernels (no IP).
+        for attention in &c.attention_variants {
+            let opts = FluxBenchOptions {
+                attention: attention.clone(),
+                modulation: Some(c.modulation.clone()),
+                runs: o.runs.min(3),
+                ..base.clone()
+            };
+            let ms = bench_flux::run_plain(&opts)?;
+            r.info(
+                "bench",
+                format!("  candidate step {}², no IP, with {}", base.size, attention.name()),
+                format!("{ms:.2} ms"),
+                format!("{:.2} ms", candidate.0),
+                format!("{:.3}× the candidate's", ms / candidate.0),
             );
         }
     }

@@ -72,6 +72,18 @@ pub fn attention_for(device: &ipaflux_core::candle_core::Device, set: KernelSet)
     ipaflux_core::nn::Attention::reference()
 }
 
+/// Attention kernels that could replace the candidate set's own on `device`
+/// (CUDA: versions 5 and 6 with the merged-heads epilogue; none elsewhere),
+/// for `gpu-check` to time the candidate step with each.
+pub fn candidate_attention_variants(device: &ipaflux_core::candle_core::Device) -> Vec<ipaflux_core::nn::Attention> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return cuda::candidate_attention_variants();
+    }
+    let _ = device;
+    Vec::new()
+}
+
 /// The fused LayerNorm + modulation and gated-residual kernels Flux uses on
 /// `device`: CUDA's with `cuda` on a CUDA device (bf16/f16; they decline the
 /// rest), none elsewhere (the reference ops).

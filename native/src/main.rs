@@ -466,7 +466,12 @@ fn main() -> anyhow::Result<()> {
                 ipaflux::cuda::explicit_stream_ordering(&dev);
                 (
                     Some(ipaflux::cuda::fused_attention(ipaflux::KernelSet::Checked)),
-                    vec![ipaflux::cuda::fused_attention_with(ipaflux::cuda::attention::Kernel::Wmma)],
+                    {
+                        use ipaflux::cuda::attention::Kernel;
+                        [Kernel::Wmma, Kernel::MmaPipelinedWide, Kernel::MmaTwoTiles]
+                            .map(ipaflux::cuda::fused_attention_with)
+                            .to_vec()
+                    },
                     std::sync::Arc::new(ipaflux::cuda::check::DriverPeak::start(&dev)?),
                 )
             } else {
@@ -481,6 +486,7 @@ fn main() -> anyhow::Result<()> {
                 ipaflux::modulation_for(&dev, ipaflux::KernelSet::Candidate).map(|modulation| gpu_check::Candidate {
                     attention: ipaflux::attention_for(&dev, ipaflux::KernelSet::Candidate),
                     modulation,
+                    attention_variants: ipaflux::candidate_attention_variants(&dev),
                 });
             let o = gpu_check::CheckOptions {
                 device: dev,

@@ -36,6 +36,9 @@ fn rows(x: &Tensor) -> Vec<Vec<f32>> {
 struct Mirror {
     /// Calls of `attend_merged_extra` (the fused IP term), to show the path ran.
     extra_calls: AtomicUsize,
+    /// Say that extra terms are never taken (`takes_extra`), as a kernel
+    /// without the `_ip` entry points does.
+    no_extra: bool,
 }
 
 impl FusedModulation for Mirror {
@@ -150,6 +153,10 @@ impl FusedAttention for Mirror {
             }
         }
         Some(Tensor::from_vec(out, (b, l, h * d), q.device()).map_err(Into::into))
+    }
+
+    fn takes_extra(&self) -> bool {
+        !self.no_extra
     }
 
     /// The merged attention, then, as the `_ip` kernels' second pass, rows
@@ -295,4 +302,53 @@ fn ip_term_fused_into_the_block_attention_equals_the_hook_path() {
     let (reference, mirrored) = (run(&plain, &two), run(&fused, &two));
     assert_eq!(mirror.extra_calls.load(Ordering::Relaxed), cfg.num_blocks(), "no fused call for two images");
     assert!(max_rel_err(&mirrored, &reference) < 1e-5);
+}
+
+/// An IP-Adapter hook that counts how often the model asks for its term.
+struct Counting<'a> {
+    inner: &'a IpAdapterHook,
+    asked: AtomicUsize,
+}
+
+impl AttentionHook for Counting<'_> {
+    fn name(&self) -> &str {
+        "counting IP-Adapter"
+    }
+
+    fn attention(&self, at: &HookPoint, q: &Tensor, attn: &Tensor) -> Result<Option<Tensor>> {
+        self.inner.attention(at, q, attn)
+    }
+
+    fn contribution(&self, at: &HookPoint, q: &Tensor) -> Result<super::hooks::Contribution> {
+        self.asked.fetch_add(1, Ordering::Relaxed);
+        self.inner.contribution(at, q)
+    }
+}
+
+#[test]
+fn hooks_are_asked_for_a_term_only_where_the_kernel_takes_one() {
+    let cfg = tiny();
+    let plain = random_model(&cfg);
+    let x = batch_of_two(&cfg);
+    let ip = IpAdapterHook::new(vec![random_ip_image(&cfg, 4, 0.9)], IpHookConfig::default(), &cfg).unwrap();
+    let reference = {
+        let list: [&dyn AttentionHook; 1] = [&ip];
+        plain.forward(&x.img, &x.ids, &x.cond, 0.7, 0, Hooks::new(&list)).unwrap()
+    };
+    for (no_extra, asked) in [(true, 0), (false, cfg.num_blocks())] {
+        let mirror = Arc::new(Mirror { no_extra, ..Mirror::default() });
+        let mut m = plain.clone();
+        m.set_attention(Attention::fused(mirror.clone()));
+        let counting = Counting { inner: &ip, asked: AtomicUsize::new(0) };
+        let list: [&dyn AttentionHook; 1] = [&counting];
+        let out = m.forward(&x.img, &x.ids, &x.cond, 0.7, 0, Hooks::new(&list)).unwrap();
+        assert_eq!(counting.asked.load(Ordering::Relaxed), asked, "terms asked for (no_extra: {no_extra})");
+        assert_eq!(mirror.extra_calls.load(Ordering::Relaxed), asked, "fused calls (no_extra: {no_extra})");
+        assert!(max_rel_err(&out, &reference) < 1e-5, "same result either way (no_extra: {no_extra})");
+    }
+    // The reference path (no fused kernel) never asks either.
+    let counting = Counting { inner: &ip, asked: AtomicUsize::new(0) };
+    let list: [&dyn AttentionHook; 1] = [&counting];
+    plain.forward(&x.img, &x.ids, &x.cond, 0.7, 0, Hooks::new(&list)).unwrap();
+    assert_eq!(counting.asked.load(Ordering::Relaxed), 0);
 }

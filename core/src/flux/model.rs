@@ -253,15 +253,32 @@ impl Rope {
     }
 }
 
-/// A block's attention `[B, L, H·D]` with its hooks' effect on rows `row0..`
-/// computed in the same fused launch, where that effect is one attention term
-/// ([`Hooks::single_term`]: one IP-Adapter image) and the fused kernel takes
-/// it; `None` otherwise, and the block runs its attention, then the hooks.
-fn hooked_attention(qkv: &QkvOut, ctx: &Ctx, point: &HookPoint, row0: usize) -> Result<Option<Tensor>> {
-    let Some(q_pre) = &qkv.q_pre_rope else { return Ok(None) };
-    let Some(term) = ctx.hooks.single_term(point, q_pre)? else { return Ok(None) };
-    let extra = ExtraAttention { q: q_pre, k: &term.k, v: &term.v, row0, scale: term.scale };
-    ctx.attention.sdpa_merged_extra(&qkv.q, &qkv.k, &qkv.v, &extra).transpose()
+/// A block's attention, heads merged (`[B, L, H·D]`), split at `row0`: rows
+/// before it as attention left them, rows from it (contiguous) with the
+/// hooks applied (the double blocks' image tokens; single blocks pass 0).
+/// The hooks' effect is computed in the attention's own launch where it is
+/// one attention term ([`Hooks::single_term`]: one IP-Adapter image) and the
+/// fused kernel takes it; otherwise the attention runs, then the hooks.
+fn attention_with_hooks(qkv: &QkvOut, ctx: &Ctx, point: &HookPoint, row0: usize) -> Result<(Tensor, Tensor)> {
+    let l = qkv.q.dim(2)?;
+    let split = |attn: Tensor| -> Result<(Tensor, Tensor)> {
+        Ok((attn.narrow(1, 0, row0)?, attn.narrow(1, row0, l - row0)?.contiguous()?))
+    };
+    let Some(q_pre) = &qkv.q_pre_rope else {
+        return split(ctx.attention.sdpa_merged(&qkv.q, &qkv.k, &qkv.v)?);
+    };
+    // Asking the hooks for their term costs K/V work, so only where a kernel may take it.
+    if ctx.attention.takes_extra() {
+        if let Some(term) = ctx.hooks.single_term(point, q_pre)? {
+            let extra = ExtraAttention { q: q_pre, k: &term.k, v: &term.v, row0, scale: term.scale };
+            if let Some(attn) = ctx.attention.sdpa_merged_extra(&qkv.q, &qkv.k, &qkv.v, &extra) {
+                return split(attn?);
+            }
+        }
+    }
+    let (head, tail) = split(ctx.attention.sdpa_merged(&qkv.q, &qkv.k, &qkv.v)?)?;
+    let tail = ctx.hooks.apply(point, &q_pre.narrow(2, row0, l - row0)?, tail)?;
+    Ok((head, tail))
 }
 
 /// Token positions and their RoPE tables.
@@ -757,20 +774,10 @@ impl DoubleBlock {
         let (img_mods, img_part) = self.img.qkv(img, ctx)?;
         let (txt_mods, txt_part) = self.txt.qkv(txt, ctx)?;
         let qkv = qkv_rope(&[txt_part, img_part], ctx, heads)?;
-        let (l_txt, l_img) = (txt.dim(1)?, img.dim(1)?);
+        let l_txt = txt.dim(1)?;
         let point = HookPoint { site: Site::Double { index }, ..ctx.point };
         // The hooks see the image tokens only.
-        let (txt_attn, img_attn) = match hooked_attention(&qkv, ctx, &point, l_txt)? {
-            Some(attn) => (attn.narrow(1, 0, l_txt)?, attn.narrow(1, l_txt, l_img)?.contiguous()?),
-            None => {
-                let attn = ctx.attention.sdpa_merged(&qkv.q, &qkv.k, &qkv.v)?;
-                let mut img_attn = attn.narrow(1, l_txt, l_img)?.contiguous()?;
-                if let Some(q) = &qkv.q_pre_rope {
-                    img_attn = ctx.hooks.apply(&point, &q.narrow(2, l_txt, l_img)?, img_attn)?;
-                }
-                (attn.narrow(1, 0, l_txt)?, img_attn)
-            }
-        };
+        let (txt_attn, img_attn) = attention_with_hooks(&qkv, ctx, &point, l_txt)?;
         let img = self.img.finish(img, &img_attn, &img_mods, ctx)?;
         let txt = self.txt.finish(txt, &txt_attn.contiguous()?, &txt_mods, ctx)?;
         Ok((img, txt))
@@ -788,16 +795,7 @@ impl SingleBlock {
         let qkv_part = QkvPart { qkv: lin1.narrow(2, 0, 3 * h)?, bias: qkv_bias.as_ref(), norm: &self.norm };
         let qkv = qkv_rope(&[qkv_part], ctx, cfg.num_heads)?;
         let point = HookPoint { site: Site::Single { index }, ..ctx.point };
-        let attn = match hooked_attention(&qkv, ctx, &point, 0)? {
-            Some(attn) => attn,
-            None => {
-                let attn = ctx.attention.sdpa_merged(&qkv.q, &qkv.k, &qkv.v)?;
-                match &qkv.q_pre_rope {
-                    Some(q) => ctx.hooks.apply(&point, q, attn)?,
-                    None => attn,
-                }
-            }
-        };
+        let (_, attn) = attention_with_hooks(&qkv, ctx, &point, 0)?;
         let mlp = bias_gelu(ctx.fused, &lin1.narrow(2, 3 * h, cfg.mlp_hidden)?, mlp_bias.as_ref())?;
         let out = self.linear2.forward_no_bias(&Tensor::cat(&[&attn, &mlp], 2)?)?;
         ctx.gated_add(x, &out, self.linear2.bias(), &m[0].gate)

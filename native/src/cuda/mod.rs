@@ -48,6 +48,14 @@ pub fn fused_modulation(set: crate::KernelSet) -> Arc<dyn ipaflux_core::nn::Fuse
     Arc::new(modulation::CudaModulation { set })
 }
 
+/// The candidate set's attention with versions 5 and 6 of the kernel instead
+/// of 4 (merged-heads epilogue and IP term included).
+pub fn candidate_attention_variants() -> Vec<Attention> {
+    [attention::Kernel::MmaPipelinedWide, attention::Kernel::MmaTwoTiles]
+        .map(|kernel| Attention::fused(Arc::new(attention::CudaFusedAttention { kernel, merged_output: true })))
+        .to_vec()
+}
+
 /// The fused CUDA attention with a given kernel version (`[B, H, L, D]` output only).
 pub fn fused_attention_with(kernel: attention::Kernel) -> Attention {
     Attention::fused(Arc::new(attention::CudaFusedAttention { kernel, merged_output: false }))

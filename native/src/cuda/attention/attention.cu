@@ -36,13 +36,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
 // Copies rows [r0, r0 + rows) of a [n, D] matrix into a [rows, DP] tile with
-// row stride ld, zero outside. vec: 8 elements (16 bytes) per load.
-template <typename T>
+// row stride ld, zero outside. vec: 8 elements (16 bytes) per load. NT:
+// the block's threads, which share the copy.
+template <typename T, int NT = THREADS>
 __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ src, int r0, int rows, int n,
                                           int D, int DP, bool vec) {
     if (vec) {
         const int cpr = DP / 8;
-        for (int i = threadIdx.x; i < rows * cpr; i += THREADS) {
+        for (int i = threadIdx.x; i < rows * cpr; i += NT) {
             const int r = i / cpr, c = (i - r * cpr) * 8, g = r0 + r;
             uint4 val = make_uint4(0u, 0u, 0u, 0u);
             if (g < n && c < D) val = *reinterpret_cast<const uint4*>(src + (size_t)g * D + c);
@@ -50,7 +51,7 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* __restrict__ 
         }
     } else {
         const T zero = from_f<T>(0.f);
-        for (int i = threadIdx.x; i < rows * DP; i += THREADS) {
+        for (int i = threadIdx.x; i < rows * DP; i += NT) {
             const int r = i / DP, c = i - r * DP, g = r0 + r;
             dst[r * ld + c] = (g < n && c < D) ? src[(size_t)g * D + c] : zero;
         }
@@ -195,7 +196,8 @@ ipaflux_attention_f16(const __half* q, const __half* k, const __half* v, __half*
 // Fragment layouts: PTX ISA, "Matrix Fragments for mma.m16n8k16".
 // ---------------------------------------------------------------------------
 
-#define BR2 64      // query rows per block: 4 warps x 16 rows
+// Query rows per block: 16 per warp (4 warps in versions 3 and 4, 8 in 5; 32 per
+// warp in 6).
 #define BC2 64      // keys per tile
 #define MAX_D8 16   // DP / 8 at most (D <= 128)
 
@@ -276,18 +278,18 @@ __device__ __forceinline__ float ex2_approx(float x) {
 template <bool FAST> __device__ __forceinline__ float exp2_(float x) { return FAST ? ex2_approx(x) : exp2f(x); }
 
 // load_tile's 16-byte path issued as cp.async (the caller commits and waits).
-template <typename T>
+template <typename T, int NT>
 __device__ __forceinline__ void load_tile_async(T* dst, int ld, const T* __restrict__ src, int r0, int rows, int n,
                                                 int D, int DP) {
     const int cpr = DP / 8;
-    for (int i = threadIdx.x; i < rows * cpr; i += THREADS) {
+    for (int i = threadIdx.x; i < rows * cpr; i += NT) {
         const int r = i / cpr, c = (i - r * cpr) * 8, g = r0 + r;
         const bool ok = g < n && c < D;
         cp_async16(dst + r * ld + c, ok ? src + (size_t)g * D + c : src, ok);
     }
 }
 
-// One warp's share of a softmax attention over key tiles (versions 3 and 4):
+// One warp's share of a softmax attention over key tiles (versions 3 to 5):
 // its 16 query rows are `qf` (A fragments); K/V `[S, D]` tiles go through the
 // shared memory at `Ks`. Leaves O unnormalised in `oacc` (C fragments: rows g
 // and g + 8, columns n·8 + 2t, +1) and this lane's part of the row sums in l0,
@@ -297,8 +299,9 @@ __device__ __forceinline__ void load_tile_async(T* dst, int ld, const T* __restr
 // copy in flight while this one is multiplied (needs the 16-byte path,
 // vec = true), shared memory [K0, V0, K1, V1], and the softmax's 2^x on the
 // special-function unit (ex2.approx). Without PIPE: [K, V], loaded
-// synchronously, exp2f (version 3).
-template <typename T, bool PIPE>
+// synchronously, exp2f (version 3). NT: the block's threads, which share the
+// tile loads (the warps' count does not change what one warp does).
+template <typename T, bool PIPE, int NT>
 __device__ __forceinline__ void softmax_pv(const unsigned (&qf)[MAX_K16][4], const T* __restrict__ kb,
                                            const T* __restrict__ vb, int S, int D, int DP, float scale_log2,
                                            T* Ks, int LDT, bool vec, float (&oacc)[MAX_D8][4], float& l0, float& l1) {
@@ -316,8 +319,8 @@ __device__ __forceinline__ void softmax_pv(const unsigned (&qf)[MAX_K16][4], con
 
     const int stage = 2 * BC2 * LDT;   // elements of one K + V pair
     if (PIPE) {
-        load_tile_async(Ks, LDT, kb, 0, BC2, S, D, DP);
-        load_tile_async(Ks + BC2 * LDT, LDT, vb, 0, BC2, S, D, DP);
+        load_tile_async<T, NT>(Ks, LDT, kb, 0, BC2, S, D, DP);
+        load_tile_async<T, NT>(Ks + BC2 * LDT, LDT, vb, 0, BC2, S, D, DP);
         cp_async_commit();
     }
     for (int s0 = 0, it = 0; s0 < S; s0 += BC2, ++it) {
@@ -327,16 +330,16 @@ __device__ __forceinline__ void softmax_pv(const unsigned (&qf)[MAX_K16][4], con
             if (s0 + BC2 < S) {
                 // The other stage was last read in the previous iteration, which ended in a barrier.
                 T* Kn = Ks + ((it + 1) & 1) * stage;
-                load_tile_async(Kn, LDT, kb, s0 + BC2, BC2, S, D, DP);
-                load_tile_async(Kn + BC2 * LDT, LDT, vb, s0 + BC2, BC2, S, D, DP);
+                load_tile_async<T, NT>(Kn, LDT, kb, s0 + BC2, BC2, S, D, DP);
+                load_tile_async<T, NT>(Kn + BC2 * LDT, LDT, vb, s0 + BC2, BC2, S, D, DP);
                 cp_async_commit();
                 cp_async_wait<1>();   // this tile's group is complete, the next one may be in flight
             } else {
                 cp_async_wait<0>();
             }
         } else {
-            load_tile(Kc, LDT, kb, s0, BC2, S, D, DP, vec);
-            load_tile(Vs, LDT, vb, s0, BC2, S, D, DP, vec);
+            load_tile<T, NT>(Kc, LDT, kb, s0, BC2, S, D, DP, vec);
+            load_tile<T, NT>(Vs, LDT, vb, s0, BC2, S, D, DP, vec);
         }
         __syncthreads();
 
@@ -421,15 +424,15 @@ __device__ __forceinline__ void softmax_pv(const unsigned (&qf)[MAX_K16][4], con
     }
 }
 
-// The Q tile of rows [row0, row0 + BR2) of `qb [L, D]` into this warp's A
-// fragments (its 16 rows), staged through `Ks`; ends in a barrier.
-template <typename T>
+// The Q tile of rows [row0, row0 + 16·WARPS) of `qb [L, D]` into this warp's
+// A fragments (its 16 rows), staged through `Ks`; ends in a barrier.
+template <typename T, int WARPS>
 __device__ __forceinline__ void load_q(unsigned (&qf)[MAX_K16][4], const T* __restrict__ qb, int row0, int L, int D,
                                        int DP, T* Ks, int LDT, bool vec) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int lm = lane >> 3, lr = lane & 7;
     const int nk = DP / 16;
-    load_tile(Ks, LDT, qb, row0, BR2, L, D, DP, vec);
+    load_tile<T, 32 * WARPS>(Ks, LDT, qb, row0, 16 * WARPS, L, D, DP, vec);
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < MAX_K16; ++kk)
@@ -437,7 +440,36 @@ __device__ __forceinline__ void load_q(unsigned (&qf)[MAX_K16][4], const T* __re
     __syncthreads();
 }
 
-// Versions 3 and 4: softmax_pv over the whole key sequence, then the epilogue.
+// f(row, index in o, value) for each accumulator element of this lane in a
+// warp's 16-row fragment `acc` whose first row is `ra` (rows < L, columns <
+// D): rows ra + g scaled by s0, ra + g + 8 by s1. Element (row, column) of
+// (batch, head) bh in o's layout: [BH, L, D], or [B, L, H, D] when merged.
+template <typename F>
+__device__ __forceinline__ void each_element(const float (&acc)[MAX_D8][4], int ra, float s0, float s1, int L, int D,
+                                             int nd, int bh, int H, int merged, F&& f) {
+    const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const int ga = ra + g, gb = ga + 8;
+    const int bi = bh / H, hi = bh - bi * H;
+    const size_t row_step = merged ? (size_t)H * D : (size_t)D;
+    const size_t first = merged ? ((size_t)bi * L * H + hi) * D : (size_t)bh * L * D;
+#pragma unroll
+    for (int n = 0; n < MAX_D8; ++n) {
+        const int c = n * 8 + 2 * t;
+        if (n >= nd || c >= D) continue;
+        for (int e = 0; e < 2 && c + e < D; ++e) {
+            if (ga < L) f(ga, first + (size_t)ga * row_step + c + e, acc[n][e] * s0);
+            if (gb < L) f(gb, first + (size_t)gb * row_step + c + e, acc[n][2 + e] * s1);
+        }
+    }
+}
+
+// Versions 3, 4 and 5: softmax_pv over the whole key sequence, then the
+// epilogue. WARPS: 4 (versions 3 and 4, 64 rows a block) or 8 (version 5,
+// 128 rows: each K/V tile read from global memory serves twice the rows, so
+// the L2→SM traffic of a call halves: 4608² at D = 128 reads 4.1 GB of K/V
+// with 64-row blocks, 0.75 ms at an assumed 5.5 TB/s of L2 bandwidth, not
+// measured here; each warp's work is the same). Shared memory is the same:
+// the 128-row Q tile fits the space of the K/V pair it is staged through.
 //
 // Epilogue: with merged = 0, o [BH, L, D]; with merged = 1, o [B, L, H, D]
 // (heads merged: the layout the output projection reads, so no transpose copy
@@ -454,7 +486,7 @@ __device__ __forceinline__ void load_q(unsigned (&qf)[MAX_K16][4], const T* __re
 // rounding is that of attention followed by a separate base + s·attention
 // launch). What is saved is that launch, its Q tile load and its transposes.
 // A template parameter, so the kernels without it keep their registers.
-template <typename T, bool PIPE, bool IP>
+template <typename T, bool PIPE, bool IP, int WARPS>
 __device__ void attention2(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                            T* __restrict__ o, int L, int S, int D, int DP, float scale_log2, int vec_loads,
                            int H, int merged, const T* __restrict__ base, int has_base, float out_scale,
@@ -465,67 +497,272 @@ __device__ void attention2(const T* __restrict__ q, const T* __restrict__ k, con
     T* Ks = reinterpret_cast<T*>(smem);   // K/V tiles (and the Q tile while it is staged)
 
     const bool vec = vec_loads != 0;
-    const int bh = blockIdx.y, row0 = blockIdx.x * BR2;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int g = lane >> 2, t = lane & 3;     // fragment row group and column pair
+    constexpr int ROWS = 16 * WARPS, NT = 32 * WARPS;
+    const int bh = blockIdx.y, row0 = blockIdx.x * ROWS;
+    const int warp = threadIdx.x / 32;
     const int nd = DP / 8;
 
     unsigned qf[MAX_K16][4];
     float oacc[MAX_D8][4], l0, l1;
-    load_q(qf, q + (size_t)bh * L * D, row0, L, D, DP, Ks, LDT, vec);
-    softmax_pv<T, PIPE>(qf, k + (size_t)bh * S * D, v + (size_t)bh * S * D, S, D, DP, scale_log2, Ks, LDT, vec,
+    load_q<T, WARPS>(qf, q + (size_t)bh * L * D, row0, L, D, DP, Ks, LDT, vec);
+    softmax_pv<T, PIPE, NT>(qf, k + (size_t)bh * S * D, v + (size_t)bh * S * D, S, D, DP, scale_log2, Ks, LDT, vec,
                         oacc, l0, l1);
 
-    // f(row, index in o, value) for each of this lane's accumulator elements
-    // (rows < L, columns < D), rows g scaled by s0 and g + 8 by s1. The
-    // indices are derived here, not kept live across the IP term's key loop.
+    // each_element over this warp's rows. The indices are derived there, not
+    // kept live across the IP term's key loop.
     auto each = [&](float s0, float s1, auto&& f) {
-        const int ga = row0 + warp * 16 + g, gb = ga + 8;
-        // Element (row, column) of this (batch, head) in o's layout.
-        const int bi = bh / H, hi = bh - bi * H;
-        const size_t row_step = merged ? (size_t)H * D : (size_t)D;
-        const size_t first = merged ? ((size_t)bi * L * H + hi) * D : (size_t)bh * L * D;
-#pragma unroll
-        for (int n = 0; n < MAX_D8; ++n) {
-            const int c = n * 8 + 2 * t;
-            if (n >= nd || c >= D) continue;
-            for (int e = 0; e < 2 && c + e < D; ++e) {
-                if (ga < L) f(ga, first + (size_t)ga * row_step + c + e, oacc[n][e] * s0);
-                if (gb < L) f(gb, first + (size_t)gb * row_step + c + e, oacc[n][2 + e] * s1);
-            }
-        }
+        each_element(oacc, row0 + warp * 16, s0, s1, L, D, nd, bh, H, merged, f);
     };
     each(1.f / quad_sum(l0), 1.f / quad_sum(l1), [&](int, size_t idx, float val) {
         o[idx] = from_f<T>(has_base ? to_f<T>(base[idx]) + out_scale * val : val);
     });
     // The extra attention, where this block has rows that take it (the branch is uniform over the block).
-    if (!IP || !has_ip || row0 + BR2 <= ip_row0) return;
-    load_q(qf, q_ip + (size_t)bh * L * D, row0, L, D, DP, Ks, LDT, vec);
-    softmax_pv<T, PIPE>(qf, k_ip + (size_t)bh * S_ip * D, v_ip + (size_t)bh * S_ip * D, S_ip, D, DP, scale_log2, Ks,
+    if (!IP || !has_ip || row0 + ROWS <= ip_row0) return;
+    load_q<T, WARPS>(qf, q_ip + (size_t)bh * L * D, row0, L, D, DP, Ks, LDT, vec);
+    softmax_pv<T, PIPE, NT>(qf, k_ip + (size_t)bh * S_ip * D, v_ip + (size_t)bh * S_ip * D, S_ip, D, DP, scale_log2, Ks,
                         LDT, vec, oacc, l0, l1);
     each(ip_scale / quad_sum(l0), ip_scale / quad_sum(l1), [&](int row, size_t idx, float val) {
         if (row >= ip_row0) o[idx] = from_f<T>(to_f<T>(o[idx]) + val);
     });
 }
 
+// ---------------------------------------------------------------------------
+// Version 6: two 16-row m-tiles per warp, 32 rows a warp and 128 a block of
+// 4 warps, as FlashAttention-2 lays out its 128-row blocks. Against version 4
+// each K fragment that ldmatrix brings from shared memory feeds two mma
+// instead of one, and each K/V tile fetched from L2 serves 128 rows. The Q
+// tile stays in shared memory for the whole call and its A fragments are
+// re-read for each key tile: 32 rows of them in registers would not fit
+// beside the 32-row accumulator. K/V tiles double-buffered by cp.async with
+// ex2.approx as version 4; needs the 16-byte path (vec_loads = 1).
+// Shared memory: the Q tile [128, LDT], then two stages of K and V.
+// ---------------------------------------------------------------------------
+#define MT6 2                // m-tiles of 16 rows per warp
+#define ROWS6 (32 * MT6 * 2) // query rows per block: 4 warps x 32 (128)
+
+// softmax_pv for version 6: this warp's 32 rows of the Q tile `Qs` against
+// K/V [S, D]; leaves O unnormalised in oacc[m] and this lane's parts of the
+// row sums in l[m] (rows g, g + 8 of m-tile m). Ends in a barrier, so `KV`
+// and `Qs` may be reused.
+template <typename T>
+__device__ __forceinline__ void softmax_pv6(const T* Qs, const T* __restrict__ kb, const T* __restrict__ vb, int S,
+                                            int D, int DP, float scale_log2, T* KV, int LDT,
+                                            float (&oacc)[MT6][MAX_D8][4], float (&l)[MT6][2]) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int t = lane & 3;
+    const int lm = lane >> 3, lr = lane & 7;
+    const int nk = DP / 16, nd = DP / 8;
+
+    float mrow[MT6][2];
+#pragma unroll
+    for (int m = 0; m < MT6; ++m) {
+#pragma unroll
+        for (int n = 0; n < MAX_D8; ++n) oacc[m][n][0] = oacc[m][n][1] = oacc[m][n][2] = oacc[m][n][3] = 0.f;
+        mrow[m][0] = mrow[m][1] = -INFINITY;
+        l[m][0] = l[m][1] = 0.f;
+    }
+    // This lane's ldmatrix row of the Q tile for m-tile 0 (m-tile 1: 16 rows on).
+    const T* qrow = Qs + (warp * 32 + (lm & 1) * 8 + lr) * LDT + (lm >> 1) * 8;
+
+    const int stage = 2 * BC2 * LDT;
+    load_tile_async<T, THREADS>(KV, LDT, kb, 0, BC2, S, D, DP);
+    load_tile_async<T, THREADS>(KV + BC2 * LDT, LDT, vb, 0, BC2, S, D, DP);
+    cp_async_commit();
+    for (int s0 = 0, it = 0; s0 < S; s0 += BC2, ++it) {
+        T* Kc = KV + (it & 1) * stage;
+        T* Vs = Kc + BC2 * LDT;
+        if (s0 + BC2 < S) {
+            T* Kn = KV + ((it + 1) & 1) * stage;
+            load_tile_async<T, THREADS>(Kn, LDT, kb, s0 + BC2, BC2, S, D, DP);
+            load_tile_async<T, THREADS>(Kn + BC2 * LDT, LDT, vb, s0 + BC2, BC2, S, D, DP);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+
+        // S = Q Kᵀ, 32 columns of the head dimension at a time: both m-tiles'
+        // A fragments, then each K fragment into both.
+        float sacc[MT6][BC2 / 8][4];
+#pragma unroll
+        for (int m = 0; m < MT6; ++m)
+#pragma unroll
+            for (int j = 0; j < BC2 / 8; ++j) sacc[m][j][0] = sacc[m][j][1] = sacc[m][j][2] = sacc[m][j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < MAX_K16; kk += 2) {
+            if (kk >= nk) continue;
+            const bool pair = kk + 1 < nk;
+            unsigned a[MT6][2][4];
+#pragma unroll
+            for (int m = 0; m < MT6; ++m) {
+                ldsm_x4(a[m][0], qrow + m * 16 * LDT + kk * 16);
+                if (pair) ldsm_x4(a[m][1], qrow + m * 16 * LDT + (kk + 1) * 16);
+            }
+#pragma unroll
+            for (int j = 0; j < BC2 / 8; ++j) {
+                const T* krow = Kc + (j * 8 + lr) * LDT + lm * 8 + kk * 16;
+                unsigned b[4];
+                if (pair) {
+                    ldsm_x4(b, krow);
+#pragma unroll
+                    for (int m = 0; m < MT6; ++m) {
+                        mma16816<T>(sacc[m][j], a[m][0], b[0], b[1]);
+                        mma16816<T>(sacc[m][j], a[m][1], b[2], b[3]);
+                    }
+                } else {
+                    ldsm_x2(b, krow);
+#pragma unroll
+                    for (int m = 0; m < MT6; ++m) mma16816<T>(sacc[m][j], a[m][0], b[0], b[1]);
+                }
+            }
+        }
+
+        // Online softmax per m-tile (as softmax_pv); keys past S are masked.
+        const int valid = S - s0;
+        unsigned pa[MT6][BC2 / 16][4];
+#pragma unroll
+        for (int m = 0; m < MT6; ++m) {
+            float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < BC2 / 8; ++j) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    if (j * 8 + 2 * t + e < valid) {
+                        mx0 = fmaxf(mx0, sacc[m][j][e]);
+                        mx1 = fmaxf(mx1, sacc[m][j][2 + e]);
+                    } else {
+                        sacc[m][j][e] = -INFINITY;
+                        sacc[m][j][2 + e] = -INFINITY;
+                    }
+                }
+            }
+            const float mn0 = fmaxf(mrow[m][0], quad_max(mx0) * scale_log2);
+            const float mn1 = fmaxf(mrow[m][1], quad_max(mx1) * scale_log2);
+            const float alpha0 = ex2_approx(mrow[m][0] - mn0), alpha1 = ex2_approx(mrow[m][1] - mn1);
+            mrow[m][0] = mn0;
+            mrow[m][1] = mn1;
+            float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+            for (int j = 0; j < BC2 / 8; ++j) {
+                const float p0 = ex2_approx(sacc[m][j][0] * scale_log2 - mn0);
+                const float p1 = ex2_approx(sacc[m][j][1] * scale_log2 - mn0);
+                const float p2 = ex2_approx(sacc[m][j][2] * scale_log2 - mn1);
+                const float p3 = ex2_approx(sacc[m][j][3] * scale_log2 - mn1);
+                sum0 += p0 + p1;
+                sum1 += p2 + p3;
+                pa[m][j / 2][(j & 1) * 2 + 0] = pack2<T>(p0, p1);
+                pa[m][j / 2][(j & 1) * 2 + 1] = pack2<T>(p2, p3);
+            }
+            l[m][0] = l[m][0] * alpha0 + sum0;
+            l[m][1] = l[m][1] * alpha1 + sum1;
+#pragma unroll
+            for (int n = 0; n < MAX_D8; ++n) {
+                oacc[m][n][0] *= alpha0;
+                oacc[m][n][1] *= alpha0;
+                oacc[m][n][2] *= alpha1;
+                oacc[m][n][3] *= alpha1;
+            }
+        }
+
+        // O += P V: each V fragment (ldmatrix.trans) into both m-tiles.
+#pragma unroll
+        for (int kc = 0; kc < BC2 / 16; ++kc) {
+            const T* vrow = Vs + (kc * 16 + (lm & 1) * 8 + lr) * LDT + (lm >> 1) * 8;
+#pragma unroll
+            for (int n = 0; n < MAX_D8; n += 2) {
+                if (n < nd) {
+                    unsigned b[4];
+                    ldsm_x4_trans(b, vrow + n * 8);
+#pragma unroll
+                    for (int m = 0; m < MT6; ++m) {
+                        mma16816<T>(oacc[m][n], pa[m][kc], b[0], b[1]);
+                        mma16816<T>(oacc[m][n + 1], pa[m][kc], b[2], b[3]);
+                    }
+                }
+            }
+        }
+        __syncthreads();   // K/V tiles are overwritten next
+    }
+}
+
+// Version 6 with attention2's arguments and epilogue (vec_loads must be 1;
+// mod.rs runs version 3 where it is not).
+template <typename T, bool IP>
+__device__ void attention6(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                           T* __restrict__ o, int L, int S, int D, int DP, float scale_log2, int /*vec_loads*/,
+                           int H, int merged, const T* __restrict__ base, int has_base, float out_scale,
+                           const T* __restrict__ q_ip, const T* __restrict__ k_ip, const T* __restrict__ v_ip,
+                           int S_ip, int ip_row0, float ip_scale, int has_ip) {
+    const int LDT = DP + 8;
+    IPAFLUX_DYNAMIC_SMEM(smem);
+    T* Qs = reinterpret_cast<T*>(smem);
+    T* KV = Qs + ROWS6 * LDT;
+
+    const int bh = blockIdx.y, row0 = blockIdx.x * ROWS6;
+    const int warp = threadIdx.x / 32;
+    const int nd = DP / 8;
+
+    float oacc[MT6][MAX_D8][4], l[MT6][2];
+    // Plain loads: the first barrier in softmax_pv6 orders them before any read.
+    load_tile<T, THREADS>(Qs, LDT, q + (size_t)bh * L * D, row0, ROWS6, L, D, DP, true);
+    softmax_pv6<T>(Qs, k + (size_t)bh * S * D, v + (size_t)bh * S * D, S, D, DP, scale_log2, KV, LDT, oacc, l);
+#pragma unroll
+    for (int m = 0; m < MT6; ++m)
+        each_element(oacc[m], row0 + warp * 32 + m * 16, 1.f / quad_sum(l[m][0]), 1.f / quad_sum(l[m][1]), L, D, nd,
+                     bh, H, merged, [&](int, size_t idx, float val) {
+                         o[idx] = from_f<T>(has_base ? to_f<T>(base[idx]) + out_scale * val : val);
+                     });
+    if (!IP || !has_ip || row0 + ROWS6 <= ip_row0) return;
+    // softmax_pv6 ended in a barrier: every warp is done with Qs.
+    load_tile<T, THREADS>(Qs, LDT, q_ip + (size_t)bh * L * D, row0, ROWS6, L, D, DP, true);
+    softmax_pv6<T>(Qs, k_ip + (size_t)bh * S_ip * D, v_ip + (size_t)bh * S_ip * D, S_ip, D, DP, scale_log2, KV, LDT,
+                   oacc, l);
+#pragma unroll
+    for (int m = 0; m < MT6; ++m)
+        each_element(oacc[m], row0 + warp * 32 + m * 16, ip_scale / quad_sum(l[m][0]), ip_scale / quad_sum(l[m][1]),
+                     L, D, nd, bh, H, merged, [&](int row, size_t idx, float val) {
+                         if (row >= ip_row0) o[idx] = from_f<T>(to_f<T>(o[idx]) + val);
+                     });
+}
+
 // Entry points, one per version and dtype (mod.rs loads them by name); the
-// arguments are attention2's. Version 4 (PIPE) needs vec_loads = 1. At most
-// 168 registers a thread (launch bounds: 3 blocks of 128 threads per SM's 64K
-// registers), which the kernels without IP meet on their own (ptxas: 168, no
-// spills); the IP entries would take 187 and fit 2 blocks an SM.
-#define IPAFLUX_ATTENTION_ENTRY(NAME, T, PIPE, IP)                                                                 \
-    extern "C" __global__ void __launch_bounds__(THREADS, 3)                                                       \
+// arguments are attention2's. Versions 4 and 5 (PIPE) need vec_loads = 1.
+// Launch bounds: 4 warps, at most 168 registers a thread (3 blocks per SM's
+// 64K registers), which the kernels without IP meet on their own (ptxas: 168,
+// no spills); the IP entries would take 187 and fit 2 blocks an SM. 8 warps:
+// one block an SM at up to 255 registers (two would need 128).
+#define IPAFLUX_ATTENTION_ENTRY(NAME, T, PIPE, IP, WARPS, MIN_BLOCKS)                                              \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)                                            \
     NAME(const T* q, const T* k, const T* v, T* o, int L, int S, int D, int DP, float scale_log2, int vec_loads,   \
          int H, int merged, const T* base, int has_base, float out_scale, const T* q_ip, const T* k_ip,            \
          const T* v_ip, int S_ip, int ip_row0, float ip_scale, int has_ip) {                                       \
-        attention2<T, PIPE, IP>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base,         \
-                                out_scale, q_ip, k_ip, v_ip, S_ip, ip_row0, ip_scale, has_ip);                     \
+        attention2<T, PIPE, IP, WARPS>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base,  \
+                                       out_scale, q_ip, k_ip, v_ip, S_ip, ip_row0, ip_scale, has_ip);              \
     }
-IPAFLUX_ATTENTION_ENTRY(ipaflux_attention2_bf16, __nv_bfloat16, false, false)
-IPAFLUX_ATTENTION_ENTRY(ipaflux_attention2_f16, __half, false, false)
-IPAFLUX_ATTENTION_ENTRY(ipaflux_attention4_bf16, __nv_bfloat16, true, false)
-IPAFLUX_ATTENTION_ENTRY(ipaflux_attention4_f16, __half, true, false)
-IPAFLUX_ATTENTION_ENTRY(ipaflux_attention2_ip_bf16, __nv_bfloat16, false, true)
-IPAFLUX_ATTENTION_ENTRY(ipaflux_attention2_ip_f16, __half, false, true)
-IPAFLUX_ATTENTION_ENTRY(ipaflux_attention4_ip_bf16, __nv_bfloat16, true, true)
-IPAFLUX_ATTENTION_ENTRY(ipaflux_attention4_ip_f16, __half, true, true)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention2_bf16, __nv_bfloat16, false, false, 4, 3)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention2_f16, __half, false, false, 4, 3)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention4_bf16, __nv_bfloat16, true, false, 4, 3)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention4_f16, __half, true, false, 4, 3)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention5_bf16, __nv_bfloat16, true, false, 8, 1)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention5_f16, __half, true, false, 8, 1)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention2_ip_bf16, __nv_bfloat16, false, true, 4, 3)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention2_ip_f16, __half, false, true, 4, 3)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention4_ip_bf16, __nv_bfloat16, true, true, 4, 3)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention4_ip_f16, __half, true, true, 4, 3)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention5_ip_bf16, __nv_bfloat16, true, true, 8, 1)
+IPAFLUX_ATTENTION_ENTRY(ipaflux_attention5_ip_f16, __half, true, true, 8, 1)
+
+// Version 6: 4 warps of 32 rows; two blocks an SM (255 registers at most).
+#define IPAFLUX_ATTENTION6_ENTRY(NAME, T, IP)                                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2)                                                       \
+    NAME(const T* q, const T* k, const T* v, T* o, int L, int S, int D, int DP, float scale_log2, int vec_loads,   \
+         int H, int merged, const T* base, int has_base, float out_scale, const T* q_ip, const T* k_ip,            \
+         const T* v_ip, int S_ip, int ip_row0, float ip_scale, int has_ip) {                                       \
+        attention6<T, IP>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base, out_scale,    \
+                          q_ip, k_ip, v_ip, S_ip, ip_row0, ip_scale, has_ip);                                      \
+    }
+IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention6_bf16, __nv_bfloat16, false)
+IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention6_f16, __half, false)
+IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention6_ip_bf16, __nv_bfloat16, true)
+IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention6_ip_f16, __half, true)

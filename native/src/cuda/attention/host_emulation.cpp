@@ -1,4 +1,4 @@
-// Runs attention.cu's `mma` kernels (versions 3 and 4) on the host, without a
+// Runs attention.cu's `mma` kernels (versions 3 to 6) on the host, without a
 // GPU (../host_emulation.hpp emulates ldmatrix, mma.sync and cp.async), and
 // checks them against attention computed in double from the same bf16/f16
 // inputs: the [B, H, L, D] output, the merged-heads [B, L, H·D] epilogue,
@@ -13,17 +13,18 @@
 
 struct Case {
     const char* name;
+    int version;   // 3: attention2 (sync loads), 4: cp.async, 5: 4 with 8 warps, 6: 32 rows a warp
     int B, H, L, S, D;
-    bool pipelined, merged, add;
-    int S_ip = 0, ip_row0 = 0;   // S_ip > 0: the IP term fused in (version 4 only)
+    bool merged, add;
+    int S_ip = 0, ip_row0 = 0;   // S_ip > 0: the IP term fused in (versions 4 to 6)
 };
 
-// Attention of row r of q [BH, L, D] over k, v [BH, S, D] for (b·H + h) = bh, column d, in double.
+// Attention of row r of q [BH, L, D] over k, v [BH, S, D] for (b·H + h) = bh, all D columns, in double.
 template <typename T>
-double attend(const std::vector<T>& q, const std::vector<T>& k, const std::vector<T>& v, int bh, int r, int d, int L,
-              int S, int D) {
-    std::vector<double> p(S);
-    double mx = -INFINITY, sum = 0, acc = 0;
+std::vector<double> attend(const std::vector<T>& q, const std::vector<T>& k, const std::vector<T>& v, int bh, int r,
+                           int L, int S, int D) {
+    std::vector<double> p(S), out(D, 0.0);
+    double mx = -INFINITY, sum = 0;
     for (int s = 0; s < S; ++s) {
         double dot = 0;
         for (int c = 0; c < D; ++c)
@@ -32,8 +33,9 @@ double attend(const std::vector<T>& q, const std::vector<T>& k, const std::vecto
         mx = std::fmax(mx, p[s]);
     }
     for (int s = 0; s < S; ++s) sum += (p[s] = std::exp(p[s] - mx));
-    for (int s = 0; s < S; ++s) acc += p[s] * to_float(v[((size_t)bh * S + s) * D + d]);
-    return acc / sum;
+    for (int s = 0; s < S; ++s)
+        for (int d = 0; d < D; ++d) out[d] += p[s] / sum * to_float(v[((size_t)bh * S + s) * D + d]);
+    return out;
 }
 
 template <typename T> void run_case(const Case& c) {
@@ -44,35 +46,44 @@ template <typename T> void run_case(const Case& c) {
     const float out_scale = c.add ? 0.7f : 1.f;
     std::vector<T> o(q.size(), from_float<T>(NAN));
     const float scale_log2 = (float)(1.0 / std::sqrt((double)c.D) * 1.4426950408889634);
-    // As mod.rs: K and V tiles of BC2 rows padded by 8 elements, two stages when pipelined.
+    // As mod.rs: K and V tiles of BC2 rows padded by 8 elements, two stages
+    // from version 4 on; version 6 keeps its 128-row Q tile in front of them.
     const size_t pair = 2 * BC2 * (DP + 8) * sizeof(T);
-    const size_t smem = c.pipelined ? 2 * pair : pair;
-    const Dim3 grid{(unsigned)((c.L + BR2 - 1) / BR2), (unsigned)BH};
+    const size_t smem = c.version == 3 ? pair : c.version == 6 ? 2 * pair + ROWS6 * (DP + 8) * sizeof(T) : 2 * pair;
+    const int rows = c.version == 3 || c.version == 4 ? 64 : 128;   // per block, as mod.rs
+    const unsigned threads = c.version == 5 ? 256 : 128;
+    const Dim3 grid{(unsigned)((c.L + rows - 1) / rows), (unsigned)BH};
     const bool ip = c.S_ip > 0;
     const int S_ip = ip ? c.S_ip : 1;
     auto q_ip = random_vec<T>((size_t)BH * c.L * c.D, rng), k_ip = random_vec<T>((size_t)BH * S_ip * c.D, rng),
          v_ip = random_vec<T>((size_t)BH * S_ip * c.D, rng);
     const float ip_scale = 0.8f;
-    launch(grid, THREADS, smem, [&] {
+    launch(grid, threads, smem, [&] {
         auto run = [&](auto kernel) {
             kernel(q.data(), k.data(), v.data(), o.data(), c.L, c.S, c.D, DP, scale_log2, 1, c.H, c.merged, base.data(),
                    c.add, out_scale, q_ip.data(), k_ip.data(), v_ip.data(), S_ip, c.ip_row0, ip_scale, ip);
         };
-        if (ip)
-            run(attention2<T, true, true>);
-        else if (c.pipelined)
-            run(attention2<T, true, false>);
-        else
-            run(attention2<T, false, false>);
+        switch (c.version * 2 + ip) {
+            case 6: run(attention2<T, false, false, 4>); break;
+            case 8: run(attention2<T, true, false, 4>); break;
+            case 9: run(attention2<T, true, true, 4>); break;
+            case 10: run(attention2<T, true, false, 8>); break;
+            case 11: run(attention2<T, true, true, 8>); break;
+            case 12: run(attention6<T, false>); break;
+            case 13: run(attention6<T, true>); break;
+            default: std::printf("%s: no such kernel\n", c.name); ++emu_failures;
+        }
     });
     std::vector<float> want(o.size());
     for (int bh = 0; bh < BH; ++bh) {
         const int b = bh / c.H, h = bh % c.H;
         for (int r = 0; r < c.L; ++r) {
+            const auto main = attend(q, k, v, bh, r, c.L, c.S, c.D);
+            const auto extra = ip && r >= c.ip_row0 ? attend(q_ip, k_ip, v_ip, bh, r, c.L, S_ip, c.D)
+                                                    : std::vector<double>(c.D, 0.0);
             for (int d = 0; d < c.D; ++d) {
                 const size_t idx = c.merged ? (((size_t)b * c.L + r) * c.H + h) * c.D + d : ((size_t)bh * c.L + r) * c.D + d;
-                double val = attend(q, k, v, bh, r, d, c.L, c.S, c.D) * out_scale + (c.add ? to_float(base[idx]) : 0.0);
-                if (ip && r >= c.ip_row0) val += ip_scale * attend(q_ip, k_ip, v_ip, bh, r, d, c.L, S_ip, c.D);
+                const double val = main[d] * out_scale + (c.add ? to_float(base[idx]) : 0.0) + ip_scale * extra[d];
                 want[idx] = (float)val;
             }
         }
@@ -82,26 +93,50 @@ template <typename T> void run_case(const Case& c) {
 }
 
 int main() {
+    // Version 3 was checked on a GPU: its passing is the emulator's self-check.
     const Case cases[] = {
-        {"v3 bf16 [1,2,100|100,128] (checked on a GPU: emulation self-check)", 1, 2, 100, 100, 128, false, false, false},
-        {"v4 bf16 cp.async [1,2,100|200,128], 4 key tiles, the last partial", 1, 2, 100, 200, 128, true, false, false},
-        {"v4 bf16 [2,3,70|130,128] merged heads", 2, 3, 70, 130, 128, true, true, false},
-        {"v4 bf16 [2,2,64|128,128] merged, base + 0.7 attention (IP term)", 2, 2, 64, 128, 128, true, true, true},
-        {"v3 bf16 [2,2,64|128,128] merged, base + 0.7 attention", 2, 2, 64, 128, 128, false, true, true},
-        {"v4 bf16 [1,2,80|90,72] SigLIP head size (padded columns)", 1, 2, 80, 90, 72, true, false, false},
+        {"v3 bf16 [1,2,100|100,128] (checked on a GPU: emulation self-check)", 3, 1, 2, 100, 100, 128, false, false},
+        {"v4 bf16 cp.async [1,2,100|200,128], 4 key tiles, the last partial", 4, 1, 2, 100, 200, 128, false, false},
+        {"v4 bf16 [2,3,70|130,128] merged heads", 4, 2, 3, 70, 130, 128, true, false},
+        {"v4 bf16 [2,2,64|128,128] merged, base + 0.7 attention (IP term)", 4, 2, 2, 64, 128, 128, true, true},
+        {"v3 bf16 [2,2,64|128,128] merged, base + 0.7 attention", 3, 2, 2, 64, 128, 128, true, true},
+        {"v4 bf16 [1,2,80|90,72] SigLIP head size (padded columns)", 4, 1, 2, 80, 90, 72, false, false},
+        // Versions 5 and 6: 128 rows a block (a partial second block where L is not a multiple).
+        {"v5 bf16 [1,2,200|200,128], 2 row blocks, the last partial", 5, 1, 2, 200, 200, 128, false, false},
+        {"v5 bf16 [2,3,70|130,128] merged, base + 0.7 attention", 5, 2, 3, 70, 130, 128, true, true},
+        {"v5 bf16 [1,2,80|90,72] SigLIP head size", 5, 1, 2, 80, 90, 72, false, false},
+        {"v6 bf16 [1,2,200|200,128], 2 row blocks, the last partial", 6, 1, 2, 200, 200, 128, false, false},
+        {"v6 bf16 [2,3,70|130,128] merged, base + 0.7 attention", 6, 2, 3, 70, 130, 128, true, true},
+        {"v6 bf16 [1,2,80|90,72] SigLIP head size (an odd count of 16-column chunks)", 6, 1, 2, 80, 90, 72, false,
+         false},
     };
     for (const auto& c : cases) run_case<__nv_bfloat16>(c);
-    // The IP term fused in: row blocks wholly before ip_row0 (none), straddling it, after it; S_ip as Flux's 128.
-    Case ip{"v4 + IP bf16 [2,2,200|100,128] merged, IP (S_ip = 128) on rows >= 70", 2, 2, 200, 100, 128, true, true, false};
-    ip.S_ip = 128;
-    ip.ip_row0 = 70;
-    run_case<__nv_bfloat16>(ip);
-    Case ip_all{"v4 + IP bf16 [1,3,90|64,72] [B,H,L,D], IP (S_ip = 20) on all rows", 1, 3, 90, 64, 72, true, false, false};
-    ip_all.S_ip = 20;
-    run_case<__nv_bfloat16>(ip_all);
-    ip.name = "v4 + IP f16 [2,2,200|100,128] merged, IP on rows >= 70";
-    run_case<__half>(ip);
-    run_case<__half>({"v4 f16 [1,2,100|200,128] merged", 1, 2, 100, 200, 128, true, true, false});
+    auto with_ip = [](Case c, const char* name, int S_ip, int ip_row0) {
+        c.name = name;
+        c.S_ip = S_ip;
+        c.ip_row0 = ip_row0;
+        return c;
+    };
+    // The IP term fused in: row blocks wholly before ip_row0, straddling it, after it; S_ip as Flux's 128.
+    const Case ip4{"", 4, 2, 2, 200, 100, 128, true, false};
+    run_case<__nv_bfloat16>(with_ip(ip4, "v4 + IP bf16 [2,2,200|100,128] merged, IP (S_ip = 128) on rows >= 70", 128, 70));
+    run_case<__nv_bfloat16>(with_ip({"", 4, 1, 3, 90, 64, 72, false, false},
+                                    "v4 + IP bf16 [1,3,90|64,72] [B,H,L,D], IP (S_ip = 20) on all rows", 20, 0));
+    run_case<__half>(with_ip(ip4, "v4 + IP f16 [2,2,200|100,128] merged, IP on rows >= 70", 128, 70));
+    run_case<__half>({"v4 f16 [1,2,100|200,128] merged", 4, 1, 2, 100, 200, 128, true, false});
+    // 128-row blocks: ip_row0 in the second half of a block (a 64-row skip test would miss it).
+    for (int version : {5, 6}) {
+        const Case ip{"", version, 1, 2, 300, 100, 128, true, false};
+        const bool v5 = version == 5;
+        run_case<__nv_bfloat16>(with_ip(ip, v5 ? "v5 + IP bf16 [1,2,300|100,128] merged, IP on rows >= 200"
+                                               : "v6 + IP bf16 [1,2,300|100,128] merged, IP on rows >= 200",
+                                         128, 200));
+        run_case<__half>(with_ip(ip, v5 ? "v5 + IP f16 [1,2,300|100,128] merged, IP on rows >= 200"
+                                        : "v6 + IP f16 [1,2,300|100,128] merged, IP on rows >= 200",
+                                  128, 200));
+    }
+    run_case<__nv_bfloat16>(with_ip({"", 6, 1, 3, 90, 64, 72, false, false},
+                                    "v6 + IP bf16 [1,3,90|64,72] [B,H,L,D], IP (S_ip = 20) on all rows", 20, 0));
     std::printf("attention kernels, host emulation: %d failure(s)\n", emu_failures);
     return emu_failures ? 1 : 0;
 }

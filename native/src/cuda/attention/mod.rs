@@ -7,8 +7,13 @@
 //! Versions of the kernel ([`Kernel`]): `wmma` (the first: WMMA, scores,
 //! probabilities and output accumulator through shared memory every tile),
 //! `mma` (the default: `mma.sync` fragments kept in registers,
-//! FlashAttention-2's layout) and `mma` with `cp.async` double buffering of
-//! the K/V tiles (the candidate kernel set; not yet run on a GPU).
+//! FlashAttention-2's layout), `mma` with `cp.async` double buffering of
+//! the K/V tiles (version 4, the candidate kernel set; not yet run on a GPU)
+//! and two ways to 128 query rows a block instead of 64, so each K/V tile
+//! fetched serves twice the rows (not yet run on a GPU): version 5 is
+//! version 4 with 8 warps, version 6 keeps 4 warps of 32 rows each
+//! (FlashAttention-2's layout), so each K/V fragment read from shared memory
+//! feeds two products.
 //! `ipaflux gpu-check` checks and times all of them.
 //!
 //! With `merged_output` (the candidate set; `mma` versions only) the kernel
@@ -40,8 +45,8 @@ use ipaflux_core::nn::{ExtraAttention, FusedAttention};
 
 /// The PTX nvcc made of `attention.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
-/// Query rows per thread block (4 warps × 16), keys per tile, threads per block:
-/// must match `BR`, `BC`, `THREADS` in `attention.cu`.
+/// Query rows per thread block (4 warps × 16), keys per tile, threads per block
+/// of versions 1–4: must match `BR`, `BC`, `THREADS` in `attention.cu`.
 const BR: usize = 64;
 const BC: usize = 64;
 const THREADS: u32 = 128;
@@ -60,12 +65,23 @@ pub enum Kernel {
     /// double-buffered by `cp.async`, the next tile's copy overlapping this
     /// tile's products. Where 16-byte loads do not apply it runs as `Mma`.
     MmaPipelined,
+    /// Version 5 (candidate, not yet run on a GPU): `MmaPipelined` with 8
+    /// warps, 128 query rows a block, so each K/V tile fetched serves twice
+    /// the rows (one block an SM at 168 registers a thread instead of
+    /// three of 4 warps). Where 16-byte loads do not apply it runs as `Mma`.
+    MmaPipelinedWide,
+    /// Version 6 (candidate, not yet run on a GPU): 4 warps of 32 query rows
+    /// (two 16-row tiles each), 128 a block, K/V double-buffered as version
+    /// 4; the Q tile stays in shared memory and its fragments are re-read
+    /// each key tile. 255 registers, no spills; two blocks an SM. Where
+    /// 16-byte loads do not apply it runs as `Mma`.
+    MmaTwoTiles,
 }
 
 impl Kernel {
     /// The kernel version a call runs: `MmaPipelined` needs the 16-byte path.
     fn effective(self, vec_loads: bool) -> Self {
-        if self == Self::MmaPipelined && !vec_loads {
+        if matches!(self, Self::MmaPipelined | Self::MmaPipelinedWide | Self::MmaTwoTiles) && !vec_loads {
             Self::Mma
         } else {
             self
@@ -73,7 +89,7 @@ impl Kernel {
     }
 
     /// The entry point; `ip`: the one with the extra (IP) attention
-    /// (versions 3 and 4).
+    /// (versions 3 to 6).
     fn entry(self, dtype: DType, ip: bool) -> &'static str {
         let f16 = dtype == DType::F16;
         match (self, ip) {
@@ -82,21 +98,48 @@ impl Kernel {
             (Self::Mma, true) => ["ipaflux_attention2_ip_bf16", "ipaflux_attention2_ip_f16"][usize::from(f16)],
             (Self::MmaPipelined, false) => ["ipaflux_attention4_bf16", "ipaflux_attention4_f16"][usize::from(f16)],
             (Self::MmaPipelined, true) => ["ipaflux_attention4_ip_bf16", "ipaflux_attention4_ip_f16"][usize::from(f16)],
+            (Self::MmaPipelinedWide, false) => ["ipaflux_attention5_bf16", "ipaflux_attention5_f16"][usize::from(f16)],
+            (Self::MmaPipelinedWide, true) => {
+                ["ipaflux_attention5_ip_bf16", "ipaflux_attention5_ip_f16"][usize::from(f16)]
+            }
+            (Self::MmaTwoTiles, false) => ["ipaflux_attention6_bf16", "ipaflux_attention6_f16"][usize::from(f16)],
+            (Self::MmaTwoTiles, true) => ["ipaflux_attention6_ip_bf16", "ipaflux_attention6_ip_f16"][usize::from(f16)],
+        }
+    }
+
+    /// Threads of one block (32 per warp, each warp 16 query rows).
+    fn threads(self) -> u32 {
+        if self == Self::MmaPipelinedWide {
+            2 * THREADS
+        } else {
+            THREADS
+        }
+    }
+
+    /// Query rows of one block.
+    fn rows(self) -> usize {
+        match self {
+            Self::MmaTwoTiles => 2 * BR,
+            other => other.threads() as usize / 2,
         }
     }
 
     /// Dynamic shared memory of one block for head size `d` and element size `elem`.
     fn shared_bytes(self, d: usize, elem: usize) -> usize {
         // One K and one V tile, rows padded by 16 bytes (the first also stages Q).
-        let pair = 2 * BC * (d.div_ceil(16) * 16 + 8) * elem;
+        let row = (d.div_ceil(16) * 16 + 8) * elem;
+        let pair = 2 * BC * row;
         match self {
             Self::Wmma => shared_bytes(d, elem),
             Self::Mma => pair,
-            Self::MmaPipelined => 2 * pair,
+            // The 128-row Q tile of version 5 is staged in the first K/V pair (its size).
+            Self::MmaPipelined | Self::MmaPipelinedWide => 2 * pair,
+            // The 128-row Q tile for the whole call, then two stages.
+            Self::MmaTwoTiles => self.rows() * row + 2 * pair,
         }
     }
 
-    /// Takes the merged-heads / add epilogue (versions 3 and 4).
+    /// Takes the merged-heads / add epilogue (versions 3 to 6).
     fn has_epilogue(self) -> bool {
         self != Self::Wmma
     }
@@ -134,6 +177,10 @@ impl FusedAttention for CudaFusedAttention {
             (Kernel::Mma, true) => "cuda-fused (mma, merged-heads epilogue)",
             (Kernel::MmaPipelined, false) => "cuda-fused (mma, cp.async)",
             (Kernel::MmaPipelined, true) => "cuda-fused (mma, cp.async, merged-heads epilogue)",
+            (Kernel::MmaPipelinedWide, false) => "cuda-fused (mma, cp.async, 128 rows)",
+            (Kernel::MmaPipelinedWide, true) => "cuda-fused (mma, cp.async, 128 rows, merged-heads epilogue)",
+            (Kernel::MmaTwoTiles, false) => "cuda-fused (mma, cp.async, 32 rows a warp)",
+            (Kernel::MmaTwoTiles, true) => "cuda-fused (mma, cp.async, 32 rows a warp, merged-heads epilogue)",
         }
     }
 
@@ -184,6 +231,10 @@ impl FusedAttention for CudaFusedAttention {
             };
             fused_with(q, k, v, self.kernel, Epilogue { merged: true, add: None, extra: Some(extra) })
         })
+    }
+
+    fn takes_extra(&self) -> bool {
+        self.merged_output && self.kernel.has_epilogue()
     }
 }
 
@@ -251,17 +302,18 @@ fn cuda_err(e: impl std::error::Error + Send + Sync + 'static) -> candle::Error 
     candle::Error::Cuda(Box::new(e))
 }
 
-/// A contiguous CUDA tensor's `n` elements (its storage read-locked by the caller).
+/// A contiguous CUDA tensor's `n` elements (its storage read-locked by the
+/// caller), and their offset in the storage (for the 16-byte-load test).
 fn view_of<'a, T: CudaDType + DeviceRepr>(
     (storage, layout): (&'a Storage, &Layout),
     n: usize,
     what: &str,
-) -> candle::Result<CudaView<'a, T>> {
+) -> candle::Result<(CudaView<'a, T>, usize)> {
     let Storage::Cuda(st) = storage else {
         return Err(candle::Error::Msg(format!("fused attention: {what} is not on the CUDA device")));
     };
     match layout.contiguous_offsets() {
-        Some((a, b)) if b - a == n => Ok(st.as_cuda_slice::<T>()?.slice(a..b)),
+        Some((a, b)) if b - a == n => Ok((st.as_cuda_slice::<T>()?.slice(a..b), a)),
         _ => Err(candle::Error::Msg(format!("fused attention: {what} is not a contiguous {n}-element tensor"))),
     }
 }
@@ -283,20 +335,20 @@ impl AttentionOp {
         let (n_out, s_ip) = (bh * self.l * self.d, self.epilogue.extra.as_ref().map_or(Ok(0), |x| x.k.dim(2))?);
         // Operands that are not inputs of the op, read-locked for the launch.
         let base_held = self.epilogue.add.as_ref().map(|(base, _)| base.storage_and_layout());
-        let base = base_held.as_ref().map(|(g, l)| view_of::<T>((g, l), n_out, "base")).transpose()?;
+        let base = base_held.as_ref().map(|(g, l)| view_of::<T>((g, l), n_out, "base")).transpose()?.map(|(v, _)| v);
         let extra_held = self.epilogue.extra.as_ref().map(|x| [&x.q, &x.k, &x.v].map(|t| t.storage_and_layout()));
-        let extra = match &extra_held {
-            Some([xq, xk, xv]) => Some([
-                view_of::<T>((&xq.0, xq.1), n_out, "the extra attention's q")?,
-                view_of::<T>((&xk.0, xk.1), bh * s_ip * self.d, "the extra attention's k")?,
-                view_of::<T>((&xv.0, xv.1), bh * s_ip * self.d, "the extra attention's v")?,
-            ]),
-            None => None,
+        let (extra, extra_offsets) = match &extra_held {
+            Some([xq, xk, xv]) => {
+                let (q, qo) = view_of::<T>((&xq.0, xq.1), n_out, "the extra attention's q")?;
+                let (k, ko) = view_of::<T>((&xk.0, xk.1), bh * s_ip * self.d, "the extra attention's k")?;
+                let (v, vo) = view_of::<T>((&xv.0, xv.1), bh * s_ip * self.d, "the extra attention's v")?;
+                (Some([q, k, v]), vec![qo, ko, vo])
+            }
+            None => (None, Vec::new()),
         };
         // 16-byte loads need rows and slices on 8-element boundaries (allocations are 256-byte aligned).
-        let mut offsets = vec![q0, k0, v0];
-        offsets.extend(extra_held.iter().flatten().filter_map(|(_, l)| l.contiguous_offsets().map(|(a, _)| a)));
-        let vec = self.d % 8 == 0 && offsets.iter().all(|o| o % 8 == 0) && size_of::<T>() == 2;
+        let aligned = [q0, k0, v0].into_iter().chain(extra_offsets).all(|o| o % 8 == 0);
+        let vec = self.d % 8 == 0 && aligned && size_of::<T>() == 2;
         let vec_loads = i32::from(vec);
         let kernel = self.kernel.effective(vec);
         let func = dev.get_or_load_custom_func(kernel.entry(T::DTYPE, extra.is_some()), "ipaflux_attention", PTX)?;
@@ -310,13 +362,17 @@ impl AttentionOp {
             |x: usize| i32::try_from(x).map_err(|_| candle::Error::Msg("fused attention: size over i32".into()));
         let (l, s, d, dp) = (to_i32(self.l)?, to_i32(self.s)?, to_i32(self.d)?, to_i32(self.d.div_ceil(16) * 16)?);
         let scale_log2 = (1.0 / (self.d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
-        let grid_x = u32::try_from(self.l.div_ceil(BR)).map_err(|_| candle::Error::Msg("fused attention: L".into()))?;
+        let grid_x = u32::try_from(self.l.div_ceil(kernel.rows()))
+            .map_err(|_| candle::Error::Msg("fused attention: L".into()))?;
         let grid_y = u32::try_from(bh).map_err(|_| candle::Error::Msg("fused attention: B·H".into()))?;
-        let cfg =
-            LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+        let cfg = LaunchConfig {
+            grid_dim: (grid_x, grid_y, 1),
+            block_dim: (kernel.threads(), 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
         let mut builder = func.builder();
         builder.arg(&q).arg(&k).arg(&v).arg(&out).arg(&l).arg(&s).arg(&d).arg(&dp).arg(&scale_log2).arg(&vec_loads);
-        // Versions 3 and 4: the epilogue's and the extra attention's arguments.
+        // Versions 3 to 6: the epilogue's and the extra attention's arguments.
         let (h, merged, has_base) = (to_i32(self.h)?, i32::from(self.epilogue.merged), i32::from(base.is_some()));
         let out_scale = self.epilogue.add.as_ref().map_or(1.0, |(_, s)| *s);
         let x = self.epilogue.extra.as_ref();
@@ -410,11 +466,22 @@ mod tests {
         assert_eq!(Kernel::MmaPipelined.shared_bytes(128, 2), 4 * 64 * 136 * 2);
         assert!(3 * Kernel::MmaPipelined.shared_bytes(MAX_HEAD_DIM, 2) <= 227 * 1024);
         assert_eq!(Kernel::MmaPipelined.effective(false), Kernel::Mma);
+        // Version 5: the same shared memory, 8 warps of 16 rows.
+        assert_eq!(Kernel::MmaPipelinedWide.shared_bytes(128, 2), Kernel::MmaPipelined.shared_bytes(128, 2));
+        assert!(128 * 136 * 2 <= Kernel::Mma.shared_bytes(128, 2), "the 128-row Q tile fits one K/V pair");
+        assert_eq!((Kernel::MmaPipelinedWide.threads(), Kernel::MmaPipelinedWide.rows()), (256, 128));
+        assert_eq!((Kernel::MmaPipelined.threads(), Kernel::MmaPipelined.rows()), (128, BR));
+        assert_eq!(Kernel::MmaPipelinedWide.effective(false), Kernel::Mma);
+        // Version 6: Q tile + two stages; two blocks an SM on Hopper at D = 128.
+        assert_eq!(Kernel::MmaTwoTiles.shared_bytes(128, 2), (128 + 4 * 64) * 136 * 2);
+        assert!(2 * Kernel::MmaTwoTiles.shared_bytes(MAX_HEAD_DIM, 2) <= 227 * 1024);
+        assert_eq!((Kernel::MmaTwoTiles.threads(), Kernel::MmaTwoTiles.rows()), (128, 128));
+        assert_eq!(Kernel::MmaTwoTiles.effective(false), Kernel::Mma);
     }
 
     #[test]
     fn each_kernel_has_its_entry_points_in_the_ptx() {
-        for kernel in [Kernel::Wmma, Kernel::Mma, Kernel::MmaPipelined] {
+        for kernel in [Kernel::Wmma, Kernel::Mma, Kernel::MmaPipelined, Kernel::MmaPipelinedWide, Kernel::MmaTwoTiles] {
             for (dtype, ip) in [(DType::BF16, false), (DType::F16, false), (DType::BF16, true), (DType::F16, true)] {
                 let entry = kernel.entry(dtype, ip);
                 assert!(PTX.contains(&format!(".entry {entry}(")), "{entry} missing from the PTX");
