@@ -115,9 +115,10 @@ torch_arg=()
 timeout 400 "$bin/ipaflux" gpu-check --runs "${RUNS:-10}" "${torch_arg[@]}" --out "$out/table.md" > "$out/gpu-check.log" 2>&1
 rc=$?
 [ "$rc" -eq 0 ] || status=1
-grep -v '^|' "$out/gpu-check.log" | tail -n 20
+grep -v -e '^|' -e '^gpu-check: row: ' "$out/gpu-check.log" | tail -n 20
 echo "ipaflux gpu-check: exit $rc"
-cat "$out/table.md" 2>/dev/null || tail -n 40 "$out/gpu-check.log"
+# Stopped part-way (rc 124: the timeout), no table: the rows it finished, as it wrote them.
+cat "$out/table.md" 2>/dev/null || grep '^gpu-check: row: ' "$out/gpu-check.log" | sed 's/^gpu-check: row: //'
 fi
 if want 5; then
 echo "== 5. kernel times of one Flux step (ncu; 1 double + 1 single block, 1024², bf16)"

@@ -115,16 +115,38 @@ pub enum Verdict {
     Info(String),
 }
 
-/// The whole report.
+/// The whole report. With `progress`, each row is also written to stderr
+/// as it is made (`gpu-check: row: | … |`), so a run stopped part-way (the
+/// GPU machine's time limit) still leaves its finished rows in the log.
 #[derive(Debug, Default)]
 pub struct Report {
     pub rows: Vec<Row>,
+    pub progress: bool,
+}
+
+impl Row {
+    /// The row as a line of [`Report::table`].
+    fn markdown(&self) -> String {
+        let v = match &self.verdict {
+            Verdict::Pass => "PASS".to_string(),
+            Verdict::Fail => "**FAIL**".to_string(),
+            Verdict::Info(n) => n.clone(),
+        };
+        format!("| {} | {} | {} | {} | {} |", self.section, self.what, self.ours, self.reference, v)
+    }
 }
 
 impl Report {
+    fn push(&mut self, row: Row) {
+        if self.progress {
+            eprintln!("gpu-check: row: {}", row.markdown());
+        }
+        self.rows.push(row);
+    }
+
     pub fn check(&mut self, section: &'static str, what: impl Into<String>, err: f32, tol: f32) {
         let pass = err.is_finite() && err <= tol;
-        self.rows.push(Row {
+        self.push(Row {
             section,
             what: what.into(),
             ours: format!("{err:.2e}"),
@@ -142,7 +164,7 @@ impl Report {
         ok: bool,
     ) {
         let verdict = if ok { Verdict::Pass } else { Verdict::Fail };
-        self.rows.push(Row { section, what: what.into(), ours, reference: limit, verdict });
+        self.push(Row { section, what: what.into(), ours, reference: limit, verdict });
     }
 
     pub fn info(
@@ -153,18 +175,18 @@ impl Report {
         reference: String,
         note: String,
     ) {
-        self.rows.push(Row { section, what: what.into(), ours, reference, verdict: Verdict::Info(note) });
+        self.push(Row { section, what: what.into(), ours, reference, verdict: Verdict::Info(note) });
     }
 
     fn failed(&mut self, section: &'static str, what: &str, e: &dyn std::fmt::Display) {
-        self.rows.push(Row {
+        eprintln!("gpu-check: {section}: {what}: {e}");
+        self.push(Row {
             section,
             what: what.to_string(),
             ours: "error".into(),
             reference: String::new(),
             verdict: Verdict::Fail,
         });
-        eprintln!("gpu-check: {section}: {what}: {e}");
     }
 
     /// Number of failed checks.
@@ -177,12 +199,7 @@ impl Report {
         let mut s =
             String::from("| section | what | ours | limit / PyTorch | result |\n| --- | --- | --- | --- | --- |\n");
         for r in &self.rows {
-            let v = match &r.verdict {
-                Verdict::Pass => "PASS".to_string(),
-                Verdict::Fail => "**FAIL**".to_string(),
-                Verdict::Info(n) => n.clone(),
-            };
-            let _ = writeln!(s, "| {} | {} | {} | {} | {} |", r.section, r.what, r.ours, r.reference, v);
+            let _ = writeln!(s, "{}", r.markdown());
         }
         let _ = writeln!(
             s,
@@ -239,7 +256,7 @@ fn dev_name(d: &Device) -> &'static str {
 /// Runs everything; never stops at a failure (each section reports its own).
 /// Without the fixtures nothing can be checked, so nothing runs.
 pub fn run(o: &CheckOptions) -> Report {
-    let mut r = Report::default();
+    let mut r = Report { progress: true, ..Report::default() };
     if !o.fixtures.join("flux").is_dir() {
         let e = format!("{}: not this repository's tests/fixtures (give --fixtures)", o.fixtures.display());
         r.failed("parity", "fixtures", &e);

@@ -391,6 +391,12 @@ fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
     assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
     let written = std::fs::read_to_string(&table).unwrap();
     assert_eq!(written, stdout);
+    // Each row also went to stderr as it was made (what a run stopped part-way leaves).
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let progress: Vec<&str> = stderr.lines().filter_map(|l| l.strip_prefix("gpu-check: row: ")).collect();
+    let rows: Vec<&str> = written.lines().skip(2).take_while(|l| l.starts_with('|')).collect();
+    assert!(!rows.is_empty());
+    assert_eq!(progress, rows);
     // Parity rows ran and passed; PyTorch's figure is shown beside ours.
     assert!(written.contains("| parity | Flux tiny + IP, cpu F32 (reference attention) vs diffusers |"), "{written}");
     assert!(written.contains("| 1000.00 ms |"), "{written}");
