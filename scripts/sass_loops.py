@@ -13,7 +13,7 @@ import collections
 import re
 import sys
 
-SHOWN = ["HMMA", "LDSM", "MUFU", "LDGSTS", "BAR", "FMUL", "FFMA", "FMNMX", "FSEL", "ISETP", "SHFL", "F2FP"]
+SHOWN = ["HMMA", "LDSM", "MUFU", "LDGSTS", "BAR", "FMUL", "FFMA", "FMNMX", "ISETP", "SHFL", "F2FP", "LDL", "STL"]
 
 
 def parse(lines):

@@ -34,11 +34,15 @@ struct Dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
 
-// Per launched block: barriers, the warps' exchange slots, dynamic shared memory.
+// Per launched block: barriers, the warps' exchange slots, dynamic shared
+// memory. A GPU's shared memory holds whatever earlier blocks left there, so
+// here it starts as 0xFF bytes (NaN in bf16, f16 and f32): a kernel that
+// reads an element it never wrote (padding it forgot to zero) fails its check.
 struct BlockCtx {
     static constexpr int SLOTS = 8;   // 64-bit values a lane can publish at once
     BlockCtx(unsigned threads, size_t smem_bytes)
-        : block(threads), warps((threads + 31) / 32), exchange((threads + 31) / 32 * 32 * SLOTS), smem(smem_bytes + 128) {
+        : block(threads), warps((threads + 31) / 32), exchange((threads + 31) / 32 * 32 * SLOTS),
+          smem(smem_bytes + 128, 0xFF) {
         for (auto& w : warps) w = std::make_unique<std::barrier<>>(32);
     }
     std::barrier<> block;

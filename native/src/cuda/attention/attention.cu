@@ -278,14 +278,20 @@ __device__ __forceinline__ float ex2_approx(float x) {
 template <bool FAST> __device__ __forceinline__ float exp2_(float x) { return FAST ? ex2_approx(x) : exp2f(x); }
 
 // load_tile's 16-byte path issued as cp.async (the caller commits and waits).
+// 16 threads a row, each one 16-byte chunk of it (DP <= 128 is at most 16
+// chunks; the lanes past DP / 8 copy nothing), rows NT / 16 apart: no
+// division per chunk (one was an eighth of the key loop's instructions,
+// `scripts/kernel-sass.sh`), and with `rows` a constant the loop unrolls.
 template <typename T, int NT>
 __device__ __forceinline__ void load_tile_async(T* dst, int ld, const T* __restrict__ src, int r0, int rows, int n,
                                                 int D, int DP) {
-    const int cpr = DP / 8;
-    for (int i = threadIdx.x; i < rows * cpr; i += NT) {
-        const int r = i / cpr, c = (i - r * cpr) * 8, g = r0 + r;
-        const bool ok = g < n && c < D;
-        cp_async16(dst + r * ld + c, ok ? src + (size_t)g * D + c : src, ok);
+    const int col = (threadIdx.x % 16) * 8;
+    if (col >= DP) return;
+#pragma unroll
+    for (int r = threadIdx.x / 16; r < rows; r += NT / 16) {
+        const int g = r0 + r;
+        const bool ok = g < n && col < D;
+        cp_async16(dst + r * ld + col, ok ? src + (size_t)g * D + col : src, ok);
     }
 }
 
