@@ -79,7 +79,7 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The kernel version a call runs: `MmaPipelined` needs the 16-byte path.
+    /// The kernel version a call runs: versions 4 to 6 need the 16-byte path.
     fn effective(self, vec_loads: bool) -> Self {
         if matches!(self, Self::MmaPipelined | Self::MmaPipelinedWide | Self::MmaTwoTiles) && !vec_loads {
             Self::Mma
