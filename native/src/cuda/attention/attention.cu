@@ -295,6 +295,56 @@ __device__ __forceinline__ void load_tile_async(T* dst, int ld, const T* __restr
     }
 }
 
+// The online softmax of one warp's 16-row fragment for one key tile
+// (FlashAttention-2): scores `sacc` (C fragments, rows g and g + 8) of keys
+// past `valid` masked, the running maxima m0, m1 (log2 domain) and this
+// lane's sums l0, l1 updated, the output accumulator rescaled, and P rounded
+// to T as A fragments in `pa`. t: the lane's fragment column pair. FAST:
+// 2^x by ex2.approx (versions 4 to 6).
+template <typename T, bool FAST>
+__device__ __forceinline__ void softmax_tile(float (&sacc)[BC2 / 8][4], int valid, int t, float scale_log2, float& m0,
+                                             float& m1, float& l0, float& l1, float (&oacc)[MAX_D8][4],
+                                             unsigned (&pa)[BC2 / 16][4]) {
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < BC2 / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            if (j * 8 + 2 * t + e < valid) {
+                mx0 = fmaxf(mx0, sacc[j][e]);
+                mx1 = fmaxf(mx1, sacc[j][2 + e]);
+            } else {
+                sacc[j][e] = -INFINITY;
+                sacc[j][2 + e] = -INFINITY;
+            }
+        }
+    }
+    const float mn0 = fmaxf(m0, quad_max(mx0) * scale_log2);
+    const float mn1 = fmaxf(m1, quad_max(mx1) * scale_log2);
+    const float alpha0 = exp2_<FAST>(m0 - mn0), alpha1 = exp2_<FAST>(m1 - mn1);
+    m0 = mn0;
+    m1 = mn1;
+    float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < BC2 / 8; ++j) {
+        const float p0 = exp2_<FAST>(sacc[j][0] * scale_log2 - mn0), p1 = exp2_<FAST>(sacc[j][1] * scale_log2 - mn0);
+        const float p2 = exp2_<FAST>(sacc[j][2] * scale_log2 - mn1), p3 = exp2_<FAST>(sacc[j][3] * scale_log2 - mn1);
+        sum0 += p0 + p1;
+        sum1 += p2 + p3;
+        pa[j / 2][(j & 1) * 2 + 0] = pack2<T>(p0, p1);   // row g
+        pa[j / 2][(j & 1) * 2 + 1] = pack2<T>(p2, p3);   // row g + 8
+    }
+    l0 = l0 * alpha0 + sum0;
+    l1 = l1 * alpha1 + sum1;
+#pragma unroll
+    for (int n = 0; n < MAX_D8; ++n) {
+        oacc[n][0] *= alpha0;
+        oacc[n][1] *= alpha0;
+        oacc[n][2] *= alpha1;
+        oacc[n][3] *= alpha1;
+    }
+}
+
 // One warp's share of a softmax attention over key tiles (versions 3 to 5):
 // its 16 query rows are `qf` (A fragments); K/V `[S, D]` tiles go through the
 // shared memory at `Ks`. Leaves O unnormalised in `oacc` (C fragments: rows g
@@ -371,46 +421,8 @@ __device__ __forceinline__ void softmax_pv(const unsigned (&qf)[MAX_K16][4], con
         }
 
         // Online softmax; keys past S are masked.
-        const int valid = S - s0;
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < BC2 / 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                if (j * 8 + 2 * t + e < valid) {
-                    mx0 = fmaxf(mx0, sacc[j][e]);
-                    mx1 = fmaxf(mx1, sacc[j][2 + e]);
-                } else {
-                    sacc[j][e] = -INFINITY;
-                    sacc[j][2 + e] = -INFINITY;
-                }
-            }
-        }
-        const float mn0 = fmaxf(m0, quad_max(mx0) * scale_log2);
-        const float mn1 = fmaxf(m1, quad_max(mx1) * scale_log2);
-        const float alpha0 = exp2_<PIPE>(m0 - mn0), alpha1 = exp2_<PIPE>(m1 - mn1);
-        m0 = mn0;
-        m1 = mn1;
-        float sum0 = 0.f, sum1 = 0.f;
         unsigned pa[BC2 / 16][4];   // P as A fragments: 4 chunks of 16 keys
-#pragma unroll
-        for (int j = 0; j < BC2 / 8; ++j) {
-            const float p0 = exp2_<PIPE>(sacc[j][0] * scale_log2 - mn0), p1 = exp2_<PIPE>(sacc[j][1] * scale_log2 - mn0);
-            const float p2 = exp2_<PIPE>(sacc[j][2] * scale_log2 - mn1), p3 = exp2_<PIPE>(sacc[j][3] * scale_log2 - mn1);
-            sum0 += p0 + p1;
-            sum1 += p2 + p3;
-            pa[j / 2][(j & 1) * 2 + 0] = pack2<T>(p0, p1);   // row g
-            pa[j / 2][(j & 1) * 2 + 1] = pack2<T>(p2, p3);   // row g + 8
-        }
-        l0 = l0 * alpha0 + sum0;
-        l1 = l1 * alpha1 + sum1;
-#pragma unroll
-        for (int n = 0; n < MAX_D8; ++n) {
-            oacc[n][0] *= alpha0;
-            oacc[n][1] *= alpha0;
-            oacc[n][2] *= alpha1;
-            oacc[n][3] *= alpha1;
-        }
+        softmax_tile<T, PIPE>(sacc, S - s0, t, scale_log2, m0, m1, l0, l1, oacc, pa);
 
         // O += P V: B fragments of V through ldmatrix.trans, two column tiles per load.
 #pragma unroll
@@ -624,52 +636,12 @@ __device__ __forceinline__ void softmax_pv6(const T* Qs, const T* __restrict__ k
             }
         }
 
-        // Online softmax per m-tile (as softmax_pv); keys past S are masked.
-        const int valid = S - s0;
+        // Online softmax per m-tile; keys past S are masked.
         unsigned pa[MT6][BC2 / 16][4];
 #pragma unroll
-        for (int m = 0; m < MT6; ++m) {
-            float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < BC2 / 8; ++j) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    if (j * 8 + 2 * t + e < valid) {
-                        mx0 = fmaxf(mx0, sacc[m][j][e]);
-                        mx1 = fmaxf(mx1, sacc[m][j][2 + e]);
-                    } else {
-                        sacc[m][j][e] = -INFINITY;
-                        sacc[m][j][2 + e] = -INFINITY;
-                    }
-                }
-            }
-            const float mn0 = fmaxf(mrow[m][0], quad_max(mx0) * scale_log2);
-            const float mn1 = fmaxf(mrow[m][1], quad_max(mx1) * scale_log2);
-            const float alpha0 = ex2_approx(mrow[m][0] - mn0), alpha1 = ex2_approx(mrow[m][1] - mn1);
-            mrow[m][0] = mn0;
-            mrow[m][1] = mn1;
-            float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-            for (int j = 0; j < BC2 / 8; ++j) {
-                const float p0 = ex2_approx(sacc[m][j][0] * scale_log2 - mn0);
-                const float p1 = ex2_approx(sacc[m][j][1] * scale_log2 - mn0);
-                const float p2 = ex2_approx(sacc[m][j][2] * scale_log2 - mn1);
-                const float p3 = ex2_approx(sacc[m][j][3] * scale_log2 - mn1);
-                sum0 += p0 + p1;
-                sum1 += p2 + p3;
-                pa[m][j / 2][(j & 1) * 2 + 0] = pack2<T>(p0, p1);
-                pa[m][j / 2][(j & 1) * 2 + 1] = pack2<T>(p2, p3);
-            }
-            l[m][0] = l[m][0] * alpha0 + sum0;
-            l[m][1] = l[m][1] * alpha1 + sum1;
-#pragma unroll
-            for (int n = 0; n < MAX_D8; ++n) {
-                oacc[m][n][0] *= alpha0;
-                oacc[m][n][1] *= alpha0;
-                oacc[m][n][2] *= alpha1;
-                oacc[m][n][3] *= alpha1;
-            }
-        }
+        for (int m = 0; m < MT6; ++m)
+            softmax_tile<T, true>(sacc[m], S - s0, t, scale_log2, mrow[m][0], mrow[m][1], l[m][0], l[m][1], oacc[m],
+                                  pa[m]);
 
         // O += P V: each V fragment (ldmatrix.trans) into both m-tiles.
 #pragma unroll
