@@ -345,6 +345,31 @@ __device__ __forceinline__ void softmax_tile(float (&sacc)[BC2 / 8][4], int vali
     }
 }
 
+// O += P V for a warp's MT 16-row tiles and one key tile: B fragments of V
+// through ldmatrix.trans (two 8-column tiles a load), each into every row
+// tile. lm, lr: this lane's ldmatrix matrix and row; nd: 8-wide output
+// column tiles (even).
+template <typename T, int MT>
+__device__ __forceinline__ void pv_tile(const T* Vs, int LDT, int lm, int lr, int nd,
+                                        const unsigned (&pa)[MT][BC2 / 16][4], float (&oacc)[MT][MAX_D8][4]) {
+#pragma unroll
+    for (int kc = 0; kc < BC2 / 16; ++kc) {
+        const T* vrow = Vs + (kc * 16 + (lm & 1) * 8 + lr) * LDT + (lm >> 1) * 8;
+#pragma unroll
+        for (int n = 0; n < MAX_D8; n += 2) {
+            if (n < nd) {
+                unsigned b[4];
+                ldsm_x4_trans(b, vrow + n * 8);
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+                    mma16816<T>(oacc[m][n], pa[m][kc], b[0], b[1]);
+                    mma16816<T>(oacc[m][n + 1], pa[m][kc], b[2], b[3]);
+                }
+            }
+        }
+    }
+}
+
 // One warp's share of a softmax attention over key tiles (versions 3 to 5):
 // its 16 query rows are `qf` (A fragments); K/V `[S, D]` tiles go through the
 // shared memory at `Ks`. Leaves O unnormalised in `oacc` (C fragments: rows g
@@ -421,23 +446,10 @@ __device__ __forceinline__ void softmax_pv(const unsigned (&qf)[MAX_K16][4], con
         }
 
         // Online softmax; keys past S are masked.
-        unsigned pa[BC2 / 16][4];   // P as A fragments: 4 chunks of 16 keys
-        softmax_tile<T, PIPE>(sacc, S - s0, t, scale_log2, m0, m1, l0, l1, oacc, pa);
-
-        // O += P V: B fragments of V through ldmatrix.trans, two column tiles per load.
-#pragma unroll
-        for (int kc = 0; kc < BC2 / 16; ++kc) {
-            const T* vrow = Vs + (kc * 16 + (lm & 1) * 8 + lr) * LDT + (lm >> 1) * 8;
-#pragma unroll
-            for (int n = 0; n < MAX_D8; n += 2) {
-                if (n < nd) {
-                    unsigned b[4];
-                    ldsm_x4_trans(b, vrow + n * 8);
-                    mma16816<T>(oacc[n], pa[kc], b[0], b[1]);
-                    mma16816<T>(oacc[n + 1], pa[kc], b[2], b[3]);
-                }
-            }
-        }
+        unsigned pa[1][BC2 / 16][4];   // P as A fragments: 4 chunks of 16 keys
+        softmax_tile<T, PIPE>(sacc, S - s0, t, scale_log2, m0, m1, l0, l1, oacc, pa[0]);
+        // One 16-row tile: oacc as an array of one.
+        pv_tile<T, 1>(Vs, LDT, lm, lr, nd, pa, reinterpret_cast<float(&)[1][MAX_D8][4]>(oacc));
         __syncthreads();   // K/V tiles are overwritten next
     }
 }
@@ -643,23 +655,7 @@ __device__ __forceinline__ void softmax_pv6(const T* Qs, const T* __restrict__ k
             softmax_tile<T, true>(sacc[m], S - s0, t, scale_log2, mrow[m][0], mrow[m][1], l[m][0], l[m][1], oacc[m],
                                   pa[m]);
 
-        // O += P V: each V fragment (ldmatrix.trans) into both m-tiles.
-#pragma unroll
-        for (int kc = 0; kc < BC2 / 16; ++kc) {
-            const T* vrow = Vs + (kc * 16 + (lm & 1) * 8 + lr) * LDT + (lm >> 1) * 8;
-#pragma unroll
-            for (int n = 0; n < MAX_D8; n += 2) {
-                if (n < nd) {
-                    unsigned b[4];
-                    ldsm_x4_trans(b, vrow + n * 8);
-#pragma unroll
-                    for (int m = 0; m < MT6; ++m) {
-                        mma16816<T>(oacc[m][n], pa[m][kc], b[0], b[1]);
-                        mma16816<T>(oacc[m][n + 1], pa[m][kc], b[2], b[3]);
-                    }
-                }
-            }
-        }
+        pv_tile<T, MT6>(Vs, LDT, lm, lr, nd, pa, oacc);
         __syncthreads();   // K/V tiles are overwritten next
     }
 }
