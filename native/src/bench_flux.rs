@@ -304,7 +304,7 @@ pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
 }
 
 /// Where `o.attention` computes the IP term inside the block's attention
-/// launch (`sdpa_merged_extra`; the candidate CUDA kernels), what that adds
+/// launch (`sdpa_merged_extra`; the fast CUDA kernel set), what that adds
 /// to the attention alone over all blocks of a step: each block shape's
 /// attention timed with and without the term (double blocks: on the image
 /// rows; single blocks: on all rows). `None` where the attention does not

@@ -61,28 +61,31 @@ pub struct CheckOptions {
     pub runs: usize,
     /// Small models instead of the real shapes (for CPU smoke runs).
     pub quick: bool,
-    /// The fused attention to check and use in the benchmarks, if this build has one.
+    /// Run only the sections with these names ([`SECTIONS`]); all when empty.
+    pub sections: Vec<String>,
+    /// The default kernel set's fused attention, checked and used in the
+    /// benchmarks and the streamed step, if this build has one.
     pub fused: Option<Attention>,
-    /// Other fused kernels to check and time beside it (earlier versions).
+    /// Other fused kernels to check and time beside it (other versions, `[B, H, L, D]` output).
     pub alternatives: Vec<Attention>,
-    /// Fused LayerNorm + modulation and gated residuals, if this build has them.
+    /// Other attention kernels the default set could take instead (merged-heads
+    /// output): their epilogues are checked and the default step is timed with each.
+    pub attention_variants: Vec<Attention>,
+    /// The default set's fused Flux kernels (LayerNorm + modulation, gated residuals, …).
     pub modulation: Option<Arc<dyn FusedModulation>>,
-    /// Kernels not yet run on a GPU, checked and timed beside the others.
-    pub candidate: Option<Candidate>,
+    /// The baseline kernel set, checked and timed beside the default.
+    pub baseline: Option<KernelSetUnderTest>,
     /// PyTorch's figures from the same card (`scripts/gpu_bench_torch.py --json`).
     pub torch: Option<HashMap<String, f64>>,
     /// How the Flux benchmark reads peak memory.
     pub peak: Arc<dyn PeakMemory>,
 }
 
-/// A candidate kernel set ([`ipaflux::KernelSet::Candidate`]).
+/// A kernel set other than the default ([`ipaflux::KernelSet`]).
 #[derive(Debug, Clone)]
-pub struct Candidate {
+pub struct KernelSetUnderTest {
     pub attention: Attention,
     pub modulation: Arc<dyn FusedModulation>,
-    /// Other attention kernels the candidate step is also timed with (with
-    /// the same modulation kernels), to choose the candidate's attention.
-    pub attention_variants: Vec<Attention>,
 }
 
 /// Reads the JSON object of numbers `scripts/gpu_bench_torch.py` writes (other values are skipped).
@@ -253,10 +256,17 @@ fn dev_name(d: &Device) -> &'static str {
     }
 }
 
-/// Runs everything; never stops at a failure (each section reports its own).
-/// Without the fixtures nothing can be checked, so nothing runs.
+/// The sections' names, in the order they run.
+pub const SECTIONS: [&str; 5] = ["parity", "attention", "registry", "bench", "stream"];
+
+/// Runs everything (or `o.sections`); never stops at a failure (each section
+/// reports its own). Without the fixtures nothing can be checked, so nothing runs.
 pub fn run(o: &CheckOptions) -> Report {
     let mut r = Report { progress: true, ..Report::default() };
+    if let Some(bad) = o.sections.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
+        r.failed("parity", "sections", &format!("no section `{bad}` (sections: {})", SECTIONS.join(", ")));
+        return r;
+    }
     if !o.fixtures.join("flux").is_dir() {
         let e = format!("{}: not this repository's tests/fixtures (give --fixtures)", o.fixtures.display());
         r.failed("parity", "fixtures", &e);
@@ -276,6 +286,9 @@ pub fn run(o: &CheckOptions) -> Report {
         ("stream", bench_flux_streamed),
     ]);
     for (name, f) in sections {
+        if !o.sections.is_empty() && !o.sections.iter().any(|s| s == name) {
+            continue;
+        }
         if let Err(e) = f(o, &mut r) {
             r.failed(name, "section stopped", &e);
         }
@@ -348,12 +361,12 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
         let axes = files.axes_dim.or(Some(vec![4, 6, 6]));
         let mut m = FluxModel::from_store(files.weights, axes, dtype, device)?;
         let mut attention = Attention::reference();
-        match (kernels, &o.fused, &o.candidate) {
-            (Kernels::Checked, Some(a), _) => {
+        match (kernels, &o.fused, &o.baseline) {
+            (Kernels::Default, Some(a), _) => {
                 attention = a.clone();
                 m.set_fused_modulation(o.modulation.clone());
             }
-            (Kernels::Candidate, _, Some(c)) => {
+            (Kernels::Baseline, _, Some(c)) => {
                 attention = c.attention.clone();
                 m.set_fused_modulation(Some(c.modulation.clone()));
             }
@@ -381,18 +394,18 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let cpu = forward(DType::F32, &Device::Cpu, Kernels::Reference)?;
     let mut cases = vec![(DType::F32, Kernels::Reference, F32_TOL), (DType::BF16, Kernels::Reference, HALF_TOL)];
     if o.fused.is_some() {
-        cases.push((DType::BF16, Kernels::Checked, HALF_TOL));
+        cases.push((DType::BF16, Kernels::Default, HALF_TOL));
     }
-    if o.candidate.is_some() {
-        cases.push((DType::BF16, Kernels::Candidate, HALF_TOL));
+    if o.baseline.is_some() {
+        cases.push((DType::BF16, Kernels::Baseline, HALF_TOL));
     }
     for (dtype, kernels, tol) in cases {
         let got = forward(dtype, dev, kernels)?;
         let label = match (kernels, &o.modulation) {
             (Kernels::Reference, _) => "reference attention",
-            (Kernels::Checked, None) => "fused attention",
-            (Kernels::Checked, Some(_)) => "fused attention and modulation",
-            (Kernels::Candidate, _) => "candidate kernels",
+            (Kernels::Default, None) => "fused attention",
+            (Kernels::Default, Some(_)) => "default fused kernels",
+            (Kernels::Baseline, _) => "baseline kernels",
         };
         let name = dev_name(dev);
         r.check(
@@ -415,8 +428,9 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernels {
     Reference,
-    Checked,
-    Candidate,
+    /// The default set (`fused`, `modulation`).
+    Default,
+    Baseline,
 }
 
 fn randn(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
@@ -442,8 +456,9 @@ fn attention_real_shapes(o: &CheckOptions, r: &mut Report) -> Result<()> {
         ]
     };
     let reference = Attention::reference();
-    let candidate = o.candidate.as_ref().map(|c| &c.attention);
-    let kernels: Vec<&Attention> = std::iter::once(fused).chain(&o.alternatives).chain(candidate).collect();
+    let kernels: Vec<&Attention> = std::iter::once(fused).chain(&o.alternatives).collect();
+    // Separate transpose, scale and add after the kernel, to time the epilogues against.
+    let plain = o.baseline.as_ref().map_or(fused, |b| &b.attention);
     for (name, [b, h, l, s, d]) in shapes {
         let (q, k, v) = (
             randn(&[b, h, l, d], DType::BF16, dev)?,
@@ -482,11 +497,10 @@ fn attention_real_shapes(o: &CheckOptions, r: &mut Report) -> Result<()> {
                 format!("{:.2}×", t_fused / t_naive),
             );
         }
-        // The candidate's epilogues, with its own kernel and the variants it may take instead.
-        let candidates = o.candidate.iter().flat_map(|c| std::iter::once(&c.attention).chain(&c.attention_variants));
-        for attention in candidates {
-            merged_epilogue(o, r, attention, fused, name, (&q, &k, &v), &exact)?;
-            if s == l && (d == 128 || o.quick) {
+        // The default set's epilogues, with its own kernel and the variants it may take instead.
+        for attention in std::iter::once(fused).chain(&o.attention_variants) {
+            merged_epilogue(o, r, attention, plain, name, (&q, &k, &v), &exact)?;
+            if s == l && (d == 128 || o.quick) && attention.takes_extra() {
                 fused_ip_term(o, r, attention, name, (&q, &k, &v), &exact)?;
             }
         }
@@ -494,14 +508,14 @@ fn attention_real_shapes(o: &CheckOptions, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// The candidate attention's merged-heads epilogue, plain and adding a scaled
-/// term to a base (the IP-Adapter's use), against f32; timed against the
-/// checked kernel followed by candle's transpose copy, scale and add.
+/// An attention's merged-heads epilogue, plain and adding a scaled term to a
+/// base (the IP-Adapter's use), against f32; timed against `plain`'s kernel
+/// followed by candle's transpose copy, scale and add.
 fn merged_epilogue(
     o: &CheckOptions,
     r: &mut Report,
-    candidate: &Attention,
-    checked: &Attention,
+    attention: &Attention,
+    plain: &Attention,
     name: &str,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     exact: &Tensor,
@@ -510,26 +524,26 @@ fn merged_epilogue(
     let exact = ipaflux_core::nn::merge_heads(exact)?;
     let base = randn(exact.dims(), DType::BF16, &o.device)?;
     let want_add = (base.to_dtype(DType::F32)? + (&exact * SCALE)?)?;
-    let merged = candidate.sdpa_merged(q, k, v)?;
+    let merged = attention.sdpa_merged(q, k, v)?;
     r.check(
         "attention",
-        format!("{name}: {} heads merged vs f32", candidate.name()),
+        format!("{name}: {} heads merged vs f32", attention.name()),
         rel_max_err(&merged, &exact)?,
         HALF_TOL,
     );
-    let added = candidate.sdpa_merged_add(q, k, v, &base, SCALE)?;
+    let added = attention.sdpa_merged_add(q, k, v, &base, SCALE)?;
     r.check(
         "attention",
-        format!("{name}: {} base + {SCALE}·attention vs f32", candidate.name()),
+        format!("{name}: {} base + {SCALE}·attention vs f32", attention.name()),
         rel_max_err(&added, &want_add)?,
         HALF_TOL,
     );
     let t_epilogue = time_ms(&o.device, o.runs, || {
-        drop(candidate.sdpa_merged_add(q, k, v, &base, SCALE)?);
+        drop(attention.sdpa_merged_add(q, k, v, &base, SCALE)?);
         Ok(())
     })?;
     let t_separate = time_ms(&o.device, o.runs, || {
-        drop(checked.sdpa_merged_add(q, k, v, &base, SCALE)?);
+        drop(plain.sdpa_merged_add(q, k, v, &base, SCALE)?);
         Ok(())
     })?;
     r.info(
@@ -542,15 +556,15 @@ fn merged_epilogue(
     Ok(())
 }
 
-/// The IP-Adapter's term (128 image tokens, pre-RoPE query) fused into the
-/// candidate attention's launch (`sdpa_merged_extra`), on the image rows of a
+/// The IP-Adapter's term (128 image tokens, pre-RoPE query) fused into an
+/// attention's launch (`sdpa_merged_extra`), on the image rows of a
 /// double block (from the 512th) and on all rows (single block), against f32;
-/// timed against the same attention and the term in two launches (the
-/// candidate's own epilogue add).
+/// timed against the same attention and the term in two launches (its own
+/// epilogue add).
 fn fused_ip_term(
     o: &CheckOptions,
     r: &mut Report,
-    candidate: &Attention,
+    attention: &Attention,
     name: &str,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     exact: &Tensor,
@@ -570,31 +584,31 @@ fn fused_ip_term(
     let txt = if o.quick { l / 3 } else { 512.min(l) };
     for (row0, site) in [(txt, "double block: rows from the first image token"), (0, "single block: all rows")] {
         let extra = ExtraAttention { q: &q_ip, k: &k_ip, v: &v_ip, row0, scale: SCALE };
-        let Some(got) = candidate.sdpa_merged_extra(q, k, v, &extra) else {
-            let what = format!("{name}: IP term fused into {}", candidate.name());
+        let Some(got) = attention.sdpa_merged_extra(q, k, v, &extra) else {
+            let what = format!("{name}: IP term fused into {}", attention.name());
             r.bool_check("attention", what, "not taken".into(), "taken".into(), false);
             return Ok(());
         };
         let term = Tensor::cat(&[exact_ip.narrow(1, 0, row0)?.zeros_like()?, exact_ip.narrow(1, row0, l - row0)?], 1)?;
         r.check(
             "attention",
-            format!("{name}: {} + IP term (S = {IP_TOKENS}) in one launch, {site}, vs f32", candidate.name()),
+            format!("{name}: {} + IP term (S = {IP_TOKENS}) in one launch, {site}, vs f32", attention.name()),
             rel_max_err(&got?, &(&exact_main + term)?)?,
             HALF_TOL,
         );
     }
     let extra = ExtraAttention { q: &q_ip, k: &k_ip, v: &v_ip, row0: 0, scale: SCALE };
     let t_fused = time_ms(dev, o.runs, || {
-        drop(candidate.sdpa_merged_extra(q, k, v, &extra).transpose()?);
+        drop(attention.sdpa_merged_extra(q, k, v, &extra).transpose()?);
         Ok(())
     })?;
     let t_main = time_ms(dev, o.runs, || {
-        drop(candidate.sdpa_merged(q, k, v)?);
+        drop(attention.sdpa_merged(q, k, v)?);
         Ok(())
     })?;
     let t_two = time_ms(dev, o.runs, || {
-        let attn = candidate.sdpa_merged(q, k, v)?;
-        drop(candidate.sdpa_merged_add(&q_ip, &k_ip, &v_ip, &attn, SCALE)?);
+        let attn = attention.sdpa_merged(q, k, v)?;
+        drop(attention.sdpa_merged_add(&q_ip, &k_ip, &v_ip, &attn, SCALE)?);
         Ok(())
     })?;
     r.info(
@@ -713,13 +727,14 @@ fn bench_encoder(o: &CheckOptions, r: &mut Report) -> Result<()> {
 }
 
 /// One Flux step at 1024² and 512² (full FLUX.1-dev depth unless quick), IP
-/// overhead; then the candidate kernel set at the first size, if this build has one.
+/// overhead; then at the first size the default set with its attention
+/// variants, and the baseline kernel set, where this build has them.
 fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let dev = &o.device;
     let dtype = if dev.is_cpu() { DType::F32 } else { DType::BF16 };
     let (depth, single, sizes) = if o.quick { (1, 1, vec![128]) } else { (19, 38, vec![1024, 512]) };
     let attention = o.fused.clone().unwrap_or_default();
-    let fused_mod = if o.modulation.is_some() { " + fused modulation" } else { "" };
+    let fused_mod = if o.modulation.is_some() { " + the default set's fused Flux kernels" } else { "" };
     let base = FluxBenchOptions {
         size: sizes[0],
         narrow: o.quick,
@@ -733,12 +748,43 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
         modulation: o.modulation.clone(),
         peak: o.peak.clone(),
     };
-    let mut checked = Vec::new();
+    let mut default_steps = Vec::new();
     for &size in &sizes {
         let label =
             format!("Flux {depth}+{single} blocks step {size}², {dtype:?}, {} attention{fused_mod}", attention.name());
-        checked.push(step_rows(o, r, &FluxBenchOptions { size, ..base.clone() }, label)?);
+        default_steps.push(step_rows(o, r, &FluxBenchOptions { size, ..base.clone() }, label)?);
     }
+    // The default step with the other attention kernels the default set could take (no IP).
+    if let Some(&(plain, _)) = default_steps.first() {
+        for attention in &o.attention_variants {
+            let opts = FluxBenchOptions { attention: attention.clone(), runs: o.runs.min(3), ..base.clone() };
+            let ms = bench_flux::run_plain(&opts)?;
+            r.info(
+                "bench",
+                format!("  default step {}², no IP, with {}", base.size, attention.name()),
+                format!("{ms:.2} ms"),
+                format!("{plain:.2} ms"),
+                format!("{:.3}× the default's", ms / plain),
+            );
+        }
+    }
+    // The baseline set, what the default is compared with.
+    if let Some(b) = &o.baseline {
+        let opts =
+            FluxBenchOptions { attention: b.attention.clone(), modulation: Some(b.modulation.clone()), ..base.clone() };
+        let label = format!("Flux {depth}+{single} blocks step {}², {dtype:?}, baseline kernels", base.size);
+        let (b_plain, b_ip) = step_rows(o, r, &opts, label)?;
+        if let Some(&(plain, ip)) = default_steps.first() {
+            r.info(
+                "bench",
+                format!("default vs baseline kernel set, step {}² without / with IP", base.size),
+                format!("{plain:.2} / {ip:.2} ms"),
+                format!("{b_plain:.2} / {b_ip:.2} ms"),
+                format!("{:.3}× / {:.3}×", plain / b_plain, ip / b_ip),
+            );
+        }
+    }
+    // Diagnostics last: where the default step's time goes.
     if o.fused.is_some() && !o.quick {
         let opts = FluxBenchOptions {
             size: 1024,
@@ -787,41 +833,6 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
             "flux_1024_ms",
             None,
         );
-    }
-    // Last: a candidate kernel that fails on its first GPU run loses no other figure.
-    if let Some(c) = &o.candidate {
-        let opts =
-            FluxBenchOptions { attention: c.attention.clone(), modulation: Some(c.modulation.clone()), ..base.clone() };
-        let label = format!("Flux {depth}+{single} blocks step {}², {dtype:?}, candidate kernels", base.size);
-        let candidate = step_rows(o, r, &opts, label)?;
-        // The two figures the default kernel set is chosen on (with the candidate rows' checks above).
-        if let Some(&(plain, ip)) = checked.first() {
-            let (c_plain, c_ip) = candidate;
-            r.info(
-                "bench",
-                format!("candidate vs checked kernel set, step {}² without / with IP", base.size),
-                format!("{c_plain:.2} / {c_ip:.2} ms"),
-                format!("{plain:.2} / {ip:.2} ms"),
-                format!("{:.3}× / {:.3}×", c_plain / plain, c_ip / ip),
-            );
-        }
-        // The same step with the candidate's other attention kernels (no IP).
-        for attention in &c.attention_variants {
-            let opts = FluxBenchOptions {
-                attention: attention.clone(),
-                modulation: Some(c.modulation.clone()),
-                runs: o.runs.min(3),
-                ..base.clone()
-            };
-            let ms = bench_flux::run_plain(&opts)?;
-            r.info(
-                "bench",
-                format!("  candidate step {}², no IP, with {}", base.size, attention.name()),
-                format!("{ms:.2} ms"),
-                format!("{:.2} ms", candidate.0),
-                format!("{:.3}× the candidate's", ms / candidate.0),
-            );
-        }
     }
     Ok(())
 }

@@ -45,19 +45,24 @@ impl From<ipaflux_core::candle_core::Error> for Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Which fused CUDA kernels the models run (`--cuda-kernels`); other
-/// devices run core's reference path whatever the set.
+/// devices run core's reference path whatever the set. Both sets are checked
+/// against the reference path on a GPU by `gpu-check` (`native/src/cuda/NOTES.md`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum KernelSet {
-    /// Checked and timed on a GPU (`native/src/cuda/NOTES.md`): attention
-    /// (`mma`), LayerNorm + modulation, gated residuals, bias + GELU-tanh.
+    /// Attention version 6 (32 query rows a warp) writing merged heads (the
+    /// IP-Adapter's term added by a second launch's epilogue); Q/K/V with bias, QK norm,
+    /// concatenation and RoPE in one pass; the linear layers' biases inside
+    /// the gated residuals; LayerNorm + modulation, bias + GELU-tanh. First
+    /// run on a GPU in session 11 (H200: the Flux-dev step at 1024² in
+    /// 0.54× the baseline's time).
     #[default]
-    Checked,
-    /// `Checked` plus kernels not yet run on a GPU: Q/K/V with bias, QK
-    /// norm, concatenation and RoPE in one pass; the linear layers' biases
-    /// inside the gated residuals; attention writing merged heads, with the
-    /// IP-Adapter's term added in its epilogue. `gpu-check` checks them
-    /// against the reference; make them the default once it has.
-    Candidate,
+    #[value(alias = "candidate")]
+    Fast,
+    /// The set measured first (session 7): attention version 3 (`mma`),
+    /// LayerNorm + modulation, gated residuals, bias + GELU-tanh; candle's
+    /// ops for the rest. Kept to compare against and to fall back on.
+    #[value(alias = "checked")]
+    Baseline,
 }
 
 /// The attention the models use on `device`: the fused CUDA kernel on a CUDA
@@ -72,13 +77,13 @@ pub fn attention_for(device: &ipaflux_core::candle_core::Device, set: KernelSet)
     ipaflux_core::nn::Attention::reference()
 }
 
-/// Attention kernels that could replace the candidate set's own on `device`
-/// (CUDA: versions 5 and 6 with the merged-heads epilogue; none elsewhere),
-/// for `gpu-check` to time the candidate step with each.
-pub fn candidate_attention_variants(device: &ipaflux_core::candle_core::Device) -> Vec<ipaflux_core::nn::Attention> {
+/// Attention kernels that could replace the fast set's own on `device`
+/// (CUDA: version 6 with the IP term in its launch, versions 4 and 5; none
+/// elsewhere), for `gpu-check` to check and to time the fast step with each.
+pub fn fast_attention_variants(device: &ipaflux_core::candle_core::Device) -> Vec<ipaflux_core::nn::Attention> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        return cuda::candidate_attention_variants();
+        return cuda::fast_attention_variants();
     }
     let _ = device;
     Vec::new()

@@ -102,6 +102,9 @@ enum Cmd {
         /// Small models instead of the real shapes (seconds, any device).
         #[arg(long)]
         quick: bool,
+        /// Only these sections (parity, attention, registry, bench, stream); repeatable.
+        #[arg(long = "section")]
+        sections: Vec<String>,
         /// PyTorch's figures from the same card (JSON from scripts/gpu_bench_torch.py).
         #[arg(long)]
         torch: Option<PathBuf>,
@@ -242,7 +245,7 @@ struct GenerateArgs {
     /// streamed from pinned host memory, one block ahead of use.
     #[arg(long)]
     vram_budget: Option<String>,
-    /// Fused CUDA kernels: `checked` (measured on a GPU) or `candidate` (newer, not yet run on one).
+    /// Fused CUDA kernels: `fast` (the default) or `baseline` (the first set measured, to compare).
     #[arg(long, value_enum, default_value_t)]
     cuda_kernels: ipaflux::KernelSet,
     #[arg(long, default_value = "on")]
@@ -459,16 +462,16 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", plan::render(&report));
             }
         }
-        Cmd::GpuCheck { device, fixtures, runs, quick, torch, out } => {
+        Cmd::GpuCheck { device, fixtures, runs, quick, sections, torch, out } => {
             let dev = device.to_candle()?;
             #[cfg(feature = "cuda")]
             let (fused, alternatives, peak): (_, _, std::sync::Arc<dyn bench_flux::PeakMemory>) = if dev.is_cuda() {
                 ipaflux::cuda::explicit_stream_ordering(&dev);
                 (
-                    Some(ipaflux::cuda::fused_attention(ipaflux::KernelSet::Checked)),
+                    Some(ipaflux::cuda::fused_attention(ipaflux::KernelSet::default())),
                     {
                         use ipaflux::cuda::attention::Kernel;
-                        [Kernel::Wmma, Kernel::MmaPipelinedWide, Kernel::MmaTwoTiles]
+                        [Kernel::Mma, Kernel::Wmma, Kernel::MmaPipelined, Kernel::MmaPipelinedWide]
                             .map(ipaflux::cuda::fused_attention_with)
                             .to_vec()
                     },
@@ -481,22 +484,25 @@ fn main() -> anyhow::Result<()> {
             let (fused, alternatives, peak): (_, _, std::sync::Arc<dyn bench_flux::PeakMemory>) =
                 (None, Vec::new(), std::sync::Arc::new(bench_flux::Rss));
             let torch = torch.as_deref().map(gpu_check::read_torch_figures).transpose()?;
-            let modulation = ipaflux::modulation_for(&dev, ipaflux::KernelSet::Checked);
-            let candidate =
-                ipaflux::modulation_for(&dev, ipaflux::KernelSet::Candidate).map(|modulation| gpu_check::Candidate {
-                    attention: ipaflux::attention_for(&dev, ipaflux::KernelSet::Candidate),
+            let modulation = ipaflux::modulation_for(&dev, ipaflux::KernelSet::default());
+            let baseline = ipaflux::modulation_for(&dev, ipaflux::KernelSet::Baseline).map(|modulation| {
+                gpu_check::KernelSetUnderTest {
+                    attention: ipaflux::attention_for(&dev, ipaflux::KernelSet::Baseline),
                     modulation,
-                    attention_variants: ipaflux::candidate_attention_variants(&dev),
-                });
+                }
+            });
+            let attention_variants = ipaflux::fast_attention_variants(&dev);
             let o = gpu_check::CheckOptions {
                 device: dev,
                 fixtures,
                 runs,
                 quick,
+                sections,
                 fused,
                 alternatives,
+                attention_variants,
                 modulation,
-                candidate,
+                baseline,
                 torch,
                 peak,
             };

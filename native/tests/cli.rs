@@ -404,6 +404,23 @@ fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
     // The streamed run executed the registry's partial-load plan (some blocks streamed).
     let streamed = written.lines().find(|l| l.starts_with("| stream |") && l.contains("streamed in a")).unwrap();
     assert!(!streamed.contains(" 0 streamed"), "{streamed}");
+    // --section runs those sections alone; an unknown one is a failed check naming the known ones.
+    let only = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
+        .args(["gpu-check", "--device", "cpu", "--quick", "--runs", "1", "--section", "attention", "--fixtures"])
+        .arg(fixture(""))
+        .output()
+        .unwrap();
+    let only_out = String::from_utf8_lossy(&only.stdout);
+    assert!(only.status.success(), "{only_out}");
+    let sections: std::collections::BTreeSet<&str> =
+        only_out.lines().skip(2).filter_map(|l| l.strip_prefix("| ")?.split(" |").next()).collect();
+    assert_eq!(sections.into_iter().collect::<Vec<_>>(), ["attention"], "{only_out}");
+    let unknown = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
+        .args(["gpu-check", "--device", "cpu", "--quick", "--section", "speed", "--fixtures"])
+        .arg(fixture(""))
+        .output()
+        .unwrap();
+    assert_fails(&unknown, &["no section `speed`", "parity, attention, registry, bench, stream"]);
     // A missing fixture folder is a failed check, not a panic.
     let bad = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
         .args(["gpu-check", "--device", "cpu", "--quick", "--runs", "1", "--fixtures", "/nonexistent"])

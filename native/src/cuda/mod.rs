@@ -31,32 +31,38 @@ pub fn explicit_stream_ordering(device: &Device) {
 }
 
 /// The fused CUDA attention wherever it applies (bf16/f16, head size ≤ 128):
-/// version 3 (`mma`); with the candidate set version 4 (`cp.async`
-/// double-buffered) with its merged-heads epilogue.
+/// with the fast set version 6 (32 rows a warp, `cp.async` double-buffered)
+/// with its merged-heads epilogue, the IP-Adapter's term in a second launch
+/// (faster than its `_ip` entry; `attention` module docs); with the
+/// baseline set version 3 (`mma`).
 pub fn fused_attention(set: crate::KernelSet) -> Attention {
-    let kernel = match set {
-        crate::KernelSet::Checked => attention::Kernel::Mma,
-        crate::KernelSet::Candidate => attention::Kernel::MmaPipelined,
+    use attention::{Kernel, Output};
+    let (kernel, output) = match set {
+        crate::KernelSet::Fast => (Kernel::MmaTwoTiles, Output::Merged),
+        crate::KernelSet::Baseline => (Kernel::Mma, Output::Heads),
     };
-    let merged_output = set == crate::KernelSet::Candidate;
-    Attention::fused(Arc::new(attention::CudaFusedAttention { kernel, merged_output }))
+    Attention::fused(Arc::new(attention::CudaFusedAttention { kernel, output }))
 }
 
 /// Fused LayerNorm + modulation and gated residuals (bf16/f16) for Flux's
-/// blocks, and with the candidate set the QKV and bias kernels.
+/// blocks, and with the fast set the QKV and bias kernels.
 pub fn fused_modulation(set: crate::KernelSet) -> Arc<dyn ipaflux_core::nn::FusedModulation> {
     Arc::new(modulation::CudaModulation { set })
 }
 
-/// The candidate set's attention with versions 5 and 6 of the kernel instead
-/// of 4 (merged-heads epilogue and IP term included).
-pub fn candidate_attention_variants() -> Vec<Attention> {
-    [attention::Kernel::MmaPipelinedWide, attention::Kernel::MmaTwoTiles]
-        .map(|kernel| Attention::fused(Arc::new(attention::CudaFusedAttention { kernel, merged_output: true })))
+/// What the fast set's attention could be instead, for `gpu-check`: version
+/// 6 with the IP-Adapter's term in the same launch, and versions 4 and 5
+/// (merged-heads epilogue, IP term in the launch).
+pub fn fast_attention_variants() -> Vec<Attention> {
+    use attention::{Kernel, Output};
+    [Kernel::MmaTwoTiles, Kernel::MmaPipelined, Kernel::MmaPipelinedWide]
+        .map(|kernel| {
+            Attention::fused(Arc::new(attention::CudaFusedAttention { kernel, output: Output::MergedFusedExtra }))
+        })
         .to_vec()
 }
 
 /// The fused CUDA attention with a given kernel version (`[B, H, L, D]` output only).
 pub fn fused_attention_with(kernel: attention::Kernel) -> Attention {
-    Attention::fused(Arc::new(attention::CudaFusedAttention { kernel, merged_output: false }))
+    Attention::fused(Arc::new(attention::CudaFusedAttention { kernel, output: attention::Output::Heads }))
 }

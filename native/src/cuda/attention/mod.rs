@@ -6,17 +6,17 @@
 //!
 //! Versions of the kernel ([`Kernel`]): `wmma` (the first: WMMA, scores,
 //! probabilities and output accumulator through shared memory every tile),
-//! `mma` (the default: `mma.sync` fragments kept in registers,
-//! FlashAttention-2's layout), `mma` with `cp.async` double buffering of
-//! the K/V tiles (version 4, the candidate kernel set; not yet run on a GPU)
-//! and two ways to 128 query rows a block instead of 64, so each K/V tile
-//! fetched serves twice the rows (not yet run on a GPU): version 5 is
-//! version 4 with 8 warps, version 6 keeps 4 warps of 32 rows each
-//! (FlashAttention-2's layout), so each K/V fragment read from shared memory
-//! feeds two products.
+//! `mma` (version 3, the baseline set's: `mma.sync` fragments kept in
+//! registers, FlashAttention-2's layout), `mma` with `cp.async` double
+//! buffering of the K/V tiles (version 4), and two ways to 128 query rows a
+//! block instead of 64, so each K/V tile fetched serves twice the rows:
+//! version 5 is version 4 with 8 warps, version 6 (the fast set's, the
+//! fastest at every shape on an H200 in session 11: 1.69 ms against version
+//! 3's 3.11 ms at Flux 1024²) keeps 4 warps of 32 rows each, so each K/V
+//! fragment read from shared memory feeds two products.
 //! `ipaflux gpu-check` checks and times all of them.
 //!
-//! With `merged_output` (the candidate set; `mma` versions only) the kernel
+//! With [`Output::Merged`] (the fast set; `mma` versions only) the kernel
 //! also serves core's `attend_merged`: it writes `[B, L, H·D]` directly (no
 //! transpose copy after it) and can add its result, scaled, to a given
 //! tensor in the same store (the IP-Adapter's term added to a block's
@@ -24,9 +24,12 @@
 //! points run the IP-Adapter's attention over its 128 image tokens in the
 //! same launch as the block's attention (a second softmax over those keys
 //! with the pre-RoPE query, added to the stored result), instead of a second
-//! launch after it. None of this has yet run on a GPU; all of it is checked
-//! on the host under an emulation of `ldmatrix`, `mma.sync` and `cp.async`
-//! (`host_emulation.cpp` beside the kernel).
+//! launch after it, where the output is [`Output::MergedFusedExtra`]. The
+//! fast set does not take that: on an H200 (session 11) version 6's `_ip`
+//! entry added more to a launch (0.30 ms at 1024²) than the second launch
+//! costs (0.21 ms), and 14.2 ms to a step against 10.8 ms. All of it is checked on the GPU by `gpu-check`, and
+//! without one on the host under an emulation of `ldmatrix`, `mma.sync` and
+//! `cp.async` (`host_emulation.cpp` beside the kernel).
 //!
 //! The kernel is compiled to PTX by nvcc at build time (`build.rs`, for
 //! `CUDA_COMPUTE_CAP`, default 90) and loaded by candle's CUDA device on first
@@ -56,21 +59,21 @@ pub const MAX_HEAD_DIM: usize = 128;
 /// Which version of the kernel (module docs).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// Version 1: WMMA, per-tile intermediates in shared memory.
+    /// Version 2: WMMA, per-tile intermediates in shared memory.
     Wmma,
-    /// Version 2: `mma.sync` with scores and output in registers.
+    /// Version 3: `mma.sync` with scores and output in registers.
     #[default]
     Mma,
-    /// Version 4 (candidate, not yet run on a GPU): `Mma` with the K/V tiles
+    /// Version 4: `Mma` with the K/V tiles
     /// double-buffered by `cp.async`, the next tile's copy overlapping this
     /// tile's products. Where 16-byte loads do not apply it runs as `Mma`.
     MmaPipelined,
-    /// Version 5 (candidate, not yet run on a GPU): `MmaPipelined` with 8
+    /// Version 5: `MmaPipelined` with 8
     /// warps, 128 query rows a block, so each K/V tile fetched serves twice
     /// the rows (one block an SM at 168 registers a thread instead of
     /// three of 4 warps). Where 16-byte loads do not apply it runs as `Mma`.
     MmaPipelinedWide,
-    /// Version 6 (candidate, not yet run on a GPU): 4 warps of 32 query rows
+    /// Version 6 (the fast set's): 4 warps of 32 query rows
     /// (two 16-row tiles each), 128 a block, K/V double-buffered as version
     /// 4; the Q tile stays in shared memory and its fragments are re-read
     /// each key tile. 255 registers, no spills; two blocks an SM. Where
@@ -149,9 +152,21 @@ impl Kernel {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CudaFusedAttention {
     pub kernel: Kernel,
-    /// Serve `attend_merged` and `attend_merged_extra` too (the `mma`
-    /// kernels' merged-heads epilogue and their `_ip` entry points).
-    pub merged_output: bool,
+    pub output: Output,
+}
+
+/// What a [`CudaFusedAttention`] serves besides `[B, H, L, D]` attention.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// `attend` only.
+    #[default]
+    Heads,
+    /// Also `attend_merged` (the `mma` kernels' merged-heads epilogue, with
+    /// `base + s·attention`); an extra term takes a second launch.
+    Merged,
+    /// Also `attend_merged_extra`: an extra term (the IP-Adapter's) in the
+    /// same launch, the `_ip` entry points.
+    MergedFusedExtra,
 }
 
 impl CudaFusedAttention {
@@ -171,16 +186,25 @@ impl CudaFusedAttention {
 
 impl FusedAttention for CudaFusedAttention {
     fn name(&self) -> &'static str {
-        match (self.kernel, self.merged_output) {
+        use Output::{Heads, Merged, MergedFusedExtra as Fused};
+        match (self.kernel, self.output) {
             (Kernel::Wmma, _) => "cuda-fused (wmma)",
-            (Kernel::Mma, false) => "cuda-fused (mma)",
-            (Kernel::Mma, true) => "cuda-fused (mma, merged-heads epilogue)",
-            (Kernel::MmaPipelined, false) => "cuda-fused (mma, cp.async)",
-            (Kernel::MmaPipelined, true) => "cuda-fused (mma, cp.async, merged-heads epilogue)",
-            (Kernel::MmaPipelinedWide, false) => "cuda-fused (mma, cp.async, 128 rows)",
-            (Kernel::MmaPipelinedWide, true) => "cuda-fused (mma, cp.async, 128 rows, merged-heads epilogue)",
-            (Kernel::MmaTwoTiles, false) => "cuda-fused (mma, cp.async, 32 rows a warp)",
-            (Kernel::MmaTwoTiles, true) => "cuda-fused (mma, cp.async, 32 rows a warp, merged-heads epilogue)",
+            (Kernel::Mma, Heads) => "cuda-fused (mma)",
+            (Kernel::Mma, Merged) => "cuda-fused (mma, merged-heads epilogue)",
+            (Kernel::Mma, Fused) => "cuda-fused (mma, merged-heads epilogue, IP term in the launch)",
+            (Kernel::MmaPipelined, Heads) => "cuda-fused (mma, cp.async)",
+            (Kernel::MmaPipelined, Merged) => "cuda-fused (mma, cp.async, merged-heads epilogue)",
+            (Kernel::MmaPipelined, Fused) => "cuda-fused (mma, cp.async, merged-heads epilogue, IP term in the launch)",
+            (Kernel::MmaPipelinedWide, Heads) => "cuda-fused (mma, cp.async, 128 rows)",
+            (Kernel::MmaPipelinedWide, Merged) => "cuda-fused (mma, cp.async, 128 rows, merged-heads epilogue)",
+            (Kernel::MmaPipelinedWide, Fused) => {
+                "cuda-fused (mma, cp.async, 128 rows, merged-heads epilogue, IP term in the launch)"
+            }
+            (Kernel::MmaTwoTiles, Heads) => "cuda-fused (mma, cp.async, 32 rows a warp)",
+            (Kernel::MmaTwoTiles, Merged) => "cuda-fused (mma, cp.async, 32 rows a warp, merged-heads epilogue)",
+            (Kernel::MmaTwoTiles, Fused) => {
+                "cuda-fused (mma, cp.async, 32 rows a warp, merged-heads epilogue, IP term in the launch)"
+            }
         }
     }
 
@@ -197,7 +221,7 @@ impl FusedAttention for CudaFusedAttention {
     ) -> Option<ipaflux_core::Result<Tensor>> {
         let (b, h, l, d) = q.dims4().ok()?;
         let base_ok = add.is_none_or(|(base, _)| base.dtype() == q.dtype() && base.dims() == [b, l, h * d]);
-        let ok = self.merged_output && self.kernel.has_epilogue() && base_ok && Self::takes(q, k, v);
+        let ok = self.output != Output::Heads && self.kernel.has_epilogue() && base_ok && Self::takes(q, k, v);
         ok.then(|| {
             let add = add.map(|(base, s)| Ok::<_, candle::Error>((base.contiguous()?, s as f32))).transpose()?;
             fused_with(q, k, v, self.kernel, Epilogue { merged: true, add, extra: None })
@@ -216,11 +240,7 @@ impl FusedAttention for CudaFusedAttention {
             && x.q.dtype() == q.dtype()
             && x.k.dims4().is_ok_and(|(xb, xh, _, xd)| (xb, xh, xd) == (b, h, d))
             && x.row0 <= l;
-        let ok = self.merged_output
-            && self.kernel.has_epilogue()
-            && fits
-            && Self::takes(q, k, v)
-            && Self::takes(x.q, x.k, x.v);
+        let ok = self.takes_extra() && fits && Self::takes(q, k, v) && Self::takes(x.q, x.k, x.v);
         ok.then(|| {
             let extra = Extra {
                 q: x.q.contiguous()?,
@@ -234,7 +254,7 @@ impl FusedAttention for CudaFusedAttention {
     }
 
     fn takes_extra(&self) -> bool {
-        self.merged_output && self.kernel.has_epilogue()
+        self.output == Output::MergedFusedExtra && self.kernel.has_epilogue()
     }
 }
 

@@ -6,14 +6,14 @@
 //! `ipaflux gpu-check` (the Flux fixture through the whole model against
 //! diffusers, and in the benchmarks).
 //!
-//! With [`KernelSet::Candidate`] also the attention inputs from a QKV
+//! With [`KernelSet::Fast`] also the attention inputs from a QKV
 //! projection in one kernel (`qkv_rope`: bias, split, QK RMSNorm, the double
 //! blocks' concatenation, RoPE) and the linear layers' biases added inside
-//! the gated residual. Those have not yet run on a GPU: they are checked on
-//! the host under an emulation of the CUDA execution model
-//! (`host_emulation.cpp` beside the kernels, `scripts/kernel-emulation.sh`),
-//! the seams they plug into by core's `flux::mirror` tests, and `gpu-check`
-//! checks them against the reference when a GPU is lent.
+//! the gated residual. Those are checked on the GPU by `gpu-check` (first
+//! run in session 11, H200), and without one on the host under an emulation
+//! of the CUDA execution model (`host_emulation.cpp` beside the kernels,
+//! `scripts/kernel-emulation.sh`); the seams they plug into by core's
+//! `flux::mirror` tests.
 
 use ipaflux_core::candle_core::backend::BackendStorage;
 use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{
@@ -102,9 +102,9 @@ impl FusedModulation for CudaModulation {
         takes(x, &[gate], Some(y)).then(|| {
             let (y, bias) = match (bias, self.set) {
                 (None, _) => (y.contiguous()?, None),
-                // The checked set adds the bias as its own op (as before the candidate kernels).
-                (Some(b), KernelSet::Checked) => (ipaflux_core::nn::add_bias(y, Some(b))?.contiguous()?, None),
-                (Some(b), KernelSet::Candidate) => (y.contiguous()?, Some(b.to_dtype(x.dtype())?.contiguous()?)),
+                // The baseline set adds the bias as its own op.
+                (Some(b), KernelSet::Baseline) => (ipaflux_core::nn::add_bias(y, Some(b))?.contiguous()?, None),
+                (Some(b), KernelSet::Fast) => (y.contiguous()?, Some(b.to_dtype(x.dtype())?.contiguous()?)),
             };
             if let Some(b) = &bias {
                 if b.dims() != [x.dim(2)?] {
@@ -120,7 +120,7 @@ impl FusedModulation for CudaModulation {
     }
 
     fn qkv_rope(&self, s: &QkvStreams<'_>) -> Option<ipaflux_core::Result<QkvOut>> {
-        if self.set != KernelSet::Candidate {
+        if self.set != KernelSet::Fast {
             return None;
         }
         let op = QkvRopeOp::new(s)?;
@@ -520,7 +520,7 @@ mod tests {
         let x = Tensor::zeros((1, 4, 8), DType::BF16, &cpu).unwrap();
         let r = Tensor::zeros((1, 1, 8), DType::BF16, &cpu).unwrap();
         // CPU tensors: the reference ops run instead.
-        for m in [CudaModulation { set: KernelSet::Checked }, CudaModulation { set: KernelSet::Candidate }] {
+        for m in [CudaModulation { set: KernelSet::Baseline }, CudaModulation { set: KernelSet::Fast }] {
             assert!(m.ln_modulate(&x, &r, &r, 1e-6).is_none());
             assert!(m.gated_add(&x, &x, None, &r).is_none());
             assert!(m.gelu_tanh(&x, None).is_none());
