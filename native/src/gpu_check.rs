@@ -264,7 +264,7 @@ pub const SECTIONS: [&str; 5] = ["parity", "attention", "registry", "bench", "st
 pub fn run(o: &CheckOptions) -> Report {
     let mut r = Report { progress: true, ..Report::default() };
     if let Some(bad) = o.sections.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
-        r.failed("parity", "sections", &format!("no section `{bad}` (sections: {})", SECTIONS.join(", ")));
+        r.failed("gpu-check", "--section", &format!("no section `{bad}` (sections: {})", SECTIONS.join(", ")));
         return r;
     }
     if !o.fixtures.join("flux").is_dir() {
@@ -286,6 +286,7 @@ pub fn run(o: &CheckOptions) -> Report {
         ("stream", bench_flux_streamed),
     ]);
     for (name, f) in sections {
+        debug_assert!(SECTIONS.contains(&name), "section `{name}` missing from SECTIONS");
         if !o.sections.is_empty() && !o.sections.iter().any(|s| s == name) {
             continue;
         }
