@@ -549,7 +549,7 @@ fn merged_epilogue(
     })?;
     r.info(
         "attention",
-        "  base + s·attention, heads merged: in the epilogue vs kernel + transpose + scale + add".to_string(),
+        format!("  base + s·attention, heads merged: in the epilogue vs {} + transpose + scale + add", plain.name()),
         format!("{t_epilogue:.3} ms"),
         format!("{t_separate:.3} ms"),
         format!("{:.2}×", t_epilogue / t_separate),
