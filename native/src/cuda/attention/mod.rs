@@ -27,9 +27,10 @@
 //! launch after it, where the output is [`Output::MergedFusedExtra`]. The
 //! fast set does not take that: on an H200 (session 11) version 6's `_ip`
 //! entry added more to a launch (0.30 ms at 1024²) than the second launch
-//! costs (0.21 ms), and 14.2 ms to a step against 10.8 ms. All of it is checked on the GPU by `gpu-check`, and
-//! without one on the host under an emulation of `ldmatrix`, `mma.sync` and
-//! `cp.async` (`host_emulation.cpp` beside the kernel).
+//! costs (0.21 ms), and 14.2 ms to a step against 10.8 ms. All of it is
+//! checked on the GPU by `gpu-check`, and without one on the host under an
+//! emulation of `ldmatrix`, `mma.sync` and `cp.async` (`host_emulation.cpp`
+//! beside the kernel).
 //!
 //! The kernel is compiled to PTX by nvcc at build time (`build.rs`, for
 //! `CUDA_COMPUTE_CAP`, default 90) and loaded by candle's CUDA device on first
