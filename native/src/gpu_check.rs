@@ -61,18 +61,16 @@ pub struct CheckOptions {
     pub runs: usize,
     /// Small models instead of the real shapes (for CPU smoke runs).
     pub quick: bool,
-    /// Run only the sections with these names ([`SECTIONS`]); all when empty.
-    pub sections: Vec<String>,
-    /// The default kernel set's fused attention, checked and used in the
-    /// benchmarks and the streamed step, if this build has one.
-    pub fused: Option<Attention>,
+    /// Run only these sections; all when empty.
+    pub sections: Vec<Section>,
+    /// The default kernel set, checked and used in the benchmarks and the
+    /// streamed step, if this build has one.
+    pub default_set: Option<KernelSetUnderTest>,
     /// Other fused kernels to check and time beside it (other versions, `[B, H, L, D]` output).
     pub alternatives: Vec<Attention>,
     /// Other attention kernels the default set could take instead (merged-heads
     /// output): their epilogues are checked and the default step is timed with each.
     pub attention_variants: Vec<Attention>,
-    /// The default set's fused Flux kernels (LayerNorm + modulation, gated residuals, …).
-    pub modulation: Option<Arc<dyn FusedModulation>>,
     /// The baseline kernel set, checked and timed beside the default.
     pub baseline: Option<KernelSetUnderTest>,
     /// PyTorch's figures from the same card (`scripts/gpu_bench_torch.py --json`).
@@ -81,11 +79,24 @@ pub struct CheckOptions {
     pub peak: Arc<dyn PeakMemory>,
 }
 
-/// A kernel set other than the default ([`ipaflux::KernelSet`]).
+/// A kernel set ([`crate::KernelSet`]): its attention and its fused Flux
+/// kernels (LayerNorm + modulation, gated residuals, …).
 #[derive(Debug, Clone)]
 pub struct KernelSetUnderTest {
     pub attention: Attention,
     pub modulation: Arc<dyn FusedModulation>,
+}
+
+impl CheckOptions {
+    /// The default set's attention, if this build has one.
+    fn fused(&self) -> Option<&Attention> {
+        self.default_set.as_ref().map(|s| &s.attention)
+    }
+
+    /// The default set's fused Flux kernels, if this build has them.
+    fn default_modulation(&self) -> Option<Arc<dyn FusedModulation>> {
+        self.default_set.as_ref().map(|s| s.modulation.clone())
+    }
 }
 
 /// Reads the JSON object of numbers `scripts/gpu_bench_torch.py` writes (other values are skipped).
@@ -256,42 +267,65 @@ fn dev_name(d: &Device) -> &'static str {
     }
 }
 
-/// The sections' names, in the order they run.
-pub const SECTIONS: [&str; 5] = ["parity", "attention", "registry", "bench", "stream"];
+/// A part of the check that runs alone with `--section` (each has its own rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// The fixtures on the device against the CPU and the PyTorch goldens.
+    Parity,
+    /// Fused attention kernels at the real shapes against f32.
+    Attention,
+    /// Registry accounting against the driver (CUDA).
+    Registry,
+    /// Benchmarks beside PyTorch's figures.
+    Bench,
+    /// Flux streamed in a budget.
+    Stream,
+}
+
+impl Section {
+    /// The name in the table's first column (and on the command line).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Parity => "parity",
+            Self::Attention => "attention",
+            Self::Registry => "registry",
+            Self::Bench => "bench",
+            Self::Stream => "stream",
+        }
+    }
+}
 
 /// Runs everything (or `o.sections`); never stops at a failure (each section
 /// reports its own). Without the fixtures nothing can be checked, so nothing runs.
 pub fn run(o: &CheckOptions) -> Report {
     let mut r = Report { progress: true, ..Report::default() };
-    if let Some(bad) = o.sections.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
-        r.failed("gpu-check", "--section", &format!("no section `{bad}` (sections: {})", SECTIONS.join(", ")));
-        return r;
-    }
     if !o.fixtures.join("flux").is_dir() {
         let e = format!("{}: not this repository's tests/fixtures (give --fixtures)", o.fixtures.display());
         r.failed("parity", "fixtures", &e);
         return r;
     }
-    type Section = fn(&CheckOptions, &mut Report) -> Result<()>;
-    let mut sections: Vec<(&'static str, Section)> =
-        vec![("parity", parity_siglip), ("parity", parity_flux), ("attention", attention_real_shapes)];
+    type Step = fn(&CheckOptions, &mut Report) -> Result<()>;
+    let mut steps: Vec<(Section, Step)> = vec![
+        (Section::Parity, parity_siglip),
+        (Section::Parity, parity_flux),
+        (Section::Attention, attention_real_shapes),
+    ];
     #[cfg(feature = "cuda")]
-    sections.extend([
-        ("registry", crate::cuda::check::registry_vs_driver as Section),
-        ("bench", crate::cuda::check::transfers),
+    steps.extend([
+        (Section::Registry, crate::cuda::check::registry_vs_driver as Step),
+        (Section::Bench, crate::cuda::check::transfers),
     ]);
-    sections.extend([
-        ("bench", bench_encoder as Section),
-        ("bench", bench_flux_steps),
-        ("stream", bench_flux_streamed),
+    steps.extend([
+        (Section::Bench, bench_encoder as Step),
+        (Section::Bench, bench_flux_steps),
+        (Section::Stream, bench_flux_streamed),
     ]);
-    for (name, f) in sections {
-        debug_assert!(SECTIONS.contains(&name), "section `{name}` missing from SECTIONS");
-        if !o.sections.is_empty() && !o.sections.iter().any(|s| s == name) {
+    for (section, f) in steps {
+        if !o.sections.is_empty() && !o.sections.contains(&section) {
             continue;
         }
         if let Err(e) = f(o, &mut r) {
-            r.failed(name, "section stopped", &e);
+            r.failed(section.name(), "section stopped", &e);
         }
     }
     r
@@ -313,7 +347,7 @@ fn siglip_pixels(fixtures: &Path) -> Result<Tensor> {
 fn siglip_fixture(o: &CheckOptions, dtype: DType, device: &Device, fused: bool) -> Result<SiglipVisionModel> {
     let files = load_siglip_dir(&o.fixtures.join("siglip-vision"))?;
     let mut m = SiglipVisionModel::from_store(&files.config, files.weights, dtype, device)?;
-    if let (true, Some(a)) = (fused, &o.fused) {
+    if let (true, Some(a)) = (fused, o.fused()) {
         m.set_attention(a.clone());
     }
     Ok(m)
@@ -325,7 +359,7 @@ fn parity_siglip(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let pixels = siglip_pixels(&o.fixtures)?;
     let want = siglip_fixture(o, DType::F32, &Device::Cpu, false)?.forward(&pixels)?;
     let mut cases = vec![(DType::F32, false, F32_TOL), (DType::BF16, false, HALF_TOL)];
-    if o.fused.is_some() {
+    if o.fused().is_some() {
         cases.push((DType::BF16, true, HALF_TOL));
     }
     for (dtype, fused, tol) in cases {
@@ -361,17 +395,15 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
         let files = load_flux(&o.fixtures.join("flux/flux-tiny-bfl.safetensors"))?;
         let axes = files.axes_dim.or(Some(vec![4, 6, 6]));
         let mut m = FluxModel::from_store(files.weights, axes, dtype, device)?;
+        let set = match kernels {
+            Kernels::Reference => None,
+            Kernels::Default => o.default_set.as_ref(),
+            Kernels::Baseline => o.baseline.as_ref(),
+        };
         let mut attention = Attention::reference();
-        match (kernels, &o.fused, &o.baseline) {
-            (Kernels::Default, Some(a), _) => {
-                attention = a.clone();
-                m.set_fused_modulation(o.modulation.clone());
-            }
-            (Kernels::Baseline, _, Some(c)) => {
-                attention = c.attention.clone();
-                m.set_fused_modulation(Some(c.modulation.clone()));
-            }
-            _ => {}
+        if let Some(set) = set {
+            attention = set.attention.clone();
+            m.set_fused_modulation(Some(set.modulation.clone()));
         }
         m.set_attention(attention.clone());
         let adapter = IpAdapter::from_store(&ip_store, DType::F32, device)?;
@@ -394,7 +426,7 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
     };
     let cpu = forward(DType::F32, &Device::Cpu, Kernels::Reference)?;
     let mut cases = vec![(DType::F32, Kernels::Reference, F32_TOL), (DType::BF16, Kernels::Reference, HALF_TOL)];
-    if o.fused.is_some() {
+    if o.fused().is_some() {
         cases.push((DType::BF16, Kernels::Default, HALF_TOL));
     }
     if o.baseline.is_some() {
@@ -402,11 +434,10 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
     }
     for (dtype, kernels, tol) in cases {
         let got = forward(dtype, dev, kernels)?;
-        let label = match (kernels, &o.modulation) {
-            (Kernels::Reference, _) => "reference attention",
-            (Kernels::Default, None) => "fused attention",
-            (Kernels::Default, Some(_)) => "default fused kernels",
-            (Kernels::Baseline, _) => "baseline kernels",
+        let label = match kernels {
+            Kernels::Reference => "reference attention",
+            Kernels::Default => "default fused kernels",
+            Kernels::Baseline => "baseline kernels",
         };
         let name = dev_name(dev);
         r.check(
@@ -429,7 +460,7 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernels {
     Reference,
-    /// The default set (`fused`, `modulation`).
+    /// The default set (`default_set`).
     Default,
     Baseline,
 }
@@ -440,7 +471,7 @@ fn randn(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
 
 /// Fused vs reference attention at Flux's and SigLIP's real shapes, bf16, both against f32.
 fn attention_real_shapes(o: &CheckOptions, r: &mut Report) -> Result<()> {
-    let Some(fused) = &o.fused else {
+    let Some(fused) = o.fused() else {
         r.info("attention", "fused attention", "n/a".into(), String::new(), "this build has no fused kernel".into());
         return Ok(());
     };
@@ -687,7 +718,7 @@ fn bench_encoder(o: &CheckOptions, r: &mut Report) -> Result<()> {
         "siglip_ms",
         None,
     );
-    if let Some(a) = &o.fused {
+    if let Some(a) = o.fused() {
         model.set_attention(a.clone());
         let ms = time_ms(dev, o.runs, || {
             drop(model.forward(&pixels)?);
@@ -734,8 +765,8 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let dev = &o.device;
     let dtype = if dev.is_cpu() { DType::F32 } else { DType::BF16 };
     let (depth, single, sizes) = if o.quick { (1, 1, vec![128]) } else { (19, 38, vec![1024, 512]) };
-    let attention = o.fused.clone().unwrap_or_default();
-    let fused_mod = if o.modulation.is_some() { " + the default set's fused Flux kernels" } else { "" };
+    let attention = o.fused().cloned().unwrap_or_default();
+    let fused_mod = if o.default_set.is_some() { " + the default set's fused Flux kernels" } else { "" };
     let base = FluxBenchOptions {
         size: sizes[0],
         narrow: o.quick,
@@ -746,7 +777,7 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
         dtype,
         device: dev.clone(),
         attention: attention.clone(),
-        modulation: o.modulation.clone(),
+        modulation: o.default_modulation(),
         peak: o.peak.clone(),
     };
     let mut default_steps = Vec::new();
@@ -786,7 +817,7 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
         }
     }
     // Diagnostics last: where the default step's time goes.
-    if o.fused.is_some() && !o.quick {
+    if o.fused().is_some() && !o.quick {
         let opts = FluxBenchOptions {
             size: 1024,
             narrow: false,
@@ -800,7 +831,7 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
             modulation: None,
             peak: o.peak.clone(),
         };
-        if o.modulation.is_some() {
+        if o.default_set.is_some() {
             let ms = bench_flux::run_plain(&opts)?;
             ratio_row(
                 r,
@@ -814,7 +845,7 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
                 None,
             );
         }
-        let opts = FluxBenchOptions { attention: Attention::reference(), modulation: o.modulation.clone(), ..opts };
+        let opts = FluxBenchOptions { attention: Attention::reference(), modulation: o.default_modulation(), ..opts };
         let ms = bench_flux::run_plain(&opts)?;
         ratio_row(
             r,
@@ -914,8 +945,8 @@ fn bench_flux_streamed(o: &CheckOptions, r: &mut Report) -> Result<()> {
         runs: o.runs.min(3),
         dtype,
         device: dev.clone(),
-        attention: o.fused.clone().unwrap_or_default(),
-        modulation: o.modulation.clone(),
+        attention: o.fused().cloned().unwrap_or_default(),
+        modulation: o.default_modulation(),
         peak: o.peak.clone(),
     };
     let weights: u64 = unit_specs(&bench_flux::bench_config(&opts), dtype).iter().map(|u| u.bytes).sum();

@@ -102,9 +102,9 @@ enum Cmd {
         /// Small models instead of the real shapes (seconds, any device).
         #[arg(long)]
         quick: bool,
-        /// Only these sections (parity, attention, registry, bench, stream); repeatable.
-        #[arg(long = "section")]
-        sections: Vec<String>,
+        /// Only these sections; repeatable.
+        #[arg(long = "section", value_enum)]
+        sections: Vec<gpu_check::Section>,
         /// PyTorch's figures from the same card (JSON from scripts/gpu_bench_torch.py).
         #[arg(long)]
         torch: Option<PathBuf>,
@@ -465,32 +465,33 @@ fn main() -> anyhow::Result<()> {
         Cmd::GpuCheck { device, fixtures, runs, quick, sections, torch, out } => {
             let dev = device.to_candle()?;
             #[cfg(feature = "cuda")]
-            let (fused, alternatives, peak): (_, _, std::sync::Arc<dyn bench_flux::PeakMemory>) = if dev.is_cuda() {
+            let (alternatives, peak): (_, std::sync::Arc<dyn bench_flux::PeakMemory>) = if dev.is_cuda() {
                 ipaflux::cuda::explicit_stream_ordering(&dev);
                 (
-                    Some(ipaflux::cuda::fused_attention(ipaflux::KernelSet::default())),
                     {
-                        use ipaflux::cuda::attention::Kernel;
+                        use ipaflux::cuda::attention::{Kernel, Output};
                         [Kernel::Mma, Kernel::Wmma, Kernel::MmaPipelined, Kernel::MmaPipelinedWide]
-                            .map(ipaflux::cuda::fused_attention_with)
+                            .map(|kernel| ipaflux::cuda::fused_attention_with(kernel, Output::Heads))
                             .to_vec()
                     },
                     std::sync::Arc::new(ipaflux::cuda::check::DriverPeak::start(&dev)?),
                 )
             } else {
-                (None, Vec::new(), std::sync::Arc::new(bench_flux::Rss))
+                (Vec::new(), std::sync::Arc::new(bench_flux::Rss))
             };
             #[cfg(not(feature = "cuda"))]
-            let (fused, alternatives, peak): (_, _, std::sync::Arc<dyn bench_flux::PeakMemory>) =
-                (None, Vec::new(), std::sync::Arc::new(bench_flux::Rss));
+            let (alternatives, peak): (_, std::sync::Arc<dyn bench_flux::PeakMemory>) =
+                (Vec::new(), std::sync::Arc::new(bench_flux::Rss));
             let torch = torch.as_deref().map(gpu_check::read_torch_figures).transpose()?;
-            let modulation = ipaflux::modulation_for(&dev, ipaflux::KernelSet::default());
-            let baseline = ipaflux::modulation_for(&dev, ipaflux::KernelSet::Baseline).map(|modulation| {
-                gpu_check::KernelSetUnderTest {
-                    attention: ipaflux::attention_for(&dev, ipaflux::KernelSet::Baseline),
+            // A set is under test where this build has its fused kernels for the device.
+            let set_under_test = |set| {
+                ipaflux::modulation_for(&dev, set).map(|modulation| gpu_check::KernelSetUnderTest {
+                    attention: ipaflux::attention_for(&dev, set),
                     modulation,
-                }
-            });
+                })
+            };
+            let default_set = set_under_test(ipaflux::KernelSet::default());
+            let baseline = set_under_test(ipaflux::KernelSet::Baseline);
             let attention_variants = ipaflux::fast_attention_variants(&dev);
             let o = gpu_check::CheckOptions {
                 device: dev,
@@ -498,10 +499,9 @@ fn main() -> anyhow::Result<()> {
                 runs,
                 quick,
                 sections,
-                fused,
+                default_set,
                 alternatives,
                 attention_variants,
-                modulation,
                 baseline,
                 torch,
                 peak,

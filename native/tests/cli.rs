@@ -404,7 +404,7 @@ fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
     // The streamed run executed the registry's partial-load plan (some blocks streamed).
     let streamed = written.lines().find(|l| l.starts_with("| stream |") && l.contains("streamed in a")).unwrap();
     assert!(!streamed.contains(" 0 streamed"), "{streamed}");
-    // --section runs those sections alone; an unknown one is a failed check naming the known ones.
+    // --section runs those sections alone; an unknown one is refused, naming the known ones.
     let only = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
         .args(["gpu-check", "--device", "cpu", "--quick", "--runs", "1", "--section", "attention", "--fixtures"])
         .arg(fixture(""))
@@ -420,7 +420,7 @@ fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
         .arg(fixture(""))
         .output()
         .unwrap();
-    assert_fails(&unknown, &["no section `speed`", "parity, attention, registry, bench, stream"]);
+    assert_fails(&unknown, &["invalid value 'speed' for '--section", "parity, attention, registry, bench, stream"]);
     // A missing fixture folder is a failed check, not a panic.
     let bad = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
         .args(["gpu-check", "--device", "cpu", "--quick", "--runs", "1", "--fixtures", "/nonexistent"])

@@ -37,10 +37,14 @@ pub fn explicit_stream_ordering(device: &Device) {
 /// baseline set version 3 (`mma`).
 pub fn fused_attention(set: crate::KernelSet) -> Attention {
     use attention::{Kernel, Output};
-    let (kernel, output) = match set {
-        crate::KernelSet::Fast => (Kernel::MmaTwoTiles, Output::Merged),
-        crate::KernelSet::Baseline => (Kernel::Mma, Output::Heads),
-    };
+    match set {
+        crate::KernelSet::Fast => fused_attention_with(Kernel::MmaTwoTiles, Output::Merged),
+        crate::KernelSet::Baseline => fused_attention_with(Kernel::Mma, Output::Heads),
+    }
+}
+
+/// The fused CUDA attention with a given kernel version and output.
+pub fn fused_attention_with(kernel: attention::Kernel, output: attention::Output) -> Attention {
     Attention::fused(Arc::new(attention::CudaFusedAttention { kernel, output }))
 }
 
@@ -56,13 +60,6 @@ pub fn fused_modulation(set: crate::KernelSet) -> Arc<dyn ipaflux_core::nn::Fuse
 pub fn fast_attention_variants() -> Vec<Attention> {
     use attention::{Kernel, Output};
     [Kernel::MmaTwoTiles, Kernel::MmaPipelined, Kernel::MmaPipelinedWide]
-        .map(|kernel| {
-            Attention::fused(Arc::new(attention::CudaFusedAttention { kernel, output: Output::MergedFusedExtra }))
-        })
+        .map(|kernel| fused_attention_with(kernel, Output::MergedFusedExtra))
         .to_vec()
-}
-
-/// The fused CUDA attention with a given kernel version (`[B, H, L, D]` output only).
-pub fn fused_attention_with(kernel: attention::Kernel) -> Attention {
-    Attention::fused(Arc::new(attention::CudaFusedAttention { kernel, output: attention::Output::Heads }))
 }
