@@ -22,7 +22,8 @@
 #   5. where Nsight Compute (ncu) is installed: GPU time per kernel of a Flux step (1+1 blocks,
 #      1024², bf16), summed by kernel name: where the step's time goes (ncu.csv, kernels.txt),
 #      then the same with the baseline kernels (ncu-baseline.csv, kernels-baseline.txt), then the
-#      default attention kernel's full ncu report of one launch (attention6.txt);
+#      default attention kernel's full ncu report of one launch (attention6.txt) and of one
+#      IP-Adapter term launch (attention6-ip.txt);
 #   6. (run before 5) where compute-sanitizer is installed: memcheck (during `gpu-check --quick`)
 #      and racecheck (its attention section) over our own kernels (names holding "ipaflux");
 #      a finding the sanitizer
@@ -174,6 +175,17 @@ if [ -n "$ncu" ]; then
   echo "ncu (attention6 details): exit $?"
   grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Bank Conflicts|No Eligible|One or More Eligible" \
     "$out/attention6.txt" | head -n 16
+  # The IP-Adapter's launch (128 keys, base + s·attention): 0.24 ms in session 11 for 6.4 GFLOP,
+  # most of it outside the key loop. In `bench --flux --flux-depth 1 1 --runs 1` the attention
+  # launches run: plain step (warm-up, timed), then the hooked warm-up step's double block: its
+  # attention (5th launch), its IP term (6th: grid (32, 24, 1) at 1024²).
+  echo "-- the IP term's launch in detail (ncu --set full, 6th attention launch: attention6-ip.txt)"
+  timeout 120 "$ncu" --clock-control none --set full -k regex:ipaflux_attention6_bf16 --launch-skip 5 \
+    --launch-count 1 "$bin/ipaflux" bench --flux --flux-device cuda:0 --flux-dtype bf16 --flux-depth 1 1 --runs 1 \
+    > "$out/attention6-ip.txt" 2>> "$out/ncu.log"
+  echo "ncu (attention6 IP launch details): exit $?"
+  grep -E "Grid Size|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Achieved Occupancy|No Eligible|One or More Eligible" \
+    "$out/attention6-ip.txt" | head -n 16
 else
   echo "ncu not found; skipped"
 fi

@@ -4,7 +4,10 @@ card in the same run (scripts/gpu-check.sh runs both).
 
 Random weights at the real shapes, bf16, eager PyTorch with SDPA attention,
 CUDA events around each call, median of --runs after warm-up:
-  siglip_ms            transformers SiglipVisionModel (so400m-patch14-384), batch 1
+  siglip_ms            transformers SiglipVisionModel (so400m-patch14-384), batch 1: median of at least
+                       SIGLIP_RUNS after 10 warm-up calls (eager batch 1 is launch-bound: the host's speed
+                       moved it 2x between runs in session 11, so it gets more calls than the others)
+  siglip_min_ms        the fastest of those calls (PyTorch at its best, for a verdict that noise cannot flip)
   projection_ms        the InstantX image projection: Linear 1152→2304, GELU, Linear →128×4096, LayerNorm
   flux_{S}_ms          diffusers FluxTransformer2DModel (FLUX.1-dev config), one step at S² (S/16)² image + 512 text tokens
   flux_{S}_peak_gib    torch.cuda.max_memory_allocated during that step, weights included
@@ -25,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 
-def timed(fn, runs, warmup=2):
+def timings(fn, runs, warmup=2):
+    """Milliseconds of each of `runs` calls after `warmup` ones (CUDA events)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -37,10 +41,17 @@ def timed(fn, runs, warmup=2):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return times
 
 
-def siglip(runs):
+def timed(fn, runs, warmup=2):
+    return statistics.median(timings(fn, runs, warmup))
+
+
+SIGLIP_RUNS = 30
+
+
+def siglip(runs, out):
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     cfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
@@ -51,9 +62,10 @@ def siglip(runs):
         model = SiglipVisionModel(cfg).to(torch.bfloat16).eval()
     x = torch.randn(1, 3, 384, 384, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
-        ms = timed(lambda: model(pixel_values=x).pooler_output, runs)
+        times = timings(lambda: model(pixel_values=x).pooler_output, max(runs, SIGLIP_RUNS), warmup=10)
     del model
-    return ms
+    out["siglip_ms"] = statistics.median(times)
+    out["siglip_min_ms"] = min(times)
 
 
 def projection(runs):
@@ -170,7 +182,7 @@ def main():
     a = ap.parse_args()
     out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     steps = [("transfers", lambda: transfers(out)),
-             ("siglip", lambda: out.__setitem__("siglip_ms", siglip(a.runs))),
+             ("siglip", lambda: siglip(a.runs, out)),
              ("projection", lambda: out.__setitem__("projection_ms", projection(a.runs))),
              ("ip branch", lambda: ip_branch(a.sizes, a.runs, out)),
              ("flux", lambda: flux(a.sizes, a.runs, out))]

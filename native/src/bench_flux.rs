@@ -196,11 +196,10 @@ pub fn run_plain(o: &FluxBenchOptions) -> Result<f64> {
     time_ms(&o.device, o.runs, step)
 }
 
-/// Runs the three variants.
-pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
-    let Setup { cfg, model, img, ids, cond, rows, cols } = setup(o)?;
+/// An InstantX-sized adapter for `cfg`'s blocks (random weights: 128 tokens
+/// of 4096 → K/V as wide as Flux) and a random image embedding for it.
+fn random_adapter(cfg: &FluxConfig, o: &FluxBenchOptions) -> Result<(Vec<IpProcessor>, Tensor)> {
     let dev = &o.device;
-    // An InstantX-sized adapter for these blocks: 128 tokens of 4096 → K/V 3072 wide.
     let dims = IpAdapterDims {
         id_dim: 1152,
         proj_hidden: 2304,
@@ -220,6 +219,34 @@ pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
         .map(|i| Ok(IpProcessor::new(&dims, vb.pp(i.to_string()))?))
         .collect::<Result<Vec<_>>>()?;
     let embeds = random(&[1, dims.num_tokens, dims.cross_dim], o.dtype, dev)?;
+    Ok((processors, embeds))
+}
+
+/// The step without and with the IP-Adapter (one image, K/V cached): median
+/// ms of each, for comparing kernels on both.
+pub fn run_plain_and_ip(o: &FluxBenchOptions) -> Result<(f64, f64)> {
+    let Setup { cfg, model, img, ids, cond, .. } = setup(o)?;
+    let (processors, embeds) = random_adapter(&cfg, o)?;
+    let ip_cfg = IpAttentionConfig::default();
+    let kv = processors.iter().map(|p| p.kv(&embeds, &ip_cfg)).collect::<ipaflux_core::Result<Vec<_>>>()?;
+    let hook = IpAdapterHook::new(vec![IpImage { kv, weight: 1.0 }], IpHookConfig::default(), &cfg)?
+        .with_attention(o.attention.clone());
+    let step = |hooks: &[&dyn AttentionHook]| -> Result<()> {
+        model.forward(&img, &ids, &cond, 0.7, 0, Hooks::new(hooks))?;
+        Ok(())
+    };
+    step(&[])?;
+    let plain = time_ms(&o.device, o.runs, || step(&[]))?;
+    step(&[&hook])?;
+    let ip = time_ms(&o.device, o.runs, || step(&[&hook]))?;
+    Ok((plain, ip))
+}
+
+/// Runs the three variants.
+pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
+    let Setup { cfg, model, img, ids, cond, rows, cols } = setup(o)?;
+    let dev = &o.device;
+    let (processors, embeds) = random_adapter(&cfg, o)?;
     let ip_cfg = IpAttentionConfig::default();
 
     let step = |hooks: &[&dyn AttentionHook]| -> Result<()> {
@@ -486,5 +513,19 @@ pub fn host_source(device: &Device) -> impl Fn(&BTreeMap<String, Tensor>, &[Bloc
     move |tensors, blocks| {
         let source = HostBlocks::new(tensors.clone(), blocks, &Device::Cpu, &device)?;
         Ok(Arc::new(source) as Arc<dyn BlockSource>)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_and_ip_steps_run_on_a_narrow_model() {
+        // What gpu-check times each attention variant with, at a smoke size:
+        // the adapter's K/V must fit the model's heads for the hooked step to run.
+        let o = FluxBenchOptions { narrow: true, txt_tokens: 8, ..FluxBenchOptions::cpu(64, 1, 1, 1, DType::F32) };
+        let (plain, ip) = run_plain_and_ip(&o).unwrap();
+        assert!(plain > 0.0 && ip > 0.0, "{plain} {ip}");
     }
 }

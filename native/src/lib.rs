@@ -78,8 +78,9 @@ pub fn attention_for(device: &ipaflux_core::candle_core::Device, set: KernelSet)
 }
 
 /// Attention kernels that could replace the fast set's own on `device`
-/// (CUDA: version 6 with the IP term in its launch, versions 4 and 5; none
-/// elsewhere), for `gpu-check` to check and to time the fast step with each.
+/// (CUDA: version 7, and versions 7, 6, 4 and 5 with the IP term in their
+/// launch; none elsewhere), for `gpu-check` to check and to time the fast
+/// step with each.
 pub fn fast_attention_variants(device: &ipaflux_core::candle_core::Device) -> Vec<ipaflux_core::nn::Attention> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {

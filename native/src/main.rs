@@ -470,9 +470,15 @@ fn main() -> anyhow::Result<()> {
                 (
                     {
                         use ipaflux::cuda::attention::{Kernel, Output};
-                        [Kernel::Mma, Kernel::Wmma, Kernel::MmaPipelined, Kernel::MmaPipelinedWide]
-                            .map(|kernel| ipaflux::cuda::fused_attention_with(kernel, Output::Heads))
-                            .to_vec()
+                        [
+                            Kernel::Mma,
+                            Kernel::Wmma,
+                            Kernel::MmaPipelined,
+                            Kernel::MmaPipelinedWide,
+                            Kernel::MmaTwoTilesStaged,
+                        ]
+                        .map(|kernel| ipaflux::cuda::fused_attention_with(kernel, Output::Heads))
+                        .to_vec()
                     },
                     std::sync::Arc::new(ipaflux::cuda::check::DriverPeak::start(&dev)?),
                 )

@@ -102,6 +102,7 @@ inline float emu_shfl_xor(float v, int offset) {
 }
 
 inline void emu_syncthreads() { emu_ctx->block.arrive_and_wait(); }
+inline void emu_syncwarp() { emu_ctx->warps[emu_threadIdx.x / 32]->arrive_and_wait(); }
 
 // ldmatrix.m8n8.{x1,x2,x4}[.trans].b16: lanes 8i..8i+7 give the row addresses
 // of matrix i; lane l receives, per matrix, row l/4, columns 2(l%4), +1 (of the
@@ -183,6 +184,7 @@ template <typename T> void emu_mma16816(float (&c)[4], const unsigned (&a)[4], u
 #define __launch_bounds__(...)
 #define __shfl_xor_sync(mask, v, offset) emu_shfl_xor(v, offset)
 #define __syncthreads() emu_syncthreads()
+#define __syncwarp() emu_syncwarp()
 #define rsqrtf(x) (1.0f / std::sqrt(x))
 #define IPAFLUX_HOST_EMULATION 1
 #define IPAFLUX_DYNAMIC_SMEM(name) unsigned char* name = emu_ctx->smem.data()

@@ -55,11 +55,11 @@ pub fn fused_modulation(set: crate::KernelSet) -> Arc<dyn ipaflux_core::nn::Fuse
 }
 
 /// What the fast set's attention could be instead, for `gpu-check`: version
-/// 6 with the IP-Adapter's term in the same launch, and versions 4 and 5
-/// (merged-heads epilogue, IP term in the launch).
+/// 7 as the fast set takes version 6 (the IP-Adapter's term in a second
+/// launch), then versions 7, 6, 4 and 5 with the term in the same launch.
 pub fn fast_attention_variants() -> Vec<Attention> {
     use attention::{Kernel, Output};
-    [Kernel::MmaTwoTiles, Kernel::MmaPipelined, Kernel::MmaPipelinedWide]
-        .map(|kernel| fused_attention_with(kernel, Output::MergedFusedExtra))
-        .to_vec()
+    let fused_extra = [Kernel::MmaTwoTilesStaged, Kernel::MmaTwoTiles, Kernel::MmaPipelined, Kernel::MmaPipelinedWide]
+        .map(|kernel| fused_attention_with(kernel, Output::MergedFusedExtra));
+    std::iter::once(fused_attention_with(Kernel::MmaTwoTilesStaged, Output::Merged)).chain(fused_extra).collect()
 }

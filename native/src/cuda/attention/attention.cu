@@ -246,6 +246,19 @@ template <> __device__ __forceinline__ unsigned pack2<__half>(float lo, float hi
     return *reinterpret_cast<unsigned*>(&v);
 }
 
+// pack2's inverse: the two T of a word as floats (low half first).
+template <typename T> __device__ __forceinline__ float2 unpack2(unsigned w);
+template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(unsigned w) {
+    __nv_bfloat162 v;
+    memcpy(&v, &w, sizeof v);
+    return __bfloat1622float2(v);
+}
+template <> __device__ __forceinline__ float2 unpack2<__half>(unsigned w) {
+    __half2 v;
+    memcpy(&v, &w, sizeof v);
+    return __half22float2(v);
+}
+
 __device__ __forceinline__ float quad_max(float x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
     return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -660,9 +673,84 @@ __device__ __forceinline__ void softmax_pv6(const T* Qs, const T* __restrict__ k
     }
 }
 
+// One 16-byte global store: a uint4 assigned through a pointer leaves nvcc
+// as four 4-byte stores when its members are computed (seen in the PTX).
+__device__ __forceinline__ void store16(void* p, uint4 v) {
+#ifdef IPAFLUX_HOST_EMULATION
+    memcpy(p, &v, sizeof v);
+#else
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+#endif
+}
+
+// Version 7's epilogue for one warp's 32 rows from `ra` (its two m-tiles):
+// the accumulators, rows g scaled by s[m][0] and rows g + 8 by s[m][1], go to
+// the warp's own [32, DP + 8] f32 rows of `stage` (8 floats of padding, so
+// the float2 writes of each half-warp hit 32 distinct banks); then each lane
+// writes 8 columns (16 bytes) of a row, 16 lanes a row, two rows a step, so
+// every store fills whole 32-byte sectors (version 6's fragment stores are 2
+// bytes, 8 of each sector's 32 used: ncu, session 11). MODE 0: o = value;
+// 1: o = base + out_scale·value; 2 (the IP term): o += value on rows from
+// ip_row0. The arithmetic is version 6's, in f32 and rounded once. Needs
+// D % 8 == 0 and 16-byte aligned rows (mod.rs: the 16-byte path, base
+// aligned); columns past D are neither read nor written. The caller has
+// ended all reads of the shared memory `stage` overlays (a barrier).
+template <typename T, int MODE>
+__device__ __forceinline__ void store_rows7(const float (&oacc)[MT6][MAX_D8][4], const float (&s)[MT6][2],
+                                            float* stage, int ra, int L, int D, int DP, int bh, int H, int merged,
+                                            T* __restrict__ o, const T* __restrict__ base, float out_scale,
+                                            int ip_row0) {
+    const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const int lds = DP + 8, nd = DP / 8;
+    float* ws = stage + (threadIdx.x / 32) * 32 * lds;
+#pragma unroll
+    for (int m = 0; m < MT6; ++m)
+#pragma unroll
+        for (int n = 0; n < MAX_D8; ++n) {
+            if (n >= nd) continue;
+            float* p = ws + (m * 16 + g) * lds + n * 8 + 2 * t;
+            *reinterpret_cast<float2*>(p) = make_float2(oacc[m][n][0] * s[m][0], oacc[m][n][1] * s[m][0]);
+            *reinterpret_cast<float2*>(p + 8 * lds) = make_float2(oacc[m][n][2] * s[m][1], oacc[m][n][3] * s[m][1]);
+        }
+    __syncwarp();
+    const int c = (lane & 15) * 8;
+    if (c >= D) return;
+    const int bi = bh / H, hi = bh - bi * H;
+    const size_t row_step = merged ? (size_t)H * D : (size_t)D;
+    T* orow = o + (merged ? ((size_t)bi * L * H + hi) * D : (size_t)bh * L * D) + c;
+    const T* brow = base + (merged ? ((size_t)bi * L * H + hi) * D : (size_t)bh * L * D) + c;
+#pragma unroll 4
+    for (int r = lane >> 4; r < 32; r += 2) {
+        const int row = ra + r;
+        if (row >= L || (MODE == 2 && row < ip_row0)) continue;
+        const float4 lo = *reinterpret_cast<const float4*>(ws + r * lds + c);
+        const float4 hi4 = *reinterpret_cast<const float4*>(ws + r * lds + c + 4);
+        float val[8] = {lo.x, lo.y, lo.z, lo.w, hi4.x, hi4.y, hi4.z, hi4.w};
+        const size_t off = (size_t)row * row_step;
+        if (MODE != 0) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(MODE == 1 ? brow + off : orow + off);
+            const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float2 had = unpack2<T>(words[i]);
+                const float f = MODE == 1 ? out_scale : 1.f;
+                val[2 * i] = had.x + f * val[2 * i];
+                val[2 * i + 1] = had.y + f * val[2 * i + 1];
+            }
+        }
+        store16(orow + off, make_uint4(pack2<T>(val[0], val[1]), pack2<T>(val[2], val[3]), pack2<T>(val[4], val[5]),
+                                       pack2<T>(val[6], val[7])));
+    }
+}
+
 // Version 6 with attention2's arguments and epilogue (vec_loads must be 1;
-// mod.rs runs version 3 where it is not).
-template <typename T, bool IP>
+// mod.rs runs version 3 where it is not). STAGED (version 7): the Q tile
+// comes by cp.async in the first K/V tiles' group, so its latency overlaps
+// theirs (version 6 loads it first, synchronously), and the results leave
+// through store_rows7 (16-byte stores; mod.rs runs version 6 where base is
+// not 16-byte aligned).
+template <typename T, bool IP, bool STAGED>
 __device__ void attention6(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                            T* __restrict__ o, int L, int S, int D, int DP, float scale_log2, int /*vec_loads*/,
                            int H, int merged, const T* __restrict__ base, int has_base, float out_scale,
@@ -672,32 +760,61 @@ __device__ void attention6(const T* __restrict__ q, const T* __restrict__ k, con
     IPAFLUX_DYNAMIC_SMEM(smem);
     T* Qs = reinterpret_cast<T*>(smem);
     T* KV = Qs + ROWS6 * LDT;
+    // Version 7's staging rows overlay Qs and KV once the key loop is done.
+    float* stage = reinterpret_cast<float*>(smem);
 
     const int bh = blockIdx.y, row0 = blockIdx.x * ROWS6;
     const int warp = threadIdx.x / 32;
     const int nd = DP / 8;
+    const int ra = row0 + warp * 32;
 
     float oacc[MT6][MAX_D8][4], l[MT6][2];
-    // Plain loads: the first barrier in softmax_pv6 orders them before any read.
-    load_tile<T, THREADS>(Qs, LDT, q + (size_t)bh * L * D, row0, ROWS6, L, D, DP, true);
+    // Version 6: plain loads; the first barrier in softmax_pv6 orders them
+    // before any read. Version 7: issued, committed with the first K/V tiles.
+    if (STAGED)
+        load_tile_async<T, THREADS>(Qs, LDT, q + (size_t)bh * L * D, row0, ROWS6, L, D, DP);
+    else
+        load_tile<T, THREADS>(Qs, LDT, q + (size_t)bh * L * D, row0, ROWS6, L, D, DP, true);
     softmax_pv6<T>(Qs, k + (size_t)bh * S * D, v + (size_t)bh * S * D, S, D, DP, scale_log2, KV, LDT, oacc, l);
+    if (STAGED) {
+        const float s[MT6][2] = {{1.f / quad_sum(l[0][0]), 1.f / quad_sum(l[0][1])},
+                                 {1.f / quad_sum(l[1][0]), 1.f / quad_sum(l[1][1])}};
+        if (has_base)
+            store_rows7<T, 1>(oacc, s, stage, ra, L, D, DP, bh, H, merged, o, base, out_scale, 0);
+        else
+            store_rows7<T, 0>(oacc, s, stage, ra, L, D, DP, bh, H, merged, o, base, out_scale, 0);
+    } else {
 #pragma unroll
-    for (int m = 0; m < MT6; ++m)
-        each_element(oacc[m], row0 + warp * 32 + m * 16, 1.f / quad_sum(l[m][0]), 1.f / quad_sum(l[m][1]), L, D, nd,
-                     bh, H, merged, [&](int, size_t idx, float val) {
-                         o[idx] = from_f<T>(has_base ? to_f<T>(base[idx]) + out_scale * val : val);
-                     });
+        for (int m = 0; m < MT6; ++m)
+            each_element(oacc[m], ra + m * 16, 1.f / quad_sum(l[m][0]), 1.f / quad_sum(l[m][1]), L, D, nd, bh, H,
+                         merged, [&](int, size_t idx, float val) {
+                             o[idx] = from_f<T>(has_base ? to_f<T>(base[idx]) + out_scale * val : val);
+                         });
+    }
     if (!IP || !has_ip || row0 + ROWS6 <= ip_row0) return;
-    // softmax_pv6 ended in a barrier: every warp is done with Qs.
-    load_tile<T, THREADS>(Qs, LDT, q_ip + (size_t)bh * L * D, row0, ROWS6, L, D, DP, true);
+    if (STAGED) {
+        // Every warp is done with its staging rows before Qs is refilled.
+        __syncthreads();
+        load_tile_async<T, THREADS>(Qs, LDT, q_ip + (size_t)bh * L * D, row0, ROWS6, L, D, DP);
+    } else {
+        // softmax_pv6 ended in a barrier: every warp is done with Qs.
+        load_tile<T, THREADS>(Qs, LDT, q_ip + (size_t)bh * L * D, row0, ROWS6, L, D, DP, true);
+    }
     softmax_pv6<T>(Qs, k_ip + (size_t)bh * S_ip * D, v_ip + (size_t)bh * S_ip * D, S_ip, D, DP, scale_log2, KV, LDT,
                    oacc, l);
+    if (STAGED) {
+        // Each lane re-reads only the elements of o it wrote above (the same lane → row, column map).
+        const float s[MT6][2] = {{ip_scale / quad_sum(l[0][0]), ip_scale / quad_sum(l[0][1])},
+                                 {ip_scale / quad_sum(l[1][0]), ip_scale / quad_sum(l[1][1])}};
+        store_rows7<T, 2>(oacc, s, stage, ra, L, D, DP, bh, H, merged, o, base, 0.f, ip_row0);
+    } else {
 #pragma unroll
-    for (int m = 0; m < MT6; ++m)
-        each_element(oacc[m], row0 + warp * 32 + m * 16, ip_scale / quad_sum(l[m][0]), ip_scale / quad_sum(l[m][1]),
-                     L, D, nd, bh, H, merged, [&](int row, size_t idx, float val) {
-                         if (row >= ip_row0) o[idx] = from_f<T>(to_f<T>(o[idx]) + val);
-                     });
+        for (int m = 0; m < MT6; ++m)
+            each_element(oacc[m], ra + m * 16, ip_scale / quad_sum(l[m][0]), ip_scale / quad_sum(l[m][1]), L, D, nd,
+                         bh, H, merged, [&](int row, size_t idx, float val) {
+                             if (row >= ip_row0) o[idx] = from_f<T>(to_f<T>(o[idx]) + val);
+                         });
+    }
 }
 
 // Entry points, one per version and dtype (mod.rs loads them by name); the
@@ -727,16 +844,20 @@ IPAFLUX_ATTENTION_ENTRY(ipaflux_attention4_ip_f16, __half, true, true, 4, 3)
 IPAFLUX_ATTENTION_ENTRY(ipaflux_attention5_ip_bf16, __nv_bfloat16, true, true, 8, 1)
 IPAFLUX_ATTENTION_ENTRY(ipaflux_attention5_ip_f16, __half, true, true, 8, 1)
 
-// Version 6: 4 warps of 32 rows; two blocks an SM (255 registers at most).
-#define IPAFLUX_ATTENTION6_ENTRY(NAME, T, IP)                                                                      \
+// Versions 6 and 7: 4 warps of 32 rows; two blocks an SM (255 registers at most).
+#define IPAFLUX_ATTENTION6_ENTRY(NAME, T, IP, STAGED)                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS, 2)                                                       \
     NAME(const T* q, const T* k, const T* v, T* o, int L, int S, int D, int DP, float scale_log2, int vec_loads,   \
          int H, int merged, const T* base, int has_base, float out_scale, const T* q_ip, const T* k_ip,            \
          const T* v_ip, int S_ip, int ip_row0, float ip_scale, int has_ip) {                                       \
-        attention6<T, IP>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base, out_scale,    \
-                          q_ip, k_ip, v_ip, S_ip, ip_row0, ip_scale, has_ip);                                      \
+        attention6<T, IP, STAGED>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base,       \
+                                  out_scale, q_ip, k_ip, v_ip, S_ip, ip_row0, ip_scale, has_ip);                   \
     }
-IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention6_bf16, __nv_bfloat16, false)
-IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention6_f16, __half, false)
-IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention6_ip_bf16, __nv_bfloat16, true)
-IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention6_ip_f16, __half, true)
+IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention6_bf16, __nv_bfloat16, false, false)
+IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention6_f16, __half, false, false)
+IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention6_ip_bf16, __nv_bfloat16, true, false)
+IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention6_ip_f16, __half, true, false)
+IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention7_bf16, __nv_bfloat16, false, true)
+IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention7_f16, __half, false, true)
+IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention7_ip_bf16, __nv_bfloat16, true, true)
+IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention7_ip_f16, __half, true, true)

@@ -1,4 +1,4 @@
-// Runs attention.cu's `mma` kernels (versions 3 to 6) on the host, without a
+// Runs attention.cu's `mma` kernels (versions 3 to 7) on the host, without a
 // GPU (../host_emulation.hpp emulates ldmatrix, mma.sync and cp.async), and
 // checks them against attention computed in double from the same bf16/f16
 // inputs: the [B, H, L, D] output, the merged-heads [B, L, H·D] epilogue,
@@ -11,12 +11,14 @@
 #include "../host_emulation.hpp"
 #include "attention.cu"
 
+#include <string>
+
 struct Case {
     const char* name;
-    int version;   // 3: attention2 (sync loads), 4: cp.async, 5: 4 with 8 warps, 6: 32 rows a warp
+    int version;   // 3: attention2 (sync loads), 4: cp.async, 5: 4 with 8 warps, 6: 32 rows a warp, 7: 6 staged
     int B, H, L, S, D;
     bool merged, add;
-    int S_ip = 0, ip_row0 = 0;   // S_ip > 0: the IP term fused in (versions 4 to 6)
+    int S_ip = 0, ip_row0 = 0;   // S_ip > 0: the IP term fused in (versions 4 to 7)
 };
 
 // Attention of row r of q [BH, L, D] over k, v [BH, S, D] for (b·H + h) = bh, all D columns, in double.
@@ -38,7 +40,8 @@ std::vector<double> attend(const std::vector<T>& q, const std::vector<T>& k, con
     return out;
 }
 
-template <typename T> void run_case(const Case& c) {
+// Checks one case; returns the kernel's output.
+template <typename T> std::vector<T> run_case(const Case& c) {
     std::mt19937 rng(5);
     const int BH = c.B * c.H, DP = (c.D + 15) / 16 * 16;
     auto q = random_vec<T>((size_t)BH * c.L * c.D, rng), k = random_vec<T>((size_t)BH * c.S * c.D, rng),
@@ -47,9 +50,9 @@ template <typename T> void run_case(const Case& c) {
     std::vector<T> o(q.size(), from_float<T>(NAN));
     const float scale_log2 = (float)(1.0 / std::sqrt((double)c.D) * 1.4426950408889634);
     // As mod.rs: K and V tiles of BC2 rows padded by 8 elements, two stages
-    // from version 4 on; version 6 keeps its 128-row Q tile in front of them.
+    // from version 4 on; versions 6 and 7 keep their 128-row Q tile in front of them.
     const size_t pair = 2 * BC2 * (DP + 8) * sizeof(T);
-    const size_t smem = c.version == 3 ? pair : c.version == 6 ? 2 * pair + ROWS6 * (DP + 8) * sizeof(T) : 2 * pair;
+    const size_t smem = c.version == 3 ? pair : c.version >= 6 ? 2 * pair + ROWS6 * (DP + 8) * sizeof(T) : 2 * pair;
     const int rows = c.version == 3 || c.version == 4 ? 64 : 128;   // per block, as mod.rs
     const unsigned threads = c.version == 5 ? 256 : 128;
     const Dim3 grid{(unsigned)((c.L + rows - 1) / rows), (unsigned)BH};
@@ -69,8 +72,10 @@ template <typename T> void run_case(const Case& c) {
             case 9: run(attention2<T, true, true, 4>); break;
             case 10: run(attention2<T, true, false, 8>); break;
             case 11: run(attention2<T, true, true, 8>); break;
-            case 12: run(attention6<T, false>); break;
-            case 13: run(attention6<T, true>); break;
+            case 12: run(attention6<T, false, false>); break;
+            case 13: run(attention6<T, true, false>); break;
+            case 14: run(attention6<T, false, true>); break;
+            case 15: run(attention6<T, true, true>); break;
             default: std::printf("%s: no such kernel\n", c.name); ++emu_failures;
         }
     });
@@ -90,6 +95,7 @@ template <typename T> void run_case(const Case& c) {
     }
     // As gpu-check's tolerance for bf16/f16 attention (P is rounded to T before P·V, as FlashAttention does).
     compare(c.name, o, want, 2e-2f);
+    return o;
 }
 
 int main() {
@@ -109,6 +115,13 @@ int main() {
         {"v6 bf16 [2,3,70|130,128] merged, base + 0.7 attention", 6, 2, 3, 70, 130, 128, true, true},
         {"v6 bf16 [1,2,80|90,72] SigLIP head size (an odd count of 16-column chunks)", 6, 1, 2, 80, 90, 72, false,
          false},
+        // Version 7: version 6's cases through its staged 16-byte epilogue.
+        {"v7 bf16 [1,2,200|200,128], 2 row blocks, the last partial", 7, 1, 2, 200, 200, 128, false, false},
+        {"v7 bf16 [2,3,70|130,128] merged, base + 0.7 attention", 7, 2, 3, 70, 130, 128, true, true},
+        {"v7 bf16 [2,3,200|30,128] [B,H,L,D], base + 0.7 attention, one key tile", 7, 2, 3, 200, 30, 128, false,
+         true},
+        {"v7 bf16 [1,2,80|90,72] SigLIP head size (lanes past D idle)", 7, 1, 2, 80, 90, 72, false, false},
+        {"v7 bf16 [1,3,150|90,72] merged, base + 0.7 attention, D = 72", 7, 1, 3, 150, 90, 72, true, true},
     };
     for (const auto& c : cases) run_case<__nv_bfloat16>(c);
     auto with_ip = [](Case c, const char* name, int S_ip, int ip_row0) {
@@ -125,18 +138,30 @@ int main() {
     run_case<__half>(with_ip(ip4, "v4 + IP f16 [2,2,200|100,128] merged, IP on rows >= 70", 128, 70));
     run_case<__half>({"v4 f16 [1,2,100|200,128] merged", 4, 1, 2, 100, 200, 128, true, false});
     // 128-row blocks: ip_row0 in the second half of a block (a 64-row skip test would miss it).
-    for (int version : {5, 6}) {
+    for (int version : {5, 6, 7}) {
         const Case ip{"", version, 1, 2, 300, 100, 128, true, false};
-        const bool v5 = version == 5;
-        run_case<__nv_bfloat16>(with_ip(ip, v5 ? "v5 + IP bf16 [1,2,300|100,128] merged, IP on rows >= 200"
-                                               : "v6 + IP bf16 [1,2,300|100,128] merged, IP on rows >= 200",
-                                         128, 200));
-        run_case<__half>(with_ip(ip, v5 ? "v5 + IP f16 [1,2,300|100,128] merged, IP on rows >= 200"
-                                        : "v6 + IP f16 [1,2,300|100,128] merged, IP on rows >= 200",
-                                  128, 200));
+        const std::string v = "v" + std::to_string(version);
+        const std::string bf = v + " + IP bf16 [1,2,300|100,128] merged, IP on rows >= 200";
+        const std::string hf = v + " + IP f16 [1,2,300|100,128] merged, IP on rows >= 200";
+        run_case<__nv_bfloat16>(with_ip(ip, bf.c_str(), 128, 200));
+        run_case<__half>(with_ip(ip, hf.c_str(), 128, 200));
     }
-    run_case<__nv_bfloat16>(with_ip({"", 6, 1, 3, 90, 64, 72, false, false},
-                                    "v6 + IP bf16 [1,3,90|64,72] [B,H,L,D], IP (S_ip = 20) on all rows", 20, 0));
+    for (int version : {6, 7}) {
+        const std::string name = "v" + std::to_string(version) + " + IP bf16 [1,3,90|64,72] [B,H,L,D], IP (S_ip = 20) on all rows";
+        run_case<__nv_bfloat16>(with_ip({"", version, 1, 3, 90, 64, 72, false, false}, name.c_str(), 20, 0));
+    }
+    // Version 7 changes how results leave the block, not what they are: its
+    // outputs are version 6's, bit for bit (base + s·attention, IP term added).
+    for (bool add : {false, true}) {
+        const Case c6{"v6 [2,3,150|130,128] merged (for v7's bit-identity)", 6, 2, 3, 150, 130, 128, true, add, 128, 40};
+        Case c7 = c6;
+        c7.version = 7;
+        c7.name = "v7 [2,3,150|130,128] merged (for v7's bit-identity)";
+        const auto o6 = run_case<__nv_bfloat16>(c6), o7 = run_case<__nv_bfloat16>(c7);
+        const bool same = std::memcmp(o6.data(), o7.data(), o6.size() * sizeof(o6[0])) == 0;
+        std::printf("%-66s %s\n", add ? "v7 = v6 bit for bit (base + 0.7 attention, IP rows >= 40)" : "v7 = v6 bit for bit (IP rows >= 40)", same ? "ok" : "FAIL");
+        emu_failures += !same;
+    }
     std::printf("attention kernels, host emulation: %d failure(s)\n", emu_failures);
     return emu_failures ? 1 : 0;
 }

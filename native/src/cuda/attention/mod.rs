@@ -13,7 +13,12 @@
 //! version 5 is version 4 with 8 warps, version 6 (the fast set's, the
 //! fastest at every shape on an H200 in session 11: 1.69 ms against version
 //! 3's 3.11 ms at Flux 1024²) keeps 4 warps of 32 rows each, so each K/V
-//! fragment read from shared memory feeds two products.
+//! fragment read from shared memory feeds two products. Version 7 (session
+//! 12, not yet run on a GPU, so not in a kernel set) is version 6 with its
+//! Q tile fetched asynchronously beside the first K/V tiles and its results
+//! written as whole 16-byte row pieces through shared memory, for the fixed
+//! cost of a launch over few keys (the IP-Adapter's 128: 0.24 ms at 1024²
+//! on an H200, most of it outside the key loop).
 //! `ipaflux gpu-check` checks and times all of them.
 //!
 //! With [`Output::Merged`] (the fast set; `mma` versions only) the kernel
@@ -80,15 +85,26 @@ pub enum Kernel {
     /// each key tile. 255 registers, no spills; two blocks an SM. Where
     /// 16-byte loads do not apply it runs as `Mma`.
     MmaTwoTiles,
+    /// Version 7: `MmaTwoTiles` with the Q tile fetched by `cp.async`
+    /// together with the first K/V tiles, and results leaving through
+    /// shared memory in 16-byte row stores (version 6 stores 2-byte
+    /// fragment elements, 8 of each 32-byte sector). The same values as
+    /// version 6, bit for bit (host emulation). Where 16-byte loads do not
+    /// apply it runs as `Mma`; where `base` is not 16-byte aligned, as
+    /// `MmaTwoTiles`.
+    MmaTwoTilesStaged,
 }
 
 impl Kernel {
-    /// The kernel version a call runs: versions 4 to 6 need the 16-byte path.
-    fn effective(self, vec_loads: bool) -> Self {
-        if matches!(self, Self::MmaPipelined | Self::MmaPipelinedWide | Self::MmaTwoTiles) && !vec_loads {
-            Self::Mma
-        } else {
-            self
+    /// The kernel version a call runs: versions 4 to 7 need the 16-byte
+    /// loads, version 7 also 16-byte aligned rows of `base` (its stores).
+    fn effective(self, vec_loads: bool, vec_base: bool) -> Self {
+        match self {
+            Self::MmaPipelined | Self::MmaPipelinedWide | Self::MmaTwoTiles | Self::MmaTwoTilesStaged if !vec_loads => {
+                Self::Mma
+            }
+            Self::MmaTwoTilesStaged if !vec_base => Self::MmaTwoTiles,
+            other => other,
         }
     }
 
@@ -108,6 +124,10 @@ impl Kernel {
             }
             (Self::MmaTwoTiles, false) => ["ipaflux_attention6_bf16", "ipaflux_attention6_f16"][usize::from(f16)],
             (Self::MmaTwoTiles, true) => ["ipaflux_attention6_ip_bf16", "ipaflux_attention6_ip_f16"][usize::from(f16)],
+            (Self::MmaTwoTilesStaged, false) => ["ipaflux_attention7_bf16", "ipaflux_attention7_f16"][usize::from(f16)],
+            (Self::MmaTwoTilesStaged, true) => {
+                ["ipaflux_attention7_ip_bf16", "ipaflux_attention7_ip_f16"][usize::from(f16)]
+            }
         }
     }
 
@@ -123,7 +143,7 @@ impl Kernel {
     /// Query rows of one block.
     fn rows(self) -> usize {
         match self {
-            Self::MmaTwoTiles => 2 * BR,
+            Self::MmaTwoTiles | Self::MmaTwoTilesStaged => 2 * BR,
             other => other.threads() as usize / 2,
         }
     }
@@ -138,8 +158,9 @@ impl Kernel {
             Self::Mma => pair,
             // The 128-row Q tile of version 5 is staged in the first K/V pair (its size).
             Self::MmaPipelined | Self::MmaPipelinedWide => 2 * pair,
-            // The 128-row Q tile for the whole call, then two stages.
-            Self::MmaTwoTiles => self.rows() * row + 2 * pair,
+            // The 128-row Q tile for the whole call, then two stages (version
+            // 7's f32 staging rows overlay them after the key loop).
+            Self::MmaTwoTiles | Self::MmaTwoTilesStaged => self.rows() * row + 2 * pair,
         }
     }
 
@@ -205,6 +226,13 @@ impl FusedAttention for CudaFusedAttention {
             (Kernel::MmaTwoTiles, Merged) => "cuda-fused (mma, cp.async, 32 rows a warp, merged-heads epilogue)",
             (Kernel::MmaTwoTiles, Fused) => {
                 "cuda-fused (mma, cp.async, 32 rows a warp, merged-heads epilogue, IP term in the launch)"
+            }
+            (Kernel::MmaTwoTilesStaged, Heads) => "cuda-fused (version 7: 32 rows a warp, 16-byte stores)",
+            (Kernel::MmaTwoTilesStaged, Merged) => {
+                "cuda-fused (version 7: 32 rows a warp, 16-byte stores, merged-heads epilogue)"
+            }
+            (Kernel::MmaTwoTilesStaged, Fused) => {
+                "cuda-fused (version 7: 32 rows a warp, 16-byte stores, merged-heads epilogue, IP term in the launch)"
             }
         }
     }
@@ -356,7 +384,13 @@ impl AttentionOp {
         let (n_out, s_ip) = (bh * self.l * self.d, self.epilogue.extra.as_ref().map_or(Ok(0), |x| x.k.dim(2))?);
         // Operands that are not inputs of the op, read-locked for the launch.
         let base_held = self.epilogue.add.as_ref().map(|(base, _)| base.storage_and_layout());
-        let base = base_held.as_ref().map(|(g, l)| view_of::<T>((g, l), n_out, "base")).transpose()?.map(|(v, _)| v);
+        let (base, base_offset) = match &base_held {
+            Some((g, l)) => {
+                let (view, offset) = view_of::<T>((g, l), n_out, "base")?;
+                (Some(view), offset)
+            }
+            None => (None, 0),
+        };
         let extra_held = self.epilogue.extra.as_ref().map(|x| [&x.q, &x.k, &x.v].map(|t| t.storage_and_layout()));
         let (extra, extra_offsets) = match &extra_held {
             Some([xq, xk, xv]) => {
@@ -371,7 +405,7 @@ impl AttentionOp {
         let aligned = [q0, k0, v0].into_iter().chain(extra_offsets).all(|o| o % 8 == 0);
         let vec = self.d % 8 == 0 && aligned && size_of::<T>() == 2;
         let vec_loads = i32::from(vec);
-        let kernel = self.kernel.effective(vec);
+        let kernel = self.kernel.effective(vec, base_offset % 8 == 0);
         let func = dev.get_or_load_custom_func(kernel.entry(T::DTYPE, extra.is_some()), "ipaflux_attention", PTX)?;
         let smem = kernel.shared_bytes(self.d, size_of::<T>());
         let smem_i32 = i32::try_from(smem).map_err(|_| candle::Error::Msg("fused attention: shared memory".into()))?;
@@ -486,23 +520,40 @@ mod tests {
         // Two stages of K and V; 3 blocks per SM still fit Hopper's 227 KiB at D = 128.
         assert_eq!(Kernel::MmaPipelined.shared_bytes(128, 2), 4 * 64 * 136 * 2);
         assert!(3 * Kernel::MmaPipelined.shared_bytes(MAX_HEAD_DIM, 2) <= 227 * 1024);
-        assert_eq!(Kernel::MmaPipelined.effective(false), Kernel::Mma);
+        assert_eq!(Kernel::MmaPipelined.effective(false, true), Kernel::Mma);
         // Version 5: the same shared memory, 8 warps of 16 rows.
         assert_eq!(Kernel::MmaPipelinedWide.shared_bytes(128, 2), Kernel::MmaPipelined.shared_bytes(128, 2));
         assert!(128 * 136 * 2 <= Kernel::Mma.shared_bytes(128, 2), "the 128-row Q tile fits one K/V pair");
         assert_eq!((Kernel::MmaPipelinedWide.threads(), Kernel::MmaPipelinedWide.rows()), (256, 128));
         assert_eq!((Kernel::MmaPipelined.threads(), Kernel::MmaPipelined.rows()), (128, BR));
-        assert_eq!(Kernel::MmaPipelinedWide.effective(false), Kernel::Mma);
+        assert_eq!(Kernel::MmaPipelinedWide.effective(false, true), Kernel::Mma);
         // Version 6: Q tile + two stages; two blocks an SM on Hopper at D = 128.
         assert_eq!(Kernel::MmaTwoTiles.shared_bytes(128, 2), (128 + 4 * 64) * 136 * 2);
         assert!(2 * Kernel::MmaTwoTiles.shared_bytes(MAX_HEAD_DIM, 2) <= 227 * 1024);
         assert_eq!((Kernel::MmaTwoTiles.threads(), Kernel::MmaTwoTiles.rows()), (128, 128));
-        assert_eq!(Kernel::MmaTwoTiles.effective(false), Kernel::Mma);
+        assert_eq!(Kernel::MmaTwoTiles.effective(false, true), Kernel::Mma);
+        // Version 7: version 6's shared memory, which its f32 staging rows (128 × (DP + 8)) fit.
+        for d in [72, 128] {
+            let staged = Kernel::MmaTwoTilesStaged;
+            assert_eq!(staged.shared_bytes(d, 2), Kernel::MmaTwoTiles.shared_bytes(d, 2));
+            assert!(staged.rows() * (d.div_ceil(16) * 16 + 8) * 4 <= staged.shared_bytes(d, 2));
+        }
+        assert_eq!(Kernel::MmaTwoTilesStaged.effective(false, true), Kernel::Mma);
+        assert_eq!(Kernel::MmaTwoTilesStaged.effective(true, false), Kernel::MmaTwoTiles);
+        assert_eq!(Kernel::MmaTwoTilesStaged.effective(true, true), Kernel::MmaTwoTilesStaged);
+        assert_eq!(Kernel::MmaTwoTiles.effective(true, false), Kernel::MmaTwoTiles);
     }
 
     #[test]
     fn each_kernel_has_its_entry_points_in_the_ptx() {
-        for kernel in [Kernel::Wmma, Kernel::Mma, Kernel::MmaPipelined, Kernel::MmaPipelinedWide, Kernel::MmaTwoTiles] {
+        for kernel in [
+            Kernel::Wmma,
+            Kernel::Mma,
+            Kernel::MmaPipelined,
+            Kernel::MmaPipelinedWide,
+            Kernel::MmaTwoTiles,
+            Kernel::MmaTwoTilesStaged,
+        ] {
             for (dtype, ip) in [(DType::BF16, false), (DType::F16, false), (DType::BF16, true), (DType::F16, true)] {
                 let entry = kernel.entry(dtype, ip);
                 assert!(PTX.contains(&format!(".entry {entry}(")), "{entry} missing from the PTX");
