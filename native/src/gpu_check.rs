@@ -89,7 +89,7 @@ pub struct KernelSetUnderTest {
 
 impl CheckOptions {
     /// The default set's attention, if this build has one.
-    fn fused(&self) -> Option<&Attention> {
+    fn default_attention(&self) -> Option<&Attention> {
         self.default_set.as_ref().map(|s| &s.attention)
     }
 
@@ -347,7 +347,7 @@ fn siglip_pixels(fixtures: &Path) -> Result<Tensor> {
 fn siglip_fixture(o: &CheckOptions, dtype: DType, device: &Device, fused: bool) -> Result<SiglipVisionModel> {
     let files = load_siglip_dir(&o.fixtures.join("siglip-vision"))?;
     let mut m = SiglipVisionModel::from_store(&files.config, files.weights, dtype, device)?;
-    if let (true, Some(a)) = (fused, o.fused()) {
+    if let (true, Some(a)) = (fused, o.default_attention()) {
         m.set_attention(a.clone());
     }
     Ok(m)
@@ -359,7 +359,7 @@ fn parity_siglip(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let pixels = siglip_pixels(&o.fixtures)?;
     let want = siglip_fixture(o, DType::F32, &Device::Cpu, false)?.forward(&pixels)?;
     let mut cases = vec![(DType::F32, false, F32_TOL), (DType::BF16, false, HALF_TOL)];
-    if o.fused().is_some() {
+    if o.default_attention().is_some() {
         cases.push((DType::BF16, true, HALF_TOL));
     }
     for (dtype, fused, tol) in cases {
@@ -426,7 +426,7 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
     };
     let cpu = forward(DType::F32, &Device::Cpu, Kernels::Reference)?;
     let mut cases = vec![(DType::F32, Kernels::Reference, F32_TOL), (DType::BF16, Kernels::Reference, HALF_TOL)];
-    if o.fused().is_some() {
+    if o.default_attention().is_some() {
         cases.push((DType::BF16, Kernels::Default, HALF_TOL));
     }
     if o.baseline.is_some() {
@@ -471,7 +471,7 @@ fn randn(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
 
 /// Fused vs reference attention at Flux's and SigLIP's real shapes, bf16, both against f32.
 fn attention_real_shapes(o: &CheckOptions, r: &mut Report) -> Result<()> {
-    let Some(fused) = o.fused() else {
+    let Some(fused) = o.default_attention() else {
         r.info("attention", "fused attention", "n/a".into(), String::new(), "this build has no fused kernel".into());
         return Ok(());
     };
@@ -721,7 +721,7 @@ fn bench_encoder(o: &CheckOptions, r: &mut Report) -> Result<()> {
         "siglip_ms",
         None,
     );
-    if let Some(a) = o.fused() {
+    if let Some(a) = o.default_attention() {
         model.set_attention(a.clone());
         // As many calls as PyTorch's SigLIP figure (scripts/gpu_bench_torch.py): both launch-bound.
         let ms = time_ms(dev, o.runs.max(SIGLIP_RUNS), || {
@@ -777,7 +777,7 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let dev = &o.device;
     let dtype = if dev.is_cpu() { DType::F32 } else { DType::BF16 };
     let (depth, single, sizes) = if o.quick { (1, 1, vec![128]) } else { (19, 38, vec![1024, 512]) };
-    let attention = o.fused().cloned().unwrap_or_default();
+    let attention = o.default_attention().cloned().unwrap_or_default();
     let fused_mod = if o.default_set.is_some() { " + the default set's fused Flux kernels" } else { "" };
     let base = FluxBenchOptions {
         size: sizes[0],
@@ -829,7 +829,7 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
         }
     }
     // Diagnostics last: where the default step's time goes.
-    if o.fused().is_some() && !o.quick {
+    if o.default_attention().is_some() && !o.quick {
         let opts = FluxBenchOptions {
             size: 1024,
             narrow: false,
@@ -957,7 +957,7 @@ fn bench_flux_streamed(o: &CheckOptions, r: &mut Report) -> Result<()> {
         runs: o.runs.min(3),
         dtype,
         device: dev.clone(),
-        attention: o.fused().cloned().unwrap_or_default(),
+        attention: o.default_attention().cloned().unwrap_or_default(),
         modulation: o.default_modulation(),
         peak: o.peak.clone(),
     };
