@@ -43,7 +43,7 @@ pub struct IpAdapterDims {
 }
 
 fn dims_of(store: &TensorStore, name: &str, rank: usize) -> Option<Vec<usize>> {
-    store.get(name).map(|t| t.dims().to_vec()).filter(|d| d.len() == rank)
+    store.shape(name).map(<[usize]>::to_vec).filter(|d| d.len() == rank)
 }
 
 impl IpAdapterDims {

@@ -5,9 +5,11 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ipaflux_core::weights::shards_from_index_json;
 use ipaflux_core::{PreprocessConfig, SiglipVisionConfig, TensorStore};
+
 use memmap2::Mmap;
 
 use crate::{Error, Result};
@@ -23,7 +25,8 @@ pub fn map_file(path: &Path) -> Result<Mmap> {
         return Err(io_err(path, "is a folder, expected a file"));
     }
     // `Mmap::map` is unsafe because another process could truncate the file
-    // while it is mapped; like every model loader, we accept that risk.
+    // while it is mapped (a store keeps a safetensors file mapped until its
+    // tensors are read); like every model loader, we accept that risk.
     #[allow(unsafe_code)]
     let map = unsafe { Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
     Ok(map)
@@ -89,14 +92,14 @@ pub fn load_safetensors_in(dir: &Path, stem: &str) -> Result<TensorStore> {
     let index = dir.join(format!("{stem}.safetensors.index.json"));
     if single.exists() {
         let map = map_file(&single)?;
-        Ok(TensorStore::from_safetensors(&map, &single.display().to_string())?)
+        Ok(TensorStore::from_safetensors_shared(Arc::new(map), &single.display().to_string())?)
     } else if index.exists() {
         let shards = shards_from_index_json(&read_text(&index)?, &index.display().to_string())?;
         let mut store = TensorStore::new(dir.display().to_string());
         for shard in shards {
             let path = dir.join(&shard);
             let map = map_file(&path)?;
-            store.add_safetensors(&map, &path.display().to_string())?;
+            store.add_safetensors_shared(Arc::new(map), &path.display().to_string())?;
         }
         Ok(store)
     } else {
@@ -121,8 +124,7 @@ pub fn flux_dir(path: &Path) -> Result<PathBuf> {
 /// Face cache entry of such a repo.
 pub fn load_flux(path: &Path) -> Result<FluxFiles> {
     if path.is_file() {
-        let map = map_file(path)?;
-        return Ok(FluxFiles { weights: store_from_bytes(&map, &path.display().to_string())?, axes_dim: None });
+        return Ok(FluxFiles { weights: load_store(path)?, axes_dim: None });
     }
     let dir = flux_dir(path)?;
     let has = |stem: &str| {
@@ -162,15 +164,27 @@ pub fn load_ip_adapter(path: &Path) -> Result<TensorStore> {
     load_store(path)
 }
 
-/// Any single-file checkpoint (safetensors or PyTorch zip, told apart by content).
+/// Any single-file checkpoint (safetensors or PyTorch zip, told apart by
+/// content). A safetensors file stays mapped and its tensors are read as
+/// they are used ([`TensorStore::from_safetensors_shared`]); a zip is read whole.
 pub fn load_store(path: &Path) -> Result<TensorStore> {
     let map = map_file(path)?;
-    Ok(store_from_bytes(&map, &path.display().to_string())?)
+    let name = path.display().to_string();
+    if is_torch_zip(&map) {
+        Ok(TensorStore::from_torch_zip(&map, &name)?)
+    } else {
+        Ok(TensorStore::from_safetensors_shared(Arc::new(map), &name)?)
+    }
+}
+
+/// `PK` (a zip: torch.save) or a legacy pickle's protocol byte.
+fn is_torch_zip(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"PK") || bytes.first() == Some(&0x80)
 }
 
 /// Picks the parser from the first bytes: `PK` is a zip (torch.save), anything else is tried as safetensors.
 pub fn store_from_bytes(bytes: &[u8], name: &str) -> ipaflux_core::Result<TensorStore> {
-    if bytes.starts_with(b"PK") || bytes.first() == Some(&0x80) {
+    if is_torch_zip(bytes) {
         TensorStore::from_torch_zip(bytes, name)
     } else {
         TensorStore::from_safetensors(bytes, name)

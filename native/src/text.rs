@@ -136,7 +136,7 @@ impl ClipEncoder {
         };
         // `CLIPTextModel` files name the tower `text_model.*`; some exports drop the prefix.
         let vb = weights.var_builder(dtype, device);
-        let vb = if weights.get("embeddings.token_embedding.weight").is_some() { vb } else { vb.pp("text_model") };
+        let vb = if weights.contains("embeddings.token_embedding.weight") { vb } else { vb.pp("text_model") };
         let model = ClipTextTransformer::new(vb, &cfg)
             .map_err(|e| text_err(name, format!("not a CLIP text checkpoint: {e}")))?;
         let eos = "<|endoftext|>";

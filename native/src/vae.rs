@@ -25,7 +25,7 @@ pub struct VaeDecoder {
 }
 
 fn dim(store: &TensorStore, name: &str, i: usize) -> Result<usize> {
-    store.get(name).and_then(|t| t.dims().get(i).copied()).ok_or_else(|| {
+    store.shape(name).and_then(|s| s.get(i).copied()).ok_or_else(|| {
         vae_err(&store.source_name, format!("missing `{name}`: not a Flux VAE (ae.safetensors) decoder"))
     })
 }
@@ -33,7 +33,7 @@ fn dim(store: &TensorStore, name: &str, i: usize) -> Result<usize> {
 impl VaeDecoder {
     /// Sizes from the shapes: channels per level from each level's first block, blocks per level, latent channels.
     pub fn new(store: &TensorStore, dtype: DType, device: &Device) -> Result<Self> {
-        let levels = (0..).take_while(|i| store.get(&format!("decoder.up.{i}.block.0.conv2.weight")).is_some()).count();
+        let levels = (0..).take_while(|i| store.contains(&format!("decoder.up.{i}.block.0.conv2.weight"))).count();
         if levels == 0 {
             return Err(vae_err(&store.source_name, "no `decoder.up.N` blocks: not a Flux VAE (ae.safetensors)"));
         }
@@ -41,7 +41,7 @@ impl VaeDecoder {
             .map(|i| dim(store, &format!("decoder.up.{i}.block.0.conv2.weight"), 0))
             .collect::<Result<Vec<_>>>()?;
         let ch = chans[0];
-        let blocks = (0..).take_while(|b| store.get(&format!("decoder.up.0.block.{b}.conv1.weight")).is_some()).count();
+        let blocks = (0..).take_while(|b| store.contains(&format!("decoder.up.0.block.{b}.conv1.weight"))).count();
         let cfg = Config {
             resolution: 256,
             in_channels: 3,

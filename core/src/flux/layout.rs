@@ -12,7 +12,7 @@
 //! read backwards. Everything is checked (all problems at once) before any
 //! tensor is rearranged.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use candle_core::Tensor;
 
@@ -142,7 +142,7 @@ impl FluxLayout {
     pub fn infer(self, store: &TensorStore) -> Result<FluxConfig> {
         let shape = |name: &str| -> Result<Vec<usize>> {
             let src = self.source_name(name);
-            store.get(&src).map(|t| t.dims().to_vec()).ok_or_else(|| Error::Checkpoint {
+            store.shape(&src).map(<[usize]>::to_vec).ok_or_else(|| Error::Checkpoint {
                 source_name: store.source_name.clone(),
                 problems: vec![TensorProblem::Missing { name: src, expected: vec![] }],
             })
@@ -186,20 +186,22 @@ impl FluxLayout {
             depth_single,
             axes_dim: Vec::new(),
             theta: FLUX_THETA,
-            guidance_embed: store.get(&self.source_name("guidance_in.in_layer.weight")).is_some(),
+            guidance_embed: store.contains(&self.source_name("guidance_in.in_layer.weight")),
         })
     }
 
     /// Checks every tensor the model needs (names in this layout, shapes) and
     /// that nothing else is there; all problems in one error. Then builds the
-    /// canonical tensors, concatenating and reordering as needed.
+    /// canonical tensors, concatenating and reordering as needed: those that
+    /// need it are read now, the others move over unread (a store made from
+    /// shared bytes is read tensor by tensor as the model takes them).
     pub fn canonicalize(
         self,
         mut store: TensorStore,
         canonical: &[(String, Vec<usize>)],
         hidden: usize,
         mlp: usize,
-    ) -> Result<BTreeMap<String, Tensor>> {
+    ) -> Result<TensorStore> {
         let mut expected = Vec::new();
         for (name, shape) in canonical {
             for (src, rows) in self.sources(name, hidden, mlp) {
@@ -211,10 +213,15 @@ impl FluxLayout {
             }
         }
         store.validate(&expected)?;
-        let mut out = BTreeMap::new();
+        let mut out = TensorStore::new(store.source_name.clone());
         for (name, _) in canonical {
+            let sources = self.sources(name, hidden, mlp);
+            if let ([(src, _)], false) = (sources.as_slice(), self.swaps_halves(name)) {
+                store.move_to(src, &mut out, name.clone())?;
+                continue;
+            }
             let mut parts = Vec::new();
-            for (src, _) in self.sources(name, hidden, mlp) {
+            for (src, _) in sources {
                 parts.push(store.take(&src).ok_or_else(|| Error::Checkpoint {
                     source_name: store.source_name.clone(),
                     problems: vec![TensorProblem::Missing { name: src, expected: vec![] }],
@@ -227,14 +234,14 @@ impl FluxLayout {
             } else {
                 t
             };
-            out.insert(name.clone(), t);
+            out.insert(name.clone(), t)?;
         }
         Ok(out)
     }
 }
 
 fn dim_of(store: &TensorStore, name: &str, i: usize) -> Option<usize> {
-    store.get(name).and_then(|t| t.dims().get(i).copied())
+    store.shape(name).and_then(|s| s.get(i).copied())
 }
 
 #[cfg(test)]
@@ -264,5 +271,29 @@ mod tests {
         assert_eq!(names("final_layer.adaLN_modulation.1.weight")[0].0, "norm_out.linear.weight");
         assert!(d.swaps_halves("final_layer.adaLN_modulation.1.bias"));
         assert!(!FluxLayout::Bfl.swaps_halves("final_layer.adaLN_modulation.1.bias"));
+    }
+
+    #[test]
+    fn a_mapped_bfl_checkpoint_is_read_only_as_the_model_takes_it() {
+        use super::super::model::{canonical_tensors, FluxModel};
+        use super::super::testing::{inputs, random_map, run, tiny};
+        use candle_core::{DType, Device};
+        let cfg = tiny();
+        let map = random_map(&cfg);
+        let bytes = safetensors::serialize(map.iter().map(|(n, t)| (n.as_str(), t)), None).unwrap();
+        let shared: crate::weights::SharedBytes = std::sync::Arc::new(bytes);
+        let store = TensorStore::from_safetensors_shared(shared.clone(), "flux.safetensors").unwrap();
+        let (layout, store) = FluxLayout::detect(store).unwrap();
+        assert_eq!(layout, FluxLayout::Bfl);
+        // Sizes come from the header; BFL names are canonical, so every tensor moves over unread.
+        assert_eq!(layout.infer(&store).unwrap().hidden_size, cfg.hidden_size);
+        let canonical = layout.canonicalize(store, &canonical_tensors(&cfg), cfg.hidden_size, cfg.mlp_hidden).unwrap();
+        assert_eq!((canonical.read_bytes(), canonical.len()), (0, map.len()));
+        // The model read from the mapped bytes computes what the in-memory one does.
+        let mapped = TensorStore::from_safetensors_shared(shared, "flux.safetensors").unwrap();
+        let from_map = FluxModel::from_canonical(cfg.clone(), map, DType::F32, &Device::Cpu).unwrap();
+        let from_bytes = FluxModel::from_store(mapped, Some(cfg.axes_dim.clone()), DType::F32, &Device::Cpu).unwrap();
+        let x = inputs(&cfg);
+        assert_eq!(run(&from_bytes, &x).unwrap(), run(&from_map, &x).unwrap());
     }
 }

@@ -38,14 +38,15 @@ const TIME_FACTOR: f32 = 1000.0;
 /// as soon as the layer holds its own copy: loading peaks at about one model
 /// plus one layer, not two models.
 struct Weights {
-    map: BTreeMap<String, Tensor>,
+    /// Canonical names; each tensor is read (from a mapped checkpoint) as it is taken.
+    store: TensorStore,
     dtype: DType,
     device: Device,
 }
 
 impl Weights {
     fn get(&mut self, name: &str) -> Result<Tensor> {
-        let t = self.map.remove(name).ok_or_else(|| Error::Shape(format!("Flux weight `{name}` was not prepared")))?;
+        let t = self.store.take(name).ok_or_else(|| Error::Shape(format!("Flux weight `{name}` was not prepared")))?;
         let t = t.to_device(&self.device)?;
         // fp8 stays fp8: each layer upcasts it when it runs.
         Ok(if t.dtype() == DType::F8E4M3 { t } else { t.to_dtype(self.dtype)? })
@@ -523,9 +524,9 @@ impl FluxModel {
     ) -> Result<(Self, BTreeMap<String, Tensor>)> {
         let (layout, store) = FluxLayout::detect(store)?;
         let cfg = layout.infer(&store)?.with_axes(axes_dim)?;
-        let map = layout.canonicalize(store, &canonical_tensors(&cfg), cfg.hidden_size, cfg.mlp_hidden)?;
+        let canonical = layout.canonicalize(store, &canonical_tensors(&cfg), cfg.hidden_size, cfg.mlp_hidden)?;
         tracing::debug!(target: "ipaflux::flux", ?layout, depth = cfg.depth, single = cfg.depth_single, "loaded Flux");
-        Self::from_canonical_streamed(cfg, map, dtype, device, streamed)
+        Self::from_canonical_store(cfg, canonical, dtype, device, streamed)
     }
 
     /// Builds from canonical tensors (already validated against `cfg`).
@@ -542,7 +543,25 @@ impl FluxModel {
     /// tensors are (see [`Self::from_store_streamed`]).
     pub fn from_canonical_streamed(
         cfg: FluxConfig,
-        mut map: BTreeMap<String, Tensor>,
+        map: BTreeMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        streamed: &[BlockId],
+    ) -> Result<(Self, BTreeMap<String, Tensor>)> {
+        Self::from_canonical_store(
+            cfg,
+            TensorStore::from_tensors("canonical Flux tensors", map),
+            dtype,
+            device,
+            streamed,
+        )
+    }
+
+    /// [`Self::from_canonical_streamed`] over a store: each tensor is read as
+    /// the model takes it and moved to `device` before the next is read.
+    fn from_canonical_store(
+        cfg: FluxConfig,
+        mut store: TensorStore,
         dtype: DType,
         device: &Device,
         streamed: &[BlockId],
@@ -555,15 +574,16 @@ impl FluxModel {
         if let Some(b) = streamed.iter().find(|b| !all.contains(b)) {
             return Err(no_block(*b));
         }
-        let names: Vec<String> = map.keys().filter(|n| streamed.iter().any(|b| b.owns(n))).cloned().collect();
+        let names: Vec<String> =
+            store.names().filter(|n| streamed.iter().any(|b| b.owns(n))).map(str::to_string).collect();
         let mut kept = BTreeMap::new();
         for name in names {
-            if let Some(t) = map.remove(&name) {
+            if let Some(t) = store.take(&name) {
                 let t = if t.dtype() == DType::F8E4M3 { t } else { t.to_dtype(dtype)? };
                 kept.insert(name, t);
             }
         }
-        let mut w = Weights { map, dtype, device: device.clone() };
+        let mut w = Weights { store, dtype, device: device.clone() };
         let double_blocks = (0..cfg.depth)
             .map(|i| {
                 Ok(if streamed.contains(&BlockId::Double(i)) {
@@ -669,7 +689,11 @@ impl FluxModel {
         if let Some(next) = next {
             source.prefetch(next)?;
         }
-        Ok(Weights { map, dtype: self.dtype, device: self.device.clone() })
+        Ok(Weights {
+            store: TensorStore::from_tensors(block.to_string(), map),
+            dtype: self.dtype,
+            device: self.device.clone(),
+        })
     }
 
     /// The double blocks on `img` and `txt`, then the single blocks on their

@@ -3,11 +3,20 @@
 //!
 //! Everything here works on byte slices the caller provides (a native caller
 //! memory-maps files; the browser passes fetched buffers). No file IO.
+//!
+//! A store made from [`SharedBytes`] (`from_safetensors_shared`: a
+//! memory-mapped file) keeps referring to them: each tensor is read from the
+//! bytes when it is used, not when the store is made. A model built through
+//! [`TensorStore::var_builder`] reads each tensor once, converts it and moves
+//! it to its device, so a CUDA load never holds a host copy of the whole
+//! checkpoint (T5-XXL: 9.5 GB). [`TensorStore::get`] keeps what it read in the
+//! store; [`TensorStore::shape`] reads nothing.
 
 mod pickle;
 mod zip;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -15,17 +24,79 @@ use crate::error::{Error, Result, TensorProblem};
 use crate::quant;
 use pickle::{PickleError, TensorRef, Value};
 
+/// Bytes a store may keep referring to instead of copying (a memory-mapped
+/// checkpoint; any owned buffer).
+pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
 /// Named tensors on the CPU, as stored (dtype unchanged), with the name of
 /// where they came from for error messages.
 #[derive(Debug, Clone, Default)]
 pub struct TensorStore {
     pub source_name: String,
-    tensors: BTreeMap<String, Tensor>,
+    tensors: BTreeMap<String, Entry>,
+}
+
+/// One tensor: read, or where to read it from.
+#[derive(Clone)]
+struct Entry {
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Its bytes in a shared buffer (`None`: made in memory, `read` is set).
+    mapped: Option<(SharedBytes, std::ops::Range<usize>)>,
+    /// The tensor, once read (and kept) by [`TensorStore::get`].
+    read: OnceLock<Tensor>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .field("mapped", &self.mapped.as_ref().map(|(_, r)| r))
+            .field("read", &self.read.get().is_some())
+            .finish()
+    }
+}
+
+impl Entry {
+    fn of(t: Tensor) -> Self {
+        let read = OnceLock::new();
+        let (dtype, shape) = (t.dtype(), t.dims().to_vec());
+        // A fresh cell: the set cannot fail.
+        let _ = read.set(t);
+        Self { dtype, shape, mapped: None, read }
+    }
+
+    /// The tensor, from the cell or newly read from the shared bytes (not kept).
+    fn tensor(&self) -> candle_core::Result<Tensor> {
+        if let Some(t) = self.read.get() {
+            return Ok(t.clone());
+        }
+        match &self.mapped {
+            Some((bytes, range)) => {
+                let data = (*bytes).as_ref().as_ref().get(range.clone()).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("tensor bytes {range:?} past the end of the shared buffer"))
+                })?;
+                Tensor::from_raw_buffer(data, self.dtype, &self.shape, &Device::Cpu)
+            }
+            None => Err(candle_core::Error::Msg("tensor neither read nor mapped".into())),
+        }
+    }
+
+    fn nbytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()
+    }
 }
 
 impl TensorStore {
     pub fn new(source_name: impl Into<String>) -> Self {
         Self { source_name: source_name.into(), tensors: BTreeMap::new() }
+    }
+
+    /// A store of tensors made in memory (names unique by construction).
+    pub fn from_tensors(source_name: impl Into<String>, tensors: BTreeMap<String, Tensor>) -> Self {
+        let tensors = tensors.into_iter().map(|(name, t)| (name, Entry::of(t))).collect();
+        Self { source_name: source_name.into(), tensors }
     }
 
     /// Parses one safetensors file (or one shard of a sharded checkpoint).
@@ -35,27 +106,50 @@ impl TensorStore {
         Ok(store)
     }
 
-    /// Adds the tensors of one more shard; a name present twice is an error.
+    /// Adds the tensors of one more shard, copied out of `bytes`; a name
+    /// present twice is an error.
     pub fn add_safetensors(&mut self, bytes: &[u8], shard_name: &str) -> Result<()> {
         let fmt_err =
             |reason: String| Error::Format { source_name: shard_name.to_string(), format: "safetensors", reason };
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| fmt_err(describe_safetensors_error(&e)))?;
         for (name, view) in st.tensors() {
-            let dtype = match view.dtype() {
-                safetensors::Dtype::F32 => DType::F32,
-                safetensors::Dtype::F16 => DType::F16,
-                safetensors::Dtype::BF16 => DType::BF16,
-                safetensors::Dtype::F64 => DType::F64,
-                safetensors::Dtype::I64 => DType::I64,
-                safetensors::Dtype::U8 => DType::U8,
-                safetensors::Dtype::U32 => DType::U32,
-                // fp8 checkpoints (e.g. `flux1-dev-fp8`): kept as stored, upcast where used.
-                safetensors::Dtype::F8_E4M3 => DType::F8E4M3,
-                other => return Err(fmt_err(format!("tensor `{name}` has unsupported dtype {other:?}"))),
-            };
+            let dtype = safetensors_dtype(view.dtype()).map_err(|d| fmt_err(format!("tensor `{name}` {d}")))?;
             let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
                 .map_err(|e| fmt_err(format!("tensor `{name}`: {e}")))?;
-            self.insert_new(name, t, shard_name)?;
+            self.insert_new(name, Entry::of(t), shard_name)?;
+        }
+        Ok(())
+    }
+
+    /// Parses one safetensors file kept in `bytes`: tensors are read from
+    /// them when used (module docs).
+    pub fn from_safetensors_shared(bytes: SharedBytes, source_name: &str) -> Result<Self> {
+        let mut store = Self::new(source_name);
+        store.add_safetensors_shared(bytes, source_name)?;
+        Ok(store)
+    }
+
+    /// [`Self::add_safetensors`] without the copy: the store keeps `bytes`.
+    pub fn add_safetensors_shared(&mut self, bytes: SharedBytes, shard_name: &str) -> Result<()> {
+        let fmt_err =
+            |reason: String| Error::Format { source_name: shard_name.to_string(), format: "safetensors", reason };
+        let buf: &[u8] = (*bytes).as_ref();
+        let st = safetensors::SafeTensors::deserialize(buf).map_err(|e| fmt_err(describe_safetensors_error(&e)))?;
+        let base = buf.as_ptr() as usize;
+        let mut entries = Vec::new();
+        for (name, view) in st.tensors() {
+            let dtype = safetensors_dtype(view.dtype()).map_err(|d| fmt_err(format!("tensor `{name}` {d}")))?;
+            // `deserialize` checked that each tensor's bytes lie in the buffer and fit its shape.
+            let start = view.data().as_ptr() as usize - base;
+            let range = start..start + view.data().len();
+            let read = OnceLock::new();
+            entries.push((
+                name,
+                Entry { dtype, shape: view.shape().to_vec(), mapped: Some((bytes.clone(), range)), read },
+            ));
+        }
+        for (name, entry) in entries {
+            self.insert_new(name, entry, shard_name)?;
         }
         Ok(())
     }
@@ -64,10 +158,10 @@ impl TensorStore {
     /// a name present twice is an error.
     pub fn insert(&mut self, name: impl Into<String>, t: Tensor) -> Result<()> {
         let from = self.source_name.clone();
-        self.insert_new(name.into(), t, &from)
+        self.insert_new(name.into(), Entry::of(t), &from)
     }
 
-    fn insert_new(&mut self, name: String, t: Tensor, from: &str) -> Result<()> {
+    fn insert_new(&mut self, name: String, t: Entry, from: &str) -> Result<()> {
         if self.tensors.contains_key(&name) {
             return Err(Error::Format {
                 source_name: from.to_string(),
@@ -117,13 +211,41 @@ impl TensorStore {
             })?;
             let storage = &bytes[entry.offset..entry.offset + entry.len];
             let t = tensor_from_storage(storage, &tref).map_err(|r| fmt_err(format!("tensor `{name}`: {r}")))?;
-            store.insert_new(name, t, source_name)?;
+            store.insert_new(name, Entry::of(t), source_name)?;
         }
         Ok(store)
     }
 
+    /// A tensor, read from the shared bytes on first use and kept in the
+    /// store from then on (`None` where there is no such tensor, or its bytes
+    /// cannot be read). Use [`Self::shape`] or [`Self::contains`] where the
+    /// values are not needed.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.tensors.get(name)
+        let entry = self.tensors.get(name)?;
+        if let Some(t) = entry.read.get() {
+            return Some(t);
+        }
+        let t = entry.tensor().ok()?;
+        Some(entry.read.get_or_init(|| t))
+    }
+
+    /// A tensor's shape as stored (reads no tensor data).
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// A tensor's dtype as stored (reads no tensor data).
+    pub fn dtype(&self, name: &str) -> Option<DType> {
+        self.tensors.get(name).map(|e| e.dtype)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Bytes of the tensors read into host memory so far (kept by [`Self::get`] or made in memory).
+    pub fn read_bytes(&self) -> usize {
+        self.tensors.values().filter(|e| e.read.get().is_some()).map(Entry::nbytes).sum()
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -138,14 +260,30 @@ impl TensorStore {
         self.tensors.is_empty()
     }
 
-    /// Removes and returns a tensor (models that rearrange weights take them out as they go).
+    /// Removes and returns a tensor (models that rearrange weights take them
+    /// out as they go); one not read yet is read now.
     pub fn take(&mut self, name: &str) -> Option<Tensor> {
-        self.tensors.remove(name)
+        let entry = self.tensors.remove(name)?;
+        match entry.read.into_inner() {
+            Some(t) => Some(t),
+            None => Entry { read: OnceLock::new(), ..entry }.tensor().ok(),
+        }
+    }
+
+    /// Moves tensor `name` into `to` as `new_name`, unread if it was (a
+    /// missing name or one `to` already holds is an error).
+    pub fn move_to(&mut self, name: &str, to: &mut TensorStore, new_name: String) -> Result<()> {
+        let entry = self.tensors.remove(name).ok_or_else(|| Error::Checkpoint {
+            source_name: self.source_name.clone(),
+            problems: vec![TensorProblem::Missing { name: name.to_string(), expected: vec![] }],
+        })?;
+        let from = self.source_name.clone();
+        to.insert_new(new_name, entry, &from)
     }
 
     /// Total bytes of all tensors as stored.
     pub fn nbytes(&self) -> usize {
-        self.tensors.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+        self.tensors.values().map(Entry::nbytes).sum()
     }
 
     /// Keeps only tensors for which `rename` returns a new name, renamed.
@@ -167,17 +305,17 @@ impl TensorStore {
                     Some(Err(problem)) => problems.push(problem),
                     None => problems.push(TensorProblem::Missing { name: name.clone(), expected: shape.clone() }),
                 },
-                Some(t) if t.dims() != shape.as_slice() => problems.push(TensorProblem::WrongShape {
+                Some(t) if t.shape != *shape => problems.push(TensorProblem::WrongShape {
                     name: name.clone(),
                     expected: shape.clone(),
-                    found: t.dims().to_vec(),
+                    found: t.shape.clone(),
                 }),
                 Some(_) => {}
             }
         }
         for (name, t) in &self.tensors {
             if !seen.contains(name) {
-                problems.push(TensorProblem::Unexpected { name: name.clone(), shape: t.dims().to_vec() });
+                problems.push(TensorProblem::Unexpected { name: name.clone(), shape: t.shape.clone() });
             }
         }
         if problems.is_empty() {
@@ -194,23 +332,23 @@ impl TensorStore {
         let &[n, k] = shape else { return None };
         quant::PACKED_FORMATS.into_iter().find_map(|format| {
             let (wname, sname) = quant::packed_names(name, format);
-            let words = self.tensors.get(&wname)?;
+            let words = self.shape(&wname)?;
             let [wshape, sshape] = quant::packed_shapes(format, n, k);
-            let wrong = |tname: &str, expected: &[usize], found: Option<&Tensor>| {
+            let wrong = |tname: &str, expected: &[usize], found: Option<&[usize]>| {
                 Err(match found {
                     None => TensorProblem::Missing { name: tname.to_string(), expected: expected.to_vec() },
-                    Some(t) => TensorProblem::WrongShape {
+                    Some(f) => TensorProblem::WrongShape {
                         name: tname.to_string(),
                         expected: expected.to_vec(),
-                        found: t.dims().to_vec(),
+                        found: f.to_vec(),
                     },
                 })
             };
-            Some(if words.dims() != wshape.as_slice() {
+            Some(if words != wshape.as_slice() {
                 wrong(&wname, &wshape, Some(words))
             } else {
-                match self.tensors.get(&sname) {
-                    Some(s) if s.dims() == sshape.as_slice() => Ok([wname, sname]),
+                match self.shape(&sname) {
+                    Some(s) if s == sshape.as_slice() => Ok([wname, sname]),
                     found => wrong(&sname, &sshape, found),
                 }
             })
@@ -232,14 +370,15 @@ impl TensorStore {
     }
 }
 
-/// [`TensorStore::var_builder`]'s backend: dense tensors as stored, packed weights dequantized on demand.
+/// [`TensorStore::var_builder`]'s backend: dense tensors as stored (each
+/// read when fetched and not kept here), packed weights dequantized on demand.
 struct StoreBackend {
-    tensors: BTreeMap<String, Tensor>,
+    tensors: BTreeMap<String, Entry>,
 }
 
 impl StoreBackend {
     fn lookup(&self, name: &str) -> Option<Tensor> {
-        self.tensors.get(name).cloned()
+        self.tensors.get(name).and_then(|e| e.tensor().ok())
     }
 }
 
@@ -253,7 +392,7 @@ impl candle_nn::var_builder::SimpleBackend for StoreBackend {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let t = match (self.tensors.get(name), s.dims()) {
-            (Some(t), _) => t.clone(),
+            (Some(e), _) => e.tensor()?,
             (None, &[n, k]) => match quant::find_packed(|n| self.lookup(n), name, n, k) {
                 Ok(Some(q)) => Tensor::from_vec(q.dequantize(), (n, k), &Device::Cpu)?,
                 Ok(None) => return Err(candle_core::Error::CannotFindTensor { path: name.to_string() }),
@@ -299,6 +438,22 @@ pub fn shards_from_index_json(json: &str, source_name: &str) -> Result<Vec<Strin
         }
     }
     Ok(shards)
+}
+
+/// Our dtype for a safetensors one (the error: a description of one we do not take).
+fn safetensors_dtype(d: safetensors::Dtype) -> std::result::Result<DType, String> {
+    Ok(match d {
+        safetensors::Dtype::F32 => DType::F32,
+        safetensors::Dtype::F16 => DType::F16,
+        safetensors::Dtype::BF16 => DType::BF16,
+        safetensors::Dtype::F64 => DType::F64,
+        safetensors::Dtype::I64 => DType::I64,
+        safetensors::Dtype::U8 => DType::U8,
+        safetensors::Dtype::U32 => DType::U32,
+        // fp8 checkpoints (e.g. `flux1-dev-fp8`): kept as stored, upcast where used.
+        safetensors::Dtype::F8_E4M3 => DType::F8E4M3,
+        other => return Err(format!("has unsupported dtype {other:?}")),
+    })
 }
 
 fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
@@ -408,14 +563,44 @@ mod tests {
     #[test]
     fn validation_lists_every_problem() {
         let mut s = TensorStore::new("ckpt");
-        s.tensors.insert("a".into(), Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap());
-        s.tensors.insert("extra".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+        s.insert("a", Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        s.insert("extra", Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).unwrap();
         let err = s.validate(&[("a".into(), vec![2, 3]), ("b".into(), vec![4])]).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("3 problem(s)"), "{msg}");
         assert!(msg.contains("`a` has shape [2, 2], expected [2, 3]"), "{msg}");
         assert!(msg.contains("missing tensor `b`"), "{msg}");
         assert!(msg.contains("unexpected tensor `extra`"), "{msg}");
+    }
+
+    #[test]
+    fn a_shared_store_reads_each_tensor_when_used() {
+        let a = Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let b = Tensor::from_vec(vec![1u8, 2, 3], 3, &Device::Cpu).unwrap();
+        let bytes = safetensors::serialize([("a", &a), ("b", &b)], None).unwrap();
+        let shared: SharedBytes = Arc::new(bytes);
+        let mut store = TensorStore::from_safetensors_shared(shared.clone(), "s.safetensors").unwrap();
+        // Made, sized and validated from the header alone.
+        assert_eq!(store.read_bytes(), 0);
+        assert_eq!(store.shape("a"), Some(&[2, 3][..]));
+        assert_eq!(store.dtype("b"), Some(DType::U8));
+        assert_eq!(store.nbytes(), 6 * 4 + 3);
+        store.validate(&[("a".into(), vec![2, 3]), ("b".into(), vec![3])]).unwrap();
+        assert!(store.validate(&[("a".into(), vec![3, 2]), ("b".into(), vec![3])]).is_err());
+        assert_eq!(store.read_bytes(), 0);
+        // A model's fetch reads the tensor and leaves nothing in the store.
+        let vb = store.var_builder(DType::F32, &Device::Cpu);
+        assert_eq!(vb.get((2, 3), "a").unwrap().to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
+        assert_eq!(store.read_bytes(), 0);
+        // `get` keeps what it read; `take` hands the tensor over and forgets it.
+        assert_eq!(store.get("a").unwrap().to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
+        assert_eq!(store.read_bytes(), 24);
+        assert_eq!(store.take("b").unwrap().to_vec1::<u8>().unwrap(), [1, 2, 3]);
+        assert!(!store.contains("b") && store.take("b").is_none());
+        // The copying parser: the same tensors, all read up front.
+        let copied = TensorStore::from_safetensors((*shared).as_ref(), "s.safetensors").unwrap();
+        assert_eq!(copied.read_bytes(), copied.nbytes());
+        assert_eq!(copied.get("b").unwrap().to_vec1::<u8>().unwrap(), [1, 2, 3]);
     }
 
     #[test]
