@@ -165,13 +165,13 @@ pub fn load_ip_adapter(path: &Path) -> Result<TensorStore> {
 }
 
 /// Any single-file checkpoint (safetensors or PyTorch zip, told apart by
-/// content). A safetensors file stays mapped and its tensors are read as
-/// they are used ([`TensorStore::from_safetensors_shared`]); a zip is read whole.
+/// content). The file stays mapped and its tensors are read as they are used
+/// ([`TensorStore::from_safetensors_shared`], [`TensorStore::from_torch_zip_shared`]).
 pub fn load_store(path: &Path) -> Result<TensorStore> {
     let map = map_file(path)?;
     let name = path.display().to_string();
     if is_torch_zip(&map) {
-        Ok(TensorStore::from_torch_zip(&map, &name)?)
+        Ok(TensorStore::from_torch_zip_shared(Arc::new(map), &name)?)
     } else {
         Ok(TensorStore::from_safetensors_shared(Arc::new(map), &name)?)
     }
@@ -488,6 +488,26 @@ mod tests {
         }
         let n = units.elements.len();
         assert_eq!(units.blocks(&[1, n - 1]).unwrap(), [BlockId::Double(0), BlockId::Single(units.depth_single - 1)]);
+    }
+
+    #[test]
+    fn mapped_checkpoints_are_read_when_used_and_equal_the_copied_ones() {
+        // Both formats: the InstantX pickle zip and a safetensors file.
+        for rel in ["ip-adapter.bin", "ip-adapter.safetensors"] {
+            let mapped = load_store(&fixture(rel)).unwrap();
+            assert_eq!(mapped.read_bytes(), 0, "{rel}: nothing read before use");
+            let bytes = std::fs::read(fixture(rel)).unwrap();
+            let copied = store_from_bytes(&bytes, rel).unwrap();
+            assert_eq!(copied.read_bytes(), copied.nbytes());
+            assert_eq!(mapped.names().collect::<Vec<_>>(), copied.names().collect::<Vec<_>>());
+            for name in copied.names() {
+                let (a, b) = (mapped.get(name).unwrap(), copied.get(name).unwrap());
+                assert_eq!((a.dtype(), a.dims()), (b.dtype(), b.dims()), "{rel}: {name}");
+                let diff = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+                assert_eq!(diff.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+            }
+            assert_eq!(mapped.read_bytes(), mapped.nbytes());
+        }
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! Everything here works on byte slices the caller provides (a native caller
 //! memory-maps files; the browser passes fetched buffers). No file IO.
 //!
-//! A store made from [`SharedBytes`] (`from_safetensors_shared`: a
-//! memory-mapped file) keeps referring to them: each tensor is read from the
+//! A store made from [`SharedBytes`] (`from_safetensors_shared`,
+//! `from_torch_zip_shared`: a memory-mapped file) keeps referring to them: each tensor is read from the
 //! bytes when it is used, not when the store is made. A model built through
 //! [`TensorStore::var_builder`] reads each tensor once, converts it and moves
 //! it to its device, so a CUDA load never holds a host copy of the whole
@@ -174,44 +174,37 @@ impl TensorStore {
     }
 
     /// Parses a PyTorch `torch.save` zip archive holding a (nested) dict of
-    /// tensors without executing its pickle. Nested dict keys are joined with
-    /// `.`: `{"image_proj": {"norm.weight": t}}` gives `image_proj.norm.weight`.
+    /// tensors without executing its pickle, copying each tensor out. Nested
+    /// dict keys are joined with `.`: `{"image_proj": {"norm.weight": t}}`
+    /// gives `image_proj.norm.weight`.
     pub fn from_torch_zip(bytes: &[u8], source_name: &str) -> Result<Self> {
-        let fmt_err = |reason: String| Error::Format {
-            source_name: source_name.to_string(),
-            format: "PyTorch zip checkpoint",
-            reason,
-        };
-        if bytes.len() >= 2 && bytes[0] == 0x80 {
-            return Err(fmt_err(
-                "this is a legacy (pre-1.6) PyTorch pickle, not a zip archive; re-save it with torch.save".into(),
-            ));
-        }
-        let entries = zip::read_entries(bytes).map_err(fmt_err)?;
-        let (pkl_name, pkl) = entries
-            .iter()
-            .find(|(n, _)| n.ends_with("data.pkl"))
-            .ok_or_else(|| fmt_err("no data.pkl entry in the archive".into()))?;
-        let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
-        if let Some(order) = entries.get(&format!("{prefix}byteorder")) {
-            if bytes.get(order.offset..order.offset + order.len) == Some(b"big".as_slice()) {
-                return Err(fmt_err("big-endian checkpoints are not supported".into()));
-            }
-        }
-        let root = pickle::load(&bytes[pkl.offset..pkl.offset + pkl.len]).map_err(|e| match e {
-            PickleError::Unsafe(global) => Error::UnsafePickle { source_name: source_name.to_string(), global },
-            PickleError::Malformed(m) => fmt_err(format!("data.pkl: {m}")),
-        })?;
-        let mut flat = Vec::new();
-        flatten("", root, &mut flat).map_err(fmt_err)?;
         let mut store = Self::new(source_name);
-        for (name, tref) in flat {
-            let entry = entries.get(&format!("{prefix}data/{}", tref.storage_key)).ok_or_else(|| {
-                fmt_err(format!("tensor `{name}`: storage {} missing from the archive", tref.storage_key))
-            })?;
-            let storage = &bytes[entry.offset..entry.offset + entry.len];
-            let t = tensor_from_storage(storage, &tref).map_err(|r| fmt_err(format!("tensor `{name}`: {r}")))?;
+        for (name, storage, tref) in torch_zip_tensors(bytes, source_name)? {
+            let t = tensor_from_storage(&bytes[storage], &tref)
+                .map_err(|r| torch_zip_err(source_name, format!("tensor `{name}`: {r}")))?;
             store.insert_new(name, Entry::of(t), source_name)?;
+        }
+        Ok(store)
+    }
+
+    /// [`Self::from_torch_zip`] keeping `bytes`: a tensor whose view is
+    /// contiguous (as saved parameters are) is read when used; a strided one
+    /// is gathered now.
+    pub fn from_torch_zip_shared(bytes: SharedBytes, source_name: &str) -> Result<Self> {
+        let buf: &[u8] = (*bytes).as_ref();
+        let mut store = Self::new(source_name);
+        for (name, storage, tref) in torch_zip_tensors(buf, source_name)? {
+            let err = |r: String| torch_zip_err(source_name, format!("tensor `{name}`: {r}"));
+            let entry = match view_bytes(storage.len(), &tref).map_err(err)? {
+                Some(view) => Entry {
+                    dtype: tref.dtype,
+                    shape: tref.shape.clone(),
+                    mapped: Some((bytes.clone(), storage.start + view.start..storage.start + view.end)),
+                    read: OnceLock::new(),
+                },
+                None => Entry::of(tensor_from_storage(&buf[storage], &tref).map_err(err)?),
+            };
+            store.insert_new(name, entry, source_name)?;
         }
         Ok(store)
     }
@@ -491,7 +484,49 @@ fn flatten(prefix: &str, v: Value, out: &mut Vec<(String, TensorRef)>) -> Result
 }
 
 /// Builds a contiguous tensor from a storage blob and a (possibly strided) view of it.
-fn tensor_from_storage(storage: &[u8], t: &TensorRef) -> Result<Tensor, String> {
+fn torch_zip_err(source_name: &str, reason: String) -> Error {
+    Error::Format { source_name: source_name.to_string(), format: "PyTorch zip checkpoint", reason }
+}
+
+/// The tensors of a `torch.save` zip: each name, the byte range of its
+/// storage in `bytes`, and its view of that storage (pickle run restricted).
+fn torch_zip_tensors(bytes: &[u8], source_name: &str) -> Result<Vec<(String, std::ops::Range<usize>, TensorRef)>> {
+    let fmt_err = |reason: String| torch_zip_err(source_name, reason);
+    if bytes.len() >= 2 && bytes[0] == 0x80 {
+        return Err(fmt_err(
+            "this is a legacy (pre-1.6) PyTorch pickle, not a zip archive; re-save it with torch.save".into(),
+        ));
+    }
+    let entries = zip::read_entries(bytes).map_err(fmt_err)?;
+    let (pkl_name, pkl) = entries
+        .iter()
+        .find(|(n, _)| n.ends_with("data.pkl"))
+        .ok_or_else(|| fmt_err("no data.pkl entry in the archive".into()))?;
+    let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
+    if let Some(order) = entries.get(&format!("{prefix}byteorder")) {
+        if bytes.get(order.offset..order.offset + order.len) == Some(b"big".as_slice()) {
+            return Err(fmt_err("big-endian checkpoints are not supported".into()));
+        }
+    }
+    let root = pickle::load(&bytes[pkl.offset..pkl.offset + pkl.len]).map_err(|e| match e {
+        PickleError::Unsafe(global) => Error::UnsafePickle { source_name: source_name.to_string(), global },
+        PickleError::Malformed(m) => fmt_err(format!("data.pkl: {m}")),
+    })?;
+    let mut flat = Vec::new();
+    flatten("", root, &mut flat).map_err(fmt_err)?;
+    flat.into_iter()
+        .map(|(name, tref)| {
+            let entry = entries.get(&format!("{prefix}data/{}", tref.storage_key)).ok_or_else(|| {
+                fmt_err(format!("tensor `{name}`: storage {} missing from the archive", tref.storage_key))
+            })?;
+            Ok((name, entry.offset..entry.offset + entry.len, tref))
+        })
+        .collect()
+}
+
+/// Checks that view `t` lies within a storage of `storage_len` bytes; the
+/// byte range it covers when it is contiguous (`None`: strided).
+fn view_bytes(storage_len: usize, t: &TensorRef) -> Result<Option<std::ops::Range<usize>>, String> {
     let es = t.dtype.size_in_bytes();
     let n: usize = t.shape.iter().product();
     if t.stride.len() != t.shape.len() {
@@ -499,11 +534,11 @@ fn tensor_from_storage(storage: &[u8], t: &TensorRef) -> Result<Tensor, String> 
     }
     // Highest element index the view touches must lie inside the storage.
     let last = t.offset + t.shape.iter().zip(&t.stride).map(|(d, s)| d.saturating_sub(1) * s).sum::<usize>();
-    if n > 0 && (last + 1) * es > storage.len() {
+    if n > 0 && (last + 1) * es > storage_len {
         return Err(format!(
             "view needs {} bytes but its storage has {} (truncated file?)",
             (last + 1) * es,
-            storage.len()
+            storage_len
         ));
     }
     let contiguous = {
@@ -514,8 +549,14 @@ fn tensor_from_storage(storage: &[u8], t: &TensorRef) -> Result<Tensor, String> 
             ok
         })
     };
-    let bytes: std::borrow::Cow<[u8]> = if contiguous {
-        std::borrow::Cow::Borrowed(&storage[t.offset * es..(t.offset + n) * es])
+    Ok(contiguous.then(|| t.offset * es..(t.offset + n) * es))
+}
+
+fn tensor_from_storage(storage: &[u8], t: &TensorRef) -> Result<Tensor, String> {
+    let es = t.dtype.size_in_bytes();
+    let n: usize = t.shape.iter().product();
+    let bytes: std::borrow::Cow<[u8]> = if let Some(view) = view_bytes(storage.len(), t)? {
+        std::borrow::Cow::Borrowed(&storage[view])
     } else {
         let mut out = Vec::with_capacity(n * es);
         let mut idx = vec![0usize; t.shape.len()];
