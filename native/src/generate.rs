@@ -357,7 +357,7 @@ fn block_source(kept: BTreeMap<String, Tensor>, blocks: &[BlockId], device: &Dev
     tracing::info!(target: "ipaflux::stream", blocks = blocks.len(), "Flux runs with blocks streamed");
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        return Ok(Arc::new(crate::cuda::stream::PinnedBlocks::new(&kept, blocks, device)?));
+        return Ok(Arc::new(crate::cuda::stream::PinnedBlocks::new(kept, blocks, device)?));
     }
     Ok(Arc::new(HostBlocks::new(kept, blocks, &Device::Cpu, device)?))
 }

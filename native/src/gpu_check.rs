@@ -972,7 +972,7 @@ fn bench_flux_streamed(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let cuda_source = |t: &std::collections::BTreeMap<String, Tensor>,
                        b: &[ipaflux_core::flux::BlockId]|
      -> Result<Arc<dyn ipaflux_core::flux::BlockSource>> {
-        let source = Arc::new(crate::cuda::stream::PinnedBlocks::new(t, b, dev)?);
+        let source = Arc::new(crate::cuda::stream::PinnedBlocks::new(t.clone(), b, dev)?);
         *pinned.borrow_mut() = Some(source.clone());
         Ok(source as Arc<dyn ipaflux_core::flux::BlockSource>)
     };

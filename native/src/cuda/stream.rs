@@ -84,10 +84,11 @@ impl PinnedBlocks {
     /// Copies `tensors` (canonical names of `blocks`' tensors, bf16/f16/f32,
     /// on the GPU as `FluxModel::stream_blocks` returns them or on the host as
     /// `FluxModel::from_store_streamed` does) into pinned buffers allocated
-    /// now and waits for the copies; the caller then drops its tensors. The
+    /// now, dropping each tensor once its copy is done, and waits for the
+    /// copies. The
     /// blocks will run on `device`. Also switches its context to explicit
     /// stream ordering (module docs).
-    pub fn new(tensors: &BTreeMap<String, Tensor>, blocks: &[BlockId], device: &Device) -> candle::Result<Self> {
+    pub fn new(mut tensors: BTreeMap<String, Tensor>, blocks: &[BlockId], device: &Device) -> candle::Result<Self> {
         let cuda = cuda_device(device)?;
         let main = cuda.cuda_stream();
         let ctx = main.context().clone();
@@ -96,19 +97,28 @@ impl PinnedBlocks {
         let copy = ctx.new_stream().map_err(cuda_err)?;
         let mut by_block: HashMap<BlockId, Vec<Pinned>> = blocks.iter().map(|&b| (b, Vec::new())).collect();
         let mut bytes = 0u64;
-        for (name, t) in tensors {
+        // Each host tensor is dropped once its pinned copy exists (a plain
+        // copy, done on return), so the host holds about one copy of the
+        // streamed blocks while they are pinned, not two; GPU tensors stay
+        // until their asynchronous copies are waited for.
+        let mut on_gpu = Vec::new();
+        while let Some((name, t)) = tensors.pop_first() {
             let block = blocks
                 .iter()
-                .find(|b| b.owns(name))
+                .find(|b| b.owns(&name))
                 .ok_or_else(|| candle::Error::Msg(format!("tensor `{name}` belongs to no streamed block")))?;
             let t = t.contiguous()?;
             let n = t.elem_count();
-            let mut host = Host::alloc(&ctx, t.dtype(), n, name)?;
+            let mut host = Host::alloc(&ctx, t.dtype(), n, &name)?;
             host.fill(&device, &t)?;
             bytes += (n * t.dtype().size_in_bytes()) as u64;
-            by_block.entry(*block).or_default().push(Pinned { name: name.clone(), shape: t.shape().clone(), host });
+            by_block.entry(*block).or_default().push(Pinned { shape: t.shape().clone(), name, host });
+            if t.device().is_cuda() {
+                on_gpu.push(t);
+            }
         }
         main.synchronize().map_err(cuda_err)?;
+        drop(on_gpu);
         tracing::info!(target: "ipaflux::stream", blocks = blocks.len(), bytes, "streamed blocks pinned in host memory");
         Ok(Self {
             blocks: by_block,
