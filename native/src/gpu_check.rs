@@ -113,7 +113,7 @@ pub fn read_torch_figures(path: &Path) -> Result<HashMap<String, f64>> {
 /// One line of the table.
 #[derive(Debug, Clone)]
 pub struct Row {
-    pub section: &'static str,
+    pub section: Section,
     pub what: String,
     pub ours: String,
     /// The limit for a check, PyTorch's figure for a benchmark.
@@ -146,7 +146,7 @@ impl Row {
             Verdict::Fail => "**FAIL**".to_string(),
             Verdict::Info(n) => n.clone(),
         };
-        format!("| {} | {} | {} | {} | {} |", self.section, self.what, self.ours, self.reference, v)
+        format!("| {} | {} | {} | {} | {} |", self.section.name(), self.what, self.ours, self.reference, v)
     }
 }
 
@@ -158,7 +158,7 @@ impl Report {
         self.rows.push(row);
     }
 
-    pub fn check(&mut self, section: &'static str, what: impl Into<String>, err: f32, tol: f32) {
+    pub fn check(&mut self, section: Section, what: impl Into<String>, err: f32, tol: f32) {
         let pass = err.is_finite() && err <= tol;
         self.push(Row {
             section,
@@ -169,31 +169,17 @@ impl Report {
         });
     }
 
-    pub fn bool_check(
-        &mut self,
-        section: &'static str,
-        what: impl Into<String>,
-        ours: String,
-        limit: String,
-        ok: bool,
-    ) {
+    pub fn bool_check(&mut self, section: Section, what: impl Into<String>, ours: String, limit: String, ok: bool) {
         let verdict = if ok { Verdict::Pass } else { Verdict::Fail };
         self.push(Row { section, what: what.into(), ours, reference: limit, verdict });
     }
 
-    pub fn info(
-        &mut self,
-        section: &'static str,
-        what: impl Into<String>,
-        ours: String,
-        reference: String,
-        note: String,
-    ) {
+    pub fn info(&mut self, section: Section, what: impl Into<String>, ours: String, reference: String, note: String) {
         self.push(Row { section, what: what.into(), ours, reference, verdict: Verdict::Info(note) });
     }
 
-    fn failed(&mut self, section: &'static str, what: &str, e: &dyn std::fmt::Display) {
-        eprintln!("gpu-check: {section}: {what}: {e}");
+    fn failed(&mut self, section: Section, what: &str, e: &dyn std::fmt::Display) {
+        eprintln!("gpu-check: {}: {what}: {e}", section.name());
         self.push(Row {
             section,
             what: what.to_string(),
@@ -301,7 +287,7 @@ pub fn run(o: &CheckOptions) -> Report {
     let mut r = Report { progress: true, ..Report::default() };
     if !o.fixtures.join("flux").is_dir() {
         let e = format!("{}: not this repository's tests/fixtures (give --fixtures)", o.fixtures.display());
-        r.failed("parity", "fixtures", &e);
+        r.failed(Section::Parity, "fixtures", &e);
         return r;
     }
     type Step = fn(&CheckOptions, &mut Report) -> Result<()>;
@@ -325,7 +311,7 @@ pub fn run(o: &CheckOptions) -> Report {
             continue;
         }
         if let Err(e) = f(o, &mut r) {
-            r.failed(section.name(), "section stopped", &e);
+            r.failed(section, "section stopped", &e);
         }
     }
     r
@@ -367,7 +353,7 @@ fn parity_siglip(o: &CheckOptions, r: &mut Report) -> Result<()> {
         let got = m.forward(&pixels.to_device(dev)?)?;
         let label = if fused { "fused attention" } else { "reference attention" };
         r.check(
-            "parity",
+            Section::Parity,
             format!("SigLIP tiny pooled, {} {dtype:?} ({label}) vs CPU f32", dev_name(dev)),
             rel_max_err(&got, &want)?,
             tol,
@@ -441,13 +427,13 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
         };
         let name = dev_name(dev);
         r.check(
-            "parity",
+            Section::Parity,
             format!("Flux tiny + IP, {name} {dtype:?} ({label}) vs diffusers"),
             rel_max_err(&got, &want)?,
             tol,
         );
         r.check(
-            "parity",
+            Section::Parity,
             format!("Flux tiny + IP, {name} {dtype:?} ({label}) vs CPU f32"),
             rel_max_err(&got, &cpu)?,
             tol,
@@ -472,7 +458,13 @@ fn randn(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
 /// Fused vs reference attention at Flux's and SigLIP's real shapes, bf16, both against f32.
 fn attention_real_shapes(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let Some(fused) = o.default_attention() else {
-        r.info("attention", "fused attention", "n/a".into(), String::new(), "this build has no fused kernel".into());
+        r.info(
+            Section::Attention,
+            "fused attention",
+            "n/a".into(),
+            String::new(),
+            "this build has no fused kernel".into(),
+        );
         return Ok(());
     };
     let dev = &o.device;
@@ -509,7 +501,7 @@ fn attention_real_shapes(o: &CheckOptions, r: &mut Report) -> Result<()> {
         for kernel in &kernels {
             let ours = kernel.sdpa(&q, &k, &v)?;
             r.check(
-                "attention",
+                Section::Attention,
                 format!("{name} [{b},{h},{l}|{s},{d}] bf16 {} vs f32 (reference bf16: {e_naive:.2e})", kernel.name()),
                 rel_max_err(&ours, &exact)?,
                 HALF_TOL,
@@ -519,7 +511,7 @@ fn attention_real_shapes(o: &CheckOptions, r: &mut Report) -> Result<()> {
                 Ok(())
             })?;
             r.info(
-                "attention",
+                Section::Attention,
                 format!(
                     "  {} vs reference time (reference materialises {scores:.2} GiB of bf16 scores)",
                     kernel.name()
@@ -558,14 +550,14 @@ fn merged_epilogue(
     let want_add = (base.to_dtype(DType::F32)? + (&exact * SCALE)?)?;
     let merged = attention.sdpa_merged(q, k, v)?;
     r.check(
-        "attention",
+        Section::Attention,
         format!("{name}: {} heads merged vs f32", attention.name()),
         rel_max_err(&merged, &exact)?,
         HALF_TOL,
     );
     let added = attention.sdpa_merged_add(q, k, v, &base, SCALE)?;
     r.check(
-        "attention",
+        Section::Attention,
         format!("{name}: {} base + {SCALE}·attention vs f32", attention.name()),
         rel_max_err(&added, &want_add)?,
         HALF_TOL,
@@ -579,7 +571,7 @@ fn merged_epilogue(
         Ok(())
     })?;
     r.info(
-        "attention",
+        Section::Attention,
         format!("  base + s·attention, heads merged: in the epilogue vs {} + transpose + scale + add", plain.name()),
         format!("{t_epilogue:.3} ms"),
         format!("{t_separate:.3} ms"),
@@ -618,12 +610,12 @@ fn fused_ip_term(
         let extra = ExtraAttention { q: &q_ip, k: &k_ip, v: &v_ip, row0, scale: SCALE };
         let Some(got) = attention.sdpa_merged_extra(q, k, v, &extra) else {
             let what = format!("{name}: IP term fused into {}", attention.name());
-            r.bool_check("attention", what, "not taken".into(), "taken".into(), false);
+            r.bool_check(Section::Attention, what, "not taken".into(), "taken".into(), false);
             return Ok(());
         };
         let term = Tensor::cat(&[exact_ip.narrow(1, 0, row0)?.zeros_like()?, exact_ip.narrow(1, row0, l - row0)?], 1)?;
         r.check(
-            "attention",
+            Section::Attention,
             format!("{name}: {} + IP term (S = {IP_TOKENS}) in one launch, {site}, vs f32", attention.name()),
             rel_max_err(&got?, &(&exact_main + term)?)?,
             HALF_TOL,
@@ -644,7 +636,7 @@ fn fused_ip_term(
         Ok(())
     })?;
     r.info(
-        "attention",
+        Section::Attention,
         format!("  attention + IP term: one launch vs two (attention alone {t_main:.3} ms)"),
         format!("{t_fused:.3} ms (IP +{:.3} ms)", t_fused - t_main),
         format!("{t_two:.3} ms (IP +{:.3} ms)", t_two - t_main),
@@ -693,7 +685,7 @@ fn ratio_row(r: &mut Report, o: &CheckOptions, what: String, ours_ms: f64, torch
         }
         None => ("—".into(), "no PyTorch figure".into()),
     };
-    r.info("bench", what, format!("{ours_ms:.2} ms"), reference, note);
+    r.info(Section::Bench, what, format!("{ours_ms:.2} ms"), reference, note);
 }
 
 /// Calls timed for SigLIP with the fused attention (`SIGLIP_RUNS` in scripts/gpu_bench_torch.py).
@@ -804,7 +796,7 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
             let opts = FluxBenchOptions { attention: attention.clone(), runs: o.runs.min(3), ..base.clone() };
             let (v_plain, v_ip) = bench_flux::run_plain_and_ip(&opts)?;
             r.info(
-                "bench",
+                Section::Bench,
                 format!("  default step {}² without / with IP, with {}", base.size, attention.name()),
                 format!("{v_plain:.2} / {v_ip:.2} ms (IP {:+.2} %)", (v_ip - v_plain) / v_plain * 100.0),
                 format!("{plain:.2} / {ip:.2} ms"),
@@ -820,7 +812,7 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
         let (b_plain, b_ip) = step_rows(o, r, &opts, label)?;
         if let Some(&(plain, ip)) = default_steps.first() {
             r.info(
-                "bench",
+                Section::Bench,
                 format!("default vs baseline kernel set, step {}² without / with IP", base.size),
                 format!("{plain:.2} / {ip:.2} ms"),
                 format!("{b_plain:.2} / {b_ip:.2} ms"),
@@ -896,7 +888,7 @@ fn step_rows(o: &CheckOptions, r: &mut Report, opts: &FluxBenchOptions, label: S
     if let Some(p) = peak {
         let torch = o.torch.as_ref().and_then(|t| t.get(&format!("flux_{size}_peak_gib")).copied());
         r.info(
-            "bench",
+            Section::Bench,
             format!(
                 "  peak memory during the step ({})",
                 if o.device.is_cpu() { "process RSS" } else { "driver-reported use" }
@@ -908,7 +900,7 @@ fn step_rows(o: &CheckOptions, r: &mut Report, opts: &FluxBenchOptions, label: S
     }
     let overhead = (cached - plain) / plain * 100.0;
     r.info(
-        "bench",
+        Section::Bench,
         format!("  with IP-Adapter, cached K/V ({size}²)"),
         format!("{cached:.2} ms"),
         "—".into(),
@@ -927,7 +919,7 @@ fn step_rows(o: &CheckOptions, r: &mut Report, opts: &FluxBenchOptions, label: S
         let torch = o.torch.as_ref().and_then(|t| t.get(&key).copied());
         let share = row.ms / plain * 100.0;
         r.info(
-            "bench",
+            Section::Bench,
             format!("  {} ({size}²)", row.name.trim()),
             format!("{:.2} ms ({share:.2} % of the step)", row.ms),
             torch.map_or("—".into(), |t| format!("{t:.2} ms")),
@@ -984,7 +976,7 @@ fn bench_flux_streamed(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let label = format!("Flux {depth}+{single} step {}², {dtype:?}", opts.size);
     r.info(
-        "stream",
+        Section::Stream,
         format!("{label}, all resident ({:.2} GiB weights)", gib(run.weight_bytes)),
         format!("{:.2} ms", run.resident_ms),
         run.resident_peak.map_or("—".into(), |p| format!("peak {:.2} GiB", gib(p))),
@@ -993,7 +985,7 @@ fn bench_flux_streamed(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let ratio = run.streamed_ms / run.resident_ms;
     let budget_gib = gib(budget);
     r.info(
-        "stream",
+        Section::Stream,
         format!(
             "{label}, streamed in a {budget_gib:.2} GiB budget: {} blocks resident, {} streamed ({:.2} GiB copied per step)",
             run.resident_blocks,
@@ -1006,7 +998,7 @@ fn bench_flux_streamed(o: &CheckOptions, r: &mut Report) -> Result<()> {
     );
     let copy_gbs = run.streamed_bytes as f64 / (run.streamed_ms / 1e3) / 1e9;
     r.info(
-        "stream",
+        Section::Stream,
         "  copy rate needed to hide the stream behind compute".to_string(),
         format!("{:.1} GB/s", run.streamed_bytes as f64 / (run.resident_ms / 1e3) / 1e9),
         format!("{copy_gbs:.1} GB/s achieved over the streamed step"),
@@ -1016,7 +1008,7 @@ fn bench_flux_streamed(o: &CheckOptions, r: &mut Report) -> Result<()> {
     if let Some(p) = pinned.borrow().as_ref() {
         let s = p.stats();
         r.bool_check(
-            "stream",
+            Section::Stream,
             "  every streamed block was prefetched (copied on the second stream ahead of use)",
             format!("{} of {} fetches", s.prefetched, s.fetches),
             "all".into(),
@@ -1025,7 +1017,7 @@ fn bench_flux_streamed(o: &CheckOptions, r: &mut Report) -> Result<()> {
     }
     if let (Some(peak), false) = (run.streamed_peak, dev.is_cpu()) {
         r.bool_check(
-            "stream",
+            Section::Stream,
             "  driver-measured peak of the streamed step within the budget",
             format!("{:.2} GiB", gib(peak)),
             format!("≤ {budget_gib:.2} GiB"),

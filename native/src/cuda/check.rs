@@ -18,7 +18,7 @@ use ipaflux_core::{DeviceSpec, SiglipVisionModel};
 
 use super::pinned::PinnedStash;
 use crate::bench_flux::PeakMemory;
-use crate::gpu_check::{random_weights, siglip_config, CheckOptions, Report};
+use crate::gpu_check::{random_weights, siglip_config, CheckOptions, Report, Section};
 use crate::{Error, Result};
 
 const MIB: u64 = 1 << 20;
@@ -125,7 +125,7 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
         loads.push(predicted as f64 / t.elapsed().as_secs_f64() / 1e9);
         let (placed, used) = (reg.placed_bytes(cuda), free0.saturating_sub(free_bytes(&ctx)?));
         r.bool_check(
-            "registry",
+            Section::Registry,
             format!("job {round}: SigLIP loaded, registry vs driver"),
             format!("registry {:.1} MiB, driver {:.1} MiB", placed as f64 / MIB as f64, used as f64 / MIB as f64),
             "within 5 %".into(),
@@ -147,7 +147,7 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
         offloads.push(predicted as f64 / t.elapsed().as_secs_f64() / 1e9);
         let (placed, used) = (reg.placed_bytes(cuda), free0.saturating_sub(free_bytes(&ctx)?));
         r.bool_check(
-            "registry",
+            Section::Registry,
             format!("job {round}: embeddings ready → offloaded to pinned memory"),
             format!("registry {:.1} MiB, driver {:.1} MiB", placed as f64 / MIB as f64, used as f64 / MIB as f64),
             "registry 0, driver < 64 MiB".into(),
@@ -158,7 +158,7 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
     }
     let used = free0.saturating_sub(free_bytes(&ctx)?);
     r.bool_check(
-        "registry",
+        Section::Registry,
         "after 3 jobs: nothing grew",
         format!("driver {:.1} MiB, registry {} B", used as f64 / MIB as f64, reg.placed_bytes(cuda)),
         "< 64 MiB, 0 B".into(),
@@ -168,14 +168,14 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let gb = predicted as f64 / 1e9;
     let (off, load) = (best(&offloads), best(&loads));
     r.info(
-        "bench",
+        Section::Bench,
         format!("encoder offload GPU → pinned host ({gb:.2} GB), best of 3"),
         format!("{off:.1} GB/s"),
         "≥ 45 GB/s (target)".into(),
         if off >= 45.0 { "met".into() } else { "**not met**".into() },
     );
     r.info(
-        "bench",
+        Section::Bench,
         format!("encoder reload pinned host → GPU ({gb:.2} GB), best of 3"),
         format!("{load:.1} GB/s"),
         "—".into(),
@@ -218,7 +218,7 @@ pub fn transfers(o: &CheckOptions, r: &mut Report) -> Result<()> {
     ] {
         let torch = o.torch.as_ref().and_then(|t| t.get(key).copied());
         r.info(
-            "bench",
+            Section::Bench,
             format!("{what}, {:.2} GiB, best of 5", bytes / GIB),
             format!("{ours:.1} GB/s"),
             torch.map_or("—".into(), |t| format!("{t:.1} GB/s")),
