@@ -5,12 +5,13 @@
 //! memory-maps files; the browser passes fetched buffers). No file IO.
 //!
 //! A store made from [`SharedBytes`] (`from_safetensors_shared`,
-//! `from_torch_zip_shared`: a memory-mapped file) keeps referring to them: each tensor is read from the
-//! bytes when it is used, not when the store is made. A model built through
-//! [`TensorStore::var_builder`] reads each tensor once, converts it and moves
-//! it to its device, so a CUDA load never holds a host copy of the whole
-//! checkpoint (T5-XXL: 9.5 GB). [`TensorStore::get`] keeps what it read in the
-//! store; [`TensorStore::shape`] reads nothing.
+//! `from_torch_zip_shared`: a memory-mapped file) keeps referring to them:
+//! each tensor is read from the bytes when it is used, not when the store is
+//! made. A model built through [`TensorStore::var_builder`] reads each
+//! tensor once, converts it and moves it to its device, so a CUDA load never
+//! holds a host copy of the whole checkpoint (T5-XXL: 9.5 GB).
+//! [`TensorStore::get`] keeps what it read in the store;
+//! [`TensorStore::shape`] reads nothing.
 
 mod pickle;
 mod zip;
