@@ -159,6 +159,14 @@ pub fn bench_config(o: &FluxBenchOptions) -> FluxConfig {
     }
 }
 
+impl Setup {
+    /// One forward at σ 0.7 with `hooks`.
+    fn step(&self, hooks: &[&dyn AttentionHook]) -> Result<()> {
+        self.model.forward(&self.img, &self.ids, &self.cond, 0.7, 0, Hooks::new(hooks))?;
+        Ok(())
+    }
+}
+
 fn setup(o: &FluxBenchOptions) -> Result<Setup> {
     let cfg = bench_config(o);
     let dev = &o.device;
@@ -188,12 +196,8 @@ fn setup(o: &FluxBenchOptions) -> Result<Setup> {
 /// Only the plain step (no IP): median ms.
 pub fn run_plain(o: &FluxBenchOptions) -> Result<f64> {
     let s = setup(o)?;
-    let step = || -> Result<()> {
-        s.model.forward(&s.img, &s.ids, &s.cond, 0.7, 0, Hooks::none())?;
-        Ok(())
-    };
-    step()?;
-    time_ms(&o.device, o.runs, step)
+    s.step(&[])?;
+    time_ms(&o.device, o.runs, || s.step(&[]))
 }
 
 /// An InstantX-sized adapter for `cfg`'s blocks (random weights: 128 tokens
@@ -222,37 +226,35 @@ fn random_adapter(cfg: &FluxConfig, o: &FluxBenchOptions) -> Result<(Vec<IpProce
     Ok((processors, embeds))
 }
 
+/// The IP-Adapter hook over one image's cached K/V, attending with `o.attention`.
+fn cached_hook(cfg: &FluxConfig, kv: Vec<IpKv>, o: &FluxBenchOptions) -> Result<IpAdapterHook> {
+    Ok(IpAdapterHook::new(vec![IpImage { kv, weight: 1.0 }], IpHookConfig::default(), cfg)?
+        .with_attention(o.attention.clone()))
+}
+
 /// The step without and with the IP-Adapter (one image, K/V cached): median
 /// ms of each, for comparing kernels on both.
 pub fn run_plain_and_ip(o: &FluxBenchOptions) -> Result<(f64, f64)> {
-    let Setup { cfg, model, img, ids, cond, .. } = setup(o)?;
-    let (processors, embeds) = random_adapter(&cfg, o)?;
+    let s = setup(o)?;
+    let (processors, embeds) = random_adapter(&s.cfg, o)?;
     let ip_cfg = IpAttentionConfig::default();
     let kv = processors.iter().map(|p| p.kv(&embeds, &ip_cfg)).collect::<ipaflux_core::Result<Vec<_>>>()?;
-    let hook = IpAdapterHook::new(vec![IpImage { kv, weight: 1.0 }], IpHookConfig::default(), &cfg)?
-        .with_attention(o.attention.clone());
-    let step = |hooks: &[&dyn AttentionHook]| -> Result<()> {
-        model.forward(&img, &ids, &cond, 0.7, 0, Hooks::new(hooks))?;
-        Ok(())
-    };
-    step(&[])?;
-    let plain = time_ms(&o.device, o.runs, || step(&[]))?;
-    step(&[&hook])?;
-    let ip = time_ms(&o.device, o.runs, || step(&[&hook]))?;
+    let hook = cached_hook(&s.cfg, kv, o)?;
+    s.step(&[])?;
+    let plain = time_ms(&o.device, o.runs, || s.step(&[]))?;
+    s.step(&[&hook])?;
+    let ip = time_ms(&o.device, o.runs, || s.step(&[&hook]))?;
     Ok((plain, ip))
 }
 
 /// Runs the three variants.
 pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
-    let Setup { cfg, model, img, ids, cond, rows, cols } = setup(o)?;
+    let s = setup(o)?;
+    let (cfg, rows, cols) = (&s.cfg, s.rows, s.cols);
     let dev = &o.device;
-    let (processors, embeds) = random_adapter(&cfg, o)?;
+    let (processors, embeds) = random_adapter(cfg, o)?;
     let ip_cfg = IpAttentionConfig::default();
-
-    let step = |hooks: &[&dyn AttentionHook]| -> Result<()> {
-        model.forward(&img, &ids, &cond, 0.7, 0, Hooks::new(hooks))?;
-        Ok(())
-    };
+    let step = |hooks: &[&dyn AttentionHook]| s.step(hooks);
     let mut out = Vec::new();
     let label = format!(
         "{}² ({} img + {} txt tokens), {}+{} blocks, {:?}",
@@ -279,8 +281,7 @@ pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
     dev.synchronize()?;
     let kv_ms = t.elapsed().as_secs_f64() * 1e3;
     let kv_bytes: usize = kv.iter().map(IpKv::nbytes).sum();
-    let hook = IpAdapterHook::new(vec![IpImage { kv, weight: 1.0 }], IpHookConfig::default(), &cfg)?
-        .with_attention(o.attention.clone());
+    let hook = cached_hook(cfg, kv, o)?;
     step(&[&hook])?;
     o.peak.reset();
     let ms_cached = time_ms(dev, o.runs, || step(&[&hook]))?;
@@ -323,7 +324,7 @@ pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
     branch(&recompute)?;
     let ms = time_ms(dev, o.runs.max(3), || branch(&recompute))?;
     out.push(FluxRow { name: "IP branch alone, K/V recomputed".into(), ms, peak_rss_bytes: None });
-    if let Some(ms) = fused_ip_extra_ms(o, &cfg, rows * cols)? {
+    if let Some(ms) = fused_ip_extra_ms(o, cfg, rows * cols)? {
         let name = "IP branch fused in the attention launch, cached K/V (its extra time)".into();
         out.push(FluxRow { name, ms, peak_rss_bytes: None });
     }

@@ -38,15 +38,26 @@ const TIME_FACTOR: f32 = 1000.0;
 /// as soon as the layer holds its own copy: loading peaks at about one model
 /// plus one layer, not two models.
 struct Weights {
-    /// Canonical names; each tensor is read (from a mapped checkpoint) as it is taken.
-    store: TensorStore,
+    source: WeightSource,
     dtype: DType,
     device: Device,
 }
 
+/// Where [`Weights`] takes tensors from, by canonical name.
+enum WeightSource {
+    /// A loaded checkpoint: each tensor is read (from a mapped file) as it is taken.
+    Store(TensorStore),
+    /// Tensors already in memory (a streamed block's, fetched each step).
+    Map(BTreeMap<String, Tensor>),
+}
+
 impl Weights {
     fn get(&mut self, name: &str) -> Result<Tensor> {
-        let t = self.store.take(name).ok_or_else(|| Error::Shape(format!("Flux weight `{name}` was not prepared")))?;
+        let t = match &mut self.source {
+            WeightSource::Store(store) => store.take(name),
+            WeightSource::Map(map) => map.remove(name),
+        };
+        let t = t.ok_or_else(|| Error::Shape(format!("Flux weight `{name}` was not prepared")))?;
         let t = t.to_device(&self.device)?;
         // fp8 stays fp8: each layer upcasts it when it runs.
         Ok(if t.dtype() == DType::F8E4M3 { t } else { t.to_dtype(self.dtype)? })
@@ -583,7 +594,7 @@ impl FluxModel {
                 kept.insert(name, t);
             }
         }
-        let mut w = Weights { store, dtype, device: device.clone() };
+        let mut w = Weights { source: WeightSource::Store(store), dtype, device: device.clone() };
         let double_blocks = (0..cfg.depth)
             .map(|i| {
                 Ok(if streamed.contains(&BlockId::Double(i)) {
@@ -689,11 +700,7 @@ impl FluxModel {
         if let Some(next) = next {
             source.prefetch(next)?;
         }
-        Ok(Weights {
-            store: TensorStore::from_tensors(block.to_string(), map),
-            dtype: self.dtype,
-            device: self.device.clone(),
-        })
+        Ok(Weights { source: WeightSource::Map(map), dtype: self.dtype, device: self.device.clone() })
     }
 
     /// The double blocks on `img` and `txt`, then the single blocks on their
