@@ -822,19 +822,8 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
     }
     // Diagnostics last: where the default step's time goes.
     if o.default_attention().is_some() && !o.quick {
-        let opts = FluxBenchOptions {
-            size: 1024,
-            narrow: false,
-            txt_tokens: 512,
-            depth,
-            depth_single: single,
-            runs: o.runs.min(3),
-            dtype,
-            device: dev.clone(),
-            attention: attention.clone(),
-            modulation: None,
-            peak: o.peak.clone(),
-        };
+        // `base` at full size is the 1024² step (`sizes[0]`).
+        let opts = FluxBenchOptions { runs: o.runs.min(3), modulation: None, ..base.clone() };
         if o.default_set.is_some() {
             let ms = bench_flux::run_plain(&opts)?;
             ratio_row(
