@@ -11,6 +11,8 @@ CUDA events around each call, median of --runs after warm-up:
   projection_ms        the InstantX image projection: Linear 1152→2304, GELU, Linear →128×4096, LayerNorm
   flux_{S}_ms          diffusers FluxTransformer2DModel (FLUX.1-dev config), one step at S² (S/16)² image + 512 text tokens
   flux_{S}_peak_gib    torch.cuda.max_memory_allocated during that step, weights included
+  flux_{S}_before_gib  torch.cuda.memory_allocated just before it (weights and inputs): peak − before is the
+                       step's own memory, which gpu-check compares with ours
   ip_cached_ms_{S}     the IP branch of a step: per block, SDPA of the block's query over 128 cached image tokens,
                        scaled and added (19 double blocks over the image tokens, 38 single over all tokens)
   ip_recomputed_ms_{S} the same with to_k_ip/to_v_ip and the K RMSNorm recomputed per block (InstantX math)
@@ -111,6 +113,7 @@ def flux(sizes, runs, out):
         with torch.inference_mode():
             model(**kw)
             torch.cuda.synchronize()
+            out[f"flux_{s}_before_gib"] = torch.cuda.memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
             out[f"flux_{s}_ms"] = timed(lambda: model(**kw), runs, warmup=1)
         out[f"flux_{s}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -65,39 +65,99 @@ impl FluxBenchOptions {
     }
 }
 
-/// A peak-memory reading: the process's RSS on the CPU, the driver's used
-/// memory on a GPU (sampled while the work runs).
+/// A memory reading: the process's RSS on the CPU, the driver's used
+/// memory on a GPU (sampled while the work runs). Both readings count from
+/// the same origin, so `peak − in_use` before a step is what the step added.
 pub trait PeakMemory: std::fmt::Debug + Send + Sync {
     /// Starts a new measurement.
     fn reset(&self);
     /// Peak bytes since the last reset (or since the start).
     fn peak(&self) -> Option<u64>;
+    /// Bytes in use now.
+    fn in_use(&self) -> Option<u64>;
 }
 
-/// The process's peak resident set ([`peak_rss`]); cannot be reset.
+/// The process's resident set: peak [`peak_rss`], now [`rss`]. A reset
+/// asks Linux to restart the peak (`5` into `/proc/self/clear_refs`); where
+/// that is refused the peak stays the process's lifetime peak.
 #[derive(Debug, Clone, Copy)]
 pub struct Rss;
 
 impl PeakMemory for Rss {
-    fn reset(&self) {}
+    fn reset(&self) {
+        if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+            tracing::debug!(target: "ipaflux::bench", "peak RSS not reset (/proc/self/clear_refs: {e})");
+        }
+    }
     fn peak(&self) -> Option<u64> {
         peak_rss()
     }
+    fn in_use(&self) -> Option<u64> {
+        rss()
+    }
 }
 
-/// One row: what ran, its median time and the peak RSS after it.
+/// One row: what ran, its median time, and for the plain and IP steps the
+/// memory in use before the timed runs and the peak during them.
 pub struct FluxRow {
     pub name: String,
     pub ms: f64,
-    pub peak_rss_bytes: Option<u64>,
+    pub memory: Option<StepMemory>,
+    /// What the row's result keeps resident, by the probe (the K/V cache's row).
+    pub resident_added: Option<u64>,
+}
+
+/// Memory around a timed step (the probe's readings: [`PeakMemory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepMemory {
+    /// In use before the step: weights, inputs and whatever else is resident.
+    pub before: u64,
+    /// Peak during the step.
+    pub peak: u64,
+}
+
+impl StepMemory {
+    /// What the step itself added at its peak (activations, workspaces, allocator slack).
+    pub fn working(&self) -> u64 {
+        self.peak.saturating_sub(self.before)
+    }
+}
+
+impl FluxRow {
+    fn timing(name: impl Into<String>, ms: f64) -> Self {
+        Self { name: name.into(), ms, memory: None, resident_added: None }
+    }
+}
+
+/// Times `step` like [`time_ms`] with the probe's readings around it (the
+/// device synchronised first, so nothing earlier is still in flight).
+fn time_with_memory(o: &FluxBenchOptions, mut step: impl FnMut() -> Result<()>) -> Result<(f64, Option<StepMemory>)> {
+    o.device.synchronize()?;
+    let before = o.peak.in_use();
+    o.peak.reset();
+    let ms = time_ms(&o.device, o.runs, &mut step)?;
+    let memory = match (before, o.peak.peak()) {
+        (Some(before), Some(peak)) => Some(StepMemory { before, peak: peak.max(before) }),
+        _ => None,
+    };
+    Ok((ms, memory))
+}
+
+fn status_kb(field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Peak resident set of this process (Linux `VmHWM`).
 pub fn peak_rss() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    status_kb("VmHWM:")
+}
+
+/// Resident set of this process now (Linux `VmRSS`).
+pub fn rss() -> Option<u64> {
+    status_kb("VmRSS:")
 }
 
 /// IP-Adapter without a cache: K/V from the processors at every block call.
@@ -252,7 +312,6 @@ pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
     let s = setup(o)?;
     let (cfg, rows, cols) = (&s.cfg, s.rows, s.cols);
     let dev = &o.device;
-    let (processors, embeds) = random_adapter(cfg, o)?;
     let ip_cfg = IpAttentionConfig::default();
     let step = |hooks: &[&dyn AttentionHook]| s.step(hooks);
     let mut out = Vec::new();
@@ -266,38 +325,41 @@ pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
         o.dtype
     );
     step(&[])?; // warm-up: first-touch allocations, caches, kernel loading
-    dev.synchronize()?;
-    o.peak.reset();
-    let ms = time_ms(dev, o.runs, || step(&[]))?;
-    out.push(FluxRow { name: format!("step, no IP: {label}"), ms, peak_rss_bytes: o.peak.peak() });
+    let (ms, memory) = time_with_memory(o, || step(&[]))?;
+    out.push(FluxRow { name: format!("step, no IP: {label}"), ms, memory, resident_added: None });
 
+    // The adapter is made only now, so the plain step's memory is Flux's
+    // alone, as PyTorch's figure is (its processors are 2.87 GB at bf16).
+    let (processors, embeds) = random_adapter(cfg, o)?;
     let kv_once = || -> Result<Vec<IpKv>> {
         Ok(processors.iter().map(|p| p.kv(&embeds, &ip_cfg)).collect::<ipaflux_core::Result<_>>()?)
     };
     kv_once()?; // warm-up
     dev.synchronize()?;
+    let kv_before = o.peak.in_use();
     let t = Instant::now();
     let kv = kv_once()?;
     dev.synchronize()?;
     let kv_ms = t.elapsed().as_secs_f64() * 1e3;
+    let kv_added = kv_before.zip(o.peak.in_use()).map(|(b, a)| a.saturating_sub(b));
     let kv_bytes: usize = kv.iter().map(IpKv::nbytes).sum();
     let hook = cached_hook(cfg, kv, o)?;
     step(&[&hook])?;
-    o.peak.reset();
-    let ms_cached = time_ms(dev, o.runs, || step(&[&hook]))?;
-    out.push(FluxRow { name: "step, IP with cached K/V".into(), ms: ms_cached, peak_rss_bytes: o.peak.peak() });
+    let (ms_cached, memory) = time_with_memory(o, || step(&[&hook]))?;
+    out.push(FluxRow { name: "step, IP with cached K/V".into(), ms: ms_cached, memory, resident_added: None });
     out.push(FluxRow {
         name: format!(
             "  K/V computed once per image ({} for these blocks)",
             ipaflux_core::registry::Bytes(kv_bytes as u64)
         ),
         ms: kv_ms,
-        peak_rss_bytes: None,
+        memory: None,
+        resident_added: kv_added,
     });
     let recompute = RecomputeIp { processors, embeds, cfg: ip_cfg, scale: 1.0, attention: o.attention.clone() };
     step(&[&recompute])?;
     let ms_re = time_ms(dev, o.runs, || step(&[&recompute]))?;
-    out.push(FluxRow { name: "step, IP with K/V recomputed per step".into(), ms: ms_re, peak_rss_bytes: None });
+    out.push(FluxRow::timing("step, IP with K/V recomputed per step", ms_re));
 
     // The IP branch alone, on queries of each block's shape: whole-step differences are
     // within the machine's noise, this is not.
@@ -320,13 +382,12 @@ pub fn run(o: &FluxBenchOptions) -> Result<Vec<FluxRow>> {
     };
     branch(&hook)?;
     let ms = time_ms(dev, o.runs.max(3), || branch(&hook))?;
-    out.push(FluxRow { name: "IP branch alone, cached K/V (all blocks of the step)".into(), ms, peak_rss_bytes: None });
+    out.push(FluxRow::timing("IP branch alone, cached K/V (all blocks of the step)", ms));
     branch(&recompute)?;
     let ms = time_ms(dev, o.runs.max(3), || branch(&recompute))?;
-    out.push(FluxRow { name: "IP branch alone, K/V recomputed".into(), ms, peak_rss_bytes: None });
+    out.push(FluxRow::timing("IP branch alone, K/V recomputed", ms));
     if let Some(ms) = fused_ip_extra_ms(o, cfg, rows * cols)? {
-        let name = "IP branch fused in the attention launch, cached K/V (its extra time)".into();
-        out.push(FluxRow { name, ms, peak_rss_bytes: None });
+        out.push(FluxRow::timing("IP branch fused in the attention launch, cached K/V (its extra time)", ms));
     }
     Ok(out)
 }
@@ -371,11 +432,15 @@ fn fused_ip_extra_ms(o: &FluxBenchOptions, cfg: &FluxConfig, img_tokens: usize) 
 /// The table, with the IP overhead relative to the plain step and the cache size at full depth.
 pub fn table(rows: &[FluxRow], o: &FluxBenchOptions) -> String {
     use std::fmt::Write as _;
+    let bytes = |b: Option<u64>| b.map_or("-".to_string(), |b| ipaflux_core::registry::Bytes(b).to_string());
     let mut s = String::new();
     let base = rows.first().map_or(1.0, |r| r.ms);
-    let _ = writeln!(s, "{:<72} {:>11} {:>9} {:>12}", "flux step (CPU, random weights)", "ms", "vs plain", "peak RSS");
+    let _ = writeln!(
+        s,
+        "{:<72} {:>11} {:>9} {:>12} {:>12}",
+        "flux step (CPU, random weights)", "ms", "vs plain", "peak RSS", "added"
+    );
     for r in rows {
-        let rss = r.peak_rss_bytes.map_or("-".to_string(), |b| ipaflux_core::registry::Bytes(b).to_string());
         let rel = if r.name.starts_with("step") {
             format!("{:+.2}%", (r.ms / base - 1.0) * 100.0)
         } else if r.name.starts_with("IP branch") {
@@ -383,7 +448,9 @@ pub fn table(rows: &[FluxRow], o: &FluxBenchOptions) -> String {
         } else {
             "-".into()
         };
-        let _ = writeln!(s, "{:<72} {:>11.1} {:>9} {:>12}", r.name, r.ms, rel, rss);
+        let peak = bytes(r.memory.map(|m| m.peak));
+        let added = bytes(r.memory.map(|m| m.working()).or(r.resident_added));
+        let _ = writeln!(s, "{:<72} {:>11.1} {:>9} {:>12} {:>12}", r.name, r.ms, rel, peak, added);
     }
     let full = FluxConfig::dev();
     let per_image = full.num_blocks() * 2 * 128 * full.hidden_size * o.dtype.size_in_bytes();
@@ -391,6 +458,7 @@ pub fn table(rows: &[FluxRow], o: &FluxBenchOptions) -> String {
         s,
         "reduced depth: {}+{} of FLUX.1's {}+{} blocks (the IP share is per block, so it carries over). \
          `vs plain`: whole steps as a change, IP branch as a share of the plain step. \
+         `added`: a step's peak over what was resident before it; for the K/V row, what the cache keeps. \
          Cached K/V at full depth: {} per reference image at {:?}",
         o.depth,
         o.depth_single,
@@ -412,7 +480,7 @@ pub type SourceMaker<'a> = &'a dyn Fn(&BTreeMap<String, Tensor>, &[BlockId]) -> 
 pub struct StreamedRun {
     /// The same step with every block resident (median ms), timed first.
     pub resident_ms: f64,
-    pub resident_peak: Option<u64>,
+    pub resident_memory: Option<StepMemory>,
     /// Median ms with the registry's plan executed.
     pub streamed_ms: f64,
     pub streamed_peak: Option<u64>,
@@ -446,16 +514,15 @@ pub fn run_streamed(
         Ok(())
     };
     step(&model)?;
-    dev.synchronize()?;
-    o.peak.reset();
-    let resident_ms = time_ms(dev, o.runs, || step(&model))?;
-    let resident_peak = o.peak.peak();
+    let (resident_ms, resident_memory) = time_with_memory(o, || step(&model))?;
 
     let units = unit_specs(&cfg, o.dtype);
     let weight_bytes: u64 = units.iter().map(|u| u.bytes).sum();
-    let working = match (working, resident_peak) {
+    // Conservative: everything the probe saw beyond the weights' own bytes,
+    // their allocation slack included, counts as working memory.
+    let working = match (working, resident_memory) {
         (Some(w), _) => w,
-        (None, Some(peak)) => peak.saturating_sub(weight_bytes).max(1 << 30),
+        (None, Some(m)) => m.peak.saturating_sub(weight_bytes).max(1 << 30),
         (None, None) => {
             return Err(Error::Core(ipaflux_core::Error::Unsupported(
                 "no peak-memory probe on this device to measure the step's working memory".into(),
@@ -496,7 +563,7 @@ pub fn run_streamed(
     let streamed_ms = time_ms(dev, o.runs, || step(&model))?;
     Ok(StreamedRun {
         resident_ms,
-        resident_peak,
+        resident_memory,
         streamed_ms,
         streamed_peak: o.peak.peak(),
         resident_blocks: cfg.num_blocks() - blocks.len(),

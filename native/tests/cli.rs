@@ -376,7 +376,11 @@ fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
     // The GPU check's code on the CPU at small sizes, so it builds and runs in
     // every CI run; the CUDA sections are compiled by `cargo xtask cuda-check`.
     let torch = tmp("torch.json");
-    std::fs::write(&torch, r#"{"device": "test", "siglip_ms": 1000.0, "flux_128_ms": 2.0}"#).unwrap();
+    std::fs::write(
+        &torch,
+        r#"{"device": "test", "siglip_ms": 1000.0, "flux_128_ms": 2.0, "flux_128_peak_gib": 1.5, "flux_128_before_gib": 1.0}"#,
+    )
+    .unwrap();
     let table = tmp("gpu-check.md");
     let out = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
         .args(["gpu-check", "--device", "cpu", "--quick", "--runs", "1", "--fixtures"])
@@ -401,6 +405,9 @@ fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
     assert!(written.contains("| parity | Flux tiny + IP, cpu F32 (reference attention) vs diffusers |"), "{written}");
     assert!(written.contains("| 1000.00 ms |"), "{written}");
     assert!(written.contains(", 0 failed"), "{written}");
+    // The step's own memory beside PyTorch's (peak − before: 0.5 GiB), and what the K/V cache keeps.
+    assert!(written.contains("the step's own memory") && written.contains("| 512 MiB (torch) |"), "{written}");
+    assert!(written.contains("memory the cached K/V of one image keeps"), "{written}");
     // The streamed run executed the registry's partial-load plan (some blocks streamed).
     let streamed = written.lines().find(|l| l.starts_with("| stream |") && l.contains("streamed in a")).unwrap();
     assert!(!streamed.contains(" 0 streamed"), "{streamed}");

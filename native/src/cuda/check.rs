@@ -90,6 +90,10 @@ impl PeakMemory for DriverPeak {
     fn peak(&self) -> Option<u64> {
         Some(self.base_free.saturating_sub(self.min_free.load(Ordering::Relaxed)))
     }
+    fn in_use(&self) -> Option<u64> {
+        let (free, _) = self.ctx.mem_get_info().ok()?;
+        Some(self.base_free.saturating_sub(free as u64))
+    }
 }
 
 /// Registry accounting vs the driver over three jobs: SigLIP loaded from
