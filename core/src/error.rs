@@ -57,6 +57,13 @@ pub enum Error {
     )]
     UnsafePickle { source_name: String, global: String },
 
+    /// A tensor whose header was fine but whose bytes could not be read.
+    #[error(
+        "{source_name}: the bytes of tensor `{name}` could not be read ({reason}); the file may be truncated \
+         or changed since it was opened"
+    )]
+    TensorData { source_name: String, name: String, reason: String },
+
     /// Checkpoint tensors that do not match the model; all problems at once.
     #[error("{source_name}: {} problem(s) with the checkpoint's tensors:{}", problems.len(), ProblemList(problems))]
     Checkpoint { source_name: String, problems: Vec<TensorProblem> },

@@ -232,19 +232,20 @@ pub fn packed_shapes(format: WeightFormat, n: usize, k: usize) -> [Vec<usize>; 2
 }
 
 /// Finds the packed form of weight `name [n, k]` through `lookup` (a tensor by
-/// name): `Ok(None)` if it is not stored packed, an error if it is stored
-/// packed but malformed (a tensor missing, wrong shape or dtype).
+/// name, `Ok(None)` where there is none): `Ok(None)` if it is not stored
+/// packed, an error if it is stored packed but malformed (a tensor missing,
+/// wrong shape or dtype) or a lookup fails.
 pub fn find_packed(
-    lookup: impl Fn(&str) -> Option<Tensor>,
+    lookup: impl Fn(&str) -> Result<Option<Tensor>, Error>,
     name: &str,
     n: usize,
     k: usize,
 ) -> Result<Option<QuantizedMatrix>, Error> {
     for format in PACKED_FORMATS {
         let (wname, sname) = packed_names(name, format);
-        let Some(words) = lookup(&wname) else { continue };
+        let Some(words) = lookup(&wname)? else { continue };
         let bad = |what: String| Error::Shape(format!("pre-quantized weight `{name}` ([{n}, {k}], {format}): {what}"));
-        let scales = lookup(&sname).ok_or_else(|| bad(format!("`{sname}` is missing")))?;
+        let scales = lookup(&sname)?.ok_or_else(|| bad(format!("`{sname}` is missing")))?;
         let [wshape, sshape] = packed_shapes(format, n, k);
         for (t, tname, shape, dtype) in [(&words, &wname, &wshape, DType::U32), (&scales, &sname, &sshape, DType::F32)]
         {
@@ -446,9 +447,9 @@ mod tests {
             let packed = PACKED_FORMATS.contains(&format);
             assert_eq!(store.quantized_format(), packed.then_some(format), "{format}");
             // Tensors that are not linear weights are stored as they were.
-            assert_eq!(store.get("pos.weight").map(|t| t.to_vec2::<f32>()).transpose()?, Some(other.to_vec2()?));
+            assert_eq!(store.get("pos.weight")?.map(|t| t.to_vec2::<f32>()).transpose()?, Some(other.to_vec2()?));
             let want = QuantizedMatrix::new(&w, n, k, format)?;
-            let found = find_packed(|name| store.get(name).cloned(), "l.weight", n, k)?;
+            let found = find_packed(|name| Ok(store.get(name)?.cloned()), "l.weight", n, k)?;
             assert_eq!(found.as_ref(), packed.then_some(&want), "{format}");
             let vb = store.var_builder(DType::F32, &Device::Cpu);
             let got = vb.get((n, k), "l.weight")?.flatten_all()?.to_vec1::<f32>()?;
@@ -472,7 +473,7 @@ mod tests {
         let store = store.filter_rename(|n| (!n.ends_with("_scales")).then(|| n.to_string()));
         let err = store.validate(&[("l.weight".into(), vec![4, 64])]).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("l.weight.q8_scales") && err.contains("missing"), "{err}");
-        let err = find_packed(|name| store.get(name).cloned(), "l.weight", 4, 64).err().map(|e| e.to_string());
+        let err = find_packed(|name| Ok(store.get(name)?.cloned()), "l.weight", 4, 64).err().map(|e| e.to_string());
         assert!(err.unwrap_or_default().contains("`l.weight.q8_scales` is missing"));
         Ok(())
     }

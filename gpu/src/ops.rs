@@ -127,9 +127,12 @@ impl LoadOps for WgpuOps {
     /// backend's format.
     fn load_linear_at(&self, vb: &VarBuilder, out: usize, inp: usize) -> Result<GpuLinear> {
         // Packed tensors keep their stored dtypes: u32 words, f32 scales.
-        let lookup = |name: &str| {
+        let lookup = |name: &str| -> ipaflux_core::Result<Option<Tensor>> {
+            if !vb.contains_tensor(name) {
+                return Ok(None);
+            }
             let dtype = if name.ends_with("_scales") { DType::F32 } else { DType::U32 };
-            vb.get_unchecked_dtype(name, dtype).ok()
+            Ok(Some(vb.get_unchecked_dtype(name, dtype)?))
         };
         let Some(q) = ipaflux_core::quant::find_packed(lookup, "weight", out, inp)? else {
             return self.upload_linear(&vb.get((out, inp), "weight")?, &vb.get(out, "bias")?, self.format);

@@ -146,7 +146,7 @@ impl Row {
             Verdict::Fail => "**FAIL**".to_string(),
             Verdict::Info(n) => n.clone(),
         };
-        format!("| {} | {} | {} | {} | {} |", self.section.name(), self.what, self.ours, self.reference, v)
+        format!("| {} | {} | {} | {} | {} |", self.section, self.what, self.ours, self.reference, v)
     }
 }
 
@@ -179,7 +179,7 @@ impl Report {
     }
 
     fn failed(&mut self, section: Section, what: &str, e: &dyn std::fmt::Display) {
-        eprintln!("gpu-check: {}: {what}: {e}", section.name());
+        eprintln!("gpu-check: {section}: {what}: {e}");
         self.push(Row {
             section,
             what: what.to_string(),
@@ -268,15 +268,13 @@ pub enum Section {
     Stream,
 }
 
-impl Section {
-    /// The name in the table's first column (and on the command line).
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Parity => "parity",
-            Self::Attention => "attention",
-            Self::Registry => "registry",
-            Self::Bench => "bench",
-            Self::Stream => "stream",
+/// The name in the table's first column: the one clap derives for the command line.
+impl std::fmt::Display for Section {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum as _;
+        match self.to_possible_value() {
+            Some(v) => f.write_str(v.get_name()),
+            None => write!(f, "{self:?}"),
         }
     }
 }

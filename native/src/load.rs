@@ -501,7 +501,7 @@ mod tests {
             assert_eq!(copied.read_bytes(), copied.nbytes());
             assert_eq!(mapped.names().collect::<Vec<_>>(), copied.names().collect::<Vec<_>>());
             for name in copied.names() {
-                let (a, b) = (mapped.get(name).unwrap(), copied.get(name).unwrap());
+                let (a, b) = (mapped.get(name).unwrap().unwrap(), copied.get(name).unwrap().unwrap());
                 assert_eq!((a.dtype(), a.dims()), (b.dtype(), b.dims()), "{rel}: {name}");
                 let diff = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
                 assert_eq!(diff.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);

@@ -61,8 +61,12 @@ pub fn quantize_siglip(
     store.validate(&expected_tensors(&cfg))?;
     let in_bytes = store.nbytes() as u64;
     // Names as transformers' SiglipVisionModel has them, so an f16 output loads there too.
-    let named: Vec<(String, &ipaflux_core::candle_core::Tensor)> =
-        store.names().filter_map(|n| Some((format!("vision_model.{n}"), store.get(n)?))).collect();
+    let mut named: Vec<(String, &ipaflux_core::candle_core::Tensor)> = Vec::with_capacity(store.len());
+    for n in store.names() {
+        if let Some(t) = store.get(n)? {
+            named.push((format!("vision_model.{n}"), t));
+        }
+    }
     let linear: Vec<String> = linear_weights(&cfg).into_iter().map(|n| format!("vision_model.{n}")).collect();
     let total = named.len();
     let bytes = quantize_checkpoint(named.iter().map(|(n, t)| (n.as_str(), *t)), &linear, format, |i, _| {

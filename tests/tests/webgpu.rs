@@ -94,7 +94,7 @@ fn quantized_store(format: WeightFormat) -> ipaflux_core::weights::TensorStore {
     use ipaflux_core::siglip::{linear_weights, siglip_tensor_name};
     let files = load_siglip_dir(&fixture("siglip-vision")).unwrap();
     let store = files.weights.filter_rename(siglip_tensor_name);
-    let named: Vec<(&str, &Tensor)> = store.names().map(|n| (n, store.get(n).unwrap())).collect();
+    let named: Vec<(&str, &Tensor)> = store.names().map(|n| (n, store.get(n).unwrap().unwrap())).collect();
     let bytes =
         ipaflux_core::quant::quantize_checkpoint(named, &linear_weights(&files.config), format, |_, _| {}).unwrap();
     ipaflux_core::weights::TensorStore::from_safetensors(&bytes, "model.safetensors").unwrap()

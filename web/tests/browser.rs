@@ -19,7 +19,7 @@ const GOLDEN: &[u8] = include_bytes!("../../tests/fixtures/golden.safetensors");
 
 fn golden_pooled() -> Vec<f32> {
     let store = ipaflux_core::weights::TensorStore::from_safetensors(GOLDEN, "golden.safetensors").unwrap();
-    store.get("pooled.photo_jpg").unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    store.get("pooled.photo_jpg").unwrap().unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
 fn field(v: &JsValue, k: &str) -> JsValue {

@@ -222,7 +222,7 @@ impl FluxLayout {
             }
             let mut parts = Vec::new();
             for (src, _) in sources {
-                parts.push(store.take(&src).ok_or_else(|| Error::Checkpoint {
+                parts.push(store.take(&src)?.ok_or_else(|| Error::Checkpoint {
                     source_name: store.source_name.clone(),
                     problems: vec![TensorProblem::Missing { name: src, expected: vec![] }],
                 })?);

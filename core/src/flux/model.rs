@@ -54,7 +54,7 @@ enum WeightSource {
 impl Weights {
     fn get(&mut self, name: &str) -> Result<Tensor> {
         let t = match &mut self.source {
-            WeightSource::Store(store) => store.take(name),
+            WeightSource::Store(store) => store.take(name)?,
             WeightSource::Map(map) => map.remove(name),
         };
         let t = t.ok_or_else(|| Error::Shape(format!("Flux weight `{name}` was not prepared")))?;
@@ -589,7 +589,7 @@ impl FluxModel {
             store.names().filter(|n| streamed.iter().any(|b| b.owns(n))).map(str::to_string).collect();
         let mut kept = BTreeMap::new();
         for name in names {
-            if let Some(t) = store.take(&name) {
+            if let Some(t) = store.take(&name)? {
                 let t = if t.dtype() == DType::F8E4M3 { t } else { t.to_dtype(dtype)? };
                 kept.insert(name, t);
             }

@@ -211,16 +211,20 @@ impl TensorStore {
     }
 
     /// A tensor, read from the shared bytes on first use and kept in the
-    /// store from then on (`None` where there is no such tensor, or its bytes
-    /// cannot be read). Use [`Self::shape`] or [`Self::contains`] where the
-    /// values are not needed.
-    pub fn get(&self, name: &str) -> Option<&Tensor> {
-        let entry = self.tensors.get(name)?;
+    /// store from then on (`Ok(None)` where there is no such tensor; an error
+    /// where its bytes cannot be read). Use [`Self::shape`] or
+    /// [`Self::contains`] where the values are not needed.
+    pub fn get(&self, name: &str) -> Result<Option<&Tensor>> {
+        let Some(entry) = self.tensors.get(name) else { return Ok(None) };
         if let Some(t) = entry.read.get() {
-            return Some(t);
+            return Ok(Some(t));
         }
-        let t = entry.tensor().ok()?;
-        Some(entry.read.get_or_init(|| t))
+        let t = entry.tensor().map_err(|e| self.unreadable(name, e))?;
+        Ok(Some(entry.read.get_or_init(|| t)))
+    }
+
+    fn unreadable(&self, name: &str, e: candle_core::Error) -> Error {
+        Error::TensorData { source_name: self.source_name.clone(), name: name.to_string(), reason: e.to_string() }
     }
 
     /// A tensor's shape as stored (reads no tensor data).
@@ -255,12 +259,16 @@ impl TensorStore {
     }
 
     /// Removes and returns a tensor (models that rearrange weights take them
-    /// out as they go); one not read yet is read now.
-    pub fn take(&mut self, name: &str) -> Option<Tensor> {
-        let entry = self.tensors.remove(name)?;
+    /// out as they go); one not read yet is read now (`Ok(None)`: no such
+    /// tensor; an error where its bytes cannot be read).
+    pub fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
+        let Some(entry) = self.tensors.remove(name) else { return Ok(None) };
         match entry.read.into_inner() {
-            Some(t) => Some(t),
-            None => Entry { read: OnceLock::new(), ..entry }.tensor().ok(),
+            Some(t) => Ok(Some(t)),
+            None => {
+                let t = Entry { read: OnceLock::new(), ..entry }.tensor().map_err(|e| self.unreadable(name, e))?;
+                Ok(Some(t))
+            }
         }
     }
 
@@ -371,8 +379,8 @@ struct StoreBackend {
 }
 
 impl StoreBackend {
-    fn lookup(&self, name: &str) -> Option<Tensor> {
-        self.tensors.get(name).and_then(|e| e.tensor().ok())
+    fn lookup(&self, name: &str) -> candle_core::Result<Option<Tensor>> {
+        self.tensors.get(name).map(Entry::tensor).transpose()
     }
 }
 
@@ -387,7 +395,7 @@ impl candle_nn::var_builder::SimpleBackend for StoreBackend {
     ) -> candle_core::Result<Tensor> {
         let t = match (self.tensors.get(name), s.dims()) {
             (Some(e), _) => e.tensor()?,
-            (None, &[n, k]) => match quant::find_packed(|n| self.lookup(n), name, n, k) {
+            (None, &[n, k]) => match quant::find_packed(|n| Ok(self.lookup(n)?), name, n, k) {
                 Ok(Some(q)) => Tensor::from_vec(q.dequantize(), (n, k), &Device::Cpu)?,
                 Ok(None) => return Err(candle_core::Error::CannotFindTensor { path: name.to_string() }),
                 Err(e) => return Err(candle_core::Error::Msg(e.to_string())),
@@ -405,7 +413,7 @@ impl candle_nn::var_builder::SimpleBackend for StoreBackend {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.lookup(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
+        let t = self.lookup(name)?.ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
         t.to_device(dev)?.to_dtype(dtype)
     }
 
@@ -635,14 +643,47 @@ mod tests {
         assert_eq!(vb.get((2, 3), "a").unwrap().to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
         assert_eq!(store.read_bytes(), 0);
         // `get` keeps what it read; `take` hands the tensor over and forgets it.
-        assert_eq!(store.get("a").unwrap().to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
+        assert_eq!(store.get("a").unwrap().unwrap().to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
         assert_eq!(store.read_bytes(), 24);
-        assert_eq!(store.take("b").unwrap().to_vec1::<u8>().unwrap(), [1, 2, 3]);
-        assert!(!store.contains("b") && store.take("b").is_none());
+        assert_eq!(store.take("b").unwrap().unwrap().to_vec1::<u8>().unwrap(), [1, 2, 3]);
+        assert!(!store.contains("b") && store.take("b").unwrap().is_none());
         // The copying parser: the same tensors, all read up front.
         let copied = TensorStore::from_safetensors((*shared).as_ref(), "s.safetensors").unwrap();
         assert_eq!(copied.read_bytes(), copied.nbytes());
-        assert_eq!(copied.get("b").unwrap().to_vec1::<u8>().unwrap(), [1, 2, 3]);
+        assert_eq!(copied.get("b").unwrap().unwrap().to_vec1::<u8>().unwrap(), [1, 2, 3]);
+    }
+
+    /// Bytes that can shrink after the store was made, as a file truncated under its map.
+    struct Shrinking {
+        bytes: Vec<u8>,
+        cut: std::sync::atomic::AtomicBool,
+    }
+
+    impl AsRef<[u8]> for Shrinking {
+        fn as_ref(&self) -> &[u8] {
+            let n = if self.cut.load(std::sync::atomic::Ordering::Relaxed) { 8 } else { self.bytes.len() };
+            &self.bytes[..n]
+        }
+    }
+
+    #[test]
+    fn unreadable_tensor_bytes_are_an_error_that_names_the_tensor_not_an_absence() {
+        let a = Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let bytes = safetensors::serialize([("a", &a)], None).unwrap();
+        let shared = Arc::new(Shrinking { bytes, cut: false.into() });
+        let mut store = TensorStore::from_safetensors_shared(shared.clone(), "s.safetensors").unwrap();
+        shared.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+        let expect = |e: Error| {
+            let msg = e.to_string();
+            assert!(matches!(e, Error::TensorData { .. }), "{msg}");
+            assert!(msg.contains("s.safetensors") && msg.contains("tensor `a`") && msg.contains("truncated"), "{msg}");
+        };
+        expect(store.get("a").unwrap_err());
+        let vb = store.var_builder(DType::F32, &Device::Cpu);
+        assert!(vb.get((2, 3), "a").is_err());
+        expect(store.take("a").unwrap_err());
+        // A missing tensor stays an absence.
+        assert!(store.get("nope").unwrap().is_none() && store.take("nope").unwrap().is_none());
     }
 
     #[test]
