@@ -1,6 +1,9 @@
 //! With the `cuda` feature: compiles our kernels (`src/cuda/*/<name>.cu`) to
 //! PTX with nvcc (`NVCC`, else `nvcc` on PATH) for `compute_$CUDA_COMPUTE_CAP`
-//! (default 90: H100/H200), as `$OUT_DIR/<name>.ptx`. Without it: nothing.
+//! (default 90: H100/H200), as `$OUT_DIR/<name>.ptx`; for compute capability
+//! 90 also attention's `wgmma` version alone for `compute_90a`
+//! (`attention_wgmma.ptx`; empty for other capabilities, where that version
+//! does not exist). Without the feature: nothing.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -24,13 +27,25 @@ fn main() {
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
     for (source, ptx) in KERNELS {
-        compile(&nvcc, &cap, source, &PathBuf::from(&out_dir).join(ptx));
+        compile(&nvcc, &format!("compute_{cap}"), &[], source, &PathBuf::from(&out_dir).join(ptx));
+    }
+    // `wgmma` is Hopper's alone, in the architecture-specific target.
+    let wgmma = PathBuf::from(&out_dir).join("attention_wgmma.ptx");
+    if cap == "90" {
+        compile(&nvcc, "compute_90a", &["-DIPAFLUX_WGMMA_ONLY"], KERNELS[0].0, &wgmma);
+    } else if let Err(e) = std::fs::write(&wgmma, "") {
+        panic!("cannot write {}: {e}", wgmma.display());
     }
 }
 
-fn compile(nvcc: &str, cap: &str, source: &str, out: &std::path::Path) {
-    let status =
-        Command::new(nvcc).args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), "-o"]).arg(out).arg(source).status();
+fn compile(nvcc: &str, arch: &str, defines: &[&str], source: &str, out: &std::path::Path) {
+    let status = Command::new(nvcc)
+        .args(["--ptx", "-O3", &format!("-arch={arch}")])
+        .args(defines)
+        .arg("-o")
+        .arg(out)
+        .arg(source)
+        .status();
     match status {
         Ok(s) if s.success() => {}
         Ok(s) => panic!("{nvcc} failed on {source} ({s})"),

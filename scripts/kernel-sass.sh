@@ -6,6 +6,9 @@
 #
 #   scripts/kernel-sass.sh [ARCH] [ENTRY_REGEX]     # default sm_90, all entries
 #
+# ARCH sm_90a compiles attention's wgmma version alone (as build.rs does for
+# its compute_90a module).
+#
 # Installs cuobjdump and nvdisasm (13.2: the first on PyPI; they read 13.0's
 # cubins) into .cuda-venv beside nvcc (scripts/cuda-env.sh).
 set -euo pipefail
@@ -23,7 +26,9 @@ out="${CARGO_TARGET_DIR:-target}/kernel-sass"
 mkdir -p "$out"
 for kernel in attention modulation; do
   src="native/src/cuda/$kernel/$kernel.cu"
-  nvcc -arch="$arch" -O3 -cubin -Xptxas -v -I"$cu13/include" -o "$out/$kernel.cubin" "$src" 2> "$out/$kernel.ptxas"
+  defines=()
+  if [ "$arch" = sm_90a ] && [ "$kernel" = attention ]; then defines=(-DIPAFLUX_WGMMA_ONLY); fi
+  nvcc -arch="$arch" -O3 -cubin -Xptxas -v "${defines[@]}" -I"$cu13/include" -o "$out/$kernel.cubin" "$src" 2> "$out/$kernel.ptxas"
   # "Compiling entry function 'NAME'" … "N bytes spill stores" … "Used R registers"
   awk -v f="$filter" '
     /Compiling entry function/ { match($0, /'"'"'[^'"'"']+'"'"'/); name = substr($0, RSTART + 1, RLENGTH - 2) }

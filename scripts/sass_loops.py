@@ -2,7 +2,7 @@
 """Instruction mix of the loops of CUDA kernels, from `cuobjdump -sass` output.
 
 A static signal for sessions without a GPU: for each loop that issues tensor-core
-instructions (HMMA), the instructions in its body by opcode. Counts are static:
+instructions (HMMA; HGMMA, Hopper's warpgroup MMA), the instructions in its body by opcode. Counts are static:
 the body includes every branch's code (e.g. an odd head-size path), so they
 compare versions of a kernel, they do not time one.
 
@@ -13,7 +13,7 @@ import collections
 import re
 import sys
 
-SHOWN = ["HMMA", "LDSM", "MUFU", "LDGSTS", "BAR", "FMUL", "FFMA", "FMNMX", "ISETP", "SHFL", "F2FP", "LDL", "STL"]
+SHOWN = ["HMMA", "HGMMA", "LDSM", "MUFU", "LDGSTS", "BAR", "FMUL", "FFMA", "FMNMX", "ISETP", "SHFL", "F2FP", "LDL", "STL"]
 
 
 def parse(lines):
@@ -46,6 +46,10 @@ def main():
         if ops["HMMA"]:
             mix = ", ".join(f"{op} {ops[op]}" for op in SHOWN)
             print(f"  loop {start:#x}-{end:#x}: {len(body)} instructions, {len(body) / ops['HMMA']:.1f} per HMMA; {mix}")
+        elif ops["HGMMA"]:
+            # One HGMMA here is 64 x N x 16 for the warpgroup: per warp, N / 8 of mma.sync's m16n8k16.
+            mix = ", ".join(f"{op} {ops[op]}" for op in SHOWN)
+            print(f"  loop {start:#x}-{end:#x}: {len(body)} instructions, HGMMA {ops['HGMMA']}; {mix}")
 
 
 if __name__ == "__main__":

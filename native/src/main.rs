@@ -476,6 +476,7 @@ fn main() -> anyhow::Result<()> {
                             Kernel::MmaPipelined,
                             Kernel::MmaPipelinedWide,
                             Kernel::MmaTwoTilesStaged,
+                            Kernel::Wgmma,
                         ]
                         .map(|kernel| ipaflux::cuda::fused_attention_with(kernel, Output::Heads))
                         .to_vec()

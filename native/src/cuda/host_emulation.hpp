@@ -44,9 +44,12 @@ struct BlockCtx {
         : block(threads), warps((threads + 31) / 32), exchange((threads + 31) / 32 * 32 * SLOTS),
           smem(smem_bytes + 128, 0xFF) {
         for (auto& w : warps) w = std::make_unique<std::barrier<>>(32);
+        for (unsigned g = 0; g < threads / 128; ++g) warpgroups.push_back(std::make_unique<std::barrier<>>(128));
     }
     std::barrier<> block;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
+    // Warpgroups (4 warps) for wgmma; their exchange slots are their warps'.
+    std::vector<std::unique_ptr<std::barrier<>>> warpgroups;
     std::vector<uint64_t> exchange;
     std::vector<unsigned char> smem;
 };
@@ -228,6 +231,146 @@ template <int N> void cp_async_wait() {
     emu_async_groups.erase(emu_async_groups.begin(), emu_async_groups.begin() + (n - keep));
 }
 inline float ex2_approx(float x) { return std::exp2(x); }
+
+// Shared-memory addresses as the device sees them: offsets into the block's
+// shared window (here its dynamic shared memory), so the kernels' wgmma
+// descriptors are built exactly as on the device and decoded below.
+inline unsigned smem_addr(const void* p) {
+    return (unsigned)((const unsigned char*)p - emu_ctx->smem.data());
+}
+
+// wgmma (sm_90a), as the PTX ISA defines it for the forms version 8 uses:
+// warpgroup-collective (128 threads), asynchronous. An issued wgmma's result
+// lands in its accumulator registers only at the wgmma.wait_group that
+// completes its commit group; until then they hold NaN, so reading them
+// early fails the check (as cp.async above). Operands in shared memory come
+// through matrix descriptors in the no-swizzle canonical layout: core
+// matrices of 8 rows × 16 bytes, LBO bytes apart along K, SBO bytes apart
+// along M/N; K-major: a core matrix row is 8 K-values of one M/N index;
+// MN-major: 8 M/N values of one K index. Other layout types fail.
+struct EmuWgmma {
+    float* acc;
+    int n;
+};
+inline thread_local std::vector<std::pair<float*, std::vector<float>>> emu_wgmma_shadow;   // results in flight
+inline thread_local std::vector<EmuWgmma> emu_wgmma_pending;
+inline thread_local std::vector<std::vector<EmuWgmma>> emu_wgmma_groups;
+
+inline std::vector<float>* emu_wgmma_find(float* acc) {
+    for (auto& [p, v] : emu_wgmma_shadow)
+        if (p == acc) return &v;
+    return nullptr;
+}
+
+inline const unsigned char* emu_desc_start(uint64_t d) {
+    if ((d >> 62) != 0 || ((d >> 49) & 7) != 0) {
+        std::printf("wgmma descriptor %016llx: a swizzled layout or a base offset (not emulated)\n",
+                    (unsigned long long)d);
+        std::abort();
+    }
+    return emu_ctx->smem.data() + ((d & 0x3FFF) << 4);
+}
+inline size_t emu_desc_lbo(uint64_t d) { return ((d >> 16) & 0x3FFF) << 4; }
+inline size_t emu_desc_sbo(uint64_t d) { return ((d >> 32) & 0x3FFF) << 4; }
+
+// Element (mn, k) of a K-major operand; element (k, mn) of an MN-major one.
+template <typename T> float emu_kmajor(uint64_t d, int mn, int k) {
+    const unsigned char* p =
+        emu_desc_start(d) + (mn % 8) * 16 + (mn / 8) * emu_desc_sbo(d) + (k / 8) * emu_desc_lbo(d) + (k % 8) * 2;
+    uint16_t bits;
+    std::memcpy(&bits, p, 2);
+    return emu_b16_to_float<T>(bits);
+}
+template <typename T> float emu_mnmajor(uint64_t d, int k, int mn) {
+    const unsigned char* p =
+        emu_desc_start(d) + (k % 8) * 16 + (mn / 8) * emu_desc_sbo(d) + (k / 8) * emu_desc_lbo(d) + (mn % 8) * 2;
+    uint16_t bits;
+    std::memcpy(&bits, p, 2);
+    return emu_b16_to_float<T>(bits);
+}
+
+// D (64×N, this thread's C fragments `acc`, tiles of 8 columns) += A (64×16) · B (16×N):
+// a(row, k), b(k, col) give the operands. Thread (warp w of the warpgroup,
+// lane g·4 + t) holds rows 16w + g, +8, columns 8j + 2t, +1 (as mma.sync's C).
+template <class A, class B> void emu_wgmma_issue(float* acc, int N, A&& a, B&& b) {
+    const unsigned tw = emu_threadIdx.x % 128, w = tw / 32, lane = tw % 32, g = lane / 4, t = lane % 4;
+    std::vector<float> out(4 * N / 8);
+    const std::vector<float>* prev = emu_wgmma_find(acc);
+    for (int j = 0; j < N / 8; ++j)
+        for (int i = 0; i < 4; ++i) {
+            const int row = 16 * w + g + (i >= 2 ? 8 : 0), col = 8 * j + 2 * t + (i & 1);
+            float sum = 0.f;
+            for (int k = 0; k < 16; ++k) sum += a(row, k) * b(k, col);
+            out[4 * j + i] = (prev ? (*prev)[4 * j + i] : acc[4 * j + i]) + sum;
+        }
+    if (auto* v = emu_wgmma_find(acc)) *v = std::move(out);
+    else emu_wgmma_shadow.emplace_back(acc, std::move(out));
+    for (int e = 0; e < 4 * N / 8; ++e) acc[e] = NAN;
+    emu_wgmma_pending.push_back({acc, 4 * N / 8});
+}
+
+// The warpgroup meets around each wgmma (it is .sync.aligned): each thread
+// publishes `n` values (the A fragment of the register form) first.
+template <class F> void warpgroup_exchange(const uint64_t* mine, int n, F&& body) {
+    const unsigned wg = emu_threadIdx.x / 128, tw = emu_threadIdx.x % 128;
+    uint64_t* ex = emu_ctx->exchange.data() + (size_t)wg * 128 * BlockCtx::SLOTS;
+    for (int i = 0; i < n; ++i) ex[tw * BlockCtx::SLOTS + i] = mine[i];
+    emu_ctx->warpgroups[wg]->arrive_and_wait();
+    body([&](unsigned thread, int slot) { return ex[thread * BlockCtx::SLOTS + slot]; });
+    emu_ctx->warpgroups[wg]->arrive_and_wait();
+}
+
+// m64n64k16, A and B (K-major) from shared memory.
+template <typename T> void wgmma_s(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {
+    warpgroup_exchange(nullptr, 0, [&](auto) {
+        emu_wgmma_issue(&d[0][0], 64, [&](int r, int k) { return emu_kmajor<T>(desc_a, r, k); },
+                        [&](int k, int c) { return emu_kmajor<T>(desc_b, c, k); });
+    });
+}
+
+// m64n128k16, A from registers (mma.sync's A fragment per warp: a0 (g, 2t..),
+// a1 (g + 8, 2t..), a2 (g, 2t + 8..), a3 (g + 8, 2t + 8..)), B MN-major.
+template <typename T> void wgmma_o(float (&d)[16][4], const unsigned (&a)[4], uint64_t desc_b) {
+    const uint64_t mine[4] = {a[0], a[1], a[2], a[3]};
+    warpgroup_exchange(mine, 4, [&](auto read) {
+        auto a_at = [&](int r, int k) {
+            const unsigned owner = (r / 16) * 32 + (r % 8) * 4 + (k % 8) / 2;
+            const int reg = (r % 16 >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+            const uint64_t word = read(owner, reg);
+            return emu_b16_to_float<T>((uint16_t)(k % 2 ? (word >> 16) & 0xffff : word & 0xffff));
+        };
+        emu_wgmma_issue(&d[0][0], 128, a_at, [&](int k, int c) { return emu_mnmajor<T>(desc_b, k, c); });
+    });
+}
+
+inline void wgmma_fence() {}
+inline void fence_proxy_async() {}
+inline void wgmma_commit() {
+    emu_wgmma_groups.push_back(std::move(emu_wgmma_pending));
+    emu_wgmma_pending.clear();
+}
+// Completes all but the newest N committed groups.
+template <int N> void wgmma_wait() {
+    const size_t n = emu_wgmma_groups.size();
+    if (n <= (size_t)N) return;
+    std::vector<float*> done;
+    for (size_t g = 0; g < n - N; ++g)
+        for (const auto& op : emu_wgmma_groups[g]) done.push_back(op.acc);
+    emu_wgmma_groups.erase(emu_wgmma_groups.begin(), emu_wgmma_groups.begin() + (n - N));
+    for (float* acc : done) {
+        bool later = false;
+        for (const auto& grp : emu_wgmma_groups)
+            for (const auto& op : grp) later |= op.acc == acc;
+        for (const auto& op : emu_wgmma_pending) later |= op.acc == acc;
+        if (later) continue;
+        for (auto it = emu_wgmma_shadow.begin(); it != emu_wgmma_shadow.end(); ++it)
+            if (it->first == acc) {
+                std::copy(it->second.begin(), it->second.end(), acc);
+                emu_wgmma_shadow.erase(it);
+                break;
+            }
+    }
+}
 
 // Test helpers.
 inline int emu_failures = 0;

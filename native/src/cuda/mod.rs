@@ -54,12 +54,16 @@ pub fn fused_modulation(set: crate::KernelSet) -> Arc<dyn ipaflux_core::nn::Fuse
     Arc::new(modulation::CudaModulation { set })
 }
 
-/// What the fast set's attention could be instead, for `gpu-check`: version
-/// 7 as the fast set takes version 6 (the IP-Adapter's term in a second
-/// launch), then versions 7, 6, 4 and 5 with the term in the same launch.
+/// What the fast set's attention could be instead, for `gpu-check`:
+/// versions 8 and 7 as the fast set takes version 6 (the IP-Adapter's term
+/// in a second launch), then versions 8, 7, 6, 4 and 5 with the term in the
+/// same launch.
 pub fn fast_attention_variants() -> Vec<Attention> {
     use attention::{Kernel, Output};
-    let fused_extra = [Kernel::MmaTwoTilesStaged, Kernel::MmaTwoTiles, Kernel::MmaPipelined, Kernel::MmaPipelinedWide]
-        .map(|kernel| fused_attention_with(kernel, Output::MergedFusedExtra));
-    std::iter::once(fused_attention_with(Kernel::MmaTwoTilesStaged, Output::Merged)).chain(fused_extra).collect()
+    let separate =
+        [Kernel::Wgmma, Kernel::MmaTwoTilesStaged].map(|kernel| fused_attention_with(kernel, Output::Merged));
+    let fused_extra =
+        [Kernel::Wgmma, Kernel::MmaTwoTilesStaged, Kernel::MmaTwoTiles, Kernel::MmaPipelined, Kernel::MmaPipelinedWide]
+            .map(|kernel| fused_attention_with(kernel, Output::MergedFusedExtra));
+    separate.into_iter().chain(fused_extra).collect()
 }

@@ -170,6 +170,7 @@ __device__ void attention(const T* __restrict__ q, const T* __restrict__ k, cons
     }
 }
 
+#ifndef IPAFLUX_WGMMA_ONLY
 extern "C" __global__ void __launch_bounds__(THREADS)
 ipaflux_attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                        __nv_bfloat16* o, int L, int S, int D, int DP, float scale_log2, int vec_loads) {
@@ -181,6 +182,7 @@ ipaflux_attention_f16(const __half* q, const __half* k, const __half* v, __half*
                       int L, int S, int D, int DP, float scale_log2, int vec_loads) {
     attention<__half>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads);
 }
+#endif  // IPAFLUX_WGMMA_ONLY
 #endif  // IPAFLUX_HOST_EMULATION: version 1
 
 // ---------------------------------------------------------------------------
@@ -823,6 +825,7 @@ __device__ void attention6(const T* __restrict__ q, const T* __restrict__ k, con
 // 64K registers), which the kernels without IP meet on their own (ptxas: 168,
 // no spills); the IP entries would take 187 and fit 2 blocks an SM. 8 warps:
 // one block an SM at up to 255 registers (two would need 128).
+#ifndef IPAFLUX_WGMMA_ONLY
 #define IPAFLUX_ATTENTION_ENTRY(NAME, T, PIPE, IP, WARPS, MIN_BLOCKS)                                              \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)                                            \
     NAME(const T* q, const T* k, const T* v, T* o, int L, int S, int D, int DP, float scale_log2, int vec_loads,   \
@@ -861,3 +864,294 @@ IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention7_bf16, __nv_bfloat16, false, true)
 IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention7_f16, __half, false, true)
 IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention7_ip_bf16, __nv_bfloat16, true, true)
 IPAFLUX_ATTENTION6_ENTRY(ipaflux_attention7_ip_f16, __half, true, true)
+#endif  // IPAFLUX_WGMMA_ONLY: versions 3 to 7
+
+// ---------------------------------------------------------------------------
+// Version 8 (Hopper, sm_90a): the products on `wgmma`, the warpgroup-wide
+// asynchronous MMA of FlashAttention-3 (Shah et al., 2024), without its warp
+// specialisation, TMA or ping-pong scheduling: two warpgroups of 64 query
+// rows, 128 rows a block, each issuing S = Q Kᵀ (m64n64k16, both operands
+// from shared memory) and O += P V (m64n128k16, P from registers: the S
+// accumulator's layout is the A fragment's, as with mma.sync), with the
+// online softmax of versions 3 to 6 (softmax_tile) between them. K/V tiles
+// double-buffered by cp.async as version 6; the other warpgroup's products
+// can run while one computes its softmax. Head size 128 only (the
+// instruction's N); mod.rs runs version 6 otherwise.
+//
+// Shared-memory tiles are stored in wgmma's canonical no-swizzle layout
+// ("core matrices" of 8 rows × 16 bytes, 128 contiguous bytes): 16-byte
+// chunk c of row r at chunk index (r % 8) + 8·c + 128·(r / 8). Q and K are
+// K-major operands (8-row groups SBO = 2048 bytes apart, the two 8-column
+// halves of a 16-column step LBO = 128 bytes apart); V, stored the same way,
+// is the MN-major B operand of P·V (its rows are the K dimension: 8-key
+// groups LBO = 2048 bytes apart, 8-column groups SBO = 128 bytes). PTX ISA,
+// "Asynchronous Warpgroup Level Matrix Shared Memory Layout"; the operand
+// forms cross-checked against CUTLASS's canonical GMMA layouts. Compiled
+// only for compute_90a (build.rs, IPAFLUX_WGMMA_ONLY) and on the host by
+// the emulator (host_emulation.hpp emulates wgmma from the same descriptors).
+// ---------------------------------------------------------------------------
+#if defined(IPAFLUX_WGMMA_ONLY) || defined(IPAFLUX_HOST_EMULATION)
+#define WG8 2                  // warpgroups a block
+#define ROWS8 (64 * WG8)       // query rows a block
+#define THREADS8 (128 * WG8)
+#define D8 128                 // the head size
+#define TILE_SBO8 2048         // bytes between 8-row groups of a D8-wide tile
+#define TILE_LBO8 128          // bytes between 16-byte column chunks of a row group
+
+// A wgmma shared-memory matrix descriptor: start address, leading and stride
+// byte offsets (each without its 4 low bits), no swizzle, base offset 0.
+__device__ __forceinline__ unsigned long long wgmma_desc(const void* p, unsigned lbo, unsigned sbo) {
+    return (unsigned long long)((smem_addr(p) & 0x3FFFFu) >> 4) | ((unsigned long long)((lbo & 0x3FFFFu) >> 4) << 16) |
+           ((unsigned long long)((sbo & 0x3FFFFu) >> 4) << 32);
+}
+
+#ifndef IPAFLUX_HOST_EMULATION
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Makes this thread's generic-proxy writes to shared memory (cp.async, stores)
+// visible to the async proxy that wgmma reads operands through.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// d (64×64 f32, this thread's C fragments) += A (64×16, desc_a) · B (16×64,
+// desc_b, K-major). d[j] is 8-column tile j: rows g and g + 8 of the warp's 16.
+template <typename T> __device__ __forceinline__ void wgmma_s(float (&d)[8][4], unsigned long long desc_a, unsigned long long desc_b);
+// d (64×128 f32) += A (64×16, this thread's A fragment a) · B (16×128, desc_b, MN-major).
+template <typename T>
+__device__ __forceinline__ void wgmma_o(float (&d)[16][4], const unsigned (&a)[4], unsigned long long desc_b);
+template <> __device__ __forceinline__ void wgmma_s<__nv_bfloat16>(float (&d)[8][4], unsigned long long desc_a, unsigned long long desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, "
+        "%8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, "
+        "%24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(desc_a), "l"(desc_b), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_o<__nv_bfloat16>(float (&d)[16][4], const unsigned (&a)[4], unsigned long long desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, "
+        "%8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, "
+        "%24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, "
+        "%40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, "
+        "%56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+          "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+          "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+          "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+          "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+          "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+          "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_s<__half>(float (&d)[8][4], unsigned long long desc_a, unsigned long long desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, "
+        "%8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, "
+        "%24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(desc_a), "l"(desc_b), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_o<__half>(float (&d)[16][4], const unsigned (&a)[4], unsigned long long desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, "
+        "%8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, "
+        "%24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, "
+        "%40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, "
+        "%56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+          "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+          "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+          "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+          "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+          "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+          "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+
+#endif  // IPAFLUX_HOST_EMULATION: wgmma
+
+// Rows [r0, r0 + rows) of `src [n, D8]` into a tile in the canonical layout
+// above, by cp.async (the caller commits and waits), zero past n. Chunk i of
+// the tile is (row group i / 128, chunk (i / 8) % 16, row i % 8): its index
+// is its place, and the 8 threads of a quarter-warp write one 128-byte core
+// matrix (no bank conflicts).
+template <typename T>
+__device__ __forceinline__ void load_tile8(T* dst, const T* __restrict__ src, int r0, int rows, int n) {
+#pragma unroll 4
+    for (int i = threadIdx.x; i < rows * (D8 / 8); i += THREADS8) {
+        const int r = (i >> 7) * 8 + (i & 7), c = (i >> 3) & 15, g = r0 + r;
+        const bool ok = g < n;
+        cp_async16(dst + i * 8, ok ? src + (size_t)g * D8 + c * 8 : src, ok);
+    }
+}
+
+// This warpgroup's 64 rows of the Q tile `Qs` against K/V [S, D8] (the
+// caller may have issued the Q tile's copy: it is committed with the first
+// K/V tiles). Leaves O unnormalised in oacc (the warp's 16 rows as C
+// fragments) and this lane's parts of the row sums in l0, l1. Ends in a
+// barrier, so `KV` and `Qs` may be reused.
+template <typename T>
+__device__ __forceinline__ void softmax_pv8(const T* Qs, const T* __restrict__ kb, const T* __restrict__ vb, int S,
+                                            float scale_log2, T* KV, float (&oacc)[MAX_D8][4], float& l0,
+                                            float& l1) {
+    const int t = threadIdx.x & 3;
+    const T* qa = Qs + (threadIdx.x / 128) * 64 * D8;
+#pragma unroll
+    for (int n = 0; n < MAX_D8; ++n) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY;
+    l0 = l1 = 0.f;
+    const int stage = 2 * BC2 * D8;
+    load_tile8<T>(KV, kb, 0, BC2, S);
+    load_tile8<T>(KV + BC2 * D8, vb, 0, BC2, S);
+    cp_async_commit();
+    for (int s0 = 0, it = 0; s0 < S; s0 += BC2, ++it) {
+        const T* Kc = KV + (it & 1) * stage;
+        const T* Vs = Kc + BC2 * D8;
+        if (s0 + BC2 < S) {
+            // The other stage was last read (wgmma completed) before the barrier ending the previous tile.
+            T* Kn = KV + ((it + 1) & 1) * stage;
+            load_tile8<T>(Kn, kb, s0 + BC2, BC2, S);
+            load_tile8<T>(Kn + BC2 * D8, vb, s0 + BC2, BC2, S);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        fence_proxy_async();
+        __syncthreads();
+
+        // S = Q Kᵀ over the 8 16-column steps of the head dimension.
+        float sacc[BC2 / 8][4];
+#pragma unroll
+        for (int j = 0; j < BC2 / 8; ++j) sacc[j][0] = sacc[j][1] = sacc[j][2] = sacc[j][3] = 0.f;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D8 / 16; ++kk)
+            // Step kk: chunks 2kk and 2kk + 1 of every row.
+            wgmma_s<T>(sacc, wgmma_desc(qa + kk * 2 * TILE_LBO8 / (int)sizeof(T), TILE_LBO8, TILE_SBO8),
+                       wgmma_desc(Kc + kk * 2 * TILE_LBO8 / (int)sizeof(T), TILE_LBO8, TILE_SBO8));
+        wgmma_commit();
+        wgmma_wait<0>();
+
+        unsigned pa[BC2 / 16][4];
+        softmax_tile<T, true>(sacc, S - s0, t, scale_log2, m0, m1, l0, l1, oacc, pa);
+
+        // O += P V, 16 keys (two 8-key groups of V) a step.
+        wgmma_fence();
+#pragma unroll
+        for (int kc = 0; kc < BC2 / 16; ++kc)
+            wgmma_o<T>(oacc, pa[kc], wgmma_desc(Vs + kc * 2 * TILE_SBO8 / (int)sizeof(T), TILE_SBO8, TILE_LBO8));
+        wgmma_commit();
+        wgmma_wait<0>();
+        __syncthreads();   // K/V tiles are overwritten next
+    }
+}
+
+// Version 8 with attention2's arguments and epilogue (D = 128, vec_loads = 1:
+// mod.rs checks). Each warp stores its 16 rows as versions 3 to 5 do.
+template <typename T, bool IP>
+__device__ void attention8(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                           T* __restrict__ o, int L, int S, int D, int /*DP*/, float scale_log2, int /*vec_loads*/,
+                           int H, int merged, const T* __restrict__ base, int has_base, float out_scale,
+                           const T* __restrict__ q_ip, const T* __restrict__ k_ip, const T* __restrict__ v_ip,
+                           int S_ip, int ip_row0, float ip_scale, int has_ip) {
+    IPAFLUX_DYNAMIC_SMEM(smem);
+    T* Qs = reinterpret_cast<T*>(smem);
+    T* KV = Qs + ROWS8 * D8;
+    const int bh = blockIdx.y, row0 = blockIdx.x * ROWS8;
+    const int ra = row0 + (threadIdx.x / 32) * 16;   // this warp's first row
+
+    float oacc[MAX_D8][4], l0, l1;
+    load_tile8<T>(Qs, q + (size_t)bh * L * D8, row0, ROWS8, L);
+    softmax_pv8<T>(Qs, k + (size_t)bh * S * D8, v + (size_t)bh * S * D8, S, scale_log2, KV, oacc, l0, l1);
+    each_element(oacc, ra, 1.f / quad_sum(l0), 1.f / quad_sum(l1), L, D, MAX_D8, bh, H, merged,
+                 [&](int, size_t idx, float val) {
+                     o[idx] = from_f<T>(has_base ? to_f<T>(base[idx]) + out_scale * val : val);
+                 });
+    if (!IP || !has_ip || row0 + ROWS8 <= ip_row0) return;
+    // softmax_pv8 ended in a barrier: every warpgroup is done with Qs.
+    load_tile8<T>(Qs, q_ip + (size_t)bh * L * D8, row0, ROWS8, L);
+    softmax_pv8<T>(Qs, k_ip + (size_t)bh * S_ip * D8, v_ip + (size_t)bh * S_ip * D8, S_ip, scale_log2, KV, oacc, l0,
+                   l1);
+    // Each lane re-reads only the elements of o it wrote above.
+    each_element(oacc, ra, ip_scale / quad_sum(l0), ip_scale / quad_sum(l1), L, D, MAX_D8, bh, H, merged,
+                 [&](int row, size_t idx, float val) {
+                     if (row >= ip_row0) o[idx] = from_f<T>(to_f<T>(o[idx]) + val);
+                 });
+}
+
+// Entry points: two warpgroups a block. Two blocks an SM (96 KB of shared
+// memory each) where the registers fit 128 a thread without spilling (ptxas:
+// 125); the `_ip` entries would spill at 128, so they take one (133-141).
+#define IPAFLUX_ATTENTION8_ENTRY(NAME, T, IP)                                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS8, IP ? 1 : 2)                                             \
+    NAME(const T* q, const T* k, const T* v, T* o, int L, int S, int D, int DP, float scale_log2, int vec_loads,   \
+         int H, int merged, const T* base, int has_base, float out_scale, const T* q_ip, const T* k_ip,            \
+         const T* v_ip, int S_ip, int ip_row0, float ip_scale, int has_ip) {                                       \
+        attention8<T, IP>(q, k, v, o, L, S, D, DP, scale_log2, vec_loads, H, merged, base, has_base, out_scale,    \
+                          q_ip, k_ip, v_ip, S_ip, ip_row0, ip_scale, has_ip);                                      \
+    }
+IPAFLUX_ATTENTION8_ENTRY(ipaflux_attention8_bf16, __nv_bfloat16, false)
+IPAFLUX_ATTENTION8_ENTRY(ipaflux_attention8_f16, __half, false)
+IPAFLUX_ATTENTION8_ENTRY(ipaflux_attention8_ip_bf16, __nv_bfloat16, true)
+IPAFLUX_ATTENTION8_ENTRY(ipaflux_attention8_ip_f16, __half, true)
+#endif  // version 8
+

@@ -1,5 +1,6 @@
-// Runs attention.cu's `mma` kernels (versions 3 to 7) on the host, without a
-// GPU (../host_emulation.hpp emulates ldmatrix, mma.sync and cp.async), and
+// Runs attention.cu's `mma` and `wgmma` kernels (versions 3 to 8) on the host,
+// without a GPU (../host_emulation.hpp emulates ldmatrix, mma.sync, wgmma and
+// cp.async), and
 // checks them against attention computed in double from the same bf16/f16
 // inputs: the [B, H, L, D] output, the merged-heads [B, L, H·D] epilogue,
 // base + scale · attention, and the IP-Adapter term fused in (`_ip` entries:
@@ -15,7 +16,8 @@
 
 struct Case {
     const char* name;
-    int version;   // 3: attention2 (sync loads), 4: cp.async, 5: 4 with 8 warps, 6: 32 rows a warp, 7: 6 staged
+    int version;   // 3: attention2 (sync loads), 4: cp.async, 5: 4 with 8 warps, 6: 32 rows a warp, 7: 6 staged,
+                   // 8: wgmma (D = 128)
     int B, H, L, S, D;
     bool merged, add;
     int S_ip = 0, ip_row0 = 0;   // S_ip > 0: the IP term fused in (versions 4 to 7)
@@ -52,9 +54,13 @@ template <typename T> std::vector<T> run_case(const Case& c) {
     // As mod.rs: K and V tiles of BC2 rows padded by 8 elements, two stages
     // from version 4 on; versions 6 and 7 keep their 128-row Q tile in front of them.
     const size_t pair = 2 * BC2 * (DP + 8) * sizeof(T);
-    const size_t smem = c.version == 3 ? pair : c.version >= 6 ? 2 * pair + ROWS6 * (DP + 8) * sizeof(T) : 2 * pair;
+    // Version 8: its 128-row Q tile and two K/V stages, unpadded (wgmma's canonical layout).
+    const size_t smem = c.version == 8   ? (size_t)(ROWS8 + 4 * BC2) * D8 * sizeof(T)
+                        : c.version == 3 ? pair
+                        : c.version >= 6 ? 2 * pair + ROWS6 * (DP + 8) * sizeof(T)
+                                         : 2 * pair;
     const int rows = c.version == 3 || c.version == 4 ? 64 : 128;   // per block, as mod.rs
-    const unsigned threads = c.version == 5 ? 256 : 128;
+    const unsigned threads = c.version == 5 || c.version == 8 ? 256 : 128;
     const Dim3 grid{(unsigned)((c.L + rows - 1) / rows), (unsigned)BH};
     const bool ip = c.S_ip > 0;
     const int S_ip = ip ? c.S_ip : 1;
@@ -76,6 +82,8 @@ template <typename T> std::vector<T> run_case(const Case& c) {
             case 13: run(attention6<T, true, false>); break;
             case 14: run(attention6<T, false, true>); break;
             case 15: run(attention6<T, true, true>); break;
+            case 16: run(attention8<T, false>); break;
+            case 17: run(attention8<T, true>); break;
             default: std::printf("%s: no such kernel\n", c.name); ++emu_failures;
         }
     });
@@ -138,7 +146,7 @@ int main() {
     run_case<__half>(with_ip(ip4, "v4 + IP f16 [2,2,200|100,128] merged, IP on rows >= 70", 128, 70));
     run_case<__half>({"v4 f16 [1,2,100|200,128] merged", 4, 1, 2, 100, 200, 128, true, false});
     // 128-row blocks: ip_row0 in the second half of a block (a 64-row skip test would miss it).
-    for (int version : {5, 6, 7}) {
+    for (int version : {5, 6, 7, 8}) {
         const Case ip{"", version, 1, 2, 300, 100, 128, true, false};
         const std::string v = "v" + std::to_string(version);
         const std::string bf = v + " + IP bf16 [1,2,300|100,128] merged, IP on rows >= 200";
@@ -160,6 +168,30 @@ int main() {
         const auto o6 = run_case<__nv_bfloat16>(c6), o7 = run_case<__nv_bfloat16>(c7);
         const bool same = std::memcmp(o6.data(), o7.data(), o6.size() * sizeof(o6[0])) == 0;
         std::printf("%-66s %s\n", add ? "v7 = v6 bit for bit (base + 0.7 attention, IP rows >= 40)" : "v7 = v6 bit for bit (IP rows >= 40)", same ? "ok" : "FAIL");
+        emu_failures += !same;
+    }
+    // Version 8 (wgmma, D = 128 only): version 6's cases at D = 128, and a
+    // key count past one tile with a partial last one.
+    const Case v8[] = {
+        {"v8 bf16 wgmma [1,2,200|200,128], 2 row blocks, the last partial", 8, 1, 2, 200, 200, 128, false, false},
+        {"v8 bf16 wgmma [2,3,70|130,128] merged, base + 0.7 attention", 8, 2, 3, 70, 130, 128, true, true},
+        {"v8 bf16 wgmma [2,3,200|30,128] [B,H,L,D], base + 0.7 attention, one key tile", 8, 2, 3, 200, 30, 128, false,
+         true},
+    };
+    for (const auto& c : v8) run_case<__nv_bfloat16>(c);
+    run_case<__half>({"v8 f16 wgmma [1,2,150|190,128] merged", 8, 1, 2, 150, 190, 128, true, false});
+    // The products are summed in the same order as version 6's mma.sync (16
+    // keys or head columns a step), so under emulation its outputs are
+    // version 6's bit for bit: the descriptors' layouts address the same
+    // elements as ldmatrix does.
+    for (bool add : {false, true}) {
+        const Case c6{"v6 [2,3,150|130,128] merged (for v8's bit-identity)", 6, 2, 3, 150, 130, 128, true, add, 128, 40};
+        Case c8 = c6;
+        c8.version = 8;
+        c8.name = "v8 [2,3,150|130,128] merged (for v8's bit-identity)";
+        const auto o6 = run_case<__nv_bfloat16>(c6), o8 = run_case<__nv_bfloat16>(c8);
+        const bool same = std::memcmp(o6.data(), o8.data(), o6.size() * sizeof(o6[0])) == 0;
+        std::printf("%-66s %s\n", add ? "v8 = v6 bit for bit (base + 0.7 attention, IP rows >= 40)" : "v8 = v6 bit for bit (IP rows >= 40)", same ? "ok" : "FAIL");
         emu_failures += !same;
     }
     std::printf("attention kernels, host emulation: %d failure(s)\n", emu_failures);

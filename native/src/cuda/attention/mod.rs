@@ -54,6 +54,11 @@ use ipaflux_core::nn::{ExtraAttention, FusedAttention};
 
 /// The PTX nvcc made of `attention.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+/// Version 8 alone, for `compute_90a` (empty where the build targets
+/// another compute capability: `build.rs`).
+const WGMMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_wgmma.ptx"));
+/// The only head size version 8 takes (its instruction's N).
+const WGMMA_HEAD_DIM: usize = 128;
 /// Query rows per thread block (4 warps × 16), keys per tile, threads per block
 /// of versions 1–4: must match `BR`, `BC`, `THREADS` in `attention.cu`.
 const BR: usize = 64;
@@ -93,18 +98,37 @@ pub enum Kernel {
     /// apply it runs as `Mma`; where `base` is not 16-byte aligned, as
     /// `MmaTwoTiles`.
     MmaTwoTilesStaged,
+    /// Version 8 (Hopper only): the products on `wgmma` (warpgroup MMA, as
+    /// FlashAttention-3, without its warp specialisation and TMA), two
+    /// warpgroups of 64 rows a block, K/V double-buffered by `cp.async` in
+    /// wgmma's canonical shared-memory layout. Head size 128 only; elsewhere,
+    /// and where the build has no `compute_90a` PTX, it runs as `MmaTwoTiles`.
+    Wgmma,
 }
 
 impl Kernel {
-    /// The kernel version a call runs: versions 4 to 7 need the 16-byte
-    /// loads, version 7 also 16-byte aligned rows of `base` (its stores).
-    fn effective(self, vec_loads: bool, vec_base: bool) -> Self {
+    /// The kernel version a call runs: versions 4 to 8 need the 16-byte
+    /// loads, version 7 also 16-byte aligned rows of `base` (its stores),
+    /// version 8 head size 128 and its PTX.
+    fn effective(self, vec_loads: bool, vec_base: bool, d: usize) -> Self {
         match self {
-            Self::MmaPipelined | Self::MmaPipelinedWide | Self::MmaTwoTiles | Self::MmaTwoTilesStaged if !vec_loads => {
+            Self::MmaPipelined | Self::MmaPipelinedWide | Self::MmaTwoTiles | Self::MmaTwoTilesStaged | Self::Wgmma
+                if !vec_loads =>
+            {
                 Self::Mma
             }
             Self::MmaTwoTilesStaged if !vec_base => Self::MmaTwoTiles,
+            Self::Wgmma if d != WGMMA_HEAD_DIM || WGMMA_PTX.is_empty() => Self::MmaTwoTiles,
             other => other,
+        }
+    }
+
+    /// The module its entry points are in: (name, PTX).
+    fn module(self) -> (&'static str, &'static str) {
+        if self == Self::Wgmma {
+            ("ipaflux_attention_wgmma", WGMMA_PTX)
+        } else {
+            ("ipaflux_attention", PTX)
         }
     }
 
@@ -128,12 +152,14 @@ impl Kernel {
             (Self::MmaTwoTilesStaged, true) => {
                 ["ipaflux_attention7_ip_bf16", "ipaflux_attention7_ip_f16"][usize::from(f16)]
             }
+            (Self::Wgmma, false) => ["ipaflux_attention8_bf16", "ipaflux_attention8_f16"][usize::from(f16)],
+            (Self::Wgmma, true) => ["ipaflux_attention8_ip_bf16", "ipaflux_attention8_ip_f16"][usize::from(f16)],
         }
     }
 
-    /// Threads of one block (32 per warp, each warp 16 query rows).
+    /// Threads of one block (32 per warp, each warp 16 query rows; 32 in versions 6 and 7).
     fn threads(self) -> u32 {
-        if self == Self::MmaPipelinedWide {
+        if matches!(self, Self::MmaPipelinedWide | Self::Wgmma) {
             2 * THREADS
         } else {
             THREADS
@@ -161,6 +187,8 @@ impl Kernel {
             // The 128-row Q tile for the whole call, then two stages (version
             // 7's f32 staging rows overlay them after the key loop).
             Self::MmaTwoTiles | Self::MmaTwoTilesStaged => self.rows() * row + 2 * pair,
+            // The same without padding (wgmma's canonical layout has none).
+            Self::Wgmma => (self.rows() + 4 * BC) * d.div_ceil(16) * 16 * elem,
         }
     }
 
@@ -233,6 +261,13 @@ impl FusedAttention for CudaFusedAttention {
             }
             (Kernel::MmaTwoTilesStaged, Fused) => {
                 "cuda-fused (version 7: 32 rows a warp, 16-byte stores, merged-heads epilogue, IP term in the launch)"
+            }
+            (Kernel::Wgmma, Heads) => "cuda-fused (version 8: wgmma at D = 128, else version 6)",
+            (Kernel::Wgmma, Merged) => {
+                "cuda-fused (version 8: wgmma at D = 128, else version 6; merged-heads epilogue)"
+            }
+            (Kernel::Wgmma, Fused) => {
+                "cuda-fused (version 8: wgmma at D = 128, else version 6; merged-heads epilogue, IP term in the launch)"
             }
         }
     }
@@ -405,8 +440,9 @@ impl AttentionOp {
         let aligned = [q0, k0, v0].into_iter().chain(extra_offsets).all(|o| o % 8 == 0);
         let vec = self.d % 8 == 0 && aligned && size_of::<T>() == 2;
         let vec_loads = i32::from(vec);
-        let kernel = self.kernel.effective(vec, base_offset % 8 == 0);
-        let func = dev.get_or_load_custom_func(kernel.entry(T::DTYPE, extra.is_some()), "ipaflux_attention", PTX)?;
+        let kernel = self.kernel.effective(vec, base_offset % 8 == 0, self.d);
+        let (module, ptx) = kernel.module();
+        let func = dev.get_or_load_custom_func(kernel.entry(T::DTYPE, extra.is_some()), module, ptx)?;
         let smem = kernel.shared_bytes(self.d, size_of::<T>());
         let smem_i32 = i32::try_from(smem).map_err(|_| candle::Error::Msg("fused attention: shared memory".into()))?;
         func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_i32)
@@ -520,28 +556,36 @@ mod tests {
         // Two stages of K and V; 3 blocks per SM still fit Hopper's 227 KiB at D = 128.
         assert_eq!(Kernel::MmaPipelined.shared_bytes(128, 2), 4 * 64 * 136 * 2);
         assert!(3 * Kernel::MmaPipelined.shared_bytes(MAX_HEAD_DIM, 2) <= 227 * 1024);
-        assert_eq!(Kernel::MmaPipelined.effective(false, true), Kernel::Mma);
+        assert_eq!(Kernel::MmaPipelined.effective(false, true, 128), Kernel::Mma);
         // Version 5: the same shared memory, 8 warps of 16 rows.
         assert_eq!(Kernel::MmaPipelinedWide.shared_bytes(128, 2), Kernel::MmaPipelined.shared_bytes(128, 2));
         assert!(128 * 136 * 2 <= Kernel::Mma.shared_bytes(128, 2), "the 128-row Q tile fits one K/V pair");
         assert_eq!((Kernel::MmaPipelinedWide.threads(), Kernel::MmaPipelinedWide.rows()), (256, 128));
         assert_eq!((Kernel::MmaPipelined.threads(), Kernel::MmaPipelined.rows()), (128, BR));
-        assert_eq!(Kernel::MmaPipelinedWide.effective(false, true), Kernel::Mma);
+        assert_eq!(Kernel::MmaPipelinedWide.effective(false, true, 128), Kernel::Mma);
         // Version 6: Q tile + two stages; two blocks an SM on Hopper at D = 128.
         assert_eq!(Kernel::MmaTwoTiles.shared_bytes(128, 2), (128 + 4 * 64) * 136 * 2);
         assert!(2 * Kernel::MmaTwoTiles.shared_bytes(MAX_HEAD_DIM, 2) <= 227 * 1024);
         assert_eq!((Kernel::MmaTwoTiles.threads(), Kernel::MmaTwoTiles.rows()), (128, 128));
-        assert_eq!(Kernel::MmaTwoTiles.effective(false, true), Kernel::Mma);
+        assert_eq!(Kernel::MmaTwoTiles.effective(false, true, 128), Kernel::Mma);
         // Version 7: version 6's shared memory, which its f32 staging rows (128 × (DP + 8)) fit.
         for d in [72, 128] {
             let staged = Kernel::MmaTwoTilesStaged;
             assert_eq!(staged.shared_bytes(d, 2), Kernel::MmaTwoTiles.shared_bytes(d, 2));
             assert!(staged.rows() * (d.div_ceil(16) * 16 + 8) * 4 <= staged.shared_bytes(d, 2));
         }
-        assert_eq!(Kernel::MmaTwoTilesStaged.effective(false, true), Kernel::Mma);
-        assert_eq!(Kernel::MmaTwoTilesStaged.effective(true, false), Kernel::MmaTwoTiles);
-        assert_eq!(Kernel::MmaTwoTilesStaged.effective(true, true), Kernel::MmaTwoTilesStaged);
-        assert_eq!(Kernel::MmaTwoTiles.effective(true, false), Kernel::MmaTwoTiles);
+        assert_eq!(Kernel::MmaTwoTilesStaged.effective(false, true, 128), Kernel::Mma);
+        assert_eq!(Kernel::MmaTwoTilesStaged.effective(true, false, 128), Kernel::MmaTwoTiles);
+        assert_eq!(Kernel::MmaTwoTilesStaged.effective(true, true, 128), Kernel::MmaTwoTilesStaged);
+        assert_eq!(Kernel::MmaTwoTiles.effective(true, false, 128), Kernel::MmaTwoTiles);
+        // Version 8: two warpgroups, its tiles unpadded; two blocks an SM on Hopper.
+        assert_eq!(Kernel::Wgmma.shared_bytes(128, 2), (128 + 4 * 64) * 128 * 2);
+        assert!(2 * Kernel::Wgmma.shared_bytes(128, 2) <= 227 * 1024);
+        assert_eq!((Kernel::Wgmma.threads(), Kernel::Wgmma.rows()), (256, 128));
+        assert_eq!(Kernel::Wgmma.effective(false, true, 128), Kernel::Mma);
+        assert_eq!(Kernel::Wgmma.effective(true, true, 72), Kernel::MmaTwoTiles);
+        let at_128 = if WGMMA_PTX.is_empty() { Kernel::MmaTwoTiles } else { Kernel::Wgmma };
+        assert_eq!(Kernel::Wgmma.effective(true, false, 128), at_128);
     }
 
     #[test]
@@ -553,11 +597,21 @@ mod tests {
             Kernel::MmaPipelinedWide,
             Kernel::MmaTwoTiles,
             Kernel::MmaTwoTilesStaged,
+            Kernel::Wgmma,
         ] {
+            let (_, ptx) = kernel.module();
+            if ptx.is_empty() {
+                continue; // version 8 where the build targets another compute capability
+            }
             for (dtype, ip) in [(DType::BF16, false), (DType::F16, false), (DType::BF16, true), (DType::F16, true)] {
                 let entry = kernel.entry(dtype, ip);
-                assert!(PTX.contains(&format!(".entry {entry}(")), "{entry} missing from the PTX");
+                assert!(ptx.contains(&format!(".entry {entry}(")), "{entry} missing from the PTX");
             }
+        }
+        // Version 8 is sm_90a code in a module of its own; the other module stays plain compute_90.
+        if !WGMMA_PTX.is_empty() {
+            assert!(WGMMA_PTX.contains(".target sm_90a") && !WGMMA_PTX.contains("ipaflux_attention6_bf16"));
+            assert!(!PTX.contains("wgmma"));
         }
         assert_eq!(Kernel::MmaPipelined.entry(DType::F16, true), "ipaflux_attention4_ip_f16");
     }
