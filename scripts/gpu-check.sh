@@ -22,8 +22,9 @@
 #   5. where Nsight Compute (ncu) is installed: GPU time per kernel of a Flux step (1+1 blocks,
 #      1024², bf16), summed by kernel name: where the step's time goes (ncu.csv, kernels.txt),
 #      then the same with the baseline kernels (ncu-baseline.csv, kernels-baseline.txt), then the
-#      default attention kernel's full ncu report of one launch (attention6.txt) and of one
-#      IP-Adapter term launch (attention6-ip.txt);
+#      default attention kernel's full ncu report of one launch (attention6.txt), of one
+#      IP-Adapter term launch (attention6-ip.txt) and of one attention version 8 launch
+#      (attention8.txt);
 #   6. (run before 5) where compute-sanitizer is installed: memcheck (during `gpu-check --quick`)
 #      and racecheck (its attention section) over our own kernels (names holding "ipaflux");
 #      a finding the sanitizer
@@ -186,6 +187,14 @@ if [ -n "$ncu" ]; then
   echo "ncu (attention6 IP launch details): exit $?"
   grep -E "Grid Size|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Achieved Occupancy|No Eligible|One or More Eligible" \
     "$out/attention6-ip.txt" | head -n 16
+  # Version 8 (wgmma; in no kernel set yet): its first launch in the attention section is an
+  # alternative's [1, 24, 4608|4608, 128] call, the Flux 1024² joint shape.
+  echo "-- attention version 8 in detail (ncu --set full, its first launch at 1024²: attention8.txt)"
+  timeout 120 "$ncu" --clock-control none --set full -k regex:ipaflux_attention8_bf16 --launch-count 1 \
+    "$bin/ipaflux" gpu-check --section attention --runs 1 > "$out/attention8.txt" 2>> "$out/ncu.log"
+  echo "ncu (attention8 details): exit $?"
+  grep -E "Grid Size|Duration|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible|One or More Eligible" \
+    "$out/attention8.txt" | head -n 16
 else
   echo "ncu not found; skipped"
 fi

@@ -8,7 +8,8 @@
 // `ldmatrix`, `mma.sync.m16n8k16`) publish each lane's operands to the warp,
 // meet at a barrier, compute each lane's result from all lanes' operands as the
 // PTX ISA defines the fragment layouts ("Matrix Fragments for mma.m16n8k16",
-// "ldmatrix"), and meet again. `cp.async` lands only at the `wait_group`
+// "ldmatrix"), and meet again; `wgmma` does the same over its warpgroup, its
+// shared-memory operands read through their matrix descriptors. `cp.async` lands only at the `wait_group`
 // that completes its group, its destination poisoned until then, so reading a
 // stage too early is caught (below), as are index and layout errors. `__shared__` variables are statics and
 // dynamic shared memory is a per-block buffer. Timing, memory coalescing and

@@ -18,8 +18,12 @@
 //! Q tile fetched asynchronously beside the first K/V tiles and its results
 //! written as whole 16-byte row pieces through shared memory, for the fixed
 //! cost of a launch over few keys (the IP-Adapter's 128: 0.24 ms at 1024²
-//! on an H200, most of it outside the key loop).
-//! `ipaflux gpu-check` checks and times all of them.
+//! on an H200, most of it outside the key loop). Version 8 (session 13, not
+//! yet run on a GPU either) moves the products onto Hopper's `wgmma`
+//! (FlashAttention-3's instruction: a warpgroup's 64 × N × 16 product,
+//! issued once and run asynchronously, operands read from shared memory by
+//! descriptor), at head size 128; it is compiled for `compute_90a` into a
+//! module of its own. `ipaflux gpu-check` checks and times all of them.
 //!
 //! With [`Output::Merged`] (the fast set; `mma` versions only) the kernel
 //! also serves core's `attend_merged`: it writes `[B, L, H·D]` directly (no
@@ -34,8 +38,8 @@
 //! entry added more to a launch (0.30 ms at 1024²) than the second launch
 //! costs (0.21 ms), and 14.2 ms to a step against 10.8 ms. All of it is
 //! checked on the GPU by `gpu-check`, and without one on the host under an
-//! emulation of `ldmatrix`, `mma.sync` and `cp.async` (`host_emulation.cpp`
-//! beside the kernel).
+//! emulation of `ldmatrix`, `mma.sync`, `wgmma` and `cp.async`
+//! (`host_emulation.cpp` beside the kernel).
 //!
 //! The kernel is compiled to PTX by nvcc at build time (`build.rs`, for
 //! `CUDA_COMPUTE_CAP`, default 90) and loaded by candle's CUDA device on first
