@@ -105,15 +105,17 @@ pub enum Kernel {
     /// Version 8 (Hopper only): the products on `wgmma` (warpgroup MMA, as
     /// FlashAttention-3, without its warp specialisation and TMA), two
     /// warpgroups of 64 rows a block, K/V double-buffered by `cp.async` in
-    /// wgmma's canonical shared-memory layout. Head size 128 only; elsewhere,
-    /// and where the build has no `compute_90a` PTX, it runs as `MmaTwoTiles`.
+    /// wgmma's canonical shared-memory layout. Head size 128 on a compute
+    /// capability 9.0 device only; elsewhere, and where the build has no
+    /// `compute_90a` PTX, it runs as `MmaTwoTiles`.
     Wgmma,
 }
 
 impl Kernel {
     /// The kernel version a call runs: versions 4 to 8 need the 16-byte
     /// loads, version 7 also 16-byte aligned rows of `base` (its stores),
-    /// version 8 head size 128 and its PTX.
+    /// version 8 head size 128, its PTX and a compute capability 9.0 device
+    /// (`sm_90a` code runs there only; [`Self::on_device`]).
     fn effective(self, vec_loads: bool, vec_base: bool, d: usize) -> Self {
         match self {
             Self::MmaPipelined | Self::MmaPipelinedWide | Self::MmaTwoTiles | Self::MmaTwoTilesStaged | Self::Wgmma
@@ -123,6 +125,15 @@ impl Kernel {
             }
             Self::MmaTwoTilesStaged if !vec_base => Self::MmaTwoTiles,
             Self::Wgmma if d != WGMMA_HEAD_DIM || WGMMA_PTX.is_empty() => Self::MmaTwoTiles,
+            other => other,
+        }
+    }
+
+    /// As [`Self::effective`] on `dev`: version 8 only on compute capability 9.0.
+    fn on_device(self, dev: &CudaDevice, vec_loads: bool, vec_base: bool, d: usize) -> Self {
+        let hopper = || dev.cuda_stream().context().compute_capability().is_ok_and(|cc| cc == (9, 0));
+        match self.effective(vec_loads, vec_base, d) {
+            Self::Wgmma if !hopper() => Self::MmaTwoTiles,
             other => other,
         }
     }
@@ -444,7 +455,7 @@ impl AttentionOp {
         let aligned = [q0, k0, v0].into_iter().chain(extra_offsets).all(|o| o % 8 == 0);
         let vec = self.d % 8 == 0 && aligned && size_of::<T>() == 2;
         let vec_loads = i32::from(vec);
-        let kernel = self.kernel.effective(vec, base_offset % 8 == 0, self.d);
+        let kernel = self.kernel.on_device(dev, vec, base_offset % 8 == 0, self.d);
         let (module, ptx) = kernel.module();
         let func = dev.get_or_load_custom_func(kernel.entry(T::DTYPE, extra.is_some()), module, ptx)?;
         let smem = kernel.shared_bytes(self.d, size_of::<T>());
