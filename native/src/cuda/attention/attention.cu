@@ -686,28 +686,29 @@ __device__ __forceinline__ void store16(void* p, uint4 v) {
 #endif
 }
 
-// Version 7's epilogue for one warp's 32 rows from `ra` (its two m-tiles):
-// the accumulators, rows g scaled by s[m][0] and rows g + 8 by s[m][1], go to
-// the warp's own [32, DP + 8] f32 rows of `stage` (8 floats of padding, so
-// the float2 writes of each half-warp hit 32 distinct banks); then each lane
-// writes 8 columns (16 bytes) of a row, 16 lanes a row, two rows a step, so
-// every store fills whole 32-byte sectors (version 6's fragment stores are 2
-// bytes, 8 of each sector's 32 used: ncu, session 11). MODE 0: o = value;
-// 1: o = base + out_scale·value; 2 (the IP term): o += value on rows from
-// ip_row0. The arithmetic is version 6's, in f32 and rounded once. Needs
-// D % 8 == 0 and 16-byte aligned rows (mod.rs: the 16-byte path, base
+// The staged epilogue (versions 7 and 8) for one warp's MT m-tiles of 16
+// rows from `ra` (version 7: two, 32 rows; version 8: one): the
+// accumulators, rows g scaled by s[m][0] and rows g + 8 by s[m][1], go to
+// the warp's own [16·MT, DP + 8] f32 rows of `stage` (8 floats of padding,
+// so the float2 writes of each half-warp hit 32 distinct banks); then each
+// lane writes 8 columns (16 bytes) of a row, 16 lanes a row, two rows a
+// step, so every store fills whole 32-byte sectors (version 6's fragment
+// stores are 2 bytes, 8 of each sector's 32 used: ncu, session 11). MODE 0:
+// o = value; 1: o = base + out_scale·value; 2 (the IP term): o += value on
+// rows from ip_row0. The arithmetic is version 6's, in f32 and rounded once.
+// Needs D % 8 == 0 and 16-byte aligned rows (mod.rs: the 16-byte path, base
 // aligned); columns past D are neither read nor written. The caller has
 // ended all reads of the shared memory `stage` overlays (a barrier).
-template <typename T, int MODE>
-__device__ __forceinline__ void store_rows7(const float (&oacc)[MT6][MAX_D8][4], const float (&s)[MT6][2],
-                                            float* stage, int ra, int L, int D, int DP, int bh, int H, int merged,
-                                            T* __restrict__ o, const T* __restrict__ base, float out_scale,
-                                            int ip_row0) {
+template <typename T, int MODE, int MT>
+__device__ __forceinline__ void store_rows(const float (&oacc)[MT][MAX_D8][4], const float (&s)[MT][2],
+                                           float* stage, int ra, int L, int D, int DP, int bh, int H, int merged,
+                                           T* __restrict__ o, const T* __restrict__ base, float out_scale,
+                                           int ip_row0) {
     const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     const int lds = DP + 8, nd = DP / 8;
-    float* ws = stage + (threadIdx.x / 32) * 32 * lds;
+    float* ws = stage + (threadIdx.x / 32) * 16 * MT * lds;
 #pragma unroll
-    for (int m = 0; m < MT6; ++m)
+    for (int m = 0; m < MT; ++m)
 #pragma unroll
         for (int n = 0; n < MAX_D8; ++n) {
             if (n >= nd) continue;
@@ -723,7 +724,7 @@ __device__ __forceinline__ void store_rows7(const float (&oacc)[MT6][MAX_D8][4],
     T* orow = o + (merged ? ((size_t)bi * L * H + hi) * D : (size_t)bh * L * D) + c;
     const T* brow = base + (merged ? ((size_t)bi * L * H + hi) * D : (size_t)bh * L * D) + c;
 #pragma unroll 4
-    for (int r = lane >> 4; r < 32; r += 2) {
+    for (int r = lane >> 4; r < 16 * MT; r += 2) {
         const int row = ra + r;
         if (row >= L || (MODE == 2 && row < ip_row0)) continue;
         const float4 lo = *reinterpret_cast<const float4*>(ws + r * lds + c);
@@ -750,7 +751,7 @@ __device__ __forceinline__ void store_rows7(const float (&oacc)[MT6][MAX_D8][4],
 // mod.rs runs version 3 where it is not). STAGED (version 7): the Q tile
 // comes by cp.async in the first K/V tiles' group, so its latency overlaps
 // theirs (version 6 loads it first, synchronously), and the results leave
-// through store_rows7 (16-byte stores; mod.rs runs version 6 where base is
+// through store_rows (16-byte stores; mod.rs runs version 6 where base is
 // not 16-byte aligned).
 template <typename T, bool IP, bool STAGED>
 __device__ void attention6(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -782,9 +783,9 @@ __device__ void attention6(const T* __restrict__ q, const T* __restrict__ k, con
         const float s[MT6][2] = {{1.f / quad_sum(l[0][0]), 1.f / quad_sum(l[0][1])},
                                  {1.f / quad_sum(l[1][0]), 1.f / quad_sum(l[1][1])}};
         if (has_base)
-            store_rows7<T, 1>(oacc, s, stage, ra, L, D, DP, bh, H, merged, o, base, out_scale, 0);
+            store_rows<T, 1, MT6>(oacc, s, stage, ra, L, D, DP, bh, H, merged, o, base, out_scale, 0);
         else
-            store_rows7<T, 0>(oacc, s, stage, ra, L, D, DP, bh, H, merged, o, base, out_scale, 0);
+            store_rows<T, 0, MT6>(oacc, s, stage, ra, L, D, DP, bh, H, merged, o, base, out_scale, 0);
     } else {
 #pragma unroll
         for (int m = 0; m < MT6; ++m)
@@ -808,7 +809,7 @@ __device__ void attention6(const T* __restrict__ q, const T* __restrict__ k, con
         // Each lane re-reads only the elements of o it wrote above (the same lane → row, column map).
         const float s[MT6][2] = {{ip_scale / quad_sum(l[0][0]), ip_scale / quad_sum(l[0][1])},
                                  {ip_scale / quad_sum(l[1][0]), ip_scale / quad_sum(l[1][1])}};
-        store_rows7<T, 2>(oacc, s, stage, ra, L, D, DP, bh, H, merged, o, base, 0.f, ip_row0);
+        store_rows<T, 2, MT6>(oacc, s, stage, ra, L, D, DP, bh, H, merged, o, base, 0.f, ip_row0);
     } else {
 #pragma unroll
         for (int m = 0; m < MT6; ++m)
@@ -1105,8 +1106,9 @@ __device__ __forceinline__ void softmax_pv8(const T* Qs, const T* __restrict__ k
     }
 }
 
-// Version 8 with attention2's arguments and epilogue (D = 128, vec_loads = 1:
-// mod.rs checks). Each warp stores its 16 rows as versions 3 to 5 do.
+// Version 8 with attention2's arguments and epilogue (D = 128, vec_loads = 1,
+// base 16-byte aligned: mod.rs checks). Each warp's 16 rows leave through
+// version 7's staged 16-byte stores (store_rows).
 template <typename T, bool IP>
 __device__ void attention8(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                            T* __restrict__ o, int L, int S, int D, int /*DP*/, float scale_log2, int /*vec_loads*/,
@@ -1116,26 +1118,28 @@ __device__ void attention8(const T* __restrict__ q, const T* __restrict__ k, con
     IPAFLUX_DYNAMIC_SMEM(smem);
     T* Qs = reinterpret_cast<T*>(smem);
     T* KV = Qs + ROWS8 * D8;
+    // The staging rows (8 warps × 16 × (D8 + 8) f32) overlay Qs and KV once a key loop is done.
+    float* stage = reinterpret_cast<float*>(smem);
     const int bh = blockIdx.y, row0 = blockIdx.x * ROWS8;
     const int ra = row0 + (threadIdx.x / 32) * 16;   // this warp's first row
 
-    float oacc[MAX_D8][4], l0, l1;
+    float oacc[1][MAX_D8][4], l0, l1;
     load_tile8<T>(Qs, q + (size_t)bh * L * D8, row0, ROWS8, L);
-    softmax_pv8<T>(Qs, k + (size_t)bh * S * D8, v + (size_t)bh * S * D8, S, scale_log2, KV, oacc, l0, l1);
-    each_element(oacc, ra, 1.f / quad_sum(l0), 1.f / quad_sum(l1), L, D, MAX_D8, bh, H, merged,
-                 [&](int, size_t idx, float val) {
-                     o[idx] = from_f<T>(has_base ? to_f<T>(base[idx]) + out_scale * val : val);
-                 });
+    softmax_pv8<T>(Qs, k + (size_t)bh * S * D8, v + (size_t)bh * S * D8, S, scale_log2, KV, oacc[0], l0, l1);
+    const float s[1][2] = {{1.f / quad_sum(l0), 1.f / quad_sum(l1)}};
+    if (has_base)
+        store_rows<T, 1, 1>(oacc, s, stage, ra, L, D, D8, bh, H, merged, o, base, out_scale, 0);
+    else
+        store_rows<T, 0, 1>(oacc, s, stage, ra, L, D, D8, bh, H, merged, o, base, out_scale, 0);
     if (!IP || !has_ip || row0 + ROWS8 <= ip_row0) return;
-    // softmax_pv8 ended in a barrier: every warpgroup is done with Qs.
+    // Every warp is done with its staging rows before Qs is refilled.
+    __syncthreads();
     load_tile8<T>(Qs, q_ip + (size_t)bh * L * D8, row0, ROWS8, L);
-    softmax_pv8<T>(Qs, k_ip + (size_t)bh * S_ip * D8, v_ip + (size_t)bh * S_ip * D8, S_ip, scale_log2, KV, oacc, l0,
+    softmax_pv8<T>(Qs, k_ip + (size_t)bh * S_ip * D8, v_ip + (size_t)bh * S_ip * D8, S_ip, scale_log2, KV, oacc[0], l0,
                    l1);
-    // Each lane re-reads only the elements of o it wrote above.
-    each_element(oacc, ra, ip_scale / quad_sum(l0), ip_scale / quad_sum(l1), L, D, MAX_D8, bh, H, merged,
-                 [&](int row, size_t idx, float val) {
-                     if (row >= ip_row0) o[idx] = from_f<T>(to_f<T>(o[idx]) + val);
-                 });
+    // Each lane re-reads only the elements of o it wrote above (the same lane → row, column map).
+    const float s_ip[1][2] = {{ip_scale / quad_sum(l0), ip_scale / quad_sum(l1)}};
+    store_rows<T, 2, 1>(oacc, s_ip, stage, ra, L, D, D8, bh, H, merged, o, base, 0.f, ip_row0);
 }
 
 // Entry points: two warpgroups a block. Two blocks an SM (96 KB of shared

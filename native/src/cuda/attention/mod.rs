@@ -105,7 +105,8 @@ pub enum Kernel {
     /// Version 8 (Hopper only): the products on `wgmma` (warpgroup MMA, as
     /// FlashAttention-3, without its warp specialisation and TMA), two
     /// warpgroups of 64 rows a block, K/V double-buffered by `cp.async` in
-    /// wgmma's canonical shared-memory layout. Head size 128 on a compute
+    /// wgmma's canonical shared-memory layout, results out through version
+    /// 7's staged 16-byte stores. Head size 128 on a compute
     /// capability 9.0 device only; elsewhere, and where the build has no
     /// `compute_90a` PTX, it runs as `MmaTwoTiles`.
     Wgmma,
@@ -113,8 +114,8 @@ pub enum Kernel {
 
 impl Kernel {
     /// The kernel version a call runs: versions 4 to 8 need the 16-byte
-    /// loads, version 7 also 16-byte aligned rows of `base` (its stores),
-    /// version 8 head size 128, its PTX and a compute capability 9.0 device
+    /// loads, versions 7 and 8 also 16-byte aligned rows of `base` (their
+    /// stores), version 8 head size 128, its PTX and a compute capability 9.0 device
     /// (`sm_90a` code runs there only; [`Self::on_device`]).
     fn effective(self, vec_loads: bool, vec_base: bool, d: usize) -> Self {
         match self {
@@ -124,7 +125,7 @@ impl Kernel {
                 Self::Mma
             }
             Self::MmaTwoTilesStaged if !vec_base => Self::MmaTwoTiles,
-            Self::Wgmma if d != WGMMA_HEAD_DIM || WGMMA_PTX.is_empty() => Self::MmaTwoTiles,
+            Self::Wgmma if !vec_base || d != WGMMA_HEAD_DIM || WGMMA_PTX.is_empty() => Self::MmaTwoTiles,
             other => other,
         }
     }
@@ -599,8 +600,11 @@ mod tests {
         assert_eq!((Kernel::Wgmma.threads(), Kernel::Wgmma.rows()), (256, 128));
         assert_eq!(Kernel::Wgmma.effective(false, true, 128), Kernel::Mma);
         assert_eq!(Kernel::Wgmma.effective(true, true, 72), Kernel::MmaTwoTiles);
+        assert_eq!(Kernel::Wgmma.effective(true, false, 128), Kernel::MmaTwoTiles);
         let at_128 = if WGMMA_PTX.is_empty() { Kernel::MmaTwoTiles } else { Kernel::Wgmma };
-        assert_eq!(Kernel::Wgmma.effective(true, false, 128), at_128);
+        assert_eq!(Kernel::Wgmma.effective(true, true, 128), at_128);
+        // Its f32 staging rows (8 warps × 16 × (128 + 8)) fit its shared memory.
+        assert!(128 * (128 + 8) * 4 <= Kernel::Wgmma.shared_bytes(128, 2));
     }
 
     #[test]
