@@ -790,15 +790,17 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
     }
     // The default step with the other attention kernels the default set could take.
     if let Some(&(plain, ip)) = default_steps.first() {
+        let torch = o.torch.as_ref().and_then(|t| t.get(&format!("flux_{}_ms", base.size)).copied());
         for attention in &o.attention_variants {
             let opts = FluxBenchOptions { attention: attention.clone(), runs: o.runs.min(3), ..base.clone() };
             let (v_plain, v_ip) = bench_flux::run_plain_and_ip(&opts)?;
+            let vs_torch = torch.map_or(String::new(), |t| format!("; {:.3}× PyTorch's step", v_plain / t));
             r.info(
                 Section::Bench,
                 format!("  default step {}² without / with IP, with {}", base.size, attention.name()),
                 format!("{v_plain:.2} / {v_ip:.2} ms (IP {:+.2} %)", (v_ip - v_plain) / v_plain * 100.0),
                 format!("{plain:.2} / {ip:.2} ms"),
-                format!("{:.3}× / {:.3}× the default's", v_plain / plain, v_ip / ip),
+                format!("{:.3}× / {:.3}× the default's{vs_torch}", v_plain / plain, v_ip / ip),
             );
         }
     }
