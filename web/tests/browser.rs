@@ -97,7 +97,7 @@ fn quantized_weights(format: ipaflux_core::quant::WeightFormat) -> Vec<u8> {
     let store = ipaflux_core::weights::TensorStore::from_safetensors(WEIGHTS, "model.safetensors")
         .unwrap()
         .filter_rename(siglip_tensor_name);
-    let named: Vec<_> = store.names().map(|n| (n, store.get(n).unwrap())).collect();
+    let named: Vec<_> = store.names().map(|n| (n, store.get(n).unwrap().unwrap())).collect();
     ipaflux_core::quant::quantize_checkpoint(named, &linear_weights(&cfg), format, |_, _| {}).unwrap()
 }
 
