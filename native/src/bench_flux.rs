@@ -481,6 +481,9 @@ pub struct StreamedRun {
     /// The same step with every block resident (median ms), timed first.
     pub resident_ms: f64,
     pub resident_memory: Option<StepMemory>,
+    /// In use before this run made anything (what earlier work left on the
+    /// device: not the job's; the budget check subtracts it).
+    pub leftover: Option<u64>,
     /// Median ms with the registry's plan executed.
     pub streamed_ms: f64,
     pub streamed_peak: Option<u64>,
@@ -498,7 +501,8 @@ pub struct StreamedRun {
 /// One step all-resident, then the registry plans the model into `budget`
 /// bytes of the device (units = [`unit_specs`], `working` bytes of
 /// activations, or with `None` what the all-resident step used beyond its
-/// weights by the peak probe (at least 1 GiB); two-block stream buffer), the streamed blocks go to
+/// weights' bytes by the peak probe, counted from before the model was made
+/// (at least 1 GiB); two-block stream buffer), the streamed blocks go to
 /// `make_source`, and the step runs again streamed. On the CPU (smoke runs)
 /// the plan is made for a budgeted `cuda:0` and executed with [`HostBlocks`].
 pub fn run_streamed(
@@ -507,8 +511,10 @@ pub fn run_streamed(
     working: Option<u64>,
     make_source: SourceMaker,
 ) -> Result<StreamedRun> {
-    let Setup { cfg, mut model, img, ids, cond, .. } = setup(o)?;
     let dev = &o.device;
+    dev.synchronize()?;
+    let leftover = o.peak.in_use();
+    let Setup { cfg, mut model, img, ids, cond, .. } = setup(o)?;
     let step = |m: &FluxModel| -> Result<()> {
         m.forward(&img, &ids, &cond, 0.7, 0, Hooks::none())?;
         Ok(())
@@ -518,11 +524,12 @@ pub fn run_streamed(
 
     let units = unit_specs(&cfg, o.dtype);
     let weight_bytes: u64 = units.iter().map(|u| u.bytes).sum();
-    // Conservative: everything the probe saw beyond the weights' own bytes,
-    // their allocation slack included, counts as working memory.
+    // Everything this run added beyond the weights' own bytes (their
+    // allocation slack included) counts as working memory; what was there
+    // before it is not the job's.
     let working = match (working, resident_memory) {
         (Some(w), _) => w,
-        (None, Some(m)) => m.peak.saturating_sub(weight_bytes).max(1 << 30),
+        (None, Some(m)) => m.peak.saturating_sub(leftover.unwrap_or(0)).saturating_sub(weight_bytes).max(1 << 30),
         (None, None) => {
             return Err(Error::Core(ipaflux_core::Error::Unsupported(
                 "no peak-memory probe on this device to measure the step's working memory".into(),
@@ -564,6 +571,7 @@ pub fn run_streamed(
     Ok(StreamedRun {
         resident_ms,
         resident_memory,
+        leftover,
         streamed_ms,
         streamed_peak: o.peak.peak(),
         resident_blocks: cfg.num_blocks() - blocks.len(),
