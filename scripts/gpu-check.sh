@@ -18,7 +18,8 @@
 #      bf16 with --cuda-kernels baseline (both bf16 runs within 24/255 of the CPU: catches a
 #      broken kernel);
 #   4. ipaflux gpu-check --torch …: parity checks, fused attention, registry vs driver,
-#      benchmarks with PyTorch's figures and the ratios, Flux streamed in 12 GiB; prints the table;
+#      benchmarks with PyTorch's figures and the ratios, Flux streamed in 12 GiB; prints the table
+#      (attention version 8 first in a run of its own: in the main run only if that passed);
 #   5. where Nsight Compute (ncu) is installed: GPU time per kernel of a Flux step (1+1 blocks,
 #      1024², bf16), summed by kernel name: where the step's time goes (ncu.csv, kernels.txt),
 #      then the same with the baseline kernels (ncu-baseline.csv, kernels-baseline.txt), then the
@@ -118,7 +119,19 @@ if want 4; then
 echo "== 4. ipaflux gpu-check"
 torch_arg=()
 [ -s "$out/torch.json" ] && torch_arg=(--torch "$out/torch.json")
-timeout 400 "$bin/ipaflux" gpu-check --runs "${RUNS:-10}" "${torch_arg[@]}" --out "$out/table.md" > "$out/gpu-check.log" 2>&1
+# Attention version 8 (wgmma) has not run on a GPU before session 13's code: alone first, so a
+# fault in it (one that spoils the CUDA context) cannot cost the main run's rows; the main run
+# leaves it out unless every check of that first run passed.
+echo "-- attention version 8 alone (gpu-check --section attention --wgmma only: table-wgmma.md)"
+timeout 120 "$bin/ipaflux" gpu-check --section attention --wgmma only --runs "${RUNS:-10}" \
+  --out "$out/table-wgmma.md" > "$out/gpu-check-wgmma.log" 2>&1
+wg=$?
+[ "$wg" -eq 0 ] || status=1
+cat "$out/table-wgmma.md" 2>/dev/null || grep '^gpu-check: row: ' "$out/gpu-check-wgmma.log" | sed 's/^gpu-check: row: //'
+if [ "$wg" -eq 0 ]; then wgmma=include; else wgmma=exclude; fi
+echo "version 8 alone: exit $wg; the main run: --wgmma $wgmma"
+timeout 400 "$bin/ipaflux" gpu-check --runs "${RUNS:-10}" --wgmma "$wgmma" "${torch_arg[@]}" --out "$out/table.md" \
+  > "$out/gpu-check.log" 2>&1
 rc=$?
 [ "$rc" -eq 0 ] || status=1
 grep -v -e '^|' -e '^gpu-check: row: ' "$out/gpu-check.log" | tail -n 20

@@ -253,6 +253,21 @@ fn dev_name(d: &Device) -> &'static str {
     }
 }
 
+/// Which of attention version 8's checks run (`--wgmma`). Version 8 has not
+/// run on a GPU yet: `gpu-check.sh` runs it alone first (`only`), and leaves
+/// it out of the main run (`exclude`) if that failed, so a fault in it (one
+/// that spoils the CUDA context) cannot cost the other rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Wgmma {
+    /// With every other kernel.
+    #[default]
+    Include,
+    /// Not at all.
+    Exclude,
+    /// Only version 8 among the alternatives and the default set's variants.
+    Only,
+}
+
 /// A part of the check that runs alone with `--section` (each has its own rows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Section {

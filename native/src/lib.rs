@@ -81,12 +81,15 @@ pub fn attention_for(device: &ipaflux_core::candle_core::Device, set: KernelSet)
 /// (CUDA: version 7, and versions 7, 6, 4 and 5 with the IP term in their
 /// launch; none elsewhere), for `gpu-check` to check and to time the fast
 /// step with each.
-pub fn fast_attention_variants(device: &ipaflux_core::candle_core::Device) -> Vec<ipaflux_core::nn::Attention> {
+pub fn fast_attention_variants(
+    device: &ipaflux_core::candle_core::Device,
+    wgmma: gpu_check::Wgmma,
+) -> Vec<ipaflux_core::nn::Attention> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        return cuda::fast_attention_variants();
+        return cuda::fast_attention_variants(wgmma);
     }
-    let _ = device;
+    let _ = (device, wgmma);
     Vec::new()
 }
 

@@ -111,6 +111,9 @@ enum Cmd {
         /// Also write the table here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Attention version 8 (not yet run on a GPU): with the rest, left out, or alone.
+        #[arg(long, value_enum, default_value_t)]
+        wgmma: gpu_check::Wgmma,
     },
     /// Benchmark the encoder at the real so400m shapes (random weights, CPU f32), against PyTorch when available.
     Bench {
@@ -462,7 +465,7 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", plan::render(&report));
             }
         }
-        Cmd::GpuCheck { device, fixtures, runs, quick, sections, torch, out } => {
+        Cmd::GpuCheck { device, fixtures, runs, quick, sections, torch, out, wgmma } => {
             let dev = device.to_candle()?;
             #[cfg(feature = "cuda")]
             let (alternatives, peak): (_, std::sync::Arc<dyn bench_flux::PeakMemory>) = if dev.is_cuda() {
@@ -478,8 +481,10 @@ fn main() -> anyhow::Result<()> {
                             Kernel::MmaTwoTilesStaged,
                             Kernel::Wgmma,
                         ]
+                        .into_iter()
+                        .filter(|&kernel| ipaflux::cuda::wgmma_wanted(kernel, wgmma))
                         .map(|kernel| ipaflux::cuda::fused_attention_with(kernel, Output::Heads))
-                        .to_vec()
+                        .collect()
                     },
                     std::sync::Arc::new(ipaflux::cuda::check::DriverPeak::start(&dev)?),
                 )
@@ -499,7 +504,7 @@ fn main() -> anyhow::Result<()> {
             };
             let default_set = set_under_test(ipaflux::KernelSet::default());
             let baseline = set_under_test(ipaflux::KernelSet::Baseline);
-            let attention_variants = ipaflux::fast_attention_variants(&dev);
+            let attention_variants = ipaflux::fast_attention_variants(&dev, wgmma);
             let o = gpu_check::CheckOptions {
                 device: dev,
                 fixtures,

@@ -412,8 +412,10 @@ fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
     let streamed = written.lines().find(|l| l.starts_with("| stream |") && l.contains("streamed in a")).unwrap();
     assert!(!streamed.contains(" 0 streamed"), "{streamed}");
     // --section runs those sections alone; an unknown one is refused, naming the known ones.
+    // (`--wgmma only` as gpu-check.sh runs it first; the CPU has no version 8, so it changes nothing here.)
     let only = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
-        .args(["gpu-check", "--device", "cpu", "--quick", "--runs", "1", "--section", "attention", "--fixtures"])
+        .args(["gpu-check", "--device", "cpu", "--quick", "--runs", "1", "--section", "attention", "--wgmma", "only"])
+        .arg("--fixtures")
         .arg(fixture(""))
         .output()
         .unwrap();
@@ -428,6 +430,12 @@ fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
         .output()
         .unwrap();
     assert_fails(&unknown, &["invalid value 'speed' for '--section", "parity, attention, registry, bench, stream"]);
+    let wgmma = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
+        .args(["gpu-check", "--device", "cpu", "--quick", "--wgmma", "first", "--fixtures"])
+        .arg(fixture(""))
+        .output()
+        .unwrap();
+    assert_fails(&wgmma, &["invalid value 'first' for '--wgmma", "include, exclude, only"]);
     // A missing fixture folder is a failed check, not a panic.
     let bad = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
         .args(["gpu-check", "--device", "cpu", "--quick", "--runs", "1", "--fixtures", "/nonexistent"])

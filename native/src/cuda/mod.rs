@@ -59,12 +59,26 @@ pub fn fused_modulation(set: crate::KernelSet) -> Arc<dyn ipaflux_core::nn::Fuse
 /// in a second launch), then versions 8, 7 and 6 with the term in the same
 /// launch. (Versions 4 and 5 with the term in the launch were timed in
 /// session 11 and lost to version 6; each variant costs a full Flux-dev
-/// setup and step in the GPU run's time.)
-pub fn fast_attention_variants() -> Vec<Attention> {
+/// setup and step in the GPU run's time.) `wgmma`: which of version 8's.
+pub fn fast_attention_variants(wgmma: crate::gpu_check::Wgmma) -> Vec<Attention> {
     use attention::{Kernel, Output};
-    let separate =
-        [Kernel::Wgmma, Kernel::MmaTwoTilesStaged].map(|kernel| fused_attention_with(kernel, Output::Merged));
+    let separate = [Kernel::Wgmma, Kernel::MmaTwoTilesStaged].map(|kernel| (kernel, Output::Merged));
     let fused_extra = [Kernel::Wgmma, Kernel::MmaTwoTilesStaged, Kernel::MmaTwoTiles]
-        .map(|kernel| fused_attention_with(kernel, Output::MergedFusedExtra));
-    separate.into_iter().chain(fused_extra).collect()
+        .map(|kernel| (kernel, Output::MergedFusedExtra));
+    separate
+        .into_iter()
+        .chain(fused_extra)
+        .filter(|&(kernel, _)| wgmma_wanted(kernel, wgmma))
+        .map(|(kernel, output)| fused_attention_with(kernel, output))
+        .collect()
+}
+
+/// Whether `kernel` runs under `wgmma` ([`crate::gpu_check::Wgmma`]).
+pub fn wgmma_wanted(kernel: attention::Kernel, wgmma: crate::gpu_check::Wgmma) -> bool {
+    use crate::gpu_check::Wgmma;
+    match wgmma {
+        Wgmma::Include => true,
+        Wgmma::Exclude => kernel != attention::Kernel::Wgmma,
+        Wgmma::Only => kernel == attention::Kernel::Wgmma,
+    }
 }
