@@ -274,20 +274,22 @@ inline const unsigned char* emu_desc_start(uint64_t d) {
 inline size_t emu_desc_lbo(uint64_t d) { return ((d >> 16) & 0x3FFF) << 4; }
 inline size_t emu_desc_sbo(uint64_t d) { return ((d >> 32) & 0x3FFF) << 4; }
 
-// Element (mn, k) of a K-major operand; element (k, mn) of an MN-major one.
-template <typename T> float emu_kmajor(uint64_t d, int mn, int k) {
+// Element `elem` of 16-byte row `row` (0..7) of the core matrix that is
+// `mn_group`-th along M/N (SBO apart) and `k_group`-th along K (LBO apart).
+template <typename T> float emu_core_element(uint64_t d, int row, int mn_group, int k_group, int elem) {
     const unsigned char* p =
-        emu_desc_start(d) + (mn % 8) * 16 + (mn / 8) * emu_desc_sbo(d) + (k / 8) * emu_desc_lbo(d) + (k % 8) * 2;
+        emu_desc_start(d) + row * 16 + mn_group * emu_desc_sbo(d) + k_group * emu_desc_lbo(d) + elem * 2;
     uint16_t bits;
     std::memcpy(&bits, p, 2);
     return emu_b16_to_float<T>(bits);
 }
+// Element (mn, k) of a K-major operand (a core-matrix row holds 8 K values);
+// element (k, mn) of an MN-major one (a row holds 8 M/N values).
+template <typename T> float emu_kmajor(uint64_t d, int mn, int k) {
+    return emu_core_element<T>(d, mn % 8, mn / 8, k / 8, k % 8);
+}
 template <typename T> float emu_mnmajor(uint64_t d, int k, int mn) {
-    const unsigned char* p =
-        emu_desc_start(d) + (k % 8) * 16 + (mn / 8) * emu_desc_sbo(d) + (k / 8) * emu_desc_lbo(d) + (mn % 8) * 2;
-    uint16_t bits;
-    std::memcpy(&bits, p, 2);
-    return emu_b16_to_float<T>(bits);
+    return emu_core_element<T>(d, k % 8, mn / 8, k / 8, mn % 8);
 }
 
 // D (64×N, this thread's C fragments `acc`, tiles of 8 columns) += A (64×16) · B (16×N):
