@@ -8,9 +8,12 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+/// The attention kernels' source (also built a second time for `wgmma`).
+const ATTENTION: &str = "src/cuda/attention/attention.cu";
+
 /// Our kernels: (source, PTX file name).
 const KERNELS: [(&str, &str); 2] =
-    [("src/cuda/attention/attention.cu", "attention.ptx"), ("src/cuda/modulation/modulation.cu", "modulation.ptx")];
+    [(ATTENTION, "attention.ptx"), ("src/cuda/modulation/modulation.cu", "modulation.ptx")];
 
 fn main() {
     for (source, _) in KERNELS {
@@ -32,7 +35,7 @@ fn main() {
     // `wgmma` is Hopper's alone, in the architecture-specific target.
     let wgmma = PathBuf::from(&out_dir).join("attention_wgmma.ptx");
     if cap == "90" {
-        compile(&nvcc, "compute_90a", &["-DIPAFLUX_WGMMA_ONLY"], KERNELS[0].0, &wgmma);
+        compile(&nvcc, "compute_90a", &["-DIPAFLUX_WGMMA_ONLY"], ATTENTION, &wgmma);
     } else if let Err(e) = std::fs::write(&wgmma, "") {
         panic!("cannot write {}: {e}", wgmma.display());
     }

@@ -339,6 +339,7 @@ pub struct SiglipVisionModel {
     inner: SiglipVision<CandleOps>,
     ops: CandleOps,
     dtype: candle_core::DType,
+    device: candle_core::Device,
 }
 
 impl std::fmt::Debug for SiglipVisionModel {
@@ -354,9 +355,19 @@ impl std::fmt::Debug for SiglipVisionModel {
 impl SiglipVisionModel {
     /// Builds from a `VarBuilder` whose names have no `vision_model.` prefix.
     pub fn new(cfg: &SiglipVisionConfig, vb: VarBuilder) -> Result<Self> {
-        let dtype = vb.dtype();
+        let (dtype, device) = (vb.dtype(), vb.device().clone());
         let ops = CandleOps::default();
-        Ok(Self { inner: SiglipVision::load(&ops, cfg, vb)?, ops, dtype })
+        Ok(Self { inner: SiglipVision::load(&ops, cfg, vb)?, ops, dtype, device })
+    }
+
+    /// The precision the weights and activations are in.
+    pub fn dtype(&self) -> candle_core::DType {
+        self.dtype
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> &candle_core::Device {
+        &self.device
     }
 
     /// Uses `attention` (e.g. a fused CUDA kernel) from now on.

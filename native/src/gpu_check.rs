@@ -4,13 +4,15 @@
 //! - **Parity** on the committed fixtures: the device against the CPU and
 //!   against the PyTorch goldens (SigLIP, one Flux forward with the
 //!   IP-Adapter): f32 ≤ 1e-4, bf16 ≤ 2e-2 (relative max error); the fused
-//!   attention against the reference path at real shapes.
+//!   attention against the reference path at real shapes; on CUDA, SigLIP
+//!   replayed from a CUDA graph bit-identical to its eager calls.
 //! - **Registry vs driver** (CUDA): SigLIP so400m's weights loaded, offloaded
 //!   to pinned memory and reloaded through the registry over several jobs; the
 //!   registry's resident bytes against the driver's used bytes within 5 %, and
-//!   nothing left after cleanup.
+//!   nothing left after cleanup; each reload's values equal the originals.
 //! - **Benchmarks** (random weights at the real shapes, bf16, medians of
-//!   `runs`, device synchronised): SigLIP so400m, the projection, one
+//!   `runs`, device synchronised): SigLIP so400m (eager, and on CUDA replayed
+//!   from a CUDA graph), the projection, one
 //!   FLUX.1-dev step at 1024² and 512² with and without the IP-Adapter, host ↔
 //!   device copies. With `--torch FILE` (written by scripts/gpu_bench_torch.py
 //!   on the same card) each figure gets PyTorch's beside it and the ratio.
@@ -228,6 +230,16 @@ pub fn rel_max_err(ours: &Tensor, reference: &Tensor) -> Result<f32> {
     Ok(diff / scale)
 }
 
+/// Bytes in GiB (2³⁰), for the table.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+/// Bytes in MiB (2²⁰), for the table.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
 /// Median wall time of `runs` calls in ms, the device synchronised after each (one warm-up first).
 pub fn time_ms(device: &Device, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
@@ -372,7 +384,56 @@ fn parity_siglip(o: &CheckOptions, r: &mut Report) -> Result<()> {
             tol,
         );
     }
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        let fused = o.default_attention().is_some();
+        let model = siglip_fixture(o, DType::BF16, dev, fused)?;
+        let second = (pixels.flip(&[3])? * 0.5)?;
+        graph_identity(r, model, &[pixels.to_device(dev)?, second.to_device(dev)?], "SigLIP tiny, bf16")?;
+    }
     Ok(())
+}
+
+/// The largest |a − b| over two tensors of one shape, in f32.
+#[cfg(feature = "cuda")]
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?;
+    Ok(d.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// A CUDA graph of `model`'s forward replayed on each of `inputs`, then on
+/// the first again, against eager calls: bit-identical, or a failed row
+/// (a capture that fails is a failed row too, with its reason). Gives the
+/// model back.
+#[cfg(feature = "cuda")]
+fn graph_identity(
+    r: &mut Report,
+    model: SiglipVisionModel,
+    inputs: &[Tensor],
+    label: &str,
+) -> Result<SiglipVisionModel> {
+    use crate::cuda::graph::GraphedEncoder;
+    let eager = inputs.iter().map(|p| model.forward(p)).collect::<Result<Vec<_>, _>>()?;
+    let what = format!("{label}: CUDA graph replays vs eager calls ({} inputs, then the first again)", inputs.len());
+    let graph = match GraphedEncoder::capture(model, inputs.first().map_or(1, |p| p.dims()[0])) {
+        Ok(g) => g,
+        Err(failed) => {
+            r.bool_check(
+                Section::Parity,
+                what,
+                format!("capture failed: {}", failed.error),
+                "bit-identical".into(),
+                false,
+            );
+            return Ok(failed.model);
+        }
+    };
+    let mut worst = 0f32;
+    for i in (0..inputs.len()).chain([0]) {
+        worst = worst.max(max_abs_diff(&graph.forward(&inputs[i])?, &eager[i])?);
+    }
+    r.bool_check(Section::Parity, what, format!("max |diff| {worst:.2e}"), "bit-identical (0)".into(), worst == 0.0);
+    Ok(graph.into_model())
 }
 
 /// Flux tiny fixture with the IP-Adapter (InstantX variant, weight 0.7): the
@@ -510,7 +571,7 @@ fn attention_real_shapes(o: &CheckOptions, r: &mut Report) -> Result<()> {
             Ok(())
         })?;
         let flop = 4.0 * (b * h * l * s * d) as f64;
-        let scores = (b * h * l * s * 2) as f64 / (1u64 << 30) as f64;
+        let scores = gib((b * h * l * s * 2) as u64);
         for kernel in &kernels {
             let ours = kernel.sdpa(&q, &k, &v)?;
             r.check(
@@ -721,7 +782,7 @@ fn bench_encoder(o: &CheckOptions, r: &mut Report) -> Result<()> {
     ratio_row(
         r,
         o,
-        format!("{label}, {dtype:?}, reference attention ({:.2} GiB weights)", bytes as f64 / (1u64 << 30) as f64),
+        format!("{label}, {dtype:?}, reference attention ({:.2} GiB weights)", gib(bytes as u64)),
         ms,
         "siglip_ms",
         None,
@@ -742,6 +803,10 @@ fn bench_encoder(o: &CheckOptions, r: &mut Report) -> Result<()> {
             "siglip_min_ms",
             Some(1.0),
         );
+        #[cfg(feature = "cuda")]
+        if dev.is_cuda() {
+            model = bench_graph(o, r, model, &pixels, &format!("{label}, {dtype:?}, fused attention"))?;
+        }
     }
     drop(model);
 
@@ -773,6 +838,50 @@ fn bench_encoder(o: &CheckOptions, r: &mut Report) -> Result<()> {
         None,
     );
     Ok(())
+}
+
+/// The encoder as a CUDA graph: bit-identity with eager calls, capture
+/// time, the graph pool's reservation, and the replay's median beside
+/// PyTorch's eager call (the steady state of repeated encodes; a one-off
+/// encode pays the capture). Gives the model back.
+#[cfg(feature = "cuda")]
+fn bench_graph(
+    o: &CheckOptions,
+    r: &mut Report,
+    model: SiglipVisionModel,
+    pixels: &Tensor,
+    label: &str,
+) -> Result<SiglipVisionModel> {
+    use crate::cuda::graph::GraphedEncoder;
+    let other = (pixels.flip(&[2])? * 0.5)?;
+    let model = graph_identity(r, model, &[pixels.clone(), other], label)?;
+    let t = Instant::now();
+    let graph = match GraphedEncoder::capture(model, pixels.dims()[0]) {
+        Ok(g) => g,
+        Err(failed) => return Ok(failed.model), // the identity row above has failed with the reason
+    };
+    let capture_ms = t.elapsed().as_secs_f64() * 1e3;
+    let ms = time_ms(&o.device, o.runs.max(SIGLIP_RUNS), || {
+        drop(graph.forward(pixels)?);
+        Ok(())
+    })?;
+    r.info(
+        Section::Bench,
+        format!("{label}, CUDA graph: capture (an eager call, capture, first replay)"),
+        format!("{capture_ms:.1} ms"),
+        "—".into(),
+        format!("graph pool {:.1} MiB", mib(graph.reserved_bytes())),
+    );
+    ratio_row(r, o, format!("{label}, CUDA graph replay (median)"), ms, "siglip_ms", Some(1.0));
+    ratio_row(
+        r,
+        o,
+        format!("  the same median against PyTorch's fastest of {SIGLIP_RUNS} calls"),
+        ms,
+        "siglip_min_ms",
+        Some(1.0),
+    );
+    Ok(graph.into_model())
 }
 
 /// One Flux step at 1024² and 512² (full FLUX.1-dev depth unless quick), IP
@@ -891,7 +1000,6 @@ fn step_rows(o: &CheckOptions, r: &mut Report, opts: &FluxBenchOptions, label: S
     ratio_row(r, o, label, plain, &format!("flux_{size}_ms"), if size == 1024 { Some(0.9) } else { None });
     if let Some(m) = memory {
         let torch = |key: &str| o.torch.as_ref().and_then(|t| t.get(&format!("flux_{size}_{key}")).copied());
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         let probe = if o.device.is_cpu() { "process RSS" } else { "driver-reported use" };
         r.info(
             Section::Bench,
@@ -904,9 +1012,9 @@ fn step_rows(o: &CheckOptions, r: &mut Report, opts: &FluxBenchOptions, label: S
         r.info(
             Section::Bench,
             format!("  the step's own memory: peak − in use before it ({:.2} GiB)", gib(m.before)),
-            format!("{:.0} MiB", m.working() as f64 / (1u64 << 20) as f64),
+            format!("{:.0} MiB", mib(m.working())),
             torch_working.map_or("—".into(), |t| format!("{t:.0} MiB (torch)")),
-            torch_working.map_or(String::new(), |t| format!("{:.2}×", m.working() as f64 / (1u64 << 20) as f64 / t)),
+            torch_working.map_or(String::new(), |t| format!("{:.2}×", mib(m.working()) / t)),
         );
     }
     let overhead = (cached - plain) / plain * 100.0;
@@ -941,17 +1049,17 @@ fn step_rows(o: &CheckOptions, r: &mut Report, opts: &FluxBenchOptions, label: S
     if let Some(added) = kv_added {
         // Issue 4's target is per image at full depth; a reduced run is scaled by its blocks.
         let full = ipaflux_core::flux::FluxConfig::dev().num_blocks();
-        let mib = added as f64 / (1u64 << 20) as f64 * full as f64 / (opts.depth + opts.depth_single).max(1) as f64;
+        let per_image = mib(added) * full as f64 / (opts.depth + opts.depth_single).max(1) as f64;
         let probe = if o.device.is_cpu() { "process RSS" } else { "driver-reported use" };
         r.info(
             Section::Bench,
             format!("  memory the cached K/V of one image keeps ({probe}, for {full} blocks)"),
-            format!("{mib:.1} MiB"),
+            format!("{per_image:.1} MiB"),
             "—".into(),
             if o.device.is_cpu() {
                 "not judged on the CPU (freed heap is reused without growing the RSS)".into()
             } else {
-                format!("target ≤ 100 MiB: {}", if mib <= 100.0 { "met" } else { "**not met**" })
+                format!("target ≤ 100 MiB: {}", if per_image <= 100.0 { "met" } else { "**not met**" })
             },
         );
     }
@@ -1002,7 +1110,6 @@ fn bench_flux_streamed(o: &CheckOptions, r: &mut Report) -> Result<()> {
     #[cfg(not(feature = "cuda"))]
     let make: bench_flux::SourceMaker = &host;
     let run = bench_flux::run_streamed(&opts, budget, working, make)?;
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let label = format!("Flux {depth}+{single} step {}², {dtype:?}", opts.size);
     r.info(
         Section::Stream,

@@ -10,7 +10,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{CudaContext, DriverError};
-use ipaflux_core::candle_core::{DType, Device};
+use std::collections::HashMap;
+
+use ipaflux_core::candle_core::{DType, Device, Tensor, D};
 use ipaflux_core::candle_nn::VarBuilder;
 use ipaflux_core::registry::{CudaMemory, HostMemory, JobRequest, ModelSpec, Registry, RegistryConfig, Role};
 use ipaflux_core::siglip::expected_tensors;
@@ -18,11 +20,10 @@ use ipaflux_core::{DeviceSpec, SiglipVisionModel};
 
 use super::pinned::PinnedStash;
 use crate::bench_flux::PeakMemory;
-use crate::gpu_check::{random_weights, siglip_config, CheckOptions, Report, Section};
+use crate::gpu_check::{gib, mib, random_weights, siglip_config, CheckOptions, Report, Section};
 use crate::{Error, Result};
 
 const MIB: u64 = 1 << 20;
-const GIB: f64 = (1u64 << 30) as f64;
 
 fn driver(e: DriverError) -> Error {
     Error::Core(ipaflux_core::Error::Unsupported(format!("CUDA driver: {e}")))
@@ -107,7 +108,10 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
     // Predicted from the config alone: what the registry is told.
     let predicted: u64 = list.iter().map(|(_, s)| s.iter().product::<usize>() as u64 * 2).sum();
     // The weights start on the host (pinned); no GPU copy is kept.
-    let mut stash = PinnedStash::new(&random_weights(&list, DType::BF16, dev)?)?;
+    let initial = random_weights(&list, DType::BF16, dev)?;
+    let want = fingerprint(&initial)?;
+    let mut stash = PinnedStash::new(&initial)?;
+    drop(initial);
     dev.synchronize()?;
     let pixels = ipaflux_core::candle_core::Tensor::randn(0f32, 1.0, (1, 3, cfg.image_size, cfg.image_size), dev)?
         .to_dtype(DType::BF16)?;
@@ -131,10 +135,22 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
         r.bool_check(
             Section::Registry,
             format!("job {round}: SigLIP loaded, registry vs driver"),
-            format!("registry {:.1} MiB, driver {:.1} MiB", placed as f64 / MIB as f64, used as f64 / MIB as f64),
+            format!("registry {:.1} MiB, driver {:.1} MiB", mib(placed), mib(used)),
             "within 5 %".into(),
             used.abs_diff(placed) * 20 <= placed.max(1),
         );
+        if moved > 0 {
+            // Round 1 reloads what `new` copied out tensor by tensor; later
+            // rounds what an offload of the reloaded views copied in one piece.
+            let same = fingerprint(&weights)? == want;
+            r.bool_check(
+                Section::Registry,
+                format!("job {round}: reloaded weights are the originals"),
+                format!("{} tensors, per-tensor f64 sums", want.len()),
+                "equal".into(),
+                same,
+            );
+        }
         {
             let model = SiglipVisionModel::new(&cfg, VarBuilder::from_tensors(weights.clone(), DType::BF16, dev))?;
             drop(model.forward(&pixels)?);
@@ -153,7 +169,7 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
         r.bool_check(
             Section::Registry,
             format!("job {round}: embeddings ready → offloaded to pinned memory"),
-            format!("registry {:.1} MiB, driver {:.1} MiB", placed as f64 / MIB as f64, used as f64 / MIB as f64),
+            format!("registry {:.1} MiB, driver {:.1} MiB", mib(placed), mib(used)),
             "registry 0, driver < 64 MiB".into(),
             offloaded && placed == 0 && used < 64 * MIB,
         );
@@ -164,7 +180,7 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
     r.bool_check(
         Section::Registry,
         "after 3 jobs: nothing grew",
-        format!("driver {:.1} MiB, registry {} B", used as f64 / MIB as f64, reg.placed_bytes(cuda)),
+        format!("driver {:.1} MiB, registry {} B", mib(used), reg.placed_bytes(cuda)),
         "< 64 MiB, 0 B".into(),
         used < 64 * MIB && reg.placed_bytes(cuda) == 0,
     );
@@ -186,6 +202,23 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
         String::new(),
     );
     Ok(())
+}
+
+/// Each tensor's sum and sum of squares, in f64 by name: equal values give
+/// equal sums (candle's reductions have a fixed order), a tensor read from
+/// the wrong place or misplaced does not.
+fn fingerprint(weights: &HashMap<String, Tensor>) -> Result<Vec<(String, f64, f64)>> {
+    let mut out = weights
+        .iter()
+        .map(|(name, t)| {
+            let t = t.to_dtype(DType::F64)?;
+            let sum = t.sum_keepdim(D::Minus1)?.sum_all()?.to_scalar::<f64>()?;
+            let squares = t.sqr()?.sum_keepdim(D::Minus1)?.sum_all()?.to_scalar::<f64>()?;
+            Ok((name.clone(), sum, squares))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
 }
 
 /// Host ↔ device copy speed, pinned and pageable, against PyTorch's on the same card.
@@ -223,7 +256,7 @@ pub fn transfers(o: &CheckOptions, r: &mut Report) -> Result<()> {
         let torch = o.torch.as_ref().and_then(|t| t.get(key).copied());
         r.info(
             Section::Bench,
-            format!("{what}, {:.2} GiB, best of 5", bytes / GIB),
+            format!("{what}, {:.2} GiB, best of 5", gib((n * 4) as u64)),
             format!("{ours:.1} GB/s"),
             torch.map_or("—".into(), |t| format!("{t:.1} GB/s")),
             torch.map_or(String::new(), |t| format!("{:.2}×", ours / t)),

@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod check;
+pub mod graph;
 pub mod modulation;
 pub mod pinned;
 pub mod stream;
