@@ -9,7 +9,8 @@
 // - gated_add: out = x + y * gate, gate one row per batch item. Replaces a
 //   broadcast multiply and an add (two passes, one intermediate tensor).
 //
-// x, y, out [B, L, H] and scale, shift, gate [B, H], all contiguous.
+// x, y, out [B, L, H] and scale, shift, gate [B, H], all contiguous. Each
+// kernel has a 16-byte path for widths that are multiples of 8 (below).
 // Also: bias + GELU-tanh, and the attention inputs from a QKV projection
 // (qkv_rope, below). Written for this project; no code copied.
 #include <cuda_bf16.h>
@@ -27,6 +28,42 @@ template <typename T> __device__ __forceinline__ float rnd(float x) {
     return ld(&v);
 }
 
+// The 16-byte paths (session 14). The scalar loops load and store 2 bytes an
+// element and, in gated_add and gelu_tanh, divide 64-bit indices per element:
+// session 11's ncu put these kernels at 0.2-0.4 ms per Flux block pair, 3-4x
+// their bytes at the H200's bandwidth. Where widths are multiples of 8 and
+// pointers 16-byte aligned (every Flux shape), each thread moves 8 elements
+// with one 16-byte access and one 32-bit division; the arithmetic per element
+// is unchanged (gated_add and gelu_tanh give the same bits; ln_modulate sums in
+// another order). Other shapes take the scalar loops.
+__device__ __forceinline__ bool aligned16(const void* p) { return ((size_t)p & 15) == 0; }
+
+// Eight T at p (16-byte aligned) as floats.
+template <typename T> __device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    T e[8];
+    memcpy(e, &raw, sizeof raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = ld(e + i);
+}
+
+// f rounded to T, stored as one 16-byte store at p (16-byte aligned). Inline
+// PTX: a uint4 assigned through a pointer can leave nvcc as four 4-byte
+// stores (attention.cu's store16 says the same).
+template <typename T> __device__ __forceinline__ void store8(T* p, const float (&f)[8]) {
+    T e[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) e[i] = cvt<T>(f[i]);
+    uint4 v;
+    memcpy(&v, e, sizeof v);
+#ifdef IPAFLUX_HOST_EMULATION
+    memcpy(p, &v, sizeof v);
+#else
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+#endif
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
 __device__ __forceinline__ float block_sum(float v, float* red) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -39,6 +76,10 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
     return t;
 }
 
+// Vectors of 8 a thread keeps in registers in ln_modulate's 16-byte path:
+// rows up to 8 * LN_VECS * blockDim.x (8192 at 256 threads).
+#define LN_VECS 4
+
 // One block per row.
 template <typename T>
 __device__ void ln_modulate(const T* __restrict__ x, const T* __restrict__ scale, const T* __restrict__ shift,
@@ -50,6 +91,45 @@ __device__ void ln_modulate(const T* __restrict__ x, const T* __restrict__ scale
     const T* sc = scale + item * H;
     const T* sh = shift + item * H;
     T* orow = out + row * H;
+    // Uniform over the block (block_sum needs every thread).
+    if (H % 8 == 0 && H / 8 <= LN_VECS * (int)blockDim.x && aligned16(xr) && aligned16(sc) && aligned16(sh) &&
+        aligned16(orow)) {
+        const int hv = H / 8;
+        float xs[LN_VECS][8];
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < LN_VECS; ++j) {
+            const int v = threadIdx.x + j * blockDim.x;
+            if (v >= hv) continue;
+            load8(xr + 8 * v, xs[j]);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) s += xs[j][i];
+        }
+        const float mean = block_sum(s, red) / H;
+        float q = 0.f;
+#pragma unroll
+        for (int j = 0; j < LN_VECS; ++j) {
+            if ((int)threadIdx.x + j * (int)blockDim.x >= hv) continue;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const float d = xs[j][i] - mean;
+                q += d * d;
+            }
+        }
+        const float rstd = rsqrtf(block_sum(q, red) / H + eps);
+#pragma unroll
+        for (int j = 0; j < LN_VECS; ++j) {
+            const int v = threadIdx.x + j * blockDim.x;
+            if (v >= hv) continue;
+            float a[8], b[8], y[8];
+            load8(sc + 8 * v, a);
+            load8(sh + 8 * v, b);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) y[i] = (xs[j][i] - mean) * rstd * (1.f + a[i]) + b[i];
+            store8(orow + 8 * v, y);
+        }
+        return;
+    }
     float s = 0.f;
     for (int c = threadIdx.x; c < H; c += blockDim.x) s += ld(xr + c);
     const float mean = block_sum(s, red) / H;
@@ -72,6 +152,22 @@ template <typename T>
 __device__ void gated_add(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ bias,
                           const T* __restrict__ gate, T* __restrict__ out, size_t n, int H, size_t per_item,
                           int has_bias) {
+    if (H % 8 == 0 && n / 8 < (1u << 31) && aligned16(x) && aligned16(y) && aligned16(gate) && aligned16(out) &&
+        (!has_bias || aligned16(bias))) {
+        const unsigned nv = (unsigned)(n / 8), hv = (unsigned)H / 8, pv = (unsigned)(per_item / 8);
+        for (unsigned v = blockIdx.x * blockDim.x + threadIdx.x; v < nv; v += gridDim.x * blockDim.x) {
+            const unsigned item = v / pv, c = (v % hv) * 8;
+            float a[8], b[8], g[8], bb[8], o[8];
+            load8(x + 8 * (size_t)v, a);
+            load8(y + 8 * (size_t)v, b);
+            load8(gate + (size_t)item * H + c, g);
+            if (has_bias) load8(bias + c, bb);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) o[i] = a[i] + (has_bias ? b[i] + bb[i] : b[i]) * g[i];
+            store8(out + 8 * (size_t)v, o);
+        }
+        return;
+    }
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const size_t item = i / per_item;
         const int c = (int)(i % H);
@@ -102,17 +198,35 @@ extern "C" __global__ void ipaflux_gated_add_f16(const __half* x, const __half* 
 // in f32, rounded once: x is R rows of W with row stride S (a narrow of a wider
 // tensor: the single blocks' MLP half), bias [W] when has_bias, out [R, W]
 // contiguous. Replaces a bias add, two casts and an f32 GELU (four passes).
+__device__ __forceinline__ float gelu_tanh_of(float v) {
+    const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);   // sqrt(2/pi) (v + 0.044715 v^3)
+    return 0.5f * v * (1.f + tanhf(u));
+}
+
 template <typename T>
 __device__ void gelu_tanh(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ out, size_t rows,
                           int W, size_t S, int has_bias) {
     const size_t n = rows * W;
+    if (W % 8 == 0 && S % 8 == 0 && n / 8 < (1u << 31) && aligned16(x) && aligned16(out) &&
+        (!has_bias || aligned16(bias))) {
+        const unsigned nv = (unsigned)(n / 8), wv = (unsigned)W / 8;
+        for (unsigned v = blockIdx.x * blockDim.x + threadIdx.x; v < nv; v += gridDim.x * blockDim.x) {
+            const unsigned r = v / wv, c = (v - r * wv) * 8;
+            float a[8], b[8];
+            load8(x + (size_t)r * S + c, a);
+            if (has_bias) load8(bias + c, b);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) a[i] = gelu_tanh_of(has_bias ? a[i] + b[i] : a[i]);
+            store8(out + 8 * (size_t)v, a);
+        }
+        return;
+    }
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const size_t r = i / W;
         const int c = (int)(i - r * W);
         float v = ld(x + r * S + c);
         if (has_bias) v += ld(bias + c);
-        const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);   // sqrt(2/pi) (v + 0.044715 v^3)
-        out[i] = cvt<T>(0.5f * v * (1.f + tanhf(u)));
+        out[i] = cvt<T>(gelu_tanh_of(v));
     }
 }
 
@@ -142,6 +256,35 @@ extern "C" __global__ void ipaflux_gelu_tanh_f16(const __half* x, const __half* 
 // (D even, D <= 256). Written for this project; no code copied.
 #define QKV_MAX_PAIRS_PER_LANE 4
 
+// A pair of consecutive T at p as floats: one 4-byte access when `word`
+// (p 4-byte aligned), else two 2-byte ones. Same values either way.
+template <typename T> __device__ __forceinline__ void ld_pair(const T* p, bool word, float& a, float& b) {
+    if (word) {
+        const unsigned w = *reinterpret_cast<const unsigned*>(p);
+        T e[2];
+        memcpy(e, &w, sizeof w);
+        a = ld(e);
+        b = ld(e + 1);
+    } else {
+        a = ld(p);
+        b = ld(p + 1);
+    }
+}
+
+template <typename T> __device__ __forceinline__ void st_pair(T* p, bool word, float a, float b) {
+    if (word) {
+        T e[2] = {cvt<T>(a), cvt<T>(b)};
+        unsigned w;
+        memcpy(&w, e, sizeof w);
+        *reinterpret_cast<unsigned*>(p) = w;
+    } else {
+        p[0] = cvt<T>(a);
+        p[1] = cvt<T>(b);
+    }
+}
+
+__device__ __forceinline__ bool aligned4(const void* p) { return ((size_t)p & 3) == 0; }
+
 template <typename T>
 __device__ void qkv_rope(const T* __restrict__ qkv, const T* __restrict__ bias, const T* __restrict__ q_scale,
                          const T* __restrict__ k_scale, const float* __restrict__ cos_t,
@@ -156,6 +299,10 @@ __device__ void qkv_rope(const T* __restrict__ qkv, const T* __restrict__ bias, 
     const T* src = qkv + (size_t)r * row_stride;
     const size_t plane = (size_t)B * H * L_total * D;
     const size_t dst = (((size_t)b * H + h) * L_total + t) * D;
+    // Pairs start at even elements (D even): one 4-byte access each where
+    // rows and pointers allow (every Flux shape; session 14), else 2-byte ones.
+    const bool word = row_stride % 2 == 0 && aligned4(qkv) && (!has_bias || aligned4(bias)) && aligned4(q_scale) &&
+                      aligned4(k_scale) && aligned4(out);
     for (int part = 0; part < 3; ++part) {
         const int base = (part * H + h) * D;
         float x[2 * QKV_MAX_PAIRS_PER_LANE];
@@ -165,10 +312,13 @@ __device__ void qkv_rope(const T* __restrict__ qkv, const T* __restrict__ bias, 
             const int c = 2 * (lane + 32 * i);
             x[2 * i] = x[2 * i + 1] = 0.f;
             if (c < D) {
-                float a = ld(src + base + c), e = ld(src + base + c + 1);
+                float a, e;
+                ld_pair(src + base + c, word, a, e);
                 if (has_bias) {
-                    a = rnd<T>(a + ld(bias + base + c));
-                    e = rnd<T>(e + ld(bias + base + c + 1));
+                    float ba, be;
+                    ld_pair(bias + base + c, word, ba, be);
+                    a = rnd<T>(a + ba);
+                    e = rnd<T>(e + be);
                 }
                 x[2 * i] = a;
                 x[2 * i + 1] = e;
@@ -180,10 +330,7 @@ __device__ void qkv_rope(const T* __restrict__ qkv, const T* __restrict__ bias, 
 #pragma unroll
             for (int i = 0; i < QKV_MAX_PAIRS_PER_LANE; ++i) {
                 const int c = 2 * (lane + 32 * i);
-                if (c < D) {
-                    o[c] = cvt<T>(x[2 * i]);
-                    o[c + 1] = cvt<T>(x[2 * i + 1]);
-                }
+                if (c < D) st_pair(o + c, word, x[2 * i], x[2 * i + 1]);
             }
             continue;
         }
@@ -195,15 +342,13 @@ __device__ void qkv_rope(const T* __restrict__ qkv, const T* __restrict__ bias, 
         for (int i = 0; i < QKV_MAX_PAIRS_PER_LANE; ++i) {
             const int p = lane + 32 * i, c = 2 * p;
             if (c < D) {
-                const float y0 = rnd<T>(x[2 * i] * rstd * ld(scale + c));
-                const float y1 = rnd<T>(x[2 * i + 1] * rstd * ld(scale + c + 1));
-                if (part == 0 && keep_q) {
-                    pre[c] = cvt<T>(y0);
-                    pre[c + 1] = cvt<T>(y1);
-                }
+                float s0, s1;
+                ld_pair(scale + c, word, s0, s1);
+                const float y0 = rnd<T>(x[2 * i] * rstd * s0);
+                const float y1 = rnd<T>(x[2 * i + 1] * rstd * s1);
+                if (part == 0 && keep_q) st_pair(pre + c, word, y0, y1);
                 const float cs = cos_t[(size_t)t * half + p], sn = sin_t[(size_t)t * half + p];
-                o[c] = cvt<T>(y0 * cs - y1 * sn);
-                o[c + 1] = cvt<T>(y0 * sn + y1 * cs);
+                st_pair(o + c, word, y0 * cs - y1 * sn, y0 * sn + y1 * cs);
             }
         }
     }
