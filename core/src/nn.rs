@@ -344,6 +344,13 @@ pub trait FusedModulation: std::fmt::Debug + Send + Sync {
     fn gelu_tanh(&self, _x: &Tensor, _bias: Option<&Tensor>) -> Option<Result<Tensor>> {
         None
     }
+    /// `[head, GELU-tanh(x + bias)]` joined over the last dimension: `head
+    /// [B, L, A]`, `x` and `bias` as [`Self::gelu_tanh`]. The single blocks'
+    /// input to `linear2` made without a separate concatenation pass;
+    /// `None` where not taken (the default).
+    fn gelu_tanh_after(&self, _head: &Tensor, _x: &Tensor, _bias: Option<&Tensor>) -> Option<Result<Tensor>> {
+        None
+    }
     /// Attention inputs from QKV projections made *without* their bias, as
     /// [`QkvStreams`] describes; `None` where not taken (the default).
     fn qkv_rope(&self, _streams: &QkvStreams<'_>) -> Option<Result<QkvOut>> {
@@ -397,6 +404,21 @@ pub fn bias_gelu(fused: Option<&dyn FusedModulation>, x: &Tensor, bias: Option<&
         return out;
     }
     Ok(Activation::GeluTanh.forward(&add_bias(x, bias)?.contiguous()?)?)
+}
+
+/// `[head, GELU-tanh(x + bias)]` over the last dimension with `fused` where
+/// it takes it ([`FusedModulation::gelu_tanh_after`]), else [`bias_gelu`]
+/// then a concatenation.
+pub fn cat_bias_gelu(
+    fused: Option<&dyn FusedModulation>,
+    head: &Tensor,
+    x: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    if let Some(out) = fused.and_then(|f| f.gelu_tanh_after(head, x, bias)) {
+        return out;
+    }
+    Ok(Tensor::cat(&[head, &bias_gelu(fused, x, bias)?], D::Minus1)?)
 }
 
 /// `ln(x) · (1 + scale) + shift` with `fused` where it applies, else as separate ops.

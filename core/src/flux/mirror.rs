@@ -1,6 +1,6 @@
 //! Host transcriptions of the CUDA block kernels' index math (the `ipaflux`
-//! crate's `qkv_rope`, `gated_add` with bias and the merged-heads attention
-//! epilogue), plugged into the model through the same seams
+//! crate's `qkv_rope`, `gated_add` with bias, GELU after a head
+//! (`gelu_tanh_after`) and the merged-heads attention epilogue), plugged into the model through the same seams
 //! ([`FusedModulation`], [`FusedAttention`]). The model with them must equal
 //! the reference path: this checks, without a GPU, that the seams hand the
 //! kernels what they expect (strided rows, stream offsets into the RoPE
@@ -39,6 +39,8 @@ struct Mirror {
     /// Say that extra terms are never taken (`takes_extra`), as a kernel
     /// without the `_ip` entry points does.
     no_extra: bool,
+    /// Calls of `gelu_tanh_after` (the single blocks' joined `linear2` input).
+    gelu_after_calls: AtomicUsize,
 }
 
 impl FusedModulation for Mirror {
@@ -64,6 +66,23 @@ impl FusedModulation for Mirror {
             })
             .collect();
         Some(Tensor::from_vec(out, (b, l, h), x.device()).map_err(Into::into))
+    }
+
+    /// Row by row as the kernel's output rows: the head's `A` values, then
+    /// GELU-tanh of `x + bias` (x read at its row stride), in f32.
+    fn gelu_tanh_after(&self, head: &Tensor, x: &Tensor, bias: Option<&Tensor>) -> Option<Result<Tensor>> {
+        let (b, l, a) = head.dims3().ok()?;
+        let w = x.dims3().ok()?.2;
+        let (heads, xs) = (rows(head), rows(x));
+        let bs = bias.map(host).unwrap_or_else(|| vec![0.0; w]);
+        let gelu = |v: f32| 0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044715 * v * v * v)).tanh());
+        let out: Vec<f32> = heads
+            .iter()
+            .zip(&xs)
+            .flat_map(|(hr, xr)| hr.iter().copied().chain((0..w).map(|c| gelu(xr[c] + bs[c]))).collect::<Vec<_>>())
+            .collect();
+        self.gelu_after_calls.fetch_add(1, Ordering::Relaxed);
+        Some(Tensor::from_vec(out, (b, l, a + w), x.device()).map_err(Into::into))
     }
 
     /// One (row, head) at a time as the kernel's warps: bias, RMSNorm with
@@ -227,7 +246,8 @@ fn kernel_mirror_through_the_seams_equals_the_reference_path() {
     let cfg = tiny();
     let plain = random_model(&cfg);
     let mut fused = plain.clone();
-    fused.set_fused_modulation(Some(Arc::new(Mirror::default())));
+    let modulation = Arc::new(Mirror::default());
+    fused.set_fused_modulation(Some(modulation.clone()));
     fused.set_attention(Attention::fused(Arc::new(Mirror::default())));
     let x = batch_of_two(&cfg);
     let echo = QueryEcho;
@@ -239,6 +259,8 @@ fn kernel_mirror_through_the_seams_equals_the_reference_path() {
         // f32 both ways; only the order of operations differs.
         assert!(err < 1e-5, "mirror vs reference: {err:e} (hooks: {})", !hooks.is_empty());
     }
+    // Every single block took the joined GELU, both runs.
+    assert_eq!(modulation.gelu_after_calls.load(Ordering::Relaxed), 2 * cfg.depth_single);
     // The hook changes the output, so a wrong pre-RoPE query would have shown.
     let none = plain.forward(&x.img, &x.ids, &x.cond, 0.7, 0, Hooks::none()).unwrap();
     let echoed = plain.forward(&x.img, &x.ids, &x.cond, 0.7, 0, Hooks::new(&hook_list)).unwrap();

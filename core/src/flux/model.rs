@@ -19,8 +19,8 @@ use super::layout::FluxLayout;
 use super::stream::{BlockId, BlockSource};
 use crate::error::{Error, Result};
 use crate::nn::{
-    add_bias, bias_gelu, gated_add, modulate, rms_norm_scaled, Attention, ExtraAttention, FusedModulation, LayerNorm,
-    Linear, QkvInput, QkvOut, QkvStreams,
+    add_bias, bias_gelu, cat_bias_gelu, gated_add, modulate, rms_norm_scaled, Attention, ExtraAttention,
+    FusedModulation, LayerNorm, Linear, QkvInput, QkvOut, QkvStreams,
 };
 use crate::weights::TensorStore;
 
@@ -827,8 +827,8 @@ impl SingleBlock {
         let qkv = qkv_rope(&[qkv_part], ctx, cfg.num_heads)?;
         let point = HookPoint { site: Site::Single { index }, ..ctx.point };
         let (_, attn) = attention_with_hooks(&qkv, ctx, &point, 0)?;
-        let mlp = bias_gelu(ctx.fused, &lin1.narrow(2, 3 * h, cfg.mlp_hidden)?, mlp_bias.as_ref())?;
-        let out = self.linear2.forward_no_bias(&Tensor::cat(&[&attn, &mlp], 2)?)?;
+        let mlp_in = lin1.narrow(2, 3 * h, cfg.mlp_hidden)?;
+        let out = self.linear2.forward_no_bias(&cat_bias_gelu(ctx.fused, &attn, &mlp_in, mlp_bias.as_ref())?)?;
         ctx.gated_add(x, &out, self.linear2.bias(), &m[0].gate)
     }
 }

@@ -146,26 +146,35 @@ template <typename T> void check_ln_modulate(const char* name, int H) {
 }
 
 // Checked on a GPU in session 7; here for completeness: rows at a stride (the
-// single blocks' MLP half), bias, grid-stride loop.
-// W, S multiples of 8 and a 16-byte aligned start (first = 8): the 16-byte path.
-void check_gelu_tanh(const char* name, size_t W, size_t S, size_t first) {
+// single blocks' MLP half), bias, grid-stride loop. W, S and A multiples of 8
+// and a 16-byte aligned start (first = 8): the 16-byte path. A > 0: each
+// output row starts with a head row of A values (the joined linear2 input).
+void check_gelu_tanh(const char* name, size_t W, size_t S, size_t first, size_t A) {
     std::mt19937 rng(13);
-    const size_t rows = 9;
-    auto x = random_vec<__nv_bfloat16>(first + rows * S, rng, 2.f), bias = random_vec<__nv_bfloat16>(W, rng);
-    std::vector<__nv_bfloat16> out(rows * W, from_float<__nv_bfloat16>(NAN));
-    launch(1, 64, [&] { ipaflux_gelu_tanh_bf16(x.data() + first, bias.data(), out.data(), rows, (int)W, S, 1); });
-    std::vector<float> want(rows * W);
-    for (size_t r = 0; r < rows; ++r)
+    const size_t rows = 9, OW = A + W;
+    auto x = random_vec<__nv_bfloat16>(first + rows * S, rng, 2.f), bias = random_vec<__nv_bfloat16>(W, rng),
+         head = random_vec<__nv_bfloat16>(rows * A + 1, rng);
+    std::vector<__nv_bfloat16> out(rows * OW, from_float<__nv_bfloat16>(NAN));
+    launch(1, 64, [&] {
+        ipaflux_gelu_tanh_bf16(x.data() + first, bias.data(), out.data(), rows, (int)W, S, 1, head.data(), (int)A);
+    });
+    std::vector<float> want(rows * OW);
+    for (size_t r = 0; r < rows; ++r) {
+        for (size_t c = 0; c < A; ++c) want[r * OW + c] = to_float(head[r * A + c]);
         for (size_t c = 0; c < W; ++c) {
             const double v = (double)to_float(x[first + r * S + c]) + to_float(bias[c]);
-            want[r * W + c] = (float)(0.5 * v * (1 + std::tanh(std::sqrt(2 / M_PI) * (v + 0.044715 * v * v * v))));
+            want[r * OW + A + c] =
+                (float)(0.5 * v * (1 + std::tanh(std::sqrt(2 / M_PI) * (v + 0.044715 * v * v * v))));
         }
+    }
     compare(name, out, want, 8e-3f);
 }
 
 int main() {
-    check_gelu_tanh("gelu_tanh bf16, strided rows, bias (scalar loop)", 40, 57, 5);
-    check_gelu_tanh("gelu_tanh bf16, strided rows, bias (16-byte path)", 48, 64, 8);
+    check_gelu_tanh("gelu_tanh bf16, strided rows, bias (scalar loop)", 40, 57, 5, 0);
+    check_gelu_tanh("gelu_tanh bf16, strided rows, bias (16-byte path)", 48, 64, 8, 0);
+    check_gelu_tanh("gelu_tanh bf16 after a head of 5 (scalar loop)", 40, 57, 5, 5);
+    check_gelu_tanh("gelu_tanh bf16 after a head of 16 (16-byte path)", 48, 64, 8, 16);
     check_ln_modulate<__nv_bfloat16>("ln_modulate bf16, H 300 (scalar loop)", 300);
     check_ln_modulate<__nv_bfloat16>("ln_modulate bf16, H 3072 (16-byte path)", 3072);
     check_ln_modulate<__half>("ln_modulate f16, H 296 (16-byte path)", 296);

@@ -75,21 +75,19 @@ impl FusedModulation for CudaModulation {
     }
 
     fn gelu_tanh(&self, x: &Tensor, bias: Option<&Tensor>) -> Option<ipaflux_core::Result<Tensor>> {
-        let dtype = x.dtype();
-        let w = x.dims3().ok()?.2;
-        let ok = x.device().is_cuda()
-            && matches!(dtype, DType::BF16 | DType::F16)
-            && bias.is_none_or(|b| b.dtype() == dtype && b.dims() == [w]);
-        ok.then(|| {
-            // Rows evenly spaced (a narrow of the last dimension is); else made contiguous first.
-            let x = if GeluOp::rows_of(x.layout()).is_some() { x.clone() } else { x.contiguous()? };
-            let op = GeluOp { has_bias: bias.is_some() };
-            let b = match bias {
-                Some(b) => b.contiguous()?,
-                None => x.clone(), // not read
-            };
-            Ok(x.apply_op2_no_bwd(&b, &op)?)
-        })
+        gelu(x, bias, None)
+    }
+
+    fn gelu_tanh_after(
+        &self,
+        head: &Tensor,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Option<ipaflux_core::Result<Tensor>> {
+        let (b, l, _) = x.dims3().ok()?;
+        let (hb, hl, _) = head.dims3().ok()?;
+        let ok = (hb, hl) == (b, l) && head.dtype() == x.dtype() && head.device().same_device(x.device());
+        ok.then(|| gelu(x, bias, Some(head))).flatten()
     }
 
     fn gated_add(
@@ -394,9 +392,32 @@ impl CustomOp1 for QkvRopeOp {
     }
 }
 
-/// GELU-tanh of `x (+ bias)`; `x` rows may be strided (module docs).
+/// GELU-tanh of `x (+ bias)` with [`GeluOp`], after `head`'s values in each
+/// row when given; `None` where the kernel does not take the inputs.
+fn gelu(x: &Tensor, bias: Option<&Tensor>, head: Option<&Tensor>) -> Option<ipaflux_core::Result<Tensor>> {
+    let dtype = x.dtype();
+    let w = x.dims3().ok()?.2;
+    let ok = x.device().is_cuda()
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && bias.is_none_or(|b| b.dtype() == dtype && b.dims() == [w]);
+    ok.then(|| {
+        // Rows evenly spaced (a narrow of the last dimension is); else made contiguous first.
+        let x = if GeluOp::rows_of(x.layout()).is_some() { x.clone() } else { x.contiguous()? };
+        let op = GeluOp { has_bias: bias.is_some(), head: head.map(Tensor::contiguous).transpose()? };
+        let b = match bias {
+            Some(b) => b.contiguous()?,
+            None => x.clone(), // not read
+        };
+        Ok(x.apply_op2_no_bwd(&b, &op)?)
+    })
+}
+
+/// GELU-tanh of `x (+ bias)`; `x` rows may be strided (module docs). With
+/// `head` (`[B, L, A]`, contiguous) each output row is head's row, then the
+/// GELU's.
 struct GeluOp {
     has_bias: bool,
+    head: Option<Tensor>,
 }
 
 impl GeluOp {
@@ -422,19 +443,39 @@ impl GeluOp {
         let b = if self.has_bias { slice::<T>(b, lb)? } else { x.slice(0..) };
         let suffix = if T::DTYPE == DType::F16 { "f16" } else { "bf16" };
         let func = dev.get_or_load_custom_func(&format!("ipaflux_gelu_tanh_{suffix}"), MODULE, PTX)?;
-        let n = rows * w;
+        let guard = self.head.as_ref().map(Tensor::storage_and_layout);
+        let head = guard.as_ref().map(|(st, l)| view::<T>(st, l)).transpose()?;
+        let a = match &self.head {
+            Some(h) => {
+                let (hb, hl, a) = h.dims3()?;
+                if hb * hl != rows || h.dtype() != T::DTYPE {
+                    return Err(candle::Error::Msg("fused GELU: the head's rows are not x's".into()));
+                }
+                a
+            }
+            None => 0,
+        };
+        let n = rows * (a + w);
         // SAFETY: the kernel writes all n elements (grid-stride loop below n).
         let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n) }?;
         let blocks = n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let w32 = i32::try_from(w).map_err(|_| candle::Error::Msg("fused GELU: width over i32".into()))?;
+        let to_i32 = |v: usize| i32::try_from(v).map_err(|_| candle::Error::Msg("fused GELU: width over i32".into()));
+        let (w32, a32) = (to_i32(w)?, to_i32(a)?);
         let has_bias = i32::from(self.has_bias);
         let mut builder = func.builder();
         builder.arg(&x).arg(&b).arg(&out).arg(&rows).arg(&w32).arg(&stride).arg(&has_bias);
+        match &head {
+            Some(h) => builder.arg(h),
+            None => builder.arg(&x), // not read (A = 0)
+        };
+        builder.arg(&a32);
         // SAFETY: arguments match `ipaflux_gelu_tanh_*`; x covers rows × stride (last row W),
-        // bias W elements when read (checked shape), out n elements.
+        // bias W elements when read (checked shape), head rows × A elements (checked above),
+        // out n = rows × (A + W) elements.
         unsafe { builder.launch(cfg) }.map_err(cuda_err)?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), lx.shape().clone()))
+        let (bb, l, _) = lx.shape().dims3()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((bb, l, a + w))))
     }
 }
 
@@ -524,6 +565,7 @@ mod tests {
             assert!(m.ln_modulate(&x, &r, &r, 1e-6).is_none());
             assert!(m.gated_add(&x, &x, None, &r).is_none());
             assert!(m.gelu_tanh(&x, None).is_none());
+            assert!(m.gelu_tanh_after(&x, &x, None).is_none());
         }
     }
 

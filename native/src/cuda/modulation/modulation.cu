@@ -196,8 +196,11 @@ extern "C" __global__ void ipaflux_gated_add_f16(const __half* x, const __half* 
 
 // GELU, tanh approximation as PyTorch's `gelu(approximate="tanh")`, of x + bias
 // in f32, rounded once: x is R rows of W with row stride S (a narrow of a wider
-// tensor: the single blocks' MLP half), bias [W] when has_bias, out [R, W]
-// contiguous. Replaces a bias add, two casts and an f32 GELU (four passes).
+// tensor: the single blocks' MLP half), bias [W] when has_bias. out [R, A + W]
+// contiguous: with A > 0 each output row starts with the A values of `head`'s
+// row (head [R, A] contiguous; the single blocks' attention output, so `out`
+// is linear2's input without a concatenation pass), then the GELU's W. Replaces
+// a bias add, two casts and an f32 GELU (four passes), and the concatenation.
 __device__ __forceinline__ float gelu_tanh_of(float v) {
     const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);   // sqrt(2/pi) (v + 0.044715 v^3)
     return 0.5f * v * (1.f + tanhf(u));
@@ -205,38 +208,47 @@ __device__ __forceinline__ float gelu_tanh_of(float v) {
 
 template <typename T>
 __device__ void gelu_tanh(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ out, size_t rows,
-                          int W, size_t S, int has_bias) {
-    const size_t n = rows * W;
-    if (W % 8 == 0 && S % 8 == 0 && n / 8 < (1u << 31) && aligned16(x) && aligned16(out) &&
-        (!has_bias || aligned16(bias))) {
-        const unsigned nv = (unsigned)(n / 8), wv = (unsigned)W / 8;
+                          int W, size_t S, int has_bias, const T* __restrict__ head, int A) {
+    const int OW = A + W;
+    const size_t n = rows * OW;
+    if (W % 8 == 0 && A % 8 == 0 && S % 8 == 0 && n / 8 < (1u << 31) && aligned16(x) && aligned16(out) &&
+        (!has_bias || aligned16(bias)) && (A == 0 || aligned16(head))) {
+        const unsigned nv = (unsigned)(n / 8), owv = (unsigned)OW / 8;
         for (unsigned v = blockIdx.x * blockDim.x + threadIdx.x; v < nv; v += gridDim.x * blockDim.x) {
-            const unsigned r = v / wv, c = (v - r * wv) * 8;
+            const unsigned r = v / owv, c = (v - r * owv) * 8;
             float a[8], b[8];
-            load8(x + (size_t)r * S + c, a);
-            if (has_bias) load8(bias + c, b);
+            if (c < (unsigned)A) {
+                load8(head + (size_t)r * A + c, a);
+            } else {
+                load8(x + (size_t)r * S + (c - A), a);
+                if (has_bias) load8(bias + (c - A), b);
 #pragma unroll
-            for (int i = 0; i < 8; ++i) a[i] = gelu_tanh_of(has_bias ? a[i] + b[i] : a[i]);
+                for (int i = 0; i < 8; ++i) a[i] = gelu_tanh_of(has_bias ? a[i] + b[i] : a[i]);
+            }
             store8(out + 8 * (size_t)v, a);
         }
         return;
     }
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t r = i / W;
-        const int c = (int)(i - r * W);
-        float v = ld(x + r * S + c);
-        if (has_bias) v += ld(bias + c);
+        const size_t r = i / OW;
+        const int c = (int)(i - r * OW);
+        if (c < A) {
+            out[i] = head[r * A + c];
+            continue;
+        }
+        float v = ld(x + r * S + (c - A));
+        if (has_bias) v += ld(bias + (c - A));
         out[i] = cvt<T>(gelu_tanh_of(v));
     }
 }
 
 extern "C" __global__ void ipaflux_gelu_tanh_bf16(const __nv_bfloat16* x, const __nv_bfloat16* bias,
-        __nv_bfloat16* out, size_t rows, int W, size_t S, int has_bias) {
-    gelu_tanh(x, bias, out, rows, W, S, has_bias);
+        __nv_bfloat16* out, size_t rows, int W, size_t S, int has_bias, const __nv_bfloat16* head, int A) {
+    gelu_tanh(x, bias, out, rows, W, S, has_bias, head, A);
 }
 extern "C" __global__ void ipaflux_gelu_tanh_f16(const __half* x, const __half* bias, __half* out, size_t rows,
-        int W, size_t S, int has_bias) {
-    gelu_tanh(x, bias, out, rows, W, S, has_bias);
+        int W, size_t S, int has_bias, const __half* head, int A) {
+    gelu_tanh(x, bias, out, rows, W, S, has_bias, head, A);
 }
 
 // Attention inputs of one token stream from its QKV projection made without
