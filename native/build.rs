@@ -11,6 +11,9 @@ use std::process::Command;
 /// The attention kernels' source (also built a second time for `wgmma`).
 const ATTENTION: &str = "src/cuda/attention/attention.cu";
 
+/// A header both kernel sources include.
+const SHARED_HEADER: &str = "src/cuda/store16.cuh";
+
 /// Our kernels: (source, PTX file name).
 const KERNELS: [(&str, &str); 2] =
     [(ATTENTION, "attention.ptx"), ("src/cuda/modulation/modulation.cu", "modulation.ptx")];
@@ -19,6 +22,7 @@ fn main() {
     for (source, _) in KERNELS {
         println!("cargo:rerun-if-changed={source}");
     }
+    println!("cargo:rerun-if-changed={SHARED_HEADER}");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {

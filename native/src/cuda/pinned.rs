@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use half::{bf16, f16};
 use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{
-    CudaContext, CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+    CudaContext, CudaSlice, DeviceRepr, HostSlice, PinnedHostSlice, ValidAsZeroBits,
 };
 use ipaflux_core::candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use ipaflux_core::candle_core::op::BackpropOp;
@@ -126,10 +126,10 @@ fn pinned<T: DeviceRepr>(ctx: &std::sync::Arc<CudaContext>, n: usize) -> candle:
 }
 
 /// Copies the contiguous elements of a CUDA tensor into `host` (asynchronously).
-fn copy_out<T: CudaDType + DeviceRepr>(
+fn copy_out<T: CudaDType + DeviceRepr, H: HostSlice<T> + ?Sized>(
     dev: &CudaDevice,
     t: &Tensor,
-    host: &mut PinnedHostSlice<T>,
+    host: &mut H,
 ) -> candle::Result<()> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
@@ -303,14 +303,7 @@ fn offload_into<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle::WithDType>
             .get_mut(offset..offset + n)
             .ok_or_else(|| candle::Error::Msg("pinned offload: tensor past its buffer".into()))?;
         if t.device().is_cuda() {
-            let (storage, layout) = t.storage_and_layout();
-            let Storage::Cuda(cs) = &*storage else {
-                return Err(candle::Error::Msg("pinned offload: tensor is not on a CUDA device".into()));
-            };
-            let (a, b) = layout
-                .contiguous_offsets()
-                .ok_or_else(|| candle::Error::Msg("pinned offload: tensor is not contiguous".into()))?;
-            stream.memcpy_dtoh(&cs.as_cuda_slice::<T>()?.slice(a..b), dst).map_err(cuda_err)?;
+            copy_out(dev, t, dst)?;
         } else {
             dst.copy_from_slice(&t.flatten_all()?.to_vec1::<T>()?);
         }

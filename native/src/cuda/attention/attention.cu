@@ -17,6 +17,8 @@
 // (WMMA) left out.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include "../store16.cuh"
 #ifndef IPAFLUX_HOST_EMULATION
 #include <mma.h>
 using namespace nvcuda;
@@ -675,16 +677,6 @@ __device__ __forceinline__ void softmax_pv6(const T* Qs, const T* __restrict__ k
     }
 }
 
-// One 16-byte global store: a uint4 assigned through a pointer leaves nvcc
-// as four 4-byte stores when its members are computed (seen in the PTX).
-__device__ __forceinline__ void store16(void* p, uint4 v) {
-#ifdef IPAFLUX_HOST_EMULATION
-    memcpy(p, &v, sizeof v);
-#else
-    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-                 : "memory");
-#endif
-}
 
 // The staged epilogue (versions 7 and 8) for one warp's MT m-tiles of 16
 // rows from `ra` (version 7: two, 32 rows; version 8: one): the

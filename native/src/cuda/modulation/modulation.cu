@@ -16,6 +16,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../store16.cuh"
+
 template <typename T> __device__ __forceinline__ float ld(const T* p);
 template <> __device__ __forceinline__ float ld<__nv_bfloat16>(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 template <> __device__ __forceinline__ float ld<__half>(const __half* p) { return __half2float(*p); }
@@ -47,21 +49,14 @@ template <typename T> __device__ __forceinline__ void load8(const T* p, float (&
     for (int i = 0; i < 8; ++i) f[i] = ld(e + i);
 }
 
-// f rounded to T, stored as one 16-byte store at p (16-byte aligned). Inline
-// PTX: a uint4 assigned through a pointer can leave nvcc as four 4-byte
-// stores (attention.cu's store16 says the same).
+// f rounded to T, stored as one 16-byte store at p (16-byte aligned).
 template <typename T> __device__ __forceinline__ void store8(T* p, const float (&f)[8]) {
     T e[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) e[i] = cvt<T>(f[i]);
     uint4 v;
     memcpy(&v, e, sizeof v);
-#ifdef IPAFLUX_HOST_EMULATION
-    memcpy(p, &v, sizeof v);
-#else
-    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-                 : "memory");
-#endif
+    store16(p, v);
 }
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
