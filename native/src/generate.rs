@@ -179,10 +179,10 @@ fn memory_devices(dev: DeviceSpec, budget: Option<u64>) -> Result<Vec<Box<dyn ip
         }
         DeviceSpec::Cpu => None,
         #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(i) => Some(Box::new(match budget {
+        DeviceSpec::Cuda(i) => Some(Box::new(crate::cuda::pool::PooledCuda::new(match budget {
             Some(b) => ipaflux_core::registry::CudaMemory::with_budget(i, b)?,
             None => ipaflux_core::registry::CudaMemory::new(i)?,
-        })),
+        }))),
         other => {
             return Err(ipaflux_core::Error::Unsupported(format!(
                 "generate runs on the CPU{}, not on {other}",
@@ -221,6 +221,9 @@ pub fn generate(
     })?;
     reg.release(h.t5);
     reg.release(h.clip);
+    // Each stage's models and activations are dropped by now: what the CUDA
+    // memory pool kept of them goes back to the driver (a no-op elsewhere).
+    reg.release_cached("text encoders done")?;
 
     // Reference images → image prompt embeddings → per-block K/V (computed once).
     let mut image_models = vec![ip_id];
@@ -233,6 +236,7 @@ pub fn generate(
         reg.release(e);
     }
     reg.release(h.ip);
+    reg.release_cached("reference images encoded")?;
 
     // Sampling: the blocks the registry did not make resident are streamed.
     let plan = job(&mut reg, "sample", dev, &[flux_id, kv.model], vec![vec![vae_id]])?;
@@ -245,6 +249,7 @@ pub fn generate(
         timed(&mut stages, "sampling", || sample(src, (images, adapter_dims), &txt, &y, s, &streamed, on_step))?;
     reg.release(kv);
     reg.release(h.flux);
+    reg.release_cached("sampling done")?;
 
     // Decode.
     job(&mut reg, "decode", dev, &[vae_id], vec![])?;
@@ -254,6 +259,7 @@ pub fn generate(
         crate::vae::to_rgb8(&img)
     })?;
     reg.release(h.vae);
+    reg.release_cached("decoded")?;
     reg.audit()?;
     Ok(Generated { width, height, rgb, timeline: reg.drain_events(), stages, ip_kv_bytes: kv_bytes })
 }

@@ -65,6 +65,15 @@ pub enum KernelSet {
     Baseline,
 }
 
+/// Readies `device` for ipaflux's work; call once, before loading models.
+/// CUDA (feature `cuda`): [`cuda::prepare_device`]; other devices: nothing.
+pub fn prepare_device(device: &ipaflux_core::candle_core::Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    cuda::prepare_device(device)?;
+    let _ = device;
+    Ok(())
+}
+
 /// The attention the models use on `device`: the fused CUDA kernel on a CUDA
 /// device when built with `cuda` (it takes bf16/f16 and declines the rest),
 /// core's reference path everywhere else.

@@ -55,6 +55,19 @@ pub trait MemoryDevice: fmt::Debug + Send {
     fn place(&mut self, bytes: u64) -> Result<(), DeviceFull>;
     /// Records `bytes` leaving the device. Never more than was placed.
     fn remove(&mut self, bytes: u64);
+    /// Bytes this process's allocator holds on the device for reuse: freed
+    /// by their owners, not yet handed back to the platform (CUDA's memory
+    /// pool keeps them across synchronisations, as PyTorch's caching
+    /// allocator does). The platform counts them as used; the registry counts
+    /// them as free, since its own loads reuse them.
+    fn cached_bytes(&self) -> u64 {
+        0
+    }
+    /// Hands the allocator's cached bytes back to the platform (after the
+    /// frees already issued complete) and returns how many went back.
+    fn release_cached(&mut self) -> crate::error::Result<u64> {
+        Ok(0)
+    }
 }
 
 /// Host memory: the offload device. Its capacity is what the caller says

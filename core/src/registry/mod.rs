@@ -389,13 +389,41 @@ impl Registry {
         if device == DeviceSpec::Cpu {
             return d.total_bytes();
         }
-        let external = d
-            .reported_free_bytes()
-            .map_or(0, |free| d.total_bytes().saturating_sub(free).saturating_sub(d.placed_bytes()));
+        // Bytes the allocator caches for this process are free to its loads.
+        let external = d.reported_free_bytes().map_or(0, |free| {
+            d.total_bytes().saturating_sub(free.saturating_add(d.cached_bytes())).saturating_sub(d.placed_bytes())
+        });
         d.total_bytes()
             .saturating_sub(external)
             .saturating_sub(self.config.reserve_bytes)
             .saturating_sub(self.config.safety_margin_bytes)
+    }
+
+    /// Hands memory the devices' allocators cache for reuse back to the
+    /// platform (CUDA: the memory pool's idle bytes), for other programs and
+    /// for allocations outside the pool. Callers do it once the tensors of a
+    /// finished stage are dropped, not inside a sampler loop (its steps reuse
+    /// that memory). Each device that gave bytes back is a `release_cache`
+    /// event with `reason`. Returns the bytes given back in all.
+    pub fn release_cached(&mut self, reason: &str) -> Result<u64> {
+        // Every device is asked; what went back is recorded even when one fails.
+        let results: Vec<(DeviceSpec, Result<u64>)> =
+            self.devices.iter_mut().map(|d| (d.id(), d.release_cached())).collect();
+        let mut total = 0;
+        let mut first_error = None;
+        for (device, result) in results {
+            match result {
+                Ok(0) => {}
+                Ok(bytes) => {
+                    total += bytes;
+                    self.emit(Op::ReleaseCache, "allocator cache", bytes, device, reason);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(total), Err)
     }
 
     pub fn events(&self) -> &[Event] {

@@ -376,3 +376,67 @@ fn one_pool_per_canonical_device_name() {
     let stray = ModelSpec::uniform("x", Role::Other, DeviceSpec::Cuda(3), MB, 1, "u");
     assert!(r.register(stray).is_err());
 }
+
+/// A GPU whose platform reports free memory and whose allocator caches freed
+/// bytes (CUDA's memory pool with a raised release threshold).
+#[derive(Debug)]
+struct CachingGpu {
+    placed: u64,
+    total: u64,
+    /// Free as the platform reports it: the cache counts as used there.
+    free: u64,
+    cached: u64,
+}
+
+impl MemoryDevice for CachingGpu {
+    fn id(&self) -> DeviceSpec {
+        GPU
+    }
+    fn total_bytes(&self) -> u64 {
+        self.total
+    }
+    fn reported_free_bytes(&self) -> Option<u64> {
+        Some(self.free)
+    }
+    fn placed_bytes(&self) -> u64 {
+        self.placed
+    }
+    fn place(&mut self, bytes: u64) -> Result<(), DeviceFull> {
+        place_within(GPU, &mut self.placed, self.total, bytes)
+    }
+    fn remove(&mut self, bytes: u64) {
+        self.placed = self.placed.saturating_sub(bytes);
+    }
+    fn cached_bytes(&self) -> u64 {
+        self.cached
+    }
+    fn release_cached(&mut self) -> Result<u64> {
+        self.free += self.cached;
+        Ok(std::mem::take(&mut self.cached))
+    }
+}
+
+#[test]
+fn the_allocators_cache_counts_as_free_and_goes_back_once_with_an_event() {
+    // 10 000 MB card: 2 000 MB used by another program, 3 000 MB cached by ours.
+    let gpu = CachingGpu { placed: 0, total: 10_000 * MB, free: 5_000 * MB, cached: 3_000 * MB };
+    let devices: Vec<Box<dyn MemoryDevice>> = vec![Box::new(gpu), Box::new(HostMemory::unbounded())];
+    let mut r = match Registry::new(no_margin(), devices) {
+        Ok(r) => r,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(r.usable_bytes(GPU), 8_000 * MB);
+    // A 7 500 MB model fits only because the cache is ours to reuse.
+    let a = reg(&mut r, model("a", 7_500, 15));
+    assert!(!job(&mut r, &[a.model], 0).streams());
+    r.release(a);
+    assert_eq!(r.release_cached("stage done").ok(), Some(3_000 * MB));
+    assert_eq!(r.usable_bytes(GPU), 8_000 * MB, "releasing the cache changes what is free to us by nothing");
+    let released: Vec<_> = r.events().iter().filter(|e| e.op == Op::ReleaseCache).collect();
+    assert_eq!(released.len(), 1);
+    assert_eq!((released[0].bytes, released[0].reason.as_str()), (3_000 * MB, "stage done"));
+    // A second release finds nothing and says nothing.
+    assert_eq!(r.release_cached("again").ok(), Some(0));
+    assert_eq!(r.events().iter().filter(|e| e.op == Op::ReleaseCache).count(), 1);
+    ok_audit(&r);
+}

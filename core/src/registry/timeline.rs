@@ -26,6 +26,9 @@ pub enum Op {
     Keep,
     /// Left the registry: its last handle was released and no owner holds it.
     Release,
+    /// Memory the device's allocator kept for reuse after its owners freed it
+    /// went back to the platform ([`super::Registry::release_cached`]).
+    ReleaseCache,
 }
 
 impl Op {
@@ -40,6 +43,7 @@ impl Op {
             Self::Evict => "evict",
             Self::Keep => "keep",
             Self::Release => "release",
+            Self::ReleaseCache => "release_cache",
         }
     }
 }

@@ -19,6 +19,7 @@ use ipaflux_core::siglip::expected_tensors;
 use ipaflux_core::{DeviceSpec, SiglipVisionModel};
 
 use super::pinned::PinnedStash;
+use super::pool::{keep_freed_memory, pool_usage, reset_pool_peak, set_release_threshold, PooledCuda};
 use crate::bench_flux::PeakMemory;
 use crate::gpu_check::{gib, mib, random_weights, siglip_config, CheckOptions, Report, Section};
 use crate::{Error, Result};
@@ -40,13 +41,26 @@ fn free_bytes(ctx: &CudaContext) -> Result<u64> {
     Ok(ctx.mem_get_info().map_err(driver)?.0 as u64)
 }
 
-/// Peak device memory in use, sampled from the driver every millisecond on a
-/// thread of its own: like `nvidia-smi`, it sees everything this process holds
-/// (allocator pools included), counted from when the probe started.
+/// Bytes this process's work holds on the device now: the driver's used
+/// memory less what the memory pool caches for reuse (freed, kept mapped:
+/// [`keep_freed_memory`]). Memory outside the pool
+/// (the context, cuBLAS's workspace, graph pools) counts.
+fn live_bytes(ctx: &CudaContext) -> Option<u64> {
+    let (free, total) = ctx.mem_get_info().ok()?;
+    let cached = pool_usage(ctx).map_or(0, |u| u.cached());
+    Some((total as u64).saturating_sub(free as u64).saturating_sub(cached))
+}
+
+/// Peak device memory in use, counted from when the probe started, by two
+/// readings of which the larger counts: [`live_bytes`] sampled every
+/// millisecond on a thread of its own, and the memory pool's own high-water
+/// mark of live allocations (exact, reset with the probe) plus what lies
+/// outside the pool now. The pool's cache does not count: PyTorch's figure
+/// beside it is its allocator's maximum allocated, not reserved.
 #[derive(Debug)]
 pub struct DriverPeak {
-    base_free: u64,
-    min_free: Arc<AtomicU64>,
+    base: u64,
+    max_live: Arc<AtomicU64>,
     ctx: Arc<CudaContext>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -57,20 +71,50 @@ impl DriverPeak {
     pub fn start(device: &Device) -> Result<Self> {
         let ctx =
             context(device).ok_or_else(|| Error::Core(ipaflux_core::Error::Unsupported("not a CUDA device".into())))?;
-        let base_free = free_bytes(&ctx)?;
-        let min_free = Arc::new(AtomicU64::new(base_free));
+        let base = live(&ctx)?;
+        let max_live = Arc::new(AtomicU64::new(base));
         let stop = Arc::new(AtomicBool::new(false));
-        let (c, m, s) = (ctx.clone(), min_free.clone(), stop.clone());
+        let (c, m, s) = (ctx.clone(), max_live.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                if let Ok((free, _)) = c.mem_get_info() {
-                    m.fetch_min(free as u64, Ordering::Relaxed);
+                if let Some(live) = live_bytes(&c) {
+                    m.fetch_max(live, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
         });
-        Ok(Self { base_free, min_free, ctx, stop, thread: Some(thread) })
+        // Failure leaves the high-water mark of the process so far: a larger peak, never a smaller one.
+        let _ = reset_pool_peak(&ctx);
+        Ok(Self { base, max_live, ctx, stop, thread: Some(thread) })
     }
+}
+
+fn live(ctx: &CudaContext) -> Result<u64> {
+    live_bytes(ctx).ok_or_else(driver_unreadable)
+}
+
+/// `", pool cache N MiB not counted"` where the pool caches anything.
+fn cache_note(ctx: &CudaContext) -> String {
+    match pool_usage(ctx) {
+        Ok(u) if u.cached() > 0 => format!(" (pool cache {:.1} MiB not counted)", mib(u.cached())),
+        _ => String::new(),
+    }
+}
+
+/// Runs `f` with the memory pool handing freed memory back at every
+/// synchronisation (CUDA's default), then makes it keep freed memory again
+/// (ipaflux's setting), whatever `f` returned: for the rows that show what
+/// keeping it saves.
+pub fn with_pool_releasing<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let Some(ctx) = context(device) else { return f() };
+    set_release_threshold(&ctx, 0)?;
+    let out = f();
+    keep_freed_memory(&ctx)?;
+    out
+}
+
+fn driver_unreadable() -> Error {
+    Error::Core(ipaflux_core::Error::Unsupported("CUDA driver: memory use unreadable".into()))
 }
 
 impl Drop for DriverPeak {
@@ -84,22 +128,29 @@ impl Drop for DriverPeak {
 
 impl PeakMemory for DriverPeak {
     fn reset(&self) {
-        if let Ok((free, _)) = self.ctx.mem_get_info() {
-            self.min_free.store(free as u64, Ordering::Relaxed);
+        if let Some(live) = live_bytes(&self.ctx) {
+            self.max_live.store(live, Ordering::Relaxed);
         }
+        let _ = reset_pool_peak(&self.ctx);
     }
     fn peak(&self) -> Option<u64> {
-        Some(self.base_free.saturating_sub(self.min_free.load(Ordering::Relaxed)))
+        let sampled = self.max_live.load(Ordering::Relaxed);
+        let pool = pool_usage(&self.ctx).ok()?;
+        let (free, total) = self.ctx.mem_get_info().ok()?;
+        let outside_pool = (total as u64).saturating_sub(free as u64).saturating_sub(pool.reserved);
+        let pool_peak = pool.used_high.max(pool.used) + outside_pool;
+        Some(sampled.max(pool_peak).saturating_sub(self.base))
     }
     fn in_use(&self) -> Option<u64> {
-        let (free, _) = self.ctx.mem_get_info().ok()?;
-        Some(self.base_free.saturating_sub(free as u64))
+        Some(live_bytes(&self.ctx)?.saturating_sub(self.base))
     }
 }
 
 /// Registry accounting vs the driver over three jobs: SigLIP loaded from
 /// pinned memory for an encode, offloaded once its embeddings exist (d2h into
-/// the same pinned buffers), job ended. Also the offload/reload speeds.
+/// the same pinned buffers), job ended and the memory pool's cache released
+/// (the driver's use less that cache is compared before; after the release
+/// the driver's own figure). Also the offload/reload speeds.
 pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let dev = &o.device;
     let Some(ctx) = context(dev) else { return Ok(()) };
@@ -115,8 +166,13 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
     dev.synchronize()?;
     let pixels = ipaflux_core::candle_core::Tensor::randn(0f32, 1.0, (1, 3, cfg.image_size, cfg.image_size), dev)?
         .to_dtype(DType::BF16)?;
+    // Freed memory stays in the pool until the registry releases it, as in
+    // `generate`; the setup's own (the weights' first copy) goes back first.
+    keep_freed_memory(&ctx)?;
+    super::pool::release_freed_memory(&ctx)?;
     let free0 = free_bytes(&ctx)?;
-    let gpu = CudaMemory::new(0)?;
+    let live0 = live(&ctx)?;
+    let gpu = PooledCuda::new(CudaMemory::new(0)?);
     let mut reg = Registry::new(RegistryConfig::default(), vec![Box::new(gpu), Box::new(HostMemory::unbounded())])?;
     let cuda = DeviceSpec::Cuda(0);
     let (mut loads, mut offloads) = (Vec::new(), Vec::new());
@@ -131,11 +187,11 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
         let t = Instant::now();
         let weights = if moved > 0 { stash.reload()? } else { Default::default() };
         loads.push(predicted as f64 / t.elapsed().as_secs_f64() / 1e9);
-        let (placed, used) = (reg.placed_bytes(cuda), free0.saturating_sub(free_bytes(&ctx)?));
+        let (placed, used) = (reg.placed_bytes(cuda), live(&ctx)?.saturating_sub(live0));
         r.bool_check(
             Section::Registry,
             format!("job {round}: SigLIP loaded, registry vs driver"),
-            format!("registry {:.1} MiB, driver {:.1} MiB", mib(placed), mib(used)),
+            format!("registry {:.1} MiB, driver {:.1} MiB{}", mib(placed), mib(used), cache_note(&ctx)),
             "within 5 %".into(),
             used.abs_diff(placed) * 20 <= placed.max(1),
         );
@@ -165,15 +221,24 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
             dev.synchronize()?;
         }
         offloads.push(predicted as f64 / t.elapsed().as_secs_f64() / 1e9);
-        let (placed, used) = (reg.placed_bytes(cuda), free0.saturating_sub(free_bytes(&ctx)?));
+        let (placed, used) = (reg.placed_bytes(cuda), live(&ctx)?.saturating_sub(live0));
         r.bool_check(
             Section::Registry,
             format!("job {round}: embeddings ready → offloaded to pinned memory"),
-            format!("registry {:.1} MiB, driver {:.1} MiB", mib(placed), mib(used)),
+            format!("registry {:.1} MiB, driver {:.1} MiB{}", mib(placed), mib(used), cache_note(&ctx)),
             "registry 0, driver < 64 MiB".into(),
             offloaded && placed == 0 && used < 64 * MIB,
         );
         reg.end_job(job);
+        let released = reg.release_cached(&format!("gpu-check job {round} ended"))?;
+        let used = free0.saturating_sub(free_bytes(&ctx)?);
+        r.bool_check(
+            Section::Registry,
+            format!("job {round}: ended, the pool's cache released"),
+            format!("{:.1} MiB released; driver {:.1} MiB, nothing cached", mib(released), mib(used)),
+            "some released, driver < 64 MiB".into(),
+            released > 0 && used < 64 * MIB,
+        );
         reg.audit()?;
     }
     let used = free0.saturating_sub(free_bytes(&ctx)?);

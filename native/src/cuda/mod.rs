@@ -1,6 +1,7 @@
 //! What the native binary adds on CUDA (feature `cuda`): the fused attention
 //! kernels ([`attention`]), fused LayerNorm + modulation and gated residuals
-//! ([`modulation`]), pinned-memory offload ([`pinned`]), Flux block
+//! ([`modulation`]), pinned-memory offload ([`pinned`]), the memory pool's
+//! cache and the registry device that accounts for it ([`pool`]), Flux block
 //! streaming from pinned memory with prefetch on a second stream
 //! ([`stream`]) and the CUDA-only sections of the GPU check ([`check`]). All
 //! are exercised on a GPU by `ipaflux gpu-check` (`scripts/gpu-check.sh`);
@@ -11,6 +12,7 @@ pub mod check;
 pub mod graph;
 pub mod modulation;
 pub mod pinned;
+pub mod pool;
 pub mod stream;
 
 use std::sync::Arc;
@@ -29,6 +31,22 @@ pub fn explicit_stream_ordering(device: &Device) {
         // stream's copies are ordered by its own events (see `stream`).
         unsafe { d.disable_event_tracking() };
     }
+}
+
+/// Readies a CUDA device before any model is loaded: cross-stream event
+/// tracking off ([`explicit_stream_ordering`]) and the memory pool keeping
+/// freed memory between synchronisations
+/// ([`pool::keep_freed_memory`]: a sampler's steps reuse
+/// their activations' memory instead of mapping it afresh each step; the
+/// registry's [`release_cached`](ipaflux_core::registry::Registry::release_cached)
+/// hands it back between stages). Other devices: nothing.
+pub fn prepare_device(device: &Device) -> ipaflux_core::Result<()> {
+    explicit_stream_ordering(device);
+    if let Device::Cuda(d) = device {
+        pool::keep_freed_memory(d.cuda_stream().context())?;
+        tracing::debug!(target: "ipaflux::registry", "CUDA memory pool keeps freed memory until released");
+    }
+    Ok(())
 }
 
 /// The fused CUDA attention wherever it applies (bf16/f16, head size ≤ 128):
