@@ -185,9 +185,10 @@ struct Mod {
     gate: Tensor,
 }
 
-/// `lin(SiLU(vec))` cut into `n` groups of (shift, scale, gate).
-fn modulation(lin: &Linear, vec: &Tensor, n: usize) -> Result<Vec<Mod>> {
-    let out = lin.forward(&vec.silu()?)?.unsqueeze(1)?;
+/// `lin(SiLU(vec))` cut into `n` groups of (shift, scale, gate), from
+/// `silu_vec` = SiLU(vec) (computed once a call, not once a block).
+fn modulation(lin: &Linear, silu_vec: &Tensor, n: usize) -> Result<Vec<Mod>> {
+    let out = lin.forward(silu_vec)?.unsqueeze(1)?;
     let chunks = out.chunk(3 * n, D::Minus1)?;
     Ok(chunks.chunks(3).map(|c| Mod { shift: c[0].clone(), scale: c[1].clone(), gate: c[2].clone() }).collect())
 }
@@ -368,7 +369,7 @@ impl Stream {
 
     /// Modulation and QKV projection (bias not yet added) of this stream.
     fn qkv<'s>(&'s self, x: &Tensor, ctx: &Ctx) -> Result<(Vec<Mod>, QkvPart<'s>)> {
-        let mods = modulation(&self.modulation, ctx.vec, 2)?;
+        let mods = modulation(&self.modulation, ctx.silu_vec, 2)?;
         let qkv = self.qkv.forward_no_bias(&ctx.modulate(x, &mods[0])?)?;
         Ok((mods, QkvPart { qkv, bias: self.qkv.bias(), norm: &self.norm }))
     }
@@ -451,7 +452,8 @@ pub struct Conditioning {
 
 /// Per-call state shared by every block.
 struct Ctx<'a> {
-    vec: &'a Tensor,
+    /// SiLU of the conditioning vector, the input of every block's modulation.
+    silu_vec: &'a Tensor,
     rope: &'a Rope,
     attention: &'a Attention,
     ln: &'a LayerNorm,
@@ -785,7 +787,8 @@ impl FluxModel {
         let rope = self.rope(ids)?;
         let point = HookPoint { site: Site::Double { index: 0 }, depth: self.cfg.depth, sigma, step, txt_len: l_txt };
         let fused = self.fused.as_deref();
-        let ctx = Ctx { vec: &vec, rope: &rope, attention: &self.attention, ln: &self.ln, fused, hooks, point };
+        let silu_vec = vec.silu()?;
+        let ctx = Ctx { silu_vec: &silu_vec, rope: &rope, attention: &self.attention, ln: &self.ln, fused, hooks, point };
 
         let blocks = self.run_blocks(img, txt, &ctx);
         if let (Err(_), Some(source)) = (&blocks, &self.source) {
@@ -794,7 +797,7 @@ impl FluxModel {
         }
         let x = blocks?;
         let img = x.narrow(1, l_txt, l_img)?;
-        let m = self.final_mod.forward(&vec.silu()?)?.unsqueeze(1)?.chunk(2, D::Minus1)?;
+        let m = self.final_mod.forward(&silu_vec)?.unsqueeze(1)?.chunk(2, D::Minus1)?;
         let img = modulate(fused, &self.ln, &img.contiguous()?, &m[1], &m[0])?;
         self.final_linear.forward(&img)
     }
@@ -818,7 +821,7 @@ impl DoubleBlock {
 impl SingleBlock {
     fn forward(&self, x: &Tensor, ctx: &Ctx, index: usize, cfg: &FluxConfig) -> Result<Tensor> {
         let h = cfg.hidden_size;
-        let m = modulation(&self.modulation, ctx.vec, 1)?;
+        let m = modulation(&self.modulation, ctx.silu_vec, 1)?;
         let lin1 = self.linear1.forward_no_bias(&ctx.modulate(x, &m[0])?)?;
         let bias = self.linear1.bias();
         let part = |i: usize, n: usize| -> Result<Option<Tensor>> { Ok(bias.map(|b| b.narrow(0, i, n)).transpose()?) };
