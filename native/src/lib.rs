@@ -67,11 +67,10 @@ pub enum KernelSet {
 
 /// Readies `device` for ipaflux's work; call once, before loading models.
 /// CUDA (feature `cuda`): [`cuda::prepare_device`]; other devices: nothing.
-pub fn prepare_device(device: &ipaflux_core::candle_core::Device) -> Result<()> {
+pub fn prepare_device(device: &ipaflux_core::candle_core::Device) {
     #[cfg(feature = "cuda")]
-    cuda::prepare_device(device)?;
+    cuda::prepare_device(device);
     let _ = device;
-    Ok(())
 }
 
 /// The attention the models use on `device`: the fused CUDA kernel on a CUDA

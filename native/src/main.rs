@@ -270,7 +270,7 @@ fn parse_block_weights(s: &str) -> anyhow::Result<Vec<f64>> {
 
 fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     let device = a.device.to_candle()?;
-    ipaflux::prepare_device(&device)?;
+    ipaflux::prepare_device(&device);
     let n_refs = a.image.len() + a.embeds.len();
     if n_refs == 0 {
         anyhow::bail!("give at least one --image or --embeds reference");
@@ -396,7 +396,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Encode { siglip, ip_adapter, image, out, dtype, device } => {
             let dev = device.to_candle()?;
-            ipaflux::prepare_device(&dev)?;
+            ipaflux::prepare_device(&dev);
             let t = Instant::now();
             let files = load::load_siglip_dir(&siglip)?;
             let adapter = load::load_ip_adapter(&ip_adapter)?;
@@ -469,7 +469,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::GpuCheck { device, fixtures, runs, quick, sections, torch, out, wgmma } => {
             let dev = device.to_candle()?;
-            ipaflux::prepare_device(&dev)?;
+            ipaflux::prepare_device(&dev);
             #[cfg(feature = "cuda")]
             let (alternatives, peak): (_, std::sync::Arc<dyn bench_flux::PeakMemory>) = if dev.is_cuda() {
                 (
@@ -547,7 +547,7 @@ fn main() -> anyhow::Result<()> {
             o.device = flux_device.to_candle()?;
             o.attention = ipaflux::attention_for(&o.device, cuda_kernels);
             o.modulation = ipaflux::modulation_for(&o.device, cuda_kernels);
-            ipaflux::prepare_device(&o.device)?;
+            ipaflux::prepare_device(&o.device);
             if flux_plain {
                 let ms = bench_flux::run_plain(&o)?;
                 println!(

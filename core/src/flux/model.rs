@@ -788,7 +788,8 @@ impl FluxModel {
         let point = HookPoint { site: Site::Double { index: 0 }, depth: self.cfg.depth, sigma, step, txt_len: l_txt };
         let fused = self.fused.as_deref();
         let silu_vec = vec.silu()?;
-        let ctx = Ctx { silu_vec: &silu_vec, rope: &rope, attention: &self.attention, ln: &self.ln, fused, hooks, point };
+        let ctx =
+            Ctx { silu_vec: &silu_vec, rope: &rope, attention: &self.attention, ln: &self.ln, fused, hooks, point };
 
         let blocks = self.run_blocks(img, txt, &ctx);
         if let (Err(_), Some(source)) = (&blocks, &self.source) {

@@ -40,13 +40,18 @@ pub fn explicit_stream_ordering(device: &Device) {
 /// their activations' memory instead of mapping it afresh each step; the
 /// registry's [`release_cached`](ipaflux_core::registry::Registry::release_cached)
 /// hands it back between stages). Other devices: nothing.
-pub fn prepare_device(device: &Device) -> ipaflux_core::Result<()> {
+/// A driver whose pool cannot be set keeps CUDA's default (a warning: only
+/// speed is lost).
+pub fn prepare_device(device: &Device) {
     explicit_stream_ordering(device);
     if let Device::Cuda(d) = device {
-        pool::keep_freed_memory(d.cuda_stream().context())?;
-        tracing::debug!(target: "ipaflux::registry", "CUDA memory pool keeps freed memory until released");
+        match pool::keep_freed_memory(d.cuda_stream().context()) {
+            Ok(()) => {
+                tracing::debug!(target: "ipaflux::registry", "CUDA memory pool keeps freed memory until released")
+            }
+            Err(e) => tracing::warn!(target: "ipaflux::registry", "CUDA memory pool left at its default: {e}"),
+        }
     }
-    Ok(())
 }
 
 /// The fused CUDA attention wherever it applies (bf16/f16, head size ≤ 128):
