@@ -75,6 +75,16 @@ pub trait PeakMemory: std::fmt::Debug + Send + Sync {
     fn peak(&self) -> Option<u64>;
     /// Bytes in use now.
     fn in_use(&self) -> Option<u64>;
+    /// Peak bytes the platform saw this process hold since the last reset,
+    /// what an allocator keeps cached for reuse included (CUDA's memory
+    /// pool: what a card of the budget's size must have); [`Self::peak`]
+    /// where there is no such cache.
+    fn peak_held(&self) -> Option<u64> {
+        self.peak()
+    }
+    /// Hands what an allocator caches back to the platform (CUDA's memory
+    /// pool), as a job's stage boundary does; nothing where there is none.
+    fn release_cache(&self) {}
 }
 
 /// The process's resident set: peak [`peak_rss`], now [`rss`]. A reset
@@ -487,6 +497,8 @@ pub struct StreamedRun {
     /// Median ms with the registry's plan executed.
     pub streamed_ms: f64,
     pub streamed_peak: Option<u64>,
+    /// [`PeakMemory::peak_held`] over the streamed steps.
+    pub streamed_peak_held: Option<u64>,
     pub resident_blocks: usize,
     pub streamed_blocks: usize,
     /// Bytes copied in per step.
@@ -563,6 +575,9 @@ pub fn run_streamed(
     let source = make_source(&tensors, &blocks)?;
     drop(tensors);
     model.set_block_source(source);
+    // The streamed blocks' device copies are gone; what the allocator kept of
+    // them goes back, as `generate` starts sampling without them.
+    o.peak.release_cache();
     dev.synchronize()?;
     step(&model)?;
     dev.synchronize()?;
@@ -574,6 +589,7 @@ pub fn run_streamed(
         leftover,
         streamed_ms,
         streamed_peak: o.peak.peak(),
+        streamed_peak_held: o.peak.peak_held(),
         resident_blocks: cfg.num_blocks() - blocks.len(),
         streamed_blocks: blocks.len(),
         streamed_bytes: plan.stream_bytes_per_use,

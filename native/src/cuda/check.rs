@@ -46,9 +46,15 @@ fn free_bytes(ctx: &CudaContext) -> Result<u64> {
 /// [`keep_freed_memory`]). Memory outside the pool
 /// (the context, cuBLAS's workspace, graph pools) counts.
 fn live_bytes(ctx: &CudaContext) -> Option<u64> {
-    let (free, total) = ctx.mem_get_info().ok()?;
     let cached = pool_usage(ctx).map_or(0, |u| u.cached());
-    Some((total as u64).saturating_sub(free as u64).saturating_sub(cached))
+    Some(held_bytes(ctx)?.saturating_sub(cached))
+}
+
+/// The driver's used bytes: everything held on the device, the pool's cache
+/// and other programs included (as `nvidia-smi` shows).
+fn held_bytes(ctx: &CudaContext) -> Option<u64> {
+    let (free, total) = ctx.mem_get_info().ok()?;
+    Some((total as u64).saturating_sub(free as u64))
 }
 
 /// Peak device memory in use, counted from when the probe started, by two
@@ -56,11 +62,16 @@ fn live_bytes(ctx: &CudaContext) -> Option<u64> {
 /// millisecond on a thread of its own, and the memory pool's own high-water
 /// mark of live allocations (exact, reset with the probe) plus what lies
 /// outside the pool now. The pool's cache does not count: PyTorch's figure
-/// beside it is its allocator's maximum allocated, not reserved.
+/// beside it is its allocator's maximum allocated, not reserved. Also the
+/// driver's own used bytes, sampled ([`PeakMemory::peak_held`]): what a card
+/// must have, the cache included.
 #[derive(Debug)]
 pub struct DriverPeak {
     base: u64,
     max_live: Arc<AtomicU64>,
+    /// The driver's used bytes at the start and their sampled maximum (the pool's cache included).
+    base_held: u64,
+    max_held: Arc<AtomicU64>,
     ctx: Arc<CudaContext>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -72,11 +83,16 @@ impl DriverPeak {
         let ctx =
             context(device).ok_or_else(|| Error::Core(ipaflux_core::Error::Unsupported("not a CUDA device".into())))?;
         let base = live(&ctx)?;
+        let base_held = held_bytes(&ctx).ok_or_else(driver_unreadable)?;
         let max_live = Arc::new(AtomicU64::new(base));
+        let max_held = Arc::new(AtomicU64::new(base_held));
         let stop = Arc::new(AtomicBool::new(false));
-        let (c, m, s) = (ctx.clone(), max_live.clone(), stop.clone());
+        let (c, m, h, s) = (ctx.clone(), max_live.clone(), max_held.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
+                if let Some(held) = held_bytes(&c) {
+                    h.fetch_max(held, Ordering::Relaxed);
+                }
                 if let Some(live) = live_bytes(&c) {
                     m.fetch_max(live, Ordering::Relaxed);
                 }
@@ -85,7 +101,7 @@ impl DriverPeak {
         });
         // Failure leaves the high-water mark of the process so far: a larger peak, never a smaller one.
         let _ = reset_pool_peak(&ctx);
-        Ok(Self { base, max_live, ctx, stop, thread: Some(thread) })
+        Ok(Self { base, max_live, base_held, max_held, ctx, stop, thread: Some(thread) })
     }
 }
 
@@ -131,7 +147,18 @@ impl PeakMemory for DriverPeak {
         if let Some(live) = live_bytes(&self.ctx) {
             self.max_live.store(live, Ordering::Relaxed);
         }
+        if let Some(held) = held_bytes(&self.ctx) {
+            self.max_held.store(held, Ordering::Relaxed);
+        }
         let _ = reset_pool_peak(&self.ctx);
+    }
+    fn peak_held(&self) -> Option<u64> {
+        Some(self.max_held.load(Ordering::Relaxed).saturating_sub(self.base_held))
+    }
+    fn release_cache(&self) {
+        if let Err(e) = super::pool::release_freed_memory(&self.ctx) {
+            tracing::warn!(target: "ipaflux::bench", "memory pool cache kept: {e}");
+        }
     }
     fn peak(&self) -> Option<u64> {
         let sampled = self.max_live.load(Ordering::Relaxed);
