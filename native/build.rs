@@ -15,8 +15,11 @@ const ATTENTION: &str = "src/cuda/attention/attention.cu";
 const SHARED_HEADER: &str = "src/cuda/store16.cuh";
 
 /// Our kernels: (source, PTX file name).
-const KERNELS: [(&str, &str); 2] =
-    [(ATTENTION, "attention.ptx"), ("src/cuda/modulation/modulation.cu", "modulation.ptx")];
+const KERNELS: [(&str, &str); 3] = [
+    (ATTENTION, "attention.ptx"),
+    ("src/cuda/modulation/modulation.cu", "modulation.ptx"),
+    ("src/cuda/ip_term/ip_term.cu", "ip_term.ptx"),
+];
 
 fn main() {
     for (source, _) in KERNELS {

@@ -11,7 +11,7 @@ cu13="${1:-$(bash scripts/cuda-env.sh)}"
 out="${CARGO_TARGET_DIR:-target}/kernel-emulation"
 mkdir -p "$out"
 status=0
-for kernel in modulation attention; do
+for kernel in modulation attention ip_term; do
   src="native/src/cuda/$kernel"
   g++ -std=c++20 -O2 -pthread -Wno-unknown-pragmas -I"$cu13/include" -I"$src" \
     -o "$out/$kernel" "$src/host_emulation.cpp"

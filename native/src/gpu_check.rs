@@ -469,12 +469,15 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
         let mut m = FluxModel::from_store(files.weights, axes, dtype, device)?;
         let set = match kernels {
             Kernels::Reference => None,
-            Kernels::Default => o.default_set.as_ref(),
+            Kernels::Default | Kernels::Variant(_) => o.default_set.as_ref(),
             Kernels::Baseline => o.baseline.as_ref(),
         };
         let mut attention = Attention::reference();
         if let Some(set) = set {
-            attention = set.attention.clone();
+            attention = match kernels {
+                Kernels::Variant(i) => o.attention_variants[i].clone(),
+                _ => set.attention.clone(),
+            };
             m.set_fused_modulation(Some(set.modulation.clone()));
         }
         m.set_attention(attention.clone());
@@ -500,6 +503,8 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let mut cases = vec![(DType::F32, Kernels::Reference, F32_TOL), (DType::BF16, Kernels::Reference, HALF_TOL)];
     if o.default_attention().is_some() {
         cases.push((DType::BF16, Kernels::Default, HALF_TOL));
+        // The attention kernels the default set could take instead, in the whole model.
+        cases.extend((0..o.attention_variants.len()).map(|i| (DType::BF16, Kernels::Variant(i), HALF_TOL)));
     }
     if o.baseline.is_some() {
         cases.push((DType::BF16, Kernels::Baseline, HALF_TOL));
@@ -507,9 +512,10 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
     for (dtype, kernels, tol) in cases {
         let got = forward(dtype, dev, kernels)?;
         let label = match kernels {
-            Kernels::Reference => "reference attention",
-            Kernels::Default => "default fused kernels",
-            Kernels::Baseline => "baseline kernels",
+            Kernels::Reference => "reference attention".to_string(),
+            Kernels::Default => "default fused kernels".to_string(),
+            Kernels::Variant(i) => format!("default set with {}", o.attention_variants[i].name()),
+            Kernels::Baseline => "baseline kernels".to_string(),
         };
         let name = dev_name(dev);
         r.check(
@@ -534,6 +540,8 @@ enum Kernels {
     Reference,
     /// The default set (`default_set`).
     Default,
+    /// The default set with `attention_variants[i]` as its attention.
+    Variant(usize),
     Baseline,
 }
 
@@ -648,6 +656,18 @@ fn merged_epilogue(
         rel_max_err(&added, &want_add)?,
         HALF_TOL,
     );
+    if k.dim(2)? <= 512 {
+        // The query as a double block passes the IP term's: its image rows, a narrow of longer rows.
+        let l = q.dim(2)?;
+        let rows = Tensor::cat(&[q, q], 2)?.narrow(2, l, l)?;
+        let added = attention.sdpa_merged_add(&rows, k, v, &base, SCALE)?;
+        r.check(
+            Section::Attention,
+            format!("{name}: {} base + {SCALE}·attention, the query a narrow of longer rows, vs f32", attention.name()),
+            rel_max_err(&added, &want_add)?,
+            HALF_TOL,
+        );
+    }
     let t_epilogue = time_ms(&o.device, o.runs, || {
         drop(attention.sdpa_merged_add(q, k, v, &base, SCALE)?);
         Ok(())

@@ -1,6 +1,7 @@
 //! What the native binary adds on CUDA (feature `cuda`): the fused attention
 //! kernels ([`attention`]), fused LayerNorm + modulation and gated residuals
-//! ([`modulation`]), pinned-memory offload ([`pinned`]), the memory pool's
+//! ([`modulation`]), the IP-Adapter's term by cuBLAS ([`ip_term`]),
+//! pinned-memory offload ([`pinned`]), the memory pool's
 //! cache and the registry device that accounts for it ([`pool`]), Flux block
 //! streaming from pinned memory with prefetch on a second stream
 //! ([`stream`]) and the CUDA-only sections of the GPU check ([`check`]). All
@@ -10,6 +11,7 @@
 pub mod attention;
 pub mod check;
 pub mod graph;
+pub mod ip_term;
 pub mod modulation;
 pub mod pinned;
 pub mod pool;
@@ -81,7 +83,7 @@ pub fn fused_modulation(set: crate::KernelSet) -> Arc<dyn ipaflux_core::nn::Fuse
 /// What the fast set's attention could be instead, for `gpu-check`:
 /// versions 8 and 7 as the fast set takes version 6 (the IP-Adapter's term
 /// in a second launch), then versions 8, 7 and 6 with the term in the same
-/// launch. (Versions 4 and 5 with the term in the launch were timed in
+/// launch, then version 6 with the term by cuBLAS ([`ip_term`]). (Versions 4 and 5 with the term in the launch were timed in
 /// session 11 and lost to version 6; each variant costs a full Flux-dev
 /// setup and step in the GPU run's time.) `wgmma`: which of version 8's.
 pub fn fast_attention_variants(wgmma: crate::gpu_check::Wgmma) -> Vec<Attention> {
@@ -89,11 +91,18 @@ pub fn fast_attention_variants(wgmma: crate::gpu_check::Wgmma) -> Vec<Attention>
     let separate = [Kernel::Wgmma, Kernel::MmaTwoTilesStaged].map(|kernel| (kernel, Output::Merged));
     let fused_extra = [Kernel::Wgmma, Kernel::MmaTwoTilesStaged, Kernel::MmaTwoTiles]
         .map(|kernel| (kernel, Output::MergedFusedExtra));
+    // The fast set's own kernel with the IP-Adapter's term by cuBLAS (`ip_term`).
+    let gemm_ip = (!matches!(wgmma, crate::gpu_check::Wgmma::Only)).then(|| {
+        let inner = Arc::new(attention::CudaFusedAttention { kernel: Kernel::MmaTwoTiles, output: Output::Merged });
+        let name = "cuda-fused (version 6; merged-heads epilogue; IP term by cuBLAS + softmax kernel)";
+        Attention::fused(Arc::new(ip_term::GemmSmallKeys::new(inner, name)))
+    });
     separate
         .into_iter()
         .chain(fused_extra)
         .filter(|&(kernel, _)| wgmma_wanted(kernel, wgmma))
         .map(|(kernel, output)| fused_attention_with(kernel, output))
+        .chain(gemm_ip)
         .collect()
 }
 
