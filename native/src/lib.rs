@@ -18,6 +18,7 @@ pub mod demo;
 pub mod encode;
 pub mod generate;
 pub mod gpu_check;
+pub mod ip_term_plan;
 pub mod load;
 pub mod plan;
 pub mod png_out;
