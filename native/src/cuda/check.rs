@@ -37,10 +37,6 @@ fn context(device: &Device) -> Option<Arc<CudaContext>> {
     }
 }
 
-fn free_bytes(ctx: &CudaContext) -> Result<u64> {
-    Ok(ctx.mem_get_info().map_err(driver)?.0 as u64)
-}
-
 /// Bytes this process's work holds on the device now: the driver's used
 /// memory less what the memory pool caches for reuse (freed, kept mapped:
 /// [`keep_freed_memory`]). Memory outside the pool
@@ -83,7 +79,7 @@ impl DriverPeak {
         let ctx =
             context(device).ok_or_else(|| Error::Core(ipaflux_core::Error::Unsupported("not a CUDA device".into())))?;
         let base = live(&ctx)?;
-        let base_held = held_bytes(&ctx).ok_or_else(driver_unreadable)?;
+        let base_held = held(&ctx)?;
         let max_live = Arc::new(AtomicU64::new(base));
         let max_held = Arc::new(AtomicU64::new(base_held));
         let stop = Arc::new(AtomicBool::new(false));
@@ -107,6 +103,10 @@ impl DriverPeak {
 
 fn live(ctx: &CudaContext) -> Result<u64> {
     live_bytes(ctx).ok_or_else(driver_unreadable)
+}
+
+fn held(ctx: &CudaContext) -> Result<u64> {
+    held_bytes(ctx).ok_or_else(driver_unreadable)
 }
 
 /// `", pool cache N MiB not counted"` where the pool caches anything.
@@ -197,7 +197,7 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
     // `generate`; the setup's own (the weights' first copy) goes back first.
     keep_freed_memory(&ctx)?;
     super::pool::release_freed_memory(&ctx)?;
-    let free0 = free_bytes(&ctx)?;
+    let held0 = held(&ctx)?;
     let live0 = live(&ctx)?;
     let gpu = PooledCuda::new(CudaMemory::new(0)?);
     let mut reg = Registry::new(RegistryConfig::default(), vec![Box::new(gpu), Box::new(HostMemory::unbounded())])?;
@@ -258,7 +258,7 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
         );
         reg.end_job(job);
         let released = reg.release_cached(&format!("gpu-check job {round} ended"))?;
-        let used = free0.saturating_sub(free_bytes(&ctx)?);
+        let used = held(&ctx)?.saturating_sub(held0);
         r.bool_check(
             Section::Registry,
             format!("job {round}: ended, the pool's cache released"),
@@ -268,7 +268,7 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
         );
         reg.audit()?;
     }
-    let used = free0.saturating_sub(free_bytes(&ctx)?);
+    let used = held(&ctx)?.saturating_sub(held0);
     r.bool_check(
         Section::Registry,
         "after 3 jobs: nothing grew",

@@ -131,6 +131,10 @@ struct IpTermOp {
     scale: f32,
 }
 
+fn cuda_err(e: impl std::error::Error + Send + Sync + 'static) -> candle::Error {
+    candle::Error::Cuda(Box::new(e))
+}
+
 fn err(what: &str) -> candle::Error {
     candle::Error::Msg(format!("IP term by cuBLAS: {what}"))
 }
@@ -214,7 +218,7 @@ impl IpTermOp {
         let mut scores: CudaSlice<f32> = unsafe { dev.alloc::<f32>(rows * s) }?;
         let mut probs: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * s) }?;
         let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(n_out) }?;
-        stream.memcpy_dtod(&base_view, &mut out).map_err(|e| candle::Error::Cuda(Box::new(e)))?;
+        stream.memcpy_dtod(&base_view, &mut out).map_err(cuda_err)?;
 
         let (first, outputs) = plan(b, h, l, s, d, layout);
         let blas_handle = dev.cublas_handle();
@@ -249,7 +253,7 @@ impl IpTermOp {
         let mut builder = func.builder();
         builder.arg(&scores).arg(&mut probs).arg(&rows_i64).arg(&s_i32);
         // SAFETY: arguments match `ipaflux_softmax_rows_*` in ip_term.cu; scores and probs hold rows·s.
-        unsafe { builder.launch(cfg) }.map_err(|e| candle::Error::Cuda(Box::new(e)))?;
+        unsafe { builder.launch(cfg) }.map_err(cuda_err)?;
         {
             let (vp, _gv) = v_view.device_ptr(&stream);
             let (pp, _gp) = probs.device_ptr(&stream);
