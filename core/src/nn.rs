@@ -48,6 +48,13 @@ impl Linear {
         self.bias.as_ref()
     }
 
+    /// The layer of output features `[start, start + len)`: views of the
+    /// weight's rows and the bias, no copy.
+    pub fn narrow_out(&self, start: usize, len: usize) -> Result<Self> {
+        let bias = self.bias.as_ref().map(|b| b.narrow(0, start, len)).transpose()?;
+        Ok(Self { weight_t: self.weight_t.narrow(1, start, len)?, bias })
+    }
+
     /// The dtype the weights are stored in.
     pub fn dtype(&self) -> DType {
         self.weight_t.dtype()
@@ -351,6 +358,32 @@ pub trait FusedModulation: std::fmt::Debug + Send + Sync {
     fn gelu_tanh_after(&self, _head: &Tensor, _x: &Tensor, _bias: Option<&Tensor>) -> Option<Result<Tensor>> {
         None
     }
+    /// Whether [`Self::linear_gelu_tanh_after`] may take a layer applied to
+    /// `x`. Where it may, Flux's single blocks make their first linear
+    /// layer's QKV and MLP halves as two products (the second joined to the
+    /// attention by that method) instead of one; default: no.
+    fn takes_linear_gelu(&self, _x: &Tensor) -> bool {
+        false
+    }
+    /// GELU-tanh(x Wᵀ + bias) with the activation applied as the product
+    /// is written (no separate pass): `x [B, L, K]`, `weight [N, K]`
+    /// (PyTorch's layout, rows may be a narrow of a larger weight), `bias
+    /// [N]` if any. `None` where not taken (the default).
+    fn linear_gelu_tanh(&self, _x: &Tensor, _weight: &Tensor, _bias: Option<&Tensor>) -> Option<Result<Tensor>> {
+        None
+    }
+    /// `[head, GELU-tanh(x Wᵀ + bias)]` joined over the last dimension,
+    /// the product written in place beside `head [B, L, A]` (arguments as
+    /// [`Self::linear_gelu_tanh`]); `None` where not taken (the default).
+    fn linear_gelu_tanh_after(
+        &self,
+        _head: &Tensor,
+        _x: &Tensor,
+        _weight: &Tensor,
+        _bias: Option<&Tensor>,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
     /// Attention inputs from QKV projections made *without* their bias, as
     /// [`QkvStreams`] describes; `None` where not taken (the default).
     fn qkv_rope(&self, _streams: &QkvStreams<'_>) -> Option<Result<QkvOut>> {
@@ -419,6 +452,31 @@ pub fn cat_bias_gelu(
         return out;
     }
     Ok(Tensor::cat(&[head, &bias_gelu(fused, x, bias)?], D::Minus1)?)
+}
+
+/// GELU-tanh of `lin(x)`: one product with the activation in its epilogue
+/// where `fused` takes it ([`FusedModulation::linear_gelu_tanh`]), else the
+/// product without its bias, then [`bias_gelu`].
+pub fn linear_gelu(fused: Option<&dyn FusedModulation>, lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    if let Some(f) = fused {
+        if let Some(out) = f.linear_gelu_tanh(x, &lin.weight()?, lin.bias()) {
+            return out;
+        }
+    }
+    bias_gelu(fused, &lin.forward_no_bias(x)?, lin.bias())
+}
+
+/// `[head, GELU-tanh(lin(x))]` over the last dimension: the product written
+/// beside `head` where `fused` takes it
+/// ([`FusedModulation::linear_gelu_tanh_after`]), else the product, then
+/// [`cat_bias_gelu`].
+pub fn cat_linear_gelu(fused: Option<&dyn FusedModulation>, head: &Tensor, lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    if let Some(f) = fused {
+        if let Some(out) = f.linear_gelu_tanh_after(head, x, &lin.weight()?, lin.bias()) {
+            return out;
+        }
+    }
+    cat_bias_gelu(fused, head, &lin.forward_no_bias(x)?, lin.bias())
 }
 
 /// `ln(x) · (1 + scale) + shift` with `fused` where it applies, else as separate ops.

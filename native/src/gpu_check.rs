@@ -77,6 +77,10 @@ pub struct CheckOptions {
     /// Other attention kernels the default set could take instead (merged-heads
     /// output): their epilogues are checked and the default step is timed with each.
     pub attention_variants: Vec<Attention>,
+    /// Other fused Flux kernels (LayerNorm + modulation, …) the default set
+    /// could take instead: each is checked through the Flux fixture and the
+    /// default step is timed with it.
+    pub modulation_variants: Vec<Arc<dyn FusedModulation>>,
     /// The baseline kernel set, checked and timed beside the default.
     pub baseline: Option<KernelSetUnderTest>,
     /// PyTorch's figures from the same card (`scripts/gpu_bench_torch.py --json`).
@@ -469,7 +473,7 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
         let mut m = FluxModel::from_store(files.weights, axes, dtype, device)?;
         let set = match kernels {
             Kernels::Reference => None,
-            Kernels::Default | Kernels::Variant(_) => o.default_set.as_ref(),
+            Kernels::Default | Kernels::Variant(_) | Kernels::Modulation(_) => o.default_set.as_ref(),
             Kernels::Baseline => o.baseline.as_ref(),
         };
         let mut attention = Attention::reference();
@@ -478,7 +482,10 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
                 Kernels::Variant(i) => o.attention_variants[i].clone(),
                 _ => set.attention.clone(),
             };
-            m.set_fused_modulation(Some(set.modulation.clone()));
+            m.set_fused_modulation(Some(match kernels {
+                Kernels::Modulation(i) => o.modulation_variants[i].clone(),
+                _ => set.modulation.clone(),
+            }));
         }
         m.set_attention(attention.clone());
         let adapter = IpAdapter::from_store(&ip_store, DType::F32, device)?;
@@ -505,6 +512,7 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
         cases.push((DType::BF16, Kernels::Default, HALF_TOL));
         // The attention kernels the default set could take instead, in the whole model.
         cases.extend((0..o.attention_variants.len()).map(|i| (DType::BF16, Kernels::Variant(i), HALF_TOL)));
+        cases.extend((0..o.modulation_variants.len()).map(|i| (DType::BF16, Kernels::Modulation(i), HALF_TOL)));
     }
     if o.baseline.is_some() {
         cases.push((DType::BF16, Kernels::Baseline, HALF_TOL));
@@ -515,6 +523,7 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
             Kernels::Reference => "reference attention".to_string(),
             Kernels::Default => "default fused kernels".to_string(),
             Kernels::Variant(i) => format!("default set with {}", o.attention_variants[i].name()),
+            Kernels::Modulation(i) => format!("default set with {}", o.modulation_variants[i].name()),
             Kernels::Baseline => "baseline kernels".to_string(),
         };
         let name = dev_name(dev);
@@ -542,6 +551,8 @@ enum Kernels {
     Default,
     /// The default set with `attention_variants[i]` as its attention.
     Variant(usize),
+    /// The default set with `modulation_variants[i]` as its fused Flux kernels.
+    Modulation(usize),
     Baseline,
 }
 
@@ -971,6 +982,28 @@ fn bench_flux_steps(o: &CheckOptions, r: &mut Report) -> Result<()> {
                 format!("{plain:.2} / {ip:.2} ms"),
                 format!("{:.3}× / {:.3}× the default's{vs_torch}", v_plain / plain, v_ip / ip),
             );
+        }
+    }
+    // The default step with the other fused Flux kernels the default set could take.
+    if let Some(&(plain, ip)) = default_steps.first() {
+        let torch = o.torch.as_ref().and_then(|t| t.get(&format!("flux_{}_ms", base.size)).copied());
+        for modulation in &o.modulation_variants {
+            let what = format!("  default step {}² without / with IP, with {}", base.size, modulation.name());
+            let opts = FluxBenchOptions { modulation: Some(modulation.clone()), runs: o.runs.min(3), ..base.clone() };
+            // A variant not yet run on a GPU: its failure is a row, not the end of the section.
+            match bench_flux::run_plain_and_ip(&opts) {
+                Ok((v_plain, v_ip)) => {
+                    let vs_torch = torch.map_or(String::new(), |t| format!("; {:.3}× PyTorch's step", v_plain / t));
+                    r.info(
+                        Section::Bench,
+                        what,
+                        format!("{v_plain:.2} / {v_ip:.2} ms (IP {:+.2} %)", (v_ip - v_plain) / v_plain * 100.0),
+                        format!("{plain:.2} / {ip:.2} ms"),
+                        format!("{:.3}× / {:.3}× the default's{vs_torch}", v_plain / plain, v_ip / ip),
+                    );
+                }
+                Err(e) => r.bool_check(Section::Bench, what, format!("failed: {e}"), "runs".into(), false),
+            }
         }
     }
     // The baseline set, what the default is compared with.

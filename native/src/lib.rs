@@ -19,6 +19,7 @@ pub mod encode;
 pub mod generate;
 pub mod gpu_check;
 pub mod ip_term_plan;
+pub mod linear_lt_plan;
 pub mod load;
 pub mod plan;
 pub mod png_out;
@@ -99,6 +100,21 @@ pub fn fast_attention_variants(
         return cuda::fast_attention_variants(wgmma);
     }
     let _ = (device, wgmma);
+    Vec::new()
+}
+
+/// Fused Flux kernels that could replace the fast set's own on `device`
+/// (CUDA: the fast set with the MLP products' GELU in their cuBLASLt
+/// epilogue; none elsewhere), for `gpu-check` to check through the Flux
+/// fixture and to time the fast step with each.
+pub fn fast_modulation_variants(
+    device: &ipaflux_core::candle_core::Device,
+) -> Vec<std::sync::Arc<dyn ipaflux_core::nn::FusedModulation>> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return vec![cuda::fused_modulation_linear_lt(KernelSet::Fast)];
+    }
+    let _ = device;
     Vec::new()
 }
 

@@ -507,6 +507,11 @@ fn main() -> anyhow::Result<()> {
             let default_set = set_under_test(ipaflux::KernelSet::default());
             let baseline = set_under_test(ipaflux::KernelSet::Baseline);
             let attention_variants = ipaflux::fast_attention_variants(&dev, wgmma);
+            // Version 8's own run (`--wgmma only`) checks attention alone.
+            let modulation_variants = match wgmma {
+                gpu_check::Wgmma::Only => Vec::new(),
+                _ => ipaflux::fast_modulation_variants(&dev),
+            };
             let o = gpu_check::CheckOptions {
                 device: dev,
                 fixtures,
@@ -516,6 +521,7 @@ fn main() -> anyhow::Result<()> {
                 default_set,
                 alternatives,
                 attention_variants,
+                modulation_variants,
                 baseline,
                 torch,
                 peak,

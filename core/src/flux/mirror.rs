@@ -41,6 +41,36 @@ struct Mirror {
     no_extra: bool,
     /// Calls of `gelu_tanh_after` (the single blocks' joined `linear2` input).
     gelu_after_calls: AtomicUsize,
+    /// Take the linear layers with GELU in the product's epilogue
+    /// (`linear_gelu_tanh`, `linear_gelu_tanh_after`), as the cuBLASLt path does.
+    linear_gelu: bool,
+    /// Calls of `linear_gelu_tanh` and of `linear_gelu_tanh_after`.
+    linear_gelu_calls: AtomicUsize,
+    linear_after_calls: AtomicUsize,
+}
+
+/// GELU, tanh approximation, in f32.
+fn gelu(v: f32) -> f32 {
+    0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044715 * v * v * v)).tanh())
+}
+
+/// Rows of GELU-tanh(x Wᵀ + bias) in f32 as a product's epilogue computes
+/// them (`weight [N, K]` read in its logical order: a narrow of a larger
+/// weight's rows reads as its own rows).
+fn linear_gelu_rows(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Vec<Vec<f32>>> {
+    let (n, k) = weight.dims2().ok()?;
+    let w = host(weight);
+    let bs = bias.map(host).unwrap_or_else(|| vec![0.0; n]);
+    let xs = rows(x);
+    (xs.first().map_or(k, Vec::len) == k).then(|| {
+        xs.iter()
+            .map(|xr| {
+                (0..n)
+                    .map(|c| gelu(xr.iter().zip(&w[c * k..(c + 1) * k]).map(|(a, b)| a * b).sum::<f32>() + bs[c]))
+                    .collect()
+            })
+            .collect()
+    })
 }
 
 impl FusedModulation for Mirror {
@@ -75,7 +105,6 @@ impl FusedModulation for Mirror {
         let w = x.dims3().ok()?.2;
         let (heads, xs) = (rows(head), rows(x));
         let bs = bias.map(host).unwrap_or_else(|| vec![0.0; w]);
-        let gelu = |v: f32| 0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044715 * v * v * v)).tanh());
         let out: Vec<f32> = heads
             .iter()
             .zip(&xs)
@@ -83,6 +112,40 @@ impl FusedModulation for Mirror {
             .collect();
         self.gelu_after_calls.fetch_add(1, Ordering::Relaxed);
         Some(Tensor::from_vec(out, (b, l, a + w), x.device()).map_err(Into::into))
+    }
+
+    fn takes_linear_gelu(&self, _x: &Tensor) -> bool {
+        self.linear_gelu
+    }
+
+    fn linear_gelu_tanh(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Result<Tensor>> {
+        if !self.linear_gelu {
+            return None;
+        }
+        let (b, l, _) = x.dims3().ok()?;
+        let n = weight.dim(0).ok()?;
+        let out: Vec<f32> = linear_gelu_rows(x, weight, bias)?.concat();
+        self.linear_gelu_calls.fetch_add(1, Ordering::Relaxed);
+        Some(Tensor::from_vec(out, (b, l, n), x.device()).map_err(Into::into))
+    }
+
+    /// The head's row, then the product's row written beside it.
+    fn linear_gelu_tanh_after(
+        &self,
+        head: &Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Option<Result<Tensor>> {
+        if !self.linear_gelu {
+            return None;
+        }
+        let (b, l, a) = head.dims3().ok()?;
+        let n = weight.dim(0).ok()?;
+        let out: Vec<f32> =
+            rows(head).into_iter().zip(linear_gelu_rows(x, weight, bias)?).flat_map(|(h, y)| [h, y].concat()).collect();
+        self.linear_after_calls.fetch_add(1, Ordering::Relaxed);
+        Some(Tensor::from_vec(out, (b, l, a + n), x.device()).map_err(Into::into))
     }
 
     /// One (row, head) at a time as the kernel's warps: bias, RMSNorm with
@@ -265,6 +328,31 @@ fn kernel_mirror_through_the_seams_equals_the_reference_path() {
     let none = plain.forward(&x.img, &x.ids, &x.cond, 0.7, 0, Hooks::none()).unwrap();
     let echoed = plain.forward(&x.img, &x.ids, &x.cond, 0.7, 0, Hooks::new(&hook_list)).unwrap();
     assert!(max_rel_err(&echoed, &none) > 1e-3);
+}
+
+#[test]
+fn linear_layers_with_gelu_in_the_product_through_the_seams_equal_the_reference_path() {
+    // The MLP products with GELU in their epilogue (the cuBLASLt path), the
+    // single blocks' first layer split in its QKV and MLP halves.
+    let cfg = tiny();
+    let plain = random_model(&cfg);
+    let mut fused = plain.clone();
+    let modulation = Arc::new(Mirror { linear_gelu: true, ..Mirror::default() });
+    fused.set_fused_modulation(Some(modulation.clone()));
+    fused.set_attention(Attention::fused(Arc::new(Mirror::default())));
+    let x = batch_of_two(&cfg);
+    let echo = QueryEcho;
+    let hook_list: [&dyn AttentionHook; 1] = [&echo];
+    for hooks in [Hooks::none(), Hooks::new(&hook_list)] {
+        let run = |m: &super::FluxModel| m.forward(&x.img, &x.ids, &x.cond, 0.7, 0, hooks).unwrap();
+        let err = max_rel_err(&run(&fused), &run(&plain));
+        assert!(err < 1e-5, "linear GELU mirror vs reference: {err:e} (hooks: {})", !hooks.is_empty());
+    }
+    // Both streams of every double block, every single block, both runs; the
+    // separate GELU kernels never.
+    assert_eq!(modulation.linear_gelu_calls.load(Ordering::Relaxed), 2 * 2 * cfg.depth);
+    assert_eq!(modulation.linear_after_calls.load(Ordering::Relaxed), 2 * cfg.depth_single);
+    assert_eq!(modulation.gelu_after_calls.load(Ordering::Relaxed), 0);
 }
 
 #[test]

@@ -19,8 +19,8 @@ use super::layout::FluxLayout;
 use super::stream::{BlockId, BlockSource};
 use crate::error::{Error, Result};
 use crate::nn::{
-    add_bias, bias_gelu, cat_bias_gelu, gated_add, modulate, rms_norm_scaled, Attention, ExtraAttention,
-    FusedModulation, LayerNorm, Linear, QkvInput, QkvOut, QkvStreams,
+    add_bias, cat_bias_gelu, cat_linear_gelu, gated_add, linear_gelu, modulate, rms_norm_scaled, Attention,
+    ExtraAttention, FusedModulation, LayerNorm, Linear, QkvInput, QkvOut, QkvStreams,
 };
 use crate::weights::TensorStore;
 
@@ -377,8 +377,8 @@ impl Stream {
     /// Residual updates after attention (each bias added by the op that follows its matmul).
     fn finish(&self, x: &Tensor, attn: &Tensor, mods: &[Mod], ctx: &Ctx) -> Result<Tensor> {
         let x = ctx.gated_add(x, &self.proj.forward_no_bias(attn)?, self.proj.bias(), &mods[0].gate)?;
-        let mlp = self.mlp_0.forward_no_bias(&ctx.modulate(&x, &mods[1])?)?;
-        let mlp = self.mlp_2.forward_no_bias(&bias_gelu(ctx.fused, &mlp, self.mlp_0.bias())?)?;
+        let mlp = linear_gelu(ctx.fused, &self.mlp_0, &ctx.modulate(&x, &mods[1])?)?;
+        let mlp = self.mlp_2.forward_no_bias(&mlp)?;
         ctx.gated_add(&x, &mlp, self.mlp_2.bias(), &mods[1].gate)
     }
 }
@@ -823,16 +823,29 @@ impl SingleBlock {
     fn forward(&self, x: &Tensor, ctx: &Ctx, index: usize, cfg: &FluxConfig) -> Result<Tensor> {
         let h = cfg.hidden_size;
         let m = modulation(&self.modulation, ctx.silu_vec, 1)?;
-        let lin1 = self.linear1.forward_no_bias(&ctx.modulate(x, &m[0])?)?;
-        let bias = self.linear1.bias();
-        let part = |i: usize, n: usize| -> Result<Option<Tensor>> { Ok(bias.map(|b| b.narrow(0, i, n)).transpose()?) };
-        let (qkv_bias, mlp_bias) = (part(0, 3 * h)?, part(3 * h, cfg.mlp_hidden)?);
-        let qkv_part = QkvPart { qkv: lin1.narrow(2, 0, 3 * h)?, bias: qkv_bias.as_ref(), norm: &self.norm };
-        let qkv = qkv_rope(&[qkv_part], ctx, cfg.num_heads)?;
+        let xm = ctx.modulate(x, &m[0])?;
         let point = HookPoint { site: Site::Single { index }, ..ctx.point };
+        let (qkv_half, mlp_half) =
+            (self.linear1.narrow_out(0, 3 * h)?, self.linear1.narrow_out(3 * h, cfg.mlp_hidden)?);
+        // Where the fused kernels take it, two products: the QKV half now, the
+        // MLP half after the attention, written beside it with GELU in its
+        // epilogue. Else one product over both halves, read back as narrows.
+        let lin1 = if ctx.fused.is_some_and(|f| f.takes_linear_gelu(&xm)) {
+            None
+        } else {
+            Some(self.linear1.forward_no_bias(&xm)?)
+        };
+        let qkv = match &lin1 {
+            Some(lin1) => lin1.narrow(2, 0, 3 * h)?,
+            None => qkv_half.forward_no_bias(&xm)?,
+        };
+        let qkv = qkv_rope(&[QkvPart { qkv, bias: qkv_half.bias(), norm: &self.norm }], ctx, cfg.num_heads)?;
         let (_, attn) = attention_with_hooks(&qkv, ctx, &point, 0)?;
-        let mlp_in = lin1.narrow(2, 3 * h, cfg.mlp_hidden)?;
-        let out = self.linear2.forward_no_bias(&cat_bias_gelu(ctx.fused, &attn, &mlp_in, mlp_bias.as_ref())?)?;
+        let joined = match &lin1 {
+            Some(lin1) => cat_bias_gelu(ctx.fused, &attn, &lin1.narrow(2, 3 * h, cfg.mlp_hidden)?, mlp_half.bias())?,
+            None => cat_linear_gelu(ctx.fused, &attn, &mlp_half, &xm)?,
+        };
+        let out = self.linear2.forward_no_bias(&joined)?;
         ctx.gated_add(x, &out, self.linear2.bias(), &m[0].gate)
     }
 }

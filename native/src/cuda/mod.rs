@@ -1,6 +1,7 @@
 //! What the native binary adds on CUDA (feature `cuda`): the fused attention
 //! kernels ([`attention`]), fused LayerNorm + modulation and gated residuals
-//! ([`modulation`]), the IP-Adapter's term by cuBLAS ([`ip_term`]),
+//! ([`modulation`]), the IP-Adapter's term by cuBLAS ([`ip_term`]), the MLP
+//! products with GELU in their cuBLASLt epilogue ([`linear_lt`]),
 //! pinned-memory offload ([`pinned`]), the memory pool's
 //! cache and the registry device that accounts for it ([`pool`]), Flux block
 //! streaming from pinned memory with prefetch on a second stream
@@ -12,6 +13,7 @@ pub mod attention;
 pub mod check;
 pub mod graph;
 pub mod ip_term;
+pub mod linear_lt;
 pub mod modulation;
 pub mod pinned;
 pub mod pool;
@@ -77,7 +79,14 @@ pub fn fused_attention_with(kernel: attention::Kernel, output: attention::Output
 /// Fused LayerNorm + modulation and gated residuals (bf16/f16) for Flux's
 /// blocks, and with the fast set the QKV and bias kernels.
 pub fn fused_modulation(set: crate::KernelSet) -> Arc<dyn ipaflux_core::nn::FusedModulation> {
-    Arc::new(modulation::CudaModulation { set })
+    Arc::new(modulation::CudaModulation { set, linear: None })
+}
+
+/// [`fused_modulation`] with the MLP products' bias and GELU in their
+/// epilogue by cuBLASLt ([`linear_lt`]): a `gpu-check` variant until a GPU
+/// run has timed it.
+pub fn fused_modulation_linear_lt(set: crate::KernelSet) -> Arc<dyn ipaflux_core::nn::FusedModulation> {
+    Arc::new(modulation::CudaModulation { set, linear: Some(Arc::new(linear_lt::LinearLt::default())) })
 }
 
 /// What the fast set's attention could be instead, for `gpu-check`:

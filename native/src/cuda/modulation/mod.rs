@@ -25,6 +25,9 @@ use ipaflux_core::candle_core::{
 };
 use ipaflux_core::nn::{FusedModulation, QkvOut, QkvStreams};
 
+use std::sync::Arc;
+
+use super::linear_lt::LinearLt;
 use crate::KernelSet;
 
 /// The PTX nvcc made of `modulation.cu`.
@@ -41,9 +44,12 @@ const QKV_WARPS: u32 = 8;
 const QKV_MAX_HEAD_DIM: usize = 256;
 
 /// The CUDA kernels as core's [`FusedModulation`].
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct CudaModulation {
     pub set: KernelSet,
+    /// The MLP products with GELU in their epilogue by cuBLASLt
+    /// ([`LinearLt`]); `None`: the product, then the GELU kernel.
+    pub linear: Option<Arc<LinearLt>>,
 }
 
 /// Whether these kernels take `x [B, L, H]` with rows `r [B, 1, H]` (and `y` like `x`).
@@ -58,7 +64,10 @@ fn takes(x: &Tensor, rows: &[&Tensor], y: Option<&Tensor>) -> bool {
 
 impl FusedModulation for CudaModulation {
     fn name(&self) -> &'static str {
-        "cuda-fused modulation"
+        match self.linear {
+            None => "cuda-fused modulation",
+            Some(_) => "cuda-fused modulation; MLP products with bias + GELU in their cuBLASLt epilogue",
+        }
     }
 
     fn ln_modulate(
@@ -115,6 +124,29 @@ impl FusedModulation for CudaModulation {
             }
             Ok(x.contiguous()?.apply_op3_no_bwd(&y, &gate.contiguous()?, &Op::GatedAdd { bias })?)
         })
+    }
+
+    fn takes_linear_gelu(&self, x: &Tensor) -> bool {
+        self.linear.is_some() && LinearLt::takes(x)
+    }
+
+    fn linear_gelu_tanh(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Option<ipaflux_core::Result<Tensor>> {
+        self.linear.as_ref()?.forward(None, x, weight, bias)
+    }
+
+    fn linear_gelu_tanh_after(
+        &self,
+        head: &Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Option<ipaflux_core::Result<Tensor>> {
+        self.linear.as_ref()?.forward(Some(head), x, weight, bias)
     }
 
     fn qkv_rope(&self, s: &QkvStreams<'_>) -> Option<ipaflux_core::Result<QkvOut>> {
@@ -561,11 +593,20 @@ mod tests {
         let x = Tensor::zeros((1, 4, 8), DType::BF16, &cpu).unwrap();
         let r = Tensor::zeros((1, 1, 8), DType::BF16, &cpu).unwrap();
         // CPU tensors: the reference ops run instead.
-        for m in [CudaModulation { set: KernelSet::Baseline }, CudaModulation { set: KernelSet::Fast }] {
+        let lt = Some(Arc::new(LinearLt::default()));
+        for m in [
+            CudaModulation { set: KernelSet::Baseline, linear: None },
+            CudaModulation { set: KernelSet::Fast, linear: None },
+            CudaModulation { set: KernelSet::Fast, linear: lt },
+        ] {
             assert!(m.ln_modulate(&x, &r, &r, 1e-6).is_none());
             assert!(m.gated_add(&x, &x, None, &r).is_none());
             assert!(m.gelu_tanh(&x, None).is_none());
             assert!(m.gelu_tanh_after(&x, &x, None).is_none());
+            let w = Tensor::zeros((8, 8), DType::BF16, &cpu).unwrap();
+            assert!(!m.takes_linear_gelu(&x));
+            assert!(m.linear_gelu_tanh(&x, &w, None).is_none());
+            assert!(m.linear_gelu_tanh_after(&x, &x, &w, None).is_none());
         }
     }
 

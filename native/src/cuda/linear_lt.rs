@@ -1,0 +1,447 @@
+//! Linear layers with GELU-tanh in the product's epilogue, by cuBLASLt
+//! (`CUBLASLT_EPILOGUE_GELU_BIAS`; its GELU is the tanh approximation, as
+//! PyTorch relies on for `addmm` with `approximate="tanh"`), as [`LinearLt`]:
+//! the part of core's `FusedModulation` that replaces a product and a GELU
+//! pass by one product.
+//!
+//! Where Flux spends it (session 11, H200, ncu): the separate bias + GELU
+//! kernels take ≈ 0.38 ms per double + single block pair at 1024², about
+//! 11 ms of a 209 ms step, for a pass that reads and writes the MLP's
+//! `[4608, 12288]` activations once more. Here:
+//!
+//! - double blocks: `mlp.0` with bias and GELU written by the product;
+//! - single blocks: `linear1` as two products (core's model splits it where
+//!   [`LinearLt`] takes it): the QKV half as before (its bias goes to the
+//!   `qkv_rope` kernel), the MLP half written with bias and GELU into columns
+//!   `H..` of the `linear2` input, after the attention (columns `0..H`,
+//!   copied there by one 2-D copy) — no concatenation pass.
+//!
+//! Parameters and their host-transcription tests: `crate::linear_lt_plan`
+//! (compiled in every build). Numerics: f32 accumulation, bias and GELU in
+//! f32, one rounding, as the fused kernels they replace. Not measured yet:
+//! `gpu-check` checks it through the whole Flux fixture and times the
+//! default step with it (a variant until a GPU run says it is faster).
+//! cuBLASLt's workspace (32 MiB, NVIDIA's recommendation for Hopper) is
+//! device memory the registry does not count.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ipaflux_core::candle_core::backend::{BackendDevice, BackendStorage};
+use ipaflux_core::candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
+use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{
+    sys as drv, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr,
+};
+use ipaflux_core::candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use ipaflux_core::candle_core::{self as candle, CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
+
+use crate::linear_lt_plan::{alignment, plan, LtGemm, RowMatrix};
+
+/// cuBLASLt's workspace: 32 MiB, what NVIDIA recommends from Hopper on.
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+fn err(what: &str) -> candle::Error {
+    candle::Error::Msg(format!("linear GELU by cuBLASLt: {what}"))
+}
+
+fn lt_err(what: &str, e: lt::CublasError) -> candle::Error {
+    err(&format!("{what}: {e:?}"))
+}
+
+/// The products with GELU in their epilogue on whichever CUDA device the
+/// tensors are on (the cuBLASLt handle and workspace made on first use).
+#[derive(Debug, Default)]
+pub struct LinearLt {
+    state: Mutex<Option<Arc<LtState>>>,
+}
+
+impl LinearLt {
+    /// Whether these products take `x` (activations of a Flux block).
+    pub fn takes(x: &Tensor) -> bool {
+        x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16) && x.rank() == 3
+    }
+
+    fn state(&self, dev: &CudaDevice) -> candle::Result<Arc<LtState>> {
+        let mut slot = self.state.lock().map_err(|_| err("state lock poisoned"))?;
+        if let Some(s) = slot.as_ref().filter(|s| s.device.same_device(dev)) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(LtState::new(dev)?);
+        *slot = Some(s.clone());
+        Ok(s)
+    }
+
+    /// `GELU(x Wᵀ + bias)`, or `[head, GELU(x Wᵀ + bias)]` with a head;
+    /// `None` where not taken (dtypes, devices, layouts).
+    pub fn forward(
+        &self,
+        head: Option<&Tensor>,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Option<ipaflux_core::Result<Tensor>> {
+        let dtype = x.dtype();
+        let (b, l, _) = x.dims3().ok()?;
+        let same = |t: &Tensor| t.dtype() == dtype && t.device().same_device(x.device());
+        let fits = Self::takes(x)
+            && same(weight)
+            && RowMatrix::of(weight.layout()).is_some()
+            && head.is_none_or(|h| same(h) && h.dims3().is_ok_and(|(hb, hl, _)| (hb, hl) == (b, l)));
+        if !fits {
+            return None;
+        }
+        let candle::Device::Cuda(dev) = x.device() else { return None };
+        Some((|| {
+            let state = self.state(dev)?;
+            let x = if RowMatrix::of(x.layout()).is_some() { x.clone() } else { x.contiguous()? };
+            let bias = bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?;
+            let head = head.map(|h| if RowMatrix::of(h.layout()).is_some() { Ok(h.clone()) } else { h.contiguous() });
+            let op = LinearGeluOp { state, bias, head: head.transpose()? };
+            Ok(x.apply_op2_no_bwd(weight, &op)?)
+        })())
+    }
+}
+
+/// A cuBLASLt handle and workspace on one device, and the algorithm its
+/// heuristic chose per problem (asked once per shape).
+struct LtState {
+    device: CudaDevice,
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    algos: Mutex<HashMap<ProblemKey, sys::cublasLtMatmulAlgo_t>>,
+}
+
+// SAFETY: the handle is used only on the device's one stream, by one op at
+// a time (`LtState::matmul` holds the algorithm cache's lock while it
+// enqueues); cuBLASLt handles may be shared between host threads.
+unsafe impl Send for LtState {}
+unsafe impl Sync for LtState {}
+
+impl std::fmt::Debug for LtState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LtState").field("workspace", &WORKSPACE_BYTES).finish_non_exhaustive()
+    }
+}
+
+impl Drop for LtState {
+    fn drop(&mut self) {
+        // SAFETY: made by `cublasLtCreate` in `new`, destroyed once here.
+        if let Err(e) = unsafe { lt::destroy_handle(self.handle) } {
+            tracing::warn!("cuBLASLt handle not destroyed: {e:?}");
+        }
+    }
+}
+
+/// What the heuristic's choice depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ProblemKey {
+    dtype: DType,
+    gemm: LtGemm,
+    bias: bool,
+    /// A, B, D (C is D).
+    align: [u32; 3],
+}
+
+impl LtState {
+    fn new(dev: &CudaDevice) -> candle::Result<Self> {
+        // SAFETY: the workspace is scratch for cuBLASLt, never read by us.
+        let workspace = unsafe { dev.alloc::<u8>(WORKSPACE_BYTES) }?;
+        let handle = lt::create_handle().map_err(|e| lt_err("creating a handle", e))?;
+        Ok(Self { device: dev.clone(), handle, workspace, algos: Mutex::new(HashMap::new()) })
+    }
+}
+
+/// Owned cuBLASLt descriptors, destroyed on drop.
+struct Desc(sys::cublasLtMatmulDesc_t);
+struct MatLayout(sys::cublasLtMatrixLayout_t);
+struct Pref(sys::cublasLtMatmulPreference_t);
+
+impl Drop for Desc {
+    fn drop(&mut self) {
+        // SAFETY: created once by `create_matmul_desc`.
+        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
+    }
+}
+impl Drop for MatLayout {
+    fn drop(&mut self) {
+        // SAFETY: created once by `create_matrix_layout`.
+        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
+    }
+}
+impl Drop for Pref {
+    fn drop(&mut self) {
+        // SAFETY: created once by `create_matmul_pref`.
+        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+    }
+}
+
+fn desc_attr<V>(d: &Desc, attr: sys::cublasLtMatmulDescAttributes_t, value: &V, what: &str) -> candle::Result<()> {
+    // SAFETY: `value` is the attribute's type (the callers pass i32, u32 enums and pointers as cuBLASLt documents).
+    unsafe { lt::set_matmul_desc_attribute(d.0, attr, (value as *const V).cast(), size_of::<V>()) }
+        .map_err(|e| lt_err(what, e))
+}
+
+fn pref_attr<V>(
+    p: &Pref,
+    attr: sys::cublasLtMatmulPreferenceAttributes_t,
+    value: &V,
+    what: &str,
+) -> candle::Result<()> {
+    // SAFETY: as `desc_attr`.
+    unsafe { lt::set_matmul_pref_attribute(p.0, attr, (value as *const V).cast(), size_of::<V>()) }
+        .map_err(|e| lt_err(what, e))
+}
+
+/// Device pointers of one product (A = weight, B = input, D = output, bias).
+struct Pointers {
+    a: u64,
+    b: u64,
+    d: u64,
+    bias: Option<u64>,
+}
+
+impl LtState {
+    /// Enqueues `D = GELU(op(A) op(B) + bias)` on `stream`.
+    ///
+    /// # Safety
+    /// The pointers must hold every element `g` reaches (checked by the
+    /// caller against the storages' lengths), on the device's stream.
+    unsafe fn matmul(&self, g: &LtGemm, dtype: DType, p: &Pointers, stream: drv::CUstream) -> candle::Result<()> {
+        use sys::cublasLtMatmulDescAttributes_t as D;
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        let data_type = match dtype {
+            DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+            DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
+            other => return Err(err(&format!("{other:?} activations"))),
+        };
+        let desc = Desc(
+            lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
+                .map_err(|e| lt_err("matmul descriptor", e))?,
+        );
+        desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_TRANSA, &i32::from(g.trans_a), "transa")?;
+        desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_TRANSB, &i32::from(g.trans_b), "transb")?;
+        let epilogue = match p.bias {
+            Some(bias) => {
+                desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, "bias pointer")?;
+                sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS
+            }
+            None => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU,
+        };
+        desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, "epilogue")?;
+        let layout = |rows: usize, cols: usize, ld: usize| -> candle::Result<MatLayout> {
+            let ld = i64::try_from(ld).map_err(|_| err("a leading dimension over i64"))?;
+            lt::create_matrix_layout(data_type, rows as u64, cols as u64, ld)
+                .map(MatLayout)
+                .map_err(|e| lt_err("matrix layout", e))
+        };
+        // Stored shapes: A is [k, m] column-major when transposed, B [k, n], D [m, n].
+        let (a_rows, a_cols) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
+        let (b_rows, b_cols) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
+        let a_layout = layout(a_rows, a_cols, g.lda)?;
+        let b_layout = layout(b_rows, b_cols, g.ldb)?;
+        let d_layout = layout(g.m, g.n, g.ldd)?;
+        let align = [alignment(p.a), alignment(p.b), alignment(p.d)];
+        let key = ProblemKey { dtype, gemm: *g, bias: p.bias.is_some(), align };
+        let mut algos = self.algos.lock().map_err(|_| err("algorithm cache lock poisoned"))?;
+        let algo = match algos.get(&key) {
+            Some(a) => *a,
+            None => {
+                let pref = Pref(lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?);
+                pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &(WORKSPACE_BYTES as u64), "workspace")?;
+                // cuBLASLt assumes 256-byte aligned operands unless told otherwise.
+                let [a, b, d] = align;
+                pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a, "alignment of A")?;
+                pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &b, "alignment of B")?;
+                pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &d, "alignment of C")?;
+                pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &d, "alignment of D")?;
+                // SAFETY: live descriptors made above.
+                let h = unsafe {
+                    lt::get_matmul_algo_heuristic(
+                        self.handle,
+                        desc.0,
+                        a_layout.0,
+                        b_layout.0,
+                        d_layout.0,
+                        d_layout.0,
+                        pref.0,
+                    )
+                }
+                .map_err(|e| lt_err(&format!("no algorithm for {g:?} ({dtype:?}, aligned {align:?})"), e))?;
+                algos.insert(key, h.algo);
+                h.algo
+            }
+        };
+        let (alpha, beta) = (1f32, 0f32);
+        let stream_arc = self.device.cuda_stream();
+        let (w, _guard) = self.workspace.device_ptr(&stream_arc);
+        let ptr = |x: u64| x as *const std::ffi::c_void;
+        // SAFETY: the caller's contract; the descriptors, the algorithm and the workspace are live.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                desc.0,
+                (&raw const alpha).cast(),
+                (&raw const beta).cast(),
+                ptr(p.a),
+                a_layout.0,
+                ptr(p.b),
+                b_layout.0,
+                ptr(p.d),
+                d_layout.0,
+                p.d as *mut std::ffi::c_void,
+                d_layout.0,
+                &raw const algo,
+                w as *mut std::ffi::c_void,
+                WORKSPACE_BYTES,
+                stream.cast(),
+            )
+        }
+        .map_err(|e| lt_err("matmul", e))
+    }
+}
+
+/// `CustomOp2` on (x, weight): see [`LinearLt::forward`].
+struct LinearGeluOp {
+    state: Arc<LtState>,
+    bias: Option<Tensor>,
+    head: Option<Tensor>,
+}
+
+/// The CUDA storage of `t` as `T` elements, with its layout.
+fn cuda_view<T: CudaDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&CudaSlice<T>, &Layout) -> candle::Result<R>,
+) -> candle::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else { return Err(err("a tensor not on the CUDA device")) };
+    f(s.as_cuda_slice::<T>()?, layout)
+}
+
+/// The last element `m` reaches, checked against the storage's length.
+fn within(m: &RowMatrix, len: usize, what: &str) -> candle::Result<()> {
+    let end = m.offset + (m.rows - 1) * m.stride + m.cols;
+    if end > len {
+        return Err(err(&format!("{what} reaches element {end} of {len}")));
+    }
+    Ok(())
+}
+
+impl CustomOp2 for LinearGeluOp {
+    fn name(&self) -> &'static str {
+        "ipaflux-linear-gelu-cublaslt"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle::Result<(CpuStorage, Shape)> {
+        Err(err("CUDA only"))
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::BF16 => self.run::<half::bf16>(x, xl, w, wl),
+            DType::F16 => self.run::<half::f16>(x, xl, w, wl),
+            other => Err(err(&format!("{other:?} activations"))),
+        }
+    }
+}
+
+impl LinearGeluOp {
+    fn run<T: CudaDType + DeviceRepr + candle::WithDType>(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> candle::Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let stream = dev.cuda_stream();
+        let elem = size_of::<T>();
+        let xm = RowMatrix::of(xl).ok_or_else(|| err("input rows not evenly strided"))?;
+        let wm = RowMatrix::of(wl).ok_or_else(|| err("weight rows not evenly strided"))?;
+        let (x_all, w_all) = (x.as_cuda_slice::<T>()?, w.as_cuda_slice::<T>()?);
+        within(&xm, x_all.len(), "input")?;
+        within(&wm, w_all.len(), "weight")?;
+        let head = match &self.head {
+            Some(h) => Some(cuda_view::<T, _>(h, |s, l| {
+                let m = RowMatrix::of(l).ok_or_else(|| err("head rows not evenly strided"))?;
+                within(&m, s.len(), "head")?;
+                if m.rows != xm.rows {
+                    return Err(err("head and input rows differ"));
+                }
+                Ok((m, s.device_ptr(&stream).0))
+            })?),
+            None => None,
+        };
+        let head_cols = head.map_or(0, |(m, _)| m.cols);
+        let width = head_cols + wm.rows;
+        let g = plan(xm, wm, width, head_cols).ok_or_else(|| err("input and weight sizes differ"))?;
+        // SAFETY: the head's columns are copied below, the product writes every other element.
+        let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(xm.rows * width) }?;
+        let (out_ptr, out_guard) = out.device_ptr_mut(&stream);
+        let cu_stream = stream.cu_stream();
+        if let Some((m, src)) = head {
+            let copy = drv::CUDA_MEMCPY2D {
+                srcXInBytes: m.offset * elem,
+                srcY: 0,
+                srcMemoryType: drv::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                srcHost: std::ptr::null(),
+                srcDevice: src,
+                srcArray: std::ptr::null_mut(),
+                srcPitch: m.stride * elem,
+                dstXInBytes: 0,
+                dstY: 0,
+                dstMemoryType: drv::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                dstHost: std::ptr::null_mut(),
+                dstDevice: out_ptr,
+                dstArray: std::ptr::null_mut(),
+                dstPitch: width * elem,
+                WidthInBytes: m.cols * elem,
+                Height: m.rows,
+            };
+            // SAFETY: source rows checked by `within`; destination rows are `width` elements, the copy `m.cols` of them.
+            let r = unsafe { drv::cuMemcpy2DAsync_v2(&raw const copy, cu_stream) };
+            if r != drv::CUresult::CUDA_SUCCESS {
+                return Err(err(&format!("copying the head: {r:?}")));
+            }
+        }
+        let bias = match &self.bias {
+            Some(b) => Some(cuda_view::<T, _>(b, |s, l| {
+                let (start, end) = l.contiguous_offsets().ok_or_else(|| err("bias not contiguous"))?;
+                if end - start != wm.rows {
+                    return Err(err("bias length differs from the output features"));
+                }
+                Ok(s.slice(start..end).device_ptr(&stream).0)
+            })?),
+            None => None,
+        };
+        // A bias pointer cuBLASLt's epilogue may not read unaligned: a fresh,
+        // aligned copy (freed in stream order after the product, like every candle tensor).
+        let mut _bias_copy = None;
+        let bias = match bias {
+            Some(p) if alignment(p) < 16 => {
+                let b = self.bias.as_ref().ok_or_else(|| err("bias"))?.copy()?;
+                let p = cuda_view::<T, _>(&b, |s, _| Ok(s.device_ptr(&stream).0))?;
+                _bias_copy = Some(b);
+                Some(p)
+            }
+            other => other,
+        };
+        let (x_ptr, _gx) = x_all.device_ptr(&stream);
+        let (w_ptr, _gw) = w_all.device_ptr(&stream);
+        let at = |p: u64, offset: usize| p + (offset * elem) as u64;
+        let p = Pointers { a: at(w_ptr, g.a), b: at(x_ptr, g.b), d: at(out_ptr, g.d), bias };
+        // SAFETY: A, B within their storages (`within`), D within `out` (`plan`: col0 + m ≤ width), bias of m elements.
+        unsafe { self.state.matmul(&g, T::DTYPE, &p, cu_stream) }?;
+        drop(out_guard);
+        let mut dims = xl.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = width;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
+    }
+}
