@@ -391,6 +391,29 @@ pub trait FusedModulation: std::fmt::Debug + Send + Sync {
     }
 }
 
+/// What a [`FusedLinear`] applies to `x Wᵀ + bias` as the product is written.
+#[derive(Debug, Clone, Copy)]
+pub enum LinearEpilogue<'a> {
+    /// The bias only.
+    Bias,
+    /// GELU (tanh approximation) of the biased product.
+    GeluTanh,
+    /// `residual + (x Wᵀ + bias)`, `residual` shaped like the output.
+    Residual(&'a Tensor),
+}
+
+/// Linear layers whose product also applies what follows it
+/// ([`LinearEpilogue`]): one launch instead of a product and one or two
+/// elementwise passes (SigLIP's layers; the CUDA one, by cuBLASLt's
+/// epilogues, lives in the `ipaflux` crate). `None` for inputs it does not
+/// take; the caller then runs [`Linear::forward`] and the ops after it.
+pub trait FusedLinear: std::fmt::Debug + Send + Sync {
+    /// Short name for reports.
+    fn name(&self) -> &'static str;
+    /// `layer(x)` with `epilogue`, `x [B, L, in]`.
+    fn linear(&self, x: &Tensor, layer: &Linear, epilogue: LinearEpilogue<'_>) -> Option<Result<Tensor>>;
+}
+
 /// One token stream's QKV projection for [`FusedModulation::qkv_rope`].
 #[derive(Debug, Clone, Copy)]
 pub struct QkvInput<'a> {

@@ -14,7 +14,9 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use crate::nn::{Activation, LayerNorm, Linear};
+use std::sync::Arc;
+
+use crate::nn::{Activation, FusedLinear, LayerNorm, Linear, LinearEpilogue};
 
 /// Operations on activations `[B, L, C]` (row-major).
 pub trait VisionOps {
@@ -35,6 +37,14 @@ pub trait VisionOps {
     fn activation(&self, x: &Self::T, act: Activation) -> Result<Self::T, Self::Error>;
     /// `a + b`, same shapes.
     fn add(&self, a: &Self::T, b: &Self::T) -> Result<Self::T, Self::Error>;
+    /// `act(linear(x))`; a backend may apply `act` as the product is written.
+    fn linear_act(&self, x: &Self::T, layer: &Self::Linear, act: Activation) -> Result<Self::T, Self::Error> {
+        self.activation(&self.linear(x, layer)?, act)
+    }
+    /// `residual + linear(x)`; a backend may add `residual` as the product is written.
+    fn linear_add(&self, x: &Self::T, layer: &Self::Linear, residual: &Self::T) -> Result<Self::T, Self::Error> {
+        self.add(residual, &self.linear(x, layer)?)
+    }
     /// `x [B, L, C] + rows [1, L, C]`, broadcast over the batch.
     fn add_rows(&self, x: &Self::T, rows: &Self::T) -> Result<Self::T, Self::Error>;
     /// `x [1, L, C]` repeated to `[batch, L, C]`.
@@ -75,6 +85,15 @@ pub trait LoadOps: VisionOps {
 pub struct CandleOps {
     /// Reference attention unless a fused kernel is set.
     pub attention: crate::nn::Attention,
+    /// Linear layers with their bias, activation or residual in the
+    /// product where set and it takes them; else candle's ops.
+    pub linear: Option<Arc<dyn FusedLinear>>,
+}
+
+impl CandleOps {
+    fn fused_linear(&self, x: &Tensor, layer: &Linear, epilogue: LinearEpilogue<'_>) -> Option<crate::Result<Tensor>> {
+        self.linear.as_ref().and_then(|f| f.linear(x, layer, epilogue))
+    }
 }
 
 /// Splits `[B, L, H*D]` into heads `[B, H, L, D]`.
@@ -96,7 +115,23 @@ impl VisionOps for CandleOps {
     type Error = crate::Error;
 
     fn linear(&self, x: &Tensor, layer: &Linear) -> crate::Result<Tensor> {
-        layer.forward(x)
+        self.fused_linear(x, layer, LinearEpilogue::Bias).unwrap_or_else(|| layer.forward(x))
+    }
+
+    fn linear_act(&self, x: &Tensor, layer: &Linear, act: Activation) -> crate::Result<Tensor> {
+        if act == Activation::GeluTanh {
+            if let Some(out) = self.fused_linear(x, layer, LinearEpilogue::GeluTanh) {
+                return out;
+            }
+        }
+        self.activation(&self.linear(x, layer)?, act)
+    }
+
+    fn linear_add(&self, x: &Tensor, layer: &Linear, residual: &Tensor) -> crate::Result<Tensor> {
+        if let Some(out) = self.fused_linear(x, layer, LinearEpilogue::Residual(residual)) {
+            return out;
+        }
+        self.add(residual, &self.linear(x, layer)?)
     }
 
     fn layer_norm(&self, x: &Tensor, norm: &LayerNorm) -> crate::Result<Tensor> {

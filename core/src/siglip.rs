@@ -158,11 +158,12 @@ impl<O: VisionOps> SelfAttention<O> {
         })
     }
 
-    fn forward(&self, ops: &O, x: &O::T) -> Result<O::T, O::Error> {
+    /// `residual + attention(x)`.
+    fn forward_add(&self, ops: &O, x: &O::T, residual: &O::T) -> Result<O::T, O::Error> {
         let q = ops.linear(x, &self.q_proj)?;
         let k = ops.linear(x, &self.k_proj)?;
         let v = ops.linear(x, &self.v_proj)?;
-        ops.linear(&ops.attention(&q, &k, &v, self.num_heads)?, &self.out_proj)
+        ops.linear_add(&ops.attention(&q, &k, &v, self.num_heads)?, &self.out_proj, residual)
     }
 }
 
@@ -185,8 +186,9 @@ impl<O: VisionOps> Mlp<O> {
         })
     }
 
-    fn forward(&self, ops: &O, x: &O::T) -> Result<O::T, O::Error> {
-        ops.linear(&ops.activation(&ops.linear(x, &self.fc1)?, self.act)?, &self.fc2)
+    /// `residual + mlp(x)`.
+    fn forward_add(&self, ops: &O, x: &O::T, residual: &O::T) -> Result<O::T, O::Error> {
+        ops.linear_add(&ops.linear_act(x, &self.fc1, self.act)?, &self.fc2, residual)
     }
 }
 
@@ -212,8 +214,8 @@ impl<O: VisionOps> EncoderLayer<O> {
     }
 
     fn forward(&self, ops: &O, x: &O::T) -> Result<O::T, O::Error> {
-        let x = ops.add(x, &self.self_attn.forward(ops, &ops.layer_norm(x, &self.layer_norm1)?)?)?;
-        ops.add(&x, &self.mlp.forward(ops, &ops.layer_norm(&x, &self.layer_norm2)?)?)
+        let x = self.self_attn.forward_add(ops, &ops.layer_norm(x, &self.layer_norm1)?, x)?;
+        self.mlp.forward_add(ops, &ops.layer_norm(&x, &self.layer_norm2)?, &x)
     }
 }
 
@@ -263,7 +265,7 @@ impl<O: VisionOps> PoolingHead<O> {
         let k = ops.linear(x, &self.k)?;
         let v = ops.linear(x, &self.v)?;
         let attn = ops.linear(&ops.attention(&q, &k, &v, self.num_heads)?, &self.out_proj)?;
-        ops.add(&attn, &self.mlp.forward(ops, &ops.layer_norm(&attn, &self.layernorm)?)?)
+        self.mlp.forward_add(ops, &ops.layer_norm(&attn, &self.layernorm)?, &attn)
     }
 }
 
@@ -348,6 +350,7 @@ impl std::fmt::Debug for SiglipVisionModel {
             .field("cfg", &self.inner.cfg)
             .field("dtype", &self.dtype)
             .field("attention", &self.ops.attention.name())
+            .field("linear", &self.ops.linear.as_ref().map(|l| l.name()))
             .finish()
     }
 }
@@ -373,6 +376,12 @@ impl SiglipVisionModel {
     /// Uses `attention` (e.g. a fused CUDA kernel) from now on.
     pub fn set_attention(&mut self, attention: crate::nn::Attention) {
         self.ops.attention = attention;
+    }
+
+    /// Runs the linear layers through `linear` (their bias, GELU or the
+    /// residual add in the product) where it takes them; `None`: candle's ops.
+    pub fn set_fused_linear(&mut self, linear: Option<std::sync::Arc<dyn crate::nn::FusedLinear>>) {
+        self.ops.linear = linear;
     }
 
     pub fn config(&self) -> &SiglipVisionConfig {
@@ -404,5 +413,112 @@ impl SiglipVisionModel {
         let store = store.filter_rename(siglip_tensor_name);
         store.validate(&expected_tensors(cfg))?;
         Self::new(cfg, store.var_builder(dtype, device))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The linear-epilogue seam ([`crate::nn::FusedLinear`]) through the
+    //! encoder with a host transcription of what a fused product computes
+    //! (f32, one rounding): equal to candle's separate ops, and taken by every
+    //! linear layer with the epilogue the layer's successor asks for.
+
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+
+    use super::*;
+    use crate::nn::{FusedLinear, Linear, LinearEpilogue};
+
+    #[derive(Debug, Default)]
+    struct HostEpilogues {
+        /// Calls per epilogue: bias, GELU, residual.
+        calls: [AtomicUsize; 3],
+    }
+
+    impl FusedLinear for HostEpilogues {
+        fn name(&self) -> &'static str {
+            "host transcription of linear epilogues"
+        }
+
+        fn linear(&self, x: &Tensor, layer: &Linear, epilogue: LinearEpilogue<'_>) -> Option<crate::Result<Tensor>> {
+            let run = || -> crate::Result<Tensor> {
+                let (b, l, k) = x.dims3()?;
+                let w = layer.weight()?.to_dtype(DType::F32)?;
+                let n = w.dim(0)?;
+                let (xs, ws) = (x.flatten_all()?.to_vec1::<f32>()?, w.flatten_all()?.to_vec1::<f32>()?);
+                let bias = match layer.bias() {
+                    Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                    None => vec![0.0; n],
+                };
+                let residual = match epilogue {
+                    LinearEpilogue::Residual(r) => Some(r.flatten_all()?.to_vec1::<f32>()?),
+                    _ => None,
+                };
+                let gelu = |v: f32| 0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044715 * v * v * v)).tanh());
+                let out: Vec<f32> = (0..b * l * n)
+                    .map(|i| {
+                        let (r, c) = (i / n, i % n);
+                        let y = (0..k).map(|p| xs[r * k + p] * ws[c * k + p]).sum::<f32>() + bias[c];
+                        match epilogue {
+                            LinearEpilogue::Bias => y,
+                            LinearEpilogue::GeluTanh => gelu(y),
+                            LinearEpilogue::Residual(_) => residual.as_ref().map_or(f32::NAN, |res| res[i]) + y,
+                        }
+                    })
+                    .collect();
+                let slot = match epilogue {
+                    LinearEpilogue::Bias => 0,
+                    LinearEpilogue::GeluTanh => 1,
+                    LinearEpilogue::Residual(_) => 2,
+                };
+                self.calls[slot].fetch_add(1, Ordering::Relaxed);
+                Ok(Tensor::from_vec(out, (b, l, n), x.device())?)
+            };
+            Some(run())
+        }
+    }
+
+    fn tiny() -> SiglipVisionConfig {
+        SiglipVisionConfig {
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            image_size: 28,
+            patch_size: 14,
+            ..SiglipVisionConfig::so400m_patch14_384()
+        }
+    }
+
+    #[test]
+    fn linear_epilogues_through_the_seam_equal_candles_ops() -> crate::Result<()> {
+        let cfg = tiny();
+        let dev = Device::Cpu;
+        let mut weights = HashMap::new();
+        for (i, (name, shape)) in expected_tensors(&cfg).into_iter().enumerate() {
+            let t = Tensor::randn(0f32, 0.3, shape.as_slice(), &dev)?;
+            // Distinct values per tensor (candle's randn on the CPU is seeded per call).
+            weights.insert(name, (t + 0.01 * i as f64)?);
+        }
+        let vb = || VarBuilder::from_tensors(weights.clone(), DType::F32, &dev);
+        let plain = SiglipVisionModel::new(&cfg, vb())?;
+        let mut fused = SiglipVisionModel::new(&cfg, vb())?;
+        let host = Arc::new(HostEpilogues::default());
+        fused.set_fused_linear(Some(host.clone()));
+        let pixels = Tensor::randn(0f32, 1.0, (2, 3, 28, 28), &dev)?;
+        let (want, got) = (plain.forward(&pixels)?, fused.forward(&pixels)?);
+        let scale = want.abs()?.max_keepdim(1)?.max(0)?.squeeze(0)?.to_scalar::<f32>()?;
+        let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? / scale;
+        assert!(err < 1e-5, "relative error {err:e}");
+        let calls = host.calls.each_ref().map(|c| c.load(Ordering::Relaxed));
+        let layers = cfg.num_hidden_layers;
+        // Bias: the patch embedding, q/k/v of each layer, the head's q/k/v/out;
+        // GELU: each MLP's fc1; residual: each layer's out_proj and fc2, the head's fc2.
+        assert_eq!(calls, [1 + 3 * layers + 4, layers + 1, 2 * layers + 1]);
+        Ok(())
     }
 }

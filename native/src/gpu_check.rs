@@ -43,7 +43,7 @@ use ipaflux_core::flux::sampler::img_ids;
 use ipaflux_core::flux::stream::unit_specs;
 use ipaflux_core::flux::{Conditioning, FluxModel};
 use ipaflux_core::ip_adapter::{IpAdapterDims, MlpProjection};
-use ipaflux_core::nn::{sdpa, Attention, ExtraAttention, FusedModulation};
+use ipaflux_core::nn::{sdpa, Attention, ExtraAttention, FusedLinear, FusedModulation};
 use ipaflux_core::registry::DEFAULT_SAFETY_MARGIN;
 use ipaflux_core::siglip::expected_tensors;
 use ipaflux_core::{IpAdapter, IpAttentionConfig, IpKv, SiglipVisionConfig, SiglipVisionModel, VNorm};
@@ -81,6 +81,9 @@ pub struct CheckOptions {
     /// could take instead: each is checked through the Flux fixture and the
     /// default step is timed with it.
     pub modulation_variants: Vec<Arc<dyn FusedModulation>>,
+    /// Linear layers with their epilogues SigLIP could take (cuBLASLt's on
+    /// CUDA): checked through the SigLIP fixture and timed.
+    pub linear_variant: Option<Arc<dyn FusedLinear>>,
     /// The baseline kernel set, checked and timed beside the default.
     pub baseline: Option<KernelSetUnderTest>,
     /// PyTorch's figures from the same card (`scripts/gpu_bench_torch.py --json`).
@@ -371,28 +374,62 @@ fn siglip_pixels(fixtures: &Path) -> Result<Tensor> {
     Ok(((u8s.to_dtype(DType::F32)? / 127.5)? - 1.0)?)
 }
 
-fn siglip_fixture(o: &CheckOptions, dtype: DType, device: &Device, fused: bool) -> Result<SiglipVisionModel> {
+/// Which kernels a SigLIP fixture run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SiglipKernels {
+    Reference,
+    /// The default set's fused attention.
+    FusedAttention,
+    /// That and `linear_variant`'s linear layers.
+    FusedLinear,
+}
+
+fn siglip_fixture(
+    o: &CheckOptions,
+    dtype: DType,
+    device: &Device,
+    kernels: SiglipKernels,
+) -> Result<SiglipVisionModel> {
     let files = load_siglip_dir(&o.fixtures.join("siglip-vision"))?;
     let mut m = SiglipVisionModel::from_store(&files.config, files.weights, dtype, device)?;
-    if let (true, Some(a)) = (fused, o.default_attention()) {
+    if let (true, Some(a)) = (kernels != SiglipKernels::Reference, o.default_attention()) {
         m.set_attention(a.clone());
+    }
+    if kernels == SiglipKernels::FusedLinear {
+        m.set_fused_linear(o.linear_variant.clone());
     }
     Ok(m)
 }
 
-/// SigLIP tiny fixture: the device against the CPU, f32 and bf16 (reference and fused attention).
+/// SigLIP tiny fixture: the device against the CPU, f32 and bf16 (reference
+/// and fused attention, and the linear layers' epilogues where this build has them).
 fn parity_siglip(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let dev = &o.device;
     let pixels = siglip_pixels(&o.fixtures)?;
-    let want = siglip_fixture(o, DType::F32, &Device::Cpu, false)?.forward(&pixels)?;
-    let mut cases = vec![(DType::F32, false, F32_TOL), (DType::BF16, false, HALF_TOL)];
+    let want = siglip_fixture(o, DType::F32, &Device::Cpu, SiglipKernels::Reference)?.forward(&pixels)?;
+    let mut cases =
+        vec![(DType::F32, SiglipKernels::Reference, F32_TOL), (DType::BF16, SiglipKernels::Reference, HALF_TOL)];
     if o.default_attention().is_some() {
-        cases.push((DType::BF16, true, HALF_TOL));
+        cases.push((DType::BF16, SiglipKernels::FusedAttention, HALF_TOL));
     }
-    for (dtype, fused, tol) in cases {
-        let m = siglip_fixture(o, dtype, dev, fused)?;
+    if let Some(linear) = &o.linear_variant {
+        cases.push((DType::BF16, SiglipKernels::FusedLinear, HALF_TOL));
+        r.info(
+            Section::Parity,
+            "SigLIP's linear layers in the last case",
+            linear.name().into(),
+            String::new(),
+            String::new(),
+        );
+    }
+    for (dtype, kernels, tol) in cases {
+        let m = siglip_fixture(o, dtype, dev, kernels)?;
         let got = m.forward(&pixels.to_device(dev)?)?;
-        let label = if fused { "fused attention" } else { "reference attention" };
+        let label = match kernels {
+            SiglipKernels::Reference => "reference attention",
+            SiglipKernels::FusedAttention => "fused attention",
+            SiglipKernels::FusedLinear => "fused attention, linear layers with their epilogues",
+        };
         r.check(
             Section::Parity,
             format!("SigLIP tiny pooled, {} {dtype:?} ({label}) vs CPU f32", dev_name(dev)),
@@ -402,8 +439,9 @@ fn parity_siglip(o: &CheckOptions, r: &mut Report) -> Result<()> {
     }
     #[cfg(feature = "cuda")]
     if dev.is_cuda() {
-        let fused = o.default_attention().is_some();
-        let model = siglip_fixture(o, DType::BF16, dev, fused)?;
+        let kernels =
+            if o.default_attention().is_some() { SiglipKernels::FusedAttention } else { SiglipKernels::Reference };
+        let model = siglip_fixture(o, DType::BF16, dev, kernels)?;
         let second = (pixels.flip(&[3])? * 0.5)?;
         graph_identity(r, model, &[pixels.to_device(dev)?, second.to_device(dev)?], "SigLIP tiny, bf16")?;
     }
@@ -862,6 +900,19 @@ fn bench_encoder(o: &CheckOptions, r: &mut Report) -> Result<()> {
                 format!("keeping saves {:.2} ms a call", releasing - ms),
             );
             model = bench_graph(o, r, model, &pixels, &format!("{label}, {dtype:?}, fused attention"))?;
+        }
+        if let Some(linear) = &o.linear_variant {
+            model.set_fused_linear(Some(linear.clone()));
+            let what = format!("{label}, {dtype:?}, fused attention, {} (median)", linear.name());
+            // A variant not yet run on a GPU: its failure is a row, not the end of the section.
+            match time_ms(dev, o.runs.max(SIGLIP_RUNS), || {
+                drop(model.forward(&pixels)?);
+                Ok(())
+            }) {
+                Ok(ms) => ratio_row(r, o, what, ms, "siglip_ms", Some(1.0)),
+                Err(e) => r.bool_check(Section::Bench, what, format!("failed: {e}"), "runs".into(), false),
+            }
+            model.set_fused_linear(None);
         }
     }
     drop(model);

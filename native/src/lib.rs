@@ -118,6 +118,20 @@ pub fn fast_modulation_variants(
     Vec::new()
 }
 
+/// Linear layers with their bias, GELU or residual in the product that
+/// SigLIP could take on `device` (CUDA: cuBLASLt's epilogues; none
+/// elsewhere), for `gpu-check` to check through the SigLIP fixture and time.
+pub fn fused_linear_variant(
+    device: &ipaflux_core::candle_core::Device,
+) -> Option<std::sync::Arc<dyn ipaflux_core::nn::FusedLinear>> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return Some(std::sync::Arc::new(cuda::linear_lt::LinearLt::default()));
+    }
+    let _ = device;
+    None
+}
+
 /// The fused LayerNorm + modulation and gated-residual kernels Flux uses on
 /// `device`: CUDA's with `cuda` on a CUDA device (bf16/f16; they decline the
 /// rest), none elsewhere (the reference ops).

@@ -1,8 +1,8 @@
-//! The linear layers with GELU in the product's epilogue (`cuda::linear_lt`,
-//! feature `cuda`: cuBLASLt's `GELU_BIAS` epilogue) as plain parameters:
-//! which rows the operands are ([`RowMatrix`]), the product in cuBLASLt's
-//! column-major terms ([`plan`]) and the alignment cuBLASLt is told each
-//! pointer has ([`alignment`]). No CUDA here, so the tests below (a host
+//! Linear layers with their bias, GELU or residual add in the product's
+//! epilogue (`cuda::linear_lt`, feature `cuda`: cuBLASLt's epilogues) as
+//! plain parameters: which rows the operands are ([`RowMatrix`]), the
+//! product in cuBLASLt's column-major terms ([`plan`], [`with_residual`])
+//! and the alignment cuBLASLt is told each pointer has ([`alignment`]). No CUDA here, so the tests below (a host
 //! transcription of cuBLASLt's semantics against `GELU(x Wᵀ + b)` computed
 //! directly) run in every build, CI's included.
 
@@ -44,11 +44,13 @@ impl RowMatrix {
     }
 }
 
-/// One cuBLASLt product `D = epilogue(op(A) · op(B) + bias)` in its
-/// column-major terms, offsets and leading dimensions in elements; C is D
-/// (β = 0).
+/// One cuBLASLt product `D = epilogue(op(A) · op(B) + β·C + bias)` in its
+/// column-major terms, offsets and leading dimensions in elements. `c`:
+/// `(offset, ldc)` of a residual C in its own storage, added with β = 1
+/// ([`with_residual`]); `None`: C is D and β = 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LtGemm {
+    pub c: Option<(usize, usize)>,
     pub trans_a: bool,
     pub trans_b: bool,
     pub m: usize,
@@ -73,6 +75,7 @@ pub struct LtGemm {
 /// together.
 pub fn plan(x: RowMatrix, w: RowMatrix, width: usize, col0: usize) -> Option<LtGemm> {
     (x.cols == w.cols && col0 + w.rows <= width).then_some(LtGemm {
+        c: None,
         trans_a: true,
         trans_b: false,
         m: w.rows,
@@ -85,6 +88,15 @@ pub fn plan(x: RowMatrix, w: RowMatrix, width: usize, col0: usize) -> Option<LtG
         d: col0,
         ldd: width,
     })
+}
+
+/// `g` with `residual` (row-major `[R, N]`, the output's shape) added to its
+/// product: column-major `[N, R]` at `ldc` = its row stride, β = 1 (SigLIP's
+/// residual connections after `out_proj` and `fc2`). `None` where the shape
+/// differs from the output's.
+pub fn with_residual(g: LtGemm, residual: RowMatrix) -> Option<LtGemm> {
+    (residual.rows == g.n && residual.cols == g.m)
+        .then_some(LtGemm { c: Some((residual.offset, residual.stride)), ..g })
 }
 
 /// The alignment cuBLASLt may assume of a pointer (it assumes 256 bytes
@@ -112,8 +124,9 @@ mod tests {
         0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044715 * v * v * v)).tanh())
     }
 
-    /// cuBLASLt's matmul with `GELU_BIAS` on host slices (column-major, element offsets, β = 0).
-    fn host_lt(g: &LtGemm, a: &[f32], b: &[f32], bias: &[f32], d: &mut [f32]) {
+    /// cuBLASLt's matmul on host slices (column-major, element offsets): the
+    /// `GELU_BIAS` epilogue, or with a residual C (β = 1) the `BIAS` one.
+    fn host_lt(g: &LtGemm, a: &[f32], b: &[f32], c: &[f32], bias: &[f32], d: &mut [f32]) {
         for col in 0..g.n {
             for row in 0..g.m {
                 let mut acc = 0f32;
@@ -122,7 +135,11 @@ mod tests {
                     let y = if g.trans_b { b[g.b + col + p * g.ldb] } else { b[g.b + p + col * g.ldb] };
                     acc += x * y;
                 }
-                d[g.d + row + col * g.ldd] = gelu(acc + bias[row]);
+                d[g.d + row + col * g.ldd] = match g.c {
+                    // β = 0: C is not read.
+                    None => gelu(acc + bias[row]),
+                    Some((offset, ldc)) => acc + c[offset + row + col * ldc] + bias[row],
+                };
             }
         }
     }
@@ -156,7 +173,7 @@ mod tests {
         let width = head + n;
         let g = plan(x, w, width, head).expect("shapes fit");
         let mut out = vec![f32::NAN; b * l * width];
-        host_lt(&g, &w_mem, &x_mem, &bias, &mut out);
+        host_lt(&g, &w_mem, &x_mem, &[], &bias, &mut out);
         let mut worst = 0f32;
         for r in 0..b * l {
             for c in 0..width {
@@ -191,6 +208,30 @@ mod tests {
     #[test]
     fn input_rows_read_at_their_stride() {
         check(2, 2, 10, 3, 5, 4, 1, 3, 2);
+    }
+
+    #[test]
+    fn a_residual_is_added_from_its_own_rows() {
+        // SigLIP's `fc2`: y = r + (x Wᵀ + b), r read at its own row stride (a narrow here).
+        let (rows, k, n, r_width, r_col0) = (5, 6, 4, 7, 2);
+        let (x_mem, w_mem, bias, r_mem) =
+            (values(rows * k, 1), values(n * k, 2), values(n, 3), values(rows * r_width, 4));
+        let x = RowMatrix::of(&Layout::contiguous((1, rows, k))).expect("x");
+        let w = RowMatrix::of(&Layout::contiguous((n, k))).expect("w");
+        let rl = Layout::contiguous((1, rows, r_width)).narrow(2, r_col0, n).unwrap_or_else(|e| panic!("{e}"));
+        let r = RowMatrix::of(&rl).expect("residual");
+        let g = with_residual(plan(x, w, n, 0).expect("plan"), r).expect("residual fits");
+        let mut out = vec![f32::NAN; rows * n];
+        host_lt(&g, &w_mem, &x_mem, &r_mem, &bias, &mut out);
+        for i in 0..rows {
+            for j in 0..n {
+                let dot: f32 = (0..k).map(|p| x_mem[i * k + p] * w_mem[j * k + p]).sum();
+                let want = r_mem[i * r_width + r_col0 + j] + dot + bias[j];
+                assert!((out[i * n + j] - want).abs() < 1e-5, "({i}, {j}): {} vs {want}", out[i * n + j]);
+            }
+        }
+        let wrong = RowMatrix { cols: n + 1, ..r };
+        assert_eq!(with_residual(g, wrong), None, "a residual of another shape");
     }
 
     #[test]

@@ -508,9 +508,9 @@ fn main() -> anyhow::Result<()> {
             let baseline = set_under_test(ipaflux::KernelSet::Baseline);
             let attention_variants = ipaflux::fast_attention_variants(&dev, wgmma);
             // Version 8's own run (`--wgmma only`) checks attention alone.
-            let modulation_variants = match wgmma {
-                gpu_check::Wgmma::Only => Vec::new(),
-                _ => ipaflux::fast_modulation_variants(&dev),
+            let (modulation_variants, linear_variant) = match wgmma {
+                gpu_check::Wgmma::Only => (Vec::new(), None),
+                _ => (ipaflux::fast_modulation_variants(&dev), ipaflux::fused_linear_variant(&dev)),
             };
             let o = gpu_check::CheckOptions {
                 device: dev,
@@ -522,6 +522,7 @@ fn main() -> anyhow::Result<()> {
                 alternatives,
                 attention_variants,
                 modulation_variants,
+                linear_variant,
                 baseline,
                 torch,
                 peak,

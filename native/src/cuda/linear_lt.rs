@@ -1,28 +1,31 @@
-//! Linear layers with GELU-tanh in the product's epilogue, by cuBLASLt
-//! (`CUBLASLT_EPILOGUE_GELU_BIAS`; its GELU is the tanh approximation, as
-//! PyTorch relies on for `addmm` with `approximate="tanh"`), as [`LinearLt`]:
-//! the part of core's `FusedModulation` that replaces a product and a GELU
-//! pass by one product.
+//! Linear layers with what follows them in the product's epilogue, by
+//! cuBLASLt, as [`LinearLt`]: the bias (`BIAS`), bias + GELU-tanh
+//! (`GELU_BIAS`; cuBLASLt's GELU is the tanh approximation, the one PyTorch
+//! relies on for `addmm` with `approximate="tanh"`), or the bias and a
+//! residual added with β = 1. One launch instead of a product and one or two
+//! elementwise passes. It serves two seams of core:
 //!
-//! Where Flux spends it (session 11, H200, ncu): the separate bias + GELU
-//! kernels take ≈ 0.38 ms per double + single block pair at 1024², about
-//! 11 ms of a 209 ms step, for a pass that reads and writes the MLP's
-//! `[4608, 12288]` activations once more. Here:
-//!
-//! - double blocks: `mlp.0` with bias and GELU written by the product;
-//! - single blocks: `linear1` as two products (core's model splits it where
-//!   [`LinearLt`] takes it): the QKV half as before (its bias goes to the
+//! - Flux (`FusedModulation`, in [`super::modulation::CudaModulation`]'s
+//!   `linear`): the separate bias + GELU kernels take ≈ 0.38 ms per double +
+//!   single block pair at 1024² (session 11, H200, ncu), about 11 ms of a
+//!   209 ms step. Double blocks: `mlp.0` with bias and GELU written by the
+//!   product. Single blocks: `linear1` as two products (core's model splits
+//!   it where this takes it): the QKV half as before (its bias goes to the
 //!   `qkv_rope` kernel), the MLP half written with bias and GELU into columns
-//!   `H..` of the `linear2` input, after the attention (columns `0..H`,
-//!   copied there by one 2-D copy) — no concatenation pass.
+//!   `H..` of the `linear2` input after the attention (columns `0..H`,
+//!   copied there by one 2-D copy): no concatenation pass.
+//! - SigLIP (`FusedLinear`, `SiglipVisionModel::set_fused_linear`): each
+//!   layer's q/k/v with their bias, `fc1` with bias + GELU, `out_proj` and
+//!   `fc2` with the bias and the residual: 6 launches a layer instead of 15
+//!   (at batch 1 SigLIP's small products leave it launch-bound).
 //!
 //! Parameters and their host-transcription tests: `crate::linear_lt_plan`
-//! (compiled in every build). Numerics: f32 accumulation, bias and GELU in
-//! f32, one rounding, as the fused kernels they replace. Not measured yet:
-//! `gpu-check` checks it through the whole Flux fixture and times the
-//! default step with it (a variant until a GPU run says it is faster).
-//! cuBLASLt's workspace (32 MiB, NVIDIA's recommendation for Hopper) is
-//! device memory the registry does not count.
+//! (compiled in every build). Numerics: f32 accumulation, bias, GELU and
+//! residual in f32, one rounding. Not measured yet: `gpu-check` checks it
+//! through the Flux and SigLIP fixtures and times both with it (variants
+//! until a GPU run says they are faster). cuBLASLt's workspace (32 MiB,
+//! NVIDIA's recommendation for Hopper) is device memory the registry does
+//! not count.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,29 +37,30 @@ use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{
 };
 use ipaflux_core::candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use ipaflux_core::candle_core::{self as candle, CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
+use ipaflux_core::nn::{FusedLinear, Linear, LinearEpilogue};
 
-use crate::linear_lt_plan::{alignment, plan, LtGemm, RowMatrix};
+use crate::linear_lt_plan::{alignment, plan, with_residual, LtGemm, RowMatrix};
 
 /// cuBLASLt's workspace: 32 MiB, what NVIDIA recommends from Hopper on.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
 fn err(what: &str) -> candle::Error {
-    candle::Error::Msg(format!("linear GELU by cuBLASLt: {what}"))
+    candle::Error::Msg(format!("linear layer by cuBLASLt: {what}"))
 }
 
 fn lt_err(what: &str, e: lt::CublasError) -> candle::Error {
     err(&format!("{what}: {e:?}"))
 }
 
-/// The products with GELU in their epilogue on whichever CUDA device the
-/// tensors are on (the cuBLASLt handle and workspace made on first use).
+/// The products with their epilogues on whichever CUDA device the tensors
+/// are on (the cuBLASLt handle and workspace made on first use).
 #[derive(Debug, Default)]
 pub struct LinearLt {
     state: Mutex<Option<Arc<LtState>>>,
 }
 
 impl LinearLt {
-    /// Whether these products take `x` (activations of a Flux block).
+    /// Whether these products take `x` (`[B, L, C]` activations, bf16 or f16, on CUDA).
     pub fn takes(x: &Tensor) -> bool {
         x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16) && x.rank() == 3
     }
@@ -71,34 +75,80 @@ impl LinearLt {
         Ok(s)
     }
 
-    /// `GELU(x Wᵀ + bias)`, or `[head, GELU(x Wᵀ + bias)]` with a head;
-    /// `None` where not taken (dtypes, devices, layouts).
-    pub fn forward(
-        &self,
-        head: Option<&Tensor>,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-    ) -> Option<ipaflux_core::Result<Tensor>> {
+    /// One product as `req` asks; `None` where not taken (dtypes, devices,
+    /// layouts, shapes).
+    pub fn product(&self, req: &Request<'_>) -> Option<ipaflux_core::Result<Tensor>> {
+        let x = req.x;
         let dtype = x.dtype();
         let (b, l, _) = x.dims3().ok()?;
+        let n = req.weight.dim(0).ok()?;
         let same = |t: &Tensor| t.dtype() == dtype && t.device().same_device(x.device());
+        let rows_match = |t: &Tensor, cols: Option<usize>| {
+            t.dims3().is_ok_and(|(tb, tl, tc)| (tb, tl) == (b, l) && cols.is_none_or(|c| c == tc))
+        };
         let fits = Self::takes(x)
-            && same(weight)
-            && RowMatrix::of(weight.layout()).is_some()
-            && head.is_none_or(|h| same(h) && h.dims3().is_ok_and(|(hb, hl, _)| (hb, hl) == (b, l)));
+            && same(req.weight)
+            && RowMatrix::of(req.weight.layout()).is_some()
+            && req.head.is_none_or(|h| same(h) && rows_match(h, None))
+            // A residual goes with the plain bias epilogue (cuBLASLt would apply GELU to the sum).
+            && req.residual.is_none_or(|r| same(r) && rows_match(r, Some(n)) && req.act == Act::None);
         if !fits {
             return None;
         }
         let candle::Device::Cuda(dev) = x.device() else { return None };
+        let rows = |t: &Tensor| if RowMatrix::of(t.layout()).is_some() { Ok(t.clone()) } else { t.contiguous() };
         Some((|| {
             let state = self.state(dev)?;
-            let x = if RowMatrix::of(x.layout()).is_some() { x.clone() } else { x.contiguous()? };
-            let bias = bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?;
-            let head = head.map(|h| if RowMatrix::of(h.layout()).is_some() { Ok(h.clone()) } else { h.contiguous() });
-            let op = LinearGeluOp { state, bias, head: head.transpose()? };
-            Ok(x.apply_op2_no_bwd(weight, &op)?)
+            let op = LinearEpilogueOp {
+                state,
+                bias: req.bias.map(|b| b.to_dtype(dtype)?.contiguous()).transpose()?,
+                head: req.head.map(rows).transpose()?,
+                residual: req.residual.map(rows).transpose()?,
+                act: req.act,
+            };
+            Ok(rows(x)?.apply_op2_no_bwd(req.weight, &op)?)
         })())
+    }
+}
+
+/// The activation a product's epilogue applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Act {
+    None,
+    /// GELU, tanh approximation.
+    GeluTanh,
+}
+
+/// One product for [`LinearLt::product`]: `act(x Wᵀ + bias) [+ residual]`,
+/// written after `head`'s columns in each row where given.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// `[B, L, A]`: its values first in each output row.
+    pub head: Option<&'a Tensor>,
+    /// `[B, L, K]`.
+    pub x: &'a Tensor,
+    /// `[N, K]`, PyTorch's layout (rows may be a narrow of a larger weight).
+    pub weight: &'a Tensor,
+    /// `[N]`.
+    pub bias: Option<&'a Tensor>,
+    pub act: Act,
+    /// `[B, L, N]`, added to the product (with [`Act::None`] only).
+    pub residual: Option<&'a Tensor>,
+}
+
+impl FusedLinear for LinearLt {
+    fn name(&self) -> &'static str {
+        "cuBLASLt epilogues (bias, GELU-tanh, residual add)"
+    }
+
+    fn linear(&self, x: &Tensor, layer: &Linear, epilogue: LinearEpilogue<'_>) -> Option<ipaflux_core::Result<Tensor>> {
+        let weight = layer.weight().ok()?;
+        let (act, residual) = match epilogue {
+            LinearEpilogue::Bias => (Act::None, None),
+            LinearEpilogue::GeluTanh => (Act::GeluTanh, None),
+            LinearEpilogue::Residual(r) => (Act::None, Some(r)),
+        };
+        self.product(&Request { head: None, x, weight: &weight, bias: layer.bias(), act, residual })
     }
 }
 
@@ -138,8 +188,9 @@ struct ProblemKey {
     dtype: DType,
     gemm: LtGemm,
     bias: bool,
-    /// A, B, D (C is D).
-    align: [u32; 3],
+    act: Act,
+    /// A, B, C, D.
+    align: [u32; 4],
 }
 
 impl LtState {
@@ -192,21 +243,30 @@ fn pref_attr<V>(
         .map_err(|e| lt_err(what, e))
 }
 
-/// Device pointers of one product (A = weight, B = input, D = output, bias).
+/// Device pointers of one product (A = weight, B = input, C = residual, D = output, bias).
 struct Pointers {
     a: u64,
     b: u64,
+    c: Option<u64>,
     d: u64,
     bias: Option<u64>,
 }
 
 impl LtState {
-    /// Enqueues `D = GELU(op(A) op(B) + bias)` on `stream`.
+    /// Enqueues `D = act(op(A) op(B) + β·C + bias)` on `stream` (β = 1 with a residual C).
     ///
     /// # Safety
     /// The pointers must hold every element `g` reaches (checked by the
     /// caller against the storages' lengths), on the device's stream.
-    unsafe fn matmul(&self, g: &LtGemm, dtype: DType, p: &Pointers, stream: drv::CUstream) -> candle::Result<()> {
+    unsafe fn matmul(
+        &self,
+        g: &LtGemm,
+        dtype: DType,
+        act: Act,
+        p: &Pointers,
+        stream: drv::CUstream,
+    ) -> candle::Result<()> {
+        use sys::cublasLtEpilogue_t as E;
         use sys::cublasLtMatmulDescAttributes_t as D;
         use sys::cublasLtMatmulPreferenceAttributes_t as P;
         let data_type = match dtype {
@@ -220,12 +280,14 @@ impl LtState {
         );
         desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_TRANSA, &i32::from(g.trans_a), "transa")?;
         desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_TRANSB, &i32::from(g.trans_b), "transb")?;
-        let epilogue = match p.bias {
-            Some(bias) => {
-                desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, "bias pointer")?;
-                sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS
-            }
-            None => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU,
+        if let Some(bias) = &p.bias {
+            desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias, "bias pointer")?;
+        }
+        let epilogue = match (act, p.bias.is_some()) {
+            (Act::GeluTanh, true) => E::CUBLASLT_EPILOGUE_GELU_BIAS,
+            (Act::GeluTanh, false) => E::CUBLASLT_EPILOGUE_GELU,
+            (Act::None, true) => E::CUBLASLT_EPILOGUE_BIAS,
+            (Act::None, false) => E::CUBLASLT_EPILOGUE_DEFAULT,
         };
         desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, "epilogue")?;
         let layout = |rows: usize, cols: usize, ld: usize| -> candle::Result<MatLayout> {
@@ -240,8 +302,15 @@ impl LtState {
         let a_layout = layout(a_rows, a_cols, g.lda)?;
         let b_layout = layout(b_rows, b_cols, g.ldb)?;
         let d_layout = layout(g.m, g.n, g.ldd)?;
-        let align = [alignment(p.a), alignment(p.b), alignment(p.d)];
-        let key = ProblemKey { dtype, gemm: *g, bias: p.bias.is_some(), align };
+        // C is the residual with its own layout, or D itself (β = 0: not read).
+        let c_layout = match g.c {
+            Some((_, ldc)) => Some(layout(g.m, g.n, ldc)?),
+            None => None,
+        };
+        let c_ptr = p.c.unwrap_or(p.d);
+        let beta = if p.c.is_some() { 1f32 } else { 0f32 };
+        let align = [alignment(p.a), alignment(p.b), alignment(c_ptr), alignment(p.d)];
+        let key = ProblemKey { dtype, gemm: *g, bias: p.bias.is_some(), act, align };
         let mut algos = self.algos.lock().map_err(|_| err("algorithm cache lock poisoned"))?;
         let algo = match algos.get(&key) {
             Some(a) => *a,
@@ -249,10 +318,10 @@ impl LtState {
                 let pref = Pref(lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?);
                 pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &(WORKSPACE_BYTES as u64), "workspace")?;
                 // cuBLASLt assumes 256-byte aligned operands unless told otherwise.
-                let [a, b, d] = align;
+                let [a, b, c, d] = align;
                 pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a, "alignment of A")?;
                 pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &b, "alignment of B")?;
-                pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &d, "alignment of C")?;
+                pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &c, "alignment of C")?;
                 pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &d, "alignment of D")?;
                 // SAFETY: live descriptors made above.
                 let h = unsafe {
@@ -261,7 +330,7 @@ impl LtState {
                         desc.0,
                         a_layout.0,
                         b_layout.0,
-                        d_layout.0,
+                        c_layout.as_ref().unwrap_or(&d_layout).0,
                         d_layout.0,
                         pref.0,
                     )
@@ -271,7 +340,7 @@ impl LtState {
                 h.algo
             }
         };
-        let (alpha, beta) = (1f32, 0f32);
+        let alpha = 1f32;
         let stream_arc = self.device.cuda_stream();
         let (w, _guard) = self.workspace.device_ptr(&stream_arc);
         let ptr = |x: u64| x as *const std::ffi::c_void;
@@ -286,8 +355,8 @@ impl LtState {
                 a_layout.0,
                 ptr(p.b),
                 b_layout.0,
-                ptr(p.d),
-                d_layout.0,
+                ptr(c_ptr),
+                c_layout.as_ref().unwrap_or(&d_layout).0,
                 p.d as *mut std::ffi::c_void,
                 d_layout.0,
                 &raw const algo,
@@ -300,11 +369,13 @@ impl LtState {
     }
 }
 
-/// `CustomOp2` on (x, weight): see [`LinearLt::forward`].
-struct LinearGeluOp {
+/// `CustomOp2` on (x, weight): see [`LinearLt::product`].
+struct LinearEpilogueOp {
     state: Arc<LtState>,
     bias: Option<Tensor>,
     head: Option<Tensor>,
+    residual: Option<Tensor>,
+    act: Act,
 }
 
 /// The CUDA storage of `t` as `T` elements, with its layout.
@@ -326,9 +397,9 @@ fn within(m: &RowMatrix, len: usize, what: &str) -> candle::Result<()> {
     Ok(())
 }
 
-impl CustomOp2 for LinearGeluOp {
+impl CustomOp2 for LinearEpilogueOp {
     fn name(&self) -> &'static str {
-        "ipaflux-linear-gelu-cublaslt"
+        "ipaflux-linear-epilogue-cublaslt"
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle::Result<(CpuStorage, Shape)> {
@@ -350,7 +421,7 @@ impl CustomOp2 for LinearGeluOp {
     }
 }
 
-impl LinearGeluOp {
+impl LinearEpilogueOp {
     fn run<T: CudaDType + DeviceRepr + candle::WithDType>(
         &self,
         x: &CudaStorage,
@@ -380,6 +451,21 @@ impl LinearGeluOp {
         let head_cols = head.map_or(0, |(m, _)| m.cols);
         let width = head_cols + wm.rows;
         let g = plan(xm, wm, width, head_cols).ok_or_else(|| err("input and weight sizes differ"))?;
+        let residual = match &self.residual {
+            Some(r) => Some(cuda_view::<T, _>(r, |s, l| {
+                let m = RowMatrix::of(l).ok_or_else(|| err("residual rows not evenly strided"))?;
+                within(&m, s.len(), "residual")?;
+                Ok((m, s.device_ptr(&stream).0))
+            })?),
+            None => None,
+        };
+        let g = match residual {
+            Some((m, _)) if head_cols == 0 => {
+                with_residual(g, m).ok_or_else(|| err("residual shape differs from the output"))?
+            }
+            Some(_) => return Err(err("a residual with a head")),
+            None => g,
+        };
         // SAFETY: the head's columns are copied below, the product writes every other element.
         let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(xm.rows * width) }?;
         let (out_ptr, out_guard) = out.device_ptr_mut(&stream);
@@ -434,9 +520,11 @@ impl LinearGeluOp {
         let (x_ptr, _gx) = x_all.device_ptr(&stream);
         let (w_ptr, _gw) = w_all.device_ptr(&stream);
         let at = |p: u64, offset: usize| p + (offset * elem) as u64;
-        let p = Pointers { a: at(w_ptr, g.a), b: at(x_ptr, g.b), d: at(out_ptr, g.d), bias };
-        // SAFETY: A, B within their storages (`within`), D within `out` (`plan`: col0 + m ≤ width), bias of m elements.
-        unsafe { self.state.matmul(&g, T::DTYPE, &p, cu_stream) }?;
+        let c = residual.zip(g.c).map(|((_, ptr), (offset, _))| at(ptr, offset));
+        let p = Pointers { a: at(w_ptr, g.a), b: at(x_ptr, g.b), c, d: at(out_ptr, g.d), bias };
+        // SAFETY: A, B and C within their storages (`within`), D within `out`
+        // (`plan`: col0 + m ≤ width), bias of m elements.
+        unsafe { self.state.matmul(&g, T::DTYPE, self.act, &p, cu_stream) }?;
         drop(out_guard);
         let mut dims = xl.dims().to_vec();
         if let Some(last) = dims.last_mut() {

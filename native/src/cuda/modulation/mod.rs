@@ -27,7 +27,7 @@ use ipaflux_core::nn::{FusedModulation, QkvOut, QkvStreams};
 
 use std::sync::Arc;
 
-use super::linear_lt::LinearLt;
+use super::linear_lt::{Act, LinearLt, Request};
 use crate::KernelSet;
 
 /// The PTX nvcc made of `modulation.cu`.
@@ -136,7 +136,8 @@ impl FusedModulation for CudaModulation {
         weight: &Tensor,
         bias: Option<&Tensor>,
     ) -> Option<ipaflux_core::Result<Tensor>> {
-        self.linear.as_ref()?.forward(None, x, weight, bias)
+        let req = Request { head: None, x, weight, bias, act: Act::GeluTanh, residual: None };
+        self.linear.as_ref()?.product(&req)
     }
 
     fn linear_gelu_tanh_after(
@@ -146,7 +147,8 @@ impl FusedModulation for CudaModulation {
         weight: &Tensor,
         bias: Option<&Tensor>,
     ) -> Option<ipaflux_core::Result<Tensor>> {
-        self.linear.as_ref()?.forward(Some(head), x, weight, bias)
+        let req = Request { head: Some(head), x, weight, bias, act: Act::GeluTanh, residual: None };
+        self.linear.as_ref()?.product(&req)
     }
 
     fn qkv_rope(&self, s: &QkvStreams<'_>) -> Option<ipaflux_core::Result<QkvOut>> {
