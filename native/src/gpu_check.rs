@@ -903,14 +903,27 @@ fn bench_encoder(o: &CheckOptions, r: &mut Report) -> Result<()> {
         }
         if let Some(linear) = &o.linear_variant {
             model.set_fused_linear(Some(linear.clone()));
-            let what = format!("{label}, {dtype:?}, fused attention, {} (median)", linear.name());
+            let with = format!("{label}, {dtype:?}, fused attention, {}", linear.name());
             // A variant not yet run on a GPU: its failure is a row, not the end of the section.
             match time_ms(dev, o.runs.max(SIGLIP_RUNS), || {
                 drop(model.forward(&pixels)?);
                 Ok(())
             }) {
-                Ok(ms) => ratio_row(r, o, what, ms, "siglip_ms", Some(1.0)),
-                Err(e) => r.bool_check(Section::Bench, what, format!("failed: {e}"), "runs".into(), false),
+                Ok(ms) => {
+                    ratio_row(r, o, format!("{with} (median)"), ms, "siglip_ms", Some(1.0));
+                    // Both launch savings together: fewer kernels, replayed as a graph.
+                    #[cfg(feature = "cuda")]
+                    if dev.is_cuda() {
+                        model = bench_graph(o, r, model, &pixels, &with)?;
+                    }
+                }
+                Err(e) => r.bool_check(
+                    Section::Bench,
+                    format!("{with} (median)"),
+                    format!("failed: {e}"),
+                    "runs".into(),
+                    false,
+                ),
             }
             model.set_fused_linear(None);
         }
