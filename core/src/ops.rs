@@ -11,10 +11,10 @@
 //! What this is not: a general tensor library. It has exactly the operations
 //! SigLIP needs, at the shapes it needs them (`[B, L, C]` activations).
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-
-use std::sync::Arc;
 
 use crate::nn::{Activation, FusedLinear, LayerNorm, Linear, LinearEpilogue};
 

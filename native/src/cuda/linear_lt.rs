@@ -80,18 +80,21 @@ impl LinearLt {
     pub fn product(&self, req: &Request<'_>) -> Option<ipaflux_core::Result<Tensor>> {
         let x = req.x;
         let dtype = x.dtype();
-        let (b, l, _) = x.dims3().ok()?;
-        let n = req.weight.dim(0).ok()?;
+        let (b, l, k) = x.dims3().ok()?;
+        let (n, wk) = req.weight.dims2().ok()?;
         let same = |t: &Tensor| t.dtype() == dtype && t.device().same_device(x.device());
         let rows_match = |t: &Tensor, cols: Option<usize>| {
             t.dims3().is_ok_and(|(tb, tl, tc)| (tb, tl) == (b, l) && cols.is_none_or(|c| c == tc))
         };
         let fits = Self::takes(x)
+            && wk == k
             && same(req.weight)
             && RowMatrix::of(req.weight.layout()).is_some()
             && req.head.is_none_or(|h| same(h) && rows_match(h, None))
             // A residual goes with the plain bias epilogue (cuBLASLt would apply GELU to the sum).
-            && req.residual.is_none_or(|r| same(r) && rows_match(r, Some(n)) && req.act == Act::None);
+            && req.residual.is_none_or(|r| {
+                same(r) && rows_match(r, Some(n)) && req.act == Act::None && req.head.is_none()
+            });
         if !fits {
             return None;
         }
@@ -495,27 +498,30 @@ impl LinearEpilogueOp {
                 return Err(err(&format!("copying the head: {r:?}")));
             }
         }
-        let bias = match &self.bias {
-            Some(b) => Some(cuda_view::<T, _>(b, |s, l| {
-                let (start, end) = l.contiguous_offsets().ok_or_else(|| err("bias not contiguous"))?;
-                if end - start != wm.rows {
-                    return Err(err("bias length differs from the output features"));
-                }
-                Ok(s.slice(start..end).device_ptr(&stream).0)
-            })?),
-            None => None,
-        };
-        // A bias pointer cuBLASLt's epilogue may not read unaligned: a fresh,
-        // aligned copy (freed in stream order after the product, like every candle tensor).
-        let mut _bias_copy = None;
-        let bias = match bias {
-            Some(p) if alignment(p) < 16 => {
-                let b = self.bias.as_ref().ok_or_else(|| err("bias"))?.copy()?;
-                let p = cuda_view::<T, _>(&b, |s, _| Ok(s.device_ptr(&stream).0))?;
-                _bias_copy = Some(b);
-                Some(p)
+        // A bias pointer cuBLASLt's epilogue may not read unaligned goes
+        // through a fresh, aligned copy (freed in stream order after the
+        // product, like every candle allocation).
+        let (bias, _bias_copy) = match &self.bias {
+            Some(b) => {
+                let (p, copy) = cuda_view::<T, _>(b, |s, l| {
+                    let (start, end) = l.contiguous_offsets().ok_or_else(|| err("bias not contiguous"))?;
+                    if end - start != wm.rows {
+                        return Err(err("bias length differs from the output features"));
+                    }
+                    let view = s.slice(start..end);
+                    let p = view.device_ptr(&stream).0;
+                    if alignment(p) >= 16 {
+                        return Ok((p, None));
+                    }
+                    // SAFETY: every element is written by the copy that follows.
+                    let mut copy: CudaSlice<T> = unsafe { dev.alloc::<T>(end - start) }?;
+                    stream.memcpy_dtod(&view, &mut copy).map_err(|e| err(&format!("copying the bias: {e:?}")))?;
+                    let p = copy.device_ptr(&stream).0;
+                    Ok((p, Some(copy)))
+                })?;
+                (Some(p), copy)
             }
-            other => other,
+            None => (None, None),
         };
         let (x_ptr, _gx) = x_all.device_ptr(&stream);
         let (w_ptr, _gw) = w_all.device_ptr(&stream);

@@ -15,6 +15,8 @@
 //! `scripts/kernel-emulation.sh`); the seams they plug into by core's
 //! `flux::mirror` tests.
 
+use std::sync::Arc;
+
 use ipaflux_core::candle_core::backend::BackendStorage;
 use ipaflux_core::candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -24,8 +26,6 @@ use ipaflux_core::candle_core::{
     self as candle, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor,
 };
 use ipaflux_core::nn::{FusedModulation, QkvOut, QkvStreams};
-
-use std::sync::Arc;
 
 use super::linear_lt::{Act, LinearLt, Request};
 use crate::KernelSet;
