@@ -304,27 +304,35 @@ fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
     a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
-#[test]
-fn kernel_mirror_through_the_seams_equals_the_reference_path() {
-    let cfg = tiny();
-    let plain = random_model(&cfg);
+/// The tiny model with `modulation` and the mirrored attention against the
+/// reference path, without and with a hook (f32 both ways; only the order
+/// of operations differs); gives the plain model and its inputs back.
+fn mirrored_equals_reference(cfg: &super::FluxConfig, modulation: Arc<Mirror>) -> (super::FluxModel, Inputs) {
+    let plain = random_model(cfg);
     let mut fused = plain.clone();
-    let modulation = Arc::new(Mirror::default());
-    fused.set_fused_modulation(Some(modulation.clone()));
+    fused.set_fused_modulation(Some(modulation));
     fused.set_attention(Attention::fused(Arc::new(Mirror::default())));
-    let x = batch_of_two(&cfg);
+    let x = batch_of_two(cfg);
     let echo = QueryEcho;
     let hook_list: [&dyn AttentionHook; 1] = [&echo];
     for hooks in [Hooks::none(), Hooks::new(&hook_list)] {
         let run = |m: &super::FluxModel| m.forward(&x.img, &x.ids, &x.cond, 0.7, 0, hooks).unwrap();
-        let (reference, mirrored) = (run(&plain), run(&fused));
-        let err = max_rel_err(&mirrored, &reference);
-        // f32 both ways; only the order of operations differs.
+        let err = max_rel_err(&run(&fused), &run(&plain));
         assert!(err < 1e-5, "mirror vs reference: {err:e} (hooks: {})", !hooks.is_empty());
     }
+    (plain, x)
+}
+
+#[test]
+fn kernel_mirror_through_the_seams_equals_the_reference_path() {
+    let cfg = tiny();
+    let modulation = Arc::new(Mirror::default());
+    let (plain, x) = mirrored_equals_reference(&cfg, modulation.clone());
     // Every single block took the joined GELU, both runs.
     assert_eq!(modulation.gelu_after_calls.load(Ordering::Relaxed), 2 * cfg.depth_single);
     // The hook changes the output, so a wrong pre-RoPE query would have shown.
+    let echo = QueryEcho;
+    let hook_list: [&dyn AttentionHook; 1] = [&echo];
     let none = plain.forward(&x.img, &x.ids, &x.cond, 0.7, 0, Hooks::none()).unwrap();
     let echoed = plain.forward(&x.img, &x.ids, &x.cond, 0.7, 0, Hooks::new(&hook_list)).unwrap();
     assert!(max_rel_err(&echoed, &none) > 1e-3);
@@ -335,19 +343,8 @@ fn linear_layers_with_gelu_in_the_product_through_the_seams_equal_the_reference_
     // The MLP products with GELU in their epilogue (the cuBLASLt path), the
     // single blocks' first layer split in its QKV and MLP halves.
     let cfg = tiny();
-    let plain = random_model(&cfg);
-    let mut fused = plain.clone();
     let modulation = Arc::new(Mirror { linear_gelu: true, ..Mirror::default() });
-    fused.set_fused_modulation(Some(modulation.clone()));
-    fused.set_attention(Attention::fused(Arc::new(Mirror::default())));
-    let x = batch_of_two(&cfg);
-    let echo = QueryEcho;
-    let hook_list: [&dyn AttentionHook; 1] = [&echo];
-    for hooks in [Hooks::none(), Hooks::new(&hook_list)] {
-        let run = |m: &super::FluxModel| m.forward(&x.img, &x.ids, &x.cond, 0.7, 0, hooks).unwrap();
-        let err = max_rel_err(&run(&fused), &run(&plain));
-        assert!(err < 1e-5, "linear GELU mirror vs reference: {err:e} (hooks: {})", !hooks.is_empty());
-    }
+    mirrored_equals_reference(&cfg, modulation.clone());
     // Both streams of every double block, every single block, both runs; the
     // separate GELU kernels never.
     assert_eq!(modulation.linear_gelu_calls.load(Ordering::Relaxed), 2 * 2 * cfg.depth);
