@@ -46,7 +46,7 @@ pub fn exp(x: f32) -> f32 {
 /// GELU, tanh approximation: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`,
 /// with `tanh(u) = 1 − 2/(e^{2u} + 1)`.
 #[inline(always)]
-fn gelu_tanh(x: f32) -> f32 {
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
     const C: f32 = 0.797_884_6; // √(2/π)
     let u = C * (x + 0.044_715 * x * x * x);
     let t = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);

@@ -103,33 +103,31 @@ pub fn fast_attention_variants(
     Vec::new()
 }
 
-/// Fused Flux kernels that could replace the fast set's own on `device`
-/// (CUDA: the fast set with the MLP products' GELU in their cuBLASLt
-/// epilogue; none elsewhere), for `gpu-check` to check through the Flux
-/// fixture and to time the fast step with each.
-pub fn fast_modulation_variants(
-    device: &ipaflux_core::candle_core::Device,
-) -> Vec<std::sync::Arc<dyn ipaflux_core::nn::FusedModulation>> {
-    #[cfg(feature = "cuda")]
-    if device.is_cuda() {
-        return vec![cuda::fused_modulation_linear_lt(KernelSet::Fast)];
-    }
-    let _ = device;
-    Vec::new()
+/// Kernels that could replace the default set's own, for `gpu-check` to
+/// check through the fixtures and to time; both empty where this build has
+/// none for the device. With CUDA both take their products from one
+/// cuBLASLt handle and workspace ([`cuda::linear_lt::LinearLt`]).
+#[derive(Default)]
+pub struct LinearVariants {
+    /// Flux: the fast set with the MLP products' bias and GELU in their
+    /// cuBLASLt epilogue.
+    pub modulation: Vec<std::sync::Arc<dyn ipaflux_core::nn::FusedModulation>>,
+    /// SigLIP: linear layers with their bias, GELU or residual in the product.
+    pub linear: Option<std::sync::Arc<dyn ipaflux_core::nn::FusedLinear>>,
 }
 
-/// Linear layers with their bias, GELU or residual in the product that
-/// SigLIP could take on `device` (CUDA: cuBLASLt's epilogues; none
-/// elsewhere), for `gpu-check` to check through the SigLIP fixture and time.
-pub fn fused_linear_variant(
-    device: &ipaflux_core::candle_core::Device,
-) -> Option<std::sync::Arc<dyn ipaflux_core::nn::FusedLinear>> {
+/// [`LinearVariants`] on `device`.
+pub fn linear_variants(device: &ipaflux_core::candle_core::Device) -> LinearVariants {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        return Some(std::sync::Arc::new(cuda::linear_lt::LinearLt::default()));
+        let lt = std::sync::Arc::new(cuda::linear_lt::LinearLt::default());
+        return LinearVariants {
+            modulation: vec![cuda::fused_modulation_linear_lt(KernelSet::Fast, lt.clone())],
+            linear: Some(lt),
+        };
     }
     let _ = device;
-    None
+    LinearVariants::default()
 }
 
 /// The fused LayerNorm + modulation and gated-residual kernels Flux uses on

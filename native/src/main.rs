@@ -508,9 +508,9 @@ fn main() -> anyhow::Result<()> {
             let baseline = set_under_test(ipaflux::KernelSet::Baseline);
             let attention_variants = ipaflux::fast_attention_variants(&dev, wgmma);
             // Version 8's own run (`--wgmma only`) checks attention alone.
-            let (modulation_variants, linear_variant) = match wgmma {
-                gpu_check::Wgmma::Only => (Vec::new(), None),
-                _ => (ipaflux::fast_modulation_variants(&dev), ipaflux::fused_linear_variant(&dev)),
+            let ipaflux::LinearVariants { modulation: modulation_variants, linear: linear_variant } = match wgmma {
+                gpu_check::Wgmma::Only => ipaflux::LinearVariants::default(),
+                _ => ipaflux::linear_variants(&dev),
             };
             let o = gpu_check::CheckOptions {
                 device: dev,

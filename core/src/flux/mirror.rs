@@ -49,11 +49,6 @@ struct Mirror {
     linear_after_calls: AtomicUsize,
 }
 
-/// GELU, tanh approximation, in f32.
-fn gelu(v: f32) -> f32 {
-    0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044715 * v * v * v)).tanh())
-}
-
 /// Rows of GELU-tanh(x Wᵀ + bias) in f32 as a product's epilogue computes
 /// them (`weight [N, K]` read in its logical order: a narrow of a larger
 /// weight's rows reads as its own rows).
@@ -66,7 +61,11 @@ fn linear_gelu_rows(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Optio
         xs.iter()
             .map(|xr| {
                 (0..n)
-                    .map(|c| gelu(xr.iter().zip(&w[c * k..(c + 1) * k]).map(|(a, b)| a * b).sum::<f32>() + bs[c]))
+                    .map(|c| {
+                        crate::kernels::gelu_tanh(
+                            xr.iter().zip(&w[c * k..(c + 1) * k]).map(|(a, b)| a * b).sum::<f32>() + bs[c],
+                        )
+                    })
                     .collect()
             })
             .collect()
@@ -108,7 +107,9 @@ impl FusedModulation for Mirror {
         let out: Vec<f32> = heads
             .iter()
             .zip(&xs)
-            .flat_map(|(hr, xr)| hr.iter().copied().chain((0..w).map(|c| gelu(xr[c] + bs[c]))).collect::<Vec<_>>())
+            .flat_map(|(hr, xr)| {
+                hr.iter().copied().chain((0..w).map(|c| crate::kernels::gelu_tanh(xr[c] + bs[c]))).collect::<Vec<_>>()
+            })
             .collect();
         self.gelu_after_calls.fetch_add(1, Ordering::Relaxed);
         Some(Tensor::from_vec(out, (b, l, a + w), x.device()).map_err(Into::into))

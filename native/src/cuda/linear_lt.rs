@@ -155,18 +155,19 @@ impl FusedLinear for LinearLt {
     }
 }
 
-/// A cuBLASLt handle and workspace on one device, and the algorithm its
-/// heuristic chose per problem (asked once per shape).
+/// A cuBLASLt handle and workspace on one device, and per problem the
+/// descriptors and the algorithm its heuristic chose (made once per shape).
 struct LtState {
     device: CudaDevice,
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    algos: Mutex<HashMap<ProblemKey, sys::cublasLtMatmulAlgo_t>>,
+    prepared: Mutex<HashMap<ProblemKey, Prepared>>,
 }
 
-// SAFETY: the handle is used only on the device's one stream, by one op at
-// a time (`LtState::matmul` holds the algorithm cache's lock while it
-// enqueues); cuBLASLt handles may be shared between host threads.
+// SAFETY: the handle and the cached descriptors are used only on the
+// device's one stream, by one op at a time (`LtState::matmul` holds the
+// cache's lock while it sets the bias pointer and enqueues); cuBLASLt
+// handles and descriptors may be shared between host threads.
 unsafe impl Send for LtState {}
 unsafe impl Sync for LtState {}
 
@@ -185,7 +186,7 @@ impl Drop for LtState {
     }
 }
 
-/// What the heuristic's choice depends on.
+/// What a problem's descriptors and the heuristic's choice depend on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct ProblemKey {
     dtype: DType,
@@ -201,7 +202,7 @@ impl LtState {
         // SAFETY: the workspace is scratch for cuBLASLt, never read by us.
         let workspace = unsafe { dev.alloc::<u8>(WORKSPACE_BYTES) }?;
         let handle = lt::create_handle().map_err(|e| lt_err("creating a handle", e))?;
-        Ok(Self { device: dev.clone(), handle, workspace, algos: Mutex::new(HashMap::new()) })
+        Ok(Self { device: dev.clone(), handle, workspace, prepared: Mutex::new(HashMap::new()) })
     }
 }
 
@@ -246,6 +247,24 @@ fn pref_attr<V>(
         .map_err(|e| lt_err(what, e))
 }
 
+/// One problem's descriptors and algorithm, reused by every product of its
+/// key: only the bias pointer changes between them (set before each).
+struct Prepared {
+    desc: Desc,
+    a: MatLayout,
+    b: MatLayout,
+    /// The residual's layout; `None`: D's (β = 0, C not read).
+    c: Option<MatLayout>,
+    d: MatLayout,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+impl Prepared {
+    fn c_layout(&self) -> sys::cublasLtMatrixLayout_t {
+        self.c.as_ref().unwrap_or(&self.d).0
+    }
+}
+
 /// Device pointers of one product (A = weight, B = input, C = residual, D = output, bias).
 struct Pointers {
     a: u64,
@@ -269,10 +288,54 @@ impl LtState {
         p: &Pointers,
         stream: drv::CUstream,
     ) -> candle::Result<()> {
+        let c_ptr = p.c.unwrap_or(p.d);
+        let align = [alignment(p.a), alignment(p.b), alignment(c_ptr), alignment(p.d)];
+        let key = ProblemKey { dtype, gemm: *g, bias: p.bias.is_some(), act, align };
+        let mut cache = self.prepared.lock().map_err(|_| err("descriptor cache lock poisoned"))?;
+        let prepared = match cache.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.prepare(&key)?),
+        };
+        if let Some(bias) = &p.bias {
+            use sys::cublasLtMatmulDescAttributes_t as D;
+            desc_attr(&prepared.desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias, "bias pointer")?;
+        }
+        let (alpha, beta) = (1f32, if p.c.is_some() { 1f32 } else { 0f32 });
+        let stream_arc = self.device.cuda_stream();
+        let (w, _guard) = self.workspace.device_ptr(&stream_arc);
+        let ptr = |x: u64| x as *const std::ffi::c_void;
+        // SAFETY: the caller's contract; the descriptors, the algorithm and the workspace are live.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                prepared.desc.0,
+                (&raw const alpha).cast(),
+                (&raw const beta).cast(),
+                ptr(p.a),
+                prepared.a.0,
+                ptr(p.b),
+                prepared.b.0,
+                ptr(c_ptr),
+                prepared.c_layout(),
+                p.d as *mut std::ffi::c_void,
+                prepared.d.0,
+                &raw const prepared.algo,
+                w as *mut std::ffi::c_void,
+                WORKSPACE_BYTES,
+                stream.cast(),
+            )
+        }
+        .map_err(|e| lt_err("matmul", e))
+    }
+
+    /// The descriptors of `key`'s problem and the algorithm the heuristic
+    /// chooses for it (the bias pointer is set per product by `matmul`).
+    fn prepare(&self, key: &ProblemKey) -> candle::Result<Prepared> {
         use sys::cublasLtEpilogue_t as E;
         use sys::cublasLtMatmulDescAttributes_t as D;
         use sys::cublasLtMatmulPreferenceAttributes_t as P;
-        let data_type = match dtype {
+        let g = &key.gemm;
+        let data_type = match key.dtype {
             DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
             DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
             other => return Err(err(&format!("{other:?} activations"))),
@@ -283,10 +346,7 @@ impl LtState {
         );
         desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_TRANSA, &i32::from(g.trans_a), "transa")?;
         desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_TRANSB, &i32::from(g.trans_b), "transb")?;
-        if let Some(bias) = &p.bias {
-            desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias, "bias pointer")?;
-        }
-        let epilogue = match (act, p.bias.is_some()) {
+        let epilogue = match (key.act, key.bias) {
             (Act::GeluTanh, true) => E::CUBLASLT_EPILOGUE_GELU_BIAS,
             (Act::GeluTanh, false) => E::CUBLASLT_EPILOGUE_GELU,
             (Act::None, true) => E::CUBLASLT_EPILOGUE_BIAS,
@@ -302,73 +362,28 @@ impl LtState {
         // Stored shapes: A is [k, m] column-major when transposed, B [k, n], D [m, n].
         let (a_rows, a_cols) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
         let (b_rows, b_cols) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
-        let a_layout = layout(a_rows, a_cols, g.lda)?;
-        let b_layout = layout(b_rows, b_cols, g.ldb)?;
-        let d_layout = layout(g.m, g.n, g.ldd)?;
+        let a = layout(a_rows, a_cols, g.lda)?;
+        let b = layout(b_rows, b_cols, g.ldb)?;
+        let d = layout(g.m, g.n, g.ldd)?;
         // C is the residual with its own layout, or D itself (β = 0: not read).
-        let c_layout = match g.c {
+        let c = match g.c {
             Some((_, ldc)) => Some(layout(g.m, g.n, ldc)?),
             None => None,
         };
-        let c_ptr = p.c.unwrap_or(p.d);
-        let beta = if p.c.is_some() { 1f32 } else { 0f32 };
-        let align = [alignment(p.a), alignment(p.b), alignment(c_ptr), alignment(p.d)];
-        let key = ProblemKey { dtype, gemm: *g, bias: p.bias.is_some(), act, align };
-        let mut algos = self.algos.lock().map_err(|_| err("algorithm cache lock poisoned"))?;
-        let algo = match algos.get(&key) {
-            Some(a) => *a,
-            None => {
-                let pref = Pref(lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?);
-                pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &(WORKSPACE_BYTES as u64), "workspace")?;
-                // cuBLASLt assumes 256-byte aligned operands unless told otherwise.
-                let [a, b, c, d] = align;
-                pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a, "alignment of A")?;
-                pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &b, "alignment of B")?;
-                pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &c, "alignment of C")?;
-                pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &d, "alignment of D")?;
-                // SAFETY: live descriptors made above.
-                let h = unsafe {
-                    lt::get_matmul_algo_heuristic(
-                        self.handle,
-                        desc.0,
-                        a_layout.0,
-                        b_layout.0,
-                        c_layout.as_ref().unwrap_or(&d_layout).0,
-                        d_layout.0,
-                        pref.0,
-                    )
-                }
-                .map_err(|e| lt_err(&format!("no algorithm for {g:?} ({dtype:?}, aligned {align:?})"), e))?;
-                algos.insert(key, h.algo);
-                h.algo
-            }
-        };
-        let alpha = 1f32;
-        let stream_arc = self.device.cuda_stream();
-        let (w, _guard) = self.workspace.device_ptr(&stream_arc);
-        let ptr = |x: u64| x as *const std::ffi::c_void;
-        // SAFETY: the caller's contract; the descriptors, the algorithm and the workspace are live.
-        unsafe {
-            lt::matmul(
-                self.handle,
-                desc.0,
-                (&raw const alpha).cast(),
-                (&raw const beta).cast(),
-                ptr(p.a),
-                a_layout.0,
-                ptr(p.b),
-                b_layout.0,
-                ptr(c_ptr),
-                c_layout.as_ref().unwrap_or(&d_layout).0,
-                p.d as *mut std::ffi::c_void,
-                d_layout.0,
-                &raw const algo,
-                w as *mut std::ffi::c_void,
-                WORKSPACE_BYTES,
-                stream.cast(),
-            )
+        let pref = Pref(lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?);
+        pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &(WORKSPACE_BYTES as u64), "workspace")?;
+        // cuBLASLt assumes 256-byte aligned operands unless told otherwise.
+        let [a_align, b_align, c_align, d_align] = key.align;
+        pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a_align, "alignment of A")?;
+        pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &b_align, "alignment of B")?;
+        pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &c_align, "alignment of C")?;
+        pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &d_align, "alignment of D")?;
+        // SAFETY: live descriptors made above.
+        let h = unsafe {
+            lt::get_matmul_algo_heuristic(self.handle, desc.0, a.0, b.0, c.as_ref().unwrap_or(&d).0, d.0, pref.0)
         }
-        .map_err(|e| lt_err("matmul", e))
+        .map_err(|e| lt_err(&format!("no algorithm for {g:?} ({:?}, aligned {:?})", key.dtype, key.align), e))?;
+        Ok(Prepared { desc, a, b, c, d, algo: h.algo })
     }
 }
 

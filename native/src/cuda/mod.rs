@@ -84,9 +84,13 @@ pub fn fused_modulation(set: crate::KernelSet) -> Arc<dyn ipaflux_core::nn::Fuse
 
 /// [`fused_modulation`] with the MLP products' bias and GELU in their
 /// epilogue by cuBLASLt ([`linear_lt`]): a `gpu-check` variant until a GPU
-/// run has timed it.
-pub fn fused_modulation_linear_lt(set: crate::KernelSet) -> Arc<dyn ipaflux_core::nn::FusedModulation> {
-    Arc::new(modulation::CudaModulation { set, linear: Some(Arc::new(linear_lt::LinearLt::default())) })
+/// run has timed it. `linear` may be shared with other layers (one handle
+/// and workspace).
+pub fn fused_modulation_linear_lt(
+    set: crate::KernelSet,
+    linear: Arc<linear_lt::LinearLt>,
+) -> Arc<dyn ipaflux_core::nn::FusedModulation> {
+    Arc::new(modulation::CudaModulation { set, linear: Some(linear) })
 }
 
 /// What the fast set's attention could be instead, for `gpu-check`:
