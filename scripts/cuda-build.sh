@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the release `ipaflux` binary and core's unit tests with the `cuda`
 # feature on a machine without a GPU, for the GPU check (scripts/gpu-check.sh),
-# stripped and gzipped into .gpu/. Idempotent; a second run only rebuilds what changed.
+# stripped and gzipped into .gpu/, and fetches diffusers' wheels into .whl/ for
+# that machine. Idempotent; a second run only rebuilds what changed.
 #
 #   scripts/cuda-build.sh            # then: scripts/gpu-check.sh on the GPU machine
 #
@@ -51,4 +52,12 @@ for l in sys.stdin:
         print(m["executable"])' | tail -n 1)"
 strip -o .gpu/core-tests "$tests" && gzip -f -9 .gpu/core-tests
 fi
-ls -l .gpu/
+# diffusers (pure Python) may be missing on the GPU machine, which has no
+# network: its wheel and importlib_metadata's travel in .whl/ (gpu-check.sh
+# installs them there). Without them PyTorch's Flux figures (diffusers' transformer) are missing.
+if ! ls .whl/diffusers-0.42.1-*.whl >/dev/null 2>&1; then
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps -d .whl \
+    diffusers==0.42.1 importlib_metadata zipp >&2 \
+    || echo "cuda-build: diffusers' wheels not fetched into .whl/ (PyTorch's Flux figures will be missing on the GPU machine)" >&2
+fi
+ls -l .gpu/ .whl/

@@ -3,7 +3,7 @@
 # default build) that has the driver, CUDA 13.0's libraries and PyTorch, but
 # needs neither Rust nor a network. Build first, on any Linux machine:
 #
-#   scripts/cuda-build.sh          # → .gpu/ipaflux.gz and .gpu/core-tests.gz
+#   CORE_TESTS=1 scripts/cuda-build.sh   # → .gpu/ipaflux.gz, .gpu/core-tests.gz, .whl/ (diffusers)
 #
 # then, on the GPU machine, in the repository root (fixtures in tests/fixtures):
 #
@@ -32,7 +32,7 @@
 #      reports fails the check (its own internal errors and the program's exit are reported).
 # Exit status: non-zero if a check failed (benchmarks never fail it).
 # STEPS="3 4" runs only those steps (default: all).
-# diffusers (pure Python) may be missing there: put its wheel and importlib_metadata's in .whl/.
+# diffusers (pure Python) may be missing there: cuda-build.sh puts its wheels in .whl/ (carry .gpu and .whl).
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
