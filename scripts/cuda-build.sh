@@ -60,4 +60,5 @@ if ! ls .whl/diffusers-0.42.1-*.whl >/dev/null 2>&1; then
     diffusers==0.42.1 importlib_metadata zipp >&2 \
     || echo "cuda-build: diffusers' wheels not fetched into .whl/ (PyTorch's Flux figures will be missing on the GPU machine)" >&2
 fi
-ls -l .gpu/ .whl/
+ls -l .gpu/
+ls -l .whl/ 2>/dev/null || true
