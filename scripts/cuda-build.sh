@@ -55,9 +55,10 @@ fi
 # diffusers (pure Python) may be missing on the GPU machine, which has no
 # network: its wheel and importlib_metadata's travel in .whl/ (gpu-check.sh
 # installs them there). Without them PyTorch's Flux figures (diffusers' transformer) are missing.
-if ! ls .whl/diffusers-0.42.1-*.whl >/dev/null 2>&1; then
+diffusers=0.42.1
+if ! ls .whl/diffusers-$diffusers-*.whl >/dev/null 2>&1; then
   python3 -m pip download --quiet --disable-pip-version-check --no-deps -d .whl \
-    diffusers==0.42.1 importlib_metadata zipp >&2 \
+    "diffusers==$diffusers" importlib_metadata zipp >&2 \
     || echo "cuda-build: diffusers' wheels not fetched into .whl/ (PyTorch's Flux figures will be missing on the GPU machine)" >&2
 fi
 ls -l .gpu/
