@@ -53,6 +53,20 @@ pub(crate) fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + t)
 }
 
+/// `x Wᵀ + bias` on the host in f32, as a fused product's epilogue sees it
+/// before its activation or residual: `xs` rows of `k`, `ws` PyTorch's
+/// `[N, K]`, `bias` `[N]`; row-major `[rows, N]`. For tests that transcribe
+/// such products (the Flux mirror, SigLIP's epilogue seam).
+#[cfg(test)]
+pub(crate) fn host_linear(xs: &[f32], ws: &[f32], bias: &[f32], k: usize) -> Vec<f32> {
+    let n = bias.len();
+    xs.chunks_exact(k)
+        .flat_map(|xr| {
+            (0..n).map(move |c| xr.iter().zip(&ws[c * k..(c + 1) * k]).map(|(a, b)| a * b).sum::<f32>() + bias[c])
+        })
+        .collect()
+}
+
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     let (start, end) = layout
         .contiguous_offsets()

@@ -458,15 +458,13 @@ mod tests {
                     LinearEpilogue::Residual(r) => Some(r.flatten_all()?.to_vec1::<f32>()?),
                     _ => None,
                 };
-                let out: Vec<f32> = (0..b * l * n)
-                    .map(|i| {
-                        let (r, c) = (i / n, i % n);
-                        let y = (0..k).map(|p| xs[r * k + p] * ws[c * k + p]).sum::<f32>() + bias[c];
-                        match epilogue {
-                            LinearEpilogue::Bias => y,
-                            LinearEpilogue::GeluTanh => crate::kernels::gelu_tanh(y),
-                            LinearEpilogue::Residual(_) => residual.as_ref().map_or(f32::NAN, |res| res[i]) + y,
-                        }
+                let out: Vec<f32> = crate::kernels::host_linear(&xs, &ws, &bias, k)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, y)| match epilogue {
+                        LinearEpilogue::Bias => y,
+                        LinearEpilogue::GeluTanh => crate::kernels::gelu_tanh(y),
+                        LinearEpilogue::Residual(_) => residual.as_ref().map_or(f32::NAN, |res| res[i]) + y,
                     })
                     .collect();
                 let slot = match epilogue {

@@ -44,15 +44,14 @@ impl RowMatrix {
     }
 }
 
-/// One cuBLASLt product `D = epilogue(op(A) · op(B) + β·C + bias)` in its
-/// column-major terms, offsets and leading dimensions in elements. `c`:
-/// `(offset, ldc)` of a residual C in its own storage, added with β = 1
-/// ([`with_residual`]); `None`: C is D and β = 0.
+/// One cuBLASLt product `D = epilogue(Aᵀ · B + β·C + bias)` in its
+/// column-major terms, offsets and leading dimensions in elements: A is
+/// always read transposed (PyTorch's `[N, K]` weight is column-major
+/// `[K, N]`), B as it is. `c`: `(offset, ldc)` of a residual C in its own
+/// storage, added with β = 1 ([`with_residual`]); `None`: C is D and β = 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LtGemm {
     pub c: Option<(usize, usize)>,
-    pub trans_a: bool,
-    pub trans_b: bool,
     pub m: usize,
     pub n: usize,
     pub k: usize,
@@ -76,8 +75,6 @@ pub struct LtGemm {
 pub fn plan(x: RowMatrix, w: RowMatrix, width: usize, col0: usize) -> Option<LtGemm> {
     (x.cols == w.cols && col0 + w.rows <= width).then_some(LtGemm {
         c: None,
-        trans_a: true,
-        trans_b: false,
         m: w.rows,
         n: x.rows,
         k: x.cols,
@@ -88,6 +85,16 @@ pub fn plan(x: RowMatrix, w: RowMatrix, width: usize, col0: usize) -> Option<LtG
         d: col0,
         ldd: width,
     })
+}
+
+impl LtGemm {
+    /// `self` with every element offset 0: what cuBLASLt's descriptors and
+    /// its heuristic's choice depend on (shapes and leading dimensions; the
+    /// pointers' alignments are told apart). Products that differ only in
+    /// where their operands start share one set of descriptors.
+    pub fn shape(&self) -> Self {
+        Self { c: self.c.map(|(_, ldc)| (0, ldc)), a: 0, b: 0, d: 0, ..*self }
+    }
 }
 
 /// `g` with `residual` (row-major `[R, N]`, the output's shape) added to its
@@ -131,8 +138,7 @@ mod tests {
             for row in 0..g.m {
                 let mut acc = 0f32;
                 for p in 0..g.k {
-                    let x = if g.trans_a { a[g.a + p + row * g.lda] } else { a[g.a + row + p * g.lda] };
-                    let y = if g.trans_b { b[g.b + col + p * g.ldb] } else { b[g.b + p + col * g.ldb] };
+                    let (x, y) = (a[g.a + p + row * g.lda], b[g.b + p + col * g.ldb]);
                     acc += x * y;
                 }
                 d[g.d + row + col * g.ldd] = match g.c {
@@ -249,6 +255,25 @@ mod tests {
         let w = RowMatrix { cols: 8, stride: 8, ..w };
         assert_eq!(plan(x, w, 6, 1), None, "the output does not fit its width");
         assert!(plan(x, w, 7, 1).is_some());
+    }
+
+    #[test]
+    fn the_shape_forgets_offsets_only() {
+        let x = RowMatrix { offset: 5, rows: 4, cols: 8, stride: 8 };
+        let w = RowMatrix { offset: 16, rows: 6, cols: 8, stride: 8 };
+        let r = RowMatrix { offset: 3, rows: 4, cols: 6, stride: 9 };
+        let g = with_residual(plan(x, w, 7, 1).expect("plan"), r).expect("residual");
+        let moved = with_residual(
+            plan(RowMatrix { offset: 0, ..x }, RowMatrix { offset: 0, ..w }, 7, 1).expect("plan"),
+            RowMatrix { offset: 0, ..r },
+        )
+        .expect("residual");
+        assert_ne!(g, moved);
+        assert_eq!(g.shape(), moved.shape(), "offsets only");
+        let wider = plan(RowMatrix { stride: 10, ..x }, w, 7, 1).expect("plan");
+        assert_ne!(g.shape(), wider.shape(), "another leading dimension");
+        let no_residual = plan(x, w, 7, 1).expect("plan");
+        assert_ne!(g.shape(), no_residual.shape(), "β = 0 against a residual");
     }
 
     #[test]

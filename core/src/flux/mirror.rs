@@ -54,21 +54,11 @@ struct Mirror {
 /// weight's rows reads as its own rows).
 fn linear_gelu_rows(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Vec<Vec<f32>>> {
     let (n, k) = weight.dims2().ok()?;
-    let w = host(weight);
     let bs = bias.map(host).unwrap_or_else(|| vec![0.0; n]);
     let xs = rows(x);
     (xs.first().map_or(k, Vec::len) == k).then(|| {
-        xs.iter()
-            .map(|xr| {
-                (0..n)
-                    .map(|c| {
-                        crate::kernels::gelu_tanh(
-                            xr.iter().zip(&w[c * k..(c + 1) * k]).map(|(a, b)| a * b).sum::<f32>() + bs[c],
-                        )
-                    })
-                    .collect()
-            })
-            .collect()
+        let y = crate::kernels::host_linear(&xs.concat(), &host(weight), &bs, k);
+        y.chunks_exact(n).map(|r| r.iter().copied().map(crate::kernels::gelu_tanh).collect()).collect()
     })
 }
 

@@ -190,7 +190,8 @@ impl Drop for LtState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct ProblemKey {
     dtype: DType,
-    gemm: LtGemm,
+    /// [`LtGemm::shape`]: offsets are in the pointers.
+    shape: LtGemm,
     bias: bool,
     act: Act,
     /// A, B, C, D.
@@ -259,10 +260,10 @@ struct Prepared {
     algo: sys::cublasLtMatmulAlgo_t,
 }
 
-impl Prepared {
-    fn c_layout(&self) -> sys::cublasLtMatrixLayout_t {
-        self.c.as_ref().unwrap_or(&self.d).0
-    }
+/// The layout cuBLASLt is given for C: the residual's, or D's where there
+/// is none (β = 0, C not read). For the heuristic and for every product.
+fn c_or_d(c: &Option<MatLayout>, d: &MatLayout) -> sys::cublasLtMatrixLayout_t {
+    c.as_ref().unwrap_or(d).0
 }
 
 /// Device pointers of one product (A = weight, B = input, C = residual, D = output, bias).
@@ -290,7 +291,7 @@ impl LtState {
     ) -> candle::Result<()> {
         let c_ptr = p.c.unwrap_or(p.d);
         let align = [alignment(p.a), alignment(p.b), alignment(c_ptr), alignment(p.d)];
-        let key = ProblemKey { dtype, gemm: *g, bias: p.bias.is_some(), act, align };
+        let key = ProblemKey { dtype, shape: g.shape(), bias: p.bias.is_some(), act, align };
         let mut cache = self.prepared.lock().map_err(|_| err("descriptor cache lock poisoned"))?;
         let prepared = match cache.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -316,7 +317,7 @@ impl LtState {
                 ptr(p.b),
                 prepared.b.0,
                 ptr(c_ptr),
-                prepared.c_layout(),
+                c_or_d(&prepared.c, &prepared.d),
                 p.d as *mut std::ffi::c_void,
                 prepared.d.0,
                 &raw const prepared.algo,
@@ -334,7 +335,7 @@ impl LtState {
         use sys::cublasLtEpilogue_t as E;
         use sys::cublasLtMatmulDescAttributes_t as D;
         use sys::cublasLtMatmulPreferenceAttributes_t as P;
-        let g = &key.gemm;
+        let g = &key.shape;
         let data_type = match key.dtype {
             DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
             DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
@@ -344,8 +345,12 @@ impl LtState {
             lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
                 .map_err(|e| lt_err("matmul descriptor", e))?,
         );
-        desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_TRANSA, &i32::from(g.trans_a), "transa")?;
-        desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_TRANSB, &i32::from(g.trans_b), "transb")?;
+        // A transposed (`LtGemm`'s convention), B as it is: cublasOperation_t
+        // as i32 (CUBLAS_OP_N = 0, CUBLAS_OP_T = 1; cuBLASLt's sys module has no enum for it).
+        const OP_N: i32 = 0;
+        const OP_T: i32 = 1;
+        desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_TRANSA, &OP_T, "transa")?;
+        desc_attr(&desc, D::CUBLASLT_MATMUL_DESC_TRANSB, &OP_N, "transb")?;
         let epilogue = match (key.act, key.bias) {
             (Act::GeluTanh, true) => E::CUBLASLT_EPILOGUE_GELU_BIAS,
             (Act::GeluTanh, false) => E::CUBLASLT_EPILOGUE_GELU,
@@ -359,11 +364,9 @@ impl LtState {
                 .map(MatLayout)
                 .map_err(|e| lt_err("matrix layout", e))
         };
-        // Stored shapes: A is [k, m] column-major when transposed, B [k, n], D [m, n].
-        let (a_rows, a_cols) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
-        let (b_rows, b_cols) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
-        let a = layout(a_rows, a_cols, g.lda)?;
-        let b = layout(b_rows, b_cols, g.ldb)?;
+        // Stored shapes, column-major: A [k, m] (read transposed), B [k, n], D [m, n].
+        let a = layout(g.k, g.m, g.lda)?;
+        let b = layout(g.k, g.n, g.ldb)?;
         let d = layout(g.m, g.n, g.ldd)?;
         // C is the residual with its own layout, or D itself (β = 0: not read).
         let c = match g.c {
@@ -379,10 +382,8 @@ impl LtState {
         pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &c_align, "alignment of C")?;
         pref_attr(&pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &d_align, "alignment of D")?;
         // SAFETY: live descriptors made above.
-        let h = unsafe {
-            lt::get_matmul_algo_heuristic(self.handle, desc.0, a.0, b.0, c.as_ref().unwrap_or(&d).0, d.0, pref.0)
-        }
-        .map_err(|e| lt_err(&format!("no algorithm for {g:?} ({:?}, aligned {:?})", key.dtype, key.align), e))?;
+        let h = unsafe { lt::get_matmul_algo_heuristic(self.handle, desc.0, a.0, b.0, c_or_d(&c, &d), d.0, pref.0) }
+            .map_err(|e| lt_err(&format!("no algorithm for {g:?} ({:?}, aligned {:?})", key.dtype, key.align), e))?;
         Ok(Prepared { desc, a, b, c, d, algo: h.algo })
     }
 }
