@@ -41,16 +41,25 @@ mkdir -p .gpu
 # Stripped and gzipped (candle's PTX compresses ~3.5x): a device call carries at most 64 MiB.
 strip -o .gpu/ipaflux target/release/ipaflux && gzip -f -9 .gpu/ipaflux
 # With CORE_TESTS=1 also core's unit tests with CUDA (the registry's driver test) as a
-# second binary: their dev-dependencies change feature sets, so candle's kernels are
-# compiled a second time (another ~15 min on 2 cores).
+# second binary, and both crates' unit tests with CUDA run here (below). Built with `-p ipaflux` beside them, so features resolve as for the binary:
+# core alone resolves syn without "full", which changes the hash of candle-kernels' build
+# script (its build-dependency serde_derive uses syn) and compiles candle's kernels a second
+# time (~15 min on 2 cores). The cost instead: ipaflux's own unit tests are built too.
 if [ "${CORE_TESTS:-0}" = 1 ]; then
-tests="$(cargo test --release -p ipaflux-core --features cuda --lib --no-run --message-format=json \
+tests="$(cargo test --release -p ipaflux-core -p ipaflux --features ipaflux/cuda --lib --no-run --message-format=json \
   | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "ipaflux_core":
         print(m["executable"])' | tail -n 1)"
 strip -o .gpu/core-tests "$tests" && gzip -f -9 .gpu/core-tests
+# Both crates' unit tests with `cuda`, run here against the link-time stub (every driver
+# call fails, as on a machine without a GPU): the host-side tests run, the GPU ones skip.
+# A failure stops the build: a test that breaks with `cuda` breaks on the GPU machine too.
+mkdir -p "$home/stub"
+ln -sf "$home/lib64/libcuda.so" "$home/stub/libcuda.so.1"
+LD_LIBRARY_PATH="$home/lib64:$home/stub:$LD_LIBRARY_PATH" \
+  cargo test --release -p ipaflux-core -p ipaflux --features ipaflux/cuda --lib -q >&2
 fi
 # diffusers (pure Python) may be missing on the GPU machine, which has no
 # network: its wheel and importlib_metadata's travel in .whl/ (gpu-check.sh

@@ -133,9 +133,19 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "cuda"))]
     fn cuda_without_feature_is_a_clear_error() {
         let err = DeviceSpec::Cuda(0).to_candle().err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("no CUDA support"), "{err}");
+    }
+
+    /// With `cuda`: a device the machine lacks (no GPU, or no 100th one) is
+    /// an error naming it, whatever the driver says.
+    #[test]
+    #[cfg(feature = "cuda")]
+    fn a_missing_cuda_device_is_an_error_naming_it() {
+        let err = DeviceSpec::Cuda(99).to_candle().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("device cuda:99"), "{err}");
     }
 
     #[test]
