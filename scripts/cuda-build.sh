@@ -41,10 +41,12 @@ mkdir -p .gpu
 # Stripped and gzipped (candle's PTX compresses ~3.5x): a device call carries at most 64 MiB.
 strip -o .gpu/ipaflux target/release/ipaflux && gzip -f -9 .gpu/ipaflux
 # With CORE_TESTS=1 also core's unit tests with CUDA (the registry's driver test) as a
-# second binary, and both crates' unit tests with CUDA run here (below). Built with `-p ipaflux` beside them, so features resolve as for the binary:
-# core alone resolves syn without "full", which changes the hash of candle-kernels' build
-# script (its build-dependency serde_derive uses syn) and compiles candle's kernels a second
-# time (~15 min on 2 cores). The cost instead: ipaflux's own unit tests are built too.
+# second binary, and both crates' unit tests with CUDA run here (below). They are built
+# with `-p ipaflux` beside them, so features resolve as for the binary: core alone
+# resolves syn without "full" (clap_derive turns it on), which changes the hash of
+# candle-kernels' build script (its build-dependency serde_derive uses syn) and compiles
+# candle's kernels a second time (~15 min on 2 cores). The cost instead: ipaflux's own
+# unit tests are built too (~2 min).
 if [ "${CORE_TESTS:-0}" = 1 ]; then
 tests="$(cargo test --release -p ipaflux-core -p ipaflux --features ipaflux/cuda --lib --no-run --message-format=json \
   | python3 -c 'import json,sys
