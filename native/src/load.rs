@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ipaflux_core::weights::shards_from_index_json;
+use ipaflux_core::weights::{gguf, shards_from_index_json};
 use ipaflux_core::{PreprocessConfig, SiglipVisionConfig, TensorStore};
 
 use memmap2::Mmap;
@@ -119,12 +119,20 @@ pub fn flux_dir(path: &Path) -> Result<PathBuf> {
     Ok(if dir.join("transformer").is_dir() { dir.join("transformer") } else { dir })
 }
 
-/// Loads Flux from a BFL single file (`flux1-dev.safetensors`, fp8 too), a
-/// diffusers `transformer/` folder, a repo folder holding either, or a Hugging
-/// Face cache entry of such a repo.
+/// Loads Flux from a BFL single file (`flux1-dev.safetensors`, fp8 too; or a
+/// GGUF file from city96's converter, `flux1-dev-Q4_K_S.gguf`, dequantized to
+/// the model dtype as it loads), a diffusers `transformer/` folder, a repo
+/// folder holding either, or a Hugging Face cache entry of such a repo.
 pub fn load_flux(path: &Path) -> Result<FluxFiles> {
     if path.is_file() {
-        return Ok(FluxFiles { weights: load_store(path)?, axes_dim: None });
+        let map = map_file(path)?;
+        if gguf::is_gguf(&map) {
+            let arch = gguf::parse(&map).ok().and_then(|f| f.architecture().map(str::to_string));
+            if let Some(arch) = arch.filter(|a| a != "flux") {
+                return Err(io_err(path, format!("this GGUF file holds a `{arch}` model, not Flux")));
+            }
+        }
+        return Ok(FluxFiles { weights: store_from_map(map, path)?, axes_dim: None });
     }
     let dir = flux_dir(path)?;
     let has = |stem: &str| {
@@ -164,17 +172,23 @@ pub fn load_ip_adapter(path: &Path) -> Result<TensorStore> {
     load_store(path)
 }
 
-/// Any single-file checkpoint (safetensors or PyTorch zip, told apart by
-/// content). The file stays mapped and its tensors are read as they are used
-/// ([`TensorStore::from_safetensors_shared`], [`TensorStore::from_torch_zip_shared`]).
+/// Any single-file checkpoint (safetensors, PyTorch zip or GGUF, told apart
+/// by content). The file stays mapped and its tensors are read as they are
+/// used ([`TensorStore::from_safetensors_shared`],
+/// [`TensorStore::from_torch_zip_shared`], [`TensorStore::from_gguf_shared`]).
 pub fn load_store(path: &Path) -> Result<TensorStore> {
-    let map = map_file(path)?;
+    store_from_map(map_file(path)?, path)
+}
+
+fn store_from_map(map: Mmap, path: &Path) -> Result<TensorStore> {
     let name = path.display().to_string();
-    if is_torch_zip(&map) {
-        Ok(TensorStore::from_torch_zip_shared(Arc::new(map), &name)?)
+    Ok(if is_torch_zip(&map) {
+        TensorStore::from_torch_zip_shared(Arc::new(map), &name)?
+    } else if gguf::is_gguf(&map) {
+        TensorStore::from_gguf_shared(Arc::new(map), &name)?
     } else {
-        Ok(TensorStore::from_safetensors_shared(Arc::new(map), &name)?)
-    }
+        TensorStore::from_safetensors_shared(Arc::new(map), &name)?
+    })
 }
 
 /// `PK` (a zip: torch.save) or a legacy pickle's protocol byte.
@@ -182,10 +196,14 @@ fn is_torch_zip(bytes: &[u8]) -> bool {
     bytes.starts_with(b"PK") || bytes.first() == Some(&0x80)
 }
 
-/// Picks the parser from the first bytes: `PK` is a zip (torch.save), anything else is tried as safetensors.
+/// Picks the parser from the first bytes: `PK` is a zip (torch.save),
+/// `GGUF` a GGUF file (copied once into a buffer the store keeps), anything
+/// else is tried as safetensors.
 pub fn store_from_bytes(bytes: &[u8], name: &str) -> ipaflux_core::Result<TensorStore> {
     if is_torch_zip(bytes) {
         TensorStore::from_torch_zip(bytes, name)
+    } else if gguf::is_gguf(bytes) {
+        TensorStore::from_gguf_shared(Arc::new(bytes.to_vec()), name)
     } else {
         TensorStore::from_safetensors(bytes, name)
     }
@@ -231,9 +249,8 @@ pub fn weight_bytes(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Flux's head size from a safetensors header (no tensor data read): the QK-norm scale's length.
+/// Flux's head size from a safetensors or GGUF header (no tensor data read): the QK-norm scale's length.
 pub fn flux_head_dim_in(bytes: &[u8]) -> Option<usize> {
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).ok()?;
     let names = [
         "double_blocks.0.img_attn.norm.query_norm.scale",
         "model.diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale",
@@ -241,6 +258,11 @@ pub fn flux_head_dim_in(bytes: &[u8]) -> Option<usize> {
         "single_blocks.0.norm.query_norm.scale",
         "single_transformer_blocks.0.attn.norm_q.weight",
     ];
+    if gguf::is_gguf(bytes) {
+        let file = gguf::parse(bytes).ok()?;
+        return file.tensors.iter().find(|t| names.contains(&t.name.as_str())).and_then(|t| t.shape.first().copied());
+    }
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).ok()?;
     let tensors = meta.tensors();
     names.iter().find_map(|n| tensors.get(*n).and_then(|info| info.shape.first().copied()))
 }
@@ -412,7 +434,7 @@ impl FluxUnits {
     }
 }
 
-/// [`FluxUnits`] of a Flux checkpoint (a file, or a folder of `.safetensors` shards).
+/// [`FluxUnits`] of a Flux checkpoint (a safetensors or GGUF file, or a folder of `.safetensors` shards).
 pub fn flux_units(path: &Path) -> Result<FluxUnits> {
     let files: Vec<PathBuf> = if path.is_file() {
         vec![path.to_path_buf()]
@@ -432,24 +454,33 @@ pub fn flux_units(path: &Path) -> Result<FluxUnits> {
     flux_units_in(&headers)
 }
 
-/// [`FluxUnits`] from safetensors files in memory (bytes, name for errors).
+/// [`FluxUnits`] from safetensors or GGUF files in memory (bytes, name for
+/// errors). A GGUF file's quantized tensors count in the model dtype, as
+/// they are held once loaded.
 pub fn flux_units_in(files: &[(&[u8], String)]) -> Result<FluxUnits> {
     use ipaflux_core::flux::BlockId;
     let mut base = (0u64, 0u64);
     let mut blocks: BTreeMap<BlockId, (u64, u64)> = BTreeMap::new();
     for (bytes, name) in files {
-        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| io_err(Path::new(name), e))?;
-        for (tensor, info) in meta.tensors() {
+        // (name, elements, stored as fp8)
+        let tensors: Vec<(String, usize, bool)> = if gguf::is_gguf(bytes) {
+            let file = gguf::parse(bytes).map_err(|e| io_err(Path::new(name), e))?;
+            file.tensors.into_iter().map(|t| (t.name, t.shape.iter().product(), false)).collect()
+        } else {
+            let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| io_err(Path::new(name), e))?;
+            let fp8 = |d| d == safetensors::Dtype::F8_E4M3;
+            meta.tensors().into_iter().map(|(n, i)| (n, i.shape.iter().product(), fp8(i.dtype))).collect()
+        };
+        for (tensor, n, fp8) in tensors {
             let Some(unit) = flux_unit_of(&tensor) else { continue };
-            let n = info.shape.iter().product::<usize>() as u64;
             let slot = match unit {
                 None => &mut base,
                 Some(b) => blocks.entry(b).or_default(),
             };
-            if info.dtype == safetensors::Dtype::F8_E4M3 {
-                slot.1 += n;
+            if fp8 {
+                slot.1 += n as u64;
             } else {
-                slot.0 += n;
+                slot.0 += n as u64;
             }
         }
     }
@@ -488,6 +519,18 @@ mod tests {
         }
         let n = units.elements.len();
         assert_eq!(units.blocks(&[1, n - 1]).unwrap(), [BlockId::Double(0), BlockId::Single(units.depth_single - 1)]);
+    }
+
+    #[test]
+    fn a_gguf_flux_has_the_units_and_head_size_of_its_model_and_other_architectures_are_refused() {
+        let path = fixture("flux/flux-tiny-bfl.gguf");
+        let units = flux_units(&path).unwrap();
+        let weights = load_flux(&path).unwrap().weights;
+        let model = FluxModel::from_store(weights, Some(vec![4, 6, 6]), DType::BF16, &Device::Cpu).unwrap();
+        assert_eq!(units.specs(DType::BF16), unit_specs(&model.cfg, DType::BF16));
+        assert_eq!(flux_head_dim(&path).unwrap(), 16);
+        let e = load_flux(&fixture("gguf/ggml-types.gguf")).err().unwrap().to_string();
+        assert!(e.contains("holds a `ipaflux-test` model, not Flux"), "{e}");
     }
 
     #[test]

@@ -172,7 +172,8 @@ enum OnOff {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// Flux transformer: BFL single file (bf16/fp16/fp8-e4m3), diffusers folder, repo folder or HF repo id.
+    /// Flux transformer: BFL single file (bf16/fp16/fp8-e4m3), GGUF file (ComfyUI-GGUF; dequantized as it loads),
+    /// diffusers folder, repo folder or HF repo id.
     #[arg(long)]
     flux: PathBuf,
     /// T5 encoder: folder with config.json, weights and tokenizer.json, a FLUX.1 repo folder / HF repo id,

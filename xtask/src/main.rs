@@ -15,7 +15,7 @@
 //!   Then `scripts/kernel-emulation.sh`: our elementwise CUDA kernels run on the
 //!   host (each CUDA thread a std::thread) against references (~10 s).
 //! - `cargo xtask fixtures`: regenerates tests/fixtures with the PyTorch reference
-//!   (needs `pip install torch transformers diffusers safetensors pillow`; `PYTHON` picks the interpreter).
+//!   (needs `pip install torch transformers diffusers safetensors pillow gguf`; `PYTHON` picks the interpreter).
 
 use std::process::{exit, Command};
 
@@ -321,6 +321,7 @@ fn main() {
             run(&python, &["tests/reference/make_schedule_fixtures.py"]);
             run(&python, &["tests/reference/make_flux_fixtures.py"]);
             run(&python, &["tests/reference/make_pipeline_fixtures.py"]);
+            run(&python, &["tests/reference/make_gguf_fixtures.py"]);
         }
         _ => {
             eprintln!("usage: cargo xtask <test|lint|web|web-test|serve [PORT]|cuda-check|fixtures>");

@@ -1,5 +1,6 @@
-//! Checkpoint parsing: named tensors from safetensors bytes or from a PyTorch
-//! zip pickle, and validation of those names and shapes against a model.
+//! Checkpoint parsing: named tensors from safetensors bytes, a PyTorch zip
+//! pickle or a GGUF file, and validation of those names and shapes against a
+//! model.
 //!
 //! Everything here works on byte slices the caller provides (a native caller
 //! memory-maps files; the browser passes fetched buffers). No file IO.
@@ -12,7 +13,12 @@
 //! holds a host copy of the whole checkpoint (T5-XXL: 9.5 GB).
 //! [`TensorStore::get`] keeps what it read in the store;
 //! [`TensorStore::shape`] reads nothing.
+//!
+//! GGUF's quantized tensors ([`ggml`]) read as f32: each is dequantized when
+//! it is read, so a model holds it in its own dtype, not quantized.
 
+pub mod ggml;
+pub mod gguf;
 mod pickle;
 mod zip;
 
@@ -40,10 +46,13 @@ pub struct TensorStore {
 /// One tensor: read, or where to read it from.
 #[derive(Clone)]
 struct Entry {
+    /// The dtype it reads as (f32 for a GGML-quantized one).
     dtype: DType,
     shape: Vec<usize>,
     /// Its bytes in a shared buffer (`None`: made in memory, `read` is set).
     mapped: Option<(SharedBytes, std::ops::Range<usize>)>,
+    /// GGML blocks to dequantize when read (a GGUF file's quantized tensor).
+    ggml: Option<ggml::GgmlType>,
     /// The tensor, once read (and kept) by [`TensorStore::get`].
     read: OnceLock<Tensor>,
 }
@@ -54,6 +63,7 @@ impl std::fmt::Debug for Entry {
             .field("dtype", &self.dtype)
             .field("shape", &self.shape)
             .field("mapped", &self.mapped.as_ref().map(|(_, r)| r))
+            .field("ggml", &self.ggml.map(ggml::GgmlType::name))
             .field("read", &self.read.get().is_some())
             .finish()
     }
@@ -65,7 +75,12 @@ impl Entry {
         let (dtype, shape) = (t.dtype(), t.dims().to_vec());
         // A fresh cell: the set cannot fail.
         let _ = read.set(t);
-        Self { dtype, shape, mapped: None, read }
+        Self { dtype, shape, mapped: None, ggml: None, read }
+    }
+
+    /// A tensor to read from `bytes[range]` when used.
+    fn mapped(dtype: DType, shape: Vec<usize>, bytes: SharedBytes, range: std::ops::Range<usize>) -> Self {
+        Self { dtype, shape, mapped: Some((bytes, range)), ggml: None, read: OnceLock::new() }
     }
 
     /// The tensor, from the cell or newly read from the shared bytes (not kept).
@@ -78,14 +93,33 @@ impl Entry {
                 let data = (*bytes).as_ref().as_ref().get(range.clone()).ok_or_else(|| {
                     candle_core::Error::Msg(format!("tensor bytes {range:?} past the end of the shared buffer"))
                 })?;
-                Tensor::from_raw_buffer(data, self.dtype, &self.shape, &Device::Cpu)
+                match self.ggml {
+                    Some(ty) => {
+                        let values = ty.dequantize(data, self.elements()).map_err(candle_core::Error::Msg)?;
+                        Tensor::from_vec(values, self.shape.as_slice(), &Device::Cpu)
+                    }
+                    None => Tensor::from_raw_buffer(data, self.dtype, &self.shape, &Device::Cpu),
+                }
             }
             None => Err(candle_core::Error::Msg("tensor neither read nor mapped".into())),
         }
     }
 
+    fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes as stored (a quantized tensor's blocks).
     fn nbytes(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()
+        match (&self.mapped, self.ggml) {
+            (Some((_, range)), Some(_)) => range.len(),
+            _ => self.elements() * self.dtype.size_in_bytes(),
+        }
+    }
+
+    /// Bytes it takes in memory once read.
+    fn read_nbytes(&self) -> usize {
+        self.elements() * self.dtype.size_in_bytes()
     }
 }
 
@@ -143,11 +177,7 @@ impl TensorStore {
             // `deserialize` checked that each tensor's bytes lie in the buffer and fit its shape.
             let start = view.data().as_ptr() as usize - base;
             let range = start..start + view.data().len();
-            let read = OnceLock::new();
-            entries.push((
-                name,
-                Entry { dtype, shape: view.shape().to_vec(), mapped: Some((bytes.clone(), range)), read },
-            ));
+            entries.push((name, Entry::mapped(dtype, view.shape().to_vec(), bytes.clone(), range)));
         }
         for (name, entry) in entries {
             self.insert_new(name, entry, shard_name)?;
@@ -197,17 +227,47 @@ impl TensorStore {
         for (name, storage, tref) in torch_zip_tensors(buf, source_name)? {
             let err = |r: String| torch_zip_err(source_name, format!("tensor `{name}`: {r}"));
             let entry = match view_bytes(storage.len(), &tref).map_err(err)? {
-                Some(view) => Entry {
-                    dtype: tref.dtype,
-                    shape: tref.shape.clone(),
-                    mapped: Some((bytes.clone(), storage.start + view.start..storage.start + view.end)),
-                    read: OnceLock::new(),
-                },
+                Some(view) => Entry::mapped(
+                    tref.dtype,
+                    tref.shape.clone(),
+                    bytes.clone(),
+                    storage.start + view.start..storage.start + view.end,
+                ),
                 None => Entry::of(tensor_from_storage(&buf[storage], &tref).map_err(err)?),
             };
             store.insert_new(name, entry, source_name)?;
         }
         Ok(store)
+    }
+
+    /// Parses a GGUF file kept in `bytes` (ComfyUI-GGUF's and llama.cpp's
+    /// format): tensors are read from them when used; quantized ones are
+    /// dequantized to f32 then ([`ggml`]). Names are as stored (a Flux file
+    /// from city96's converter has BFL's).
+    pub fn from_gguf_shared(bytes: SharedBytes, source_name: &str) -> Result<Self> {
+        let file = gguf::parse((*bytes).as_ref()).map_err(|reason| Error::Format {
+            source_name: source_name.to_string(),
+            format: "GGUF",
+            reason,
+        })?;
+        let mut store = Self::new(source_name);
+        for t in file.tensors {
+            let dtype = match t.ty {
+                ggml::GgmlType::F32 => Some(DType::F32),
+                ggml::GgmlType::F16 => Some(DType::F16),
+                ggml::GgmlType::BF16 => Some(DType::BF16),
+                _ => None,
+            };
+            let mut entry = Entry::mapped(dtype.unwrap_or(DType::F32), t.shape, bytes.clone(), t.range);
+            entry.ggml = dtype.is_none().then_some(t.ty);
+            store.insert_new(t.name, entry, source_name)?;
+        }
+        Ok(store)
+    }
+
+    /// The GGML type a GGUF tensor is stored in (`None`: no such tensor, or not from a GGUF file).
+    pub fn ggml_type(&self, name: &str) -> Option<ggml::GgmlType> {
+        self.tensors.get(name).and_then(|e| e.ggml)
     }
 
     /// A tensor, read from the shared bytes on first use and kept in the
@@ -232,7 +292,7 @@ impl TensorStore {
         self.tensors.get(name).map(|e| e.shape.as_slice())
     }
 
-    /// A tensor's dtype as stored (reads no tensor data).
+    /// A tensor's dtype as stored, or as read for a GGML-quantized one (f32; reads no tensor data).
     pub fn dtype(&self, name: &str) -> Option<DType> {
         self.tensors.get(name).map(|e| e.dtype)
     }
@@ -243,7 +303,7 @@ impl TensorStore {
 
     /// Bytes of the tensors read into host memory so far (kept by [`Self::get`] or made in memory).
     pub fn read_bytes(&self) -> usize {
-        self.tensors.values().filter(|e| e.read.get().is_some()).map(Entry::nbytes).sum()
+        self.tensors.values().filter(|e| e.read.get().is_some()).map(Entry::read_nbytes).sum()
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -651,6 +711,33 @@ mod tests {
         let copied = TensorStore::from_safetensors((*shared).as_ref(), "s.safetensors").unwrap();
         assert_eq!(copied.read_bytes(), copied.nbytes());
         assert_eq!(copied.get("b").unwrap().unwrap().to_vec1::<u8>().unwrap(), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_gguf_store_reads_and_dequantizes_each_tensor_when_used() {
+        use super::gguf::tests::{str_value, write};
+        let w: Vec<u8> = (0..6).flat_map(|i| half::bf16::from_f32(i as f32).to_le_bytes()).collect();
+        // One Q8_0 row of 32: scale 0.25 (f16 0x3400), values -16..16.
+        let mut q = vec![0x00, 0x34];
+        q.extend((0..32).map(|i| (i as i8 - 16) as u8));
+        let bytes = write(
+            &[("general.architecture", 8, str_value("flux"))],
+            &[("w", vec![3, 2], 30, w), ("q", vec![32, 1], 8, q)],
+        );
+        let mut store = TensorStore::from_gguf_shared(Arc::new(bytes), "m.gguf").unwrap();
+        assert_eq!(store.read_bytes(), 0);
+        assert_eq!((store.dtype("w"), store.dtype("q")), (Some(DType::BF16), Some(DType::F32)));
+        assert_eq!((store.ggml_type("w"), store.ggml_type("q")), (None, Some(ggml::GgmlType::Q8_0)));
+        assert_eq!(store.nbytes(), 12 + 34, "bytes as stored");
+        store.validate(&[("w".into(), vec![2, 3]), ("q".into(), vec![1, 32])]).unwrap();
+        assert_eq!(store.get("q").unwrap().unwrap().dims(), [1, 32]);
+        assert_eq!(store.read_bytes(), 32 * 4, "held dequantized");
+        let q = store.take("q").unwrap().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(q, (0..32).map(|i| (i - 16) as f32 * 0.25).collect::<Vec<_>>());
+        let w = store.take("w").unwrap().unwrap().to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(w, [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]);
+        let e = TensorStore::from_gguf_shared(Arc::new(b"GGUF\x01\0\0\0".to_vec()), "old.gguf").unwrap_err();
+        assert!(e.to_string().contains("old.gguf: not a valid GGUF file: GGUF version 1"), "{e}");
     }
 
     /// Bytes that can shrink after the store was made, as a file truncated under its map.

@@ -1,0 +1,90 @@
+//! GGUF checkpoints (ComfyUI-GGUF / llama.cpp) against gguf-py reading the
+//! same files (tests/reference/make_gguf_fixtures.py): every GGML type we
+//! read dequantizes to gguf-py's f32 values exactly (tolerance 0), and the
+//! tiny Flux written as city96's converter writes Flux loads to the same
+//! model as its weights given directly.
+
+use std::collections::{BTreeMap, HashMap};
+
+use ipaflux::load::load_flux;
+use ipaflux_core::candle_core::{DType, Device, Tensor};
+use ipaflux_core::flux::hooks::Hooks;
+use ipaflux_core::flux::sampler::img_ids;
+use ipaflux_core::flux::{Conditioning, FluxModel};
+use ipaflux_core::weights::ggml::GgmlType;
+use ipaflux_core::TensorStore;
+use ipaflux_tests::*;
+
+fn load(rel: &str) -> HashMap<String, Tensor> {
+    ipaflux_core::candle_core::safetensors::load(fixture(rel), &Device::Cpu).unwrap()
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
+#[test]
+fn every_ggml_type_dequantizes_to_gguf_py_values_exactly() {
+    let gold = load("gguf/ggml-types.safetensors");
+    let store = ipaflux::load::load_store(&fixture("gguf/ggml-types.gguf")).unwrap();
+    assert_eq!(store.len(), 13);
+    for (name, want) in &gold {
+        let got = store.get(name).unwrap().unwrap();
+        assert_eq!(got.dims(), want.dims(), "{name}");
+        let (got, want) = (bits(got), bits(want));
+        let first = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert_eq!(first, None, "{name}: not the values gguf-py reads from element {first:?} on");
+        let quantized = store.ggml_type(name).map(GgmlType::name);
+        assert_eq!(quantized.is_some(), !["F32", "F16", "BF16"].contains(&name.as_str()), "{name}");
+        assert!(quantized.is_none_or(|q| q == name), "{name} stored as {quantized:?}");
+    }
+    // The values vary (not all zero or one scale), so equality means something.
+    for want in gold.values() {
+        let v = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().any(|&x| x > 0.0) && v.iter().any(|&x| x < 0.0));
+    }
+}
+
+#[test]
+fn a_flux_gguf_loads_as_its_dequantized_weights() {
+    let path = fixture("flux/flux-tiny-bfl.gguf");
+    let gguf = load_flux(&path).unwrap().weights;
+    let original = load("flux/flux-tiny-bfl.safetensors");
+    let dequantized = load("flux/flux-tiny-bfl-gguf.safetensors");
+    // What the file should read as: gguf-py's values for quantized tensors,
+    // the original rounded to the stored type (F32 or F16) for the others.
+    let mut expected = BTreeMap::new();
+    for name in gguf.names() {
+        let want = match dequantized.get(name) {
+            Some(t) => t.clone(),
+            None => original[name].to_dtype(gguf.dtype(name).unwrap()).unwrap(),
+        };
+        let got = gguf.get(name).unwrap().unwrap();
+        assert_eq!((got.dtype(), bits(got)), (want.dtype(), bits(&want)), "{name}");
+        expected.insert(name.to_string(), want);
+    }
+    assert_eq!(expected.len(), original.len());
+    let quantized = gguf.names().filter(|n| gguf.ggml_type(n).is_some()).count();
+    assert_eq!(quantized, dequantized.len());
+    assert!(quantized >= 9, "the fixture quantizes every matrix whose rows are whole blocks");
+
+    let axes = Some(vec![4, 6, 6]);
+    let from_gguf = FluxModel::from_store(gguf, axes.clone(), DType::F32, &Device::Cpu).unwrap();
+    let direct = TensorStore::from_tensors("expected", expected);
+    let direct = FluxModel::from_store(direct, axes, DType::F32, &Device::Cpu).unwrap();
+    let g = load("flux/golden.safetensors");
+    let cond = Conditioning { txt: g["in.txt"].clone(), y: g["in.y"].clone(), guidance: Some(3.5) };
+    let run = |m: &FluxModel| m.forward(&g["in.img"], &img_ids(4, 6), &cond, 0.75, 0, Hooks::new(&[])).unwrap();
+    let (a, b) = (run(&from_gguf), run(&direct));
+    assert_eq!(bits(&a), bits(&b), "the GGUF model must equal its weights given directly");
+    // The quantized weights changed the output (the comparison above is not between two unquantized models).
+    assert!(rel_max_err(&a, &g["out.plain"]) > 1e-3);
+}
