@@ -313,11 +313,24 @@ pub fn load_text_encoder(path: &Path, sub: &str, tokenizer: Option<&Path>) -> Re
                 ),
             )
         })?;
-        let config = if sub == "text_encoder_2" { crate::text::T5_XXL_CONFIG } else { crate::text::CLIP_L_CONFIG };
+        let t5 = sub == "text_encoder_2";
+        let config = if t5 { crate::text::T5_XXL_CONFIG } else { crate::text::CLIP_L_CONFIG };
         let map = map_file(path)?;
+        let gguf_arch = gguf::is_gguf(&map).then(|| gguf::parse(&map).ok()?.architecture().map(str::to_string));
+        let weights = match gguf_arch {
+            None => store_from_map(map, path)?,
+            Some(arch) if t5 && arch.as_deref().is_none_or(|a| a == "t5" || a == "t5encoder") => {
+                store_from_map(map, path)?.filter_rename(|n| Some(t5_hf_name(n)))
+            }
+            Some(arch) => {
+                let what = if t5 { "T5" } else { "CLIP (only T5 is read from GGUF)" };
+                let arch = arch.unwrap_or_else(|| "unnamed".into());
+                return Err(io_err(path, format!("this GGUF file holds a `{arch}` model, not {what}")));
+            }
+        };
         return Ok(crate::generate::TextFiles {
             config: config.to_string(),
-            weights: store_from_bytes(&map, &path.display().to_string())?,
+            weights,
             tokenizer: read_tokenizer(&resolve_arg(tok)?)?,
         });
     }
@@ -333,6 +346,35 @@ pub fn load_text_encoder(path: &Path, sub: &str, tokenizer: Option<&Path>) -> Re
         weights: load_safetensors_in(&model_dir, "model")?,
         tokenizer,
     })
+}
+
+/// The Hugging Face name of a tensor of a llama.cpp T5 encoder (GGUF:
+/// `token_embd`, `enc.blk.N.attn_q`, ..., `enc.output_norm`), as
+/// ComfyUI-GGUF maps them; other names are kept.
+pub fn t5_hf_name(name: &str) -> String {
+    const PARTS: [(&str, &str); 10] = [
+        ("attn_q", "layer.0.SelfAttention.q"),
+        ("attn_k", "layer.0.SelfAttention.k"),
+        ("attn_v", "layer.0.SelfAttention.v"),
+        ("attn_o", "layer.0.SelfAttention.o"),
+        ("attn_rel_b", "layer.0.SelfAttention.relative_attention_bias"),
+        ("attn_norm", "layer.0.layer_norm"),
+        ("ffn_gate", "layer.1.DenseReluDense.wi_0"),
+        ("ffn_up", "layer.1.DenseReluDense.wi_1"),
+        ("ffn_down", "layer.1.DenseReluDense.wo"),
+        ("ffn_norm", "layer.1.layer_norm"),
+    ];
+    let Some(stem) = name.strip_suffix(".weight") else { return name.to_string() };
+    let hf = match stem {
+        "token_embd" => Some("shared".to_string()),
+        "enc.output_norm" => Some("encoder.final_layer_norm".to_string()),
+        _ => stem.strip_prefix("enc.blk.").and_then(|rest| {
+            let (block, part) = rest.split_once('.')?;
+            let (_, hf) = PARTS.iter().find(|(p, _)| *p == part)?;
+            Some(format!("encoder.block.{block}.{hf}"))
+        }),
+    };
+    hf.map_or_else(|| name.to_string(), |hf| format!("{hf}.weight"))
 }
 
 /// The folder a text encoder's weights are in (for its size).

@@ -177,7 +177,7 @@ struct GenerateArgs {
     #[arg(long)]
     flux: PathBuf,
     /// T5 encoder: folder with config.json, weights and tokenizer.json, a FLUX.1 repo folder / HF repo id,
-    /// or a single file (with --t5-tokenizer).
+    /// or a single file: safetensors or a llama.cpp-named GGUF encoder (with --t5-tokenizer).
     #[arg(long)]
     t5: PathBuf,
     /// CLIP-L text encoder: folder with config.json, weights and tokenizer.json, a FLUX.1 repo folder / HF repo id,

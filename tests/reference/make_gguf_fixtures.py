@@ -20,6 +20,11 @@ whose tiny BFL-layout Flux this converts):
   city96's converter falls back for rows that are not whole blocks.
 - `flux/flux-tiny-bfl-gguf.safetensors`: the quantized tensors of that file as
   gguf-py dequantizes them, in f32.
+- `pipeline/t5-encoder.gguf`: the tiny T5 encoder (`pipeline/t5/`) under
+  llama.cpp's T5 names (`enc.blk.N.attn_q`, `token_embd`, ...), architecture
+  "t5encoder", as city96's T5 encoder GGUFs are: matrices in Q8_0, the rest F32.
+- `pipeline/t5-encoder-gguf.safetensors`: every tensor of that file as gguf-py
+  reads it, in f32, under the Hugging Face names.
 """
 from pathlib import Path
 
@@ -108,3 +113,32 @@ quantized = {k: v for k, (v, q) in back.items() if q not in (T.F32, T.F16)}
 assert len(quantized) == turn + 2
 save_file(quantized, ROOT / "flux/flux-tiny-bfl-gguf.safetensors")
 print(f"wrote {len(types)} type fixtures; Flux GGUF with {len(quantized)} quantized of {len(back)} tensors")
+
+# The tiny T5 encoder under llama.cpp's names (its `convert_hf_to_gguf.py` T5 mapping).
+T5_PARTS = {
+    "layer.0.SelfAttention.q": "attn_q", "layer.0.SelfAttention.k": "attn_k",
+    "layer.0.SelfAttention.v": "attn_v", "layer.0.SelfAttention.o": "attn_o",
+    "layer.0.SelfAttention.relative_attention_bias": "attn_rel_b", "layer.0.layer_norm": "attn_norm",
+    "layer.1.DenseReluDense.wi_0": "ffn_gate", "layer.1.DenseReluDense.wi_1": "ffn_up",
+    "layer.1.DenseReluDense.wo": "ffn_down", "layer.1.layer_norm": "ffn_norm",
+}
+
+
+def llama_cpp_t5_name(hf):
+    if hf == "shared.weight":
+        return "token_embd.weight"
+    if hf == "encoder.final_layer_norm.weight":
+        return "enc.output_norm.weight"
+    _, _, block, rest = hf.split(".", 3)  # encoder.block.N.<part>.weight
+    return f"enc.blk.{block}.{T5_PARTS[rest.removesuffix('.weight')]}.weight"
+
+
+t5 = load_file(ROOT / "pipeline/t5/model.safetensors")
+tensors = {llama_cpp_t5_name(k): encode(v, T.Q8_0 if v.ndim == 2 and v.shape[-1] % 32 == 0 else T.F32)
+           for k, v in sorted(t5.items())}
+write(ROOT / "pipeline/t5-encoder.gguf", "t5encoder", tensors)
+back = read_back(ROOT / "pipeline/t5-encoder.gguf")
+hf_of = {llama_cpp_t5_name(k): k for k in t5}
+assert sorted(back) == sorted(hf_of)
+save_file({hf_of[k]: v for k, (v, _) in back.items()}, ROOT / "pipeline/t5-encoder-gguf.safetensors")
+print(f"T5 GGUF with {sum(q == T.Q8_0 for _, q in back.values())} Q8_0 of {len(back)} tensors")

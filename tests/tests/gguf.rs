@@ -88,3 +88,40 @@ fn a_flux_gguf_loads_as_its_dequantized_weights() {
     // The quantized weights changed the output (the comparison above is not between two unquantized models).
     assert!(rel_max_err(&a, &g["out.plain"]) > 1e-3);
 }
+
+/// The tiny T5 encoder built from `weights` (its own config, not T5-XXL's), and its output for one prompt.
+fn t5_output(weights: &TensorStore) -> Tensor {
+    let config = std::fs::read_to_string(fixture("pipeline/t5/config.json")).unwrap();
+    let tok = std::fs::read(fixture("pipeline/t5/tokenizer.json")).unwrap();
+    let mut t5 = ipaflux::text::T5Encoder::new(&config, weights, &tok, 16, DType::F32, &Device::Cpu).unwrap();
+    t5.encode("a cat on a sofa, watercolor").unwrap().1
+}
+
+#[test]
+fn a_llama_cpp_t5_encoder_gguf_loads_under_hugging_face_names() {
+    let path = fixture("pipeline/t5-encoder.gguf");
+    let tok = fixture("pipeline/t5/tokenizer.json");
+    // As `generate --t5 FILE.gguf --t5-tokenizer ...` reads it (with T5-XXL's config, which the tiny weights do not fit).
+    let files = ipaflux::load::load_text_encoder(&path, "text_encoder_2", Some(&tok)).unwrap();
+    let gold = load("pipeline/t5-encoder-gguf.safetensors");
+    let names: std::collections::BTreeSet<&str> = files.weights.names().collect();
+    assert_eq!(
+        names,
+        gold.keys().map(String::as_str).collect(),
+        "every llama.cpp name mapped to its Hugging Face name"
+    );
+    for (name, want) in &gold {
+        assert_eq!(bits(files.weights.get(name).unwrap().unwrap()), bits(want), "{name}");
+    }
+    assert!(files.weights.ggml_type("encoder.block.1.layer.1.DenseReluDense.wo.weight").is_some());
+
+    let from_gguf = t5_output(&files.weights);
+    let direct = t5_output(&TensorStore::from_tensors("expected", gold.into_iter().collect()));
+    assert_eq!(bits(&from_gguf), bits(&direct), "the GGUF T5 must equal its weights given directly");
+    // No closeness check against the f32 model: the tiny random T5 amplifies weight noise
+    // (relative noise of 1e-3 on its matrices moved its output by 4 %; Q8_0's is ≈ 4e-3).
+
+    let e = ipaflux::load::load_text_encoder(&fixture("flux/flux-tiny-bfl.gguf"), "text_encoder_2", Some(&tok));
+    let e = e.err().unwrap().to_string();
+    assert!(e.contains("holds a `flux` model, not T5"), "{e}");
+}
