@@ -162,7 +162,8 @@ pub fn load_flux(path: &Path) -> Result<FluxFiles> {
         Some(p) => load_flux(&p),
         None => Err(io_err(
             &dir,
-            "no Flux weights here: expected transformer/diffusion_pytorch_model*.safetensors or flux1-*.safetensors",
+            "no Flux weights here: expected transformer/diffusion_pytorch_model*.safetensors or flux1-*.safetensors \
+             (a GGUF file is given by its own path)",
         )),
     }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""GGUF fixtures: every GGML type we read, and the tiny Flux as a GGUF file
-laid out as city96's converter (ComfyUI-GGUF) writes Flux, with goldens from
-gguf-py (llama.cpp's Python package) reading the files back.
+"""GGUF fixtures: every GGML type we read, the tiny Flux under the names of
+city96's converter (ComfyUI-GGUF), and the tiny T5 encoder under llama.cpp's,
+with goldens from gguf-py (llama.cpp's Python package) reading the files back.
 
 Run after `pip install gguf numpy safetensors` (and make_flux_fixtures.py,
 whose tiny BFL-layout Flux this converts):
@@ -13,11 +13,13 @@ whose tiny BFL-layout Flux this converts):
   random blocks whose f16 scales are set to small positive values.
 - `gguf/ggml-types.safetensors`: the same tensors as `gguf.quants.dequantize`
   reads them from the file, in f32.
-- `flux/flux-tiny-bfl.gguf`: `flux/flux-tiny-bfl.safetensors` with BFL's names,
-  `general.architecture` "flux", vectors in F32, matrices whose rows are whole
-  blocks quantized (Q8_0, Q5_1, Q4_0, Q5_0, Q4_1 in turn; the 256-wide
-  embedders' first layers as random Q4_K/Q6_K blocks), the rest in F16, as
-  city96's converter falls back for rows that are not whole blocks.
+- `flux/flux-tiny-bfl.gguf`: `flux/flux-tiny-bfl.safetensors` with the names
+  and metadata of city96's converter (`tools/convert.py`: BFL's names,
+  `general.architecture` "flux"), vectors in F32, matrices whose rows are
+  whole blocks quantized (Q8_0, Q5_1, Q4_0, Q5_0, Q4_1 in turn; the 256-wide
+  embedders' first layers as random Q4_K/Q6_K blocks), the rest in F16. The
+  converter keeps the embedders in F32; here they are quantized too, so more
+  of the model goes through dequantization.
 - `flux/flux-tiny-bfl-gguf.safetensors`: the quantized tensors of that file as
   gguf-py dequantizes them, in f32.
 - `pipeline/t5-encoder.gguf`: the tiny T5 encoder (`pipeline/t5/`) under
@@ -92,7 +94,7 @@ assert sorted(back) == sorted(q.name for q in types)
 assert all(back[q.name][1] == q for q in types)
 save_file({k: v for k, (v, _) in back.items()}, ROOT / "gguf/ggml-types.safetensors")
 
-# The tiny Flux, as city96's converter lays out Flux.
+# The tiny Flux under city96's converter's names and metadata (types: see the docstring).
 sd = load_file(ROOT / "flux/flux-tiny-bfl.safetensors")
 tensors, turn = {}, 0
 for name in sorted(sd):

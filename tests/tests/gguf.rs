@@ -1,8 +1,8 @@
 //! GGUF checkpoints (ComfyUI-GGUF / llama.cpp) against gguf-py reading the
 //! same files (tests/reference/make_gguf_fixtures.py): every GGML type we
 //! read dequantizes to gguf-py's f32 values exactly (tolerance 0), and the
-//! tiny Flux written as city96's converter writes Flux loads to the same
-//! model as its weights given directly.
+//! tiny Flux (city96's converter's names) and T5 encoder (llama.cpp's names)
+//! load to the same models as their weights given directly.
 
 use std::collections::{BTreeMap, HashMap};
 
