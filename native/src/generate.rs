@@ -104,7 +104,6 @@ pub struct Generated {
 /// Flux takes its output in f16.
 fn t5_dtype(dtype: DType) -> DType {
     if dtype == DType::F16 {
-        tracing::info!(target: "ipaflux::generate", "T5 runs in bf16: it overflows in f16");
         DType::BF16
     } else {
         dtype
@@ -221,6 +220,9 @@ pub fn generate(
     job(&mut reg, "text", dev, &[h.t5.model, h.clip.model], vec![vec![ip_id], vec![flux_id], vec![vae_id]])?;
     let (txt, y) = timed(&mut stages, "text encoders", || {
         let f = (src.t5.0)()?;
+        if t5_dtype(s.dtype) != s.dtype {
+            tracing::info!(target: "ipaflux::generate", "T5 runs in bf16: it overflows in f16");
+        }
         let mut t5 = T5Encoder::new(&f.config, &f.weights, &f.tokenizer, s.t5_max_len, t5_dtype(s.dtype), &s.device)?;
         let (_, txt) = t5.encode(&s.prompt)?;
         let f = (src.clip.0)()?;
@@ -449,7 +451,8 @@ impl ModelPaths {
         let flux_units = load::flux_units(&flux)?;
         let (t5_tok, clip_tok) = (self.t5_tokenizer, self.clip_tokenizer);
         let flux_bytes = load::weight_bytes(&if flux.is_file() { flux.clone() } else { load::flux_dir(&flux)? });
-        let t5_bytes = load::weight_bytes(&load::text_encoder_dir(&t5, "text_encoder_2"));
+        let t5_bytes =
+            load::loaded_bytes(&load::text_encoder_dir(&t5, "text_encoder_2"), t5_dtype(self.encoder_dtype.dtype()))?;
         let clip_bytes = load::weight_bytes(&load::text_encoder_dir(&clip, "text_encoder"));
         let (vae_bytes, ip_bytes) = (load::weight_bytes(&vae), load::weight_bytes(&ip));
         let image_encoder: Option<(LoadFn<Encoder>, u64)> = siglip.map(|dir| {

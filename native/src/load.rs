@@ -250,6 +250,28 @@ pub fn weight_bytes(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// [`weight_bytes`], except that a GGUF file's quantized tensors count as
+/// `dtype`, the type they are dequantized to when they load (a Q8_0 T5 takes
+/// twice its file's size in bf16).
+pub fn loaded_bytes(path: &Path, dtype: ipaflux_core::candle_core::DType) -> Result<u64> {
+    if path.is_file() {
+        let map = map_file(path)?;
+        if gguf::is_gguf(&map) {
+            let file = gguf::parse(&map).map_err(|e| io_err(path, e))?;
+            let bytes = file.tensors.iter().map(|t| {
+                let n = t.shape.iter().product::<usize>();
+                if t.ty.is_quantized() {
+                    n * dtype.size_in_bytes()
+                } else {
+                    t.range.len()
+                }
+            });
+            return Ok(bytes.sum::<usize>() as u64);
+        }
+    }
+    Ok(weight_bytes(path))
+}
+
 /// Flux's head size from a safetensors or GGUF header (no tensor data read): the QK-norm scale's length.
 pub fn flux_head_dim_in(bytes: &[u8]) -> Option<usize> {
     let names = [
@@ -574,6 +596,19 @@ mod tests {
         assert_eq!(flux_head_dim(&path).unwrap(), 16);
         let e = load_flux(&fixture("gguf/ggml-types.gguf")).err().unwrap().to_string();
         assert!(e.contains("holds a `ipaflux-test` model, not Flux"), "{e}");
+    }
+
+    #[test]
+    fn a_gguf_text_encoder_counts_at_the_size_it_loads_to() {
+        let path = fixture("pipeline/t5-encoder.gguf");
+        let store = load_store(&path).unwrap();
+        let elements = |n: &str| store.shape(n).unwrap().iter().product::<usize>();
+        // Q8_0 matrices at 2 bytes an element (bf16), the F32 vectors as stored.
+        let want: usize = store.names().map(|n| elements(n) * if store.ggml_type(n).is_some() { 2 } else { 4 }).sum();
+        assert_eq!(loaded_bytes(&path, DType::BF16).unwrap(), want as u64);
+        assert!(want as u64 > weight_bytes(&path), "more than the file's quantized blocks");
+        let st = fixture("pipeline/t5/model.safetensors");
+        assert_eq!(loaded_bytes(&st, DType::BF16).unwrap(), weight_bytes(&st));
     }
 
     #[test]
