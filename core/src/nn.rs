@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -11,12 +12,45 @@ use crate::error::Result;
 
 /// `y = x Wᵀ + b` over the last dimension, any number of leading dimensions.
 ///
-/// The weight is kept transposed (`[in, out]`, contiguous), made once at load:
-/// the CPU matmul is faster on a contiguous right-hand side than on a strided one.
+/// A dense weight is kept transposed (`[in, out]`, contiguous), made once at
+/// load: the CPU matmul is faster on a contiguous right-hand side than on a
+/// strided one. A GGML-quantized weight (a GGUF checkpoint's, [`Self::quantized`])
+/// stays in its blocks and is dequantized each time the layer runs.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight_t: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
+}
+
+/// `weight` `[out, in]` as a dense [`Linear`] keeps it: transposed, made
+/// contiguous on the CPU, a view on GPUs ([`Linear::from_parts`]).
+fn transposed(weight: &Tensor) -> Result<Tensor> {
+    Ok(if weight.device().is_cpu() { weight.t()?.contiguous()? } else { weight.t()? })
+}
+
+/// How a [`Linear`] holds its weight.
+#[derive(Clone)]
+enum Weight {
+    /// Transposed, `[in, out]`.
+    Dense(Tensor),
+    /// GGML blocks `[out, in]` as stored, of which the layer is rows `rows`,
+    /// dequantized to `dtype` when it runs.
+    Quantized { blocks: Arc<QTensor>, rows: std::ops::Range<usize>, dtype: DType },
+}
+
+impl std::fmt::Debug for Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dense(t) => f.debug_tuple("Dense").field(t).finish(),
+            Self::Quantized { blocks, rows, dtype } => f
+                .debug_struct("Quantized")
+                .field("ggml", &blocks.dtype())
+                .field("shape", blocks.shape())
+                .field("rows", rows)
+                .field("dtype", dtype)
+                .finish(),
+        }
+    }
 }
 
 impl Linear {
@@ -35,13 +69,34 @@ impl Linear {
     /// operand as is), so the layer holds exactly the checkpoint's bytes and
     /// shares them with whoever else holds `weight`.
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let weight_t = if weight.device().is_cpu() { weight.t()?.contiguous()? } else { weight.t()? };
-        Ok(Self { weight_t, bias })
+        Ok(Self { weight: Weight::Dense(transposed(&weight)?), bias })
     }
 
-    /// The weight in PyTorch's layout `[out, in]` (a view, no copy).
+    /// From GGML blocks `[out, in]` kept as they are (on their device) and
+    /// dequantized to `dtype` each time the layer runs, as ComfyUI-GGUF does.
+    pub fn quantized(blocks: QTensor, bias: Option<Tensor>, dtype: DType) -> Result<Self> {
+        let (out, _) = blocks.shape().dims2()?;
+        Ok(Self { weight: Weight::Quantized { blocks: Arc::new(blocks), rows: 0..out, dtype }, bias })
+    }
+
+    /// Whether the weight is held as GGML blocks ([`Self::quantized`]).
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, Weight::Quantized { .. })
+    }
+
+    /// The weight in PyTorch's layout `[out, in]`: a view of a dense weight,
+    /// a dequantized copy of a quantized one.
     pub fn weight(&self) -> Result<Tensor> {
-        Ok(self.weight_t.t()?)
+        match &self.weight {
+            Weight::Dense(t) => Ok(t.t()?),
+            Weight::Quantized { blocks, rows, dtype } => {
+                let device = blocks.device();
+                let w =
+                    if *dtype == DType::F16 { blocks.dequantize_f16(&device)? } else { blocks.dequantize(&device)? };
+                let w = if rows.len() == w.dim(0)? { w } else { w.narrow(0, rows.start, rows.len())? };
+                Ok(w.to_dtype(*dtype)?)
+            }
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -49,15 +104,32 @@ impl Linear {
     }
 
     /// The layer of output features `[start, start + len)`: views of the
-    /// weight's rows and the bias, no copy.
+    /// weight's rows (of the blocks, for a quantized weight) and the bias, no copy.
     pub fn narrow_out(&self, start: usize, len: usize) -> Result<Self> {
         let bias = self.bias.as_ref().map(|b| b.narrow(0, start, len)).transpose()?;
-        Ok(Self { weight_t: self.weight_t.narrow(1, start, len)?, bias })
+        let weight = match &self.weight {
+            Weight::Dense(t) => Weight::Dense(t.narrow(1, start, len)?),
+            Weight::Quantized { blocks, rows, dtype } => {
+                if start + len > rows.len() {
+                    return Err(crate::Error::Shape(format!(
+                        "rows {start}..{} of a {}-row layer",
+                        start + len,
+                        rows.len()
+                    )));
+                }
+                let rows = rows.start + start..rows.start + start + len;
+                Weight::Quantized { blocks: blocks.clone(), rows, dtype: *dtype }
+            }
+        };
+        Ok(Self { weight, bias })
     }
 
-    /// The dtype the weights are stored in.
+    /// The dtype the weights are stored in (a quantized weight's: the one it is dequantized to).
     pub fn dtype(&self) -> DType {
-        self.weight_t.dtype()
+        match &self.weight {
+            Weight::Dense(t) => t.dtype(),
+            Weight::Quantized { dtype, .. } => *dtype,
+        }
     }
 
     /// Weights stored in another dtype than `x` (fp8 checkpoints) are converted for this call only.
@@ -75,16 +147,21 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((lead, in_dim))?;
-        let mut y = if self.weight_t.dtype() == x.dtype() {
-            x2.matmul(&self.weight_t)?
+        let weight_t = match &self.weight {
+            Weight::Dense(t) => t.clone(),
+            // Laid out as a dense weight is, so both compute the same.
+            Weight::Quantized { .. } => transposed(&self.weight()?)?,
+        };
+        let mut y = if weight_t.dtype() == x.dtype() {
+            x2.matmul(&weight_t)?
         } else {
-            x2.matmul(&self.weight_t.to_dtype(x.dtype())?)?
+            x2.matmul(&weight_t.to_dtype(x.dtype())?)?
         };
         if let (Some(b), true) = (&self.bias, with_bias) {
             y = if b.dtype() == y.dtype() { y.broadcast_add(b)? } else { y.broadcast_add(&b.to_dtype(y.dtype())?)? };
         }
         let mut out_shape = dims[..dims.len() - 1].to_vec();
-        out_shape.push(self.weight_t.dim(1)?);
+        out_shape.push(weight_t.dim(1)?);
         Ok(y.reshape(out_shape)?)
     }
 }

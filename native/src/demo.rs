@@ -93,10 +93,44 @@ pub fn settings(seed: u64) -> Settings {
         registry: RegistryConfig::default(),
         vram_budget: None,
         kernels: crate::KernelSet::default(),
+        gguf: ipaflux_core::flux::GgufWeights::default(),
     }
 }
 
 /// The bundled sample as the one reference.
 pub fn references() -> Vec<Reference> {
     vec![Reference::Image { bytes: SAMPLE.to_vec(), name: "bundled sample photo.jpg".into(), weight: 1.0 }]
+}
+
+#[cfg(test)]
+mod tests {
+    use ipaflux_core::flux::GgufWeights;
+    use ipaflux_core::registry::Op;
+
+    use super::*;
+
+    /// The bundled pipeline with the tiny Flux read from its GGUF fixture.
+    fn gguf_sources() -> Sources {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/flux/flux-tiny-bfl.gguf");
+        let units = crate::load::flux_units(&path).unwrap();
+        let flux: crate::generate::LoadFn<FluxFiles> = Box::new(move || {
+            Ok(FluxFiles { weights: crate::load::load_store(&path)?, axes_dim: Some(TINY_AXES.to_vec()) })
+        });
+        Sources { flux: (flux, 0), flux_units: units, ..sources() }
+    }
+
+    #[test]
+    fn a_gguf_flux_kept_quantized_gives_the_dequantized_pixels_with_fewer_bytes_loaded() {
+        let run = |gguf| {
+            let s = Settings { width: 64, height: 48, steps: 2, gguf, ..settings(0) };
+            crate::generate::generate(&gguf_sources(), &references(), &s, &mut |_| {}).unwrap()
+        };
+        let (kept, dense) = (run(GgufWeights::Quantized), run(GgufWeights::Dequantized));
+        assert_eq!(kept.rgb, dense.rgb);
+        let flux_bytes = |g: &crate::generate::Generated| {
+            g.timeline.iter().filter(|e| e.model == "flux" && e.op == Op::Register).map(|e| e.bytes).sum::<u64>()
+        };
+        let (k, d) = (flux_bytes(&kept), flux_bytes(&dense));
+        assert!(k > 0 && k < d, "Flux registered: {k} B kept quantized, {d} B dequantized");
+    }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use ipaflux_core::candle_core::{DType, Device, Tensor};
 use ipaflux_core::flux::ip::{check_compatible, IpAdapterHook, IpHookConfig, IpImage, IpWeight};
 use ipaflux_core::flux::sampler::{self, StepInfo};
-use ipaflux_core::flux::{BlockId, BlockSource, Conditioning, FluxModel, Hooks, HostBlocks};
+use ipaflux_core::flux::{BlockId, BlockSource, Conditioning, FluxLoad, FluxModel, GgufWeights, Hooks, HostBlocks};
 use ipaflux_core::registry::{
     Event, HostMemory, JobPlan, JobRequest, ModelHandle, ModelId, ModelSpec, Registry, RegistryConfig, Role,
 };
@@ -86,6 +86,8 @@ pub struct Settings {
     pub vram_budget: Option<u64>,
     /// Which fused CUDA kernels run (CUDA only).
     pub kernels: crate::KernelSet,
+    /// How a GGUF Flux's quantized weights are held.
+    pub gguf: GgufWeights,
 }
 
 /// The result: RGB pixels, the memory timeline, stage timings.
@@ -119,9 +121,9 @@ struct Handles {
     vae: ModelHandle,
 }
 
-fn register_all(reg: &mut Registry, src: &Sources, dev: DeviceSpec, dtype: DType) -> Result<Handles> {
+fn register_all(reg: &mut Registry, src: &Sources, dev: DeviceSpec, s: &Settings) -> Result<Handles> {
     let spec = |name: &str, role, bytes| ModelSpec::uniform(name, role, dev, bytes, 1, name);
-    let flux_units = src.flux_units.specs(dtype);
+    let flux_units = src.flux_units.specs(s.dtype, s.gguf);
     let flux = if flux_units.is_empty() {
         spec("flux", Role::Diffusion, src.flux.1)
     } else {
@@ -142,15 +144,16 @@ fn register_all(reg: &mut Registry, src: &Sources, dev: DeviceSpec, dtype: DType
 }
 
 /// Runs a registry job for `stage` over `models`, with the later stages as lookahead.
+/// Loads `models` for a stage that needs `working` bytes besides them (beyond the registry's margin).
 fn job(
     reg: &mut Registry,
     stage: &str,
-    dev: DeviceSpec,
+    (dev, working): (DeviceSpec, u64),
     models: &[ModelId],
     later: Vec<Vec<ModelId>>,
 ) -> Result<JobPlan> {
     reg.begin_stage(stage);
-    Ok(reg.load_for_job(&JobRequest::new(dev, models).lookahead(later))?)
+    Ok(reg.load_for_job(&JobRequest::new(dev, models).working(working).lookahead(later))?)
 }
 
 fn timed<T>(
@@ -212,12 +215,12 @@ pub fn generate(
     sampler::check_size(s.width, s.height)?;
     let dev = s.device_spec;
     let mut reg = Registry::new(s.registry.clone(), memory_devices(dev, s.vram_budget)?)?;
-    let h = register_all(&mut reg, src, dev, s.dtype)?;
+    let h = register_all(&mut reg, src, dev, s)?;
     let mut stages = Vec::new();
     let (flux_id, vae_id, ip_id) = (h.flux.model, h.vae.model, h.ip.model);
 
     // Text: T5 tokens and the pooled CLIP vector.
-    job(&mut reg, "text", dev, &[h.t5.model, h.clip.model], vec![vec![ip_id], vec![flux_id], vec![vae_id]])?;
+    job(&mut reg, "text", (dev, 0), &[h.t5.model, h.clip.model], vec![vec![ip_id], vec![flux_id], vec![vae_id]])?;
     let (txt, y) = timed(&mut stages, "text encoders", || {
         let f = (src.t5.0)()?;
         if t5_dtype(s.dtype) != s.dtype {
@@ -239,7 +242,7 @@ pub fn generate(
     // Reference images → image prompt embeddings → per-block K/V (computed once).
     let mut image_models = vec![ip_id];
     image_models.extend(h.image_encoder.map(|e| e.model));
-    job(&mut reg, "image", dev, &image_models, vec![vec![flux_id], vec![vae_id]])?;
+    job(&mut reg, "image", (dev, 0), &image_models, vec![vec![flux_id], vec![vae_id]])?;
     let (images, adapter_dims, kv_bytes) = timed(&mut stages, "reference images + IP K/V", || ip_images(src, refs, s))?;
     reg.embeddings_ready(&image_models)?;
     let kv = reg.register(ModelSpec::uniform("ip-kv-cache", Role::Cache, dev, kv_bytes as u64, 1, "kv"))?;
@@ -250,7 +253,9 @@ pub fn generate(
     release_cache(&mut reg, "reference images encoded");
 
     // Sampling: the blocks the registry did not make resident are streamed.
-    let plan = job(&mut reg, "sample", dev, &[flux_id, kv.model], vec![vec![vae_id]])?;
+    let dequantizing =
+        if s.gguf == GgufWeights::Quantized { src.flux_units.kept_quantized_working(s.dtype) } else { 0 };
+    let plan = job(&mut reg, "sample", (dev, dequantizing), &[flux_id, kv.model], vec![vec![vae_id]])?;
     let streamed = match plan.placements.iter().find(|p| p.model == flux_id) {
         Some(p) if !p.streamed.is_empty() => src.flux_units.blocks(&p.streamed)?,
         _ => Vec::new(),
@@ -263,7 +268,7 @@ pub fn generate(
     release_cache(&mut reg, "sampling done");
 
     // Decode.
-    job(&mut reg, "decode", dev, &[vae_id], vec![])?;
+    job(&mut reg, "decode", (dev, 0), &[vae_id], vec![])?;
     let (width, height, rgb) = timed(&mut stages, "vae decode", || {
         let vae = VaeDecoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
         let img = vae.decode(&sampler::unpack(&latents, s.height / 8, s.width / 8)?)?;
@@ -332,8 +337,8 @@ fn sample(
     on_step: &mut dyn FnMut(StepInfo),
 ) -> Result<Tensor> {
     let files = (src.flux.0)()?;
-    let (mut model, kept) =
-        FluxModel::from_store_streamed(files.weights, files.axes_dim, s.dtype, &s.device, streamed)?;
+    let load = FluxLoad { dtype: s.dtype, device: &s.device, streamed, gguf: s.gguf };
+    let (mut model, kept) = FluxModel::from_store_with(files.weights, files.axes_dim, &load)?;
     if !streamed.is_empty() {
         let u = &src.flux_units;
         if (u.depth, u.depth_single) != (model.cfg.depth, model.cfg.depth_single) {

@@ -41,7 +41,7 @@ use ipaflux_core::flux::hooks::{AttentionHook, Hooks};
 use ipaflux_core::flux::ip::{IpAdapterHook, IpHookConfig, IpImage, IpWeight};
 use ipaflux_core::flux::sampler::img_ids;
 use ipaflux_core::flux::stream::unit_specs;
-use ipaflux_core::flux::{Conditioning, FluxModel};
+use ipaflux_core::flux::{Conditioning, FluxLoad, FluxModel, GgufWeights};
 use ipaflux_core::ip_adapter::{IpAdapterDims, MlpProjection};
 use ipaflux_core::nn::{sdpa, Attention, ExtraAttention, FusedLinear, FusedModulation};
 use ipaflux_core::registry::DEFAULT_SAFETY_MARGIN;
@@ -330,6 +330,7 @@ pub fn run(o: &CheckOptions) -> Report {
     let mut steps: Vec<(Section, Step)> = vec![
         (Section::Parity, parity_siglip),
         (Section::Parity, parity_flux),
+        (Section::Parity, parity_flux_gguf),
         (Section::Attention, attention_real_shapes),
     ];
     #[cfg(feature = "cuda")]
@@ -574,6 +575,46 @@ fn parity_flux(o: &CheckOptions, r: &mut Report) -> Result<()> {
         r.check(
             Section::Parity,
             format!("Flux tiny + IP, {name} {dtype:?} ({label}) vs CPU f32"),
+            rel_max_err(&got, &cpu)?,
+            tol,
+        );
+    }
+    Ok(())
+}
+
+/// The tiny Flux from its GGUF fixture, kept quantized on the device (each
+/// layer dequantized by candle's kernels as it runs) with the default fused
+/// kernels, against the CPU with the weights dequantized at load.
+fn parity_flux_gguf(o: &CheckOptions, r: &mut Report) -> Result<()> {
+    let gold = load_file(&o.fixtures.join("flux/golden.safetensors"))?;
+    let get = |k: &str| {
+        gold.get(k)
+            .cloned()
+            .ok_or_else(|| Error::Io { path: o.fixtures.join("flux/golden.safetensors"), reason: format!("no `{k}`") })
+    };
+    let forward = |dtype: DType, device: &Device, gguf: GgufWeights| -> Result<Tensor> {
+        let files = load_flux(&o.fixtures.join("flux/flux-tiny-bfl.gguf"))?;
+        let load = FluxLoad { dtype, device, streamed: &[], gguf };
+        let (mut m, _) = FluxModel::from_store_with(files.weights, Some(vec![4, 6, 6]), &load)?;
+        if let (false, Some(set)) = (device.is_cpu(), o.default_set.as_ref()) {
+            m.set_attention(set.attention.clone());
+            m.set_fused_modulation(Some(set.modulation.clone()));
+        }
+        let cond = Conditioning {
+            txt: get("in.txt")?.to_device(device)?,
+            y: get("in.y")?.to_device(device)?,
+            guidance: Some(3.5),
+        };
+        let x = get("in.img")?.to_device(device)?.to_dtype(dtype)?;
+        Ok(m.forward(&x, &img_ids(4, 6), &cond, 0.75, 0, Hooks::new(&[]))?)
+    };
+    let cpu = forward(DType::F32, &Device::Cpu, GgufWeights::Dequantized)?;
+    let name = dev_name(&o.device);
+    for (dtype, tol) in [(DType::F32, F32_TOL), (DType::BF16, HALF_TOL)] {
+        let got = forward(dtype, &o.device, GgufWeights::Quantized)?;
+        r.check(
+            Section::Parity,
+            format!("Flux tiny GGUF kept quantized, {name} {dtype:?} vs CPU f32 dequantized at load"),
             rel_max_err(&got, &cpu)?,
             tol,
         );

@@ -7,6 +7,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ipaflux_core::candle_core::DType;
+use ipaflux_core::flux::GgufWeights;
 use ipaflux_core::weights::{gguf, shards_from_index_json};
 use ipaflux_core::{PreprocessConfig, SiglipVisionConfig, TensorStore};
 
@@ -468,24 +470,54 @@ fn flux_unit_of(name: &str) -> Option<Option<ipaflux_core::flux::BlockId>> {
 pub struct FluxUnits {
     pub depth: usize,
     pub depth_single: usize,
-    /// Per unit: elements stored in a 16/32-bit type, elements stored as fp8 (kept fp8 in memory).
-    pub elements: Vec<(u64, u64)>,
+    /// Per unit, what it holds.
+    pub units: Vec<UnitContents>,
+}
+
+/// What one of Flux's registry units holds, by how its tensors are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnitContents {
+    /// Elements stored in a 16/32-bit type (converted to the model dtype).
+    pub wide: u64,
+    /// Elements stored as fp8 (kept fp8 in memory).
+    pub fp8: u64,
+    /// Elements stored as GGML blocks (a GGUF file's), and the blocks' bytes.
+    pub ggml: u64,
+    pub ggml_bytes: u64,
+    /// Elements of its largest GGML-quantized matrix.
+    pub largest_ggml: u64,
 }
 
 impl FluxUnits {
-    /// Registry units for a model computing in `dtype`.
-    pub fn specs(&self, dtype: ipaflux_core::candle_core::DType) -> Vec<ipaflux_core::registry::UnitSpec> {
+    /// Registry units for a model computing in `dtype`, holding a GGUF file's quantized weights as `gguf` says.
+    pub fn specs(&self, dtype: DType, gguf: GgufWeights) -> Vec<ipaflux_core::registry::UnitSpec> {
         let blocks = (0..self.depth)
             .map(|i| format!("double_blocks.{i}"))
             .chain((0..self.depth_single).map(|i| format!("single_blocks.{i}")));
+        let size = dtype.size_in_bytes() as u64;
         std::iter::once(ipaflux_core::flux::stream::BASE_UNIT.to_string())
             .chain(blocks)
-            .zip(&self.elements)
-            .map(|(name, &(wide, fp8))| ipaflux_core::registry::UnitSpec {
-                name,
-                bytes: wide * dtype.size_in_bytes() as u64 + fp8,
+            .zip(&self.units)
+            .map(|(name, u)| {
+                let ggml = match gguf {
+                    GgufWeights::Quantized => u.ggml_bytes,
+                    GgufWeights::Dequantized => u.ggml * size,
+                };
+                ipaflux_core::registry::UnitSpec { name, bytes: u.wide * size + u.fp8 + ggml }
             })
             .collect()
+    }
+
+    /// Memory a step needs besides its activations when GGML weights are
+    /// kept quantized ([`GgufWeights::Quantized`]): the largest matrix
+    /// dequantized (f32, then `dtype`), and a streamed block arriving
+    /// dequantized in each of the stream buffer's two slots (the registry
+    /// sizes them by the quantized units). Zero for other checkpoints.
+    pub fn kept_quantized_working(&self, dtype: DType) -> u64 {
+        let size = dtype.size_in_bytes() as u64;
+        let largest = self.units.iter().map(|u| u.largest_ggml).max().unwrap_or(0);
+        let excess = self.units.iter().skip(1).map(|u| (u.ggml * size).saturating_sub(u.ggml_bytes)).max();
+        largest * (4 + size) + 2 * excess.unwrap_or(0)
     }
 
     /// The blocks behind registry unit indices of [`Self::specs`].
@@ -519,33 +551,50 @@ pub fn flux_units(path: &Path) -> Result<FluxUnits> {
     flux_units_in(&headers)
 }
 
-/// [`FluxUnits`] from safetensors or GGUF files in memory (bytes, name for
-/// errors). A GGUF file's quantized tensors count in the model dtype, as
-/// they are held once loaded.
+/// How a tensor is stored, for [`UnitContents`].
+enum Stored {
+    Wide,
+    Fp8,
+    /// GGML blocks of this many bytes.
+    Ggml(u64),
+}
+
+/// [`FluxUnits`] from safetensors or GGUF files in memory (bytes, name for errors).
 pub fn flux_units_in(files: &[(&[u8], String)]) -> Result<FluxUnits> {
     use ipaflux_core::flux::BlockId;
-    let mut base = (0u64, 0u64);
-    let mut blocks: BTreeMap<BlockId, (u64, u64)> = BTreeMap::new();
+    let mut base = UnitContents::default();
+    let mut blocks: BTreeMap<BlockId, UnitContents> = BTreeMap::new();
     for (bytes, name) in files {
-        // (name, elements, stored as fp8)
-        let tensors: Vec<(String, usize, bool)> = if gguf::is_gguf(bytes) {
+        let tensors: Vec<(String, usize, Stored)> = if gguf::is_gguf(bytes) {
             let file = gguf::parse(bytes).map_err(|e| io_err(Path::new(name), e))?;
-            file.tensors.into_iter().map(|t| (t.name, t.shape.iter().product(), false)).collect()
+            let stored = |t: &gguf::GgufTensor| {
+                if t.ty.is_quantized() {
+                    Stored::Ggml(t.range.len() as u64)
+                } else {
+                    Stored::Wide
+                }
+            };
+            file.tensors.iter().map(|t| (t.name.clone(), t.shape.iter().product(), stored(t))).collect()
         } else {
             let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| io_err(Path::new(name), e))?;
-            let fp8 = |d| d == safetensors::Dtype::F8_E4M3;
-            meta.tensors().into_iter().map(|(n, i)| (n, i.shape.iter().product(), fp8(i.dtype))).collect()
+            let stored = |d| if d == safetensors::Dtype::F8_E4M3 { Stored::Fp8 } else { Stored::Wide };
+            meta.tensors().into_iter().map(|(n, i)| (n, i.shape.iter().product(), stored(i.dtype))).collect()
         };
-        for (tensor, n, fp8) in tensors {
+        for (tensor, n, stored) in tensors {
             let Some(unit) = flux_unit_of(&tensor) else { continue };
             let slot = match unit {
                 None => &mut base,
                 Some(b) => blocks.entry(b).or_default(),
             };
-            if fp8 {
-                slot.1 += n as u64;
-            } else {
-                slot.0 += n as u64;
+            let n = n as u64;
+            match stored {
+                Stored::Wide => slot.wide += n,
+                Stored::Fp8 => slot.fp8 += n,
+                Stored::Ggml(bytes) => {
+                    slot.ggml += n;
+                    slot.ggml_bytes += bytes;
+                    slot.largest_ggml = slot.largest_ggml.max(n);
+                }
             }
         }
     }
@@ -554,9 +603,9 @@ pub fn flux_units_in(files: &[(&[u8], String)]) -> Result<FluxUnits> {
     }
     let depth = blocks.keys().filter(|b| matches!(b, BlockId::Double(_))).count();
     let depth_single = blocks.len() - depth;
-    let mut elements = vec![base];
-    elements.extend(blocks.values().copied()); // BlockId orders doubles first, by index
-    Ok(FluxUnits { depth, depth_single, elements })
+    let mut units = vec![base];
+    units.extend(blocks.values().copied()); // BlockId orders doubles first, by index
+    Ok(FluxUnits { depth, depth_single, units })
 }
 
 #[cfg(test)]
@@ -580,9 +629,10 @@ mod tests {
         let model = FluxModel::from_store(files.weights, files.axes_dim, DType::F32, &Device::Cpu).unwrap();
         assert_eq!((units.depth, units.depth_single), (model.cfg.depth, model.cfg.depth_single));
         for dtype in [DType::F32, DType::BF16] {
-            assert_eq!(units.specs(dtype), unit_specs(&model.cfg, dtype));
+            assert_eq!(units.specs(dtype, GgufWeights::Quantized), unit_specs(&model.cfg, dtype));
         }
-        let n = units.elements.len();
+        assert_eq!(units.kept_quantized_working(DType::BF16), 0);
+        let n = units.units.len();
         assert_eq!(units.blocks(&[1, n - 1]).unwrap(), [BlockId::Double(0), BlockId::Single(units.depth_single - 1)]);
     }
 
@@ -592,7 +642,21 @@ mod tests {
         let units = flux_units(&path).unwrap();
         let weights = load_flux(&path).unwrap().weights;
         let model = FluxModel::from_store(weights, Some(vec![4, 6, 6]), DType::BF16, &Device::Cpu).unwrap();
-        assert_eq!(units.specs(DType::BF16), unit_specs(&model.cfg, DType::BF16));
+        assert_eq!(units.specs(DType::BF16, GgufWeights::Dequantized), unit_specs(&model.cfg, DType::BF16));
+        // Kept quantized: the blocks' bytes instead (the fixture quantizes 9 matrices).
+        let (kept, dense) =
+            (units.specs(DType::BF16, GgufWeights::Quantized), units.specs(DType::BF16, GgufWeights::Dequantized));
+        let store = load_store(&path).unwrap();
+        let saved: u64 = store
+            .names()
+            .filter(|n| store.ggml_type(n).is_some())
+            .map(|n| {
+                store.shape(n).unwrap().iter().product::<usize>() as u64 * 2 - store.stored_bytes(n).unwrap() as u64
+            })
+            .sum();
+        let total = |s: &[ipaflux_core::registry::UnitSpec]| s.iter().map(|u| u.bytes).sum::<u64>();
+        assert_eq!(total(&dense) - total(&kept), saved);
+        assert!(units.kept_quantized_working(DType::BF16) > 0);
         assert_eq!(flux_head_dim(&path).unwrap(), 16);
         let e = load_flux(&fixture("gguf/ggml-types.gguf")).err().unwrap().to_string();
         assert!(e.contains("holds a `ipaflux-test` model, not Flux"), "{e}");

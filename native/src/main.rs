@@ -170,9 +170,28 @@ enum OnOff {
     Off,
 }
 
+/// `--gguf-weights`: how a GGUF Flux's quantized weights are held.
+#[derive(Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+enum GgufMode {
+    /// As stored; each layer dequantizes its weight as it runs (the memory of the file).
+    #[default]
+    Quantized,
+    /// Dequantized to --dtype as they load (the memory of a dense model, no work per step).
+    Dequantized,
+}
+
+impl From<GgufMode> for ipaflux_core::flux::GgufWeights {
+    fn from(m: GgufMode) -> Self {
+        match m {
+            GgufMode::Quantized => Self::Quantized,
+            GgufMode::Dequantized => Self::Dequantized,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// Flux transformer: BFL single file (bf16/fp16/fp8-e4m3), GGUF file (ComfyUI-GGUF; dequantized as it loads),
+    /// Flux transformer: BFL single file (bf16/fp16/fp8-e4m3), GGUF file (ComfyUI-GGUF's; see --gguf-weights),
     /// diffusers folder, repo folder or HF repo id.
     #[arg(long)]
     flux: PathBuf,
@@ -252,6 +271,10 @@ struct GenerateArgs {
     /// Fused CUDA kernels: `fast` (the default) or `baseline` (the first set measured, to compare).
     #[arg(long, value_enum, default_value_t)]
     cuda_kernels: ipaflux::KernelSet,
+    /// A GGUF Flux's quantized weights: kept `quantized` (dequantized per layer as it runs) or
+    /// `dequantized` as they load.
+    #[arg(long, value_enum, default_value_t)]
+    gguf_weights: GgufMode,
     #[arg(long, default_value = "on")]
     offload_preprocessing: OnOff,
     /// Print the memory registry's timeline.
@@ -331,6 +354,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         },
         vram_budget: a.vram_budget.as_deref().map(parse_bytes).transpose().context("--vram-budget")?,
         kernels: a.cuda_kernels,
+        gguf: a.gguf_weights.into(),
     };
     let paths = generate::ModelPaths {
         flux: a.flux,

@@ -125,3 +125,52 @@ fn a_llama_cpp_t5_encoder_gguf_loads_under_hugging_face_names() {
     let e = e.err().unwrap().to_string();
     assert!(e.contains("holds a `flux` model, not T5"), "{e}");
 }
+
+#[test]
+fn a_flux_gguf_kept_quantized_computes_what_the_dequantized_one_does() {
+    use ipaflux_core::flux::{FluxLoad, GgufWeights};
+    let g = load("flux/golden.safetensors");
+    let cond = Conditioning { txt: g["in.txt"].clone(), y: g["in.y"].clone(), guidance: Some(3.5) };
+    for dtype in [DType::F32, DType::BF16] {
+        let model = |gguf| {
+            let store = load_flux(&fixture("flux/flux-tiny-bfl.gguf")).unwrap().weights;
+            let load = FluxLoad { dtype, device: &Device::Cpu, streamed: &[], gguf };
+            FluxModel::from_store_with(store, Some(vec![4, 6, 6]), &load).unwrap().0
+        };
+        let run = |m: &FluxModel| {
+            let x = g["in.img"].to_dtype(dtype).unwrap();
+            m.forward(&x, &img_ids(4, 6), &cond, 0.75, 0, Hooks::new(&[])).unwrap()
+        };
+        let (kept, dequantized) = (run(&model(GgufWeights::Quantized)), run(&model(GgufWeights::Dequantized)));
+        assert_eq!(bits(&kept), bits(&dequantized), "{dtype:?}");
+
+        // Streamed blocks arrive dequantized; the resident ones stay quantized.
+        use ipaflux_core::flux::{BlockId, HostBlocks};
+        let streamed = [BlockId::Double(1), BlockId::Single(0)];
+        let store = load_flux(&fixture("flux/flux-tiny-bfl.gguf")).unwrap().weights;
+        let load = FluxLoad { dtype, device: &Device::Cpu, streamed: &streamed, gguf: GgufWeights::Quantized };
+        let (mut m, host) = FluxModel::from_store_with(store, Some(vec![4, 6, 6]), &load).unwrap();
+        assert!(host.values().all(|t| t.dtype() == dtype), "streamed tensors in the model dtype");
+        m.set_block_source(std::sync::Arc::new(HostBlocks::new(host, &streamed, &Device::Cpu, &Device::Cpu).unwrap()));
+        assert_eq!(bits(&run(&m)), bits(&dequantized), "{dtype:?}, two blocks streamed");
+    }
+}
+
+#[test]
+fn every_quantized_type_kept_as_blocks_dequantizes_to_gguf_py_values_exactly() {
+    // candle's dequantization (what a layer kept quantized runs), not ours.
+    let gold = load("gguf/ggml-types.safetensors");
+    let mut store = ipaflux::load::load_store(&fixture("gguf/ggml-types.gguf")).unwrap();
+    let mut seen = 0;
+    for (name, want) in &gold {
+        let Some(blocks) = store.take_quantized(name, &Device::Cpu).unwrap() else { continue };
+        let layer = ipaflux_core::nn::Linear::quantized(blocks, None, DType::F32).unwrap();
+        assert!(layer.is_quantized());
+        assert_eq!(bits(&layer.weight().unwrap()), bits(want), "{name}");
+        let rows = layer.narrow_out(1, 2).unwrap().weight().unwrap();
+        assert_eq!(bits(&rows), bits(&want.narrow(0, 1, 2).unwrap()), "{name}, rows 1..3");
+        seen += 1;
+    }
+    assert_eq!(seen, 10, "every quantized type; F32, F16 and BF16 are read as tensors");
+    assert!(store.take_quantized("F16", &Device::Cpu).unwrap().is_none());
+}

@@ -28,5 +28,5 @@ pub use config::FluxConfig;
 pub use hooks::{AttentionHook, Contribution, HookPoint, HookTerm, Hooks, Site};
 pub use ip::{IpAdapterHook, IpHookConfig, IpImage, IpWeight};
 pub use layout::FluxLayout;
-pub use model::{Conditioning, FluxModel};
+pub use model::{Conditioning, FluxLoad, FluxModel, GgufWeights};
 pub use stream::{BlockId, BlockSource, HostBlocks};

@@ -33,6 +33,30 @@ const TIME_EMBED_DIM: usize = 256;
 /// BFL's `time_factor`: timesteps in [0, 1] are scaled to [0, 1000].
 const TIME_FACTOR: f32 = 1000.0;
 
+/// How a GGUF checkpoint's quantized weights are held once Flux is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GgufWeights {
+    /// As stored, on the model's device; each layer dequantizes its weight to
+    /// the model dtype when it runs (ComfyUI-GGUF's way): about the memory of
+    /// the quantized file, and a dequantization per layer per step.
+    #[default]
+    Quantized,
+    /// Dequantized to the model dtype as they load: the memory of a dense
+    /// model, no work per step.
+    Dequantized,
+}
+
+/// How to load Flux ([`FluxModel::from_store_with`]).
+#[derive(Debug, Clone)]
+pub struct FluxLoad<'a> {
+    /// The compute dtype (f32, bf16 or f16).
+    pub dtype: DType,
+    pub device: &'a Device,
+    /// Blocks whose tensors stay where they are, for a [`BlockSource`].
+    pub streamed: &'a [BlockId],
+    pub gguf: GgufWeights,
+}
+
 /// Tensors by canonical name, converted to the model dtype on the model device
 /// as they are taken. Taking removes them, so a layer's source tensor is freed
 /// as soon as the layer holds its own copy: loading peaks at about one model
@@ -41,6 +65,7 @@ struct Weights {
     source: WeightSource,
     dtype: DType,
     device: Device,
+    gguf: GgufWeights,
 }
 
 /// Where [`Weights`] takes tensors from, by canonical name.
@@ -64,7 +89,14 @@ impl Weights {
     }
 
     fn linear(&mut self, prefix: &str) -> Result<Linear> {
-        Linear::from_parts(self.get(&format!("{prefix}.weight"))?, Some(self.get(&format!("{prefix}.bias"))?))
+        let weight = format!("{prefix}.weight");
+        let bias = Some(self.get(&format!("{prefix}.bias"))?);
+        if let (GgufWeights::Quantized, WeightSource::Store(store)) = (self.gguf, &mut self.source) {
+            if let Some(blocks) = store.take_quantized(&weight, &self.device)? {
+                return Linear::quantized(blocks, bias, self.dtype);
+            }
+        }
+        Linear::from_parts(self.get(&weight)?, bias)
     }
 }
 
@@ -528,6 +560,8 @@ impl FluxModel {
     /// reach `device`: they are returned (canonical names, converted to
     /// `dtype` where they stay, normally host memory; fp8 kept) for the
     /// caller's [`BlockSource`], and the model runs once it has one.
+    /// A GGUF file's quantized weights are dequantized as they load
+    /// ([`GgufWeights::Dequantized`]; [`Self::from_store_with`] chooses).
     pub fn from_store_streamed(
         store: TensorStore,
         axes_dim: Option<Vec<usize>>,
@@ -535,11 +569,22 @@ impl FluxModel {
         device: &Device,
         streamed: &[BlockId],
     ) -> Result<(Self, BTreeMap<String, Tensor>)> {
+        let load = FluxLoad { dtype, device, streamed, gguf: GgufWeights::Dequantized };
+        Self::from_store_with(store, axes_dim, &load)
+    }
+
+    /// [`Self::from_store_streamed`] with every choice in `load`. Streamed
+    /// blocks' tensors are returned dequantized whatever `load.gguf` says.
+    pub fn from_store_with(
+        store: TensorStore,
+        axes_dim: Option<Vec<usize>>,
+        load: &FluxLoad<'_>,
+    ) -> Result<(Self, BTreeMap<String, Tensor>)> {
         let (layout, store) = FluxLayout::detect(store)?;
         let cfg = layout.infer(&store)?.with_axes(axes_dim)?;
         let canonical = layout.canonicalize(store, &canonical_tensors(&cfg), cfg.hidden_size, cfg.mlp_hidden)?;
         tracing::debug!(target: "ipaflux::flux", ?layout, depth = cfg.depth, single = cfg.depth_single, "loaded Flux");
-        Self::from_canonical_store(cfg, canonical, dtype, device, streamed)
+        Self::from_canonical_store(cfg, canonical, load)
     }
 
     /// Builds from canonical tensors (already validated against `cfg`).
@@ -561,13 +606,8 @@ impl FluxModel {
         device: &Device,
         streamed: &[BlockId],
     ) -> Result<(Self, BTreeMap<String, Tensor>)> {
-        Self::from_canonical_store(
-            cfg,
-            TensorStore::from_tensors("canonical Flux tensors", map),
-            dtype,
-            device,
-            streamed,
-        )
+        let load = FluxLoad { dtype, device, streamed, gguf: GgufWeights::Dequantized };
+        Self::from_canonical_store(cfg, TensorStore::from_tensors("canonical Flux tensors", map), &load)
     }
 
     /// [`Self::from_canonical_streamed`] over a store: each tensor is read as
@@ -575,10 +615,9 @@ impl FluxModel {
     fn from_canonical_store(
         cfg: FluxConfig,
         mut store: TensorStore,
-        dtype: DType,
-        device: &Device,
-        streamed: &[BlockId],
+        load: &FluxLoad<'_>,
     ) -> Result<(Self, BTreeMap<String, Tensor>)> {
+        let FluxLoad { dtype, device, streamed, gguf } = *load;
         cfg.check()?;
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(Error::Unsupported(format!("Flux compute dtype must be f32, bf16 or f16, not {dtype:?}")));
@@ -596,7 +635,7 @@ impl FluxModel {
                 kept.insert(name, t);
             }
         }
-        let mut w = Weights { source: WeightSource::Store(store), dtype, device: device.clone() };
+        let mut w = Weights { source: WeightSource::Store(store), dtype, device: device.clone(), gguf };
         let double_blocks = (0..cfg.depth)
             .map(|i| {
                 Ok(if streamed.contains(&BlockId::Double(i)) {
@@ -702,7 +741,12 @@ impl FluxModel {
         if let Some(next) = next {
             source.prefetch(next)?;
         }
-        Ok(Weights { source: WeightSource::Map(map), dtype: self.dtype, device: self.device.clone() })
+        Ok(Weights {
+            source: WeightSource::Map(map),
+            dtype: self.dtype,
+            device: self.device.clone(),
+            gguf: GgufWeights::Dequantized,
+        })
     }
 
     /// The double blocks on `img` and `txt`, then the single blocks on their

@@ -16,6 +16,10 @@
 //! handled: the `IQ*`, `TQ*` and `MXFP4` types, `Q8_1`/`Q8_K` (activation
 //! formats), integer and f64 tensors; each is refused by name.
 
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::Device;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -23,6 +27,8 @@ use rayon::prelude::*;
 const QK_K: usize = 256;
 /// Blocks one rayon task dequantizes (64 Ki elements of a 256-element type).
 const BLOCKS_PER_TASK: usize = 256;
+/// The alignment candle's block structs need (their widest field, an f32 in `Q8_K`; 2 for ours).
+const BLOCK_ALIGN: usize = 4;
 
 /// A GGML tensor type we can read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +154,48 @@ impl GgmlType {
             }
         });
         Ok(out)
+    }
+}
+
+impl GgmlType {
+    /// candle's name of a quantized type (`None` for the float types).
+    fn candle(self) -> Option<GgmlDType> {
+        Some(match self {
+            Self::F32 | Self::F16 | Self::BF16 => return None,
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q5_0 => GgmlDType::Q5_0,
+            Self::Q5_1 => GgmlDType::Q5_1,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q2K => GgmlDType::Q2K,
+            Self::Q3K => GgmlDType::Q3K,
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q5K => GgmlDType::Q5K,
+            Self::Q6K => GgmlDType::Q6K,
+        })
+    }
+
+    /// The blocks in `bytes` (a tensor of `shape`, this type) as candle's
+    /// quantized tensor on `device`, kept quantized there: on the CPU a copy
+    /// of the blocks, on a GPU one upload. candle reads blocks in place, so
+    /// bytes not aligned for them are first copied to an aligned buffer.
+    pub fn qtensor(self, bytes: &[u8], shape: &[usize], device: &Device) -> candle_core::Result<QTensor> {
+        let dtype =
+            self.candle().ok_or_else(|| candle_core::Error::Msg(format!("{} is not quantized", self.name())))?;
+        let expected = self.nbytes(shape).map_err(candle_core::Error::Msg)?;
+        if bytes.len() != expected {
+            return Err(candle_core::Error::Msg(format!("{} bytes, expected {expected}", bytes.len())));
+        }
+        let mut words: Vec<u64>;
+        let data: &[u8] = if bytes.as_ptr() as usize % BLOCK_ALIGN == 0 {
+            bytes
+        } else {
+            words = vec![0; bytes.len().div_ceil(8)];
+            let buf: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
+            buf[..bytes.len()].copy_from_slice(bytes);
+            &buf[..bytes.len()]
+        };
+        QTensor::new(QStorage::from_data(Cow::Borrowed(data), device, dtype)?, shape)
     }
 }
 

@@ -25,6 +25,7 @@ mod zip;
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result, TensorProblem};
@@ -292,6 +293,11 @@ impl TensorStore {
         self.tensors.get(name).map(|e| e.shape.as_slice())
     }
 
+    /// A tensor's bytes as stored (a GGML-quantized one's blocks; reads no tensor data).
+    pub fn stored_bytes(&self, name: &str) -> Option<usize> {
+        self.tensors.get(name).map(Entry::nbytes)
+    }
+
     /// A tensor's dtype as stored, or as read for a GGML-quantized one (f32; reads no tensor data).
     pub fn dtype(&self, name: &str) -> Option<DType> {
         self.tensors.get(name).map(|e| e.dtype)
@@ -330,6 +336,21 @@ impl TensorStore {
                 Ok(Some(t))
             }
         }
+    }
+
+    /// Removes a GGML-quantized tensor and returns it as candle's quantized
+    /// tensor on `device`, its blocks as stored (`Ok(None)`: no such tensor,
+    /// or not a quantized one; [`Self::take`] reads those).
+    pub fn take_quantized(&mut self, name: &str, device: &Device) -> Result<Option<QTensor>> {
+        let Some(Entry { ggml: Some(ty), mapped: Some((bytes, range)), shape, .. }) = self.tensors.get(name) else {
+            return Ok(None);
+        };
+        let data = (*bytes).as_ref().as_ref().get(range.clone()).ok_or_else(|| {
+            self.unreadable(name, candle_core::Error::Msg(format!("bytes {range:?} past the end of the shared buffer")))
+        })?;
+        let q = ty.qtensor(data, shape, device).map_err(|e| self.unreadable(name, e))?;
+        self.tensors.remove(name);
+        Ok(Some(q))
     }
 
     /// Moves tensor `name` into `to` as `new_name`, unread if it was (a
