@@ -84,6 +84,16 @@ impl Linear {
         matches!(self.weight, Weight::Quantized { .. })
     }
 
+    /// The layer with a dense weight: itself (a cheap clone) if it has one,
+    /// else its weight dequantized once, for a caller that uses the weight
+    /// more than once in a step (its halves, or a fused product with a fallback).
+    pub fn dense(&self) -> Result<Self> {
+        match &self.weight {
+            Weight::Dense(_) => Ok(self.clone()),
+            Weight::Quantized { .. } => Self::from_parts(self.weight()?, self.bias.clone()),
+        }
+    }
+
     /// The weight in PyTorch's layout `[out, in]`: a view of a dense weight,
     /// a dequantized copy of a quantized one.
     pub fn weight(&self) -> Result<Tensor> {
@@ -558,6 +568,7 @@ pub fn cat_bias_gelu(
 /// where `fused` takes it ([`FusedModulation::linear_gelu_tanh`]), else the
 /// product without its bias, then [`bias_gelu`].
 pub fn linear_gelu(fused: Option<&dyn FusedModulation>, lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    let lin = &lin.dense()?;
     if let Some(f) = fused {
         if let Some(out) = f.linear_gelu_tanh(x, &lin.weight()?, lin.bias()) {
             return out;
@@ -571,6 +582,7 @@ pub fn linear_gelu(fused: Option<&dyn FusedModulation>, lin: &Linear, x: &Tensor
 /// ([`FusedModulation::linear_gelu_tanh_after`]), else the product, then
 /// [`cat_bias_gelu`].
 pub fn cat_linear_gelu(fused: Option<&dyn FusedModulation>, head: &Tensor, lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    let lin = &lin.dense()?;
     if let Some(f) = fused {
         if let Some(out) = f.linear_gelu_tanh_after(head, x, &lin.weight()?, lin.bias()) {
             return out;

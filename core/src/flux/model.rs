@@ -869,15 +869,16 @@ impl SingleBlock {
         let m = modulation(&self.modulation, ctx.silu_vec, 1)?;
         let xm = ctx.modulate(x, &m[0])?;
         let point = HookPoint { site: Site::Single { index }, ..ctx.point };
-        let (qkv_half, mlp_half) =
-            (self.linear1.narrow_out(0, 3 * h)?, self.linear1.narrow_out(3 * h, cfg.mlp_hidden)?);
+        // Both halves come from one dequantization of a quantized weight.
+        let linear1 = self.linear1.dense()?;
+        let (qkv_half, mlp_half) = (linear1.narrow_out(0, 3 * h)?, linear1.narrow_out(3 * h, cfg.mlp_hidden)?);
         // Where the fused kernels take it, two products: the QKV half now, the
         // MLP half after the attention, written beside it with GELU in its
         // epilogue. Else one product over both halves, read back as narrows.
         let lin1 = if ctx.fused.is_some_and(|f| f.takes_linear_gelu(&xm)) {
             None
         } else {
-            Some(self.linear1.forward_no_bias(&xm)?)
+            Some(linear1.forward_no_bias(&xm)?)
         };
         let qkv = match &lin1 {
             Some(lin1) => lin1.narrow(2, 0, 3 * h)?,
