@@ -122,9 +122,10 @@ pub fn flux_dir(path: &Path) -> Result<PathBuf> {
 }
 
 /// Loads Flux from a BFL single file (`flux1-dev.safetensors`, fp8 too; or a
-/// GGUF file from city96's converter, `flux1-dev-Q4_K_S.gguf`, dequantized to
-/// the model dtype as it loads), a diffusers `transformer/` folder, a repo
-/// folder holding either, or a Hugging Face cache entry of such a repo.
+/// GGUF file from city96's converter, `flux1-dev-Q4_K_S.gguf`, whose quantized
+/// weights the model keeps or dequantizes as `GgufWeights` says), a diffusers
+/// `transformer/` folder, a repo folder holding either, or a Hugging Face
+/// cache entry of such a repo.
 pub fn load_flux(path: &Path) -> Result<FluxFiles> {
     if path.is_file() {
         let map = map_file(path)?;

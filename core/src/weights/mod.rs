@@ -15,7 +15,8 @@
 //! [`TensorStore::shape`] reads nothing.
 //!
 //! GGUF's quantized tensors ([`ggml`]) read as f32: each is dequantized when
-//! it is read, so a model holds it in its own dtype, not quantized.
+//! it is read. [`TensorStore::take_quantized`] hands one over as its GGML
+//! blocks instead, for a layer that keeps them quantized.
 
 pub mod ggml;
 pub mod gguf;
