@@ -18,6 +18,7 @@ pub mod demo;
 pub mod encode;
 pub mod generate;
 pub mod gpu_check;
+pub mod inspect;
 pub mod ip_term_plan;
 pub mod linear_lt_plan;
 pub mod load;

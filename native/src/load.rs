@@ -196,7 +196,7 @@ fn store_from_map(map: Mmap, path: &Path) -> Result<TensorStore> {
 }
 
 /// `PK` (a zip: torch.save) or a legacy pickle's protocol byte.
-fn is_torch_zip(bytes: &[u8]) -> bool {
+pub(crate) fn is_torch_zip(bytes: &[u8]) -> bool {
     bytes.starts_with(b"PK") || bytes.first() == Some(&0x80)
 }
 

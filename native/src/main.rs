@@ -48,6 +48,12 @@ enum Cmd {
     },
     /// Generate an image from a text prompt and reference images (the full FLUX.1 + IP-Adapter pipeline).
     Generate(Box<GenerateArgs>),
+    /// What a checkpoint file holds, from its header: format, tensors by stored type (GGUF's
+    /// quantization types too), and for a Flux transformer the memory it takes loaded.
+    Inspect {
+        /// A safetensors, GGUF or PyTorch zip file.
+        file: PathBuf,
+    },
     /// Write a smaller copy of a SigLIP folder for the browser (or any ipaflux encoder): the linear
     /// layers' weights in f16, q8 or q4 (the WebGPU kernels' formats; the CPU dequantizes them on load).
     Quantize {
@@ -476,6 +482,7 @@ fn main() -> anyhow::Result<()> {
             println!("wrote {} ({}×{}, seed {seed})", out.display(), s.width, s.height);
         }
         Cmd::Generate(args) => run_generate(*args)?,
+        Cmd::Inspect { file } => print!("{}", ipaflux::inspect::inspect(&file)?),
         Cmd::Plan { vram, state, reserve, offload_preprocessing, policy, scenario: name, steps, json } => {
             let config = RegistryConfig {
                 state,

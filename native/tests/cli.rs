@@ -443,3 +443,14 @@ fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
         .unwrap();
     assert_fails(&bad, &["GPU check(s) failed", "/nonexistent"]);
 }
+
+#[test]
+fn inspect_summarises_a_checkpoint_header() {
+    let run =
+        |rel: &str| Command::new(env!("CARGO_BIN_EXE_ipaflux")).args(["inspect"]).arg(fixture(rel)).output().unwrap();
+    let o = run("flux/flux-tiny-bfl.gguf");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("GGUF (architecture `flux`)") && out.contains("Flux: 2 double + 3 single blocks"), "{out}");
+    assert_fails(&run("no-such.gguf"), &["no-such.gguf"]);
+}

@@ -1,0 +1,134 @@
+//! `ipaflux inspect`: what a checkpoint file holds, read from its header
+//! (no tensor data): format, GGUF architecture, tensors by stored type, and
+//! for a Flux transformer the memory it takes loaded each way.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use ipaflux_core::candle_core::DType;
+use ipaflux_core::flux::GgufWeights;
+use ipaflux_core::weights::gguf;
+
+use crate::load::{flux_units, is_torch_zip, load_store, map_file};
+use crate::Result;
+
+/// A checkpoint's header, summarised.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub format: &'static str,
+    /// `general.architecture` of a GGUF file.
+    pub architecture: Option<String>,
+    pub tensors: usize,
+    /// Stored type name → (tensors, bytes as stored).
+    pub by_type: BTreeMap<String, (usize, u64)>,
+    /// For a Flux transformer: double and single blocks, and its bytes as a
+    /// bf16 model with GGUF weights kept quantized and dequantized.
+    pub flux: Option<FluxSizes>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FluxSizes {
+    pub depth: usize,
+    pub depth_single: usize,
+    pub kept_quantized: u64,
+    pub dequantized: u64,
+}
+
+/// Reads `path`'s header.
+pub fn inspect(path: &Path) -> Result<Summary> {
+    let map = map_file(path)?;
+    let (format, architecture) = if gguf::is_gguf(&map) {
+        let arch = gguf::parse(&map).ok().and_then(|f| f.architecture().map(str::to_string));
+        ("GGUF", arch)
+    } else if is_torch_zip(&map) {
+        ("PyTorch zip (torch.save)", None)
+    } else {
+        ("safetensors", None)
+    };
+    drop(map);
+    let store = load_store(path)?;
+    let mut by_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    for name in store.names() {
+        let ty = match store.ggml_type(name) {
+            Some(t) => t.name().to_string(),
+            None => format!("{:?}", store.dtype(name).unwrap_or(DType::U8)).to_uppercase(),
+        };
+        let slot = by_type.entry(ty).or_default();
+        slot.0 += 1;
+        slot.1 += store.stored_bytes(name).unwrap_or(0) as u64;
+    }
+    // Flux's units come from safetensors and GGUF headers; a zip is never Flux here.
+    let units = if format == "safetensors" || format == "GGUF" { flux_units(path)? } else { Default::default() };
+    let flux = (units.depth + units.depth_single > 0).then(|| {
+        let total = |g| units.specs(DType::BF16, g).iter().map(|u| u.bytes).sum();
+        FluxSizes {
+            depth: units.depth,
+            depth_single: units.depth_single,
+            kept_quantized: total(GgufWeights::Quantized),
+            dequantized: total(GgufWeights::Dequantized),
+        }
+    });
+    Ok(Summary { format, architecture, tensors: store.len(), by_type, flux })
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        write!(f, "format: {}", self.format)?;
+        if let Some(a) = &self.architecture {
+            write!(f, " (architecture `{a}`)")?;
+        }
+        let stored: u64 = self.by_type.values().map(|v| v.1).sum();
+        writeln!(f, "\n{} tensors, {:.1} MiB stored", self.tensors, mib(stored))?;
+        writeln!(f, "type      tensors  stored (MiB)")?;
+        for (ty, (n, bytes)) in &self.by_type {
+            writeln!(f, "{ty:<8} {n:>8}  {:>12.1}", mib(*bytes))?;
+        }
+        if let Some(s) = &self.flux {
+            writeln!(f, "Flux: {} double + {} single blocks", s.depth, s.depth_single)?;
+            if s.kept_quantized == s.dequantized {
+                writeln!(f, "as a bf16 model: {:.1} MiB", mib(s.dequantized))?;
+            } else {
+                writeln!(
+                    f,
+                    "as a bf16 model: {:.1} MiB with GGUF weights kept quantized, {:.1} MiB dequantized",
+                    mib(s.kept_quantized),
+                    mib(s.dequantized)
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(rel: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
+    }
+
+    #[test]
+    fn a_gguf_flux_and_a_safetensors_flux_are_summarised_from_their_headers() {
+        let g = inspect(&fixture("flux/flux-tiny-bfl.gguf")).unwrap();
+        assert_eq!((g.format, g.architecture.as_deref(), g.tensors), ("GGUF", Some("flux"), 92));
+        let count = |t: &str| g.by_type.get(t).map_or(0, |v| v.0);
+        assert_eq!((count("Q8_0"), count("Q4_K"), count("Q6_K"), count("F16")), (2, 1, 1, 30));
+        assert_eq!(g.by_type.values().map(|v| v.0).sum::<usize>(), 92);
+        let sizes = g.flux.unwrap();
+        assert_eq!((sizes.depth, sizes.depth_single), (2, 3));
+        assert!(sizes.kept_quantized < sizes.dequantized);
+        let text = g.to_string();
+        assert!(text.contains("Q4_K") && text.contains("kept quantized"), "{text}");
+
+        let s = inspect(&fixture("flux/flux-tiny-bfl.safetensors")).unwrap();
+        assert_eq!((s.format, s.tensors), ("safetensors", 92));
+        assert_eq!(s.by_type.keys().map(String::as_str).collect::<Vec<_>>(), ["F32"]);
+        let sizes = s.flux.unwrap();
+        assert_eq!(sizes.kept_quantized, sizes.dequantized);
+        // Not Flux: no Flux line.
+        assert!(inspect(&fixture("ip-adapter.bin")).unwrap().flux.is_none());
+    }
+}
