@@ -200,19 +200,6 @@ pub(crate) fn is_torch_zip(bytes: &[u8]) -> bool {
     bytes.starts_with(b"PK") || bytes.first() == Some(&0x80)
 }
 
-/// Picks the parser from the first bytes: `PK` is a zip (torch.save),
-/// `GGUF` a GGUF file (copied once into a buffer the store keeps), anything
-/// else is tried as safetensors.
-pub fn store_from_bytes(bytes: &[u8], name: &str) -> ipaflux_core::Result<TensorStore> {
-    if is_torch_zip(bytes) {
-        TensorStore::from_torch_zip(bytes, name)
-    } else if gguf::is_gguf(bytes) {
-        TensorStore::from_gguf_shared(Arc::new(bytes.to_vec()), name)
-    } else {
-        TensorStore::from_safetensors(bytes, name)
-    }
-}
-
 /// A path as given, or a Hugging Face repo id (`org/name`) looked up in the
 /// local cache (`$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`); offline.
 pub fn resolve_arg(arg: &Path) -> Result<PathBuf> {
@@ -683,7 +670,11 @@ mod tests {
             let mapped = load_store(&fixture(rel)).unwrap();
             assert_eq!(mapped.read_bytes(), 0, "{rel}: nothing read before use");
             let bytes = std::fs::read(fixture(rel)).unwrap();
-            let copied = store_from_bytes(&bytes, rel).unwrap();
+            let copied = if is_torch_zip(&bytes) {
+                TensorStore::from_torch_zip(&bytes, rel).unwrap()
+            } else {
+                TensorStore::from_safetensors(&bytes, rel).unwrap()
+            };
             assert_eq!(copied.read_bytes(), copied.nbytes());
             assert_eq!(mapped.names().collect::<Vec<_>>(), copied.names().collect::<Vec<_>>());
             for name in copied.names() {
