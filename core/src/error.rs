@@ -92,6 +92,10 @@ pub enum Error {
     #[error("memory registry: {0}")]
     Registry(String),
 
+    /// A LoRA file that cannot be applied to the model it was given for.
+    #[error("{source_name}: not a usable Flux LoRA: {reason}")]
+    Lora { source_name: String, reason: String },
+
     /// A plan scenario (built-in name or JSON) that cannot be used.
     #[error("{source_name}: not a usable scenario: {reason}")]
     Scenario { source_name: String, reason: String },

@@ -16,10 +16,70 @@ use crate::error::Result;
 /// load: the CPU matmul is faster on a contiguous right-hand side than on a
 /// strided one. A GGML-quantized weight (a GGUF checkpoint's, [`Self::quantized`])
 /// stays in its blocks and is dequantized each time the layer runs.
+///
+/// A layer may also carry a [`LowRank`] change (a LoRA's, on a weight kept
+/// fp8 or as GGML blocks, which cannot take it merged): it is added to the
+/// weight, in f32, each time the weight is materialised.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
+    /// A change `up · down` added to the weight when it is materialised, and
+    /// the dtype the sum is rounded to.
+    delta: Option<(LowRank, DType)>,
+}
+
+/// A low-rank change `up · down` of a weight `[out, in]`: `down` `[rank, in]`,
+/// `up` `[out, rank]`, both f32 on the weight's device, scales folded into `up`.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    down: Tensor,
+    up: Tensor,
+}
+
+impl LowRank {
+    pub fn new(down: Tensor, up: Tensor) -> Result<Self> {
+        let (rank, _) = down.dims2()?;
+        let (_, up_rank) = up.dims2()?;
+        if rank != up_rank || down.dtype() != DType::F32 || up.dtype() != DType::F32 {
+            return Err(crate::Error::Shape(format!(
+                "a low-rank change needs f32 down [rank, in] and up [out, rank], got {:?} {:?} and {:?} {:?}",
+                down.dims(),
+                down.dtype(),
+                up.dims(),
+                up.dtype()
+            )));
+        }
+        Ok(Self { down, up })
+    }
+
+    /// `up · down`, `[out, in]` f32.
+    pub fn delta(&self) -> Result<Tensor> {
+        Ok(self.up.matmul(&self.down)?)
+    }
+
+    /// `weight + up · down`, computed in f32 and rounded to `dtype`.
+    pub fn merged(&self, weight: &Tensor, dtype: DType) -> Result<Tensor> {
+        let delta = self.delta()?;
+        if delta.dims() != weight.dims() {
+            return Err(crate::Error::Shape(format!(
+                "a low-rank change of shape {:?} on a weight of shape {:?}",
+                delta.dims(),
+                weight.dims()
+            )));
+        }
+        Ok((weight.to_dtype(DType::F32)? + delta.to_device(weight.device())?)?.to_dtype(dtype)?)
+    }
+
+    /// The change of output rows `[start, start + len)`.
+    fn narrow_out(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self { down: self.down.clone(), up: self.up.narrow(0, start, len)? })
+    }
+
+    /// Bytes of the two factors.
+    pub fn bytes(&self) -> u64 {
+        4 * (self.down.elem_count() + self.up.elem_count()) as u64
+    }
 }
 
 /// `weight` `[out, in]` as a dense [`Linear`] keeps it: transposed, made
@@ -69,14 +129,49 @@ impl Linear {
     /// operand as is), so the layer holds exactly the checkpoint's bytes and
     /// shares them with whoever else holds `weight`.
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self { weight: Weight::Dense(transposed(&weight)?), bias })
+        Ok(Self { weight: Weight::Dense(transposed(&weight)?), bias, delta: None })
     }
 
     /// From GGML blocks `[out, in]` kept as they are (on their device) and
     /// dequantized to `dtype` each time the layer runs, as ComfyUI-GGUF does.
     pub fn quantized(blocks: QTensor, bias: Option<Tensor>, dtype: DType) -> Result<Self> {
         let (out, _) = blocks.shape().dims2()?;
-        Ok(Self { weight: Weight::Quantized { blocks: Arc::new(blocks), rows: 0..out, dtype }, bias })
+        Ok(Self { weight: Weight::Quantized { blocks: Arc::new(blocks), rows: 0..out, dtype }, bias, delta: None })
+    }
+
+    /// The layer with `delta` added to its weight each time the weight is
+    /// materialised, the sum rounded to `dtype` (for weights that stay fp8 or
+    /// quantized; a dense weight in the compute dtype takes
+    /// [`LowRank::merged`] once instead). Replaces an earlier change.
+    pub fn with_delta(self, delta: LowRank, dtype: DType) -> Result<Self> {
+        let (out, inp) = (self.out_dim()?, self.in_dim()?);
+        if delta.up.dim(0)? != out || delta.down.dim(1)? != inp {
+            return Err(crate::Error::Shape(format!(
+                "a low-rank change with up {:?} and down {:?} on a [{out}, {inp}] layer",
+                delta.up.dims(),
+                delta.down.dims()
+            )));
+        }
+        Ok(Self { delta: Some((delta, dtype)), ..self })
+    }
+
+    /// Whether the layer carries a [`LowRank`] change added as it runs.
+    pub fn has_delta(&self) -> bool {
+        self.delta.is_some()
+    }
+
+    fn out_dim(&self) -> Result<usize> {
+        Ok(match &self.weight {
+            Weight::Dense(t) => t.dim(1)?,
+            Weight::Quantized { rows, .. } => rows.len(),
+        })
+    }
+
+    fn in_dim(&self) -> Result<usize> {
+        Ok(match &self.weight {
+            Weight::Dense(t) => t.dim(0)?,
+            Weight::Quantized { blocks, .. } => blocks.shape().dims2()?.1,
+        })
     }
 
     /// Whether the weight is held as GGML blocks ([`Self::quantized`]).
@@ -88,24 +183,33 @@ impl Linear {
     /// else its weight dequantized once, for a caller that uses the weight
     /// more than once in a step (its halves, or a fused product with a fallback).
     pub fn dense(&self) -> Result<Self> {
-        match &self.weight {
-            Weight::Dense(_) => Ok(self.clone()),
-            Weight::Quantized { .. } => Self::from_parts(self.weight()?, self.bias.clone()),
+        match (&self.weight, &self.delta) {
+            (Weight::Dense(_), None) => Ok(self.clone()),
+            _ => Self::from_parts(self.weight()?, self.bias.clone()),
         }
     }
 
     /// The weight in PyTorch's layout `[out, in]`: a view of a dense weight,
-    /// a dequantized copy of a quantized one.
+    /// a dequantized copy of a quantized one; with its [`LowRank`] change
+    /// added (a new tensor) where the layer carries one.
     pub fn weight(&self) -> Result<Tensor> {
-        match &self.weight {
-            Weight::Dense(t) => Ok(t.t()?),
+        let w = match &self.weight {
+            Weight::Dense(t) => t.t()?,
             Weight::Quantized { blocks, rows, dtype } => {
                 let device = blocks.device();
-                let w =
-                    if *dtype == DType::F16 { blocks.dequantize_f16(&device)? } else { blocks.dequantize(&device)? };
+                let f16 = *dtype == DType::F16 && self.delta.is_none();
+                let w = if f16 { blocks.dequantize_f16(&device)? } else { blocks.dequantize(&device)? };
                 let w = if rows.len() == w.dim(0)? { w } else { w.narrow(0, rows.start, rows.len())? };
-                Ok(w.to_dtype(*dtype)?)
+                if self.delta.is_some() {
+                    w
+                } else {
+                    w.to_dtype(*dtype)?
+                }
             }
+        };
+        match &self.delta {
+            None => Ok(w),
+            Some((delta, dtype)) => delta.merged(&w, *dtype),
         }
     }
 
@@ -131,14 +235,17 @@ impl Linear {
                 Weight::Quantized { blocks: blocks.clone(), rows, dtype: *dtype }
             }
         };
-        Ok(Self { weight, bias })
+        let delta =
+            self.delta.as_ref().map(|(d, dt)| Ok::<_, crate::Error>((d.narrow_out(start, len)?, *dt))).transpose()?;
+        Ok(Self { weight, bias, delta })
     }
 
     /// The dtype the weights are stored in (a quantized weight's: the one it is dequantized to).
     pub fn dtype(&self) -> DType {
-        match &self.weight {
-            Weight::Dense(t) => t.dtype(),
-            Weight::Quantized { dtype, .. } => *dtype,
+        match (&self.weight, &self.delta) {
+            (_, Some((_, dtype))) => *dtype,
+            (Weight::Dense(t), None) => t.dtype(),
+            (Weight::Quantized { dtype, .. }, None) => *dtype,
         }
     }
 
@@ -157,10 +264,10 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((lead, in_dim))?;
-        let weight_t = match &self.weight {
-            Weight::Dense(t) => t.clone(),
+        let weight_t = match (&self.weight, &self.delta) {
+            (Weight::Dense(t), None) => t.clone(),
             // Laid out as a dense weight is, so both compute the same.
-            Weight::Quantized { .. } => transposed(&self.weight()?)?,
+            _ => transposed(&self.weight()?)?,
         };
         let mut y = if weight_t.dtype() == x.dtype() {
             x2.matmul(&weight_t)?

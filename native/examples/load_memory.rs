@@ -86,7 +86,7 @@ fn main() -> Result<()> {
         "gguf-kept" | "gguf-dequantized" => {
             let gguf = if mode == "gguf-kept" { GgufWeights::Quantized } else { GgufWeights::Dequantized };
             let files = ipaflux::load::load_flux(path)?;
-            let load = FluxLoad { dtype: DType::BF16, device: &Device::Cpu, streamed: &[], gguf };
+            let load = FluxLoad { dtype: DType::BF16, device: &Device::Cpu, streamed: &[], gguf, loras: &[] };
             FluxModel::from_store_with(files.weights, None, &load)?.0
         }
         "copied" => {

@@ -69,6 +69,7 @@ pub fn sources() -> Sources {
         flux_head_dim: TINY_HEAD_DIM,
         flux_units: crate::load::flux_units_in(&[(FLUX, "bundled flux-tiny-bfl.safetensors".into())])
             .unwrap_or_default(),
+        loras: Vec::new(),
     }
 }
 

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use ipaflux_core::candle_core::{DType, Device, Tensor};
 use ipaflux_core::flux::ip::{check_compatible, IpAdapterHook, IpHookConfig, IpImage, IpWeight};
 use ipaflux_core::flux::sampler::{self, StepInfo};
-use ipaflux_core::flux::{BlockId, BlockSource, Conditioning, FluxLoad, FluxModel, GgufWeights, Hooks, HostBlocks};
+use ipaflux_core::flux::{
+    BlockId, BlockSource, Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights, Hooks, HostBlocks,
+};
 use ipaflux_core::registry::{
     Event, HostMemory, JobPlan, JobRequest, ModelHandle, ModelId, ModelSpec, Registry, RegistryConfig, Role,
 };
@@ -55,6 +57,8 @@ pub struct Sources {
     /// a partial load is planned per block before any weight is read; empty
     /// when unknown (then Flux is one unit, loaded whole).
     pub flux_units: crate::load::FluxUnits,
+    /// LoRAs applied to Flux as it loads, read and checked against its sizes up front.
+    pub loras: Vec<FluxLora>,
 }
 
 /// A reference for the IP-Adapter: an image to encode, or `image_prompt_embeds` made earlier.
@@ -123,7 +127,7 @@ struct Handles {
 
 fn register_all(reg: &mut Registry, src: &Sources, dev: DeviceSpec, s: &Settings) -> Result<Handles> {
     let spec = |name: &str, role, bytes| ModelSpec::uniform(name, role, dev, bytes, 1, name);
-    let flux_units = src.flux_units.specs(s.dtype, s.gguf);
+    let flux_units = src.flux_units.specs_with_loras(s.dtype, s.gguf, &src.loras);
     let flux = if flux_units.is_empty() {
         spec("flux", Role::Diffusion, src.flux.1)
     } else {
@@ -253,8 +257,11 @@ pub fn generate(
     release_cache(&mut reg, "reference images encoded");
 
     // Sampling: the blocks the registry did not make resident are streamed.
-    let dequantizing =
-        if s.gguf == GgufWeights::Quantized { src.flux_units.kept_quantized_working(s.dtype) } else { 0 };
+    let dequantizing = if s.gguf == GgufWeights::Quantized {
+        src.flux_units.kept_quantized_working(s.dtype, !src.loras.is_empty())
+    } else {
+        0
+    };
     let plan = job(&mut reg, "sample", (dev, dequantizing), &[flux_id, kv.model], vec![vec![vae_id]])?;
     let streamed = match plan.placements.iter().find(|p| p.model == flux_id) {
         Some(p) if !p.streamed.is_empty() => src.flux_units.blocks(&p.streamed)?,
@@ -337,7 +344,7 @@ fn sample(
     on_step: &mut dyn FnMut(StepInfo),
 ) -> Result<Tensor> {
     let files = (src.flux.0)()?;
-    let load = FluxLoad { dtype: s.dtype, device: &s.device, streamed, gguf: s.gguf };
+    let load = FluxLoad { dtype: s.dtype, device: &s.device, streamed, gguf: s.gguf, loras: &src.loras };
     let (mut model, kept) = FluxModel::from_store_with(files.weights, files.axes_dim, &load)?;
     if !streamed.is_empty() {
         let u = &src.flux_units;
@@ -404,7 +411,7 @@ impl Reference {
 }
 
 /// The parameters as JSON, for the PNG's `parameters` text chunk.
-pub fn parameters_json(s: &Settings, refs: &[Reference]) -> String {
+pub fn parameters_json(s: &Settings, refs: &[Reference], loras: &[FluxLora]) -> String {
     let weight = match s.ip_weight {
         IpWeight::Constant(w) => serde_json::json!(w),
         IpWeight::Ramp(r) => serde_json::json!({"start": r.start, "end": r.end, "steps": r.steps}),
@@ -424,6 +431,7 @@ pub fn parameters_json(s: &Settings, refs: &[Reference]) -> String {
         "end_percent": s.end_percent,
         "block_weights": s.block_weights,
         "v_norm": format!("{:?}", s.v_norm).to_lowercase(),
+        "loras": loras.iter().map(|l| serde_json::json!({"name": l.source_name, "strength": l.strength})).collect::<Vec<_>>(),
     })
     .to_string()
 }
@@ -440,6 +448,8 @@ pub struct ModelPaths {
     pub t5_tokenizer: Option<std::path::PathBuf>,
     pub clip_tokenizer: Option<std::path::PathBuf>,
     pub encoder_dtype: ipaflux_core::Precision,
+    /// LoRA files for Flux, each with its strength.
+    pub loras: Vec<(std::path::PathBuf, f64)>,
 }
 
 impl ModelPaths {
@@ -454,6 +464,12 @@ impl ModelPaths {
         let siglip = self.siglip.as_deref().map(load::resolve_arg).transpose()?;
         let flux_head_dim = load::flux_head_dim(&flux)?;
         let flux_units = load::flux_units(&flux)?;
+        let loras = if self.loras.is_empty() {
+            Vec::new()
+        } else {
+            let cfg = load::flux_config(&flux)?;
+            self.loras.iter().map(|(path, strength)| load::load_lora(path, &cfg, *strength)).collect::<Result<_>>()?
+        };
         let (t5_tok, clip_tok) = (self.t5_tokenizer, self.clip_tokenizer);
         let flux_bytes = load::weight_bytes(&if flux.is_file() { flux.clone() } else { load::flux_dir(&flux)? });
         let t5_bytes =
@@ -479,6 +495,7 @@ impl ModelPaths {
             ip_adapter: (Box::new(move || load::load_ip_adapter(&ip)), ip_bytes),
             flux_head_dim,
             flux_units,
+            loras,
         })
     }
 }

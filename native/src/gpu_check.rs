@@ -594,7 +594,7 @@ fn parity_flux_gguf(o: &CheckOptions, r: &mut Report) -> Result<()> {
     };
     let forward = |dtype: DType, device: &Device, gguf: GgufWeights| -> Result<Tensor> {
         let files = load_flux(&o.fixtures.join("flux/flux-tiny-bfl.gguf"))?;
-        let load = FluxLoad { dtype, device, streamed: &[], gguf };
+        let load = FluxLoad { dtype, device, streamed: &[], gguf, loras: &[] };
         let (mut m, _) = FluxModel::from_store_with(files.weights, Some(vec![4, 6, 6]), &load)?;
         if let (false, Some(set)) = (device.is_cpu(), o.default_set.as_ref()) {
             m.set_attention(set.attention.clone());

@@ -1,13 +1,14 @@
 //! `ipaflux inspect`: what a checkpoint file holds, read from its header
 //! (no tensor data): format, GGUF architecture, tensors by stored type, and
-//! for a Flux transformer the memory it takes loaded each way.
+//! for a Flux transformer the memory it takes loaded each way; for a LoRA
+//! its modules, ranks and naming.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
 use ipaflux_core::candle_core::DType;
-use ipaflux_core::flux::GgufWeights;
+use ipaflux_core::flux::{GgufWeights, LoraSummary};
 use ipaflux_core::weights::gguf;
 
 use crate::load::{flux_units, is_torch_zip, load_store, map_file};
@@ -25,6 +26,8 @@ pub struct Summary {
     /// For a Flux transformer: double and single blocks, and its bytes as a
     /// bf16 model with GGUF weights kept quantized and dequantized.
     pub flux: Option<FluxSizes>,
+    /// For a LoRA file: its modules, ranks and naming.
+    pub lora: Option<LoraSummary>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +72,8 @@ pub fn inspect(path: &Path) -> Result<Summary> {
             dequantized: total(GgufWeights::Dequantized),
         }
     });
-    Ok(Summary { format, architecture, tensors: store.len(), by_type, flux })
+    let lora = LoraSummary::of(&store);
+    Ok(Summary { format, architecture, tensors: store.len(), by_type, flux, lora })
 }
 
 impl fmt::Display for Summary {
@@ -95,6 +99,18 @@ impl fmt::Display for Summary {
                     "as a bf16 model: {:.1} MiB with GGUF weights kept quantized, {:.1} MiB dequantized",
                     mib(s.kept_quantized),
                     mib(s.dequantized)
+                )?;
+            }
+        }
+        if let Some(l) = &self.lora {
+            let (lo, hi) = l.ranks;
+            let ranks = if lo == hi { format!("rank {lo}") } else { format!("ranks {lo}–{hi}") };
+            writeln!(f, "LoRA: {} modules, {ranks}, {} with alpha; naming: {}", l.modules, l.with_alpha, l.naming)?;
+            if l.text_encoder_modules > 0 {
+                writeln!(
+                    f,
+                    "  {} of them for a text encoder (`generate --lora` applies Flux's only)",
+                    l.text_encoder_modules
                 )?;
             }
         }
@@ -130,5 +146,12 @@ mod tests {
         assert_eq!(sizes.kept_quantized, sizes.dequantized);
         // Not Flux: no Flux line.
         assert!(inspect(&fixture("ip-adapter.bin")).unwrap().flux.is_none());
+        assert!(s.lora.is_none());
+        // A LoRA: its modules and naming.
+        let l = inspect(&fixture("flux/lora-kohya.safetensors")).unwrap();
+        assert!(l.flux.is_none());
+        let text = l.to_string();
+        assert!(text.contains("LoRA: 32 modules, ranks 2–4, 23 with alpha; naming: kohya"), "{text}");
+        assert!(text.contains("2 of them for a text encoder"), "{text}");
     }
 }

@@ -280,6 +280,24 @@ pub fn flux_head_dim_in(bytes: &[u8]) -> Option<usize> {
     names.iter().find_map(|n| tensors.get(*n).and_then(|info| info.shape.first().copied()))
 }
 
+/// A Flux checkpoint's sizes, from its headers (no tensor data read; RoPE
+/// axes not set).
+pub fn flux_config(path: &Path) -> Result<ipaflux_core::flux::FluxConfig> {
+    let files = load_flux(path)?;
+    let (layout, store) = ipaflux_core::flux::FluxLayout::detect(files.weights)?;
+    Ok(layout.infer(&store)?)
+}
+
+/// A Flux LoRA file (safetensors or a PyTorch zip; kohya, BFL or diffusers
+/// names) read and checked for a Flux with `cfg`, applied at `strength`.
+pub fn load_lora(
+    path: &Path,
+    cfg: &ipaflux_core::flux::FluxConfig,
+    strength: f64,
+) -> Result<ipaflux_core::flux::FluxLora> {
+    Ok(ipaflux_core::flux::FluxLora::from_store(load_store(path)?, cfg, strength)?)
+}
+
 /// The folder of a Flux transformer and the file to read its header from.
 pub fn flux_head_dim(path: &Path) -> Result<usize> {
     if path.is_file() {
@@ -501,11 +519,48 @@ impl FluxUnits {
     /// dequantized (f32, then `dtype`), and a streamed block arriving
     /// dequantized in each of the stream buffer's two slots (the registry
     /// sizes them by the quantized units). Zero for other checkpoints.
-    pub fn kept_quantized_working(&self, dtype: DType) -> u64 {
+    /// With a LoRA (`with_lora`), a layer's change is also made, f32, beside its dequantized weight.
+    pub fn kept_quantized_working(&self, dtype: DType, with_lora: bool) -> u64 {
         let size = dtype.size_in_bytes() as u64;
         let largest = self.units.iter().map(|u| u.largest_ggml).max().unwrap_or(0);
         let excess = self.units.iter().skip(1).map(|u| (u.ggml * size).saturating_sub(u.ggml_bytes)).max();
-        largest * (4 + size) + 2 * excess.unwrap_or(0)
+        let delta = if with_lora { 4 } else { 0 };
+        largest * (4 + delta + size) + 2 * excess.unwrap_or(0)
+    }
+
+    /// [`Self::specs`] with the factors of `loras` added to the units whose
+    /// layers keep them rather than merging them: units holding fp8 weights,
+    /// or GGML blocks kept quantized. An upper bound where a unit mixes
+    /// storage (its wide layers merge, yet their factors are counted too):
+    /// the factors are a fraction of a percent of a block.
+    pub fn specs_with_loras(
+        &self,
+        dtype: DType,
+        gguf: GgufWeights,
+        loras: &[ipaflux_core::flux::FluxLora],
+    ) -> Vec<ipaflux_core::registry::UnitSpec> {
+        let mut specs = self.specs(dtype, gguf);
+        for lora in loras {
+            for weight in lora.weights() {
+                let unit = self.unit_of(weight);
+                let Some(contents) = self.units.get(unit) else { continue };
+                let keeps = contents.fp8 > 0 || (gguf == GgufWeights::Quantized && contents.ggml > 0);
+                if let (true, Some(spec)) = (keeps, specs.get_mut(unit)) {
+                    spec.bytes += lora.factor_bytes(weight);
+                }
+            }
+        }
+        specs
+    }
+
+    /// The unit index of canonical tensor `name` ([`Self::specs`]' order).
+    fn unit_of(&self, name: &str) -> usize {
+        let index = |prefix: &str| name.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok();
+        match (index("double_blocks."), index("single_blocks.")) {
+            (Some(i), _) => 1 + i,
+            (_, Some(i)) => 1 + self.depth + i,
+            _ => 0,
+        }
     }
 
     /// The blocks behind registry unit indices of [`Self::specs`].
@@ -619,7 +674,7 @@ mod tests {
         for dtype in [DType::F32, DType::BF16] {
             assert_eq!(units.specs(dtype, GgufWeights::Quantized), unit_specs(&model.cfg, dtype));
         }
-        assert_eq!(units.kept_quantized_working(DType::BF16), 0);
+        assert_eq!(units.kept_quantized_working(DType::BF16, false), 0);
         let n = units.units.len();
         assert_eq!(units.blocks(&[1, n - 1]).unwrap(), [BlockId::Double(0), BlockId::Single(units.depth_single - 1)]);
     }
@@ -644,10 +699,39 @@ mod tests {
             .sum();
         let total = |s: &[ipaflux_core::registry::UnitSpec]| s.iter().map(|u| u.bytes).sum::<u64>();
         assert_eq!(total(&dense) - total(&kept), saved);
-        assert!(units.kept_quantized_working(DType::BF16) > 0);
+        assert!(units.kept_quantized_working(DType::BF16, false) > 0);
         assert_eq!(flux_head_dim(&path).unwrap(), 16);
         let e = load_flux(&fixture("gguf/ggml-types.gguf")).err().unwrap().to_string();
         assert!(e.contains("holds a `ipaflux-test` model, not Flux"), "{e}");
+    }
+
+    #[test]
+    fn lora_factors_count_only_where_layers_keep_them() {
+        let lora_path = fixture("flux/lora-kohya.safetensors");
+        let total = |s: &[ipaflux_core::registry::UnitSpec]| s.iter().map(|u| u.bytes).sum::<u64>();
+        // bf16 file: every LoRA merges into the dense weights; nothing added.
+        let wide = flux_units(&fixture("flux/flux-tiny-bfl.safetensors")).unwrap();
+        let cfg = flux_config(&fixture("flux/flux-tiny-bfl.safetensors")).unwrap();
+        let lora = load_lora(&lora_path, &cfg, 0.8).unwrap();
+        let (q, loras) = (GgufWeights::Quantized, std::slice::from_ref(&lora));
+        assert_eq!(wide.specs_with_loras(DType::BF16, q, loras), wide.specs(DType::BF16, q));
+        // fp8 file: the factors stay beside the fp8 weights; every one of them counted, in its block's unit.
+        let fp8 = flux_units(&fixture("flux/flux-tiny-bfl-fp8.safetensors")).unwrap();
+        let (with, without) = (fp8.specs_with_loras(DType::BF16, q, loras), fp8.specs(DType::BF16, q));
+        let factors: u64 = lora.weights().map(|w| lora.factor_bytes(w)).sum();
+        assert!(factors > 0);
+        assert_eq!(total(&with) - total(&without), factors);
+        let block = lora.factor_bytes("single_blocks.2.linear1.weight")
+            + lora.factor_bytes("single_blocks.2.linear2.weight")
+            + lora.factor_bytes("single_blocks.2.modulation.lin.weight");
+        let last = with.len() - 1;
+        assert_eq!(with[last].bytes - without[last].bytes, block);
+        // A GGUF file: counted kept quantized, not dequantized at load.
+        let gguf = flux_units(&fixture("flux/flux-tiny-bfl.gguf")).unwrap();
+        let d = GgufWeights::Dequantized;
+        assert_eq!(gguf.specs_with_loras(DType::BF16, d, loras), gguf.specs(DType::BF16, d));
+        assert!(total(&gguf.specs_with_loras(DType::BF16, q, loras)) > total(&gguf.specs(DType::BF16, q)));
+        assert!(gguf.kept_quantized_working(DType::BF16, true) > gguf.kept_quantized_working(DType::BF16, false));
     }
 
     #[test]

@@ -281,6 +281,10 @@ struct GenerateArgs {
     /// `dequantized` as they load.
     #[arg(long, value_enum, default_value_t)]
     gguf_weights: GgufMode,
+    /// A LoRA for Flux, `FILE` or `FILE:STRENGTH` (default 1.0; repeatable): kohya/sd-scripts,
+    /// BFL or diffusers (PEFT) names; text-encoder parts are reported and not applied.
+    #[arg(long, value_parser = parse_lora)]
+    lora: Vec<(PathBuf, f64)>,
     #[arg(long, default_value = "on")]
     offload_preprocessing: OnOff,
     /// Print the memory registry's timeline.
@@ -289,6 +293,23 @@ struct GenerateArgs {
     #[arg(long)]
     out: PathBuf,
 }
+
+/// `FILE` or `FILE:STRENGTH`: the strength is what follows the last `:` when it is a number
+/// (so paths with a colon still work).
+fn parse_lora(s: &str) -> Result<(PathBuf, f64), String> {
+    let (path, strength) = match s.rsplit_once(':') {
+        Some((path, x)) if !path.is_empty() && x.trim().parse::<f64>().is_ok() => (path, x.trim().parse::<f64>()),
+        _ => (s, Ok(1.0)),
+    };
+    let strength = strength.map_err(|e| e.to_string())?;
+    if !strength.is_finite() || strength.abs() > LORA_STRENGTH_LIMIT {
+        return Err(format!("LoRA strength {strength} is outside -{LORA_STRENGTH_LIMIT}..{LORA_STRENGTH_LIMIT}"));
+    }
+    Ok((PathBuf::from(path), strength))
+}
+
+/// ComfyUI's LoraLoader accepts strengths in -100..100.
+const LORA_STRENGTH_LIMIT: f64 = 100.0;
 
 fn parse_block_weights(s: &str) -> anyhow::Result<Vec<f64>> {
     s.split([',', ';'])
@@ -372,8 +393,21 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         t5_tokenizer: a.t5_tokenizer,
         clip_tokenizer: a.clip_tokenizer,
         encoder_dtype: a.dtype,
+        loras: a.lora.clone(),
     };
     let sources = paths.into_sources(device)?;
+    for (lora, (path, _)) in sources.loras.iter().zip(&a.lora) {
+        eprintln!(
+            "LoRA {}: {} modules on {} Flux weights, strength {}",
+            path.display(),
+            lora.modules(),
+            lora.weights().count(),
+            lora.strength
+        );
+        if !lora.skipped.is_empty() {
+            eprintln!("  {} text-encoder modules not applied (only Flux's are)", lora.skipped.len());
+        }
+    }
     let out = run_pipeline(&sources, &refs, &settings, &a.out, a.verbose)?;
     eprintln!("wrote {} ({}×{})", a.out.display(), out.0, out.1);
     Ok(())
@@ -397,7 +431,7 @@ fn run_pipeline(
         bar.inc(1);
     })?;
     bar.finish_and_clear();
-    let params = generate::parameters_json(s, refs);
+    let params = generate::parameters_json(s, refs, &sources.loras);
     png_out::write_png(out, g.width, g.height, &g.rgb, &[("parameters", params)])?;
     if timeline {
         println!("{}", plan::timeline_table(&g.timeline));

@@ -269,6 +269,33 @@ fn generate_in_f16_runs_t5_in_bf16_and_stays_near_f32() {
     assert!(max <= 12, "f16 vs f32: max |diff| {max}/255");
 }
 
+#[test]
+fn generate_applies_loras_and_refuses_bad_ones_before_any_work() {
+    let photo = fixture("images/photo.jpg").display().to_string();
+    let (plain, with, zero) = (tmp("gen-lora-none.png"), tmp("gen-lora.png"), tmp("gen-lora-zero.png"));
+    let kohya = fixture("flux/lora-kohya.safetensors").display().to_string();
+    let peft = fixture("flux/lora-peft.safetensors").display().to_string();
+    assert!(generate(&["--image", &photo], &plain).status.success());
+    let o = generate(&["--image", &photo, "--lora", &format!("{kohya}:0.8"), "--lora", &peft], &with);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("lora-kohya.safetensors: 30 modules on 30 Flux weights, strength 0.8"), "{err}");
+    assert!(err.contains("2 text-encoder modules not applied"), "{err}");
+    let png = std::fs::read(&with).unwrap();
+    assert!(png.windows(10).any(|w| w == b"\"loras\":[{"), "parameters chunk lacks the LoRAs");
+    let pixels = |p: &PathBuf| png_pixels(&std::fs::read(p).unwrap());
+    assert_ne!(pixels(&with), pixels(&plain), "the LoRAs changed nothing");
+    // Strength 0 is no LoRA, to the byte.
+    assert!(generate(&["--image", &photo, "--lora", &format!("{kohya}:0")], &zero).status.success());
+    assert_eq!(pixels(&zero), pixels(&plain));
+    // Not a LoRA, a strength out of range: one message, before any model runs.
+    let flux = fixture("flux/flux-tiny-bfl.safetensors").display().to_string();
+    let o = generate(&["--image", &photo, "--lora", &flux], &zero);
+    assert_fails(&o, &["flux-tiny-bfl.safetensors", "not a usable Flux LoRA"]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("sampling"), "failed late");
+    assert_fails(&generate(&["--image", &photo, "--lora", &format!("{kohya}:1000")], &zero), &["outside -100..100"]);
+}
+
 /// Decoded RGB bytes of a PNG (parameters chunk aside).
 fn png_pixels(bytes: &[u8]) -> Vec<u8> {
     let dec = png::Decoder::new(std::io::Cursor::new(bytes));

@@ -134,7 +134,7 @@ fn a_flux_gguf_kept_quantized_computes_what_the_dequantized_one_does() {
     for dtype in [DType::F32, DType::BF16] {
         let model = |gguf| {
             let store = load_flux(&fixture("flux/flux-tiny-bfl.gguf")).unwrap().weights;
-            let load = FluxLoad { dtype, device: &Device::Cpu, streamed: &[], gguf };
+            let load = FluxLoad { dtype, device: &Device::Cpu, streamed: &[], gguf, loras: &[] };
             FluxModel::from_store_with(store, Some(vec![4, 6, 6]), &load).unwrap().0
         };
         let run = |m: &FluxModel| {
@@ -148,7 +148,8 @@ fn a_flux_gguf_kept_quantized_computes_what_the_dequantized_one_does() {
         use ipaflux_core::flux::{BlockId, HostBlocks};
         let streamed = [BlockId::Double(1), BlockId::Single(0)];
         let store = load_flux(&fixture("flux/flux-tiny-bfl.gguf")).unwrap().weights;
-        let load = FluxLoad { dtype, device: &Device::Cpu, streamed: &streamed, gguf: GgufWeights::Quantized };
+        let load =
+            FluxLoad { dtype, device: &Device::Cpu, streamed: &streamed, gguf: GgufWeights::Quantized, loras: &[] };
         let (mut m, host) = FluxModel::from_store_with(store, Some(vec![4, 6, 6]), &load).unwrap();
         assert!(host.values().all(|t| t.dtype() == dtype), "streamed tensors in the model dtype");
         m.set_block_source(std::sync::Arc::new(HostBlocks::new(host, &streamed, &Device::Cpu, &Device::Cpu).unwrap()));

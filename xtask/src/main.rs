@@ -15,7 +15,7 @@
 //!   Then `scripts/kernel-emulation.sh`: our elementwise CUDA kernels run on the
 //!   host (each CUDA thread a std::thread) against references (~10 s).
 //! - `cargo xtask fixtures`: regenerates tests/fixtures with the PyTorch reference
-//!   (needs `pip install torch transformers diffusers safetensors pillow gguf`; `PYTHON` picks the interpreter).
+//!   (needs `pip install torch transformers diffusers peft safetensors pillow gguf`; `PYTHON` picks the interpreter).
 
 use std::process::{exit, Command};
 
@@ -320,6 +320,7 @@ fn main() {
             run(&python, &["tests/reference/make_jpeg_fixtures.py"]);
             run(&python, &["tests/reference/make_schedule_fixtures.py"]);
             run(&python, &["tests/reference/make_flux_fixtures.py"]);
+            run(&python, &["tests/reference/make_lora_fixtures.py"]);
             run(&python, &["tests/reference/make_pipeline_fixtures.py"]);
             run(&python, &["tests/reference/make_gguf_fixtures.py"]);
         }

@@ -62,7 +62,7 @@ impl FluxLayout {
     }
 
     /// The tensors (and the rows of each, along dim 0) that hold canonical `name`, in order.
-    fn sources(self, name: &str, hidden: usize, mlp: usize) -> Vec<(String, usize)> {
+    pub(super) fn sources(self, name: &str, hidden: usize, mlp: usize) -> Vec<(String, usize)> {
         if self == Self::Bfl {
             return vec![(name.to_string(), 0)];
         }
@@ -128,7 +128,7 @@ impl FluxLayout {
     }
 
     /// diffusers' `AdaLayerNormContinuous` stores (scale, shift); BFL (shift, scale).
-    fn swaps_halves(self, name: &str) -> bool {
+    pub(super) fn swaps_halves(self, name: &str) -> bool {
         self == Self::Diffusers && name.starts_with("final_layer.adaLN_modulation.1.")
     }
 

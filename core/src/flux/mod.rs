@@ -3,6 +3,7 @@
 //!
 //! - [`config`]: sizes (dev/schnell presets, inferred from checkpoints);
 //! - [`layout`]: BFL and diffusers checkpoint layouts → one canonical naming;
+//! - [`lora`]: LoRA files (kohya, BFL and diffusers namings) mapped onto the canonical weights;
 //! - [`model`]: the transformer (double and single blocks, RoPE, modulation);
 //! - [`hooks`]: where adapters enter a block, and with what;
 //! - [`ip`]: the InstantX IP-Adapter hook (weights, sigma window, ramp, per-block weights, several images);
@@ -16,6 +17,7 @@ pub mod config;
 pub mod hooks;
 pub mod ip;
 pub mod layout;
+pub mod lora;
 #[cfg(test)]
 mod mirror;
 pub mod model;
@@ -28,5 +30,6 @@ pub use config::FluxConfig;
 pub use hooks::{AttentionHook, Contribution, HookPoint, HookTerm, Hooks, Site};
 pub use ip::{IpAdapterHook, IpHookConfig, IpImage, IpWeight};
 pub use layout::FluxLayout;
+pub use lora::{FluxLora, LoraSummary};
 pub use model::{Conditioning, FluxLoad, FluxModel, GgufWeights};
 pub use stream::{BlockId, BlockSource, HostBlocks};

@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::config::FluxConfig;
 use super::hooks::{HookPoint, Hooks, Site};
 use super::layout::FluxLayout;
+use super::lora::{self, FluxLora};
 use super::stream::{BlockId, BlockSource};
 use crate::error::{Error, Result};
 use crate::nn::{
@@ -55,6 +56,8 @@ pub struct FluxLoad<'a> {
     /// Blocks whose tensors stay where they are, for a [`BlockSource`].
     pub streamed: &'a [BlockId],
     pub gguf: GgufWeights,
+    /// LoRAs applied as the weights load (each with its strength).
+    pub loras: &'a [FluxLora],
 }
 
 /// Tensors by canonical name, converted to the model dtype on the model device
@@ -66,6 +69,9 @@ struct Weights {
     dtype: DType,
     device: Device,
     gguf: GgufWeights,
+    /// Applied to the linear layers as they are taken (none for a streamed
+    /// block's fetch: its tensors were merged when the model loaded).
+    loras: Vec<FluxLora>,
 }
 
 /// Where [`Weights`] takes tensors from, by canonical name.
@@ -77,26 +83,44 @@ enum WeightSource {
 }
 
 impl Weights {
-    fn get(&mut self, name: &str) -> Result<Tensor> {
+    /// The tensor as stored, on the model's device.
+    fn get_stored(&mut self, name: &str) -> Result<Tensor> {
         let t = match &mut self.source {
             WeightSource::Store(store) => store.take(name)?,
             WeightSource::Map(map) => map.remove(name),
         };
         let t = t.ok_or_else(|| Error::Shape(format!("Flux weight `{name}` was not prepared")))?;
-        let t = t.to_device(&self.device)?;
+        Ok(t.to_device(&self.device)?)
+    }
+
+    fn get(&mut self, name: &str) -> Result<Tensor> {
+        let t = self.get_stored(name)?;
         // fp8 stays fp8: each layer upcasts it when it runs.
         Ok(if t.dtype() == DType::F8E4M3 { t } else { t.to_dtype(self.dtype)? })
     }
 
+    /// A linear layer with the LoRAs' change to it: merged into a weight
+    /// held in the model dtype; kept beside one held fp8 or quantized.
     fn linear(&mut self, prefix: &str) -> Result<Linear> {
         let weight = format!("{prefix}.weight");
         let bias = Some(self.get(&format!("{prefix}.bias"))?);
+        let delta = lora::low_rank(&self.loras, &weight, &self.device)?;
         if let (GgufWeights::Quantized, WeightSource::Store(store)) = (self.gguf, &mut self.source) {
             if let Some(blocks) = store.take_quantized(&weight, &self.device)? {
-                return Linear::quantized(blocks, bias, self.dtype);
+                let lin = Linear::quantized(blocks, bias, self.dtype)?;
+                return match delta {
+                    Some(d) => lin.with_delta(d, self.dtype),
+                    None => Ok(lin),
+                };
             }
         }
-        Linear::from_parts(self.get(&weight)?, bias)
+        let Some(delta) = delta else { return Linear::from_parts(self.get(&weight)?, bias) };
+        let w = self.get_stored(&weight)?;
+        if w.dtype() == DType::F8E4M3 {
+            Linear::from_parts(w, bias)?.with_delta(delta, self.dtype)
+        } else {
+            Linear::from_parts(delta.merged(&w, self.dtype)?, bias)
+        }
     }
 }
 
@@ -569,7 +593,7 @@ impl FluxModel {
         device: &Device,
         streamed: &[BlockId],
     ) -> Result<(Self, BTreeMap<String, Tensor>)> {
-        let load = FluxLoad { dtype, device, streamed, gguf: GgufWeights::Dequantized };
+        let load = FluxLoad { dtype, device, streamed, gguf: GgufWeights::Dequantized, loras: &[] };
         Self::from_store_with(store, axes_dim, &load)
     }
 
@@ -606,7 +630,7 @@ impl FluxModel {
         device: &Device,
         streamed: &[BlockId],
     ) -> Result<(Self, BTreeMap<String, Tensor>)> {
-        let load = FluxLoad { dtype, device, streamed, gguf: GgufWeights::Dequantized };
+        let load = FluxLoad { dtype, device, streamed, gguf: GgufWeights::Dequantized, loras: &[] };
         Self::from_canonical_store(cfg, TensorStore::from_tensors("canonical Flux tensors", map), &load)
     }
 
@@ -617,7 +641,7 @@ impl FluxModel {
         mut store: TensorStore,
         load: &FluxLoad<'_>,
     ) -> Result<(Self, BTreeMap<String, Tensor>)> {
-        let FluxLoad { dtype, device, streamed, gguf } = *load;
+        let FluxLoad { dtype, device, streamed, gguf, loras } = *load;
         cfg.check()?;
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(Error::Unsupported(format!("Flux compute dtype must be f32, bf16 or f16, not {dtype:?}")));
@@ -631,11 +655,17 @@ impl FluxModel {
         let mut kept = BTreeMap::new();
         for name in names {
             if let Some(t) = store.take(&name)? {
-                let t = if t.dtype() == DType::F8E4M3 { t } else { t.to_dtype(dtype)? };
+                let t = match lora::low_rank(loras, &name, &t.device().clone())? {
+                    // Merged once here: a streamed block arrives dense.
+                    Some(delta) => delta.merged(&t, dtype)?,
+                    None if t.dtype() == DType::F8E4M3 => t,
+                    None => t.to_dtype(dtype)?,
+                };
                 kept.insert(name, t);
             }
         }
-        let mut w = Weights { source: WeightSource::Store(store), dtype, device: device.clone(), gguf };
+        let mut w =
+            Weights { source: WeightSource::Store(store), dtype, device: device.clone(), gguf, loras: loras.to_vec() };
         let double_blocks = (0..cfg.depth)
             .map(|i| {
                 Ok(if streamed.contains(&BlockId::Double(i)) {
@@ -746,6 +776,7 @@ impl FluxModel {
             dtype: self.dtype,
             device: self.device.clone(),
             gguf: GgufWeights::Dequantized,
+            loras: Vec::new(),
         })
     }
 

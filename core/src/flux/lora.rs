@@ -1,0 +1,525 @@
+//! LoRA for Flux: low-rank weight changes read from the file layouts LoRAs
+//! are shared in, mapped onto the canonical (BFL) weights, and applied as
+//! the model loads.
+//!
+//! A LoRA file holds, per module (one linear layer), a `down` matrix
+//! `[rank, in]`, an `up` matrix `[out, rank]` and optionally an `alpha`; the
+//! layer's weight becomes `W + strength · (alpha / rank) · up · down` (scale
+//! 1 without `alpha`). Read here:
+//!
+//! - **kohya / sd-scripts** (most Flux LoRAs shared for ComfyUI):
+//!   `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`, BFL names
+//!   with dots written as underscores;
+//! - **BFL names**, bare or under `diffusion_model.` (ComfyUI's);
+//! - **diffusers / PEFT**: `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`
+//!   (also bare, or kohya-style as `lora_transformer_…`). Q, K, V and the
+//!   single blocks' MLP input are separate modules there; each patches only
+//!   its rows of BFL's fused weight, and the final modulation's (scale,
+//!   shift) halves are swapped as [`super::layout`] does for the weights.
+//!
+//! The weight pairs may be named `lora_down`/`lora_up`, `lora_A`/`lora_B` or
+//! `lora.down`/`lora.up`. Written after the key conventions diffusers'
+//! `lora_conversion_utils` and ComfyUI's `lora.py` accept (read to learn the
+//! names; the code is ours).
+//!
+//! Not applied: text-encoder modules (`lora_te*`, `text_encoder*`): they are
+//! listed in [`FluxLora::skipped`] for the caller to report. Refused by name:
+//! LoHa, LoKr, DoRA and full-difference modules. Modules that name no layer
+//! of this Flux (a LoRA for another model, or for a Flux of other depth)
+//! are an error listing them.
+//!
+//! How the change is applied is the model's business ([`LowRank`] in
+//! [`crate::nn`]): a weight held dense in the compute dtype is merged once
+//! at load (`W + ΔW` in f32, then rounded); one kept fp8 or as GGML blocks
+//! keeps the factors and adds `ΔW` whenever the layer materialises its
+//! weight, so the file's memory savings stay (as ComfyUI-GGUF patches).
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::FluxConfig;
+use super::layout::FluxLayout;
+use super::model::canonical_tensors;
+use crate::error::{Error, Result};
+use crate::nn::LowRank;
+use crate::weights::TensorStore;
+
+/// Suffixes of a module's (down, up) pair, in the namings we read.
+const PAIRS: [(&str, &str); 3] = [
+    ("lora_down.weight", "lora_up.weight"),
+    ("lora_A.weight", "lora_B.weight"),
+    ("lora.down.weight", "lora.up.weight"),
+];
+
+/// Tensor-name fragments of LoRA-like formats we do not apply, with their names.
+const REFUSED: [(&str, &str); 6] = [
+    ("hada_", "LoHa"),
+    ("lokr_", "LoKr"),
+    ("dora_scale", "DoRA"),
+    (".diff_b", "full bias difference"),
+    (".diff", "full weight difference"),
+    (".lora_mid.", "LoCon mid (Tucker)"),
+];
+
+/// Module-name prefixes of text-encoder LoRA parts.
+const TEXT_ENCODER: [&str; 4] = ["lora_te", "text_encoder", "te_", "te1_"];
+
+/// How many unknown module names an error lists.
+const LISTED: usize = 5;
+
+/// Where a LoRA module lands in the canonical weights.
+#[derive(Debug, Clone, PartialEq)]
+struct Target {
+    /// Canonical weight name, e.g. `double_blocks.0.img_attn.qkv.weight`.
+    weight: String,
+    /// The weight's rows `[out]` and columns `[in]`.
+    out: usize,
+    in_dim: usize,
+    /// The rows this module patches.
+    row0: usize,
+    rows: usize,
+    /// diffusers' final modulation: (scale, shift) where BFL has (shift, scale).
+    swap_halves: bool,
+}
+
+/// Every module name a LoRA may use for a layer of a Flux with `cfg`.
+fn targets(cfg: &FluxConfig) -> Result<BTreeMap<String, Target>> {
+    let mut map = BTreeMap::new();
+    let mut add = |key: String, t: Target| match map.insert(key.clone(), t) {
+        None => Ok(()),
+        Some(_) => Err(Error::Shape(format!("two Flux layers answer to LoRA module `{key}`"))),
+    };
+    let underscored = |s: &str| s.replace('.', "_");
+    for (name, shape) in canonical_tensors(cfg) {
+        let (Some(stem), &[out, in_dim]) = (name.strip_suffix(".weight"), &shape[..]) else { continue };
+        let whole = Target { weight: name.clone(), out, in_dim, row0: 0, rows: out, swap_halves: false };
+        for key in [
+            stem.to_string(),
+            format!("diffusion_model.{stem}"),
+            format!("model.diffusion_model.{stem}"),
+            format!("lora_unet_{}", underscored(stem)),
+        ] {
+            add(key, whole.clone())?;
+        }
+        let sources = FluxLayout::Diffusers.sources(&name, cfg.hidden_size, cfg.mlp_hidden);
+        let single = sources.len() == 1;
+        let mut row0 = 0;
+        for (source, rows) in sources {
+            let rows = if single { out } else { rows };
+            let src = source.strip_suffix(".weight").unwrap_or(&source);
+            let swap_halves = FluxLayout::Diffusers.swaps_halves(&name);
+            let part = Target { row0, rows, swap_halves, ..whole.clone() };
+            for key in [src.to_string(), format!("transformer.{src}"), format!("lora_transformer_{}", underscored(src))]
+            {
+                add(key, part.clone())?;
+            }
+            row0 += rows;
+        }
+    }
+    Ok(map)
+}
+
+/// One module's change to rows of a canonical weight.
+#[derive(Debug, Clone)]
+struct Patch {
+    target: Target,
+    /// `[rank, in]`, f32, on the CPU.
+    down: Tensor,
+    /// `[rows, rank]`, f32, on the CPU, already in BFL's row order.
+    up: Tensor,
+    /// `alpha / rank`, or 1.
+    scale: f64,
+}
+
+/// A Flux LoRA, read and checked against the model's sizes.
+#[derive(Debug, Clone)]
+pub struct FluxLora {
+    /// For messages (the file).
+    pub source_name: String,
+    /// Multiplies every change (ComfyUI's `strength_model`).
+    pub strength: f64,
+    /// By canonical weight name.
+    patches: BTreeMap<String, Vec<Patch>>,
+    /// Text-encoder modules, not applied.
+    pub skipped: Vec<String>,
+}
+
+/// A module's tensors by role.
+#[derive(Debug, Default)]
+struct Parts {
+    down: Option<String>,
+    up: Option<String>,
+    alpha: Option<String>,
+}
+
+impl FluxLora {
+    /// Reads every module of `store` (any of the namings above) for a Flux
+    /// with `cfg`; all problems of one kind in one error.
+    pub fn from_store(mut store: TensorStore, cfg: &FluxConfig, strength: f64) -> Result<Self> {
+        let source_name = store.source_name.clone();
+        let bad = |reason: String| Error::Lora { source_name: source_name.clone(), reason };
+        if !strength.is_finite() {
+            return Err(bad(format!("strength {strength} is not a number")));
+        }
+        let mut modules: BTreeMap<String, Parts> = BTreeMap::new();
+        let mut unknown_tensors = Vec::new();
+        for name in store.names() {
+            if let Some((_, kind)) = REFUSED.iter().find(|(frag, _)| name.contains(frag)) {
+                return Err(bad(format!(
+                    "tensor `{name}` is part of a {kind} module; only plain LoRA (down/up pairs) is supported"
+                )));
+            }
+            let role = PAIRS.iter().find_map(|(down, up)| {
+                if let Some(m) = name.strip_suffix(down).and_then(|m| m.strip_suffix('.')) {
+                    Some((m, 0))
+                } else {
+                    name.strip_suffix(up).and_then(|m| m.strip_suffix('.')).map(|m| (m, 1))
+                }
+            });
+            let role = role.or_else(|| name.strip_suffix(".alpha").map(|m| (m, 2)));
+            let Some((module, role)) = role else {
+                unknown_tensors.push(name.to_string());
+                continue;
+            };
+            let parts = modules.entry(module.to_string()).or_default();
+            let slot = [&mut parts.down, &mut parts.up, &mut parts.alpha][role].replace(name.to_string());
+            if let Some(other) = slot {
+                return Err(bad(format!("module `{module}` has two tensors for one role: `{other}` and `{name}`")));
+            }
+        }
+        if !unknown_tensors.is_empty() {
+            return Err(bad(format!(
+                "{} tensor(s) are not LoRA down/up/alpha tensors, e.g. {}",
+                unknown_tensors.len(),
+                listed(&unknown_tensors)
+            )));
+        }
+        let targets = targets(cfg)?;
+        let mut skipped = Vec::new();
+        let mut unknown = Vec::new();
+        let mut patches: BTreeMap<String, Vec<Patch>> = BTreeMap::new();
+        for (module, parts) in modules {
+            if TEXT_ENCODER.iter().any(|p| module.starts_with(p)) {
+                skipped.push(module);
+                continue;
+            }
+            let Some(target) = targets.get(&module) else {
+                unknown.push(module);
+                continue;
+            };
+            let (Some(down), Some(up)) = (&parts.down, &parts.up) else {
+                return Err(bad(format!("module `{module}` needs both a down and an up matrix")));
+            };
+            let down = matrix(&mut store, down)?;
+            let up = matrix(&mut store, up)?;
+            let (rank, in_dim) = down.dims2()?;
+            let (rows, up_rank) = up.dims2()?;
+            if in_dim != target.in_dim || rows != target.rows || up_rank != rank || rank == 0 {
+                return Err(bad(format!(
+                    "module `{module}`: down {:?} and up {:?} do not fit `{}` (expected down [rank, {}], up [{}, rank])",
+                    down.dims(),
+                    up.dims(),
+                    target.weight,
+                    target.in_dim,
+                    target.rows
+                )));
+            }
+            let scale = match &parts.alpha {
+                Some(a) => scalar(&mut store, a)? / rank as f64,
+                None => 1.0,
+            };
+            let up = if target.swap_halves {
+                let half = rows / 2;
+                Tensor::cat(&[up.narrow(0, half, rows - half)?, up.narrow(0, 0, half)?], 0)?
+            } else {
+                up
+            };
+            patches.entry(target.weight.clone()).or_default().push(Patch { target: target.clone(), down, up, scale });
+        }
+        if !unknown.is_empty() {
+            return Err(bad(format!(
+                "{} module(s) name no layer of this Flux model ({} double, {} single blocks), e.g. {}; \
+                 is it a LoRA for another model (SD 1.5, SDXL, SD3) or another Flux size?",
+                unknown.len(),
+                cfg.depth,
+                cfg.depth_single,
+                listed(&unknown)
+            )));
+        }
+        if patches.is_empty() {
+            return Err(bad(if skipped.is_empty() {
+                "no LoRA modules found".into()
+            } else {
+                format!("only text-encoder modules ({}); nothing here changes Flux", skipped.len())
+            }));
+        }
+        tracing::debug!(target: "ipaflux::flux", source = %source_name, weights = patches.len(),
+            skipped = skipped.len(), strength, "LoRA read");
+        Ok(Self { source_name, strength, patches, skipped })
+    }
+
+    /// The canonical weights this LoRA changes.
+    pub fn weights(&self) -> impl Iterator<Item = &str> {
+        self.patches.keys().map(String::as_str)
+    }
+
+    /// Modules applied (not counting skipped ones).
+    pub fn modules(&self) -> usize {
+        self.patches.values().map(Vec::len).sum()
+    }
+
+    /// Bytes of the f32 factors kept for canonical weight `weight` by a layer
+    /// that does not merge them (see [`low_rank`]).
+    pub fn factor_bytes(&self, weight: &str) -> u64 {
+        self.patches.get(weight).map_or(0, |ps| {
+            ps.iter().map(|p| (p.down.elem_count() + p.target.out * p.down.dim(0).unwrap_or(0)) as u64 * 4).sum()
+        })
+    }
+}
+
+/// What a LoRA file holds, from its names and shapes alone (no tensor data,
+/// no model): for `ipaflux inspect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoraSummary {
+    /// Modules with a down matrix (text-encoder ones included).
+    pub modules: usize,
+    pub text_encoder_modules: usize,
+    pub with_alpha: usize,
+    /// Smallest and largest rank.
+    pub ranks: (usize, usize),
+    /// The naming of its Flux modules.
+    pub naming: &'static str,
+}
+
+impl LoraSummary {
+    /// `None` when `store` holds no LoRA down matrices.
+    pub fn of(store: &TensorStore) -> Option<Self> {
+        let mut modules = BTreeMap::new();
+        for name in store.names() {
+            for (down, _) in PAIRS {
+                if let Some(m) = name.strip_suffix(down).and_then(|m| m.strip_suffix('.')) {
+                    modules.insert(m.to_string(), store.shape(name).and_then(|s| s.first().copied()).unwrap_or(0));
+                }
+            }
+        }
+        let ranks = (modules.values().copied().min()?, modules.values().copied().max()?);
+        let is_te = |m: &str| TEXT_ENCODER.iter().any(|p| m.starts_with(p));
+        let first = modules.keys().find(|m| !is_te(m)).map_or("", String::as_str);
+        let naming = if first.starts_with("lora_unet_") {
+            "kohya / sd-scripts (BFL layers)"
+        } else if first.starts_with("lora_transformer_") {
+            "kohya-style (diffusers layers)"
+        } else if first.contains("double_blocks")
+            || first.contains("single_blocks")
+            || first.starts_with("diffusion_model.")
+        {
+            "BFL"
+        } else if first.contains("transformer_blocks") || first.starts_with("transformer.") {
+            "diffusers / PEFT"
+        } else {
+            "not Flux's"
+        };
+        Some(Self {
+            modules: modules.len(),
+            text_encoder_modules: modules.keys().filter(|m| is_te(m)).count(),
+            with_alpha: modules.keys().filter(|m| store.contains(&format!("{m}.alpha"))).count(),
+            ranks,
+            naming,
+        })
+    }
+}
+
+/// `names` as a short list for a message.
+fn listed(names: &[String]) -> String {
+    let mut s = names.iter().take(LISTED).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+    if names.len() > LISTED {
+        s.push_str(", …");
+    }
+    s
+}
+
+/// A 2-D f32 matrix (conv-style trailing 1×1 dimensions dropped).
+fn matrix(store: &mut TensorStore, name: &str) -> Result<Tensor> {
+    let t = store.take(name)?.ok_or_else(|| Error::Shape(format!("LoRA tensor `{name}` vanished")))?;
+    let dims = t.dims().to_vec();
+    let t = match dims[..] {
+        [_, _] => t,
+        [a, b, 1, 1] => t.reshape((a, b))?,
+        _ => {
+            return Err(Error::Lora {
+                source_name: store.source_name.clone(),
+                reason: format!("`{name}` has shape {dims:?}; a LoRA matrix is 2-D"),
+            })
+        }
+    };
+    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+}
+
+/// A one-element tensor's value.
+fn scalar(store: &mut TensorStore, name: &str) -> Result<f64> {
+    let t = store.take(name)?.ok_or_else(|| Error::Shape(format!("LoRA tensor `{name}` vanished")))?;
+    if t.elem_count() != 1 {
+        return Err(Error::Lora {
+            source_name: store.source_name.clone(),
+            reason: format!("`{name}` has shape {:?}; an alpha is one number", t.dims()),
+        });
+    }
+    Ok(f64::from(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?[0]))
+}
+
+/// Every LoRA's change to canonical weight `weight` as one [`LowRank`] on
+/// `device`: the downs stacked, each up placed in its rows (zeros elsewhere)
+/// and scaled by `strength · alpha / rank`. `None` if no LoRA changes it.
+pub fn low_rank(loras: &[FluxLora], weight: &str, device: &Device) -> Result<Option<LowRank>> {
+    let patches: Vec<(&FluxLora, &Patch)> =
+        loras.iter().flat_map(|l| l.patches.get(weight).into_iter().flatten().map(move |p| (l, p))).collect();
+    let Some((_, first)) = patches.first() else { return Ok(None) };
+    let out = first.target.out;
+    let mut downs = Vec::with_capacity(patches.len());
+    let mut ups = Vec::with_capacity(patches.len());
+    for (lora, p) in &patches {
+        let rank = p.down.dim(0)?;
+        let t = &p.target;
+        let scaled = (&p.up * (lora.strength * p.scale))?;
+        let mut column = Vec::with_capacity(3);
+        if t.row0 > 0 {
+            column.push(Tensor::zeros((t.row0, rank), DType::F32, &Device::Cpu)?);
+        }
+        column.push(scaled);
+        if t.row0 + t.rows < out {
+            column.push(Tensor::zeros((out - t.row0 - t.rows, rank), DType::F32, &Device::Cpu)?);
+        }
+        ups.push(Tensor::cat(&column, 0)?);
+        downs.push(p.down.clone());
+    }
+    let down = Tensor::cat(&downs, 0)?.to_device(device)?;
+    let up = Tensor::cat(&ups, 1)?.to_device(device)?;
+    Ok(Some(LowRank::new(down, up)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flux::testing::tiny;
+
+    fn store(tensors: Vec<(&str, Tensor)>) -> TensorStore {
+        TensorStore::from_tensors("test-lora", tensors.into_iter().map(|(n, t)| (n.to_string(), t)).collect())
+    }
+
+    fn rand(shape: (usize, usize)) -> Tensor {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn every_naming_reaches_the_same_rows() {
+        let cfg = tiny();
+        let map = targets(&cfg).unwrap();
+        let h = cfg.hidden_size;
+        let qkv = |k: &str| map.get(k).map(|t| (t.weight.as_str(), t.row0, t.rows));
+        let w = "double_blocks.1.img_attn.qkv.weight";
+        assert_eq!(qkv("lora_unet_double_blocks_1_img_attn_qkv"), Some((w, 0, 3 * h)));
+        assert_eq!(qkv("diffusion_model.double_blocks.1.img_attn.qkv"), Some((w, 0, 3 * h)));
+        assert_eq!(qkv("transformer.transformer_blocks.1.attn.to_k"), Some((w, h, h)));
+        assert_eq!(qkv("lora_transformer_transformer_blocks_1_attn_to_v"), Some((w, 2 * h, h)));
+        let l1 = "single_blocks.0.linear1.weight";
+        assert_eq!(qkv("single_transformer_blocks.0.proj_mlp"), Some((l1, 3 * h, cfg.mlp_hidden)));
+        assert!(map["transformer.norm_out.linear"].swap_halves);
+        assert!(!map["lora_unet_final_layer_adaLN_modulation_1"].swap_halves);
+    }
+
+    #[test]
+    fn low_rank_places_each_part_in_its_rows_with_its_scale() {
+        let cfg = tiny();
+        let h = cfg.hidden_size;
+        let (dq, uq, dv, uv) = (rand((2, h)), rand((h, 2)), rand((3, h)), rand((h, 3)));
+        let s = store(vec![
+            ("transformer.transformer_blocks.0.attn.to_q.lora_A.weight", dq.clone()),
+            ("transformer.transformer_blocks.0.attn.to_q.lora_B.weight", uq.clone()),
+            ("transformer.transformer_blocks.0.attn.to_v.lora_A.weight", dv.clone()),
+            ("transformer.transformer_blocks.0.attn.to_v.lora_B.weight", uv.clone()),
+            ("transformer.transformer_blocks.0.attn.to_v.alpha", Tensor::new(6f32, &Device::Cpu).unwrap()),
+        ]);
+        let lora = FluxLora::from_store(s, &cfg, 0.5).unwrap();
+        assert_eq!(lora.modules(), 2);
+        let lr = low_rank(&[lora], "double_blocks.0.img_attn.qkv.weight", &Device::Cpu).unwrap().unwrap();
+        let delta = lr.delta().unwrap();
+        assert_eq!(delta.dims(), [3 * h, h]);
+        let q = (uq.matmul(&dq).unwrap() * 0.5).unwrap();
+        let v = (uv.matmul(&dv).unwrap() * (0.5 * 6.0 / 3.0)).unwrap();
+        let diff =
+            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff(&delta.narrow(0, 0, h).unwrap(), &q) < 1e-5);
+        assert_eq!(delta.narrow(0, h, h).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert!(diff(&delta.narrow(0, 2 * h, h).unwrap(), &v) < 1e-5);
+        let none = low_rank(&[], "double_blocks.0.img_attn.qkv.weight", &Device::Cpu).unwrap();
+        assert!(none.is_none());
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let cfg = tiny();
+        let h = cfg.hidden_size;
+        let err = |tensors| FluxLora::from_store(store(tensors), &cfg, 1.0).unwrap_err().to_string();
+        let sdxl = err(vec![
+            ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", rand((2, 8))),
+            ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight", rand((8, 2))),
+        ]);
+        assert!(sdxl.contains("name no layer of this Flux") && sdxl.contains("down_blocks_0"), "{sdxl}");
+        let loha = err(vec![("lora_unet_single_blocks_0_linear2.hada_w1_a", rand((2, 2)))]);
+        assert!(loha.contains("LoHa"), "{loha}");
+        let shape = err(vec![
+            ("lora_unet_single_blocks_0_linear2.lora_down.weight", rand((2, h + 1))),
+            ("lora_unet_single_blocks_0_linear2.lora_up.weight", rand((h, 2))),
+        ]);
+        assert!(shape.contains("do not fit `single_blocks.0.linear2.weight`"), "{shape}");
+        let half = err(vec![("lora_unet_single_blocks_0_linear2.lora_down.weight", rand((2, h)))]);
+        assert!(half.contains("needs both"), "{half}");
+        let te = err(vec![
+            ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", rand((2, 4))),
+            ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", rand((4, 2))),
+        ]);
+        assert!(te.contains("only text-encoder modules"), "{te}");
+        let stray = err(vec![("something_else", rand((2, 2)))]);
+        assert!(stray.contains("not LoRA down/up/alpha"), "{stray}");
+    }
+
+    #[test]
+    fn a_summary_needs_only_names_and_shapes() {
+        let cfg = tiny();
+        let h = cfg.hidden_size;
+        let s = store(vec![
+            ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", rand((2, 4))),
+            ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", rand((4, 2))),
+            ("lora_unet_single_blocks_0_linear2.lora_down.weight", rand((8, h + cfg.mlp_hidden))),
+            ("lora_unet_single_blocks_0_linear2.lora_up.weight", rand((h, 8))),
+            ("lora_unet_single_blocks_0_linear2.alpha", Tensor::new(4f32, &Device::Cpu).unwrap()),
+        ]);
+        let sum = LoraSummary::of(&s).unwrap();
+        let want = LoraSummary {
+            modules: 2,
+            text_encoder_modules: 1,
+            with_alpha: 1,
+            ranks: (2, 8),
+            naming: "kohya / sd-scripts (BFL layers)",
+        };
+        assert_eq!(sum, want);
+        assert!(LoraSummary::of(&store(vec![("x.weight", rand((2, 2)))])).is_none());
+    }
+
+    #[test]
+    fn text_encoder_parts_are_skipped_and_reported() {
+        let cfg = tiny();
+        let h = cfg.hidden_size;
+        let s = store(vec![
+            ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", rand((2, 4))),
+            ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", rand((4, 2))),
+            ("lora_unet_single_blocks_0_linear2.lora_down.weight", rand((2, h + cfg.mlp_hidden))),
+            ("lora_unet_single_blocks_0_linear2.lora_up.weight", rand((h, 2))),
+        ]);
+        let lora = FluxLora::from_store(s, &cfg, 1.0).unwrap();
+        assert_eq!(lora.skipped, ["lora_te1_text_model_encoder_layers_0_mlp_fc1"]);
+        assert_eq!(lora.weights().collect::<Vec<_>>(), ["single_blocks.0.linear2.weight"]);
+        assert_eq!(lora.factor_bytes("single_blocks.0.linear2.weight"), 4 * (2 * (h + cfg.mlp_hidden) + h * 2) as u64);
+    }
+}
