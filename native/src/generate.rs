@@ -490,7 +490,7 @@ impl ModelPaths {
             flux: (Box::new(move || load::load_flux(&flux)), flux_bytes),
             t5: (Box::new(move || load::load_text_encoder(&t5, "text_encoder_2", t5_tok.as_deref())), t5_bytes),
             clip: (Box::new(move || load::load_text_encoder(&clip, "text_encoder", clip_tok.as_deref())), clip_bytes),
-            vae: (Box::new(move || load::load_store(&vae)), vae_bytes),
+            vae: (Box::new(move || load::load_vae(&vae)), vae_bytes),
             image_encoder,
             ip_adapter: (Box::new(move || load::load_ip_adapter(&ip)), ip_bytes),
             flux_head_dim,

@@ -418,17 +418,60 @@ pub fn text_encoder_dir(path: &Path, sub: &str) -> PathBuf {
     }
 }
 
-/// The VAE: BFL's `ae.safetensors`, or a repo folder holding it.
+/// The VAE's weights file: BFL's `ae.safetensors` (given, or in a repo
+/// folder), or a diffusers `AutoencoderKL` folder's
+/// `diffusion_pytorch_model.safetensors` (the folder given, or `vae/` in a
+/// repo folder), whose `config.json` must carry FLUX.1's latent scale and
+/// shift (the decoder applies those).
 pub fn vae_file(path: &Path) -> Result<PathBuf> {
     if path.is_file() {
         return Ok(path.to_path_buf());
     }
     let dir = resolve_model_dir(path)?;
-    let f = dir.join("ae.safetensors");
-    if f.exists() {
-        Ok(f)
+    let ae = dir.join("ae.safetensors");
+    if ae.exists() {
+        return Ok(ae);
+    }
+    for vae in [dir.clone(), dir.join("vae")] {
+        let weights = vae.join("diffusion_pytorch_model.safetensors");
+        if weights.exists() {
+            check_vae_config(&vae.join("config.json"))?;
+            return Ok(weights);
+        }
+    }
+    Err(io_err(&dir, "no ae.safetensors here, nor a diffusers VAE (vae/diffusion_pytorch_model.safetensors)"))
+}
+
+/// A diffusers VAE config, if there is one, must be FLUX.1's: the same latent
+/// channels' scale and shift the decoder uses.
+fn check_vae_config(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&read_text(path)?).map_err(|e| io_err(path, e))?;
+    let factor = |key: &str| v.get(key).and_then(serde_json::Value::as_f64);
+    let want = [("scaling_factor", crate::vae::FLUX_VAE_SCALE), ("shift_factor", crate::vae::FLUX_VAE_SHIFT)];
+    for (key, flux) in want {
+        match factor(key) {
+            Some(x) if (x - flux).abs() < 1e-6 => {}
+            found => {
+                return Err(io_err(
+                    path,
+                    format!("{key} is {found:?}, FLUX.1's VAE has {flux}: this is not a FLUX.1 VAE"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The VAE's tensors under BFL's `ae.safetensors` names (a diffusers VAE's renamed).
+pub fn load_vae(path: &Path) -> Result<TensorStore> {
+    let store = load_store(path)?;
+    if crate::vae::is_diffusers(&store) {
+        crate::vae::bfl_names(store)
     } else {
-        Err(io_err(&dir, "no ae.safetensors here (the diffusers `vae/` layout is not supported yet)"))
+        Ok(store)
     }
 }
 

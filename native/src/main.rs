@@ -215,7 +215,8 @@ struct GenerateArgs {
     /// tokenizer.json for a single-file --clip (ComfyUI's clip_l.safetensors); a file, folder or HF repo id.
     #[arg(long)]
     clip_tokenizer: Option<PathBuf>,
-    /// VAE: BFL ae.safetensors, or a repo folder holding it.
+    /// VAE: BFL ae.safetensors, a diffusers AutoencoderKL folder (config.json +
+    /// diffusion_pytorch_model.safetensors), or a repo folder holding either (`vae/`).
     #[arg(long)]
     vae: PathBuf,
     /// IP-Adapter: InstantX ip-adapter.bin or a flat .safetensors.

@@ -1,5 +1,6 @@
 //! The Flux VAE decoder from BFL's `ae.safetensors` layout (`decoder.*`; the
-//! encoder half is not needed and not loaded). The network is
+//! encoder half is not needed and not loaded), or from a diffusers `vae/`
+//! folder, whose names [`bfl_names`] maps onto BFL's. The network is
 //! candle-transformers' port of BFL's autoencoder; this module infers its
 //! sizes from the checkpoint and turns latents into 8-bit RGB.
 
@@ -63,6 +64,76 @@ impl VaeDecoder {
         let z = ((latents.to_dtype(DType::F32)? / self.cfg.scale_factor)? + self.cfg.shift_factor)?;
         Ok(self.decoder.forward(&z.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?)
     }
+}
+
+/// Whether `store` names the VAE as diffusers' `AutoencoderKL` does
+/// (`decoder.up_blocks.*`, `decoder.mid_block.*`).
+pub fn is_diffusers(store: &TensorStore) -> bool {
+    store.names().any(|n| n.starts_with("decoder.up_blocks.") || n.starts_with("decoder.mid_block."))
+}
+
+/// A diffusers `AutoencoderKL` decoder under BFL's `ae.safetensors` names, as
+/// the decoder reads them (the encoder half is dropped). Written after
+/// diffusers' `convert_ldm_vae_checkpoint`, read backwards: up blocks in
+/// reverse order (diffusers' `up_blocks.0` is BFL's last level), `mid_block`
+/// resnets and attention as `mid.block_1/2` and `mid.attn_1`, whose
+/// projections diffusers stores as linear `[C, C]` weights and BFL as 1×1
+/// convolutions `[C, C, 1, 1]`; `conv_shortcut` as `nin_shortcut`,
+/// `conv_norm_out` as `norm_out`. Names it does not know stay as they are (the
+/// decoder then reports what it misses).
+pub fn bfl_names(mut store: TensorStore) -> Result<TensorStore> {
+    let levels = store
+        .names()
+        .filter_map(|n| n.strip_prefix("decoder.up_blocks.")?.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map_or(0, |m| m + 1);
+    let rename = |name: &str| -> Option<String> {
+        let rest = name.strip_prefix("decoder.")?;
+        let resnet = |r: &str| r.replacen("conv_shortcut", "nin_shortcut", 1);
+        let mapped = if let Some(r) = rest.strip_prefix("mid_block.resnets.") {
+            let (i, tail) = r.split_once('.')?;
+            format!("mid.block_{}.{}", i.parse::<usize>().ok()? + 1, resnet(tail))
+        } else if let Some(r) = rest.strip_prefix("mid_block.attentions.0.") {
+            let (part, tail) = r.split_once('.')?;
+            let part = match part {
+                "group_norm" => "norm",
+                "to_q" | "query" => "q",
+                "to_k" | "key" => "k",
+                "to_v" | "value" => "v",
+                "proj_attn" => "proj_out",
+                "to_out" => return Some(format!("decoder.mid.attn_1.proj_out.{}", tail.strip_prefix("0.")?)),
+                _ => return None,
+            };
+            format!("mid.attn_1.{part}.{tail}")
+        } else if let Some(r) = rest.strip_prefix("up_blocks.") {
+            let (k, tail) = r.split_once('.')?;
+            let level = levels.checked_sub(k.parse::<usize>().ok()? + 1)?;
+            if let Some(t) = tail.strip_prefix("resnets.") {
+                format!("up.{level}.block.{}", resnet(t))
+            } else {
+                format!("up.{level}.upsample.{}", tail.strip_prefix("upsamplers.0.")?)
+            }
+        } else if let Some(t) = rest.strip_prefix("conv_norm_out.") {
+            format!("norm_out.{t}")
+        } else {
+            rest.to_string()
+        };
+        Some(format!("decoder.{mapped}"))
+    };
+    let names: Vec<String> = store.names().map(str::to_string).collect();
+    let mut out = TensorStore::new(store.source_name.clone());
+    for name in names {
+        let Some(new) = rename(&name) else { continue };
+        let projection = ["q", "k", "v", "proj_out"].iter().any(|p| new == format!("decoder.mid.attn_1.{p}.weight"));
+        if projection && store.shape(&name).is_some_and(|s| s.len() == 2) {
+            let t = store.take(&name)?.ok_or_else(|| vae_err(&store.source_name, format!("`{name}` vanished")))?;
+            let (o, i) = t.dims2()?;
+            out.insert(new, t.reshape((o, i, 1, 1))?)?;
+        } else {
+            store.move_to(&name, &mut out, new)?;
+        }
+    }
+    Ok(out)
 }
 
 /// `[1, 3, H, W]` in [−1, 1] → RGB bytes, as BFL's `127.5 · (x + 1)` then `byte()` (truncation).

@@ -296,6 +296,19 @@ fn generate_applies_loras_and_refuses_bad_ones_before_any_work() {
     assert_fails(&generate(&["--image", &photo, "--lora", &format!("{kohya}:1000")], &zero), &["outside -100..100"]);
 }
 
+#[test]
+fn generate_takes_a_diffusers_vae_folder() {
+    let photo = fixture("images/photo.jpg").display().to_string();
+    let (ae, diffusers) = (tmp("gen-vae-ae.png"), tmp("gen-vae-diffusers.png"));
+    assert!(generate(&["--image", &photo], &ae).status.success());
+    let o = generate(&["--image", &photo, "--vae", &fixture("pipeline/vae").display().to_string()], &diffusers);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pixels = |p: &PathBuf| png_pixels(&std::fs::read(p).unwrap());
+    assert_eq!(pixels(&ae), pixels(&diffusers), "the two VAE layouts decode differently");
+    let o = generate(&["--image", &photo, "--vae", &fixture("siglip-vision").display().to_string()], &diffusers);
+    assert_fails(&o, &["no ae.safetensors here, nor a diffusers VAE"]);
+}
+
 /// Decoded RGB bytes of a PNG (parameters chunk aside).
 fn png_pixels(bytes: &[u8]) -> Vec<u8> {
     let dec = png::Decoder::new(std::io::Cursor::new(bytes));

@@ -81,6 +81,35 @@ fn vae_decoder_matches_diffusers() {
 }
 
 #[test]
+fn a_diffusers_vae_folder_decodes_as_ae_safetensors_does() {
+    let g = gold();
+    let dir = fixture("pipeline/vae");
+    let file = ipaflux::load::vae_file(&dir).unwrap();
+    assert!(file.ends_with("vae/diffusion_pytorch_model.safetensors"), "{}", file.display());
+    let converted = ipaflux::load::load_vae(&file).unwrap();
+    // Only the decoder, every tensor of BFL's decoder, none left over.
+    let bfl = ipaflux::load::load_store(&fixture("pipeline/ae.safetensors")).unwrap();
+    let mut names: Vec<&str> = converted.names().collect();
+    let mut want: Vec<&str> = bfl.names().filter(|n| n.starts_with("decoder.")).collect();
+    names.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(names, want);
+    let vae = VaeDecoder::new(&converted, DType::F32, &Device::Cpu).unwrap();
+    let ours = vae.decode(&g["vae.latents"]).unwrap();
+    assert_close("diffusers VAE decode", &ours, &g["vae.decoded"], F32_TOL);
+    let ae = VaeDecoder::new(&store("pipeline/ae.safetensors"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(rel_max_err(&ours, &ae.decode(&g["vae.latents"]).unwrap()), 0.0, "the two layouts must agree exactly");
+    // A diffusers VAE that is not FLUX.1's (another latent scale) is refused by its config.
+    let other = std::env::temp_dir().join(format!("ipaflux-sdxl-vae-{}", std::process::id()));
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::copy(&file, other.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("0.3611", "0.13025");
+    std::fs::write(other.join("config.json"), cfg).unwrap();
+    let e = ipaflux::load::vae_file(&other).unwrap_err().to_string();
+    assert!(e.contains("scaling_factor") && e.contains("not a FLUX.1 VAE"), "{e}");
+}
+
+#[test]
 fn wrong_files_give_clear_errors() {
     let tok = std::fs::read(fixture("pipeline/t5/tokenizer.json")).unwrap();
     let e = T5Encoder::new(
