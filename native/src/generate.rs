@@ -475,7 +475,8 @@ impl ModelPaths {
         let t5_bytes =
             load::loaded_bytes(&load::text_encoder_dir(&t5, "text_encoder_2"), t5_dtype(self.encoder_dtype.dtype()))?;
         let clip_bytes = load::weight_bytes(&load::text_encoder_dir(&clip, "text_encoder"));
-        let (vae_bytes, ip_bytes) = (load::weight_bytes(&vae), load::weight_bytes(&ip));
+        let (vae_bytes, ip_bytes) =
+            (load::vae_decoder_bytes(&vae, self.encoder_dtype.dtype())?, load::weight_bytes(&ip));
         let image_encoder: Option<(LoadFn<Encoder>, u64)> = siglip.map(|dir| {
             let bytes = load::weight_bytes(&load::resolve_model_dir(&dir).unwrap_or_else(|_| dir.clone()));
             let (ip, dtype, device) = (ip.clone(), self.encoder_dtype, device.clone());

@@ -465,6 +465,22 @@ fn check_vae_config(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Bytes the VAE decoder takes loaded in `dtype`, from the file's header: its
+/// `decoder.*` tensors only (the encoder half in the same file is never loaded).
+/// Before, the registry counted the whole file: both halves, as stored.
+pub fn vae_decoder_bytes(path: &Path, dtype: ipaflux_core::candle_core::DType) -> Result<u64> {
+    let map = map_file(path)?;
+    // Not safetensors: sized as the file; loading it says what is wrong.
+    let Ok((_, meta)) = safetensors::SafeTensors::read_metadata(&map) else { return Ok(weight_bytes(path)) };
+    let elements: usize = meta
+        .tensors()
+        .iter()
+        .filter(|(n, _)| n.starts_with("decoder."))
+        .map(|(_, i)| i.shape.iter().product::<usize>())
+        .sum();
+    Ok((elements * dtype.size_in_bytes()) as u64)
+}
+
 /// The VAE's tensors under BFL's `ae.safetensors` names (a diffusers VAE's renamed).
 pub fn load_vae(path: &Path) -> Result<TensorStore> {
     let store = load_store(path)?;
@@ -746,6 +762,21 @@ mod tests {
         assert_eq!(flux_head_dim(&path).unwrap(), 16);
         let e = load_flux(&fixture("gguf/ggml-types.gguf")).err().unwrap().to_string();
         assert!(e.contains("holds a `ipaflux-test` model, not Flux"), "{e}");
+    }
+
+    #[test]
+    fn the_vae_counts_its_decoder_at_the_compute_dtype_in_either_layout() {
+        let elements = |store: &TensorStore, decoder: bool| -> usize {
+            let names = store.names().filter(|n| !decoder || n.starts_with("decoder."));
+            names.map(|n| store.shape(n).unwrap().iter().product::<usize>()).sum()
+        };
+        let ae = fixture("pipeline/ae.safetensors");
+        let decoder = elements(&load_store(&ae).unwrap(), true);
+        assert_eq!(vae_decoder_bytes(&ae, DType::F32).unwrap(), 4 * decoder as u64);
+        // The diffusers folder's file also holds the encoder, which is not counted.
+        let diffusers = vae_file(&fixture("pipeline/vae")).unwrap();
+        assert!(elements(&load_store(&diffusers).unwrap(), false) > decoder);
+        assert_eq!(vae_decoder_bytes(&diffusers, DType::BF16).unwrap(), 2 * decoder as u64);
     }
 
     #[test]

@@ -24,7 +24,7 @@
 //!
 //! Not applied: text-encoder modules (`lora_te*`, `text_encoder*`): they are
 //! listed in [`FluxLora::skipped`] for the caller to report. Refused by name:
-//! LoHa, LoKr, DoRA and full-difference modules. Modules that name no layer
+//! XLabs' format, LoHa, LoKr, DoRA and full-difference modules. Modules that name no layer
 //! of this Flux (a LoRA for another model, or for a Flux of other depth)
 //! are an error listing them.
 //!
@@ -53,7 +53,8 @@ const PAIRS: [(&str, &str); 3] = [
 ];
 
 /// Tensor-name fragments of LoRA-like formats we do not apply, with their names.
-const REFUSED: [(&str, &str); 6] = [
+const REFUSED: [(&str, &str); 7] = [
+    (".processor.", "XLabs (`processor.*_lora*`)"),
     ("hada_", "LoHa"),
     ("lokr_", "LoKr"),
     ("dora_scale", "DoRA"),
@@ -468,6 +469,8 @@ mod tests {
         assert!(sdxl.contains("name no layer of this Flux") && sdxl.contains("down_blocks_0"), "{sdxl}");
         let loha = err(vec![("lora_unet_single_blocks_0_linear2.hada_w1_a", rand((2, 2)))]);
         assert!(loha.contains("LoHa"), "{loha}");
+        let xlabs = err(vec![("double_blocks.0.processor.qkv_lora1.down.weight", rand((2, h)))]);
+        assert!(xlabs.contains("XLabs"), "{xlabs}");
         let shape = err(vec![
             ("lora_unet_single_blocks_0_linear2.lora_down.weight", rand((2, h + 1))),
             ("lora_unet_single_blocks_0_linear2.lora_up.weight", rand((h, 2))),
