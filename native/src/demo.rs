@@ -82,6 +82,7 @@ pub fn settings(seed: u64) -> Settings {
         steps: 4,
         guidance: 3.5,
         seed,
+        batch: 1,
         dtype: DType::F32,
         device: Device::Cpu,
         device_spec: DeviceSpec::Cpu,
@@ -127,7 +128,7 @@ mod tests {
             crate::generate::generate(&gguf_sources(), &references(), &s, &mut |_| {}).unwrap()
         };
         let (kept, dense) = (run(GgufWeights::Quantized), run(GgufWeights::Dequantized));
-        assert_eq!(kept.rgb, dense.rgb);
+        assert_eq!(kept.images[0].rgb, dense.images[0].rgb);
         let flux_bytes = |g: &crate::generate::Generated| {
             g.timeline.iter().filter(|e| e.model == "flux" && e.op == Op::Register).map(|e| e.bytes).sum::<u64>()
         };

@@ -75,7 +75,10 @@ pub struct Settings {
     pub height: usize,
     pub steps: usize,
     pub guidance: f32,
+    /// The first image's seed; image `i` of a batch uses `seed + i`.
     pub seed: u64,
+    /// Images made from one load of every model (≥ 1).
+    pub batch: usize,
     pub dtype: DType,
     pub device: Device,
     pub device_spec: DeviceSpec,
@@ -94,11 +97,17 @@ pub struct Settings {
     pub gguf: GgufWeights,
 }
 
-/// The result: RGB pixels, the memory timeline, stage timings.
+/// One image of a batch: its seed and RGB pixels.
+pub struct Image {
+    pub seed: u64,
+    pub rgb: Vec<u8>,
+}
+
+/// The result: the images (one per seed), the memory timeline, stage timings.
 pub struct Generated {
     pub width: usize,
     pub height: usize,
-    pub rgb: Vec<u8>,
+    pub images: Vec<Image>,
     pub timeline: Vec<Event>,
     pub stages: Vec<(&'static str, Duration)>,
     /// Bytes of the cached IP K/V of all references.
@@ -217,6 +226,9 @@ pub fn generate(
     on_step: &mut dyn FnMut(StepInfo),
 ) -> Result<Generated> {
     sampler::check_size(s.width, s.height)?;
+    if s.batch == 0 || s.batch > MAX_BATCH {
+        return Err(ipaflux_core::Error::Unsupported(format!("batch {} is outside 1..={MAX_BATCH}", s.batch)).into());
+    }
     let dev = s.device_spec;
     let mut reg = Registry::new(s.registry.clone(), memory_devices(dev, s.vram_budget)?)?;
     let h = register_all(&mut reg, src, dev, s)?;
@@ -267,7 +279,7 @@ pub fn generate(
         Some(p) if !p.streamed.is_empty() => src.flux_units.blocks(&p.streamed)?,
         _ => Vec::new(),
     };
-    reg.stream(&plan, s.steps as u64);
+    reg.stream(&plan, (s.steps * s.batch) as u64);
     let latents =
         timed(&mut stages, "sampling", || sample(src, (images, adapter_dims), &txt, &y, s, &streamed, on_step))?;
     reg.release(kv);
@@ -276,15 +288,20 @@ pub fn generate(
 
     // Decode.
     job(&mut reg, "decode", (dev, 0), &[vae_id], vec![])?;
-    let (width, height, rgb) = timed(&mut stages, "vae decode", || {
+    let images = timed(&mut stages, "vae decode", || {
         let vae = VaeDecoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
-        let img = vae.decode(&sampler::unpack(&latents, s.height / 8, s.width / 8)?)?;
-        crate::vae::to_rgb8(&img)
+        let decode = |(seed, latents): (u64, Tensor)| {
+            let img = vae.decode(&sampler::unpack(&latents, s.height / 8, s.width / 8)?)?;
+            let (_, _, rgb) = crate::vae::to_rgb8(&img)?;
+            Ok(Image { seed, rgb })
+        };
+        latents.into_iter().map(decode).collect::<Result<Vec<_>>>()
     })?;
     reg.release(h.vae);
     release_cache(&mut reg, "decoded");
     reg.audit()?;
-    Ok(Generated { width, height, rgb, timeline: reg.drain_events(), stages, ip_kv_bytes: kv_bytes })
+    let (width, height) = (s.width, s.height);
+    Ok(Generated { width, height, images, timeline: reg.drain_events(), stages, ip_kv_bytes: kv_bytes })
 }
 
 /// Encodes every reference and computes its K/V with one loaded adapter.
@@ -342,7 +359,7 @@ fn sample(
     s: &Settings,
     streamed: &[BlockId],
     on_step: &mut dyn FnMut(StepInfo),
-) -> Result<Tensor> {
+) -> Result<Vec<(u64, Tensor)>> {
     let files = (src.flux.0)()?;
     let load = FluxLoad { dtype: s.dtype, device: &s.device, streamed, gguf: s.gguf, loras: &src.loras };
     let (mut model, kept) = FluxModel::from_store_with(files.weights, files.axes_dim, &load)?;
@@ -375,10 +392,23 @@ fn sample(
     let (rows, cols) = sampler::token_grid(s.width, s.height);
     let shift = if model.cfg.guidance_embed { Shift::DEV } else { Shift::None };
     let sigmas = flux_schedule(s.steps, rows * cols, shift);
-    let noise = sampler::pack(&sampler::noise(s.seed, s.width, s.height, &s.device)?)?;
     let cond = Conditioning { txt: txt.clone(), y: y.clone(), guidance: Some(s.guidance) };
     let list: Vec<&dyn ipaflux_core::flux::AttentionHook> = hook.iter().map(|h| h as _).collect();
-    Ok(sampler::euler(&model, &noise, &sampler::img_ids(rows, cols), &cond, &sigmas, Hooks::new(&list), on_step)?)
+    let ids = sampler::img_ids(rows, cols);
+    seeds(s)
+        .map(|seed| {
+            let noise = sampler::pack(&sampler::noise(seed, s.width, s.height, &s.device)?)?;
+            Ok((seed, sampler::euler(&model, &noise, &ids, &cond, &sigmas, Hooks::new(&list), on_step)?))
+        })
+        .collect()
+}
+
+/// The most images one run makes.
+pub const MAX_BATCH: usize = 1024;
+
+/// The seeds of a batch: `seed`, `seed + 1`, … (wrapping).
+pub fn seeds(s: &Settings) -> impl Iterator<Item = u64> + '_ {
+    (0..s.batch as u64).map(|i| s.seed.wrapping_add(i))
 }
 
 /// Where streamed blocks wait: pinned memory with prefetch on CUDA, host tensors elsewhere.
@@ -410,8 +440,8 @@ impl Reference {
     }
 }
 
-/// The parameters as JSON, for the PNG's `parameters` text chunk.
-pub fn parameters_json(s: &Settings, refs: &[Reference], loras: &[FluxLora]) -> String {
+/// The parameters of the image made with `seed`, as JSON for the PNG's `parameters` text chunk.
+pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], loras: &[FluxLora]) -> String {
     let weight = match s.ip_weight {
         IpWeight::Constant(w) => serde_json::json!(w),
         IpWeight::Ramp(r) => serde_json::json!({"start": r.start, "end": r.end, "steps": r.steps}),
@@ -423,7 +453,7 @@ pub fn parameters_json(s: &Settings, refs: &[Reference], loras: &[FluxLora]) -> 
         "height": s.height,
         "steps": s.steps,
         "guidance": s.guidance,
-        "seed": s.seed,
+        "seed": seed,
         "dtype": format!("{:?}", s.dtype).to_lowercase(),
         "references": refs.iter().map(|r| serde_json::json!({"name": r.name(), "weight": r.weight()})).collect::<Vec<_>>(),
         "ip_weight": weight,

@@ -260,8 +260,13 @@ struct GenerateArgs {
     steps: usize,
     #[arg(long, default_value_t = 3.5)]
     guidance: f32,
+    /// The first image's seed; with --batch N, image i uses seed + i.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Images to make with one load of every model (seeds seed, seed+1, …). With more than
+    /// one, each is written next to --out as STEM-SEED.png.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// T5 sequence length: 512 for dev, 256 for schnell.
     #[arg(long, default_value_t = ipaflux::text::T5_MAX_LEN_DEV)]
     t5_max_len: usize,
@@ -366,6 +371,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         steps: a.steps,
         guidance: a.guidance,
         seed: a.seed,
+        batch: a.batch,
         dtype: a.dtype.dtype(),
         device: device.clone(),
         device_spec: a.device,
@@ -410,7 +416,18 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     let out = run_pipeline(&sources, &refs, &settings, &a.out, a.verbose)?;
-    eprintln!("wrote {} ({}×{})", a.out.display(), out.0, out.1);
+    if a.batch == 1 {
+        eprintln!("wrote {} ({}×{})", a.out.display(), out.0, out.1);
+    } else {
+        eprintln!(
+            "wrote {} images ({}×{}), seeds {}..={}",
+            a.batch,
+            out.0,
+            out.1,
+            a.seed,
+            a.seed.wrapping_add(a.batch as u64 - 1)
+        );
+    }
     Ok(())
 }
 
@@ -422,7 +439,7 @@ fn run_pipeline(
     out: &std::path::Path,
     timeline: bool,
 ) -> anyhow::Result<(usize, usize)> {
-    let bar = indicatif::ProgressBar::new(s.steps as u64);
+    let bar = indicatif::ProgressBar::new((s.steps * s.batch) as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps  {elapsed} (eta {eta}) {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -432,8 +449,14 @@ fn run_pipeline(
         bar.inc(1);
     })?;
     bar.finish_and_clear();
-    let params = generate::parameters_json(s, refs, &sources.loras);
-    png_out::write_png(out, g.width, g.height, &g.rgb, &[("parameters", params)])?;
+    for image in &g.images {
+        let params = generate::parameters_json(s, image.seed, refs, &sources.loras);
+        let path = if g.images.len() == 1 { out.to_path_buf() } else { batch_path(out, image.seed) };
+        png_out::write_png(&path, g.width, g.height, &image.rgb, &[("parameters", params)])?;
+        if g.images.len() > 1 {
+            eprintln!("wrote {}", path.display());
+        }
+    }
     if timeline {
         println!("{}", plan::timeline_table(&g.timeline));
     }
@@ -443,6 +466,13 @@ fn run_pipeline(
         println!("  {name:<26} {:>9.2} ms", d.as_secs_f64() * 1e3);
     }
     Ok((g.width, g.height))
+}
+
+/// `out` with `-SEED` before its extension: where image `seed` of a batch goes.
+fn batch_path(out: &std::path::Path, seed: u64) -> PathBuf {
+    let stem = out.file_stem().map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
+    let ext = out.extension().map_or_else(|| "png".into(), |e| e.to_string_lossy().into_owned());
+    out.with_file_name(format!("{stem}-{seed}.{ext}"))
 }
 
 fn print_stages(stages: &[(&str, std::time::Duration)]) {

@@ -297,6 +297,27 @@ fn generate_applies_loras_and_refuses_bad_ones_before_any_work() {
 }
 
 #[test]
+fn a_batch_makes_the_images_of_its_seeds_one_by_one() {
+    let photo = fixture("images/photo.jpg").display().to_string();
+    let (five, six, batch) = (tmp("gen-seed5.png"), tmp("gen-seed6.png"), tmp("gen-batch.png"));
+    assert!(generate(&["--image", &photo, "--seed", "5"], &five).status.success());
+    assert!(generate(&["--image", &photo, "--seed", "6"], &six).status.success());
+    let o = generate(&["--image", &photo, "--seed", "5", "--batch", "2"], &batch);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("wrote 2 images") && err.contains("seeds 5..=6"), "{err}");
+    assert!(!batch.exists(), "a batch writes STEM-SEED.png, not --out itself");
+    let pixels = |p: &PathBuf| png_pixels(&std::fs::read(p).unwrap());
+    let (b5, b6) = (tmp("gen-batch-5.png"), tmp("gen-batch-6.png"));
+    assert_eq!(pixels(&b5), pixels(&five), "image 0 of the batch is not the seed-5 image");
+    assert_eq!(pixels(&b6), pixels(&six), "image 1 of the batch is not the seed-6 image");
+    assert_ne!(pixels(&b5), pixels(&b6));
+    let png = std::fs::read(&b6).unwrap();
+    assert!(png.windows(8).any(|w| w == b"\"seed\":6"), "the PNG's parameters carry its own seed");
+    assert_fails(&generate(&["--image", &photo, "--batch", "0"], &batch), &["batch 0 is outside 1..=1024"]);
+}
+
+#[test]
 fn generate_takes_a_diffusers_vae_folder() {
     let photo = fixture("images/photo.jpg").display().to_string();
     let (ae, diffusers) = (tmp("gen-vae-ae.png"), tmp("gen-vae-diffusers.png"));
