@@ -75,11 +75,6 @@ impl LowRank {
     fn narrow_out(&self, start: usize, len: usize) -> Result<Self> {
         Ok(Self { down: self.down.clone(), up: self.up.narrow(0, start, len)? })
     }
-
-    /// Bytes of the two factors.
-    pub fn bytes(&self) -> u64 {
-        4 * (self.down.elem_count() + self.up.elem_count()) as u64
-    }
 }
 
 /// `weight` `[out, in]` as a dense [`Linear`] keeps it: transposed, made
@@ -153,11 +148,6 @@ impl Linear {
             )));
         }
         Ok(Self { delta: Some((delta, dtype)), ..self })
-    }
-
-    /// Whether the layer carries a [`LowRank`] change added as it runs.
-    pub fn has_delta(&self) -> bool {
-        self.delta.is_some()
     }
 
     fn out_dim(&self) -> Result<usize> {

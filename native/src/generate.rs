@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use ipaflux_core::candle_core::{DType, Device, Tensor};
 use ipaflux_core::flux::ip::{check_compatible, IpAdapterHook, IpHookConfig, IpImage, IpWeight};
+use ipaflux_core::flux::lora::{apply_to_text_encoder, TextEncoder};
 use ipaflux_core::flux::sampler::{self, StepInfo};
 use ipaflux_core::flux::{
     BlockId, BlockSource, Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights, Hooks, HostBlocks,
@@ -242,10 +243,12 @@ pub fn generate(
         if t5_dtype(s.dtype) != s.dtype {
             tracing::info!(target: "ipaflux::generate", "T5 runs in bf16: it overflows in f16");
         }
-        let mut t5 = T5Encoder::new(&f.config, &f.weights, &f.tokenizer, s.t5_max_len, t5_dtype(s.dtype), &s.device)?;
+        let weights = apply_to_text_encoder(&src.loras, TextEncoder::T5, f.weights)?;
+        let mut t5 = T5Encoder::new(&f.config, &weights, &f.tokenizer, s.t5_max_len, t5_dtype(s.dtype), &s.device)?;
         let (_, txt) = t5.encode(&s.prompt)?;
         let f = (src.clip.0)()?;
-        let clip = ClipEncoder::new(&f.config, &f.weights, &f.tokenizer, s.dtype, &s.device)?;
+        let weights = apply_to_text_encoder(&src.loras, TextEncoder::Clip, f.weights)?;
+        let clip = ClipEncoder::new(&f.config, &weights, &f.tokenizer, s.dtype, &s.device)?;
         let (_, y) = clip.encode(&s.prompt)?;
         Ok((txt, y))
     })?;
@@ -461,9 +464,20 @@ pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], loras: &[Flu
         "end_percent": s.end_percent,
         "block_weights": s.block_weights,
         "v_norm": format!("{:?}", s.v_norm).to_lowercase(),
-        "loras": loras.iter().map(|l| serde_json::json!({"name": l.source_name, "strength": l.strength})).collect::<Vec<_>>(),
+        "loras": loras
+            .iter()
+            .map(|l| serde_json::json!({"name": l.source_name, "strength": l.strength, "text_strength": l.text_strength}))
+            .collect::<Vec<_>>(),
     })
     .to_string()
+}
+
+/// A LoRA file and its strengths (ComfyUI's `strength_model`, `strength_clip`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraArg {
+    pub path: std::path::PathBuf,
+    pub strength: f64,
+    pub text_strength: f64,
 }
 
 /// Sources read from paths (files, folders or Hugging Face cache entries).
@@ -478,8 +492,8 @@ pub struct ModelPaths {
     pub t5_tokenizer: Option<std::path::PathBuf>,
     pub clip_tokenizer: Option<std::path::PathBuf>,
     pub encoder_dtype: ipaflux_core::Precision,
-    /// LoRA files for Flux, each with its strength.
-    pub loras: Vec<(std::path::PathBuf, f64)>,
+    /// LoRA files, each with its strength for Flux and for the text encoders.
+    pub loras: Vec<LoraArg>,
 }
 
 impl ModelPaths {
@@ -498,7 +512,12 @@ impl ModelPaths {
             Vec::new()
         } else {
             let cfg = load::flux_config(&flux)?;
-            self.loras.iter().map(|(path, strength)| load::load_lora(path, &cfg, *strength)).collect::<Result<_>>()?
+            let read = |a: &LoraArg| {
+                let mut lora = load::load_lora(&a.path, &cfg, a.strength)?;
+                lora.text_strength = a.text_strength;
+                Ok(lora)
+            };
+            self.loras.iter().map(read).collect::<Result<_>>()?
         };
         let (t5_tok, clip_tok) = (self.t5_tokenizer, self.clip_tokenizer);
         let flux_bytes = load::weight_bytes(&if flux.is_file() { flux.clone() } else { load::flux_dir(&flux)? });

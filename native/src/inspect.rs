@@ -107,11 +107,7 @@ impl fmt::Display for Summary {
             let ranks = if lo == hi { format!("rank {lo}") } else { format!("ranks {lo}–{hi}") };
             writeln!(f, "LoRA: {} modules, {ranks}, {} with alpha; naming: {}", l.modules, l.with_alpha, l.naming)?;
             if l.text_encoder_modules > 0 {
-                writeln!(
-                    f,
-                    "  {} of them for a text encoder (`generate --lora` applies Flux's only)",
-                    l.text_encoder_modules
-                )?;
+                writeln!(f, "  {} of them for the text encoders (CLIP-L, T5)", l.text_encoder_modules)?;
             }
         }
         Ok(())
@@ -151,7 +147,7 @@ mod tests {
         let l = inspect(&fixture("flux/lora-kohya.safetensors")).unwrap();
         assert!(l.flux.is_none());
         let text = l.to_string();
-        assert!(text.contains("LoRA: 32 modules, ranks 2–4, 23 with alpha; naming: kohya"), "{text}");
-        assert!(text.contains("2 of them for a text encoder"), "{text}");
+        assert!(text.contains("LoRA: 38 modules, ranks 2–4, 27 with alpha; naming: kohya"), "{text}");
+        assert!(text.contains("8 of them for the text encoders"), "{text}");
     }
 }

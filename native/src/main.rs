@@ -287,10 +287,11 @@ struct GenerateArgs {
     /// `dequantized` as they load.
     #[arg(long, value_enum, default_value_t)]
     gguf_weights: GgufMode,
-    /// A LoRA for Flux, `FILE` or `FILE:STRENGTH` (default 1.0; repeatable): kohya/sd-scripts,
-    /// BFL or diffusers (PEFT) names; text-encoder parts are reported and not applied.
+    /// A LoRA, `FILE`, `FILE:STRENGTH` or `FILE:STRENGTH:TEXT_STRENGTH` (default 1.0; the text
+    /// encoders' strength defaults to Flux's; repeatable): kohya/sd-scripts, BFL or diffusers (PEFT)
+    /// names, its CLIP-L and T5 parts applied to those encoders.
     #[arg(long, value_parser = parse_lora)]
-    lora: Vec<(PathBuf, f64)>,
+    lora: Vec<generate::LoraArg>,
     #[arg(long, default_value = "on")]
     offload_preprocessing: OnOff,
     /// Print the memory registry's timeline.
@@ -300,18 +301,29 @@ struct GenerateArgs {
     out: PathBuf,
 }
 
-/// `FILE` or `FILE:STRENGTH`: the strength is what follows the last `:` when it is a number
-/// (so paths with a colon still work).
-fn parse_lora(s: &str) -> Result<(PathBuf, f64), String> {
-    let (path, strength) = match s.rsplit_once(':') {
-        Some((path, x)) if !path.is_empty() && x.trim().parse::<f64>().is_ok() => (path, x.trim().parse::<f64>()),
-        _ => (s, Ok(1.0)),
-    };
-    let strength = strength.map_err(|e| e.to_string())?;
-    if !strength.is_finite() || strength.abs() > LORA_STRENGTH_LIMIT {
-        return Err(format!("LoRA strength {strength} is outside -{LORA_STRENGTH_LIMIT}..{LORA_STRENGTH_LIMIT}"));
+/// `FILE`, `FILE:STRENGTH` or `FILE:STRENGTH:TEXT_STRENGTH`: strengths are the numbers after
+/// the last one or two `:` (so paths with a colon still work).
+fn parse_lora(s: &str) -> Result<generate::LoraArg, String> {
+    let number = |x: &str| x.trim().parse::<f64>().ok();
+    let mut path = s;
+    let mut numbers = Vec::new();
+    while numbers.len() < 2 {
+        match path.rsplit_once(':') {
+            Some((p, x)) if !p.is_empty() && number(x).is_some() => {
+                numbers.insert(0, number(x).unwrap_or(1.0));
+                path = p;
+            }
+            _ => break,
+        }
     }
-    Ok((PathBuf::from(path), strength))
+    let strength = numbers.first().copied().unwrap_or(1.0);
+    let text_strength = numbers.get(1).copied().unwrap_or(strength);
+    for x in [strength, text_strength] {
+        if !x.is_finite() || x.abs() > LORA_STRENGTH_LIMIT {
+            return Err(format!("LoRA strength {x} is outside -{LORA_STRENGTH_LIMIT}..{LORA_STRENGTH_LIMIT}"));
+        }
+    }
+    Ok(generate::LoraArg { path: PathBuf::from(path), strength, text_strength })
 }
 
 /// ComfyUI's LoraLoader accepts strengths in -100..100.
@@ -403,16 +415,18 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         loras: a.lora.clone(),
     };
     let sources = paths.into_sources(device)?;
-    for (lora, (path, _)) in sources.loras.iter().zip(&a.lora) {
+    for (lora, arg) in sources.loras.iter().zip(&a.lora) {
+        use ipaflux_core::flux::TextEncoder;
         eprintln!(
             "LoRA {}: {} modules on {} Flux weights, strength {}",
-            path.display(),
+            arg.path.display(),
             lora.modules(),
             lora.weights().count(),
             lora.strength
         );
-        if !lora.skipped.is_empty() {
-            eprintln!("  {} text-encoder modules not applied (only Flux's are)", lora.skipped.len());
+        let (clip, t5) = (lora.text_encoder_modules(TextEncoder::Clip), lora.text_encoder_modules(TextEncoder::T5));
+        if clip + t5 > 0 {
+            eprintln!("  text encoders: {clip} CLIP and {t5} T5 modules, strength {}", lora.text_strength);
         }
     }
     let out = run_pipeline(&sources, &refs, &settings, &a.out, a.verbose)?;

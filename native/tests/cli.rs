@@ -280,14 +280,18 @@ fn generate_applies_loras_and_refuses_bad_ones_before_any_work() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("lora-kohya.safetensors: 30 modules on 30 Flux weights, strength 0.8"), "{err}");
-    assert!(err.contains("2 text-encoder modules not applied"), "{err}");
+    assert!(err.contains("text encoders: 4 CLIP and 4 T5 modules, strength 0.8"), "{err}");
     let png = std::fs::read(&with).unwrap();
     assert!(png.windows(10).any(|w| w == b"\"loras\":[{"), "parameters chunk lacks the LoRAs");
     let pixels = |p: &PathBuf| png_pixels(&std::fs::read(p).unwrap());
     assert_ne!(pixels(&with), pixels(&plain), "the LoRAs changed nothing");
-    // Strength 0 is no LoRA, to the byte.
+    // Strength 0 is no LoRA, to the byte; the text encoders' part alone changes the picture.
     assert!(generate(&["--image", &photo, "--lora", &format!("{kohya}:0")], &zero).status.success());
     assert_eq!(pixels(&zero), pixels(&plain));
+    let text_only = tmp("gen-lora-text.png");
+    let o = generate(&["--image", &photo, "--lora", &format!("{kohya}:0:1")], &text_only);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ne!(pixels(&text_only), pixels(&plain), "the text encoders' LoRA changed nothing");
     // Not a LoRA, a strength out of range: one message, before any model runs.
     let flux = fixture("flux/flux-tiny-bfl.safetensors").display().to_string();
     let o = generate(&["--image", &photo, "--lora", &flux], &zero);

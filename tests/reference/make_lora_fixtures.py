@@ -8,14 +8,17 @@ Run after make_flux_fixtures.py, with `pip install torch diffusers peft safetens
 
 - `flux/lora-kohya.safetensors`: `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`, ...
   over BFL's fused layers (Q/K/V, the single blocks' linear1), with `alpha`
-  (not on the final layer: diffusers' converter ignores alphas there), plus two
-  CLIP (`lora_te1_*`) modules that a Flux transformer does not take. diffusers
+  (not on the final layer: diffusers' converter ignores alphas there), plus four
+  CLIP-L (`lora_te1_*`) and four T5 (`lora_te3_*`) modules for the tiny text
+  encoders of make_pipeline_fixtures.py. diffusers
   converts it to PEFT names itself, except the single blocks' `linear1`, which
   its converter cuts at FLUX.1's sizes; `split_linear1` does that one.
 - `flux/lora-peft.safetensors`: `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`, ...
   on some of the separate Q/K/V projections only, ranks differing per module, no alpha.
 - `flux/lora-golden.safetensors`: outputs for the inputs of `flux/golden.safetensors`:
-  kohya at strength 0.8, PEFT at 1.0, both together (0.8 and 1.0).
+  kohya at strength 0.8, PEFT at 1.0, both together (0.8 and 1.0); and the tiny CLIP's
+  pooled output and T5's last hidden state for the pipeline golden's two prompts with the
+  kohya file's text-encoder parts merged at strength 0.5 (`text.*`).
 """
 import json
 from pathlib import Path
@@ -25,6 +28,7 @@ import peft
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel, T5EncoderModel
 
 OUT = Path(__file__).resolve().parent.parent / "fixtures" / "flux"
 torch.manual_seed(7)
@@ -64,8 +68,13 @@ pair(kohya, "lora_unet_vector_in_out_layer", KOHYA, 2, H, H, alpha=2)
 pair(kohya, "lora_unet_guidance_in_in_layer", KOHYA, 2, T, H, alpha=2)
 pair(kohya, "lora_unet_final_layer_linear", KOHYA, 2, H, IN)
 pair(kohya, "lora_unet_final_layer_adaLN_modulation_1", KOHYA, 2, H, 2 * H)
+# The text encoders' parts, for the tiny CLIP (hidden 32, MLP 64) and T5 (d_model 64, d_ff 128) of
+# make_pipeline_fixtures.py: sd-scripts names CLIP-L `lora_te1_` and T5-XXL `lora_te3_` for Flux.
 for j in range(2):
-    pair(kohya, f"lora_te1_text_model_encoder_layers_{j}_mlp_fc1", KOHYA, 2, 32, 37, alpha=1)
+    pair(kohya, f"lora_te1_text_model_encoder_layers_{j}_mlp_fc1", KOHYA, 2, 32, 64, alpha=1)
+    pair(kohya, f"lora_te1_text_model_encoder_layers_{j}_self_attn_q_proj", KOHYA, 2, 32, 32, alpha=4)
+    pair(kohya, f"lora_te3_encoder_block_{j}_layer_0_SelfAttention_q", KOHYA, 2, 64, 64, alpha=1)
+    pair(kohya, f"lora_te3_encoder_block_{j}_layer_1_DenseReluDense_wi_0", KOHYA, 4, 64, 128)
 
 PEFT = ("lora_A.weight", "lora_B.weight")
 peft_sd = {}
@@ -130,7 +139,8 @@ def split_linear1(sd):
 
 
 def load(path, name):
-    sd = load_file(path)
+    # diffusers takes the transformer's modules here; the text encoders' are checked below.
+    sd = {k: v for k, v in load_file(path).items() if not k.startswith("lora_te")}
     linear1 = split_linear1(sd)
     sd = FluxPipeline.lora_state_dict(sd)
     sd.update(linear1)
@@ -161,9 +171,51 @@ gold["out.both"] = run()
 for k, v in gold.items():
     rel = ((v - plain).abs().max() / plain.abs().max()).item()
     assert rel > 1e-2, f"{k}: the LoRA barely changes the output ({rel})"
+
+# The kohya file's text-encoder parts at strength 0.5, merged into the tiny CLIP and T5 as sd-scripts and
+# ComfyUI apply them (W += strength * alpha / rank * up @ down), run on the pipeline golden's token ids.
+TEXT_STRENGTH = 0.5
+P = OUT.parent / "pipeline"
+pipe_gold = load_file(P / "golden.safetensors")
+
+
+def merged(model, prefix):
+    sd = model.state_dict()
+    by_kohya = {}
+    for k, v in sd.items():
+        if k.endswith(".weight") and v.ndim == 2:
+            stem = k.removesuffix(".weight")
+            by_kohya[prefix + ("text_model_" if prefix == "lora_te1_" else "") +
+                     stem.removeprefix("text_model.").replace(".", "_")] = k
+    n = 0
+    for key in [k for k in kohya if k.startswith(prefix) and k.endswith(".lora_down.weight")]:
+        m = key.removesuffix(".lora_down.weight")
+        down, up = kohya[key], kohya[m + ".lora_up.weight"]
+        alpha = kohya.get(m + ".alpha", torch.tensor(float(down.shape[0]))).item()
+        sd[by_kohya[m]] = sd[by_kohya[m]] + TEXT_STRENGTH * alpha / down.shape[0] * (up @ down)
+        n += 1
+    model.load_state_dict(sd)
+    return n
+
+
+clip = CLIPTextModel.from_pretrained(P / "clip").eval()
+t5 = T5EncoderModel.from_pretrained(P / "t5").eval()
+plain_text = {}
+with torch.no_grad():
+    for i in range(2):
+        plain_text[f"text.clip.pooled.{i}"] = clip(input_ids=pipe_gold[f"clip.ids.{i}"]).pooler_output
+        plain_text[f"text.t5.out.{i}"] = t5(input_ids=pipe_gold[f"t5.ids.{i}"]).last_hidden_state
+    assert merged(clip, "lora_te1_") == 4 and merged(t5, "lora_te3_") == 4
+    for i in range(2):
+        gold[f"text.clip.pooled.{i}"] = clip(input_ids=pipe_gold[f"clip.ids.{i}"]).pooler_output
+        gold[f"text.t5.out.{i}"] = t5(input_ids=pipe_gold[f"t5.ids.{i}"]).last_hidden_state
+for k, v in plain_text.items():
+    assert torch.allclose(v, pipe_gold[k.removeprefix("text.")], atol=1e-5), f"{k}: not the pipeline's encoder"
+    rel = ((gold[k] - v).abs().max() / v.abs().max()).item()
+    assert rel > 1e-2, f"{k}: the LoRA barely changes the output ({rel})"
 save_file({k: v.contiguous() for k, v in gold.items()}, OUT / "lora-golden.safetensors")
 (OUT / "lora-reference.json").write_text(json.dumps({
     "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
-    "kohya_strength": 0.8, "peft_strength": 1.0,
+    "kohya_strength": 0.8, "peft_strength": 1.0, "text_strength": TEXT_STRENGTH,
 }, indent=2) + "\n")
 print("wrote lora-kohya.safetensors, lora-peft.safetensors, lora-golden.safetensors")

@@ -9,10 +9,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ipaflux::load::{flux_config, load_flux, load_lora};
+use ipaflux::load::{flux_config, load_flux, load_lora, load_text_encoder};
+use ipaflux::text::{ClipEncoder, T5Encoder};
 use ipaflux_core::candle_core::{DType, Device, Tensor};
+use ipaflux_core::flux::lora::apply_to_text_encoder;
 use ipaflux_core::flux::sampler::img_ids;
-use ipaflux_core::flux::{BlockId, Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights, Hooks, HostBlocks};
+use ipaflux_core::flux::{
+    BlockId, Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights, Hooks, HostBlocks, TextEncoder,
+};
 use ipaflux_core::weights::TensorStore;
 use ipaflux_tests::*;
 
@@ -54,8 +58,9 @@ fn kohya_and_peft_loras_match_diffusers_alone_and_together_in_both_layouts() {
     let (x, g) = (inputs(), gold());
     let kohya = lora("flux/lora-kohya.safetensors", 0.8);
     let peft = lora("flux/lora-peft.safetensors", 1.0);
-    // The kohya file's two CLIP modules are reported, not applied.
-    assert_eq!(kohya.skipped.len(), 2);
+    // The kohya file's text-encoder modules are kept for the encoders.
+    assert_eq!((kohya.text_encoder_modules(TextEncoder::Clip), kohya.text_encoder_modules(TextEncoder::T5)), (4, 4));
+    assert_eq!((peft.text_encoder_modules(TextEncoder::Clip), peft.text_encoder_modules(TextEncoder::T5)), (0, 0));
     assert_eq!((kohya.modules(), peft.modules()), (2 * 7 + 3 * 3 + 7, 2 * 6 + 3 * 4 + 3));
     let cases = [("kohya 0.8", vec![kohya.clone()], "out.kohya_0.8"), ("peft", vec![peft.clone()], "out.peft")];
     let both = ("both", vec![kohya, peft], "out.both");
@@ -145,4 +150,30 @@ fn a_lora_for_another_model_or_size_is_refused_with_its_modules_named() {
     let cfg = flux_config(&fixture("flux/flux-tiny-bfl.safetensors")).unwrap();
     let err = load_lora(&fixture("flux/flux-tiny-bfl.safetensors"), &cfg, 1.0).unwrap_err().to_string();
     assert!(err.contains("not LoRA down/up/alpha tensors"), "{err}");
+}
+
+#[test]
+fn text_encoder_parts_match_the_merged_encoders() {
+    let g = gold();
+    let mut kohya = lora("flux/lora-kohya.safetensors", 0.8);
+    kohya.text_strength = 0.5;
+    let loras = [kohya];
+    let prompts =
+        ["a cat on a sofa, watercolor", "portrait of an astronaut with a very long prompt that gets truncated here"];
+    let t5 = load_text_encoder(&fixture("pipeline/t5"), "text_encoder_2", None).unwrap();
+    let weights = apply_to_text_encoder(&loras, TextEncoder::T5, t5.weights).unwrap();
+    let mut t5 = T5Encoder::new(&t5.config, &weights, &t5.tokenizer, 16, DType::F32, &Device::Cpu).unwrap();
+    let clip = load_text_encoder(&fixture("pipeline/clip"), "text_encoder", None).unwrap();
+    let weights = apply_to_text_encoder(&loras, TextEncoder::Clip, clip.weights).unwrap();
+    let clip = ClipEncoder::new(&clip.config, &weights, &clip.tokenizer, DType::F32, &Device::Cpu).unwrap();
+    let plain: HashMap<String, Tensor> =
+        ipaflux_core::candle_core::safetensors::load(fixture("pipeline/golden.safetensors"), &Device::Cpu).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let (_, out) = t5.encode(p).unwrap();
+        assert_close(&format!("T5 with LoRA, prompt {i}"), &out, &g[&format!("text.t5.out.{i}")], F32_TOL);
+        assert!(rel_max_err(&out, &plain[&format!("t5.out.{i}")]) > 1e-2, "the LoRA barely changes T5");
+        let (_, pooled) = clip.encode(p).unwrap();
+        assert_close(&format!("CLIP with LoRA, prompt {i}"), &pooled, &g[&format!("text.clip.pooled.{i}")], F32_TOL);
+        assert!(rel_max_err(&pooled, &plain[&format!("clip.pooled.{i}")]) > 1e-2, "the LoRA barely changes CLIP");
+    }
 }

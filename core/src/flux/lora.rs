@@ -22,8 +22,9 @@
 //! `lora_conversion_utils` and ComfyUI's `lora.py` accept (read to learn the
 //! names; the code is ours).
 //!
-//! Not applied: text-encoder modules (`lora_te*`, `text_encoder*`): they are
-//! listed in [`FluxLora::skipped`] for the caller to report. Refused by name:
+//! Text-encoder modules (CLIP-L: `lora_te1_*`, `text_encoder.*`; T5-XXL:
+//! `lora_te3_*`, `text_encoder_2.*`) are kept and merged into those
+//! encoders' weights when they load ([`apply_to_text_encoder`]). Refused by name:
 //! XLabs' format, LoHa, LoKr, DoRA and full-difference modules. Modules that name no layer
 //! of this Flux (a LoRA for another model, or for a Flux of other depth)
 //! are an error listing them.
@@ -63,8 +64,64 @@ const REFUSED: [(&str, &str); 7] = [
     (".lora_mid.", "LoCon mid (Tucker)"),
 ];
 
-/// Module-name prefixes of text-encoder LoRA parts.
-const TEXT_ENCODER: [&str; 4] = ["lora_te", "text_encoder", "te_", "te1_"];
+/// The text encoder a LoRA module is for (kohya: `lora_te1_*` CLIP-L,
+/// `lora_te3_*` T5-XXL as sd-scripts names them for Flux; diffusers:
+/// `text_encoder.*`, `text_encoder_2.*`; ComfyUI: `text_encoders.clip_l.*`,
+/// `text_encoders.t5xxl.*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextEncoder {
+    Clip,
+    T5,
+}
+
+impl TextEncoder {
+    const CLIP_PREFIXES: [&'static str; 4] = ["lora_te1_", "lora_te_", "text_encoder.", "text_encoders.clip_l."];
+    const T5_PREFIXES: [&'static str; 4] = ["lora_te3_", "lora_te2_", "text_encoder_2.", "text_encoders.t5xxl."];
+
+    /// The encoder a module name is for, by its prefix.
+    fn of(module: &str) -> Option<Self> {
+        if Self::T5_PREFIXES.iter().any(|p| module.starts_with(p)) {
+            Some(Self::T5)
+        } else if Self::CLIP_PREFIXES.iter().any(|p| module.starts_with(p)) {
+            Some(Self::Clip)
+        } else {
+            None
+        }
+    }
+
+    /// Every module name a LoRA may use for the weight `{stem}.weight` of
+    /// this encoder's checkpoint (Hugging Face names, CLIP's with or without
+    /// `text_model.`).
+    fn keys(self, stem: &str) -> [String; 4] {
+        let u = |s: &str| s.replace('.', "_");
+        match self {
+            Self::Clip => {
+                let n = stem.strip_prefix("text_model.").unwrap_or(stem);
+                [
+                    format!("lora_te1_text_model_{}", u(n)),
+                    format!("lora_te_text_model_{}", u(n)),
+                    format!("text_encoder.text_model.{n}"),
+                    format!("text_encoders.clip_l.transformer.text_model.{n}"),
+                ]
+            }
+            Self::T5 => [
+                format!("lora_te3_{}", u(stem)),
+                format!("lora_te2_{}", u(stem)),
+                format!("text_encoder_2.{stem}"),
+                format!("text_encoders.t5xxl.transformer.{stem}"),
+            ],
+        }
+    }
+}
+
+impl std::fmt::Display for TextEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Clip => "CLIP",
+            Self::T5 => "T5",
+        })
+    }
+}
 
 /// How many unknown module names an error lists.
 const LISTED: usize = 5;
@@ -133,17 +190,33 @@ struct Patch {
     scale: f64,
 }
 
-/// A Flux LoRA, read and checked against the model's sizes.
+/// One module's change to a text encoder's weight, matched to the weight when
+/// that encoder's checkpoint loads ([`apply_to_text_encoder`]).
+#[derive(Debug, Clone)]
+struct TextPatch {
+    module: String,
+    encoder: TextEncoder,
+    /// `[rank, in]` and `[out, rank]`, f32, on the CPU.
+    down: Tensor,
+    up: Tensor,
+    /// `alpha / rank`, or 1.
+    scale: f64,
+}
+
+/// A Flux LoRA, read and checked against the model's sizes; its
+/// text-encoder parts are checked when those encoders load.
 #[derive(Debug, Clone)]
 pub struct FluxLora {
     /// For messages (the file).
     pub source_name: String,
-    /// Multiplies every change (ComfyUI's `strength_model`).
+    /// Multiplies every change to Flux (ComfyUI's `strength_model`).
     pub strength: f64,
+    /// Multiplies every change to the text encoders (ComfyUI's
+    /// `strength_clip`); [`Self::from_store`] sets it to `strength`.
+    pub text_strength: f64,
     /// By canonical weight name.
     patches: BTreeMap<String, Vec<Patch>>,
-    /// Text-encoder modules, not applied.
-    pub skipped: Vec<String>,
+    text: Vec<TextPatch>,
 }
 
 /// A module's tensors by role.
@@ -197,26 +270,41 @@ impl FluxLora {
             )));
         }
         let targets = targets(cfg)?;
-        let mut skipped = Vec::new();
+        let mut text = Vec::new();
         let mut unknown = Vec::new();
         let mut patches: BTreeMap<String, Vec<Patch>> = BTreeMap::new();
         for (module, parts) in modules {
-            if TEXT_ENCODER.iter().any(|p| module.starts_with(p)) {
-                skipped.push(module);
-                continue;
-            }
-            let Some(target) = targets.get(&module) else {
-                unknown.push(module);
-                continue;
-            };
             let (Some(down), Some(up)) = (&parts.down, &parts.up) else {
                 return Err(bad(format!("module `{module}` needs both a down and an up matrix")));
             };
+            let target = targets.get(&module);
+            let encoder = TextEncoder::of(&module);
+            if target.is_none() && encoder.is_none() {
+                unknown.push(module);
+                continue;
+            }
             let down = matrix(&mut store, down)?;
             let up = matrix(&mut store, up)?;
             let (rank, in_dim) = down.dims2()?;
             let (rows, up_rank) = up.dims2()?;
-            if in_dim != target.in_dim || rows != target.rows || up_rank != rank || rank == 0 {
+            if up_rank != rank || rank == 0 {
+                return Err(bad(format!(
+                    "module `{module}`: down {:?} and up {:?} differ in rank",
+                    down.dims(),
+                    up.dims()
+                )));
+            }
+            let scale = match &parts.alpha {
+                Some(a) => scalar(&mut store, a)? / rank as f64,
+                None => 1.0,
+            };
+            let Some(target) = target else {
+                if let Some(encoder) = encoder {
+                    text.push(TextPatch { module, encoder, down, up, scale });
+                }
+                continue;
+            };
+            if in_dim != target.in_dim || rows != target.rows {
                 return Err(bad(format!(
                     "module `{module}`: down {:?} and up {:?} do not fit `{}` (expected down [rank, {}], up [{}, rank])",
                     down.dims(),
@@ -226,10 +314,6 @@ impl FluxLora {
                     target.rows
                 )));
             }
-            let scale = match &parts.alpha {
-                Some(a) => scalar(&mut store, a)? / rank as f64,
-                None => 1.0,
-            };
             let up = if target.swap_halves {
                 let half = rows / 2;
                 Tensor::cat(&[up.narrow(0, half, rows - half)?, up.narrow(0, 0, half)?], 0)?
@@ -248,16 +332,17 @@ impl FluxLora {
                 listed(&unknown)
             )));
         }
-        if patches.is_empty() {
-            return Err(bad(if skipped.is_empty() {
-                "no LoRA modules found".into()
-            } else {
-                format!("only text-encoder modules ({}); nothing here changes Flux", skipped.len())
-            }));
+        if patches.is_empty() && text.is_empty() {
+            return Err(bad("no LoRA modules found".into()));
         }
         tracing::debug!(target: "ipaflux::flux", source = %source_name, weights = patches.len(),
-            skipped = skipped.len(), strength, "LoRA read");
-        Ok(Self { source_name, strength, patches, skipped })
+            text_encoder_modules = text.len(), strength, "LoRA read");
+        Ok(Self { source_name, strength, text_strength: strength, patches, text })
+    }
+
+    /// Modules for `encoder` (applied by [`apply_to_text_encoder`]).
+    pub fn text_encoder_modules(&self, encoder: TextEncoder) -> usize {
+        self.text.iter().filter(|p| p.encoder == encoder).count()
     }
 
     /// The canonical weights this LoRA changes.
@@ -265,7 +350,7 @@ impl FluxLora {
         self.patches.keys().map(String::as_str)
     }
 
-    /// Modules applied (not counting skipped ones).
+    /// Modules that change Flux.
     pub fn modules(&self) -> usize {
         self.patches.values().map(Vec::len).sum()
     }
@@ -305,7 +390,7 @@ impl LoraSummary {
             }
         }
         let ranks = (modules.values().copied().min()?, modules.values().copied().max()?);
-        let is_te = |m: &str| TEXT_ENCODER.iter().any(|p| m.starts_with(p));
+        let is_te = |m: &str| TextEncoder::of(m).is_some();
         let first = modules.keys().find(|m| !is_te(m)).map_or("", String::as_str);
         let naming = if first.starts_with("lora_unet_") {
             "kohya / sd-scripts (BFL layers)"
@@ -399,6 +484,71 @@ pub fn low_rank(loras: &[FluxLora], weight: &str, device: &Device) -> Result<Opt
     Ok(Some(LowRank::new(down, up)?))
 }
 
+/// The text-encoder parts of `loras` for `encoder` merged into its weights
+/// (`store`: that encoder's checkpoint under Hugging Face names): each
+/// weight gets `Σ text_strength · (alpha / rank) · up · down`, added in f32
+/// (the encoder converts to its dtype as it loads). A module that names no
+/// weight of this checkpoint, or does not fit it, is an error.
+pub fn apply_to_text_encoder(loras: &[FluxLora], encoder: TextEncoder, mut store: TensorStore) -> Result<TensorStore> {
+    let parts: Vec<(&FluxLora, &TextPatch)> =
+        loras.iter().flat_map(|l| l.text.iter().filter(|p| p.encoder == encoder).map(move |p| (l, p))).collect();
+    if parts.is_empty() {
+        return Ok(store);
+    }
+    let mut weights: BTreeMap<String, String> = BTreeMap::new();
+    for name in store.names() {
+        let Some(stem) = name.strip_suffix(".weight") else { continue };
+        if store.shape(name).is_some_and(|s| s.len() == 2) {
+            for key in encoder.keys(stem) {
+                weights.insert(key, name.to_string());
+            }
+        }
+    }
+    let mut deltas: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut unknown = Vec::new();
+    for (lora, p) in &parts {
+        let Some(weight) = weights.get(&p.module) else {
+            unknown.push(format!("{} ({})", p.module, lora.source_name));
+            continue;
+        };
+        let shape = store.shape(weight).map(<[usize]>::to_vec).unwrap_or_default();
+        if shape != [p.up.dim(0)?, p.down.dim(1)?] {
+            return Err(Error::Lora {
+                source_name: lora.source_name.clone(),
+                reason: format!(
+                    "module `{}`: down {:?} and up {:?} do not fit {encoder}'s `{weight}` {shape:?}",
+                    p.module,
+                    p.down.dims(),
+                    p.up.dims()
+                ),
+            });
+        }
+        let d = (p.up.matmul(&p.down)? * (lora.text_strength * p.scale))?;
+        let sum = match deltas.remove(weight) {
+            Some(before) => (before + d)?,
+            None => d,
+        };
+        deltas.insert(weight.clone(), sum);
+    }
+    if !unknown.is_empty() {
+        return Err(Error::Lora {
+            source_name: store.source_name.clone(),
+            reason: format!(
+                "{} LoRA module(s) for {encoder} name no weight of this {encoder} checkpoint, e.g. {}",
+                unknown.len(),
+                listed(&unknown)
+            ),
+        });
+    }
+    for (weight, delta) in deltas {
+        let w = store.take(&weight)?.ok_or_else(|| Error::Shape(format!("`{weight}` vanished")))?;
+        let merged = (w.to_device(&Device::Cpu)?.to_dtype(DType::F32)? + delta)?;
+        store.insert(weight, merged)?;
+    }
+    tracing::debug!(target: "ipaflux::flux", %encoder, modules = parts.len(), "LoRA applied to a text encoder");
+    Ok(store)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,11 +628,6 @@ mod tests {
         assert!(shape.contains("do not fit `single_blocks.0.linear2.weight`"), "{shape}");
         let half = err(vec![("lora_unet_single_blocks_0_linear2.lora_down.weight", rand((2, h)))]);
         assert!(half.contains("needs both"), "{half}");
-        let te = err(vec![
-            ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", rand((2, 4))),
-            ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", rand((4, 2))),
-        ]);
-        assert!(te.contains("only text-encoder modules"), "{te}");
         let stray = err(vec![("something_else", rand((2, 2)))]);
         assert!(stray.contains("not LoRA down/up/alpha"), "{stray}");
     }
@@ -511,18 +656,48 @@ mod tests {
     }
 
     #[test]
-    fn text_encoder_parts_are_skipped_and_reported() {
+    fn text_encoder_parts_merge_into_the_encoders_weights_and_must_fit_them() {
         let cfg = tiny();
         let h = cfg.hidden_size;
+        let (d, u) = (rand((2, 4)), rand((6, 2)));
         let s = store(vec![
-            ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", rand((2, 4))),
-            ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", rand((4, 2))),
+            ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", d.clone()),
+            ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", u.clone()),
+            ("lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha", Tensor::new(1f32, &Device::Cpu).unwrap()),
             ("lora_unet_single_blocks_0_linear2.lora_down.weight", rand((2, h + cfg.mlp_hidden))),
             ("lora_unet_single_blocks_0_linear2.lora_up.weight", rand((h, 2))),
         ]);
-        let lora = FluxLora::from_store(s, &cfg, 1.0).unwrap();
-        assert_eq!(lora.skipped, ["lora_te1_text_model_encoder_layers_0_mlp_fc1"]);
+        let mut lora = FluxLora::from_store(s, &cfg, 1.0).unwrap();
+        lora.text_strength = 0.5;
+        assert_eq!((lora.modules(), lora.text_encoder_modules(TextEncoder::Clip)), (1, 1));
+        assert_eq!(lora.text_encoder_modules(TextEncoder::T5), 0);
         assert_eq!(lora.weights().collect::<Vec<_>>(), ["single_blocks.0.linear2.weight"]);
-        assert_eq!(lora.factor_bytes("single_blocks.0.linear2.weight"), 4 * (2 * (h + cfg.mlp_hidden) + h * 2) as u64);
+        // CLIP saved without `text_model.` (transformers 5) and with it (ComfyUI's clip_l.safetensors).
+        for name in ["encoder.layers.0.mlp.fc1.weight", "text_model.encoder.layers.0.mlp.fc1.weight"] {
+            let w = rand((6, 4));
+            let clip = store(vec![(name, w.clone()), ("other.weight", rand((3, 3)))]);
+            let mut merged = apply_to_text_encoder(std::slice::from_ref(&lora), TextEncoder::Clip, clip).unwrap();
+            let got = merged.take(name).unwrap().unwrap();
+            // text strength 0.5, alpha 1 over rank 2.
+            let want = (&w + (u.matmul(&d).unwrap() * 0.25).unwrap()).unwrap();
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-6, "{name}: {diff}");
+        }
+        // The T5 store is left alone; a CLIP without that layer, or with another shape, is an error.
+        let t5 = store(vec![("encoder.block.0.layer.0.SelfAttention.q.weight", rand((4, 4)))]);
+        assert!(apply_to_text_encoder(std::slice::from_ref(&lora), TextEncoder::T5, t5).is_ok());
+        let other = store(vec![("encoder.layers.1.mlp.fc1.weight", rand((6, 4)))]);
+        let e = apply_to_text_encoder(std::slice::from_ref(&lora), TextEncoder::Clip, other).unwrap_err();
+        assert!(e.to_string().contains("name no weight of this CLIP checkpoint"), "{e}");
+        let wrong = store(vec![("encoder.layers.0.mlp.fc1.weight", rand((6, 5)))]);
+        let e = apply_to_text_encoder(std::slice::from_ref(&lora), TextEncoder::Clip, wrong).unwrap_err();
+        assert!(e.to_string().contains("do not fit CLIP"), "{e}");
+        // A file of text-encoder modules only is a LoRA too.
+        let only = store(vec![
+            ("lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight", rand((2, 4))),
+            ("lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight", rand((4, 2))),
+        ]);
+        let only = FluxLora::from_store(only, &cfg, 1.0).unwrap();
+        assert_eq!((only.modules(), only.text_encoder_modules(TextEncoder::T5)), (0, 1));
     }
 }

@@ -30,6 +30,6 @@ pub use config::FluxConfig;
 pub use hooks::{AttentionHook, Contribution, HookPoint, HookTerm, Hooks, Site};
 pub use ip::{IpAdapterHook, IpHookConfig, IpImage, IpWeight};
 pub use layout::FluxLayout;
-pub use lora::{FluxLora, LoraSummary};
+pub use lora::{FluxLora, LoraSummary, TextEncoder};
 pub use model::{Conditioning, FluxLoad, FluxModel, GgufWeights};
 pub use stream::{BlockId, BlockSource, HostBlocks};

@@ -655,7 +655,7 @@ impl FluxModel {
         let mut kept = BTreeMap::new();
         for name in names {
             if let Some(t) = store.take(&name)? {
-                let t = match lora::low_rank(loras, &name, &t.device().clone())? {
+                let t = match lora::low_rank(loras, &name, t.device())? {
                     // Merged once here: a streamed block arrives dense.
                     Some(delta) => delta.merged(&t, dtype)?,
                     None if t.dtype() == DType::F8E4M3 => t,
