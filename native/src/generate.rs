@@ -410,7 +410,7 @@ fn sample(
 pub const MAX_BATCH: usize = 1024;
 
 /// The seeds of a batch: `seed`, `seed + 1`, … (wrapping).
-pub fn seeds(s: &Settings) -> impl Iterator<Item = u64> + '_ {
+fn seeds(s: &Settings) -> impl Iterator<Item = u64> + '_ {
     (0..s.batch as u64).map(|i| s.seed.wrapping_add(i))
 }
 

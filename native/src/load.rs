@@ -467,7 +467,6 @@ fn check_vae_config(path: &Path) -> Result<()> {
 
 /// Bytes the VAE decoder takes loaded in `dtype`, from the file's header: its
 /// `decoder.*` tensors only (the encoder half in the same file is never loaded).
-/// Before, the registry counted the whole file: both halves, as stored.
 pub fn vae_decoder_bytes(path: &Path, dtype: ipaflux_core::candle_core::DType) -> Result<u64> {
     let map = map_file(path)?;
     // Not safetensors: sized as the file; loading it says what is wrong.

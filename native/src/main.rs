@@ -304,17 +304,13 @@ struct GenerateArgs {
 /// `FILE`, `FILE:STRENGTH` or `FILE:STRENGTH:TEXT_STRENGTH`: strengths are the numbers after
 /// the last one or two `:` (so paths with a colon still work).
 fn parse_lora(s: &str) -> Result<generate::LoraArg, String> {
-    let number = |x: &str| x.trim().parse::<f64>().ok();
     let mut path = s;
     let mut numbers = Vec::new();
     while numbers.len() < 2 {
-        match path.rsplit_once(':') {
-            Some((p, x)) if !p.is_empty() && number(x).is_some() => {
-                numbers.insert(0, number(x).unwrap_or(1.0));
-                path = p;
-            }
-            _ => break,
-        }
+        let Some((p, x)) = path.rsplit_once(':').filter(|(p, _)| !p.is_empty()) else { break };
+        let Ok(x) = x.trim().parse::<f64>() else { break };
+        numbers.insert(0, x);
+        path = p;
     }
     let strength = numbers.first().copied().unwrap_or(1.0);
     let text_strength = numbers.get(1).copied().unwrap_or(strength);

@@ -219,6 +219,23 @@ pub struct FluxLora {
     text: Vec<TextPatch>,
 }
 
+/// What a tensor of a LoRA module is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Down,
+    Up,
+    Alpha,
+}
+
+/// The module a LoRA tensor belongs to and its role (`None`: not a LoRA tensor).
+fn module_and_role(name: &str) -> Option<(&str, Role)> {
+    let module = |suffix: &str| name.strip_suffix(suffix).and_then(|m| m.strip_suffix('.'));
+    PAIRS
+        .iter()
+        .find_map(|(down, up)| module(down).map(|m| (m, Role::Down)).or_else(|| module(up).map(|m| (m, Role::Up))))
+        .or_else(|| name.strip_suffix(".alpha").map(|m| (m, Role::Alpha)))
+}
+
 /// A module's tensors by role.
 #[derive(Debug, Default)]
 struct Parts {
@@ -244,20 +261,17 @@ impl FluxLora {
                     "tensor `{name}` is part of a {kind} module; only plain LoRA (down/up pairs) is supported"
                 )));
             }
-            let role = PAIRS.iter().find_map(|(down, up)| {
-                if let Some(m) = name.strip_suffix(down).and_then(|m| m.strip_suffix('.')) {
-                    Some((m, 0))
-                } else {
-                    name.strip_suffix(up).and_then(|m| m.strip_suffix('.')).map(|m| (m, 1))
-                }
-            });
-            let role = role.or_else(|| name.strip_suffix(".alpha").map(|m| (m, 2)));
-            let Some((module, role)) = role else {
+            let Some((module, role)) = module_and_role(name) else {
                 unknown_tensors.push(name.to_string());
                 continue;
             };
             let parts = modules.entry(module.to_string()).or_default();
-            let slot = [&mut parts.down, &mut parts.up, &mut parts.alpha][role].replace(name.to_string());
+            let slot = match role {
+                Role::Down => &mut parts.down,
+                Role::Up => &mut parts.up,
+                Role::Alpha => &mut parts.alpha,
+            }
+            .replace(name.to_string());
             if let Some(other) = slot {
                 return Err(bad(format!("module `{module}` has two tensors for one role: `{other}` and `{name}`")));
             }
@@ -383,10 +397,8 @@ impl LoraSummary {
     pub fn of(store: &TensorStore) -> Option<Self> {
         let mut modules = BTreeMap::new();
         for name in store.names() {
-            for (down, _) in PAIRS {
-                if let Some(m) = name.strip_suffix(down).and_then(|m| m.strip_suffix('.')) {
-                    modules.insert(m.to_string(), store.shape(name).and_then(|s| s.first().copied()).unwrap_or(0));
-                }
+            if let Some((m, Role::Down)) = module_and_role(name) {
+                modules.insert(m.to_string(), store.shape(name).and_then(|s| s.first().copied()).unwrap_or(0));
             }
         }
         let ranks = (modules.values().copied().min()?, modules.values().copied().max()?);
