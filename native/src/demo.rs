@@ -63,7 +63,10 @@ pub fn sources() -> Sources {
         ),
         t5: (Box::new(|| text(T5_CONFIG, T5, T5_TOKENIZER, "bundled t5")), n(T5)),
         clip: (Box::new(|| text(CLIP_CONFIG, CLIP, CLIP_TOKENIZER, "bundled clip")), n(CLIP)),
-        vae: (Box::new(|| Ok(TensorStore::from_safetensors(VAE, "bundled ae.safetensors")?)), n(VAE)),
+        vae: (
+            Box::new(|| Ok(TensorStore::from_safetensors(VAE, "bundled ae.safetensors")?)),
+            crate::load::vae_decoder_bytes_in(VAE, DType::F32).unwrap_or(n(VAE)),
+        ),
         image_encoder: Some((Box::new(|| tiny_encoder(Precision::F32)), n(SIGLIP))),
         ip_adapter: (Box::new(|| Ok(TensorStore::from_torch_zip(ADAPTER, "bundled ip-adapter.bin")?)), n(ADAPTER)),
         flux_head_dim: TINY_HEAD_DIM,

@@ -470,14 +470,15 @@ fn check_vae_config(path: &Path) -> Result<()> {
 pub fn vae_decoder_bytes(path: &Path, dtype: ipaflux_core::candle_core::DType) -> Result<u64> {
     let map = map_file(path)?;
     // Not safetensors: sized as the file; loading it says what is wrong.
-    let Ok((_, meta)) = safetensors::SafeTensors::read_metadata(&map) else { return Ok(weight_bytes(path)) };
-    let elements: usize = meta
-        .tensors()
-        .iter()
-        .filter(|(n, _)| n.starts_with("decoder."))
-        .map(|(_, i)| i.shape.iter().product::<usize>())
-        .sum();
-    Ok((elements * dtype.size_in_bytes()) as u64)
+    Ok(vae_decoder_bytes_in(&map, dtype).unwrap_or_else(|| weight_bytes(path)))
+}
+
+/// [`vae_decoder_bytes`] of safetensors bytes in memory (`None`: not safetensors).
+pub fn vae_decoder_bytes_in(bytes: &[u8], dtype: ipaflux_core::candle_core::DType) -> Option<u64> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).ok()?;
+    let decoder = meta.tensors().into_iter().filter(|(n, _)| n.starts_with("decoder."));
+    let elements: usize = decoder.map(|(_, i)| i.shape.iter().product::<usize>()).sum();
+    Some((elements * dtype.size_in_bytes()) as u64)
 }
 
 /// The VAE's tensors under BFL's `ae.safetensors` names (a diffusers VAE's renamed).

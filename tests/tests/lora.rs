@@ -177,3 +177,27 @@ fn text_encoder_parts_match_the_merged_encoders() {
         assert!(rel_max_err(&pooled, &plain[&format!("clip.pooled.{i}")]) > 1e-2, "the LoRA barely changes CLIP");
     }
 }
+
+#[test]
+fn text_encoder_parts_apply_to_a_gguf_t5_as_to_its_dequantized_weights() {
+    let mut kohya = lora("flux/lora-kohya.safetensors", 1.0);
+    kohya.text_strength = 0.5;
+    let loras = [kohya];
+    let tok_path = fixture("pipeline/t5/tokenizer.json");
+    let files = load_text_encoder(&fixture("pipeline/t5-encoder.gguf"), "text_encoder_2", Some(&tok_path)).unwrap();
+    assert!(files.weights.ggml_type("encoder.block.0.layer.0.SelfAttention.q.weight").is_some(), "a quantized target");
+    let dequantized =
+        ipaflux_core::candle_core::safetensors::load(fixture("pipeline/t5-encoder-gguf.safetensors"), &Device::Cpu)
+            .unwrap();
+    let config = std::fs::read_to_string(fixture("pipeline/t5/config.json")).unwrap();
+    let tok = std::fs::read(&tok_path).unwrap();
+    let run = |weights: TensorStore| {
+        let mut t5 = T5Encoder::new(&config, &weights, &tok, 16, DType::F32, &Device::Cpu).unwrap();
+        t5.encode("a cat on a sofa, watercolor").unwrap().1
+    };
+    let direct = || TensorStore::from_tensors("dequantized", dequantized.clone().into_iter().collect());
+    let from_gguf = run(apply_to_text_encoder(&loras, TextEncoder::T5, files.weights).unwrap());
+    let merged = run(apply_to_text_encoder(&loras, TextEncoder::T5, direct()).unwrap());
+    assert_eq!(rel_max_err(&from_gguf, &merged), 0.0);
+    assert!(rel_max_err(&from_gguf, &run(direct())) > 1e-2, "the LoRA barely changes the GGUF T5");
+}
