@@ -287,16 +287,29 @@ impl FluxLora {
         let mut text = Vec::new();
         let mut unknown = Vec::new();
         let mut patches: BTreeMap<String, Vec<Patch>> = BTreeMap::new();
-        for (module, parts) in modules {
-            let (Some(down), Some(up)) = (&parts.down, &parts.up) else {
+        // Every module's name first, so a LoRA for another model is refused before any tensor is read.
+        for (module, parts) in &modules {
+            if parts.down.is_none() || parts.up.is_none() {
                 return Err(bad(format!("module `{module}` needs both a down and an up matrix")));
-            };
+            }
+            if !targets.contains_key(module) && TextEncoder::of(module).is_none() {
+                unknown.push(module.clone());
+            }
+        }
+        if !unknown.is_empty() {
+            return Err(bad(format!(
+                "{} module(s) name no layer of this Flux model ({} double, {} single blocks), e.g. {}; \
+                 is it a LoRA for another model (SD 1.5, SDXL, SD3) or another Flux size?",
+                unknown.len(),
+                cfg.depth,
+                cfg.depth_single,
+                listed(&unknown)
+            )));
+        }
+        for (module, parts) in modules {
+            let (Some(down), Some(up)) = (&parts.down, &parts.up) else { continue };
             let target = targets.get(&module);
             let encoder = TextEncoder::of(&module);
-            if target.is_none() && encoder.is_none() {
-                unknown.push(module);
-                continue;
-            }
             let down = matrix(&mut store, down)?;
             let up = matrix(&mut store, up)?;
             let (rank, in_dim) = down.dims2()?;
@@ -335,16 +348,6 @@ impl FluxLora {
                 up
             };
             patches.entry(target.weight.clone()).or_default().push(Patch { target: target.clone(), down, up, scale });
-        }
-        if !unknown.is_empty() {
-            return Err(bad(format!(
-                "{} module(s) name no layer of this Flux model ({} double, {} single blocks), e.g. {}; \
-                 is it a LoRA for another model (SD 1.5, SDXL, SD3) or another Flux size?",
-                unknown.len(),
-                cfg.depth,
-                cfg.depth_single,
-                listed(&unknown)
-            )));
         }
         if patches.is_empty() && text.is_empty() {
             return Err(bad("no LoRA modules found".into()));
