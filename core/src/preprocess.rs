@@ -12,7 +12,8 @@
 //!
 //! **Resize** reimplements Pillow's `ImagingResample` for 8-bit images
 //! (libImaging/Resample.c): separable passes, horizontal first, a bicubic
-//! kernel with a = −0.5 stretched by the downscale factor (antialiasing),
+//! kernel with a = −0.5 (or Lanczos-3, [`Resample`], for Flux init images)
+//! stretched by the downscale factor (antialiasing),
 //! coefficients normalised then rounded to 22-bit fixed point, each pass
 //! rounded and clamped to `u8`. The result equals Pillow's byte for byte on the
 //! committed fixtures.
@@ -139,21 +140,58 @@ fn to_rgb8(img: DynamicImage) -> RgbImage {
     RgbImage { width, height, data }
 }
 
-/// Pillow's bicubic kernel (a = −0.5).
-fn bicubic(x: f64) -> f64 {
-    const A: f64 = -0.5;
-    let x = x.abs();
-    if x < 1.0 {
-        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-    } else if x < 2.0 {
-        (((x - 5.0) * x + 8.0) * x - 4.0) * A
-    } else {
-        0.0
+/// Pillow's resampling filters that we reimplement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resample {
+    /// `Image.BICUBIC`: Keys' cubic with a = −0.5, support 2 (SigLIP's processor).
+    Bicubic,
+    /// `Image.LANCZOS`: sinc windowed by sinc(x/3), support 3 (diffusers'
+    /// `VaeImageProcessor` fits init images with it).
+    Lanczos,
+}
+
+impl Resample {
+    fn support(self) -> f64 {
+        match self {
+            Resample::Bicubic => 2.0,
+            Resample::Lanczos => 3.0,
+        }
+    }
+
+    /// The kernel at `x` (Pillow's `bicubic_filter` and `lanczos_filter`).
+    fn kernel(self, x: f64) -> f64 {
+        match self {
+            Resample::Bicubic => {
+                const A: f64 = -0.5;
+                let x = x.abs();
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+            Resample::Lanczos => {
+                let sinc = |x: f64| {
+                    if x == 0.0 {
+                        1.0
+                    } else {
+                        let x = x * std::f64::consts::PI;
+                        x.sin() / x
+                    }
+                };
+                if (-3.0..3.0).contains(&x) {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
+            }
+        }
     }
 }
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
-const BICUBIC_SUPPORT: f64 = 2.0;
 
 /// Fixed-point filter taps for one output sample: first input index and weights.
 struct Taps {
@@ -162,17 +200,19 @@ struct Taps {
 }
 
 /// Coefficients for resampling `in_size` samples to `out_size` (Pillow's `precompute_coeffs` + 8-bit normalisation).
-fn coefficients(in_size: usize, out_size: usize) -> Vec<Taps> {
+fn coefficients(in_size: usize, out_size: usize, filter: Resample) -> Vec<Taps> {
     let scale = in_size as f64 / out_size as f64;
     let filter_scale = scale.max(1.0);
-    let support = BICUBIC_SUPPORT * filter_scale;
+    let support = filter.support() * filter_scale;
+    // Pillow multiplies by the reciprocal (not divides): the same rounding as it.
+    let ss = 1.0 / filter_scale;
     (0..out_size)
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
             // Truncation toward zero, as C's (int) cast.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
-            let raw: Vec<f64> = (xmin..xmax).map(|x| bicubic((x as f64 - center + 0.5) / filter_scale)).collect();
+            let raw: Vec<f64> = (xmin..xmax).map(|x| filter.kernel((x as f64 - center + 0.5) * ss)).collect();
             let total: f64 = raw.iter().sum();
             let one = f64::from(1u32 << PRECISION_BITS);
             let weights = raw
@@ -197,8 +237,9 @@ fn clip8(acc: i64) -> u8 {
 }
 
 /// One separable pass over interleaved RGB: resamples along x (`horizontal`) or y.
-fn resample_pass(src: &RgbImage, out_w: usize, out_h: usize, horizontal: bool) -> RgbImage {
-    let taps = if horizontal { coefficients(src.width, out_w) } else { coefficients(src.height, out_h) };
+fn resample_pass(src: &RgbImage, out_w: usize, out_h: usize, horizontal: bool, filter: Resample) -> RgbImage {
+    let taps =
+        if horizontal { coefficients(src.width, out_w, filter) } else { coefficients(src.height, out_h, filter) };
     let mut data = vec![0u8; out_w * out_h * 3];
     let half = 1i64 << (PRECISION_BITS - 1);
     for y in 0..out_h {
@@ -217,21 +258,21 @@ fn resample_pass(src: &RgbImage, out_w: usize, out_h: usize, horizontal: bool) -
     RgbImage { width: out_w, height: out_h, data }
 }
 
-/// Resizes with Pillow's `Image.resize(size, Image.BICUBIC)` semantics.
-pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> RgbImage {
+/// Resizes with Pillow's `Image.resize(size, filter)` semantics (a copy when the size is the same).
+pub fn resize(img: &RgbImage, width: usize, height: usize, filter: Resample) -> RgbImage {
     let mut out = img.clone();
     if out.width != width {
-        out = resample_pass(&out, width, out.height, true);
+        out = resample_pass(&out, width, out.height, true, filter);
     }
     if out.height != height {
-        out = resample_pass(&out, width, height, false);
+        out = resample_pass(&out, width, height, false, filter);
     }
     out
 }
 
 /// The resized image as SigLIP pixel values: a `[1, 3, H, W]` f32 tensor on the CPU.
 pub fn pixel_values(img: &RgbImage, cfg: &PreprocessConfig) -> Result<Tensor> {
-    let resized = resize_bicubic(img, cfg.width, cfg.height);
+    let resized = resize(img, cfg.width, cfg.height, Resample::Bicubic);
     let plane = cfg.width * cfg.height;
     let mut chw = vec![0f32; 3 * plane];
     for (i, px) in resized.data.chunks_exact(3).enumerate() {
@@ -282,9 +323,11 @@ mod tests {
     #[test]
     fn coefficients_sum_to_one_in_fixed_point() {
         for (i, o) in [(1000, 384), (97, 384), (384, 384), (385, 384), (3, 384)] {
-            for t in coefficients(i, o) {
-                let s: i32 = t.weights.iter().sum();
-                assert!((s - (1 << PRECISION_BITS)).abs() <= t.weights.len() as i32, "{i}->{o}: {s}");
+            for filter in [Resample::Bicubic, Resample::Lanczos] {
+                for t in coefficients(i, o, filter) {
+                    let s: i32 = t.weights.iter().sum();
+                    assert!((s - (1 << PRECISION_BITS)).abs() <= t.weights.len() as i32, "{i}->{o}: {s}");
+                }
             }
         }
     }
@@ -292,7 +335,7 @@ mod tests {
     #[test]
     fn constant_image_stays_constant() {
         let img = RgbImage { width: 50, height: 30, data: vec![77; 50 * 30 * 3] };
-        let r = resize_bicubic(&img, 384, 384);
+        let r = resize(&img, 384, 384, Resample::Bicubic);
         assert!(r.data.iter().all(|&v| v == 77));
     }
 
@@ -300,7 +343,7 @@ mod tests {
     fn same_size_is_a_copy() {
         let data: Vec<u8> = (0..384 * 384 * 3).map(|i| (i * 7 % 251) as u8).collect();
         let img = RgbImage { width: 384, height: 384, data };
-        assert_eq!(resize_bicubic(&img, 384, 384), img);
+        assert_eq!(resize(&img, 384, 384, Resample::Bicubic), img);
     }
 
     #[test]

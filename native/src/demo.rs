@@ -65,8 +65,9 @@ pub fn sources() -> Sources {
         clip: (Box::new(|| text(CLIP_CONFIG, CLIP, CLIP_TOKENIZER, "bundled clip")), n(CLIP)),
         vae: (
             Box::new(|| Ok(TensorStore::from_safetensors(VAE, "bundled ae.safetensors")?)),
-            crate::load::vae_decoder_bytes_in(VAE, DType::F32).unwrap_or(n(VAE)),
+            crate::load::vae_half_bytes_in(VAE, crate::load::VaeHalf::Decoder, DType::F32).unwrap_or(n(VAE)),
         ),
+        vae_encoder_bytes: crate::load::vae_half_bytes_in(VAE, crate::load::VaeHalf::Encoder, DType::F32).unwrap_or(0),
         image_encoder: Some((Box::new(|| tiny_encoder(Precision::F32)), n(SIGLIP))),
         ip_adapter: (Box::new(|| Ok(TensorStore::from_torch_zip(ADAPTER, "bundled ip-adapter.bin")?)), n(ADAPTER)),
         flux_head_dim: TINY_HEAD_DIM,
@@ -99,6 +100,7 @@ pub fn settings(seed: u64) -> Settings {
         vram_budget: None,
         kernels: crate::KernelSet::default(),
         gguf: ipaflux_core::flux::GgufWeights::default(),
+        init: None,
     }
 }
 

@@ -1,6 +1,6 @@
-//! The full text + image-prompt pipeline: text encoders → reference-image
-//! encoding → per-block IP K/V → Flux sampling with the IP-Adapter hook → VAE
-//! decode → PNG. Every model is registered with the memory registry, loaded
+//! The full text + image-prompt pipeline: text encoders → (image-to-image:
+//! the init image's VAE encoding) → reference-image encoding → per-block IP
+//! K/V → Flux sampling with the IP-Adapter hook → VAE decode → PNG. Every model is registered with the memory registry, loaded
 //! for its stage through `load_for_job`, and released after its last use; the
 //! registry's timeline is returned with the image.
 //!
@@ -29,7 +29,7 @@ use ipaflux_core::{DeviceSpec, IpAdapter, IpAdapterDims, IpAttentionConfig, Tens
 use crate::encode::Encoder;
 use crate::load::FluxFiles;
 use crate::text::{ClipEncoder, T5Encoder};
-use crate::vae::VaeDecoder;
+use crate::vae::{VaeDecoder, VaeEncoder};
 use crate::Result;
 
 /// A model's files, read when its stage begins.
@@ -47,7 +47,10 @@ pub struct Sources {
     pub flux: (LoadFn<FluxFiles>, u64),
     pub t5: (LoadFn<TextFiles>, u64),
     pub clip: (LoadFn<TextFiles>, u64),
+    /// The VAE's tensors; the bytes are its decoder's, loaded.
     pub vae: (LoadFn<TensorStore>, u64),
+    /// Its encoder's bytes, loaded (0: the file has none), for an init image.
+    pub vae_encoder_bytes: u64,
     /// SigLIP + projection; `None` when every reference comes as embeddings.
     pub image_encoder: Option<(LoadFn<Encoder>, u64)>,
     pub ip_adapter: (LoadFn<TensorStore>, u64),
@@ -66,6 +69,29 @@ pub struct Sources {
 pub enum Reference {
     Image { bytes: Vec<u8>, name: String, weight: f64 },
     Embeds { image_prompt_embeds: Tensor, name: String, weight: f64 },
+}
+
+/// Image-to-image: sampling starts from this image's latents noised to the
+/// sigma that `strength` reaches, instead of from pure noise.
+#[derive(Clone)]
+pub struct InitImage {
+    /// PNG, JPEG or WebP bytes; resized to the output size (Pillow's Lanczos, as
+    /// diffusers' `VaeImageProcessor`) when they differ.
+    pub bytes: Vec<u8>,
+    pub name: String,
+    /// diffusers' `strength` in (0, 1]: about this share of `steps` runs, from
+    /// the schedule's matching point ([`sampler::img2img_start`]).
+    pub strength: f64,
+}
+
+impl std::fmt::Debug for InitImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InitImage")
+            .field("name", &self.name)
+            .field("bytes", &self.bytes.len())
+            .field("strength", &self.strength)
+            .finish()
+    }
 }
 
 /// Everything but the models.
@@ -96,6 +122,18 @@ pub struct Settings {
     pub kernels: crate::KernelSet,
     /// How a GGUF Flux's quantized weights are held.
     pub gguf: GgufWeights,
+    /// Image-to-image from this picture; `None`: from noise.
+    pub init: Option<InitImage>,
+}
+
+impl Settings {
+    /// Sampler steps each image runs: `steps`, fewer from an init image.
+    pub fn steps_run(&self) -> Result<usize> {
+        match &self.init {
+            None => Ok(self.steps),
+            Some(init) => Ok(self.steps - sampler::img2img_start(self.steps, init.strength)?),
+        }
+    }
 }
 
 /// One image of a batch: its seed and RGB pixels.
@@ -133,6 +171,8 @@ struct Handles {
     ip: ModelHandle,
     flux: ModelHandle,
     vae: ModelHandle,
+    /// Registered only for an init image.
+    vae_encoder: Option<ModelHandle>,
 }
 
 fn register_all(reg: &mut Registry, src: &Sources, dev: DeviceSpec, s: &Settings) -> Result<Handles> {
@@ -154,6 +194,10 @@ fn register_all(reg: &mut Registry, src: &Sources, dev: DeviceSpec, s: &Settings
         // Blocks are the units Flux is streamed in; 57 for FLUX.1 (+1 for embedders and final layer).
         flux: reg.register(flux)?,
         vae: reg.register(spec("vae", Role::Vae, src.vae.1))?,
+        vae_encoder: match s.init {
+            Some(_) => Some(reg.register(spec("vae-encoder", Role::Vae, src.vae_encoder_bytes))?),
+            None => None,
+        },
     })
 }
 
@@ -230,6 +274,15 @@ pub fn generate(
     if s.batch == 0 || s.batch > MAX_BATCH {
         return Err(ipaflux_core::Error::Unsupported(format!("batch {} is outside 1..={MAX_BATCH}", s.batch)).into());
     }
+    let steps_run = s.steps_run()?;
+    if s.init.is_some() && src.vae_encoder_bytes == 0 {
+        return Err(ipaflux_core::Error::Unsupported(
+            "an init image needs the VAE's encoder, and this VAE file has only the decoder: give the whole VAE \
+             (BFL's ae.safetensors, or a diffusers vae/ folder)"
+                .into(),
+        )
+        .into());
+    }
     let dev = s.device_spec;
     let mut reg = Registry::new(s.registry.clone(), memory_devices(dev, s.vram_budget)?)?;
     let h = register_all(&mut reg, src, dev, s)?;
@@ -258,6 +311,19 @@ pub fn generate(
     // memory pool kept of them goes back to the driver (a no-op elsewhere).
     release_cache(&mut reg, "text encoders done");
 
+    // Image-to-image: the init image's latents (encoder loaded for this alone).
+    let init_latents = match (&s.init, h.vae_encoder) {
+        (Some(init), Some(encoder)) => {
+            let later = vec![vec![ip_id], vec![flux_id], vec![vae_id]];
+            job(&mut reg, "init image", (dev, 0), &[encoder.model], later)?;
+            let latents = timed(&mut stages, "init image encode", || encode_init(src, init, s))?;
+            reg.release(encoder);
+            release_cache(&mut reg, "init image encoded");
+            Some(latents)
+        }
+        _ => None,
+    };
+
     // Reference images → image prompt embeddings → per-block K/V (computed once).
     let mut image_models = vec![ip_id];
     image_models.extend(h.image_encoder.map(|e| e.model));
@@ -282,9 +348,10 @@ pub fn generate(
         Some(p) if !p.streamed.is_empty() => src.flux_units.blocks(&p.streamed)?,
         _ => Vec::new(),
     };
-    reg.stream(&plan, (s.steps * s.batch) as u64);
+    reg.stream(&plan, (steps_run * s.batch) as u64);
+    let start = SampleStart { init: init_latents.as_ref(), streamed: &streamed };
     let latents =
-        timed(&mut stages, "sampling", || sample(src, (images, adapter_dims), &txt, &y, s, &streamed, on_step))?;
+        timed(&mut stages, "sampling", || sample(src, (images, adapter_dims), (&txt, &y), s, start, on_step))?;
     reg.release(kv);
     reg.release(h.flux);
     release_cache(&mut reg, "sampling done");
@@ -354,13 +421,35 @@ fn ip_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<(Vec<IpI
     Ok((images, Some(adapter.dims), bytes))
 }
 
+/// The init image → packed latents `[1, tokens, 64]` at the output size.
+fn encode_init(src: &Sources, init: &InitImage, s: &Settings) -> Result<Tensor> {
+    use ipaflux_core::preprocess::{decode_rgb, resize, Resample};
+    let mut image = decode_rgb(&init.bytes, &init.name)?;
+    if (image.width, image.height) != (s.width, s.height) {
+        tracing::info!(
+            target: "ipaflux::generate",
+            "init image {} is {}×{}: resized to {}×{} (Lanczos)",
+            init.name, image.width, image.height, s.width, s.height
+        );
+        image = resize(&image, s.width, s.height, Resample::Lanczos);
+    }
+    let encoder = VaeEncoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
+    Ok(sampler::pack(&encoder.encode(&crate::vae::from_rgb8(&image, &s.device)?)?)?)
+}
+
+/// Where sampling starts: an init image's latents (or noise alone), and the Flux blocks streamed.
+#[derive(Clone, Copy)]
+struct SampleStart<'a> {
+    init: Option<&'a Tensor>,
+    streamed: &'a [BlockId],
+}
+
 fn sample(
     src: &Sources,
     (images, adapter_dims): (Vec<IpImage>, Option<IpAdapterDims>),
-    txt: &Tensor,
-    y: &Tensor,
+    (txt, y): (&Tensor, &Tensor),
     s: &Settings,
-    streamed: &[BlockId],
+    SampleStart { init, streamed }: SampleStart<'_>,
     on_step: &mut dyn FnMut(StepInfo),
 ) -> Result<Vec<(u64, Tensor)>> {
     let files = (src.flux.0)()?;
@@ -394,14 +483,21 @@ fn sample(
     };
     let (rows, cols) = sampler::token_grid(s.width, s.height);
     let shift = if model.cfg.guidance_embed { Shift::DEV } else { Shift::None };
-    let sigmas = flux_schedule(s.steps, rows * cols, shift);
+    let mut sigmas = flux_schedule(s.steps, rows * cols, shift);
+    if let Some(init) = &s.init {
+        sigmas.drain(..sampler::img2img_start(s.steps, init.strength)?);
+    }
     let cond = Conditioning { txt: txt.clone(), y: y.clone(), guidance: Some(s.guidance) };
     let list: Vec<&dyn ipaflux_core::flux::AttentionHook> = hook.iter().map(|h| h as _).collect();
     let ids = sampler::img_ids(rows, cols);
     seeds(s)
         .map(|seed| {
             let noise = sampler::pack(&sampler::noise(seed, s.width, s.height, &s.device)?)?;
-            Ok((seed, sampler::euler(&model, &noise, &ids, &cond, &sigmas, Hooks::new(&list), on_step)?))
+            let start = match init {
+                Some(image) => sampler::noised(image, &noise, sigmas[0])?,
+                None => noise,
+            };
+            Ok((seed, sampler::euler(&model, &start, &ids, &cond, &sigmas, Hooks::new(&list), on_step)?))
         })
         .collect()
 }
@@ -468,6 +564,7 @@ pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], loras: &[Flu
             .iter()
             .map(|l| serde_json::json!({"name": l.source_name, "strength": l.strength, "text_strength": l.text_strength}))
             .collect::<Vec<_>>(),
+        "init_image": s.init.as_ref().map(|i| serde_json::json!({"name": i.name, "strength": i.strength})),
     })
     .to_string()
 }
@@ -524,8 +621,10 @@ impl ModelPaths {
         let t5_bytes =
             load::loaded_bytes(&load::text_encoder_dir(&t5, "text_encoder_2"), t5_dtype(self.encoder_dtype.dtype()))?;
         let clip_bytes = load::weight_bytes(&load::text_encoder_dir(&clip, "text_encoder"));
-        let (vae_bytes, ip_bytes) =
-            (load::vae_decoder_bytes(&vae, self.encoder_dtype.dtype())?, load::weight_bytes(&ip));
+        let vae_bytes = |half| load::vae_half_bytes(&vae, half, self.encoder_dtype.dtype());
+        let (vae_decoder_bytes, vae_encoder_bytes) =
+            (vae_bytes(load::VaeHalf::Decoder)?, vae_bytes(load::VaeHalf::Encoder)?);
+        let ip_bytes = load::weight_bytes(&ip);
         let image_encoder: Option<(LoadFn<Encoder>, u64)> = siglip.map(|dir| {
             let bytes = load::weight_bytes(&load::resolve_model_dir(&dir).unwrap_or_else(|_| dir.clone()));
             let (ip, dtype, device) = (ip.clone(), self.encoder_dtype, device.clone());
@@ -540,7 +639,8 @@ impl ModelPaths {
             flux: (Box::new(move || load::load_flux(&flux)), flux_bytes),
             t5: (Box::new(move || load::load_text_encoder(&t5, "text_encoder_2", t5_tok.as_deref())), t5_bytes),
             clip: (Box::new(move || load::load_text_encoder(&clip, "text_encoder", clip_tok.as_deref())), clip_bytes),
-            vae: (Box::new(move || load::load_vae(&vae)), vae_bytes),
+            vae: (Box::new(move || load::load_vae(&vae)), vae_decoder_bytes),
+            vae_encoder_bytes,
             image_encoder,
             ip_adapter: (Box::new(move || load::load_ip_adapter(&ip)), ip_bytes),
             flux_head_dim,

@@ -465,19 +465,37 @@ fn check_vae_config(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Bytes the VAE decoder takes loaded in `dtype`, from the file's header: its
-/// `decoder.*` tensors only (the encoder half in the same file is never loaded).
-pub fn vae_decoder_bytes(path: &Path, dtype: ipaflux_core::candle_core::DType) -> Result<u64> {
-    let map = map_file(path)?;
-    // Not safetensors: sized as the file; loading it says what is wrong.
-    Ok(vae_decoder_bytes_in(&map, dtype).unwrap_or_else(|| weight_bytes(path)))
+/// One half of the VAE, as its tensors are named in either layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VaeHalf {
+    /// `encoder.*`: loaded only to encode an init image.
+    Encoder,
+    /// `decoder.*`: loaded to decode every result.
+    Decoder,
 }
 
-/// [`vae_decoder_bytes`] of safetensors bytes in memory (`None`: not safetensors).
-pub fn vae_decoder_bytes_in(bytes: &[u8], dtype: ipaflux_core::candle_core::DType) -> Option<u64> {
+impl VaeHalf {
+    fn prefix(self) -> &'static str {
+        match self {
+            VaeHalf::Encoder => "encoder.",
+            VaeHalf::Decoder => "decoder.",
+        }
+    }
+}
+
+/// Bytes one half of the VAE takes loaded in `dtype`, from the file's header
+/// (each half is loaded on its own, the other never with it).
+pub fn vae_half_bytes(path: &Path, half: VaeHalf, dtype: ipaflux_core::candle_core::DType) -> Result<u64> {
+    let map = map_file(path)?;
+    // Not safetensors: sized as the file; loading it says what is wrong.
+    Ok(vae_half_bytes_in(&map, half, dtype).unwrap_or_else(|| weight_bytes(path)))
+}
+
+/// [`vae_half_bytes`] of safetensors bytes in memory (`None`: not safetensors).
+pub fn vae_half_bytes_in(bytes: &[u8], half: VaeHalf, dtype: ipaflux_core::candle_core::DType) -> Option<u64> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).ok()?;
-    let decoder = meta.tensors().into_iter().filter(|(n, _)| n.starts_with("decoder."));
-    let elements: usize = decoder.map(|(_, i)| i.shape.iter().product::<usize>()).sum();
+    let tensors = meta.tensors().into_iter().filter(|(n, _)| n.starts_with(half.prefix()));
+    let elements: usize = tensors.map(|(_, i)| i.shape.iter().product::<usize>()).sum();
     Some((elements * dtype.size_in_bytes()) as u64)
 }
 
@@ -765,18 +783,24 @@ mod tests {
     }
 
     #[test]
-    fn the_vae_counts_its_decoder_at_the_compute_dtype_in_either_layout() {
+    fn the_vae_counts_each_half_at_the_compute_dtype_in_either_layout() {
         let elements = |store: &TensorStore, decoder: bool| -> usize {
             let names = store.names().filter(|n| !decoder || n.starts_with("decoder."));
             names.map(|n| store.shape(n).unwrap().iter().product::<usize>()).sum()
         };
         let ae = fixture("pipeline/ae.safetensors");
         let decoder = elements(&load_store(&ae).unwrap(), true);
-        assert_eq!(vae_decoder_bytes(&ae, DType::F32).unwrap(), 4 * decoder as u64);
+        assert_eq!(vae_half_bytes(&ae, VaeHalf::Decoder, DType::F32).unwrap(), 4 * decoder as u64);
+        assert_eq!(vae_half_bytes(&ae, VaeHalf::Encoder, DType::F32).unwrap(), 0, "a decoder-only file");
         // The diffusers folder's file also holds the encoder, which is not counted.
         let diffusers = vae_file(&fixture("pipeline/vae")).unwrap();
         assert!(elements(&load_store(&diffusers).unwrap(), false) > decoder);
-        assert_eq!(vae_decoder_bytes(&diffusers, DType::BF16).unwrap(), 2 * decoder as u64);
+        assert_eq!(vae_half_bytes(&diffusers, VaeHalf::Decoder, DType::BF16).unwrap(), 2 * decoder as u64);
+        // A whole VAE: the two halves add up to the file.
+        let whole = fixture("img2img/ae.safetensors");
+        let all = elements(&load_store(&whole).unwrap(), false) as u64;
+        let [e, d] = [VaeHalf::Encoder, VaeHalf::Decoder].map(|h| vae_half_bytes(&whole, h, DType::F16).unwrap());
+        assert!(e > 0 && d > 0 && e + d == 2 * all, "{e} + {d} != 2 · {all}");
     }
 
     #[test]

@@ -252,10 +252,20 @@ struct GenerateArgs {
     v_norm: ipaflux_core::VNorm,
     #[arg(long)]
     prompt: String,
-    #[arg(long, default_value_t = 1024)]
-    width: usize,
-    #[arg(long, default_value_t = 1024)]
-    height: usize,
+    /// Image-to-image: start from this picture (PNG, JPEG, WebP) instead of noise. It is resized
+    /// (Lanczos) to --width × --height, which default to its own size rounded down to multiples of 16.
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// With --init-image: the share of --steps run on it, in (0, 1], as diffusers' `strength`
+    /// (ComfyUI's `denoise` D with S steps is about --steps S/D --strength D); 1 ignores the image.
+    #[arg(long, requires = "init_image", default_value_t = 0.6)]
+    strength: f64,
+    /// Output width [default: 1024, or the init image's]
+    #[arg(long)]
+    width: Option<usize>,
+    /// Output height [default: 1024, or the init image's]
+    #[arg(long)]
+    height: Option<usize>,
     #[arg(long, default_value_t = 28)]
     steps: usize,
     #[arg(long, default_value_t = 3.5)]
@@ -299,6 +309,26 @@ struct GenerateArgs {
     verbose: bool,
     #[arg(long)]
     out: PathBuf,
+}
+
+/// The output size: as given, else an init image's size rounded down to
+/// multiples of 16 (diffusers' default for image-to-image), else 1024.
+fn output_size(
+    width: Option<usize>,
+    height: Option<usize>,
+    init: Option<&generate::InitImage>,
+) -> anyhow::Result<(usize, usize)> {
+    const DEFAULT_SIDE: usize = 1024;
+    let own = match (init, width.zip(height)) {
+        (Some(i), None) => {
+            let img = ipaflux_core::preprocess::decode_rgb(&i.bytes, &i.name)?;
+            let tile = ipaflux_core::flux::sampler::PIXELS_PER_TOKEN;
+            Some((img.width / tile * tile, img.height / tile * tile))
+        }
+        _ => None,
+    };
+    let pick = |given: Option<usize>, own: Option<usize>| given.or(own).unwrap_or(DEFAULT_SIDE);
+    Ok((pick(width, own.map(|o| o.0)), pick(height, own.map(|o| o.1))))
 }
 
 /// `FILE`, `FILE:STRENGTH` or `FILE:STRENGTH:TEXT_STRENGTH`: strengths are the numbers after
@@ -349,7 +379,19 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     if !a.image.is_empty() && a.siglip.is_none() {
         anyhow::bail!("--image needs --siglip (the image encoder); or pass --embeds from `ipaflux encode`");
     }
-    ipaflux_core::flux::sampler::check_size(a.width, a.height)?;
+    let init = match &a.init_image {
+        Some(p) => {
+            let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read the init image", p.display()))?;
+            Some(generate::InitImage { bytes, name: p.display().to_string(), strength: a.strength })
+        }
+        None => None,
+    };
+    let (width, height) = output_size(a.width, a.height, init.as_ref())?;
+    ipaflux_core::flux::sampler::check_size(width, height)?;
+    let steps_run = match &init {
+        Some(i) => a.steps - ipaflux_core::flux::sampler::img2img_start(a.steps, i.strength)?,
+        None => a.steps,
+    };
     let weight = |i: usize| if a.ip_weight.len() == 1 { a.ip_weight[0] } else { a.ip_weight[i] };
     let mut refs = Vec::new();
     for (i, p) in a.image.iter().enumerate() {
@@ -369,13 +411,14 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         });
     }
     let ip_weight = match (a.weight_start, a.weight_end) {
-        (Some(s), Some(e)) => generate::ramp(s, e, a.steps),
+        // The ramp spans the steps that run (fewer from an init image).
+        (Some(s), Some(e)) => generate::ramp(s, e, steps_run),
         _ => ipaflux_core::flux::IpWeight::Constant(1.0),
     };
     let settings = generate::Settings {
         prompt: a.prompt.clone(),
-        width: a.width,
-        height: a.height,
+        width,
+        height,
         steps: a.steps,
         guidance: a.guidance,
         seed: a.seed,
@@ -397,6 +440,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         vram_budget: a.vram_budget.as_deref().map(parse_bytes).transpose().context("--vram-budget")?,
         kernels: a.cuda_kernels,
         gguf: a.gguf_weights.into(),
+        init,
     };
     let paths = generate::ModelPaths {
         flux: a.flux,
@@ -449,7 +493,7 @@ fn run_pipeline(
     out: &std::path::Path,
     timeline: bool,
 ) -> anyhow::Result<(usize, usize)> {
-    let bar = indicatif::ProgressBar::new((s.steps * s.batch) as u64);
+    let bar = indicatif::ProgressBar::new((s.steps_run()? * s.batch) as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps  {elapsed} (eta {eta}) {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),

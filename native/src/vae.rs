@@ -1,11 +1,15 @@
-//! The Flux VAE decoder from BFL's `ae.safetensors` layout (`decoder.*`; the
-//! encoder half is not needed and not loaded), or from a diffusers `vae/`
-//! folder, whose names [`bfl_names`] maps onto BFL's. The network is
-//! candle-transformers' port of BFL's autoencoder; this module infers its
-//! sizes from the checkpoint and turns latents into 8-bit RGB.
+//! The Flux VAE from BFL's `ae.safetensors` layout, or from a diffusers
+//! `vae/` folder, whose names [`bfl_names`] maps onto BFL's: the decoder
+//! (`decoder.*`) turns sampled latents into 8-bit RGB; the encoder
+//! (`encoder.*`, loaded only for image-to-image) turns an init image into
+//! latents. The networks are candle-transformers' port of BFL's autoencoder;
+//! this module infers their sizes from the checkpoint. It does not sample the
+//! encoder's distribution: an encoding is its mean, so the same image always
+//! gives the same latents.
 
-use candle_transformers::models::flux::autoencoder::{Config, Decoder};
+use candle_transformers::models::flux::autoencoder::{Config, Decoder, Encoder};
 use ipaflux_core::candle_core::{DType, Device, Module, Tensor};
+use ipaflux_core::preprocess::RgbImage;
 use ipaflux_core::TensorStore;
 
 use crate::{Error, Result};
@@ -26,9 +30,82 @@ pub struct VaeDecoder {
 }
 
 fn dim(store: &TensorStore, name: &str, i: usize) -> Result<usize> {
-    store.shape(name).and_then(|s| s.get(i).copied()).ok_or_else(|| {
-        vae_err(&store.source_name, format!("missing `{name}`: not a Flux VAE (ae.safetensors) decoder"))
-    })
+    store
+        .shape(name)
+        .and_then(|s| s.get(i).copied())
+        .ok_or_else(|| vae_err(&store.source_name, format!("missing `{name}`: not a Flux VAE (ae.safetensors)")))
+}
+
+/// Whether `store` holds an encoder (BFL's `ae.safetensors` does; a decoder-only file does not).
+pub fn has_encoder(store: &TensorStore) -> bool {
+    store.contains("encoder.conv_in.weight")
+}
+
+/// The encoder half: an init image → latents as the sampler holds them.
+pub struct VaeEncoder {
+    encoder: Encoder,
+    pub cfg: Config,
+    dtype: DType,
+}
+
+impl VaeEncoder {
+    /// Sizes from the shapes, as [`VaeDecoder::new`] infers them: channels per
+    /// level from each level's first block, blocks per level (the encoder has
+    /// BFL's `num_res_blocks`, the decoder one more), latent channels (half
+    /// `conv_out`'s outputs: the mean and log-variance).
+    pub fn new(store: &TensorStore, dtype: DType, device: &Device) -> Result<Self> {
+        if !has_encoder(store) {
+            return Err(vae_err(
+                &store.source_name,
+                "this VAE has no encoder (`encoder.*`): image-to-image needs the whole VAE, \
+                 as BFL's ae.safetensors or a diffusers vae/ folder holds it",
+            ));
+        }
+        let levels = (0..).take_while(|i| store.contains(&format!("encoder.down.{i}.block.0.conv2.weight"))).count();
+        if levels == 0 {
+            return Err(vae_err(&store.source_name, "no `encoder.down.N.block.0` blocks: not a Flux VAE encoder"));
+        }
+        let ch = dim(store, "encoder.conv_in.weight", 0)?;
+        let chans = (0..levels)
+            .map(|i| dim(store, &format!("encoder.down.{i}.block.0.conv2.weight"), 0))
+            .collect::<Result<Vec<_>>>()?;
+        let blocks = (0..).take_while(|b| store.contains(&format!("encoder.down.0.block.{b}.conv1.weight"))).count();
+        let cfg = Config {
+            resolution: 256,
+            in_channels: dim(store, "encoder.conv_in.weight", 1)?,
+            ch,
+            out_ch: 3,
+            ch_mult: chans.iter().map(|c| c / ch.max(1)).collect(),
+            num_res_blocks: blocks,
+            z_channels: dim(store, "encoder.conv_out.weight", 0)? / 2,
+            scale_factor: FLUX_VAE_SCALE,
+            shift_factor: FLUX_VAE_SHIFT,
+        };
+        let encoder = Encoder::new(&cfg, store.var_builder(dtype, device).pp("encoder"))
+            .map_err(|e| vae_err(&store.source_name, format!("not a Flux VAE encoder: {e}")))?;
+        Ok(Self { encoder, cfg, dtype })
+    }
+
+    /// Image `[1, 3, H, W]` in [−1, 1] → latents `[1, z, H/8, W/8]`, f32:
+    /// the distribution's mean, shifted and scaled (BFL's `AutoEncoder.encode`
+    /// without sampling).
+    pub fn encode(&self, image: &Tensor) -> Result<Tensor> {
+        let moments = self.encoder.forward(&image.to_dtype(self.dtype)?)?;
+        let mean = moments.narrow(1, 0, self.cfg.z_channels)?.to_dtype(DType::F32)?;
+        Ok(((mean - self.cfg.shift_factor)? * self.cfg.scale_factor)?)
+    }
+}
+
+/// 8-bit RGB → `[1, 3, H, W]` f32 in [−1, 1] (`2 · v/255 − 1`, as diffusers' `VaeImageProcessor`).
+pub fn from_rgb8(img: &RgbImage, device: &Device) -> Result<Tensor> {
+    let plane = img.width * img.height;
+    let mut chw = vec![0f32; 3 * plane];
+    for (i, px) in img.data.chunks_exact(3).enumerate() {
+        for (c, &v) in px.iter().enumerate() {
+            chw[c * plane + i] = f32::from(v) / 255.0 * 2.0 - 1.0;
+        }
+    }
+    Ok(Tensor::from_vec(chw, (1, 3, img.height, img.width), device)?)
 }
 
 impl VaeDecoder {
@@ -72,15 +149,17 @@ pub fn is_diffusers(store: &TensorStore) -> bool {
     store.names().any(|n| n.starts_with("decoder.up_blocks.") || n.starts_with("decoder.mid_block."))
 }
 
-/// A diffusers `AutoencoderKL` decoder under BFL's `ae.safetensors` names, as
-/// the decoder reads them (the encoder half is dropped). Written after
-/// diffusers' `convert_ldm_vae_checkpoint`, read backwards: up blocks in
-/// reverse order (diffusers' `up_blocks.0` is BFL's last level), `mid_block`
-/// resnets and attention as `mid.block_1/2` and `mid.attn_1`, whose
-/// projections diffusers stores as linear `[C, C]` weights and BFL as 1×1
-/// convolutions `[C, C, 1, 1]`; `conv_shortcut` as `nin_shortcut`,
-/// `conv_norm_out` as `norm_out`. Names it does not know stay as they are (the
-/// decoder then reports what it misses).
+/// A diffusers `AutoencoderKL` under BFL's `ae.safetensors` names. Written
+/// after diffusers' `convert_ldm_vae_checkpoint`, read backwards:
+/// - decoder up blocks in reverse order (diffusers' `up_blocks.0` is BFL's
+///   last level); encoder down blocks in order, `downsamplers.0` as `downsample`;
+/// - `mid_block` resnets and attention as `mid.block_1/2` and `mid.attn_1`,
+///   whose projections diffusers stores as linear `[C, C]` weights and BFL as
+///   1×1 convolutions `[C, C, 1, 1]`;
+/// - `conv_shortcut` as `nin_shortcut`, `conv_norm_out` as `norm_out`.
+///
+/// Names it does not know stay as they are (the networks then report what
+/// they miss); names outside `encoder.`/`decoder.` are dropped.
 pub fn bfl_names(mut store: TensorStore) -> Result<TensorStore> {
     let levels = store
         .names()
@@ -88,7 +167,10 @@ pub fn bfl_names(mut store: TensorStore) -> Result<TensorStore> {
         .max()
         .map_or(0, |m| m + 1);
     let rename = |name: &str| -> Option<String> {
-        let rest = name.strip_prefix("decoder.")?;
+        let (half, rest) = name.split_once('.')?;
+        if half != "encoder" && half != "decoder" {
+            return None;
+        }
         let resnet = |r: &str| r.replacen("conv_shortcut", "nin_shortcut", 1);
         let mapped = if let Some(r) = rest.strip_prefix("mid_block.resnets.") {
             let (i, tail) = r.split_once('.')?;
@@ -101,7 +183,7 @@ pub fn bfl_names(mut store: TensorStore) -> Result<TensorStore> {
                 "to_k" | "key" => "k",
                 "to_v" | "value" => "v",
                 "proj_attn" => "proj_out",
-                "to_out" => return Some(format!("decoder.mid.attn_1.proj_out.{}", tail.strip_prefix("0.")?)),
+                "to_out" => return Some(format!("{half}.mid.attn_1.proj_out.{}", tail.strip_prefix("0.")?)),
                 _ => return None,
             };
             format!("mid.attn_1.{part}.{tail}")
@@ -113,18 +195,27 @@ pub fn bfl_names(mut store: TensorStore) -> Result<TensorStore> {
             } else {
                 format!("up.{level}.upsample.{}", tail.strip_prefix("upsamplers.0.")?)
             }
+        } else if let Some(r) = rest.strip_prefix("down_blocks.") {
+            let (level, tail) = r.split_once('.')?;
+            if let Some(t) = tail.strip_prefix("resnets.") {
+                format!("down.{level}.block.{}", resnet(t))
+            } else {
+                format!("down.{level}.downsample.{}", tail.strip_prefix("downsamplers.0.")?)
+            }
         } else if let Some(t) = rest.strip_prefix("conv_norm_out.") {
             format!("norm_out.{t}")
         } else {
             rest.to_string()
         };
-        Some(format!("decoder.{mapped}"))
+        Some(format!("{half}.{mapped}"))
     };
     let names: Vec<String> = store.names().map(str::to_string).collect();
     let mut out = TensorStore::new(store.source_name.clone());
     for name in names {
         let Some(new) = rename(&name) else { continue };
-        let projection = ["q", "k", "v", "proj_out"].iter().any(|p| new == format!("decoder.mid.attn_1.{p}.weight"));
+        let projection = ["encoder", "decoder"]
+            .iter()
+            .any(|half| ["q", "k", "v", "proj_out"].iter().any(|p| new == format!("{half}.mid.attn_1.{p}.weight")));
         if projection && store.shape(&name).is_some_and(|s| s.len() == 2) {
             let t = store.take(&name)?.ok_or_else(|| vae_err(&store.source_name, format!("`{name}` vanished")))?;
             let (o, i) = t.dims2()?;

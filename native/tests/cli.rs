@@ -186,6 +186,11 @@ fn demo_runs_the_whole_pipeline_and_is_byte_identical() {
 
 /// `ipaflux generate` on the tiny fixtures (diffusers-layout Flux folder, HF-style text encoder folders).
 fn generate(extra: &[&str], out: &std::path::Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ipaflux")).args(generate_args(extra, out)).output().unwrap()
+}
+
+/// [`generate`]'s arguments.
+fn generate_args(extra: &[&str], out: &std::path::Path) -> Vec<String> {
     let f = |r: &str| fixture(r).display().to_string();
     let mut args: Vec<String> = vec![
         "generate".into(),
@@ -223,7 +228,7 @@ fn generate(extra: &[&str], out: &std::path::Path) -> Output {
             _ => args.push(a),
         }
     }
-    Command::new(env!("CARGO_BIN_EXE_ipaflux")).args(&args).output().unwrap()
+    args
 }
 
 #[test]
@@ -332,6 +337,49 @@ fn generate_takes_a_diffusers_vae_folder() {
     assert_eq!(pixels(&ae), pixels(&diffusers), "the two VAE layouts decode differently");
     let o = generate(&["--image", &photo, "--vae", &fixture("siglip-vision").display().to_string()], &diffusers);
     assert_fails(&o, &["no ae.safetensors here, nor a diffusers VAE"]);
+}
+
+#[test]
+fn generate_from_an_init_image() {
+    let photo = fixture("images/photo.jpg").display().to_string();
+    let (init, vae) = (fixture("img2img/init.png").display().to_string(), fixture("img2img/ae.safetensors"));
+    let vae = vae.display().to_string();
+    let (plain, full, half) = (tmp("gen-i2i-plain.png"), tmp("gen-i2i-1.png"), tmp("gen-i2i-half.png"));
+    let pixels = |p: &PathBuf| png_pixels(&std::fs::read(p).unwrap());
+    let run = |extra: &[&str], out: &PathBuf| {
+        let o = generate(extra, out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&["--image", &photo, "--vae", &vae, "--steps", "4"], &plain);
+    // Strength 1 starts from pure noise at σ = 1: the text-to-image picture, exactly.
+    run(&["--image", &photo, "--vae", &vae, "--steps", "4", "--init-image", &init, "--strength", "1"], &full);
+    assert_eq!(pixels(&plain), pixels(&full), "strength 1 must ignore the init image");
+    // Half: 2 of 4 steps from the (resized) init image; another picture, and the PNG says so.
+    run(&["--image", &photo, "--vae", &vae, "--steps", "4", "--init-image", &init, "--strength", "0.5"], &half);
+    assert_ne!(pixels(&plain), pixels(&half));
+    let png = String::from_utf8_lossy(&std::fs::read(&half).unwrap()).into_owned();
+    assert!(png.contains("\"init_image\":{") && png.contains("\"strength\":0.5"), "the PNG's parameters");
+    // Without --width/--height the output takes the init image's size (96×64).
+    let mut args = generate_args(&["--image", &photo, "--vae", &vae, "--init-image", &init], &half);
+    for flag in ["--width", "--height"] {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args.drain(i..i + 2);
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_ipaflux")).args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let info = png::Decoder::new(std::io::Cursor::new(std::fs::read(&half).unwrap())).read_info().unwrap();
+    assert_eq!((info.info().width, info.info().height), (96, 64));
+    // Refused before any model runs: a decoder-only VAE, a strength out of range, a strength alone.
+    let o = generate(&["--image", &photo, "--init-image", &init], &half);
+    assert_fails(&o, &["has only the decoder", "ae.safetensors"]);
+    let o = generate(&["--image", &photo, "--vae", &vae, "--init-image", &init, "--strength", "0"], &half);
+    assert_fails(&o, &["strength 0 is outside (0, 1]"]);
+    assert_fails(&generate(&["--image", &photo, "--strength", "0.5"], &half), &["--init-image"]);
+    let o = generate(
+        &["--image", &photo, "--vae", &vae, "--init-image", &fixture("reference.json").display().to_string()],
+        &half,
+    );
+    assert_fails(&o, &["reference.json"]);
 }
 
 /// Decoded RGB bytes of a PNG (parameters chunk aside).

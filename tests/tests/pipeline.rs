@@ -87,13 +87,16 @@ fn a_diffusers_vae_folder_decodes_as_ae_safetensors_does() {
     let file = ipaflux::load::vae_file(&dir).unwrap();
     assert!(file.ends_with("vae/diffusion_pytorch_model.safetensors"), "{}", file.display());
     let converted = ipaflux::load::load_vae(&file).unwrap();
-    // Only the decoder, every tensor of BFL's decoder, none left over.
+    // Every tensor of BFL's decoder, none left over; the encoder (this file's
+    // is diffusers' own initialisation) under BFL's names too.
     let bfl = ipaflux::load::load_store(&fixture("pipeline/ae.safetensors")).unwrap();
-    let mut names: Vec<&str> = converted.names().collect();
+    let mut names: Vec<&str> = converted.names().filter(|n| n.starts_with("decoder.")).collect();
     let mut want: Vec<&str> = bfl.names().filter(|n| n.starts_with("decoder.")).collect();
     names.sort_unstable();
     want.sort_unstable();
     assert_eq!(names, want);
+    assert!(converted.names().all(|n| n.starts_with("decoder.") || n.starts_with("encoder.")));
+    assert!(converted.contains("encoder.conv_in.weight") && !converted.names().any(|n| n.contains("_blocks.")));
     let vae = VaeDecoder::new(&converted, DType::F32, &Device::Cpu).unwrap();
     let ours = vae.decode(&g["vae.latents"]).unwrap();
     assert_close("diffusers VAE decode", &ours, &g["vae.decoded"], F32_TOL);

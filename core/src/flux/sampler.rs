@@ -113,6 +113,28 @@ pub fn unpack(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     Ok(x.reshape((b, h / 2, w / 2, c, 2, 2))?.permute((0, 3, 1, 4, 2, 5))?.reshape((b, c, h, w))?)
 }
 
+/// Image-to-image: the index into the `steps + 1` sigmas of the first one
+/// run at `strength` in (0, 1] (diffusers' `FluxImg2ImgPipeline.get_timesteps`:
+/// `⌊steps − steps · strength⌋`, in f64 as Python computes it), so
+/// `steps − start` steps run. Strength 1 runs them all from pure noise.
+pub fn img2img_start(steps: usize, strength: f64) -> Result<usize> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::Unsupported(format!(
+            "strength {strength} is outside (0, 1]: it is the share of the steps run on the init image \
+             (1 ignores the image)"
+        )));
+    }
+    let n = steps as f64;
+    Ok((n - (n * strength).min(n)).max(0.0) as usize)
+}
+
+/// The init image's packed latents noised to `sigma`, as the flow-matching
+/// scheduler's `scale_noise`: `σ · noise + (1 − σ) · image` (f32).
+pub fn noised(image: &Tensor, noise: &Tensor, sigma: f32) -> Result<Tensor> {
+    let image = (image.to_dtype(DType::F32)? * f64::from(1.0 - sigma))?;
+    Ok(((noise.to_dtype(DType::F32)? * f64::from(sigma))? + image)?)
+}
+
 /// Progress of the sampling loop, reported after each step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepInfo {
@@ -170,6 +192,26 @@ mod tests {
         let mean = a.iter().map(|&x| f64::from(x)).sum::<f64>() / a.len() as f64;
         let var = a.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / a.len() as f64;
         assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean}, var {var}");
+    }
+
+    #[test]
+    fn img2img_starts_where_diffusers_does() {
+        // (steps, strength, first sigma run), from `get_timesteps`' arithmetic in Python.
+        for (steps, strength, start) in
+            [(6, 0.6, 2), (6, 0.95, 0), (28, 0.75, 7), (20, 1.0, 0), (4, 0.2, 3), (1, 0.5, 0)]
+        {
+            assert_eq!(img2img_start(steps, strength).unwrap(), start, "{steps} steps at {strength}");
+        }
+        // A small strength still runs one step; zero, negative, above 1 and NaN are refused.
+        assert_eq!(img2img_start(4, 0.01).unwrap(), 3);
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            assert!(img2img_start(4, bad).unwrap_err().to_string().contains("outside (0, 1]"), "{bad}");
+        }
+        let dev = Device::Cpu;
+        let (image, noise) = (Tensor::new(&[2f32, -4.0], &dev).unwrap(), Tensor::new(&[1f32, 1.0], &dev).unwrap());
+        assert_eq!(noised(&image, &noise, 0.25).unwrap().to_vec1::<f32>().unwrap(), vec![1.75, -2.75]);
+        // σ = 1 is the noise exactly, whatever the image.
+        assert_eq!(noised(&image, &noise, 1.0).unwrap().to_vec1::<f32>().unwrap(), vec![1.0, 1.0]);
     }
 
     #[test]
