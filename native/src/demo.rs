@@ -101,6 +101,7 @@ pub fn settings(seed: u64) -> Settings {
         kernels: crate::KernelSet::default(),
         gguf: ipaflux_core::flux::GgufWeights::default(),
         init: None,
+        true_cfg: None,
     }
 }
 

@@ -1,4 +1,5 @@
-//! The full text + image-prompt pipeline: text encoders → (image-to-image:
+//! The full text + image-prompt pipeline: text encoders (the prompt, and a
+//! negative prompt for true classifier-free guidance) → (image-to-image:
 //! the init image's VAE encoding) → reference-image encoding → per-block IP
 //! K/V → Flux sampling with the IP-Adapter hook → VAE decode → PNG. Every model is registered with the memory registry, loaded
 //! for its stage through `load_for_job`, and released after its last use; the
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use ipaflux_core::candle_core::{DType, Device, Tensor};
 use ipaflux_core::flux::ip::{check_compatible, IpAdapterHook, IpHookConfig, IpImage, IpWeight};
 use ipaflux_core::flux::lora::{apply_to_text_encoder, TextEncoder};
-use ipaflux_core::flux::sampler::{self, StepInfo};
+use ipaflux_core::flux::sampler::{self, Guide, StepInfo};
 use ipaflux_core::flux::{
     BlockId, BlockSource, Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights, Hooks, HostBlocks,
 };
@@ -124,7 +125,22 @@ pub struct Settings {
     pub gguf: GgufWeights,
     /// Image-to-image from this picture; `None`: from noise.
     pub init: Option<InitImage>,
+    /// True classifier-free guidance with a negative prompt; `None`: the prompt alone.
+    pub true_cfg: Option<TrueCfg>,
 }
+
+/// True classifier-free guidance (diffusers' `negative_prompt` and
+/// `true_cfg_scale`, ComfyUI's negative conditioning and `cfg`): each step
+/// also runs the model on the negative prompt, twice the work.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrueCfg {
+    pub negative_prompt: String,
+    /// Above 1 (1 would be the prompt alone), at most [`MAX_TRUE_CFG`].
+    pub scale: f32,
+}
+
+/// The largest true-CFG scale accepted (ComfyUI's `cfg` goes to 100).
+pub const MAX_TRUE_CFG: f32 = 100.0;
 
 impl Settings {
     /// Sampler steps each image runs: `steps`, fewer from an init image.
@@ -275,6 +291,15 @@ pub fn generate(
         return Err(ipaflux_core::Error::Unsupported(format!("batch {} is outside 1..={MAX_BATCH}", s.batch)).into());
     }
     let steps_run = s.steps_run()?;
+    if let Some(cfg) = &s.true_cfg {
+        if !(cfg.scale > 1.0 && cfg.scale <= MAX_TRUE_CFG) {
+            return Err(ipaflux_core::Error::Unsupported(format!(
+                "true CFG scale {} is outside (1, {MAX_TRUE_CFG}]: at 1 the negative prompt has no effect",
+                cfg.scale
+            ))
+            .into());
+        }
+    }
     if s.init.is_some() && src.vae_encoder_bytes == 0 {
         return Err(ipaflux_core::Error::Unsupported(
             "an init image needs the VAE's encoder, and this VAE file has only the decoder: give the whole VAE \
@@ -289,21 +314,24 @@ pub fn generate(
     let mut stages = Vec::new();
     let (flux_id, vae_id, ip_id) = (h.flux.model, h.vae.model, h.ip.model);
 
-    // Text: T5 tokens and the pooled CLIP vector.
+    // Text: T5 tokens and the pooled CLIP vector, of the prompt (and the negative prompt).
     job(&mut reg, "text", (dev, 0), &[h.t5.model, h.clip.model], vec![vec![ip_id], vec![flux_id], vec![vae_id]])?;
-    let (txt, y) = timed(&mut stages, "text encoders", || {
+    let mut prompts = vec![s.prompt.as_str()];
+    prompts.extend(s.true_cfg.as_ref().map(|c| c.negative_prompt.as_str()));
+    let texts: Vec<Conditioning> = timed(&mut stages, "text encoders", || {
         let f = (src.t5.0)()?;
         if t5_dtype(s.dtype) != s.dtype {
             tracing::info!(target: "ipaflux::generate", "T5 runs in bf16: it overflows in f16");
         }
         let weights = apply_to_text_encoder(&src.loras, TextEncoder::T5, f.weights)?;
         let mut t5 = T5Encoder::new(&f.config, &weights, &f.tokenizer, s.t5_max_len, t5_dtype(s.dtype), &s.device)?;
-        let (_, txt) = t5.encode(&s.prompt)?;
+        let txts = prompts.iter().map(|p| Ok(t5.encode(p)?.1)).collect::<Result<Vec<_>>>()?;
+        drop(t5);
         let f = (src.clip.0)()?;
         let weights = apply_to_text_encoder(&src.loras, TextEncoder::Clip, f.weights)?;
         let clip = ClipEncoder::new(&f.config, &weights, &f.tokenizer, s.dtype, &s.device)?;
-        let (_, y) = clip.encode(&s.prompt)?;
-        Ok((txt, y))
+        let ys = prompts.iter().map(|p| Ok(clip.encode(p)?.1)).collect::<Result<Vec<_>>>()?;
+        Ok(txts.into_iter().zip(ys).map(|(txt, y)| Conditioning { txt, y, guidance: Some(s.guidance) }).collect())
     })?;
     reg.release(h.t5);
     reg.release(h.clip);
@@ -348,10 +376,9 @@ pub fn generate(
         Some(p) if !p.streamed.is_empty() => src.flux_units.blocks(&p.streamed)?,
         _ => Vec::new(),
     };
-    reg.stream(&plan, (steps_run * s.batch) as u64);
+    reg.stream(&plan, (steps_run * s.batch * prompts.len()) as u64);
     let start = SampleStart { init: init_latents.as_ref(), streamed: &streamed };
-    let latents =
-        timed(&mut stages, "sampling", || sample(src, (images, adapter_dims), (&txt, &y), s, start, on_step))?;
+    let latents = timed(&mut stages, "sampling", || sample(src, (images, adapter_dims), &texts, s, start, on_step))?;
     reg.release(kv);
     reg.release(h.flux);
     release_cache(&mut reg, "sampling done");
@@ -447,7 +474,7 @@ struct SampleStart<'a> {
 fn sample(
     src: &Sources,
     (images, adapter_dims): (Vec<IpImage>, Option<IpAdapterDims>),
-    (txt, y): (&Tensor, &Tensor),
+    texts: &[Conditioning],
     s: &Settings,
     SampleStart { init, streamed }: SampleStart<'_>,
     on_step: &mut dyn FnMut(StepInfo),
@@ -487,7 +514,13 @@ fn sample(
     if let Some(init) = &s.init {
         sigmas.drain(..sampler::img2img_start(s.steps, init.strength)?);
     }
-    let cond = Conditioning { txt: txt.clone(), y: y.clone(), guidance: Some(s.guidance) };
+    let guide = match (texts, &s.true_cfg) {
+        ([positive], None) => Guide::prompt(positive),
+        ([positive, negative], Some(cfg)) => Guide { positive, negative: Some((negative, cfg.scale)) },
+        _ => {
+            return Err(ipaflux_core::Error::Unsupported("prompt encodings do not match the CFG settings".into()).into())
+        }
+    };
     let list: Vec<&dyn ipaflux_core::flux::AttentionHook> = hook.iter().map(|h| h as _).collect();
     let ids = sampler::img_ids(rows, cols);
     seeds(s)
@@ -497,7 +530,7 @@ fn sample(
                 Some(image) => sampler::noised(image, &noise, sigmas[0])?,
                 None => noise,
             };
-            Ok((seed, sampler::euler(&model, &start, &ids, &cond, &sigmas, Hooks::new(&list), on_step)?))
+            Ok((seed, sampler::euler(&model, &start, &ids, guide, &sigmas, Hooks::new(&list), on_step)?))
         })
         .collect()
 }
@@ -548,6 +581,8 @@ pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], loras: &[Flu
     serde_json::json!({
         "generator": concat!("ipaflux ", env!("CARGO_PKG_VERSION")),
         "prompt": s.prompt,
+        "negative_prompt": s.true_cfg.as_ref().map(|c| &c.negative_prompt),
+        "true_cfg": s.true_cfg.as_ref().map(|c| c.scale),
         "width": s.width,
         "height": s.height,
         "steps": s.steps,

@@ -252,6 +252,14 @@ struct GenerateArgs {
     v_norm: ipaflux_core::VNorm,
     #[arg(long)]
     prompt: String,
+    /// True classifier-free guidance: also run the model on --negative-prompt each step and take
+    /// `neg + SCALE · (pos − neg)` (diffusers' `true_cfg_scale`, ComfyUI's `cfg`); twice the work a step.
+    /// 1 (the default) is off: FLUX.1-dev's distilled --guidance alone.
+    #[arg(long, default_value_t = 1.0)]
+    true_cfg: f32,
+    /// The negative prompt for --true-cfg above 1 (default: the empty prompt).
+    #[arg(long)]
+    negative_prompt: Option<String>,
     /// Image-to-image: start from this picture (PNG, JPEG, WebP) instead of noise. It is resized
     /// (Lanczos) to --width × --height, which default to its own size rounded down to multiples of 16.
     #[arg(long)]
@@ -392,6 +400,16 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         Some(i) => a.steps - ipaflux_core::flux::sampler::img2img_start(a.steps, i.strength)?,
         None => a.steps,
     };
+    let true_cfg = match (a.true_cfg, &a.negative_prompt) {
+        (scale, negative) if scale != 1.0 => {
+            Some(generate::TrueCfg { negative_prompt: negative.clone().unwrap_or_default(), scale })
+        }
+        (_, Some(_)) => anyhow::bail!(
+            "--negative-prompt needs --true-cfg above 1 (e.g. 3.5): with FLUX.1-dev's distilled guidance \
+             alone a negative prompt does nothing"
+        ),
+        (_, None) => None,
+    };
     let weight = |i: usize| if a.ip_weight.len() == 1 { a.ip_weight[0] } else { a.ip_weight[i] };
     let mut refs = Vec::new();
     for (i, p) in a.image.iter().enumerate() {
@@ -441,6 +459,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         kernels: a.cuda_kernels,
         gguf: a.gguf_weights.into(),
         init,
+        true_cfg,
     };
     let paths = generate::ModelPaths {
         flux: a.flux,

@@ -382,6 +382,27 @@ fn generate_from_an_init_image() {
     assert_fails(&o, &["reference.json"]);
 }
 
+#[test]
+fn generate_with_true_cfg_and_a_negative_prompt() {
+    let photo = fixture("images/photo.jpg").display().to_string();
+    let (plain, cfg, other) = (tmp("gen-cfg-plain.png"), tmp("gen-cfg-4.png"), tmp("gen-cfg-other.png"));
+    let pixels = |p: &PathBuf| png_pixels(&std::fs::read(p).unwrap());
+    let run = |extra: &[&str], out: &PathBuf| {
+        let o = generate(extra, out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&["--image", &photo], &plain);
+    run(&["--image", &photo, "--true-cfg", "4", "--negative-prompt", "a dog"], &cfg);
+    run(&["--image", &photo, "--true-cfg", "4", "--negative-prompt", "blurry"], &other);
+    assert_ne!(pixels(&plain), pixels(&cfg), "true CFG changed nothing");
+    assert_ne!(pixels(&cfg), pixels(&other), "the negative prompt changed nothing");
+    let png = String::from_utf8_lossy(&std::fs::read(&cfg).unwrap()).into_owned();
+    assert!(png.contains("\"negative_prompt\":\"a dog\"") && png.contains("\"true_cfg\":4"), "the PNG's parameters");
+    // A negative prompt without true CFG does nothing with FLUX.1-dev: refused, as is a scale below 1.
+    assert_fails(&generate(&["--image", &photo, "--negative-prompt", "a dog"], &other), &["--true-cfg above 1"]);
+    assert_fails(&generate(&["--image", &photo, "--true-cfg", "0.5"], &other), &["true CFG scale 0.5 is outside"]);
+}
+
 /// Decoded RGB bytes of a PNG (parameters chunk aside).
 fn png_pixels(bytes: &[u8]) -> Vec<u8> {
     let dec = png::Decoder::new(std::io::Cursor::new(bytes));

@@ -258,9 +258,15 @@ fn euler_sampling_is_deterministic_for_a_seed() {
     let run = |seed| {
         let x = sampler::pack(&sampler::noise(seed, w, h, &Device::Cpu).unwrap()).unwrap();
         let mut steps = Vec::new();
-        let out = sampler::euler(&m, &x, &img_ids(ROWS, COLS), &cond(&g), &sigmas, Hooks::new(&[&ip]), &mut |s| {
-            steps.push(s.step)
-        })
+        let out = sampler::euler(
+            &m,
+            &x,
+            &img_ids(ROWS, COLS),
+            sampler::Guide::prompt(&cond(&g)),
+            &sigmas,
+            Hooks::new(&[&ip]),
+            &mut |s| steps.push(s.step),
+        )
         .unwrap();
         assert_eq!(steps, vec![0, 1, 2]);
         out.flatten_all().unwrap().to_vec1::<f32>().unwrap()

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use ipaflux::load::{load_flux, load_store, load_vae, vae_file};
 use ipaflux::vae::{from_rgb8, VaeDecoder, VaeEncoder};
 use ipaflux_core::candle_core::{DType, Device, Tensor};
-use ipaflux_core::flux::sampler::{self, img_ids};
+use ipaflux_core::flux::sampler::{self, img_ids, Guide};
 use ipaflux_core::flux::{Conditioning, FluxLoad, FluxModel, GgufWeights, Hooks};
 use ipaflux_core::preprocess::{decode_rgb, resize, Resample, RgbImage};
 use ipaflux_core::schedule::{flux_schedule, Shift};
@@ -100,9 +100,16 @@ fn img2img_matches_diffusers_pipeline() {
         sigmas.drain(..sampler::img2img_start(steps, strength).unwrap());
         let start = sampler::noised(&image, &noise, sigmas[0]).unwrap();
         let mut ran = 0;
-        let out =
-            sampler::euler(&model, &start, &img_ids(rows, cols), &cond, &sigmas, Hooks::none(), &mut |_| ran += 1)
-                .unwrap();
+        let out = sampler::euler(
+            &model,
+            &start,
+            &img_ids(rows, cols),
+            Guide::prompt(&cond),
+            &sigmas,
+            Hooks::none(),
+            &mut |_| ran += 1,
+        )
+        .unwrap();
         assert_eq!(ran, steps - sampler::img2img_start(steps, strength).unwrap());
         assert_close(
             &format!("img2img latents at strength {strength}"),

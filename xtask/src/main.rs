@@ -324,6 +324,7 @@ fn main() {
             run(&python, &["tests/reference/make_pipeline_fixtures.py"]);
             run(&python, &["tests/reference/make_vae_fixtures.py"]);
             run(&python, &["tests/reference/make_img2img_fixtures.py"]);
+            run(&python, &["tests/reference/make_cfg_fixtures.py"]);
             run(&python, &["tests/reference/make_gguf_fixtures.py"]);
         }
         _ => {

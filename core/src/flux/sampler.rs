@@ -1,8 +1,10 @@
 //! Flow-matching Euler sampling for Flux: seeded noise, latent packing into
 //! 2×2 patches and token positions (after BFL's `sampling.py`), and the loop
 //! `x ← x + (σₙ₊₁ − σₙ) · v(x, σₙ)` over the time-shifted schedule
-//! ([`crate::schedule::flux_schedule`]). Latents stay f32 between steps
-//! (diffusers' scheduler upcasts the same way); the model runs in its dtype.
+//! ([`crate::schedule::flux_schedule`]), with true classifier-free guidance
+//! when a negative prompt is given ([`Guide`]). Latents stay f32 between
+//! steps (diffusers' scheduler upcasts the same way); the model runs in its
+//! dtype. Image-to-image starts part-way ([`img2img_start`], [`noised`]).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -143,12 +145,36 @@ pub struct StepInfo {
     pub sigma: f32,
 }
 
+/// What the model is asked each step: the prompt, and for true
+/// classifier-free guidance a negative prompt with its scale.
+#[derive(Clone, Copy)]
+pub struct Guide<'a> {
+    pub positive: &'a Conditioning,
+    /// The negative prompt and diffusers' `true_cfg_scale` (ComfyUI's `cfg`):
+    /// each step runs the model on both and takes `v₋ + scale · (v₊ − v₋)`
+    /// (in f32), as diffusers' `FluxPipeline` does. The hooks (the IP-Adapter)
+    /// act on both passes, as ComfyUI's patched model does. `None`: one pass.
+    pub negative: Option<(&'a Conditioning, f32)>,
+}
+
+impl<'a> Guide<'a> {
+    /// The prompt alone (Flux-dev's distilled guidance only).
+    pub fn prompt(positive: &'a Conditioning) -> Self {
+        Self { positive, negative: None }
+    }
+
+    /// Model passes a step takes.
+    pub fn passes(&self) -> usize {
+        1 + usize::from(self.negative.is_some())
+    }
+}
+
 /// Euler over `sigmas` (descending, ending at 0): returns the final packed latents in f32.
 pub fn euler(
     model: &FluxModel,
     latents: &Tensor,
     ids: &[[f32; 3]],
-    cond: &Conditioning,
+    guide: Guide<'_>,
     sigmas: &[f32],
     hooks: Hooks<'_>,
     on_step: &mut dyn FnMut(StepInfo),
@@ -157,7 +183,11 @@ pub fn euler(
     let steps = sigmas.len().saturating_sub(1);
     for (step, pair) in sigmas.windows(2).enumerate() {
         let (s, s_next) = (pair[0], pair[1]);
-        let v = model.forward(&x, ids, cond, f64::from(s), step, hooks)?.to_dtype(DType::F32)?;
+        let mut v = model.forward(&x, ids, guide.positive, f64::from(s), step, hooks)?.to_dtype(DType::F32)?;
+        if let Some((negative, scale)) = guide.negative {
+            let u = model.forward(&x, ids, negative, f64::from(s), step, hooks)?.to_dtype(DType::F32)?;
+            v = (&u + ((v - &u)? * f64::from(scale))?)?;
+        }
         x = (x + (v * f64::from(s_next - s))?)?;
         on_step(StepInfo { step, steps, sigma: s });
     }
