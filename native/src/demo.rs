@@ -9,7 +9,7 @@ use ipaflux_core::flux::ip::IpWeight;
 use ipaflux_core::registry::RegistryConfig;
 use ipaflux_core::{DeviceSpec, Precision, PreprocessConfig, SiglipVisionConfig, TensorStore, VNorm};
 
-use crate::encode::Encoder;
+use crate::encode::ImageEncoder;
 use crate::generate::{Reference, Settings, Sources, TextFiles};
 use crate::load::FluxFiles;
 use crate::Result;
@@ -33,11 +33,10 @@ const TINY_AXES: [usize; 3] = [4, 6, 6];
 const TINY_HEAD_DIM: usize = 16;
 
 /// Builds the bundled tiny encoder (SigLIP + projection).
-pub fn tiny_encoder(precision: Precision) -> Result<Encoder> {
+pub fn tiny_image_encoder(precision: Precision) -> Result<ImageEncoder> {
     let cfg = SiglipVisionConfig::from_hf_json(SIGLIP_CONFIG, "bundled siglip config.json")?;
     let siglip = TensorStore::from_safetensors(SIGLIP, "bundled siglip model.safetensors")?;
-    let adapter = TensorStore::from_torch_zip(ADAPTER, "bundled ip-adapter.bin")?;
-    Encoder::new(&cfg, PreprocessConfig::siglip(cfg.image_size), siglip, &adapter, precision, Device::Cpu)
+    ImageEncoder::new(&cfg, PreprocessConfig::siglip(cfg.image_size), siglip, precision, Device::Cpu)
 }
 
 fn text(config: &'static str, weights: &'static [u8], tokenizer: &'static [u8], name: &str) -> Result<TextFiles> {
@@ -68,8 +67,12 @@ pub fn sources() -> Sources {
             crate::load::vae_half_bytes_in(VAE, crate::load::VaeHalf::Decoder, DType::F32).unwrap_or(n(VAE)),
         ),
         vae_encoder_bytes: crate::load::vae_half_bytes_in(VAE, crate::load::VaeHalf::Encoder, DType::F32).unwrap_or(0),
-        image_encoder: Some((Box::new(|| tiny_encoder(Precision::F32)), n(SIGLIP))),
-        ip_adapter: (Box::new(|| Ok(TensorStore::from_torch_zip(ADAPTER, "bundled ip-adapter.bin")?)), n(ADAPTER)),
+        image_encoder: Some((Box::new(|| tiny_image_encoder(Precision::F32)), n(SIGLIP))),
+        ip_adapter: Some((
+            Box::new(|| Ok(TensorStore::from_torch_zip(ADAPTER, "bundled ip-adapter.bin")?)),
+            n(ADAPTER),
+        )),
+        redux: None,
         flux_head_dim: TINY_HEAD_DIM,
         flux_units: crate::load::flux_units_in(&[(FLUX, "bundled flux-tiny-bfl.safetensors".into())])
             .unwrap_or_default(),

@@ -1,22 +1,60 @@
 //! The encoder pipeline with per-stage timings: image bytes → pixel values →
-//! SigLIP pooled embedding → projected image prompt embeddings.
+//! SigLIP pooled embedding → projected image prompt embeddings. SigLIP with
+//! its preprocessing alone ([`ImageEncoder`]) is what both the IP-Adapter
+//! (pooled) and FLUX.1 Redux (tokens) read images with.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ipaflux_core::candle_core::{DType, Device, Tensor};
-use ipaflux_core::preprocess::{decode_rgb, pixel_values};
+use ipaflux_core::preprocess::{decode_rgb, pixel_values, RgbImage};
 use ipaflux_core::{IpAdapter, Precision, PreprocessConfig, SiglipVisionConfig, SiglipVisionModel, TensorStore};
 
 use crate::Result;
 
-/// SigLIP + IP-Adapter, ready to encode images.
-pub struct Encoder {
+/// SigLIP and its preprocessing, ready to read images.
+pub struct ImageEncoder {
     pub siglip: SiglipVisionModel,
-    pub adapter: IpAdapter,
     pub preprocess: PreprocessConfig,
     pub dtype: DType,
     pub device: Device,
+}
+
+impl ImageEncoder {
+    pub fn new(
+        cfg: &SiglipVisionConfig,
+        preprocess: PreprocessConfig,
+        weights: TensorStore,
+        precision: Precision,
+        device: Device,
+    ) -> Result<Self> {
+        let dtype = precision.dtype();
+        let mut siglip = SiglipVisionModel::from_store(cfg, weights, dtype, &device)?;
+        siglip.set_attention(crate::attention_for(&device, crate::KernelSet::default()));
+        Ok(Self { siglip, preprocess, dtype, device })
+    }
+
+    /// Image bytes → pixel values on the encoder's device, in its dtype.
+    pub fn pixels(&self, bytes: &[u8], name: &str) -> Result<Tensor> {
+        self.pixels_of(&decode_rgb(bytes, name)?, name)
+    }
+
+    /// A decoded image → pixel values on the encoder's device, in its dtype.
+    pub fn pixels_of(&self, img: &RgbImage, name: &str) -> Result<Tensor> {
+        tracing::info!(image = name, width = img.width, height = img.height, "encoding image");
+        Ok(pixel_values(img, &self.preprocess)?.to_device(&self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// SigLIP's hidden size: the width of what it gives.
+    pub fn hidden_size(&self) -> usize {
+        self.siglip.config().hidden_size
+    }
+}
+
+/// SigLIP + IP-Adapter, ready to encode images.
+pub struct Encoder {
+    pub image: ImageEncoder,
+    pub adapter: IpAdapter,
 }
 
 /// What an encode produced, in f32 on the CPU, with stage timings.
@@ -35,18 +73,10 @@ impl Encoder {
         precision: Precision,
         device: Device,
     ) -> Result<Self> {
-        let dtype = precision.dtype();
-        let mut siglip = SiglipVisionModel::from_store(siglip_cfg, siglip_weights, dtype, &device)?;
-        siglip.set_attention(crate::attention_for(&device, crate::KernelSet::default()));
-        let adapter = IpAdapter::from_store(adapter_weights, dtype, &device)?;
-        if adapter.dims.id_dim != siglip_cfg.hidden_size {
-            return Err(ipaflux_core::Error::Shape(format!(
-                "{}: the IP-Adapter expects {}-wide image embeddings but the SigLIP model gives {}",
-                adapter_weights.source_name, adapter.dims.id_dim, siglip_cfg.hidden_size
-            ))
-            .into());
-        }
-        Ok(Self { siglip, adapter, preprocess, dtype, device })
+        let image = ImageEncoder::new(siglip_cfg, preprocess, siglip_weights, precision, device)?;
+        let adapter = IpAdapter::from_store(adapter_weights, image.dtype, &image.device)?;
+        check_adapter_fits(&adapter, &adapter_weights.source_name, image.hidden_size())?;
+        Ok(Self { image, adapter })
     }
 
     /// Runs every stage and times it.
@@ -56,11 +86,10 @@ impl Encoder {
         let img = decode_rgb(bytes, name)?;
         stages.push(("decode", t.elapsed()));
         let t = Instant::now();
-        let pixels = pixel_values(&img, &self.preprocess)?.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let pixels = self.image.pixels_of(&img, name)?;
         stages.push(("resize+normalize", t.elapsed()));
-        tracing::info!(image = name, width = img.width, height = img.height, "encoding image");
         let t = Instant::now();
-        let pooled = self.siglip.forward(&pixels)?;
+        let pooled = self.image.siglip.forward(&pixels)?;
         stages.push(("siglip", t.elapsed()));
         let t = Instant::now();
         let embeds = self.adapter.image_proj.forward(&pooled)?;
@@ -71,6 +100,18 @@ impl Encoder {
             stages,
         })
     }
+}
+
+/// An IP-Adapter's projection must take SigLIP's pooled width.
+pub fn check_adapter_fits(adapter: &IpAdapter, adapter_name: &str, siglip_hidden: usize) -> Result<()> {
+    if adapter.dims.id_dim != siglip_hidden {
+        return Err(ipaflux_core::Error::Shape(format!(
+            "{adapter_name}: the IP-Adapter expects {}-wide image embeddings but the SigLIP model gives {siglip_hidden}",
+            adapter.dims.id_dim
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// Writes `pooled` and `image_prompt_embeds` (f32) to a safetensors file.

@@ -1,7 +1,9 @@
 //! The full text + image-prompt pipeline: text encoders (the prompt, and a
 //! negative prompt for true classifier-free guidance) → (image-to-image:
 //! the init image's VAE encoding) → reference-image encoding → per-block IP
-//! K/V → Flux sampling with the IP-Adapter hook → VAE decode → PNG. Every model is registered with the memory registry, loaded
+//! K/V, and FLUX.1 Redux images' tokens after the prompt's → Flux sampling
+//! with the IP-Adapter hook → VAE decode → PNG. Without references it is
+//! plain Flux. Every model is registered with the memory registry, loaded
 //! for its stage through `load_for_job`, and released after its last use; the
 //! registry's timeline is returned with the image.
 //!
@@ -19,7 +21,8 @@ use ipaflux_core::flux::ip::{check_compatible, IpAdapterHook, IpHookConfig, IpIm
 use ipaflux_core::flux::lora::{apply_to_text_encoder, TextEncoder};
 use ipaflux_core::flux::sampler::{self, Guide, StepInfo};
 use ipaflux_core::flux::{
-    BlockId, BlockSource, Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights, Hooks, HostBlocks,
+    append_image_tokens, BlockId, BlockSource, Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights, Hooks,
+    HostBlocks, ReduxDims, ReduxImageEncoder,
 };
 use ipaflux_core::registry::{
     Event, HostMemory, JobPlan, JobRequest, ModelHandle, ModelId, ModelSpec, Registry, RegistryConfig, Role,
@@ -27,7 +30,7 @@ use ipaflux_core::registry::{
 use ipaflux_core::schedule::{flux_schedule, IpWindow, Shift, WeightRamp, COMFY_FLUX_SHIFT};
 use ipaflux_core::{DeviceSpec, IpAdapter, IpAdapterDims, IpAttentionConfig, TensorStore, VNorm};
 
-use crate::encode::Encoder;
+use crate::encode::ImageEncoder;
 use crate::load::FluxFiles;
 use crate::text::{ClipEncoder, T5Encoder};
 use crate::vae::{VaeDecoder, VaeEncoder};
@@ -52,9 +55,13 @@ pub struct Sources {
     pub vae: (LoadFn<TensorStore>, u64),
     /// Its encoder's bytes, loaded (0: the file has none), for an init image.
     pub vae_encoder_bytes: u64,
-    /// SigLIP + projection; `None` when every reference comes as embeddings.
-    pub image_encoder: Option<(LoadFn<Encoder>, u64)>,
-    pub ip_adapter: (LoadFn<TensorStore>, u64),
+    /// SigLIP with its preprocessing; `None` when no reference is an image
+    /// (IP-Adapter references given as embeddings, or none).
+    pub image_encoder: Option<(LoadFn<ImageEncoder>, u64)>,
+    /// The IP-Adapter (projection and processors); `None`: no IP references.
+    pub ip_adapter: Option<(LoadFn<TensorStore>, u64)>,
+    /// The FLUX.1 Redux image embedder; `None`: no Redux images.
+    pub redux: Option<(LoadFn<TensorStore>, u64)>,
     /// Flux's attention head size (128 for FLUX.1), read from the checkpoint header:
     /// the IP K/V are split into heads before Flux itself is loaded.
     pub flux_head_dim: usize,
@@ -66,10 +73,25 @@ pub struct Sources {
     pub loras: Vec<FluxLora>,
 }
 
-/// A reference for the IP-Adapter: an image to encode, or `image_prompt_embeds` made earlier.
+/// A reference: for the IP-Adapter, an image to encode or `image_prompt_embeds`
+/// made earlier; for FLUX.1 Redux, an image whose tokens follow the prompt's.
 pub enum Reference {
-    Image { bytes: Vec<u8>, name: String, weight: f64 },
-    Embeds { image_prompt_embeds: Tensor, name: String, weight: f64 },
+    Image {
+        bytes: Vec<u8>,
+        name: String,
+        weight: f64,
+    },
+    Embeds {
+        image_prompt_embeds: Tensor,
+        name: String,
+        weight: f64,
+    },
+    /// `weight` multiplies its tokens (ComfyUI's StyleModelApply strength, "multiply").
+    Redux {
+        bytes: Vec<u8>,
+        name: String,
+        weight: f64,
+    },
 }
 
 /// Image-to-image: sampling starts from this image's latents noised to the
@@ -184,7 +206,8 @@ struct Handles {
     t5: ModelHandle,
     clip: ModelHandle,
     image_encoder: Option<ModelHandle>,
-    ip: ModelHandle,
+    ip: Option<ModelHandle>,
+    redux: Option<ModelHandle>,
     flux: ModelHandle,
     vae: ModelHandle,
     /// Registered only for an init image.
@@ -203,10 +226,17 @@ fn register_all(reg: &mut Registry, src: &Sources, dev: DeviceSpec, s: &Settings
         t5: reg.register(spec("t5", Role::TextEncoder, src.t5.1))?,
         clip: reg.register(spec("clip", Role::TextEncoder, src.clip.1))?,
         image_encoder: match &src.image_encoder {
-            Some((_, bytes)) => Some(reg.register(spec("siglip+projection", Role::ImageEncoder, *bytes))?),
+            Some((_, bytes)) => Some(reg.register(spec("siglip", Role::ImageEncoder, *bytes))?),
             None => None,
         },
-        ip: reg.register(spec("ip-adapter", Role::IpProcessors, src.ip_adapter.1))?,
+        ip: match &src.ip_adapter {
+            Some((_, bytes)) => Some(reg.register(spec("ip-adapter", Role::IpProcessors, *bytes))?),
+            None => None,
+        },
+        redux: match &src.redux {
+            Some((_, bytes)) => Some(reg.register(spec("redux", Role::Projection, *bytes))?),
+            None => None,
+        },
         // Blocks are the units Flux is streamed in; 57 for FLUX.1 (+1 for embedders and final layer).
         flux: reg.register(flux)?,
         vae: reg.register(spec("vae", Role::Vae, src.vae.1))?,
@@ -312,13 +342,21 @@ pub fn generate(
     let mut reg = Registry::new(s.registry.clone(), memory_devices(dev, s.vram_budget)?)?;
     let h = register_all(&mut reg, src, dev, s)?;
     let mut stages = Vec::new();
-    let (flux_id, vae_id, ip_id) = (h.flux.model, h.vae.model, h.ip.model);
+    let (flux_id, vae_id) = (h.flux.model, h.vae.model);
+    let image_models: Vec<ModelId> =
+        [&h.ip, &h.image_encoder, &h.redux].into_iter().flatten().map(|m| m.model).collect();
+    // The stages after `now`, as the registry's lookahead (the image stage only when it has models).
+    let later = |now: &str| -> Vec<Vec<ModelId>> {
+        let stages = [("image", image_models.clone()), ("sample", vec![flux_id]), ("decode", vec![vae_id])];
+        let from = stages.iter().position(|(name, _)| *name == now).map_or(0, |i| i + 1);
+        stages[from..].iter().filter(|(_, m)| !m.is_empty()).map(|(_, m)| m.clone()).collect()
+    };
 
     // Text: T5 tokens and the pooled CLIP vector, of the prompt (and the negative prompt).
-    job(&mut reg, "text", (dev, 0), &[h.t5.model, h.clip.model], vec![vec![ip_id], vec![flux_id], vec![vae_id]])?;
+    job(&mut reg, "text", (dev, 0), &[h.t5.model, h.clip.model], later("text"))?;
     let mut prompts = vec![s.prompt.as_str()];
     prompts.extend(s.true_cfg.as_ref().map(|c| c.negative_prompt.as_str()));
-    let texts: Vec<Conditioning> = timed(&mut stages, "text encoders", || {
+    let mut texts: Vec<Conditioning> = timed(&mut stages, "text encoders", || {
         let f = (src.t5.0)()?;
         if t5_dtype(s.dtype) != s.dtype {
             tracing::info!(target: "ipaflux::generate", "T5 runs in bf16: it overflows in f16");
@@ -342,8 +380,7 @@ pub fn generate(
     // Image-to-image: the init image's latents (encoder loaded for this alone).
     let init_latents = match (&s.init, h.vae_encoder) {
         (Some(init), Some(encoder)) => {
-            let later = vec![vec![ip_id], vec![flux_id], vec![vae_id]];
-            job(&mut reg, "init image", (dev, 0), &[encoder.model], later)?;
+            job(&mut reg, "init image", (dev, 0), &[encoder.model], later("text"))?;
             let latents = timed(&mut stages, "init image encode", || encode_init(src, init, s))?;
             reg.release(encoder);
             release_cache(&mut reg, "init image encoded");
@@ -352,18 +389,24 @@ pub fn generate(
         _ => None,
     };
 
-    // Reference images → image prompt embeddings → per-block K/V (computed once).
-    let mut image_models = vec![ip_id];
-    image_models.extend(h.image_encoder.map(|e| e.model));
-    job(&mut reg, "image", (dev, 0), &image_models, vec![vec![flux_id], vec![vae_id]])?;
-    let (images, adapter_dims, kv_bytes) = timed(&mut stages, "reference images + IP K/V", || ip_images(src, refs, s))?;
-    reg.embeddings_ready(&image_models)?;
-    let kv = reg.register(ModelSpec::uniform("ip-kv-cache", Role::Cache, dev, kv_bytes as u64, 1, "kv"))?;
-    if let Some(e) = h.image_encoder {
-        reg.release(e);
+    // Reference images → IP image prompt embeddings → per-block K/V (computed
+    // once), and Redux tokens after the prompt's.
+    let mut referenced = Referenced::default();
+    if !image_models.is_empty() {
+        job(&mut reg, "image", (dev, 0), &image_models, later("image"))?;
+        referenced = timed(&mut stages, "reference images", || reference_images(src, refs, s))?;
+        reg.embeddings_ready(&image_models)?;
+        for m in [h.image_encoder, h.ip, h.redux].into_iter().flatten() {
+            reg.release(m);
+        }
+        release_cache(&mut reg, "reference images encoded");
     }
-    reg.release(h.ip);
-    release_cache(&mut reg, "reference images encoded");
+    texts[0].txt = append_image_tokens(&texts[0].txt, &referenced.redux)?;
+    let kv_bytes = referenced.kv_bytes;
+    let kv = match kv_bytes {
+        0 => None,
+        b => Some(reg.register(ModelSpec::uniform("ip-kv-cache", Role::Cache, dev, b as u64, 1, "kv"))?),
+    };
 
     // Sampling: the blocks the registry did not make resident are streamed.
     let dequantizing = if s.gguf == GgufWeights::Quantized {
@@ -371,20 +414,25 @@ pub fn generate(
     } else {
         0
     };
-    let plan = job(&mut reg, "sample", (dev, dequantizing), &[flux_id, kv.model], vec![vec![vae_id]])?;
+    let mut sampled = vec![flux_id];
+    sampled.extend(kv.as_ref().map(|k| k.model));
+    let plan = job(&mut reg, "sample", (dev, dequantizing), &sampled, later("sample"))?;
     let streamed = match plan.placements.iter().find(|p| p.model == flux_id) {
         Some(p) if !p.streamed.is_empty() => src.flux_units.blocks(&p.streamed)?,
         _ => Vec::new(),
     };
     reg.stream(&plan, (steps_run * s.batch * prompts.len()) as u64);
     let start = SampleStart { init: init_latents.as_ref(), streamed: &streamed };
-    let latents = timed(&mut stages, "sampling", || sample(src, (images, adapter_dims), &texts, s, start, on_step))?;
-    reg.release(kv);
+    let ip = (referenced.ip, referenced.adapter_dims);
+    let latents = timed(&mut stages, "sampling", || sample(src, ip, &texts, s, start, on_step))?;
+    if let Some(kv) = kv {
+        reg.release(kv);
+    }
     reg.release(h.flux);
     release_cache(&mut reg, "sampling done");
 
     // Decode.
-    job(&mut reg, "decode", (dev, 0), &[vae_id], vec![])?;
+    job(&mut reg, "decode", (dev, 0), &[vae_id], later("decode"))?;
     let images = timed(&mut stages, "vae decode", || {
         let vae = VaeDecoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
         let decode = |(seed, latents): (u64, Tensor)| {
@@ -401,35 +449,74 @@ pub fn generate(
     Ok(Generated { width, height, images, timeline: reg.drain_events(), stages, ip_kv_bytes: kv_bytes })
 }
 
-/// Encodes every reference and computes its K/V with one loaded adapter.
-fn ip_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<(Vec<IpImage>, Option<IpAdapterDims>, usize)> {
-    if refs.is_empty() {
-        return Ok((Vec::new(), None, 0));
-    }
+/// What the references give: the IP-Adapter's per-block K/V, and Redux tokens.
+#[derive(Default)]
+struct Referenced {
+    ip: Vec<IpImage>,
+    adapter_dims: Option<IpAdapterDims>,
+    /// Bytes of the IP K/V of all references.
+    kv_bytes: usize,
+    /// Each Redux image's tokens `[1, N, context]` with its strength.
+    redux: Vec<(Tensor, f64)>,
+}
+
+/// Reads every reference with one loaded SigLIP, adapter and Redux embedder:
+/// IP references become K/V, Redux images tokens.
+fn reference_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<Referenced> {
+    let unsupported = |m: &str| crate::Error::from(ipaflux_core::Error::Unsupported(m.to_string()));
+    let needs_siglip = refs.iter().any(|r| !matches!(r, Reference::Embeds { .. }));
     let encoder = match &src.image_encoder {
-        Some((load, _)) if refs.iter().any(|r| matches!(r, Reference::Image { .. })) => Some(load()?),
+        Some((load, _)) if needs_siglip => Some(load()?),
         _ => None,
     };
-    // The encoder already holds the whole adapter (projection and processors): read it once.
-    let loaded;
-    let adapter = match &encoder {
-        Some(e) => &e.adapter,
-        None => {
-            loaded = IpAdapter::from_store(&(src.ip_adapter.0)()?, s.dtype, &s.device)?;
-            &loaded
+    let siglip = || encoder.as_ref().ok_or_else(|| unsupported("a reference image needs --siglip (the image encoder)"));
+    let adapter = match &src.ip_adapter {
+        Some((load, _)) if refs.iter().any(|r| !matches!(r, Reference::Redux { .. })) => {
+            let store = load()?;
+            let adapter = IpAdapter::from_store(&store, s.dtype, &s.device)?;
+            if let Some(e) = &encoder {
+                crate::encode::check_adapter_fits(&adapter, &store.source_name, e.hidden_size())?;
+            }
+            Some(adapter)
         }
+        _ => None,
+    };
+    let redux = match &src.redux {
+        Some((load, _)) if refs.iter().any(|r| matches!(r, Reference::Redux { .. })) => {
+            let store = load()?;
+            let redux = ReduxImageEncoder::from_store(&store, s.dtype, &s.device)?;
+            let width = siglip()?.hidden_size();
+            if redux.dims.siglip_dim != width {
+                return Err(ipaflux_core::Error::Shape(format!(
+                    "{}: the Redux model expects {}-wide SigLIP tokens but the SigLIP model gives {width}",
+                    store.source_name, redux.dims.siglip_dim
+                ))
+                .into());
+            }
+            Some(redux)
+        }
+        _ => None,
     };
     let cfg = IpAttentionConfig { head_dim: src.flux_head_dim, v_norm: s.v_norm };
-    let mut images = Vec::new();
+    let mut out = Referenced::default();
     for r in refs {
         let (embeds, weight) = match r {
+            Reference::Redux { bytes, name, weight } => {
+                let redux =
+                    redux.as_ref().ok_or_else(|| unsupported("a Redux image needs --redux (the Redux model)"))?;
+                let e = siglip()?;
+                let tokens = redux.forward(&e.siglip.last_hidden_state(&e.pixels(bytes, name)?)?)?;
+                out.redux.push((tokens, *weight));
+                continue;
+            }
             Reference::Image { bytes, name, weight } => {
-                let enc = encoder.as_ref().ok_or_else(|| {
-                    ipaflux_core::Error::Unsupported("a reference image needs --siglip (or give --embeds)".into())
-                })?;
-                (enc.encode(bytes, name)?.image_prompt_embeds, *weight)
+                let adapter = adapter.as_ref().ok_or_else(|| unsupported("a reference image needs --ip-adapter"))?;
+                let e = siglip()?;
+                let pooled = e.siglip.forward(&e.pixels(bytes, name)?)?;
+                (adapter.image_proj.forward(&pooled.to_dtype(s.dtype)?)?, *weight)
             }
             Reference::Embeds { image_prompt_embeds, name, weight } => {
+                let adapter = adapter.as_ref().ok_or_else(|| unsupported("--embeds need --ip-adapter"))?;
                 let want = [1, adapter.dims.num_tokens, adapter.dims.cross_dim];
                 if image_prompt_embeds.dims() != want {
                     return Err(ipaflux_core::Error::Shape(format!(
@@ -441,11 +528,13 @@ fn ip_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<(Vec<IpI
                 (image_prompt_embeds.clone(), *weight)
             }
         };
+        let adapter = adapter.as_ref().ok_or_else(|| unsupported("an IP reference needs --ip-adapter"))?;
         let kv = adapter.kv_all(&embeds.to_device(&s.device)?.to_dtype(s.dtype)?, &cfg)?;
-        images.push(IpImage { kv, weight });
+        out.ip.push(IpImage { kv, weight });
+        out.adapter_dims = Some(adapter.dims);
     }
-    let bytes = images.iter().flat_map(|i| &i.kv).map(|kv| kv.nbytes()).sum();
-    Ok((images, Some(adapter.dims), bytes))
+    out.kv_bytes = out.ip.iter().flat_map(|i| &i.kv).map(|kv| kv.nbytes()).sum();
+    Ok(out)
 }
 
 /// The init image → packed latents `[1, tokens, 64]` at the output size.
@@ -561,13 +650,21 @@ pub fn ramp(start: f64, end: f64, steps: usize) -> IpWeight {
 impl Reference {
     pub fn name(&self) -> &str {
         match self {
-            Self::Image { name, .. } | Self::Embeds { name, .. } => name,
+            Self::Image { name, .. } | Self::Embeds { name, .. } | Self::Redux { name, .. } => name,
+        }
+    }
+
+    /// What conditions with it: `ip-adapter` or `redux`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Image { .. } | Self::Embeds { .. } => "ip-adapter",
+            Self::Redux { .. } => "redux",
         }
     }
 
     pub fn weight(&self) -> f64 {
         match self {
-            Self::Image { weight, .. } | Self::Embeds { weight, .. } => *weight,
+            Self::Image { weight, .. } | Self::Embeds { weight, .. } | Self::Redux { weight, .. } => *weight,
         }
     }
 }
@@ -589,7 +686,10 @@ pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], loras: &[Flu
         "guidance": s.guidance,
         "seed": seed,
         "dtype": format!("{:?}", s.dtype).to_lowercase(),
-        "references": refs.iter().map(|r| serde_json::json!({"name": r.name(), "weight": r.weight()})).collect::<Vec<_>>(),
+        "references": refs
+            .iter()
+            .map(|r| serde_json::json!({"name": r.name(), "kind": r.kind(), "weight": r.weight()}))
+            .collect::<Vec<_>>(),
         "ip_weight": weight,
         "start_percent": s.start_percent,
         "end_percent": s.end_percent,
@@ -618,8 +718,12 @@ pub struct ModelPaths {
     pub t5: std::path::PathBuf,
     pub clip: std::path::PathBuf,
     pub vae: std::path::PathBuf,
-    pub ip_adapter: std::path::PathBuf,
+    /// Needed for IP-Adapter references (`--image`, `--embeds`).
+    pub ip_adapter: Option<std::path::PathBuf>,
+    /// Needed for reference images of either kind.
     pub siglip: Option<std::path::PathBuf>,
+    /// The FLUX.1 Redux image embedder, needed for Redux images.
+    pub redux: Option<std::path::PathBuf>,
     /// `tokenizer.json` (or a folder / repo holding it) for single-file text encoders.
     pub t5_tokenizer: Option<std::path::PathBuf>,
     pub clip_tokenizer: Option<std::path::PathBuf>,
@@ -636,7 +740,8 @@ impl ModelPaths {
         let t5 = load::resolve_arg(&self.t5)?;
         let clip = load::resolve_arg(&self.clip)?;
         let vae = load::vae_file(&load::resolve_arg(&self.vae)?)?;
-        let ip = load::resolve_arg(&self.ip_adapter)?;
+        let ip = self.ip_adapter.as_deref().map(load::resolve_arg).transpose()?;
+        let redux = self.redux.as_deref().map(|p| load::redux_file(&load::resolve_arg(p)?)).transpose()?;
         let siglip = self.siglip.as_deref().map(load::resolve_arg).transpose()?;
         let flux_head_dim = load::flux_head_dim(&flux)?;
         let flux_units = load::flux_units(&flux)?;
@@ -659,17 +764,39 @@ impl ModelPaths {
         let vae_bytes = |half| load::vae_half_bytes(&vae, half, self.encoder_dtype.dtype());
         let (vae_decoder_bytes, vae_encoder_bytes) =
             (vae_bytes(load::VaeHalf::Decoder)?, vae_bytes(load::VaeHalf::Encoder)?);
-        let ip_bytes = load::weight_bytes(&ip);
-        let image_encoder: Option<(LoadFn<Encoder>, u64)> = siglip.map(|dir| {
+        let image_encoder: Option<(LoadFn<ImageEncoder>, u64)> = siglip.map(|dir| {
             let bytes = load::weight_bytes(&load::resolve_model_dir(&dir).unwrap_or_else(|_| dir.clone()));
-            let (ip, dtype, device) = (ip.clone(), self.encoder_dtype, device.clone());
-            let f: LoadFn<Encoder> = Box::new(move || {
+            let (dtype, device) = (self.encoder_dtype, device.clone());
+            let f: LoadFn<ImageEncoder> = Box::new(move || {
                 let files = load::load_siglip_dir(&dir)?;
-                let adapter = load::load_ip_adapter(&ip)?;
-                Encoder::new(&files.config, files.preprocess, files.weights, &adapter, dtype, device.clone())
+                ImageEncoder::new(&files.config, files.preprocess, files.weights, dtype, device.clone())
             });
             (f, bytes)
         });
+        let ip_adapter = ip.map(|ip| {
+            let bytes = load::weight_bytes(&ip);
+            let f: LoadFn<TensorStore> = Box::new(move || load::load_ip_adapter(&ip));
+            (f, bytes)
+        });
+        let redux = match redux {
+            Some(path) => {
+                // Checked from its header now: a wrong file fails before any model runs.
+                let dims = ReduxDims::infer(&load::load_store(&path)?)?;
+                let context = load::flux_config(&flux)?.context_in_dim;
+                if dims.context_dim != context {
+                    return Err(ipaflux_core::Error::Shape(format!(
+                        "{}: the Redux model makes {}-wide tokens but this Flux takes {context}-wide text tokens",
+                        path.display(),
+                        dims.context_dim
+                    ))
+                    .into());
+                }
+                let bytes = load::loaded_bytes(&path, self.encoder_dtype.dtype())?;
+                let f: LoadFn<TensorStore> = Box::new(move || load::load_store(&path));
+                Some((f, bytes))
+            }
+            None => None,
+        };
         Ok(Sources {
             flux: (Box::new(move || load::load_flux(&flux)), flux_bytes),
             t5: (Box::new(move || load::load_text_encoder(&t5, "text_encoder_2", t5_tok.as_deref())), t5_bytes),
@@ -677,7 +804,8 @@ impl ModelPaths {
             vae: (Box::new(move || load::load_vae(&vae)), vae_decoder_bytes),
             vae_encoder_bytes,
             image_encoder,
-            ip_adapter: (Box::new(move || load::load_ip_adapter(&ip)), ip_bytes),
+            ip_adapter,
+            redux,
             flux_head_dim,
             flux_units,
             loras,

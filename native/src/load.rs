@@ -176,6 +176,28 @@ pub fn load_ip_adapter(path: &Path) -> Result<TensorStore> {
     load_store(path)
 }
 
+/// The FLUX.1 Redux image embedder's file: the file given, BFL's
+/// `flux1-redux-dev.safetensors` in a repo folder, or diffusers'
+/// `image_embedder/diffusion_pytorch_model.safetensors` (in the folder given or
+/// under it, as the FLUX.1-Redux-dev repo holds it).
+pub fn redux_file(path: &Path) -> Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let dir = resolve_model_dir(path)?;
+    let candidates = [
+        dir.join("flux1-redux-dev.safetensors"),
+        dir.join("diffusion_pytorch_model.safetensors"),
+        dir.join("image_embedder").join("diffusion_pytorch_model.safetensors"),
+    ];
+    candidates.into_iter().find(|p| p.exists()).ok_or_else(|| {
+        io_err(
+            &dir,
+            "no Redux model here (flux1-redux-dev.safetensors, or image_embedder/diffusion_pytorch_model.safetensors)",
+        )
+    })
+}
+
 /// Any single-file checkpoint (safetensors, PyTorch zip or GGUF, told apart
 /// by content). The file stays mapped and its tensors are read as they are
 /// used ([`TensorStore::from_safetensors_shared`],

@@ -219,12 +219,24 @@ struct GenerateArgs {
     /// diffusion_pytorch_model.safetensors), or a repo folder holding either (`vae/`).
     #[arg(long)]
     vae: PathBuf,
-    /// IP-Adapter: InstantX ip-adapter.bin or a flat .safetensors.
+    /// IP-Adapter: InstantX ip-adapter.bin or a flat .safetensors (needed for --image and --embeds).
     #[arg(long)]
-    ip_adapter: PathBuf,
-    /// SigLIP folder or HF repo id (needed for --image).
+    ip_adapter: Option<PathBuf>,
+    /// SigLIP folder or HF repo id (needed for --image and --redux-image).
     #[arg(long)]
     siglip: Option<PathBuf>,
+    /// FLUX.1 Redux image embedder: flux1-redux-dev.safetensors, or the FLUX.1-Redux-dev repo
+    /// folder / HF repo id (its image_embedder/); needed for --redux-image.
+    #[arg(long)]
+    redux: Option<PathBuf>,
+    /// An image for FLUX.1 Redux (repeatable): SigLIP's tokens of it, through the Redux model,
+    /// follow the prompt's T5 tokens (729 more tokens each at 384²).
+    #[arg(long)]
+    redux_image: Vec<PathBuf>,
+    /// Strength per Redux image, in order; one value applies to all. Multiplies its tokens
+    /// (ComfyUI's StyleModelApply, "multiply"). Range 0..10.
+    #[arg(long, value_delimiter = ',', default_value = "1.0")]
+    redux_strength: Vec<f64>,
     /// Reference image (repeatable).
     #[arg(long)]
     image: Vec<PathBuf>,
@@ -360,6 +372,9 @@ fn parse_lora(s: &str) -> Result<generate::LoraArg, String> {
     Ok(generate::LoraArg { path: PathBuf::from(path), strength, text_strength })
 }
 
+/// ComfyUI's StyleModelApply accepts strengths in 0..10.
+const REDUX_STRENGTH_LIMIT: f64 = 10.0;
+
 /// ComfyUI's LoraLoader accepts strengths in -100..100.
 const LORA_STRENGTH_LIMIT: f64 = 100.0;
 
@@ -375,8 +390,8 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     let device = a.device.to_candle()?;
     ipaflux::prepare_device(&device);
     let n_refs = a.image.len() + a.embeds.len();
-    if n_refs == 0 {
-        anyhow::bail!("give at least one --image or --embeds reference");
+    if n_refs > 0 && a.ip_adapter.is_none() {
+        anyhow::bail!("--image and --embeds need --ip-adapter (InstantX's ip-adapter.bin)");
     }
     if a.ip_weight.len() != 1 && a.ip_weight.len() != n_refs {
         anyhow::bail!(
@@ -386,6 +401,19 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     }
     if !a.image.is_empty() && a.siglip.is_none() {
         anyhow::bail!("--image needs --siglip (the image encoder); or pass --embeds from `ipaflux encode`");
+    }
+    if !a.redux_image.is_empty() && (a.siglip.is_none() || a.redux.is_none()) {
+        anyhow::bail!("--redux-image needs --redux (the Redux model) and --siglip (the image encoder it reads)");
+    }
+    let n_redux = a.redux_image.len();
+    if a.redux_strength.len() != 1 && a.redux_strength.len() != n_redux {
+        anyhow::bail!(
+            "{} --redux-strength values for {n_redux} Redux images: give one, or one per image",
+            a.redux_strength.len()
+        );
+    }
+    if let Some(x) = a.redux_strength.iter().find(|x| !(0.0..=REDUX_STRENGTH_LIMIT).contains(*x)) {
+        anyhow::bail!("--redux-strength {x} is outside 0..{REDUX_STRENGTH_LIMIT}");
     }
     let init = match &a.init_image {
         Some(p) => {
@@ -428,6 +456,11 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
             weight: weight(a.image.len() + j),
         });
     }
+    for (i, p) in a.redux_image.iter().enumerate() {
+        let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read the Redux image", p.display()))?;
+        let weight = if a.redux_strength.len() == 1 { a.redux_strength[0] } else { a.redux_strength[i] };
+        refs.push(generate::Reference::Redux { bytes, name: p.display().to_string(), weight });
+    }
     let ip_weight = match (a.weight_start, a.weight_end) {
         // The ramp spans the steps that run (fewer from an init image).
         (Some(s), Some(e)) => generate::ramp(s, e, steps_run),
@@ -468,6 +501,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         vae: a.vae,
         ip_adapter: a.ip_adapter,
         siglip: a.siglip,
+        redux: a.redux,
         t5_tokenizer: a.t5_tokenizer,
         clip_tokenizer: a.clip_tokenizer,
         encoder_dtype: a.dtype,
@@ -533,7 +567,8 @@ fn run_pipeline(
     if timeline {
         println!("{}", plan::timeline_table(&g.timeline));
     }
-    println!("IP K/V cache: {} bytes for {} reference(s)", g.ip_kv_bytes, refs.len());
+    let ip_refs = refs.iter().filter(|r| r.kind() == "ip-adapter").count();
+    println!("IP K/V cache: {} bytes for {ip_refs} reference(s)", g.ip_kv_bytes);
     println!("stage times:");
     for (name, d) in &g.stages {
         println!("  {name:<26} {:>9.2} ms", d.as_secs_f64() * 1e3);

@@ -403,6 +403,42 @@ fn generate_with_true_cfg_and_a_negative_prompt() {
     assert_fails(&generate(&["--image", &photo, "--true-cfg", "0.5"], &other), &["true CFG scale 0.5 is outside"]);
 }
 
+#[test]
+fn generate_with_redux_images() {
+    let (photo, gray) =
+        (fixture("images/photo.jpg").display().to_string(), fixture("images/gray.webp").display().to_string());
+    let redux = fixture("redux").display().to_string();
+    let (plain, one, two, strong) =
+        (tmp("gen-rx-plain.png"), tmp("gen-rx-1.png"), tmp("gen-rx-2.png"), tmp("gen-rx-3.png"));
+    let pixels = |p: &PathBuf| png_pixels(&std::fs::read(p).unwrap());
+    let run = |extra: &[&str], out: &PathBuf| {
+        let o = generate(extra, out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&["--image", &photo], &plain);
+    run(&["--image", &photo, "--redux", &redux, "--redux-image", &photo], &one);
+    run(&["--image", &photo, "--redux", &redux, "--redux-image", &photo, "--redux-image", &gray], &two);
+    run(&["--image", &photo, "--redux", &redux, "--redux-image", &photo, "--redux-strength", "3"], &strong);
+    assert_ne!(pixels(&plain), pixels(&one), "the Redux image changed nothing");
+    assert_ne!(pixels(&one), pixels(&two), "a second Redux image changed nothing");
+    assert_ne!(pixels(&one), pixels(&strong), "the Redux strength changed nothing");
+    let png = String::from_utf8_lossy(&std::fs::read(&two).unwrap()).into_owned();
+    assert_eq!(png.matches("\"kind\":\"redux\"").count(), 2, "the PNG lists both Redux images");
+    // Redux alone: no IP-Adapter needed.
+    let mut args = generate_args(&["--redux", &redux, "--redux-image", &photo], &one);
+    let i = args.iter().position(|a| a == "--ip-adapter").unwrap();
+    args.drain(i..i + 2);
+    let o = Command::new(env!("CARGO_BIN_EXE_ipaflux")).args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Refused before any model runs: no Redux model, a strength out of range, a Redux model for another SigLIP.
+    assert_fails(&generate(&["--redux-image", &photo], &one), &["--redux-image needs --redux"]);
+    let o = generate(&["--redux", &redux, "--redux-image", &photo, "--redux-strength", "11"], &one);
+    assert_fails(&o, &["--redux-strength 11 is outside 0..10"]);
+    let o =
+        generate(&["--redux", &fixture("ip-adapter.safetensors").display().to_string(), "--redux-image", &photo], &one);
+    assert_fails(&o, &["redux_up.weight"]);
+}
+
 /// Decoded RGB bytes of a PNG (parameters chunk aside).
 fn png_pixels(bytes: &[u8]) -> Vec<u8> {
     let dec = png::Decoder::new(std::io::Cursor::new(bytes));
@@ -426,7 +462,13 @@ fn generate_refuses_bad_input_cleanly() {
         &["ip-adapter.safetensors"],
     );
     assert_fails(&generate(&["--image", &photo, "--ip-weight", "7"], &out), &["outside the accepted range"]);
-    assert_fails(&generate(&[], &out), &["--image or --embeds"]);
+    // Without --ip-adapter, IP references are refused (and with no reference at all it is plain Flux).
+    let mut args = generate_args(&["--image", &photo], &out);
+    let i = args.iter().position(|a| a == "--ip-adapter").unwrap();
+    args.drain(i..i + 2);
+    assert_fails(&Command::new(env!("CARGO_BIN_EXE_ipaflux")).args(&args).output().unwrap(), &["need --ip-adapter"]);
+    let o = generate(&[], &out);
+    assert!(o.status.success(), "plain Flux: {}", String::from_utf8_lossy(&o.stderr));
     // A single-file T5 needs its tokenizer, and gets the T5-XXL config: the tiny weights do not fit it.
     let t5_file = fixture("pipeline/t5/model.safetensors").display().to_string();
     assert_fails(&generate(&["--image", &photo, "--t5", &t5_file], &out), &["--t5-tokenizer"]);

@@ -54,7 +54,7 @@ fn pooled_matches_transformers_for_both_layouts() {
     for layout in ["siglip-full", "siglip-vision"] {
         let enc = encoder(layout, "ip-adapter.safetensors", Precision::F32);
         for name in IMAGES {
-            let pooled = enc.siglip.forward(&reference_pixels(name)).unwrap();
+            let pooled = enc.image.siglip.forward(&reference_pixels(name)).unwrap();
             assert_close(
                 &format!("{layout} pooled {name}"),
                 &pooled,
@@ -89,7 +89,7 @@ fn encode_end_to_end_matches_reference_non_square_images() {
 fn bf16_pooled_within_tolerance() {
     let gold = golden();
     let enc = encoder("siglip-vision", "ip-adapter.bin", Precision::Bf16);
-    let pooled = enc.siglip.forward(&reference_pixels("photo.jpg").to_dtype(DType::BF16).unwrap()).unwrap();
+    let pooled = enc.image.siglip.forward(&reference_pixels("photo.jpg").to_dtype(DType::BF16).unwrap()).unwrap();
     assert_eq!(pooled.dtype(), DType::BF16);
     assert_close("bf16 pooled vs f32 reference", &pooled, &gold["pooled.photo_jpg"], BF16_TOL);
     assert_close("bf16 pooled vs torch bf16", &pooled, &gold["pooled_bf16.photo_jpg"], BF16_TOL);

@@ -7,7 +7,8 @@
 //! - [`model`]: the transformer (double and single blocks, RoPE, modulation);
 //! - [`hooks`]: where adapters enter a block, and with what;
 //! - [`ip`]: the InstantX IP-Adapter hook (weights, sigma window, ramp, per-block weights, several images);
-//! - [`sampler`]: seeded noise, packing, Euler;
+//! - [`redux`]: FLUX.1 Redux, an image prompt as extra text tokens from SigLIP's token sequence;
+//! - [`sampler`]: seeded noise, packing, Euler (true CFG, image-to-image);
 //! - [`stream`]: running with some blocks not resident (fetched per use from a [`stream::BlockSource`]).
 //!
 //! Not here: text encoders, the VAE, file IO, device placement (the caller,
@@ -21,6 +22,7 @@ pub mod lora;
 #[cfg(test)]
 mod mirror;
 pub mod model;
+pub mod redux;
 pub mod sampler;
 pub mod stream;
 #[cfg(test)]
@@ -32,4 +34,5 @@ pub use ip::{IpAdapterHook, IpHookConfig, IpImage, IpWeight};
 pub use layout::FluxLayout;
 pub use lora::{FluxLora, LoraSummary, TextEncoder};
 pub use model::{Conditioning, FluxLoad, FluxModel, GgufWeights};
+pub use redux::{append_image_tokens, ReduxDims, ReduxImageEncoder};
 pub use stream::{BlockId, BlockSource, HostBlocks};
