@@ -258,6 +258,12 @@ fn resample_pass(src: &RgbImage, out_w: usize, out_h: usize, horizontal: bool, f
     RgbImage { width: out_w, height: out_h, data }
 }
 
+/// 8-bit luma as Pillow's `convert("L")`: `(19595 R + 38470 G + 7471 B + 2¹⁵) >> 16` (ITU-R 601-2).
+pub fn to_luma(img: &RgbImage) -> Vec<u8> {
+    let l = |p: &[u8]| (u32::from(p[0]) * 19595 + u32::from(p[1]) * 38470 + u32::from(p[2]) * 7471 + 0x8000) >> 16;
+    img.data.chunks_exact(3).map(|p| l(p) as u8).collect()
+}
+
 /// Resizes with Pillow's `Image.resize(size, filter)` semantics (a copy when the size is the same).
 pub fn resize(img: &RgbImage, width: usize, height: usize, filter: Resample) -> RgbImage {
     let mut out = img.clone();
@@ -330,6 +336,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn luma_is_pillows() {
+        // Pillow: Image.new("RGB", (4, 1)) with these pixels, .convert("L").
+        let img = RgbImage { width: 4, height: 1, data: vec![255, 0, 0, 0, 255, 0, 0, 0, 255, 200, 100, 50] };
+        assert_eq!(to_luma(&img), vec![76, 150, 29, 124]);
+        let gray = RgbImage { width: 1, height: 1, data: vec![77, 77, 77] };
+        assert_eq!(to_luma(&gray), vec![77], "gray stays itself");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use ipaflux_core::candle_core::{DType, Device, Tensor};
 use ipaflux_core::flux::ip::{check_compatible, IpAdapterHook, IpHookConfig, IpImage, IpWeight};
 use ipaflux_core::flux::lora::{apply_to_text_encoder, TextEncoder};
-use ipaflux_core::flux::sampler::{self, Guide, StepInfo};
+use ipaflux_core::flux::sampler::{self, Guide, Start, StepInfo};
 use ipaflux_core::flux::{
     append_image_tokens, BlockId, BlockSource, Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights, Hooks,
     HostBlocks, ReduxDims, ReduxImageEncoder,
@@ -105,6 +105,17 @@ pub struct InitImage {
     /// diffusers' `strength` in (0, 1]: about this share of `steps` runs, from
     /// the schedule's matching point ([`sampler::img2img_start`]).
     pub strength: f64,
+    /// Inpainting: what to repaint (white; black is kept), as diffusers'
+    /// `FluxInpaintPipeline` reads a mask (resized like the image, then its
+    /// luma binarised at one half). `None`: the whole image changes.
+    pub mask: Option<MaskImage>,
+}
+
+/// An inpainting mask's file bytes (PNG, JPEG, WebP; any colour type).
+#[derive(Clone)]
+pub struct MaskImage {
+    pub bytes: Vec<u8>,
+    pub name: String,
 }
 
 impl std::fmt::Debug for InitImage {
@@ -113,6 +124,7 @@ impl std::fmt::Debug for InitImage {
             .field("name", &self.name)
             .field("bytes", &self.bytes.len())
             .field("strength", &self.strength)
+            .field("mask", &self.mask.as_ref().map(|m| &m.name))
             .finish()
     }
 }
@@ -214,7 +226,10 @@ struct Handles {
     vae_encoder: Option<ModelHandle>,
 }
 
-fn register_all(reg: &mut Registry, src: &Sources, dev: DeviceSpec, s: &Settings) -> Result<Handles> {
+/// Registers every model the job uses (the image models only where a reference needs them).
+fn register_all(reg: &mut Registry, src: &Sources, refs: &[Reference], s: &Settings) -> Result<Handles> {
+    let dev = s.device_spec;
+    let needs = |f: fn(&Reference) -> bool| refs.iter().any(f);
     let spec = |name: &str, role, bytes| ModelSpec::uniform(name, role, dev, bytes, 1, name);
     let flux_units = src.flux_units.specs_with_loras(s.dtype, s.gguf, &src.loras);
     let flux = if flux_units.is_empty() {
@@ -226,16 +241,22 @@ fn register_all(reg: &mut Registry, src: &Sources, dev: DeviceSpec, s: &Settings
         t5: reg.register(spec("t5", Role::TextEncoder, src.t5.1))?,
         clip: reg.register(spec("clip", Role::TextEncoder, src.clip.1))?,
         image_encoder: match &src.image_encoder {
-            Some((_, bytes)) => Some(reg.register(spec("siglip", Role::ImageEncoder, *bytes))?),
-            None => None,
+            Some((_, bytes)) if needs(|r| !matches!(r, Reference::Embeds { .. })) => {
+                Some(reg.register(spec("siglip", Role::ImageEncoder, *bytes))?)
+            }
+            _ => None,
         },
         ip: match &src.ip_adapter {
-            Some((_, bytes)) => Some(reg.register(spec("ip-adapter", Role::IpProcessors, *bytes))?),
-            None => None,
+            Some((_, bytes)) if needs(|r| r.kind() == "ip-adapter") => {
+                Some(reg.register(spec("ip-adapter", Role::IpProcessors, *bytes))?)
+            }
+            _ => None,
         },
         redux: match &src.redux {
-            Some((_, bytes)) => Some(reg.register(spec("redux", Role::Projection, *bytes))?),
-            None => None,
+            Some((_, bytes)) if needs(|r| r.kind() == "redux") => {
+                Some(reg.register(spec("redux", Role::Projection, *bytes))?)
+            }
+            _ => None,
         },
         // Blocks are the units Flux is streamed in; 57 for FLUX.1 (+1 for embedders and final layer).
         flux: reg.register(flux)?,
@@ -340,12 +361,14 @@ pub fn generate(
     }
     let dev = s.device_spec;
     let mut reg = Registry::new(s.registry.clone(), memory_devices(dev, s.vram_budget)?)?;
-    let h = register_all(&mut reg, src, dev, s)?;
+    let h = register_all(&mut reg, src, refs, s)?;
     let mut stages = Vec::new();
     let (flux_id, vae_id) = (h.flux.model, h.vae.model);
     let image_models: Vec<ModelId> =
         [&h.ip, &h.image_encoder, &h.redux].into_iter().flatten().map(|m| m.model).collect();
-    // The stages after `now`, as the registry's lookahead (the image stage only when it has models).
+    // The models of the stages after `now`, as the registry's lookahead (the
+    // image stage only when it has models; the text and init-image stages come
+    // before all of these).
     let later = |now: &str| -> Vec<Vec<ModelId>> {
         let stages = [("image", image_models.clone()), ("sample", vec![flux_id]), ("decode", vec![vae_id])];
         let from = stages.iter().position(|(name, _)| *name == now).map_or(0, |i| i + 1);
@@ -380,7 +403,7 @@ pub fn generate(
     // Image-to-image: the init image's latents (encoder loaded for this alone).
     let init_latents = match (&s.init, h.vae_encoder) {
         (Some(init), Some(encoder)) => {
-            job(&mut reg, "init image", (dev, 0), &[encoder.model], later("text"))?;
+            job(&mut reg, "init image", (dev, 0), &[encoder.model], later("init image"))?;
             let latents = timed(&mut stages, "init image encode", || encode_init(src, init, s))?;
             reg.release(encoder);
             release_cache(&mut reg, "init image encoded");
@@ -537,26 +560,46 @@ fn reference_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<R
     Ok(out)
 }
 
-/// The init image → packed latents `[1, tokens, 64]` at the output size.
-fn encode_init(src: &Sources, init: &InitImage, s: &Settings) -> Result<Tensor> {
+/// An init image's packed latents `[1, tokens, 64]`, and its packed inpainting mask.
+struct InitLatents {
+    image: Tensor,
+    mask: Option<Tensor>,
+}
+
+/// A picture at the output size: as decoded, or resized with Lanczos (as diffusers fits init images and masks).
+fn fitted(bytes: &[u8], name: &str, s: &Settings) -> Result<ipaflux_core::preprocess::RgbImage> {
     use ipaflux_core::preprocess::{decode_rgb, resize, Resample};
-    let mut image = decode_rgb(&init.bytes, &init.name)?;
-    if (image.width, image.height) != (s.width, s.height) {
-        tracing::info!(
-            target: "ipaflux::generate",
-            "init image {} is {}×{}: resized to {}×{} (Lanczos)",
-            init.name, image.width, image.height, s.width, s.height
-        );
-        image = resize(&image, s.width, s.height, Resample::Lanczos);
+    let image = decode_rgb(bytes, name)?;
+    if (image.width, image.height) == (s.width, s.height) {
+        return Ok(image);
     }
+    tracing::info!(
+        target: "ipaflux::generate",
+        "{name} is {}×{}: resized to {}×{} (Lanczos)",
+        image.width, image.height, s.width, s.height
+    );
+    Ok(resize(&image, s.width, s.height, Resample::Lanczos))
+}
+
+/// The init image → packed latents at the output size, and its mask → the packed latent mask.
+fn encode_init(src: &Sources, init: &InitImage, s: &Settings) -> Result<InitLatents> {
+    let image = fitted(&init.bytes, &init.name, s)?;
+    let mask = match &init.mask {
+        Some(m) => {
+            let luma = ipaflux_core::preprocess::to_luma(&fitted(&m.bytes, &m.name, s)?);
+            Some(sampler::latent_mask(&luma, s.width, s.height, &s.device)?)
+        }
+        None => None,
+    };
     let encoder = VaeEncoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
-    Ok(sampler::pack(&encoder.encode(&crate::vae::from_rgb8(&image, &s.device)?)?)?)
+    let image = sampler::pack(&encoder.encode(&crate::vae::from_rgb8(&image, &s.device)?)?)?;
+    Ok(InitLatents { image, mask })
 }
 
 /// Where sampling starts: an init image's latents (or noise alone), and the Flux blocks streamed.
 #[derive(Clone, Copy)]
 struct SampleStart<'a> {
-    init: Option<&'a Tensor>,
+    init: Option<&'a InitLatents>,
     streamed: &'a [BlockId],
 }
 
@@ -616,10 +659,10 @@ fn sample(
         .map(|seed| {
             let noise = sampler::pack(&sampler::noise(seed, s.width, s.height, &s.device)?)?;
             let start = match init {
-                Some(image) => sampler::noised(image, &noise, sigmas[0])?,
-                None => noise,
+                Some(i) => Start::Image { image: &i.image, noise: &noise, mask: i.mask.as_ref() },
+                None => Start::Noise(&noise),
             };
-            Ok((seed, sampler::euler(&model, &start, &ids, guide, &sigmas, Hooks::new(&list), on_step)?))
+            Ok((seed, sampler::euler(&model, start, &ids, guide, &sigmas, Hooks::new(&list), on_step)?))
         })
         .collect()
 }
@@ -699,7 +742,9 @@ pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], loras: &[Flu
             .iter()
             .map(|l| serde_json::json!({"name": l.source_name, "strength": l.strength, "text_strength": l.text_strength}))
             .collect::<Vec<_>>(),
-        "init_image": s.init.as_ref().map(|i| serde_json::json!({"name": i.name, "strength": i.strength})),
+        "init_image": s.init.as_ref().map(|i| {
+            serde_json::json!({"name": i.name, "strength": i.strength, "mask": i.mask.as_ref().map(|m| &m.name)})
+        }),
     })
     .to_string()
 }

@@ -280,6 +280,10 @@ struct GenerateArgs {
     /// (ComfyUI's `denoise` D with S steps is about --steps S/D --strength D); 1 ignores the image.
     #[arg(long, requires = "init_image", default_value_t = 0.6)]
     strength: f64,
+    /// With --init-image: inpaint. White repaints, black keeps (the luma, binarised at one half, as
+    /// diffusers' FluxInpaintPipeline); resized (Lanczos) to the output size like the image.
+    #[arg(long, requires = "init_image")]
+    mask: Option<PathBuf>,
     /// Output width [default: 1024, or the init image's]
     #[arg(long)]
     width: Option<usize>,
@@ -418,7 +422,14 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     let init = match &a.init_image {
         Some(p) => {
             let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read the init image", p.display()))?;
-            Some(generate::InitImage { bytes, name: p.display().to_string(), strength: a.strength })
+            let mask = match &a.mask {
+                Some(m) => {
+                    let bytes = std::fs::read(m).with_context(|| format!("{}: cannot read the mask", m.display()))?;
+                    Some(generate::MaskImage { bytes, name: m.display().to_string() })
+                }
+                None => None,
+            };
+            Some(generate::InitImage { bytes, name: p.display().to_string(), strength: a.strength, mask })
         }
         None => None,
     };

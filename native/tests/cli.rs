@@ -383,6 +383,38 @@ fn generate_from_an_init_image() {
 }
 
 #[test]
+fn generate_inpaints_with_a_mask() {
+    let photo = fixture("images/photo.jpg").display().to_string();
+    let (init, vae) = (fixture("img2img/init.png").display().to_string(), fixture("img2img/ae.safetensors"));
+    let (vae, mask) = (vae.display().to_string(), fixture("inpaint/mask.png").display().to_string());
+    let (free, painted) = (tmp("gen-inpaint-free.png"), tmp("gen-inpaint.png"));
+    let pixels = |p: &PathBuf| png_pixels(&std::fs::read(p).unwrap());
+    let run = |extra: &[&str], out: &PathBuf| {
+        let o = generate(extra, out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let base = ["--image", &photo, "--vae", &vae, "--init-image", &init, "--steps", "4"];
+    run(&base, &free);
+    run(&[&base[..], &["--mask", &mask]].concat(), &painted);
+    assert_ne!(pixels(&free), pixels(&painted), "the mask changed nothing");
+    let png = String::from_utf8_lossy(&std::fs::read(&painted).unwrap()).into_owned();
+    assert!(png.contains("\"mask\":\"") && png.contains("mask.png"), "the PNG's parameters name the mask");
+    // An all-black mask keeps everything: the final latents are the init image's, whatever the
+    // strength and seed, so two such runs give the same pixels.
+    let black = tmp("black-mask.png");
+    let file = std::fs::File::create(&black).unwrap();
+    let mut enc = png::Encoder::new(file, 64, 48);
+    enc.set_color(png::ColorType::Grayscale);
+    enc.write_header().unwrap().write_image_data(&[0u8; 64 * 48]).unwrap();
+    let black = black.display().to_string();
+    let (a, b) = (tmp("gen-keep-a.png"), tmp("gen-keep-b.png"));
+    run(&[&base[..], &["--mask", &black, "--strength", "1"]].concat(), &a);
+    run(&[&base[..], &["--mask", &black, "--strength", "0.5", "--seed", "9"]].concat(), &b);
+    assert_eq!(pixels(&a), pixels(&b), "an all-black mask must keep the init image");
+    assert_fails(&generate(&["--image", &photo, "--mask", &mask], &a), &["--init-image"]);
+}
+
+#[test]
 fn generate_with_true_cfg_and_a_negative_prompt() {
     let photo = fixture("images/photo.jpg").display().to_string();
     let (plain, cfg, other) = (tmp("gen-cfg-plain.png"), tmp("gen-cfg-4.png"), tmp("gen-cfg-other.png"));

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use ipaflux::load::load_flux;
 use ipaflux_core::candle_core::{DType, Device, Tensor};
-use ipaflux_core::flux::sampler::{self, img_ids, Guide};
+use ipaflux_core::flux::sampler::{self, img_ids, Guide, Start};
 use ipaflux_core::flux::{Conditioning, FluxLoad, FluxModel, GgufWeights, Hooks};
 use ipaflux_core::schedule::{flux_schedule, Shift};
 use ipaflux_tests::*;
@@ -29,7 +29,16 @@ fn true_cfg_matches_diffusers_pipeline() {
     let (rows, cols) = sampler::token_grid(w, h);
     let sigmas = flux_schedule(steps, rows * cols, Shift::DEV);
     let run = |guide: Guide<'_>| {
-        sampler::euler(&model, &g["latents"], &img_ids(rows, cols), guide, &sigmas, Hooks::none(), &mut |_| {}).unwrap()
+        sampler::euler(
+            &model,
+            Start::Noise(&g["latents"]),
+            &img_ids(rows, cols),
+            guide,
+            &sigmas,
+            Hooks::none(),
+            &mut |_| {},
+        )
+        .unwrap()
     };
     let mut outs = Vec::new();
     for scale in r["scales"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32) {

@@ -260,7 +260,7 @@ fn euler_sampling_is_deterministic_for_a_seed() {
         let mut steps = Vec::new();
         let out = sampler::euler(
             &m,
-            &x,
+            sampler::Start::Noise(&x),
             &img_ids(ROWS, COLS),
             sampler::Guide::prompt(&cond(&g)),
             &sigmas,

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use ipaflux::load::{load_flux, load_store, load_vae, vae_file};
 use ipaflux::vae::{from_rgb8, VaeDecoder, VaeEncoder};
 use ipaflux_core::candle_core::{DType, Device, Tensor};
-use ipaflux_core::flux::sampler::{self, img_ids, Guide};
+use ipaflux_core::flux::sampler::{self, img_ids, Guide, Start};
 use ipaflux_core::flux::{Conditioning, FluxLoad, FluxModel, GgufWeights, Hooks};
 use ipaflux_core::preprocess::{decode_rgb, resize, Resample, RgbImage};
 use ipaflux_core::schedule::{flux_schedule, Shift};
@@ -98,11 +98,11 @@ fn img2img_matches_diffusers_pipeline() {
     for strength in r["strengths"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()) {
         let mut sigmas = flux_schedule(steps, rows * cols, Shift::DEV);
         sigmas.drain(..sampler::img2img_start(steps, strength).unwrap());
-        let start = sampler::noised(&image, &noise, sigmas[0]).unwrap();
+        let start = Start::Image { image: &image, noise: &noise, mask: None };
         let mut ran = 0;
         let out = sampler::euler(
             &model,
-            &start,
+            start,
             &img_ids(rows, cols),
             Guide::prompt(&cond),
             &sigmas,

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use ipaflux::encode::ImageEncoder;
 use ipaflux::load::{load_flux, load_siglip_dir, load_store, redux_file};
 use ipaflux_core::candle_core::{DType, Device, Tensor};
-use ipaflux_core::flux::sampler::{self, img_ids, Guide};
+use ipaflux_core::flux::sampler::{self, img_ids, Guide, Start};
 use ipaflux_core::flux::{
     append_image_tokens, Conditioning, FluxLoad, FluxModel, GgufWeights, Hooks, ReduxImageEncoder,
 };
@@ -74,7 +74,7 @@ fn sampling_with_redux_tokens_matches_diffusers_pipeline() {
         let cond = Conditioning { txt, y: g["pooled"].clone(), guidance: Some(guidance) };
         sampler::euler(
             &model,
-            &g["latents"],
+            Start::Noise(&g["latents"]),
             &img_ids(rows, cols),
             Guide::prompt(&cond),
             &sigmas,

@@ -326,6 +326,7 @@ fn main() {
             run(&python, &["tests/reference/make_img2img_fixtures.py"]);
             run(&python, &["tests/reference/make_cfg_fixtures.py"]);
             run(&python, &["tests/reference/make_redux_fixtures.py"]);
+            run(&python, &["tests/reference/make_inpaint_fixtures.py"]);
             run(&python, &["tests/reference/make_gguf_fixtures.py"]);
         }
         _ => {

@@ -4,7 +4,9 @@
 //! ([`crate::schedule::flux_schedule`]), with true classifier-free guidance
 //! when a negative prompt is given ([`Guide`]). Latents stay f32 between
 //! steps (diffusers' scheduler upcasts the same way); the model runs in its
-//! dtype. Image-to-image starts part-way ([`img2img_start`], [`noised`]).
+//! dtype. Image-to-image starts part-way ([`img2img_start`], [`Start::Image`]);
+//! inpainting also puts the kept part of the image back after every step
+//! ([`latent_mask`]).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -137,6 +139,38 @@ pub fn noised(image: &Tensor, noise: &Tensor, sigma: f32) -> Result<Tensor> {
     Ok(((noise.to_dtype(DType::F32)? * f64::from(sigma))? + image)?)
 }
 
+/// An inpainting mask (8-bit luma, `width × height`, white = repaint) as the
+/// packed latent mask `[1, tokens, 64]` diffusers' `FluxInpaintPipeline`
+/// makes: binarised at 0.5 (`v/255 ≥ 0.5`), taken every 8th pixel (PyTorch's
+/// nearest `interpolate` to the latent size), repeated over the 16 latent
+/// channels and packed like the latents. 1 marks what is repainted.
+pub fn latent_mask(luma: &[u8], width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    check_size(width, height)?;
+    if luma.len() != width * height {
+        return Err(Error::Shape(format!("mask of {} samples for {width}×{height}", luma.len())));
+    }
+    let (h, w) = (height / 8, width / 8);
+    let picked: Vec<f32> = (0..h)
+        .flat_map(|y| (0..w).map(move |x| luma[y * 8 * width + x * 8]))
+        .map(|v| if f32::from(v) / 255.0 >= 0.5 { 1.0 } else { 0.0 })
+        .collect();
+    let plane = Tensor::from_vec(picked, (1, 1, h, w), device)?;
+    pack(&plane.repeat((1, LATENT_CHANNELS, 1, 1))?)
+}
+
+/// Where sampling starts.
+#[derive(Clone, Copy)]
+pub enum Start<'a> {
+    /// Text-to-image: packed noise at σ = 1.
+    Noise(&'a Tensor),
+    /// Image-to-image: the init image's packed latents, noised with `noise` to
+    /// the first sigma ([`noised`]). With a `mask` (packed, 1 = repaint;
+    /// [`latent_mask`]) it inpaints: after every step the kept part is the
+    /// image noised to the next sigma (the image itself after the last), as
+    /// diffusers' `FluxInpaintPipeline` blends `(1 − m) · image + m · x`.
+    Image { image: &'a Tensor, noise: &'a Tensor, mask: Option<&'a Tensor> },
+}
+
 /// Progress of the sampling loop, reported after each step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepInfo {
@@ -169,17 +203,21 @@ impl<'a> Guide<'a> {
     }
 }
 
-/// Euler over `sigmas` (descending, ending at 0): returns the final packed latents in f32.
+/// Euler over `sigmas` (descending, ending at 0) from `start`: returns the final packed latents in f32.
 pub fn euler(
     model: &FluxModel,
-    latents: &Tensor,
+    start: Start<'_>,
     ids: &[[f32; 3]],
     guide: Guide<'_>,
     sigmas: &[f32],
     hooks: Hooks<'_>,
     on_step: &mut dyn FnMut(StepInfo),
 ) -> Result<Tensor> {
-    let mut x = latents.to_dtype(DType::F32)?;
+    let first = sigmas.first().copied().unwrap_or(0.0);
+    let mut x = match start {
+        Start::Noise(noise) => noise.to_dtype(DType::F32)?,
+        Start::Image { image, noise, .. } => noised(image, noise, first)?,
+    };
     let steps = sigmas.len().saturating_sub(1);
     for (step, pair) in sigmas.windows(2).enumerate() {
         let (s, s_next) = (pair[0], pair[1]);
@@ -189,6 +227,11 @@ pub fn euler(
             v = (&u + ((v - &u)? * f64::from(scale))?)?;
         }
         x = (x + (v * f64::from(s_next - s))?)?;
+        if let Start::Image { image, noise, mask: Some(mask) } = start {
+            let kept = noised(image, noise, s_next)?;
+            let mask = mask.to_dtype(DType::F32)?;
+            x = ((kept * mask.affine(-1.0, 1.0)?)? + (x * mask)?)?;
+        }
         on_step(StepInfo { step, steps, sigma: s });
     }
     Ok(x)
@@ -242,6 +285,25 @@ mod tests {
         assert_eq!(noised(&image, &noise, 0.25).unwrap().to_vec1::<f32>().unwrap(), vec![1.75, -2.75]);
         // σ = 1 is the noise exactly, whatever the image.
         assert_eq!(noised(&image, &noise, 1.0).unwrap().to_vec1::<f32>().unwrap(), vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn the_latent_mask_takes_every_8th_pixel_binarised_and_packs_it() {
+        // 32×16 pixels → 4×2 latent → 2×1 tokens of 64.
+        let (w, h) = (32, 16);
+        let mut luma = vec![0u8; w * h];
+        luma[0] = 128; // (0, 0): at the threshold → repaint
+        luma[8] = 127; // (0, 8): just below → keep
+        luma[8 * w + 24] = 255; // (8, 24) → repaint
+        luma[1] = 255; // not a sampled pixel
+        let m = latent_mask(&luma, w, h, &Device::Cpu).unwrap();
+        assert_eq!(m.dims(), &[1, 2, 64]);
+        let t: Vec<Vec<f32>> = m.get(0).unwrap().to_vec2().unwrap();
+        // Token 0 covers latent (0,0) (0,1) (1,0) (1,1): only (0,0) repaints, in every channel.
+        assert_eq!(&t[0][..4], &[1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(&t[1][..4], &[0.0, 0.0, 0.0, 1.0]);
+        assert!(t.iter().all(|tok| tok.chunks(4).all(|c| c == &tok[..4])), "channels differ");
+        assert!(latent_mask(&luma[1..], w, h, &Device::Cpu).is_err());
     }
 
     #[test]
