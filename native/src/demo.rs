@@ -73,6 +73,7 @@ pub fn sources() -> Sources {
             n(ADAPTER),
         )),
         redux: None,
+        flux_in_channels: 64,
         flux_head_dim: TINY_HEAD_DIM,
         flux_units: crate::load::flux_units_in(&[(FLUX, "bundled flux-tiny-bfl.safetensors".into())])
             .unwrap_or_default(),

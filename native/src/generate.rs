@@ -62,6 +62,8 @@ pub struct Sources {
     pub ip_adapter: Option<(LoadFn<TensorStore>, u64)>,
     /// The FLUX.1 Redux image embedder; `None`: no Redux images.
     pub redux: Option<(LoadFn<TensorStore>, u64)>,
+    /// Flux's input channels per token (64; FLUX.1 Fill's 384), from the checkpoint header.
+    pub flux_in_channels: usize,
     /// Flux's attention head size (128 for FLUX.1), read from the checkpoint header:
     /// the IP K/V are split into heads before Flux itself is loaded.
     pub flux_head_dim: usize,
@@ -351,6 +353,15 @@ pub fn generate(
             .into());
         }
     }
+    let fill = is_fill(src.flux_in_channels)?;
+    if fill && s.init.as_ref().and_then(|i| i.mask.as_ref()).is_none() {
+        return Err(ipaflux_core::Error::Unsupported(
+            "this Flux is FLUX.1 Fill (384 input channels): it repaints the white part of a --mask over an \
+             --init-image; give both"
+                .into(),
+        )
+        .into());
+    }
     if s.init.is_some() && src.vae_encoder_bytes == 0 {
         return Err(ipaflux_core::Error::Unsupported(
             "an init image needs the VAE's encoder, and this VAE file has only the decoder: give the whole VAE \
@@ -404,7 +415,7 @@ pub fn generate(
     let init_latents = match (&s.init, h.vae_encoder) {
         (Some(init), Some(encoder)) => {
             job(&mut reg, "init image", (dev, 0), &[encoder.model], later("init image"))?;
-            let latents = timed(&mut stages, "init image encode", || encode_init(src, init, s))?;
+            let latents = timed(&mut stages, "init image encode", || encode_init(src, init, s, fill))?;
             reg.release(encoder);
             release_cache(&mut reg, "init image encoded");
             Some(latents)
@@ -560,10 +571,26 @@ fn reference_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<R
     Ok(out)
 }
 
-/// An init image's packed latents `[1, tokens, 64]`, and its packed inpainting mask.
+/// An init image's packed latents `[1, tokens, 64]`, and its packed inpainting
+/// mask (blended after each step), or FLUX.1 Fill's conditioning channels.
 struct InitLatents {
     image: Tensor,
     mask: Option<Tensor>,
+    fill: Option<Tensor>,
+}
+
+/// Whether a Flux taking `in_channels` per token is FLUX.1 Fill (else it must take the latents alone).
+fn is_fill(in_channels: usize) -> Result<bool> {
+    let latents = 4 * sampler::LATENT_CHANNELS;
+    match in_channels {
+        c if c == latents => Ok(false),
+        c if c == latents + sampler::FILL_CONDITION_CHANNELS => Ok(true),
+        c => Err(ipaflux_core::Error::Unsupported(format!(
+            "this Flux takes {c} input channels per token: FLUX.1 [dev]/[schnell] take {latents}, FLUX.1 Fill {}",
+            latents + sampler::FILL_CONDITION_CHANNELS
+        ))
+        .into()),
+    }
 }
 
 /// A picture at the output size: as decoded, or resized with Lanczos (as diffusers fits init images and masks).
@@ -581,19 +608,32 @@ fn fitted(bytes: &[u8], name: &str, s: &Settings) -> Result<ipaflux_core::prepro
     Ok(resize(&image, s.width, s.height, Resample::Lanczos))
 }
 
-/// The init image → packed latents at the output size, and its mask → the packed latent mask.
-fn encode_init(src: &Sources, init: &InitImage, s: &Settings) -> Result<InitLatents> {
-    let image = fitted(&init.bytes, &init.name, s)?;
-    let mask = match &init.mask {
-        Some(m) => {
-            let luma = ipaflux_core::preprocess::to_luma(&fitted(&m.bytes, &m.name, s)?);
-            Some(sampler::latent_mask(&luma, s.width, s.height, &s.device)?)
-        }
+/// The init image → packed latents at the output size, and its mask → the
+/// packed latent mask, or for FLUX.1 Fill (`fill`) its conditioning: the
+/// masked image's latents (the image with the repainted part set to 0, mid
+/// gray, as diffusers' `FluxFillPipeline`) and the 8×8 mask.
+fn encode_init(src: &Sources, init: &InitImage, s: &Settings, fill: bool) -> Result<InitLatents> {
+    let pixels = crate::vae::from_rgb8(&fitted(&init.bytes, &init.name, s)?, &s.device)?;
+    let luma = match &init.mask {
+        Some(m) => Some(ipaflux_core::preprocess::to_luma(&fitted(&m.bytes, &m.name, s)?)),
         None => None,
     };
     let encoder = VaeEncoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
-    let image = sampler::pack(&encoder.encode(&crate::vae::from_rgb8(&image, &s.device)?)?)?;
-    Ok(InitLatents { image, mask })
+    let image = sampler::pack(&encoder.encode(&pixels)?)?;
+    match luma {
+        Some(luma) if fill => {
+            let plane = sampler::mask_plane(&luma, s.width, s.height, &s.device)?;
+            let masked = pixels.broadcast_mul(&plane.affine(-1.0, 1.0)?)?;
+            let masked = sampler::pack(&encoder.encode(&masked)?)?;
+            let cond = Tensor::cat(&[&masked, &sampler::fill_mask(&plane)?], 2)?;
+            Ok(InitLatents { image, mask: None, fill: Some(cond) })
+        }
+        Some(luma) => {
+            let mask = sampler::latent_mask(&luma, s.width, s.height, &s.device)?;
+            Ok(InitLatents { image, mask: Some(mask), fill: None })
+        }
+        None => Ok(InitLatents { image, mask: None, fill: None }),
+    }
 }
 
 /// Where sampling starts: an init image's latents (or noise alone), and the Flux blocks streamed.
@@ -646,9 +686,10 @@ fn sample(
     if let Some(init) = &s.init {
         sigmas.drain(..sampler::img2img_start(s.steps, init.strength)?);
     }
+    let channels = init.and_then(|i| i.fill.as_ref());
     let guide = match (texts, &s.true_cfg) {
-        ([positive], None) => Guide::prompt(positive),
-        ([positive, negative], Some(cfg)) => Guide { positive, negative: Some((negative, cfg.scale)) },
+        ([positive], None) => Guide { channels, ..Guide::prompt(positive) },
+        ([positive, negative], Some(cfg)) => Guide { positive, negative: Some((negative, cfg.scale)), channels },
         _ => {
             return Err(ipaflux_core::Error::Unsupported("prompt encodings do not match the CFG settings".into()).into())
         }
@@ -789,6 +830,7 @@ impl ModelPaths {
         let redux = self.redux.as_deref().map(|p| load::redux_file(&load::resolve_arg(p)?)).transpose()?;
         let siglip = self.siglip.as_deref().map(load::resolve_arg).transpose()?;
         let flux_head_dim = load::flux_head_dim(&flux)?;
+        let flux_in_channels = load::flux_config(&flux)?.in_channels;
         let flux_units = load::flux_units(&flux)?;
         let loras = if self.loras.is_empty() {
             Vec::new()
@@ -851,6 +893,7 @@ impl ModelPaths {
             image_encoder,
             ip_adapter,
             redux,
+            flux_in_channels,
             flux_head_dim,
             flux_units,
             loras,

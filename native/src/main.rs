@@ -277,9 +277,10 @@ struct GenerateArgs {
     #[arg(long)]
     init_image: Option<PathBuf>,
     /// With --init-image: the share of --steps run on it, in (0, 1], as diffusers' `strength`
-    /// (ComfyUI's `denoise` D with S steps is about --steps S/D --strength D); 1 ignores the image.
-    #[arg(long, requires = "init_image", default_value_t = 0.6)]
-    strength: f64,
+    /// (ComfyUI's `denoise` D with S steps is about --steps S/D --strength D); 1 ignores the image
+    /// (but for FLUX.1 Fill's conditioning). [default: 0.6; 1 with FLUX.1 Fill, as diffusers]
+    #[arg(long, requires = "init_image")]
+    strength: Option<f64>,
     /// With --init-image: inpaint. White repaints, black keeps (the luma, binarised at one half, as
     /// diffusers' FluxInpaintPipeline); resized (Lanczos) to the output size like the image.
     #[arg(long, requires = "init_image")]
@@ -429,7 +430,12 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            Some(generate::InitImage { bytes, name: p.display().to_string(), strength: a.strength, mask })
+            // diffusers' defaults: FluxImg2ImgPipeline/FluxInpaintPipeline 0.6, FluxFillPipeline 1.
+            let fill = ipaflux::load::flux_config(&ipaflux::load::resolve_arg(&a.flux)?)?.in_channels
+                == 4 * ipaflux_core::flux::sampler::LATENT_CHANNELS
+                    + ipaflux_core::flux::sampler::FILL_CONDITION_CHANNELS;
+            let strength = a.strength.unwrap_or(if fill { 1.0 } else { 0.6 });
+            Some(generate::InitImage { bytes, name: p.display().to_string(), strength, mask })
         }
         None => None,
     };

@@ -415,6 +415,24 @@ fn generate_inpaints_with_a_mask() {
 }
 
 #[test]
+fn generate_with_flux_fill() {
+    let photo = fixture("images/photo.jpg").display().to_string();
+    let (fill, init) =
+        (fixture("fill/transformer").display().to_string(), fixture("img2img/init.png").display().to_string());
+    let (vae, mask) =
+        (fixture("img2img/ae.safetensors").display().to_string(), fixture("inpaint/mask.png").display().to_string());
+    let out = tmp("gen-fill.png");
+    let base = ["--flux", &fill, "--image", &photo, "--vae", &vae, "--init-image", &init, "--guidance", "30"];
+    let o = generate(&[&base[..], &["--mask", &mask]].concat(), &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let png = String::from_utf8_lossy(&std::fs::read(&out).unwrap()).into_owned();
+    assert!(png.contains("\"strength\":1.0"), "FLUX.1 Fill's default strength is 1, as diffusers'");
+    // Fill needs the mask; the other Flux takes none of Fill's channels.
+    assert_fails(&generate(&base, &out), &["FLUX.1 Fill", "--mask"]);
+    assert_fails(&generate(&["--flux", &fill, "--image", &photo], &out), &["FLUX.1 Fill"]);
+}
+
+#[test]
 fn generate_with_true_cfg_and_a_negative_prompt() {
     let photo = fixture("images/photo.jpg").display().to_string();
     let (plain, cfg, other) = (tmp("gen-cfg-plain.png"), tmp("gen-cfg-4.png"), tmp("gen-cfg-other.png"));

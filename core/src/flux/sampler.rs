@@ -150,12 +150,32 @@ pub fn latent_mask(luma: &[u8], width: usize, height: usize, device: &Device) ->
         return Err(Error::Shape(format!("mask of {} samples for {width}×{height}", luma.len())));
     }
     let (h, w) = (height / 8, width / 8);
-    let picked: Vec<f32> = (0..h)
-        .flat_map(|y| (0..w).map(move |x| luma[y * 8 * width + x * 8]))
-        .map(|v| if f32::from(v) / 255.0 >= 0.5 { 1.0 } else { 0.0 })
-        .collect();
-    let plane = Tensor::from_vec(picked, (1, 1, h, w), device)?;
-    pack(&plane.repeat((1, LATENT_CHANNELS, 1, 1))?)
+    let picked: Vec<u8> = (0..h).flat_map(|y| (0..w).map(move |x| luma[y * 8 * width + x * 8])).collect();
+    pack(&mask_plane(&picked, w, h, device)?.repeat((1, LATENT_CHANNELS, 1, 1))?)
+}
+
+/// Channels of FLUX.1 Fill's per-token conditioning: the masked image's packed
+/// latents (64) and the packed 8×8 mask (256), after the latents' 64.
+pub const FILL_CONDITION_CHANNELS: usize = 64 + 256;
+
+/// The binarised mask plane `[1, 1, H, W]` (1 = repaint) of 8-bit luma, as
+/// diffusers' mask processor makes it: `v/255 ≥ 0.5`.
+pub fn mask_plane(luma: &[u8], width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    if luma.len() != width * height {
+        return Err(Error::Shape(format!("mask of {} samples for {width}×{height}", luma.len())));
+    }
+    let v = luma.iter().map(|&v| if f32::from(v) / 255.0 >= 0.5 { 1f32 } else { 0.0 }).collect();
+    Ok(Tensor::from_vec(v, (1, 1, height, width), device)?)
+}
+
+/// FLUX.1 Fill's packed mask `[1, tokens, 256]` from a mask plane `[1, 1, H, W]`:
+/// each latent pixel's 8×8 block of mask pixels as 64 channels (`py · 8 + px`),
+/// packed 2×2 like the latents (diffusers' `FluxFillPipeline.prepare_mask_latents`).
+pub fn fill_mask(plane: &Tensor) -> Result<Tensor> {
+    let (b, _, height, width) = plane.dims4()?;
+    let (h, w) = (height / 8, width / 8);
+    let blocks = plane.reshape((b, h, 8, w, 8))?.permute((0, 2, 4, 1, 3))?.reshape((b, 64, h, w))?;
+    pack(&blocks)
 }
 
 /// Where sampling starts.
@@ -189,12 +209,16 @@ pub struct Guide<'a> {
     /// (in f32), as diffusers' `FluxPipeline` does. The hooks (the IP-Adapter)
     /// act on both passes, as ComfyUI's patched model does. `None`: one pass.
     pub negative: Option<(&'a Conditioning, f32)>,
+    /// Input channels appended to the latents' at every pass (FLUX.1 Fill's
+    /// masked image and mask, [`FILL_CONDITION_CHANNELS`]); `None` for a model
+    /// that takes the latents alone.
+    pub channels: Option<&'a Tensor>,
 }
 
 impl<'a> Guide<'a> {
     /// The prompt alone (Flux-dev's distilled guidance only).
     pub fn prompt(positive: &'a Conditioning) -> Self {
-        Self { positive, negative: None }
+        Self { positive, negative: None, channels: None }
     }
 
     /// Model passes a step takes.
@@ -221,9 +245,13 @@ pub fn euler(
     let steps = sigmas.len().saturating_sub(1);
     for (step, pair) in sigmas.windows(2).enumerate() {
         let (s, s_next) = (pair[0], pair[1]);
-        let mut v = model.forward(&x, ids, guide.positive, f64::from(s), step, hooks)?.to_dtype(DType::F32)?;
+        let input = match guide.channels {
+            Some(c) => Tensor::cat(&[&x, &c.to_dtype(DType::F32)?], 2)?,
+            None => x.clone(),
+        };
+        let mut v = model.forward(&input, ids, guide.positive, f64::from(s), step, hooks)?.to_dtype(DType::F32)?;
         if let Some((negative, scale)) = guide.negative {
-            let u = model.forward(&x, ids, negative, f64::from(s), step, hooks)?.to_dtype(DType::F32)?;
+            let u = model.forward(&input, ids, negative, f64::from(s), step, hooks)?.to_dtype(DType::F32)?;
             v = (&u + ((v - &u)? * f64::from(scale))?)?;
         }
         x = (x + (v * f64::from(s_next - s))?)?;
@@ -304,6 +332,20 @@ mod tests {
         assert_eq!(&t[1][..4], &[0.0, 0.0, 0.0, 1.0]);
         assert!(t.iter().all(|tok| tok.chunks(4).all(|c| c == &tok[..4])), "channels differ");
         assert!(latent_mask(&luma[1..], w, h, &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn the_fill_mask_lays_each_8x8_block_out_as_channels() {
+        // 16×16 pixels → 2×2 latent → one token of 4 × 64 values.
+        let mut luma = vec![0u8; 16 * 16];
+        luma[3 * 16 + 5] = 255; // latent (0, 0), offset (py 3, px 5) → channel 29
+        luma[(8 + 1) * 16 + 8 + 2] = 200; // latent (1, 1), offset (1, 2) → channel 10
+        let plane = mask_plane(&luma, 16, 16, &Device::Cpu).unwrap();
+        let token = fill_mask(&plane).unwrap().get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(token.len(), 256);
+        let ones: Vec<usize> = token.iter().enumerate().filter(|(_, &v)| v == 1.0).map(|(i, _)| i).collect();
+        // Packed channel-major: channel c, then (ph, pw) = (0,0) (0,1) (1,0) (1,1).
+        assert_eq!(ones, vec![29 * 4, 10 * 4 + 3]);
     }
 
     #[test]

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""FLUX.1 Fill fixtures: a tiny random Fill transformer (384 input channels:
+the latents, the masked image's latents and the 8×8 mask) with goldens from
+diffusers' `FluxFillPipeline`.
+
+Run after make_img2img_fixtures.py and make_inpaint_fixtures.py (their VAE,
+init image, noise, embeddings and mask), with `pip install torch diffusers safetensors pillow`:
+    python3 tests/reference/make_fill_fixtures.py
+
+- `fill/transformer/`: diffusers `FluxTransformer2DModel.save_pretrained`, bf16,
+  the tiny Flux's sizes with `in_channels` 384 and `out_channels` 64 as FLUX.1-Fill-dev.
+- `fill/golden.safetensors`: `cond`, the pipeline's per-token conditioning
+  (packed masked-image latents, then the packed 8×8 mask: `[1, tokens, 320]`),
+  and `out.S`, its final packed latents at strength S, with the pipeline's
+  noise and VAE sampling replaced by img2img's noise and the distribution's mean.
+"""
+import json
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
+from diffusers.pipelines.flux import pipeline_flux_fill
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parent.parent / "fixtures"
+OUT = ROOT / "fill"
+OUT.mkdir(exist_ok=True)
+torch.manual_seed(51)
+
+CFG = dict(patch_size=1, in_channels=384, out_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
+           num_attention_heads=3, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+           axes_dims_rope=(4, 6, 6))
+model = FluxTransformer2DModel(**CFG).eval()
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if "norm" in name and p.ndim == 1:  # QK-norm scales
+            p.copy_(1.0 + 0.1 * torch.randn_like(p))
+        elif p.ndim == 1:
+            p.copy_(0.05 * torch.randn_like(p))
+        else:
+            p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+model.to(torch.bfloat16).save_pretrained(OUT / "transformer")
+transformer = FluxTransformer2DModel.from_pretrained(OUT / "transformer", torch_dtype=torch.float32).eval()
+
+i2i = load_file(ROOT / "img2img" / "golden.safetensors")
+ref = json.loads((ROOT / "img2img" / "reference.json").read_text())
+W, H = ref["image"]
+vae = AutoencoderKL.from_pretrained(ROOT / "img2img" / "vae", torch_dtype=torch.float32).eval()
+scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json (Fill-dev's too)
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096)
+pipe = FluxFillPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+pipeline_flux_fill.randn_tensor = lambda shape, **_: i2i["pipe.noise"].clone()
+pipeline_flux_fill.retrieve_latents = lambda out, generator=None, sample_mode="sample": out.latent_dist.mode()
+gold = {}
+forward = transformer.forward
+
+
+def capture(*args, hidden_states=None, **kwargs):
+    gold["cond"] = hidden_states[..., 64:].clone()
+    return forward(*args, hidden_states=hidden_states, **kwargs)
+
+
+transformer.forward = capture
+STEPS, GUIDANCE, STRENGTHS = ref["steps"], 30.0, [1.0, 0.6]
+init = Image.open(ROOT / "img2img" / "init.png").convert("RGB")
+for s in STRENGTHS:
+    with torch.no_grad():
+        gold[f"out.{s}"] = pipe(
+            image=init, mask_image=Image.open(ROOT / "inpaint" / "mask.png"), prompt_embeds=i2i["pipe.prompt_embeds"],
+            pooled_prompt_embeds=i2i["pipe.pooled"], width=W, height=H, strength=s, num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE, output_type="latent").images
+
+save_file({k: v.contiguous() for k, v in gold.items()}, OUT / "golden.safetensors")
+(OUT / "reference.json").write_text(json.dumps({
+    "torch": torch.__version__, "diffusers": diffusers.__version__,
+    "image": [W, H], "steps": STEPS, "guidance": GUIDANCE, "strengths": STRENGTHS,
+}, indent=2) + "\n")
+print("wrote", sorted(p.name for p in OUT.iterdir()))
