@@ -345,7 +345,7 @@ mod tests {
         assert_eq!(token.len(), 256);
         let ones: Vec<usize> = token.iter().enumerate().filter(|(_, &v)| v == 1.0).map(|(i, _)| i).collect();
         // Packed channel-major: channel c, then (ph, pw) = (0,0) (0,1) (1,0) (1,1).
-        assert_eq!(ones, vec![29 * 4, 10 * 4 + 3]);
+        assert_eq!(ones, vec![10 * 4 + 3, 29 * 4]);
     }
 
     #[test]
