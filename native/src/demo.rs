@@ -106,6 +106,7 @@ pub fn settings(seed: u64) -> Settings {
         gguf: ipaflux_core::flux::GgufWeights::default(),
         init: None,
         true_cfg: None,
+        kontext: None,
     }
 }
 

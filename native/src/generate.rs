@@ -110,12 +110,12 @@ pub struct InitImage {
     /// Inpainting: what to repaint (white; black is kept), as diffusers'
     /// `FluxInpaintPipeline` reads a mask (resized like the image, then its
     /// luma binarised at one half). `None`: the whole image changes.
-    pub mask: Option<MaskImage>,
+    pub mask: Option<ImageFile>,
 }
 
-/// An inpainting mask's file bytes (PNG, JPEG, WebP; any colour type).
+/// An image file's bytes (PNG, JPEG, WebP; any colour type) and its name for messages.
 #[derive(Clone)]
-pub struct MaskImage {
+pub struct ImageFile {
     pub bytes: Vec<u8>,
     pub name: String,
 }
@@ -163,6 +163,23 @@ pub struct Settings {
     pub init: Option<InitImage>,
     /// True classifier-free guidance with a negative prompt; `None`: the prompt alone.
     pub true_cfg: Option<TrueCfg>,
+    /// FLUX.1 Kontext: the image to edit, whose tokens follow the latents' ([`Kontext`]).
+    pub kontext: Option<Kontext>,
+}
+
+/// FLUX.1 Kontext's image to edit.
+#[derive(Clone)]
+pub struct Kontext {
+    pub image: ImageFile,
+    /// Resize it to the closest of Kontext's trained resolutions first (diffusers' default);
+    /// else it is only cropped down to whole tokens.
+    pub auto_resize: bool,
+}
+
+impl std::fmt::Debug for Kontext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kontext").field("image", &self.image.name).field("auto_resize", &self.auto_resize).finish()
+    }
 }
 
 /// True classifier-free guidance (diffusers' `negative_prompt` and
@@ -263,9 +280,10 @@ fn register_all(reg: &mut Registry, src: &Sources, refs: &[Reference], s: &Setti
         // Blocks are the units Flux is streamed in; 57 for FLUX.1 (+1 for embedders and final layer).
         flux: reg.register(flux)?,
         vae: reg.register(spec("vae", Role::Vae, src.vae.1))?,
-        vae_encoder: match s.init {
-            Some(_) => Some(reg.register(spec("vae-encoder", Role::Vae, src.vae_encoder_bytes))?),
-            None => None,
+        vae_encoder: if s.init.is_some() || s.kontext.is_some() {
+            Some(reg.register(spec("vae-encoder", Role::Vae, src.vae_encoder_bytes))?)
+        } else {
+            None
         },
     })
 }
@@ -362,11 +380,17 @@ pub fn generate(
         )
         .into());
     }
-    if s.init.is_some() && src.vae_encoder_bytes == 0 {
+    if (s.init.is_some() || s.kontext.is_some()) && src.vae_encoder_bytes == 0 {
         return Err(ipaflux_core::Error::Unsupported(
-            "an init image needs the VAE's encoder, and this VAE file has only the decoder: give the whole VAE \
-             (BFL's ae.safetensors, or a diffusers vae/ folder)"
+            "an init or Kontext image needs the VAE's encoder, and this VAE file has only the decoder: give the \
+             whole VAE (BFL's ae.safetensors, or a diffusers vae/ folder)"
                 .into(),
+        )
+        .into());
+    }
+    if fill && s.kontext.is_some() {
+        return Err(ipaflux_core::Error::Unsupported(
+            "a Kontext image goes with FLUX.1 Kontext, not FLUX.1 Fill: give one or the other".into(),
         )
         .into());
     }
@@ -411,16 +435,21 @@ pub fn generate(
     // memory pool kept of them goes back to the driver (a no-op elsewhere).
     release_cache(&mut reg, "text encoders done");
 
-    // Image-to-image: the init image's latents (encoder loaded for this alone).
-    let init_latents = match (&s.init, h.vae_encoder) {
-        (Some(init), Some(encoder)) => {
+    // Image-to-image: the init image's latents; Kontext: its image's (encoder loaded for this alone).
+    let (init_latents, kontext_latents) = match h.vae_encoder {
+        Some(encoder) => {
             job(&mut reg, "init image", (dev, 0), &[encoder.model], later("init image"))?;
-            let latents = timed(&mut stages, "init image encode", || encode_init(src, init, s, fill))?;
+            let latents = timed(&mut stages, "init/Kontext image encode", || {
+                let vae = VaeEncoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
+                let init = s.init.as_ref().map(|init| encode_init(&vae, init, s, fill)).transpose()?;
+                let kontext = s.kontext.as_ref().map(|k| encode_kontext(&vae, k, s)).transpose()?;
+                Ok((init, kontext))
+            })?;
             reg.release(encoder);
-            release_cache(&mut reg, "init image encoded");
-            Some(latents)
+            release_cache(&mut reg, "init/Kontext image encoded");
+            latents
         }
-        _ => None,
+        None => (None, None),
     };
 
     // Reference images → IP image prompt embeddings → per-block K/V (computed
@@ -456,7 +485,7 @@ pub fn generate(
         _ => Vec::new(),
     };
     reg.stream(&plan, (steps_run * s.batch * prompts.len()) as u64);
-    let start = SampleStart { init: init_latents.as_ref(), streamed: &streamed };
+    let start = SampleStart { init: init_latents.as_ref(), kontext: kontext_latents.as_ref(), streamed: &streamed };
     let ip = (referenced.ip, referenced.adapter_dims);
     let latents = timed(&mut stages, "sampling", || sample(src, ip, &texts, s, start, on_step))?;
     if let Some(kv) = kv {
@@ -612,13 +641,12 @@ fn fitted(bytes: &[u8], name: &str, s: &Settings) -> Result<ipaflux_core::prepro
 /// packed latent mask, or for FLUX.1 Fill (`fill`) its conditioning: the
 /// masked image's latents (the image with the repainted part set to 0, mid
 /// gray, as diffusers' `FluxFillPipeline`) and the 8×8 mask.
-fn encode_init(src: &Sources, init: &InitImage, s: &Settings, fill: bool) -> Result<InitLatents> {
+fn encode_init(encoder: &VaeEncoder, init: &InitImage, s: &Settings, fill: bool) -> Result<InitLatents> {
     let pixels = crate::vae::from_rgb8(&fitted(&init.bytes, &init.name, s)?, &s.device)?;
     let luma = match &init.mask {
         Some(m) => Some(ipaflux_core::preprocess::to_luma(&fitted(&m.bytes, &m.name, s)?)),
         None => None,
     };
-    let encoder = VaeEncoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
     let image = sampler::pack(&encoder.encode(&pixels)?)?;
     match luma {
         Some(luma) if fill => {
@@ -636,10 +664,38 @@ fn encode_init(src: &Sources, init: &InitImage, s: &Settings, fill: bool) -> Res
     }
 }
 
-/// Where sampling starts: an init image's latents (or noise alone), and the Flux blocks streamed.
+/// A Kontext image's packed latents and their token positions.
+struct KontextLatents {
+    tokens: Tensor,
+    ids: Vec<[f32; 3]>,
+}
+
+/// The Kontext image → packed latents, at the closest trained resolution
+/// (resized with Lanczos, as diffusers) or its own size cropped to whole tokens.
+fn encode_kontext(encoder: &VaeEncoder, k: &Kontext, s: &Settings) -> Result<KontextLatents> {
+    use ipaflux_core::flux::kontext::{preferred_size, reference_ids};
+    use ipaflux_core::preprocess::{decode_rgb, resize, Resample};
+    let image = decode_rgb(&k.image.bytes, &k.image.name)?;
+    let (w, h) = if k.auto_resize {
+        preferred_size(image.width, image.height)
+    } else {
+        let tile = sampler::PIXELS_PER_TOKEN;
+        (image.width / tile * tile, image.height / tile * tile)
+    };
+    sampler::check_size(w, h)?;
+    let image = if (image.width, image.height) == (w, h) { image } else { resize(&image, w, h, Resample::Lanczos) };
+    tracing::info!(target: "ipaflux::generate", "Kontext image {} at {w}×{h}", k.image.name);
+    let tokens = sampler::pack(&encoder.encode(&crate::vae::from_rgb8(&image, &s.device)?)?)?;
+    let (rows, cols) = sampler::token_grid(w, h);
+    Ok(KontextLatents { tokens, ids: reference_ids(rows, cols) })
+}
+
+/// Where sampling starts: an init image's latents (or noise alone), a Kontext
+/// image's tokens, and the Flux blocks streamed.
 #[derive(Clone, Copy)]
 struct SampleStart<'a> {
     init: Option<&'a InitLatents>,
+    kontext: Option<&'a KontextLatents>,
     streamed: &'a [BlockId],
 }
 
@@ -648,7 +704,7 @@ fn sample(
     (images, adapter_dims): (Vec<IpImage>, Option<IpAdapterDims>),
     texts: &[Conditioning],
     s: &Settings,
-    SampleStart { init, streamed }: SampleStart<'_>,
+    SampleStart { init, kontext, streamed }: SampleStart<'_>,
     on_step: &mut dyn FnMut(StepInfo),
 ) -> Result<Vec<(u64, Tensor)>> {
     let files = (src.flux.0)()?;
@@ -687,9 +743,12 @@ fn sample(
         sigmas.drain(..sampler::img2img_start(s.steps, init.strength)?);
     }
     let channels = init.and_then(|i| i.fill.as_ref());
+    let reference = kontext.map(|k| (&k.tokens, &k.ids[..]));
     let guide = match (texts, &s.true_cfg) {
-        ([positive], None) => Guide { channels, ..Guide::prompt(positive) },
-        ([positive, negative], Some(cfg)) => Guide { positive, negative: Some((negative, cfg.scale)), channels },
+        ([positive], None) => Guide { channels, reference, ..Guide::prompt(positive) },
+        ([positive, negative], Some(cfg)) => {
+            Guide { positive, negative: Some((negative, cfg.scale)), channels, reference }
+        }
         _ => {
             return Err(ipaflux_core::Error::Unsupported("prompt encodings do not match the CFG settings".into()).into())
         }
@@ -783,6 +842,7 @@ pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], loras: &[Flu
             .iter()
             .map(|l| serde_json::json!({"name": l.source_name, "strength": l.strength, "text_strength": l.text_strength}))
             .collect::<Vec<_>>(),
+        "kontext_image": s.kontext.as_ref().map(|k| &k.image.name),
         "init_image": s.init.as_ref().map(|i| {
             serde_json::json!({"name": i.name, "strength": i.strength, "mask": i.mask.as_ref().map(|m| &m.name)})
         }),

@@ -285,10 +285,18 @@ struct GenerateArgs {
     /// diffusers' FluxInpaintPipeline); resized (Lanczos) to the output size like the image.
     #[arg(long, requires = "init_image")]
     mask: Option<PathBuf>,
-    /// Output width [default: 1024, or the init image's]
+    /// FLUX.1 Kontext (give FLUX.1-Kontext-dev as --flux): the image to edit. Its VAE latents follow the
+    /// latents' tokens at every step, as diffusers' FluxKontextPipeline (Kontext-dev is used with --guidance 2.5).
+    #[arg(long)]
+    kontext_image: Option<PathBuf>,
+    /// Resize the Kontext image to the closest of Kontext's trained resolutions first (as diffusers);
+    /// `off` keeps its size, cropped down to multiples of 16.
+    #[arg(long, default_value = "on", requires = "kontext_image")]
+    kontext_auto_resize: OnOff,
+    /// Output width [default: 1024, or the init image's, or the (resized) Kontext image's]
     #[arg(long)]
     width: Option<usize>,
-    /// Output height [default: 1024, or the init image's]
+    /// Output height [default: 1024, or the init image's, or the (resized) Kontext image's]
     #[arg(long)]
     height: Option<usize>,
     #[arg(long, default_value_t = 28)]
@@ -337,20 +345,31 @@ struct GenerateArgs {
 }
 
 /// The output size: as given, else an init image's size rounded down to
-/// multiples of 16 (diffusers' default for image-to-image), else 1024.
+/// multiples of 16 (diffusers' default for image-to-image), else a Kontext
+/// image's as it is encoded (ComfyUI's Kontext workflow), else 1024.
 fn output_size(
     width: Option<usize>,
     height: Option<usize>,
     init: Option<&generate::InitImage>,
+    kontext: Option<&generate::Kontext>,
 ) -> anyhow::Result<(usize, usize)> {
     const DEFAULT_SIDE: usize = 1024;
-    let own = match (init, width.zip(height)) {
-        (Some(i), None) => {
+    let tile = ipaflux_core::flux::sampler::PIXELS_PER_TOKEN;
+    let own = match (init, kontext, width.zip(height)) {
+        (_, _, Some(_)) => None,
+        (Some(i), _, None) => {
             let img = ipaflux_core::preprocess::decode_rgb(&i.bytes, &i.name)?;
-            let tile = ipaflux_core::flux::sampler::PIXELS_PER_TOKEN;
             Some((img.width / tile * tile, img.height / tile * tile))
         }
-        _ => None,
+        (None, Some(k), None) => {
+            let img = ipaflux_core::preprocess::decode_rgb(&k.image.bytes, &k.image.name)?;
+            Some(if k.auto_resize {
+                ipaflux_core::flux::kontext::preferred_size(img.width, img.height)
+            } else {
+                (img.width / tile * tile, img.height / tile * tile)
+            })
+        }
+        (None, None, None) => None,
     };
     let pick = |given: Option<usize>, own: Option<usize>| given.or(own).unwrap_or(DEFAULT_SIDE);
     Ok((pick(width, own.map(|o| o.0)), pick(height, own.map(|o| o.1))))
@@ -426,7 +445,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
             let mask = match &a.mask {
                 Some(m) => {
                     let bytes = std::fs::read(m).with_context(|| format!("{}: cannot read the mask", m.display()))?;
-                    Some(generate::MaskImage { bytes, name: m.display().to_string() })
+                    Some(generate::ImageFile { bytes, name: m.display().to_string() })
                 }
                 None => None,
             };
@@ -439,7 +458,15 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let (width, height) = output_size(a.width, a.height, init.as_ref())?;
+    let kontext = match &a.kontext_image {
+        Some(p) => {
+            let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read the Kontext image", p.display()))?;
+            let image = generate::ImageFile { bytes, name: p.display().to_string() };
+            Some(generate::Kontext { image, auto_resize: a.kontext_auto_resize == OnOff::On })
+        }
+        None => None,
+    };
+    let (width, height) = output_size(a.width, a.height, init.as_ref(), kontext.as_ref())?;
     ipaflux_core::flux::sampler::check_size(width, height)?;
     let steps_run = match &init {
         Some(i) => a.steps - ipaflux_core::flux::sampler::img2img_start(a.steps, i.strength)?,
@@ -510,6 +537,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         gguf: a.gguf_weights.into(),
         init,
         true_cfg,
+        kontext,
     };
     let paths = generate::ModelPaths {
         flux: a.flux,

@@ -433,6 +433,39 @@ fn generate_with_flux_fill() {
 }
 
 #[test]
+fn generate_with_a_kontext_image() {
+    let photo = fixture("images/photo.jpg").display().to_string();
+    let (init, vae) = (fixture("img2img/init.png").display().to_string(), fixture("img2img/ae.safetensors"));
+    let vae = vae.display().to_string();
+    let (plain, edited) = (tmp("gen-kontext-plain.png"), tmp("gen-kontext.png"));
+    let pixels = |p: &PathBuf| png_pixels(&std::fs::read(p).unwrap());
+    let run = |args: Vec<String>| {
+        let o = Command::new(env!("CARGO_BIN_EXE_ipaflux")).args(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let kontext = ["--image", &photo, "--vae", &vae, "--kontext-image", &init, "--kontext-auto-resize", "off"];
+    // Without --width/--height the output takes the Kontext image's size (96×64).
+    let mut args = generate_args(&kontext, &edited);
+    for flag in ["--width", "--height"] {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args.drain(i..i + 2);
+    }
+    run(args);
+    let info = png::Decoder::new(std::io::Cursor::new(std::fs::read(&edited).unwrap())).read_info().unwrap();
+    assert_eq!((info.info().width, info.info().height), (96, 64));
+    run(generate_args(&["--image", &photo, "--vae", &vae, "--width", "96", "--height", "64"], &plain));
+    assert_ne!(pixels(&plain), pixels(&edited), "the Kontext image changed nothing");
+    let png = String::from_utf8_lossy(&std::fs::read(&edited).unwrap()).into_owned();
+    assert!(png.contains("\"kontext_image\":\"") && png.contains("init.png"), "the PNG's parameters name it");
+    // A decoder-only VAE cannot encode it; FLUX.1 Fill does not take it.
+    assert_fails(&generate(&["--image", &photo, "--kontext-image", &init], &plain), &["has only the decoder"]);
+    let (fill, mask) =
+        (fixture("fill/transformer").display().to_string(), fixture("inpaint/mask.png").display().to_string());
+    let with_fill = [&kontext[..], &["--flux", &fill, "--init-image", &init, "--mask", &mask]].concat();
+    assert_fails(&generate(&with_fill, &plain), &["not FLUX.1 Fill"]);
+}
+
+#[test]
 fn generate_with_true_cfg_and_a_negative_prompt() {
     let photo = fixture("images/photo.jpg").display().to_string();
     let (plain, cfg, other) = (tmp("gen-cfg-plain.png"), tmp("gen-cfg-4.png"), tmp("gen-cfg-other.png"));

@@ -44,7 +44,7 @@ fn true_cfg_matches_diffusers_pipeline() {
     for scale in r["scales"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32) {
         // diffusers runs the negative pass only above 1.
         let guide = if scale > 1.0 {
-            Guide { positive: &positive, negative: Some((&negative, scale)), channels: None }
+            Guide { negative: Some((&negative, scale)), ..Guide::prompt(&positive) }
         } else {
             Guide::prompt(&positive)
         };
@@ -56,6 +56,6 @@ fn true_cfg_matches_diffusers_pipeline() {
     // The guidance moves the result well past the tolerance: the negative pass is tested.
     assert!(rel_max_err(&outs[0], &outs[1]) > 100.0 * F32_TOL);
     // Scale 1 with a negative prompt is the prompt alone, up to rounding.
-    let one = run(Guide { positive: &positive, negative: Some((&negative, 1.0)), channels: None });
+    let one = run(Guide { negative: Some((&negative, 1.0)), ..Guide::prompt(&positive) });
     assert_close("true CFG 1 with a negative prompt", &one, &g["out.1.0"], F32_TOL);
 }

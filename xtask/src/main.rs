@@ -328,6 +328,7 @@ fn main() {
             run(&python, &["tests/reference/make_redux_fixtures.py"]);
             run(&python, &["tests/reference/make_inpaint_fixtures.py"]);
             run(&python, &["tests/reference/make_fill_fixtures.py"]);
+            run(&python, &["tests/reference/make_kontext_fixtures.py"]);
             run(&python, &["tests/reference/make_gguf_fixtures.py"]);
         }
         _ => {

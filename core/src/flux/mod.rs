@@ -7,6 +7,7 @@
 //! - [`model`]: the transformer (double and single blocks, RoPE, modulation);
 //! - [`hooks`]: where adapters enter a block, and with what;
 //! - [`ip`]: the InstantX IP-Adapter hook (weights, sigma window, ramp, per-block weights, several images);
+//! - [`kontext`]: FLUX.1 Kontext's reference image tokens (positions, preferred resolutions);
 //! - [`redux`]: FLUX.1 Redux, an image prompt as extra text tokens from SigLIP's token sequence;
 //! - [`sampler`]: seeded noise, packing, Euler (true CFG, image-to-image);
 //! - [`stream`]: running with some blocks not resident (fetched per use from a [`stream::BlockSource`]).
@@ -17,6 +18,7 @@
 pub mod config;
 pub mod hooks;
 pub mod ip;
+pub mod kontext;
 pub mod layout;
 pub mod lora;
 #[cfg(test)]

@@ -213,12 +213,16 @@ pub struct Guide<'a> {
     /// masked image and mask, [`FILL_CONDITION_CHANNELS`]); `None` for a model
     /// that takes the latents alone.
     pub channels: Option<&'a Tensor>,
+    /// Image tokens appended after the latents' at every pass, with their
+    /// positions (FLUX.1 Kontext's reference image, [`super::kontext`]); the
+    /// model's output for them is dropped.
+    pub reference: Option<(&'a Tensor, &'a [[f32; 3]])>,
 }
 
 impl<'a> Guide<'a> {
     /// The prompt alone (Flux-dev's distilled guidance only).
     pub fn prompt(positive: &'a Conditioning) -> Self {
-        Self { positive, negative: None, channels: None }
+        Self { positive, negative: None, channels: None, reference: None }
     }
 
     /// Model passes a step takes.
@@ -243,15 +247,29 @@ pub fn euler(
         Start::Image { image, noise, .. } => noised(image, noise, first)?,
     };
     let steps = sigmas.len().saturating_sub(1);
+    let tokens = x.dim(1)?;
+    let all_ids: Vec<[f32; 3]>;
+    let ids = match guide.reference {
+        Some((_, reference)) => {
+            all_ids = ids.iter().chain(reference).copied().collect();
+            &all_ids[..]
+        }
+        None => ids,
+    };
     for (step, pair) in sigmas.windows(2).enumerate() {
         let (s, s_next) = (pair[0], pair[1]);
-        let input = match guide.channels {
+        let mut input = match guide.channels {
             Some(c) => Tensor::cat(&[&x, &c.to_dtype(DType::F32)?], 2)?,
             None => x.clone(),
         };
-        let mut v = model.forward(&input, ids, guide.positive, f64::from(s), step, hooks)?.to_dtype(DType::F32)?;
+        if let Some((reference, _)) = guide.reference {
+            input = Tensor::cat(&[&input, &reference.to_dtype(DType::F32)?], 1)?;
+        }
+        // The latents' own tokens (a reference image's are dropped).
+        let own = |v: Tensor| -> Result<Tensor> { Ok(v.narrow(1, 0, tokens)?.to_dtype(DType::F32)?) };
+        let mut v = own(model.forward(&input, ids, guide.positive, f64::from(s), step, hooks)?)?;
         if let Some((negative, scale)) = guide.negative {
-            let u = model.forward(&input, ids, negative, f64::from(s), step, hooks)?.to_dtype(DType::F32)?;
+            let u = own(model.forward(&input, ids, negative, f64::from(s), step, hooks)?)?;
             v = (&u + ((v - &u)? * f64::from(scale))?)?;
         }
         x = (x + (v * f64::from(s_next - s))?)?;
