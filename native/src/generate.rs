@@ -357,43 +357,8 @@ pub fn generate(
     s: &Settings,
     on_step: &mut dyn FnMut(StepInfo),
 ) -> Result<Generated> {
-    sampler::check_size(s.width, s.height)?;
-    if s.batch == 0 || s.batch > MAX_BATCH {
-        return Err(ipaflux_core::Error::Unsupported(format!("batch {} is outside 1..={MAX_BATCH}", s.batch)).into());
-    }
+    let fill = check_settings(src, s)?;
     let steps_run = s.steps_run()?;
-    if let Some(cfg) = &s.true_cfg {
-        if !(cfg.scale > 1.0 && cfg.scale <= MAX_TRUE_CFG) {
-            return Err(ipaflux_core::Error::Unsupported(format!(
-                "true CFG scale {} is outside (1, {MAX_TRUE_CFG}]: at 1 the negative prompt has no effect",
-                cfg.scale
-            ))
-            .into());
-        }
-    }
-    let fill = is_fill(src.flux_in_channels)?;
-    if fill && s.init.as_ref().and_then(|i| i.mask.as_ref()).is_none() {
-        return Err(ipaflux_core::Error::Unsupported(
-            "this Flux is FLUX.1 Fill (384 input channels): it repaints the white part of a --mask over an \
-             --init-image; give both"
-                .into(),
-        )
-        .into());
-    }
-    if (s.init.is_some() || s.kontext.is_some()) && src.vae_encoder_bytes == 0 {
-        return Err(ipaflux_core::Error::Unsupported(
-            "an init or Kontext image needs the VAE's encoder, and this VAE file has only the decoder: give the \
-             whole VAE (BFL's ae.safetensors, or a diffusers vae/ folder)"
-                .into(),
-        )
-        .into());
-    }
-    if fill && s.kontext.is_some() {
-        return Err(ipaflux_core::Error::Unsupported(
-            "a Kontext image goes with FLUX.1 Kontext, not FLUX.1 Fill: give one or the other".into(),
-        )
-        .into());
-    }
     let dev = s.device_spec;
     let mut reg = Registry::new(s.registry.clone(), memory_devices(dev, s.vram_budget)?)?;
     let h = register_all(&mut reg, src, refs, s)?;
@@ -414,21 +379,7 @@ pub fn generate(
     job(&mut reg, "text", (dev, 0), &[h.t5.model, h.clip.model], later("text"))?;
     let mut prompts = vec![s.prompt.as_str()];
     prompts.extend(s.true_cfg.as_ref().map(|c| c.negative_prompt.as_str()));
-    let mut texts: Vec<Conditioning> = timed(&mut stages, "text encoders", || {
-        let f = (src.t5.0)()?;
-        if t5_dtype(s.dtype) != s.dtype {
-            tracing::info!(target: "ipaflux::generate", "T5 runs in bf16: it overflows in f16");
-        }
-        let weights = apply_to_text_encoder(&src.loras, TextEncoder::T5, f.weights)?;
-        let mut t5 = T5Encoder::new(&f.config, &weights, &f.tokenizer, s.t5_max_len, t5_dtype(s.dtype), &s.device)?;
-        let txts = prompts.iter().map(|p| Ok(t5.encode(p)?.1)).collect::<Result<Vec<_>>>()?;
-        drop(t5);
-        let f = (src.clip.0)()?;
-        let weights = apply_to_text_encoder(&src.loras, TextEncoder::Clip, f.weights)?;
-        let clip = ClipEncoder::new(&f.config, &weights, &f.tokenizer, s.dtype, &s.device)?;
-        let ys = prompts.iter().map(|p| Ok(clip.encode(p)?.1)).collect::<Result<Vec<_>>>()?;
-        Ok(txts.into_iter().zip(ys).map(|(txt, y)| Conditioning { txt, y, guidance: Some(s.guidance) }).collect())
-    })?;
+    let mut texts = timed(&mut stages, "text encoders", || encode_prompts(src, &prompts, s))?;
     reg.release(h.t5);
     reg.release(h.clip);
     // Each stage's models and activations are dropped by now: what the CUDA
@@ -439,12 +390,7 @@ pub fn generate(
     let (init_latents, kontext_latents) = match h.vae_encoder {
         Some(encoder) => {
             job(&mut reg, "init image", (dev, 0), &[encoder.model], later("init image"))?;
-            let latents = timed(&mut stages, "init/Kontext image encode", || {
-                let vae = VaeEncoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
-                let init = s.init.as_ref().map(|init| encode_init(&vae, init, s, fill)).transpose()?;
-                let kontext = s.kontext.as_ref().map(|k| encode_kontext(&vae, k, s)).transpose()?;
-                Ok((init, kontext))
-            })?;
+            let latents = timed(&mut stages, "init/Kontext image encode", || encode_images(src, s, fill))?;
             reg.release(encoder);
             release_cache(&mut reg, "init/Kontext image encoded");
             latents
@@ -496,20 +442,85 @@ pub fn generate(
 
     // Decode.
     job(&mut reg, "decode", (dev, 0), &[vae_id], later("decode"))?;
-    let images = timed(&mut stages, "vae decode", || {
-        let vae = VaeDecoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
-        let decode = |(seed, latents): (u64, Tensor)| {
-            let img = vae.decode(&sampler::unpack(&latents, s.height / 8, s.width / 8)?)?;
-            let (_, _, rgb) = crate::vae::to_rgb8(&img)?;
-            Ok(Image { seed, rgb })
-        };
-        latents.into_iter().map(decode).collect::<Result<Vec<_>>>()
-    })?;
+    let images = timed(&mut stages, "vae decode", || decode_all(src, latents, s))?;
     reg.release(h.vae);
     release_cache(&mut reg, "decoded");
     reg.audit()?;
     let (width, height) = (s.width, s.height);
     Ok(Generated { width, height, images, timeline: reg.drain_events(), stages, ip_kv_bytes: kv_bytes })
+}
+
+/// The init and Kontext images' latents, with one loaded VAE encoder.
+fn encode_images(src: &Sources, s: &Settings, fill: bool) -> Result<(Option<InitLatents>, Option<KontextLatents>)> {
+    let vae = VaeEncoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
+    let init = s.init.as_ref().map(|init| encode_init(&vae, init, s, fill)).transpose()?;
+    let kontext = s.kontext.as_ref().map(|k| encode_kontext(&vae, k, s)).transpose()?;
+    Ok((init, kontext))
+}
+
+/// Each seed's final latents → its RGB image, with one loaded VAE decoder.
+fn decode_all(src: &Sources, latents: Vec<(u64, Tensor)>, s: &Settings) -> Result<Vec<Image>> {
+    let vae = VaeDecoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
+    let decode = |(seed, latents): (u64, Tensor)| {
+        let img = vae.decode(&sampler::unpack(&latents, s.height / 8, s.width / 8)?)?;
+        let (_, _, rgb) = crate::vae::to_rgb8(&img)?;
+        Ok(Image { seed, rgb })
+    };
+    latents.into_iter().map(decode).collect()
+}
+
+/// Refuses settings that cannot run with these models, before any model is
+/// read; returns whether Flux is FLUX.1 Fill.
+fn check_settings(src: &Sources, s: &Settings) -> Result<bool> {
+    let refuse = |m: String| Err(crate::Error::from(ipaflux_core::Error::Unsupported(m)));
+    sampler::check_size(s.width, s.height)?;
+    if s.batch == 0 || s.batch > MAX_BATCH {
+        return refuse(format!("batch {} is outside 1..={MAX_BATCH}", s.batch));
+    }
+    s.steps_run()?;
+    if let Some(cfg) = s.true_cfg.as_ref().filter(|c| !(c.scale > 1.0 && c.scale <= MAX_TRUE_CFG)) {
+        return refuse(format!(
+            "true CFG scale {} is outside (1, {MAX_TRUE_CFG}]: at 1 the negative prompt has no effect",
+            cfg.scale
+        ));
+    }
+    let fill = is_fill(src.flux_in_channels)?;
+    if fill && s.init.as_ref().and_then(|i| i.mask.as_ref()).is_none() {
+        return refuse(
+            "this Flux is FLUX.1 Fill (384 input channels): it repaints the white part of a --mask over an \
+             --init-image; give both"
+                .into(),
+        );
+    }
+    if (s.init.is_some() || s.kontext.is_some()) && src.vae_encoder_bytes == 0 {
+        return refuse(
+            "an init or Kontext image needs the VAE's encoder, and this VAE file has only the decoder: give the \
+             whole VAE (BFL's ae.safetensors, or a diffusers vae/ folder)"
+                .into(),
+        );
+    }
+    if fill && s.kontext.is_some() {
+        return refuse("a Kontext image goes with FLUX.1 Kontext, not FLUX.1 Fill: give one or the other".into());
+    }
+    Ok(fill)
+}
+
+/// Each prompt's T5 tokens and pooled CLIP vector (T5 dropped before CLIP loads),
+/// with the text encoders' LoRA parts merged.
+fn encode_prompts(src: &Sources, prompts: &[&str], s: &Settings) -> Result<Vec<Conditioning>> {
+    let f = (src.t5.0)()?;
+    if t5_dtype(s.dtype) != s.dtype {
+        tracing::info!(target: "ipaflux::generate", "T5 runs in bf16: it overflows in f16");
+    }
+    let weights = apply_to_text_encoder(&src.loras, TextEncoder::T5, f.weights)?;
+    let mut t5 = T5Encoder::new(&f.config, &weights, &f.tokenizer, s.t5_max_len, t5_dtype(s.dtype), &s.device)?;
+    let txts = prompts.iter().map(|p| Ok(t5.encode(p)?.1)).collect::<Result<Vec<_>>>()?;
+    drop(t5);
+    let f = (src.clip.0)()?;
+    let weights = apply_to_text_encoder(&src.loras, TextEncoder::Clip, f.weights)?;
+    let clip = ClipEncoder::new(&f.config, &weights, &f.tokenizer, s.dtype, &s.device)?;
+    let ys = prompts.iter().map(|p| Ok(clip.encode(p)?.1)).collect::<Result<Vec<_>>>()?;
+    Ok(txts.into_iter().zip(ys).map(|(txt, y)| Conditioning { txt, y, guidance: Some(s.guidance) }).collect())
 }
 
 /// What the references give: the IP-Adapter's per-block K/V, and Redux tokens.
@@ -609,7 +620,7 @@ struct InitLatents {
 }
 
 /// Whether a Flux taking `in_channels` per token is FLUX.1 Fill (else it must take the latents alone).
-fn is_fill(in_channels: usize) -> Result<bool> {
+pub fn is_fill(in_channels: usize) -> Result<bool> {
     let latents = 4 * sampler::LATENT_CHANNELS;
     match in_channels {
         c if c == latents => Ok(false),

@@ -344,6 +344,51 @@ struct GenerateArgs {
     out: PathBuf,
 }
 
+/// An image file read for `what` (named in the error if it cannot be read).
+fn image_file(path: &std::path::Path, what: &str) -> anyhow::Result<generate::ImageFile> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read the {what}", path.display()))?;
+    Ok(generate::ImageFile { bytes, name: path.display().to_string() })
+}
+
+/// `--init-image`, its `--mask` and `--strength` (diffusers' defaults: 0.6 for
+/// image-to-image and inpainting, 1 for FLUX.1 Fill, told by its input channels).
+fn init_image(a: &GenerateArgs) -> anyhow::Result<Option<generate::InitImage>> {
+    let Some(path) = &a.init_image else { return Ok(None) };
+    let image = image_file(path, "init image")?;
+    let mask = a.mask.as_deref().map(|m| image_file(m, "mask")).transpose()?;
+    let fill = generate::is_fill(ipaflux::load::flux_config(&ipaflux::load::resolve_arg(&a.flux)?)?.in_channels)?;
+    let strength = a.strength.unwrap_or(if fill { 1.0 } else { 0.6 });
+    Ok(Some(generate::InitImage { bytes: image.bytes, name: image.name, strength, mask }))
+}
+
+/// The references in order: IP-Adapter images, IP-Adapter embeddings, Redux images.
+fn references(a: &GenerateArgs) -> anyhow::Result<Vec<generate::Reference>> {
+    let weight = |i: usize| if a.ip_weight.len() == 1 { a.ip_weight[0] } else { a.ip_weight[i] };
+    let mut refs = Vec::new();
+    for (i, p) in a.image.iter().enumerate() {
+        let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read the reference image", p.display()))?;
+        refs.push(generate::Reference::Image { bytes, name: p.display().to_string(), weight: weight(i) });
+    }
+    for (j, p) in a.embeds.iter().enumerate() {
+        let t = ipaflux_core::candle_core::safetensors::load(p, &ipaflux_core::candle_core::Device::Cpu)
+            .with_context(|| format!("{}: cannot read embeddings", p.display()))?;
+        let e = t
+            .get("image_prompt_embeds")
+            .with_context(|| format!("{}: no `image_prompt_embeds` tensor", p.display()))?;
+        refs.push(generate::Reference::Embeds {
+            image_prompt_embeds: e.clone(),
+            name: p.display().to_string(),
+            weight: weight(a.image.len() + j),
+        });
+    }
+    for (i, p) in a.redux_image.iter().enumerate() {
+        let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read the Redux image", p.display()))?;
+        let weight = if a.redux_strength.len() == 1 { a.redux_strength[0] } else { a.redux_strength[i] };
+        refs.push(generate::Reference::Redux { bytes, name: p.display().to_string(), weight });
+    }
+    Ok(refs)
+}
+
 /// The output size: as given, else an init image's size rounded down to
 /// multiples of 16 (diffusers' default for image-to-image), else a Kontext
 /// image's as it is encoded (ComfyUI's Kontext workflow), else 1024.
@@ -410,9 +455,8 @@ fn parse_block_weights(s: &str) -> anyhow::Result<Vec<f64>> {
         .collect()
 }
 
-fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
-    let device = a.device.to_candle()?;
-    ipaflux::prepare_device(&device);
+/// The reference options' consistency: each kind has the models it needs, and as many weights as references.
+fn check_reference_args(a: &GenerateArgs) -> anyhow::Result<()> {
     let n_refs = a.image.len() + a.embeds.len();
     if n_refs > 0 && a.ip_adapter.is_none() {
         anyhow::bail!("--image and --embeds need --ip-adapter (InstantX's ip-adapter.bin)");
@@ -439,31 +483,20 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(x) = a.redux_strength.iter().find(|x| !(0.0..=REDUX_STRENGTH_LIMIT).contains(*x)) {
         anyhow::bail!("--redux-strength {x} is outside 0..{REDUX_STRENGTH_LIMIT}");
     }
-    let init = match &a.init_image {
-        Some(p) => {
-            let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read the init image", p.display()))?;
-            let mask = match &a.mask {
-                Some(m) => {
-                    let bytes = std::fs::read(m).with_context(|| format!("{}: cannot read the mask", m.display()))?;
-                    Some(generate::ImageFile { bytes, name: m.display().to_string() })
-                }
-                None => None,
-            };
-            // diffusers' defaults: FluxImg2ImgPipeline/FluxInpaintPipeline 0.6, FluxFillPipeline 1.
-            let fill = ipaflux::load::flux_config(&ipaflux::load::resolve_arg(&a.flux)?)?.in_channels
-                == 4 * ipaflux_core::flux::sampler::LATENT_CHANNELS
-                    + ipaflux_core::flux::sampler::FILL_CONDITION_CHANNELS;
-            let strength = a.strength.unwrap_or(if fill { 1.0 } else { 0.6 });
-            Some(generate::InitImage { bytes, name: p.display().to_string(), strength, mask })
-        }
-        None => None,
-    };
+    Ok(())
+}
+
+/// Everything but the models, from the options (images read, sizes and defaults resolved).
+fn settings_from_args(
+    a: &GenerateArgs,
+    device: &ipaflux_core::candle_core::Device,
+) -> anyhow::Result<generate::Settings> {
+    let init = init_image(a)?;
     let kontext = match &a.kontext_image {
-        Some(p) => {
-            let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read the Kontext image", p.display()))?;
-            let image = generate::ImageFile { bytes, name: p.display().to_string() };
-            Some(generate::Kontext { image, auto_resize: a.kontext_auto_resize == OnOff::On })
-        }
+        Some(p) => Some(generate::Kontext {
+            image: image_file(p, "Kontext image")?,
+            auto_resize: a.kontext_auto_resize == OnOff::On,
+        }),
         None => None,
     };
     let (width, height) = output_size(a.width, a.height, init.as_ref(), kontext.as_ref())?;
@@ -482,35 +515,12 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         ),
         (_, None) => None,
     };
-    let weight = |i: usize| if a.ip_weight.len() == 1 { a.ip_weight[0] } else { a.ip_weight[i] };
-    let mut refs = Vec::new();
-    for (i, p) in a.image.iter().enumerate() {
-        let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read the reference image", p.display()))?;
-        refs.push(generate::Reference::Image { bytes, name: p.display().to_string(), weight: weight(i) });
-    }
-    for (j, p) in a.embeds.iter().enumerate() {
-        let t = ipaflux_core::candle_core::safetensors::load(p, &ipaflux_core::candle_core::Device::Cpu)
-            .with_context(|| format!("{}: cannot read embeddings", p.display()))?;
-        let e = t
-            .get("image_prompt_embeds")
-            .with_context(|| format!("{}: no `image_prompt_embeds` tensor", p.display()))?;
-        refs.push(generate::Reference::Embeds {
-            image_prompt_embeds: e.clone(),
-            name: p.display().to_string(),
-            weight: weight(a.image.len() + j),
-        });
-    }
-    for (i, p) in a.redux_image.iter().enumerate() {
-        let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read the Redux image", p.display()))?;
-        let weight = if a.redux_strength.len() == 1 { a.redux_strength[0] } else { a.redux_strength[i] };
-        refs.push(generate::Reference::Redux { bytes, name: p.display().to_string(), weight });
-    }
     let ip_weight = match (a.weight_start, a.weight_end) {
         // The ramp spans the steps that run (fewer from an init image).
         (Some(s), Some(e)) => generate::ramp(s, e, steps_run),
         _ => ipaflux_core::flux::IpWeight::Constant(1.0),
     };
-    let settings = generate::Settings {
+    Ok(generate::Settings {
         prompt: a.prompt.clone(),
         width,
         height,
@@ -538,7 +548,33 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         init,
         true_cfg,
         kontext,
-    };
+    })
+}
+
+/// What each LoRA covers, as it was read.
+fn print_loras(sources: &generate::Sources, args: &[generate::LoraArg]) {
+    use ipaflux_core::flux::TextEncoder;
+    for (lora, arg) in sources.loras.iter().zip(args) {
+        eprintln!(
+            "LoRA {}: {} modules on {} Flux weights, strength {}",
+            arg.path.display(),
+            lora.modules(),
+            lora.weights().count(),
+            lora.strength
+        );
+        let (clip, t5) = (lora.text_encoder_modules(TextEncoder::Clip), lora.text_encoder_modules(TextEncoder::T5));
+        if clip + t5 > 0 {
+            eprintln!("  text encoders: {clip} CLIP and {t5} T5 modules, strength {}", lora.text_strength);
+        }
+    }
+}
+
+fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let device = a.device.to_candle()?;
+    ipaflux::prepare_device(&device);
+    check_reference_args(&a)?;
+    let settings = settings_from_args(&a, &device)?;
+    let refs = references(&a)?;
     let paths = generate::ModelPaths {
         flux: a.flux,
         t5: a.t5,
@@ -553,20 +589,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         loras: a.lora.clone(),
     };
     let sources = paths.into_sources(device)?;
-    for (lora, arg) in sources.loras.iter().zip(&a.lora) {
-        use ipaflux_core::flux::TextEncoder;
-        eprintln!(
-            "LoRA {}: {} modules on {} Flux weights, strength {}",
-            arg.path.display(),
-            lora.modules(),
-            lora.weights().count(),
-            lora.strength
-        );
-        let (clip, t5) = (lora.text_encoder_modules(TextEncoder::Clip), lora.text_encoder_modules(TextEncoder::T5));
-        if clip + t5 > 0 {
-            eprintln!("  text encoders: {clip} CLIP and {t5} T5 modules, strength {}", lora.text_strength);
-        }
-    }
+    print_loras(&sources, &a.lora);
     let out = run_pipeline(&sources, &refs, &settings, &a.out, a.verbose)?;
     if a.batch == 1 {
         eprintln!("wrote {} ({}×{})", a.out.display(), out.0, out.1);

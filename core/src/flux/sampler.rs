@@ -6,7 +6,8 @@
 //! steps (diffusers' scheduler upcasts the same way); the model runs in its
 //! dtype. Image-to-image starts part-way ([`img2img_start`], [`Start::Image`]);
 //! inpainting also puts the kept part of the image back after every step
-//! ([`latent_mask`]).
+//! ([`latent_mask`]). FLUX.1 Fill's extra input channels and Kontext's
+//! reference tokens ride along each pass ([`Guide`]).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -223,11 +224,6 @@ impl<'a> Guide<'a> {
     /// The prompt alone (Flux-dev's distilled guidance only).
     pub fn prompt(positive: &'a Conditioning) -> Self {
         Self { positive, negative: None, channels: None, reference: None }
-    }
-
-    /// Model passes a step takes.
-    pub fn passes(&self) -> usize {
-        1 + usize::from(self.negative.is_some())
     }
 }
 
