@@ -1,9 +1,10 @@
 //! The full text + image-prompt pipeline: text encoders (the prompt, and a
-//! negative prompt for true classifier-free guidance) → (image-to-image:
-//! the init image's VAE encoding) → reference-image encoding → per-block IP
-//! K/V, and FLUX.1 Redux images' tokens after the prompt's → Flux sampling
-//! with the IP-Adapter hook → VAE decode → PNG. Without references it is
-//! plain Flux. Every model is registered with the memory registry, loaded
+//! negative prompt for true classifier-free guidance) → the VAE encoding of
+//! an init image (image-to-image, inpainting with a mask, FLUX.1 Fill's
+//! conditioning) and of a FLUX.1 Kontext image → reference-image encoding →
+//! per-block IP K/V, and FLUX.1 Redux images' tokens after the prompt's →
+//! Flux sampling with the IP-Adapter hook → VAE decode → PNG. Without
+//! references it is plain Flux. Every model is registered with the memory registry, loaded
 //! for its stage through `load_for_job`, and released after its last use; the
 //! registry's timeline is returned with the image.
 //!

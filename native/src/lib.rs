@@ -6,8 +6,8 @@
 //! ([`generate`], with the text encoders in [`text`], the VAE in [`vae`] and
 //! PNG output in [`png_out`]), the bundled tiny demo ([`demo`]), the CPU
 //! benchmarks ([`bench`], [`bench_flux`]) and the memory plan report ([`plan`]).
-//! Our own numerics live in `ipaflux-core`; T5, CLIP and the VAE decoder are
-//! candle-transformers'; this crate adds IO, timing and the CLI.
+//! Our own numerics live in `ipaflux-core`; T5, CLIP and the VAE's encoder
+//! and decoder are candle-transformers'; this crate adds IO, timing and the CLI.
 
 pub mod bench;
 pub mod bench_flux;
