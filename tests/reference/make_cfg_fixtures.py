@@ -18,21 +18,18 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxPipeline
 from safetensors.torch import save_file
+
+import flux_pipelines
 
 ROOT = Path(__file__).resolve().parent.parent / "fixtures"
 OUT = ROOT / "cfg"
 OUT.mkdir(exist_ok=True)
 torch.manual_seed(31)
 
-transformer = FluxTransformer2DModel.from_pretrained(ROOT / "flux" / "transformer", torch_dtype=torch.float32).eval()
-vae = AutoencoderKL.from_pretrained(ROOT / "img2img" / "vae", torch_dtype=torch.float32).eval()
-scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json
-    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-    base_image_seq_len=256, max_image_seq_len=4096)
-pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                    tokenizer_2=None, transformer=transformer)
+transformer = flux_pipelines.transformer(ROOT / "flux" / "transformer")
+pipe = flux_pipelines.pipeline(FluxPipeline, transformer, flux_pipelines.vae(ROOT / "img2img" / "vae"))
 W, H, STEPS, GUIDANCE = 64, 48, 4, 3.5
 TOKENS, CTX, POOLED = 7, transformer.config.joint_attention_dim, transformer.config.pooled_projection_dim
 gold = {

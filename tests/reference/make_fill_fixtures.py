@@ -19,10 +19,12 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
+from diffusers import FluxFillPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux import pipeline_flux_fill
 from PIL import Image
 from safetensors.torch import load_file, save_file
+
+import flux_pipelines
 
 ROOT = Path(__file__).resolve().parent.parent / "fixtures"
 OUT = ROOT / "fill"
@@ -42,17 +44,12 @@ with torch.no_grad():
         else:
             p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
 model.to(torch.bfloat16).save_pretrained(OUT / "transformer")
-transformer = FluxTransformer2DModel.from_pretrained(OUT / "transformer", torch_dtype=torch.float32).eval()
+transformer = flux_pipelines.transformer(OUT / "transformer")
 
 i2i = load_file(ROOT / "img2img" / "golden.safetensors")
 ref = json.loads((ROOT / "img2img" / "reference.json").read_text())
 W, H = ref["image"]
-vae = AutoencoderKL.from_pretrained(ROOT / "img2img" / "vae", torch_dtype=torch.float32).eval()
-scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json (Fill-dev's too)
-    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-    base_image_seq_len=256, max_image_seq_len=4096)
-pipe = FluxFillPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, transformer=transformer)
+pipe = flux_pipelines.pipeline(FluxFillPipeline, transformer, flux_pipelines.vae(ROOT / "img2img" / "vae"))
 pipeline_flux_fill.randn_tensor = lambda shape, **_: i2i["pipe.noise"].clone()
 pipeline_flux_fill.retrieve_latents = lambda out, generator=None, sample_mode="sample": out.latent_dist.mode()
 gold = {}

@@ -29,11 +29,13 @@ import diffusers
 import numpy as np
 import PIL
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxImg2ImgPipeline
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.pipelines.flux import pipeline_flux_img2img
 from PIL import Image
 from safetensors.torch import save_file
+
+import flux_pipelines
 
 ROOT = Path(__file__).resolve().parent.parent / "fixtures"
 OUT = ROOT / "img2img"
@@ -112,7 +114,7 @@ converted = convert_ldm_vae_checkpoint({k: v.float() for k, v in ae.items()}, va
 assert set(converted) == set(vae.state_dict()), sorted(set(converted) ^ set(vae.state_dict()))[:10]
 vae.load_state_dict(converted)
 vae.half().save_pretrained(OUT / "vae")
-vae = AutoencoderKL.from_pretrained(OUT / "vae", torch_dtype=torch.float32).eval()
+vae = flux_pipelines.vae(OUT / "vae")
 
 # ---------------------------------------------------------------- init image
 W, H = 96, 64
@@ -138,12 +140,8 @@ with torch.no_grad():
     gold["encode.latents"] = (vae.encode(pixels).latent_dist.mode() - SHIFT) * SCALE
 
 # ---------------------------------------------------------------- the img2img pipeline
-transformer = FluxTransformer2DModel.from_pretrained(ROOT / "flux" / "transformer", torch_dtype=torch.float32).eval()
-scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json
-    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-    base_image_seq_len=256, max_image_seq_len=4096)
-pipe = FluxImg2ImgPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                           tokenizer_2=None, transformer=transformer)
+transformer = flux_pipelines.transformer(ROOT / "flux" / "transformer")
+pipe = flux_pipelines.pipeline(FluxImg2ImgPipeline, transformer, vae)
 noise = torch.randn(1, Z, H // 8, W // 8)
 prompt_embeds = torch.randn(1, 7, transformer.config.joint_attention_dim)
 pooled = torch.randn(1, transformer.config.pooled_projection_dim)

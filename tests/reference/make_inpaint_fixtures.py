@@ -23,10 +23,12 @@ import diffusers
 import numpy as np
 import PIL
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxInpaintPipeline, FluxTransformer2DModel
+from diffusers import FluxInpaintPipeline
 from diffusers.pipelines.flux import pipeline_flux_inpaint
 from PIL import Image
 from safetensors.torch import load_file, save_file
+
+import flux_pipelines
 
 ROOT = Path(__file__).resolve().parent.parent / "fixtures"
 OUT = ROOT / "inpaint"
@@ -47,13 +49,8 @@ Image.fromarray(small.astype(np.uint8), "RGB").save(OUT / "mask-small.png", opti
 
 i2i = load_file(ROOT / "img2img" / "golden.safetensors")
 ref = json.loads((ROOT / "img2img" / "reference.json").read_text())
-transformer = FluxTransformer2DModel.from_pretrained(ROOT / "flux" / "transformer", torch_dtype=torch.float32).eval()
-vae = AutoencoderKL.from_pretrained(ROOT / "img2img" / "vae", torch_dtype=torch.float32).eval()
-scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json
-    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-    base_image_seq_len=256, max_image_seq_len=4096)
-pipe = FluxInpaintPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                           tokenizer_2=None, transformer=transformer)
+transformer = flux_pipelines.transformer(ROOT / "flux" / "transformer")
+pipe = flux_pipelines.pipeline(FluxInpaintPipeline, transformer, flux_pipelines.vae(ROOT / "img2img" / "vae"))
 pipeline_flux_inpaint.randn_tensor = lambda shape, **_: i2i["pipe.noise"].clone()
 pipeline_flux_inpaint.retrieve_latents = lambda out, generator=None, sample_mode="sample": out.latent_dist.mode()
 masks = {}

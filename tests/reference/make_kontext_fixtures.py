@@ -21,10 +21,12 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+from diffusers import FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 from PIL import Image
 from safetensors.torch import load_file, save_file
+
+import flux_pipelines
 
 ROOT = Path(__file__).resolve().parent.parent / "fixtures"
 OUT = ROOT / "kontext"
@@ -32,13 +34,8 @@ OUT.mkdir(exist_ok=True)
 torch.manual_seed(61)
 
 i2i = load_file(ROOT / "img2img" / "golden.safetensors")
-transformer = FluxTransformer2DModel.from_pretrained(ROOT / "flux" / "transformer", torch_dtype=torch.float32).eval()
-vae = AutoencoderKL.from_pretrained(ROOT / "img2img" / "vae", torch_dtype=torch.float32).eval()
-scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-Kontext-dev's scheduler_config.json (FLUX.1-dev's)
-    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-    base_image_seq_len=256, max_image_seq_len=4096)
-pipe = FluxKontextPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                           tokenizer_2=None, transformer=transformer)
+transformer = flux_pipelines.transformer(ROOT / "flux" / "transformer")
+pipe = flux_pipelines.pipeline(FluxKontextPipeline, transformer, flux_pipelines.vae(ROOT / "img2img" / "vae"))
 W, H, STEPS, GUIDANCE = 64, 48, 4, 2.5
 gold = {"latents": torch.randn(1, (H // 16) * (W // 16), 64)}
 image = Image.open(ROOT / "img2img" / "init.png").convert("RGB")

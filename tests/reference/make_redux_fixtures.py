@@ -28,12 +28,13 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxPriorReduxPipeline
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxPipeline, FluxPriorReduxPipeline
 from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import SiglipImageProcessor, SiglipVisionModel
+
+import flux_pipelines
 
 ROOT = Path(__file__).resolve().parent.parent / "fixtures"
 OUT = ROOT / "redux"
@@ -42,7 +43,7 @@ torch.manual_seed(41)
 
 siglip = SiglipVisionModel.from_pretrained(ROOT / "siglip-vision", torch_dtype=torch.float32).eval()
 processor = SiglipImageProcessor.from_pretrained(ROOT / "siglip-vision")
-transformer = FluxTransformer2DModel.from_pretrained(ROOT / "flux" / "transformer", torch_dtype=torch.float32).eval()
+transformer = flux_pipelines.transformer(ROOT / "flux" / "transformer")
 CTX, POOLED = transformer.config.joint_attention_dim, transformer.config.pooled_projection_dim
 
 redux = ReduxImageEncoder(redux_dim=siglip.config.hidden_size, txt_in_features=CTX).eval()
@@ -66,12 +67,7 @@ with torch.no_grad():
     gold["siglip_tokens"] = prior.encode_image(image, "cpu", 1)
     gold["tokens"] = prior.image_embedder(gold["siglip_tokens"]).image_embeds
 
-vae = AutoencoderKL.from_pretrained(ROOT / "img2img" / "vae", torch_dtype=torch.float32).eval()
-scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json
-    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-    base_image_seq_len=256, max_image_seq_len=4096)
-pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                    tokenizer_2=None, transformer=transformer)
+pipe = flux_pipelines.pipeline(FluxPipeline, transformer, flux_pipelines.vae(ROOT / "img2img" / "vae"))
 W, H, STEPS, GUIDANCE = 64, 48, 3, 3.5
 gold["prompt_embeds"] = torch.randn(1, 7, CTX)
 gold["pooled"] = torch.randn(1, POOLED)

@@ -6,25 +6,24 @@
 
 use std::collections::HashMap;
 
-use ipaflux::load::{load_flux, load_store, load_vae, vae_file};
+use ipaflux::load::{load_store, load_vae, vae_file};
 use ipaflux::vae::{from_rgb8, VaeDecoder, VaeEncoder};
 use ipaflux_core::candle_core::{DType, Device, Tensor};
-use ipaflux_core::flux::sampler::{self, img_ids, Guide, Start};
-use ipaflux_core::flux::{Conditioning, FluxLoad, FluxModel, GgufWeights, Hooks};
-use ipaflux_core::preprocess::{decode_rgb, resize, Resample, RgbImage};
-use ipaflux_core::schedule::{flux_schedule, Shift};
+use ipaflux_core::flux::sampler::{self, Guide, Start};
+use ipaflux_core::flux::Hooks;
+use ipaflux_core::preprocess::{resize, Resample, RgbImage};
 use ipaflux_tests::*;
 
 fn gold() -> HashMap<String, Tensor> {
-    ipaflux_core::candle_core::safetensors::load(fixture("img2img/golden.safetensors"), &Device::Cpu).unwrap()
+    tensors("img2img/golden.safetensors")
 }
 
 fn reference() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture("img2img/reference.json")).unwrap()).unwrap()
+    json("img2img/reference.json")
 }
 
 fn init_image() -> RgbImage {
-    decode_rgb(&std::fs::read(fixture("img2img/init.png")).unwrap(), "init.png").unwrap()
+    fixture_image("img2img/init.png")
 }
 
 fn encoder(rel: &str) -> VaeEncoder {
@@ -80,50 +79,30 @@ fn the_vae_encoder_matches_diffusers_in_both_layouts() {
 #[test]
 fn img2img_matches_diffusers_pipeline() {
     let (g, r) = (gold(), reference());
-    let (steps, guidance) = (r["steps"].as_u64().unwrap() as usize, r["guidance"].as_f64().unwrap() as f32);
-    let (w, h) = (r["image"][0].as_u64().unwrap() as usize, r["image"][1].as_u64().unwrap() as usize);
-    let dev = Device::Cpu;
-    let files = load_flux(&fixture("flux/flux-tiny-bfl.safetensors")).unwrap();
-    let load = FluxLoad { dtype: DType::F32, device: &dev, streamed: &[], gguf: GgufWeights::Quantized, loras: &[] };
-    let (model, _) = FluxModel::from_store_with(files.weights, Some(vec![4, 6, 6]), &load).unwrap();
-    let image =
-        sampler::pack(&encoder("img2img/ae.safetensors").encode(&from_rgb8(&init_image(), &dev).unwrap()).unwrap())
-            .unwrap();
+    let run = PipelineRun::of(&r);
+    let model = tiny_flux("flux/flux-tiny-bfl.safetensors");
+    let pixels = from_rgb8(&init_image(), &Device::Cpu).unwrap();
+    let image = sampler::pack(&encoder("img2img/ae.safetensors").encode(&pixels).unwrap()).unwrap();
     let noise = sampler::pack(&g["pipe.noise"]).unwrap();
-    let cond =
-        Conditioning { txt: g["pipe.prompt_embeds"].clone(), y: g["pipe.pooled"].clone(), guidance: Some(guidance) };
-    let (rows, cols) = sampler::token_grid(w, h);
-    let decoder = VaeDecoder::new(&load_store(&fixture("img2img/ae.safetensors")).unwrap(), DType::F32, &dev).unwrap();
+    let prompt = run.cond(&g["pipe.prompt_embeds"], &g["pipe.pooled"]);
+    let decoder =
+        VaeDecoder::new(&load_store(&fixture("img2img/ae.safetensors")).unwrap(), DType::F32, &Device::Cpu).unwrap();
     let mut finals = Vec::new();
     for strength in r["strengths"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()) {
-        let mut sigmas = flux_schedule(steps, rows * cols, Shift::DEV);
-        sigmas.drain(..sampler::img2img_start(steps, strength).unwrap());
+        let sigmas = run.sigmas_at(strength);
         let start = Start::Image { image: &image, noise: &noise, mask: None };
         let mut ran = 0;
-        let out = sampler::euler(
-            &model,
-            start,
-            &img_ids(rows, cols),
-            Guide::prompt(&cond),
-            &sigmas,
-            Hooks::none(),
-            &mut |_| ran += 1,
-        )
-        .unwrap();
-        assert_eq!(ran, steps - sampler::img2img_start(steps, strength).unwrap());
-        assert_close(
-            &format!("img2img latents at strength {strength}"),
-            &out,
-            &g[&format!("pipe.latents.{strength}")],
-            F32_TOL,
-        );
-        let decoded = decoder.decode(&sampler::unpack(&out, h / 8, w / 8).unwrap()).unwrap();
-        assert_close(
-            &format!("img2img decoded at strength {strength}"),
-            &decoded,
-            &g[&format!("pipe.decoded.{strength}")],
-            F32_TOL,
-        );
+        let out =
+            sampler::euler(&model, start, &run.ids(), Guide::prompt(&prompt), &sigmas, Hooks::none(), &mut |_| {
+                ran += 1
+            })
+            .unwrap();
+        assert_eq!(ran, run.steps - sampler::img2img_start(run.steps, strength).unwrap());
+        let want = &g[&format!("pipe.latents.{strength}")];
+        assert_close(&format!("img2img latents at strength {strength}"), &out, want, F32_TOL);
+        let decoded = decoder.decode(&sampler::unpack(&out, run.height / 8, run.width / 8).unwrap()).unwrap();
+        let want = &g[&format!("pipe.decoded.{strength}")];
+        assert_close(&format!("img2img decoded at strength {strength}"), &decoded, want, F32_TOL);
         finals.push(out);
     }
     // The two strengths differ by more than the tolerance: the start point is tested.

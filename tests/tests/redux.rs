@@ -7,18 +7,15 @@
 use std::collections::HashMap;
 
 use ipaflux::encode::ImageEncoder;
-use ipaflux::load::{load_flux, load_siglip_dir, load_store, redux_file};
+use ipaflux::load::{load_siglip_dir, load_store, redux_file};
 use ipaflux_core::candle_core::{DType, Device, Tensor};
-use ipaflux_core::flux::sampler::{self, img_ids, Guide, Start};
-use ipaflux_core::flux::{
-    append_image_tokens, Conditioning, FluxLoad, FluxModel, GgufWeights, Hooks, ReduxImageEncoder,
-};
-use ipaflux_core::schedule::{flux_schedule, Shift};
+use ipaflux_core::flux::sampler::{self, Guide, Start};
+use ipaflux_core::flux::{append_image_tokens, Hooks, ReduxImageEncoder};
 use ipaflux_core::Precision;
 use ipaflux_tests::*;
 
 fn gold() -> HashMap<String, Tensor> {
-    ipaflux_core::candle_core::safetensors::load(fixture("redux/golden.safetensors"), &Device::Cpu).unwrap()
+    tensors("redux/golden.safetensors")
 }
 
 fn redux(rel: &str) -> ReduxImageEncoder {
@@ -55,36 +52,28 @@ fn redux_tokens_match_diffusers_in_both_layouts() {
 
 #[test]
 fn sampling_with_redux_tokens_matches_diffusers_pipeline() {
-    let g = gold();
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("redux/reference.json")).unwrap()).unwrap();
-    let (steps, guidance) = (r["steps"].as_u64().unwrap() as usize, r["guidance"].as_f64().unwrap() as f32);
-    let (w, h) = (r["image"][0].as_u64().unwrap() as usize, r["image"][1].as_u64().unwrap() as usize);
-    let strength = r["strength"].as_f64().unwrap();
-    let dev = Device::Cpu;
-    let files = load_flux(&fixture("flux/flux-tiny-bfl.safetensors")).unwrap();
-    let load = FluxLoad { dtype: DType::F32, device: &dev, streamed: &[], gguf: GgufWeights::Quantized, loras: &[] };
-    let (model, _) = FluxModel::from_store_with(files.weights, Some(vec![4, 6, 6]), &load).unwrap();
+    let (g, r) = (gold(), json("redux/reference.json"));
+    let run = PipelineRun::of(&r);
+    let model = tiny_flux("flux/flux-tiny-bfl.safetensors");
     let tokens = redux("redux/flux1-redux-tiny.safetensors").forward(&siglip_tokens()).unwrap();
-    let txt = append_image_tokens(&g["prompt_embeds"], &[(tokens, strength)]).unwrap();
+    let txt = append_image_tokens(&g["prompt_embeds"], &[(tokens, r["strength"].as_f64().unwrap())]).unwrap();
     assert_eq!(txt.dims(), &[1, 7 + 729, 64]);
-    let (rows, cols) = sampler::token_grid(w, h);
-    let sigmas = flux_schedule(steps, rows * cols, Shift::DEV);
-    let sample = |txt: Tensor| {
-        let cond = Conditioning { txt, y: g["pooled"].clone(), guidance: Some(guidance) };
+    let (ids, sigmas) = (run.ids(), run.sigmas());
+    let sample = |txt: &Tensor| {
+        let prompt = run.cond(txt, &g["pooled"]);
         sampler::euler(
             &model,
             Start::Noise(&g["latents"]),
-            &img_ids(rows, cols),
-            Guide::prompt(&cond),
+            &ids,
+            Guide::prompt(&prompt),
             &sigmas,
             Hooks::none(),
             &mut |_| {},
         )
         .unwrap()
     };
-    let out = sample(txt);
+    let out = sample(&txt);
     assert_close("Flux with Redux tokens", &out, &g["out"], F32_TOL);
     // The tokens move the result well past the tolerance.
-    assert!(rel_max_err(&sample(g["prompt_embeds"].clone()), &g["out"]) > 100.0 * F32_TOL);
+    assert!(rel_max_err(&sample(&g["prompt_embeds"]), &g["out"]) > 100.0 * F32_TOL);
 }
