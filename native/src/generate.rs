@@ -902,14 +902,15 @@ impl ModelPaths {
         let redux = self.redux.as_deref().map(|p| load::redux_file(&load::resolve_arg(p)?)).transpose()?;
         let siglip = self.siglip.as_deref().map(load::resolve_arg).transpose()?;
         let flux_head_dim = load::flux_head_dim(&flux)?;
-        let flux_in_channels = load::flux_config(&flux)?.in_channels;
+        // Sizes from the header, read once: input channels, LoRA and Redux checks.
+        let flux_cfg = load::flux_config(&flux)?;
+        let flux_in_channels = flux_cfg.in_channels;
         let flux_units = load::flux_units(&flux)?;
         let loras = if self.loras.is_empty() {
             Vec::new()
         } else {
-            let cfg = load::flux_config(&flux)?;
             let read = |a: &LoraArg| {
-                let mut lora = load::load_lora(&a.path, &cfg, a.strength)?;
+                let mut lora = load::load_lora(&a.path, &flux_cfg, a.strength)?;
                 lora.text_strength = a.text_strength;
                 Ok(lora)
             };
@@ -941,7 +942,7 @@ impl ModelPaths {
             Some(path) => {
                 // Checked from its header now: a wrong file fails before any model runs.
                 let dims = ReduxDims::infer(&load::load_store(&path)?)?;
-                let context = load::flux_config(&flux)?.context_in_dim;
+                let context = flux_cfg.context_in_dim;
                 if dims.context_dim != context {
                     return Err(ipaflux_core::Error::Shape(format!(
                         "{}: the Redux model makes {}-wide tokens but this Flux takes {context}-wide text tokens",
