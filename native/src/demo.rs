@@ -107,6 +107,7 @@ pub fn settings(seed: u64) -> Settings {
         init: None,
         true_cfg: None,
         kontext: None,
+        control: None,
     }
 }
 

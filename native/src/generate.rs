@@ -1,7 +1,8 @@
 //! The full text + image-prompt pipeline: text encoders (the prompt, and a
 //! negative prompt for true classifier-free guidance) → the VAE encoding of
 //! an init image (image-to-image, inpainting with a mask, FLUX.1 Fill's
-//! conditioning) and of a FLUX.1 Kontext image → reference-image encoding →
+//! conditioning), of a FLUX.1 Kontext image and of a FLUX.1 Canny/Depth
+//! control image → reference-image encoding →
 //! per-block IP K/V, and FLUX.1 Redux images' tokens after the prompt's →
 //! Flux sampling with the IP-Adapter hook → VAE decode → PNG. Without
 //! references it is plain Flux. Every model is registered with the memory registry, loaded
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use ipaflux_core::candle_core::{DType, Device, Tensor};
 use ipaflux_core::flux::ip::{check_compatible, IpAdapterHook, IpHookConfig, IpImage, IpWeight};
 use ipaflux_core::flux::lora::{apply_to_text_encoder, TextEncoder};
-use ipaflux_core::flux::sampler::{self, Guide, Start, StepInfo};
+use ipaflux_core::flux::sampler::{self, FluxVariant, Guide, Start, StepInfo};
 use ipaflux_core::flux::{
     append_image_tokens, BlockId, BlockSource, Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights, Hooks,
     HostBlocks, ReduxDims, ReduxImageEncoder,
@@ -63,7 +64,8 @@ pub struct Sources {
     pub ip_adapter: Option<(LoadFn<TensorStore>, u64)>,
     /// The FLUX.1 Redux image embedder; `None`: no Redux images.
     pub redux: Option<(LoadFn<TensorStore>, u64)>,
-    /// Flux's input channels per token (64; FLUX.1 Fill's 384), from the checkpoint header.
+    /// Flux's input channels per token (64; FLUX.1 Canny/Depth's 128, Fill's
+    /// 384: [`FluxVariant`]), from the checkpoint header.
     pub flux_in_channels: usize,
     /// Flux's attention head size (128 for FLUX.1), read from the checkpoint header:
     /// the IP K/V are split into heads before Flux itself is loaded.
@@ -121,6 +123,12 @@ pub struct ImageFile {
     pub name: String,
 }
 
+impl std::fmt::Debug for ImageFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageFile").field("name", &self.name).field("bytes", &self.bytes.len()).finish()
+    }
+}
+
 impl std::fmt::Debug for InitImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InitImage")
@@ -166,6 +174,11 @@ pub struct Settings {
     pub true_cfg: Option<TrueCfg>,
     /// FLUX.1 Kontext: the image to edit, whose tokens follow the latents' ([`Kontext`]).
     pub kontext: Option<Kontext>,
+    /// FLUX.1 Canny/Depth: the control image (an edge or depth map, made by
+    /// the user's preprocessor), resized to the output size (Lanczos) as
+    /// diffusers' `FluxControlPipeline` does; its VAE latents go in as extra
+    /// input channels at every pass. Works with an init image and a mask too.
+    pub control: Option<ImageFile>,
 }
 
 /// FLUX.1 Kontext's image to edit.
@@ -197,6 +210,11 @@ pub struct TrueCfg {
 pub const MAX_TRUE_CFG: f32 = 100.0;
 
 impl Settings {
+    /// Whether an image is VAE-encoded (an init, Kontext or control image).
+    pub fn encodes_images(&self) -> bool {
+        self.init.is_some() || self.kontext.is_some() || self.control.is_some()
+    }
+
     /// Sampler steps each image runs: `steps`, fewer from an init image.
     pub fn steps_run(&self) -> Result<usize> {
         match &self.init {
@@ -281,7 +299,7 @@ fn register_all(reg: &mut Registry, src: &Sources, refs: &[Reference], s: &Setti
         // Blocks are the units Flux is streamed in; 57 for FLUX.1 (+1 for embedders and final layer).
         flux: reg.register(flux)?,
         vae: reg.register(spec("vae", Role::Vae, src.vae.1))?,
-        vae_encoder: if s.init.is_some() || s.kontext.is_some() {
+        vae_encoder: if s.encodes_images() {
             Some(reg.register(spec("vae-encoder", Role::Vae, src.vae_encoder_bytes))?)
         } else {
             None
@@ -358,7 +376,7 @@ pub fn generate(
     s: &Settings,
     on_step: &mut dyn FnMut(StepInfo),
 ) -> Result<Generated> {
-    let fill = check_settings(src, s)?;
+    let variant = check_settings(src, s)?;
     let steps_run = s.steps_run()?;
     let dev = s.device_spec;
     let mut reg = Registry::new(s.registry.clone(), memory_devices(dev, s.vram_budget)?)?;
@@ -387,16 +405,17 @@ pub fn generate(
     // memory pool kept of them goes back to the driver (a no-op elsewhere).
     release_cache(&mut reg, "text encoders done");
 
-    // Image-to-image: the init image's latents; Kontext: its image's (encoder loaded for this alone).
-    let (init_latents, kontext_latents) = match h.vae_encoder {
+    // Image-to-image: the init image's latents; Kontext's and a control
+    // image's latents (the encoder loaded for this alone).
+    let encoded = match h.vae_encoder {
         Some(encoder) => {
-            job(&mut reg, "init image", (dev, 0), &[encoder.model], later("init image"))?;
-            let latents = timed(&mut stages, "init/Kontext image encode", || encode_images(src, s, fill))?;
+            job(&mut reg, "image latents", (dev, 0), &[encoder.model], later("image latents"))?;
+            let latents = timed(&mut stages, "vae encode", || encode_images(src, s, variant))?;
             reg.release(encoder);
-            release_cache(&mut reg, "init/Kontext image encoded");
+            release_cache(&mut reg, "init, Kontext and control images encoded");
             latents
         }
-        None => (None, None),
+        None => Encoded::default(),
     };
 
     // Reference images → IP image prompt embeddings → per-block K/V (computed
@@ -432,7 +451,7 @@ pub fn generate(
         _ => Vec::new(),
     };
     reg.stream(&plan, (steps_run * s.batch * prompts.len()) as u64);
-    let start = SampleStart { init: init_latents.as_ref(), kontext: kontext_latents.as_ref(), streamed: &streamed };
+    let start = SampleStart { encoded: &encoded, streamed: &streamed };
     let ip = (referenced.ip, referenced.adapter_dims);
     let latents = timed(&mut stages, "sampling", || sample(src, ip, &texts, s, start, on_step))?;
     if let Some(kv) = kv {
@@ -451,12 +470,33 @@ pub fn generate(
     Ok(Generated { width, height, images, timeline: reg.drain_events(), stages, ip_kv_bytes: kv_bytes })
 }
 
-/// The init and Kontext images' latents, with one loaded VAE encoder.
-fn encode_images(src: &Sources, s: &Settings, fill: bool) -> Result<(Option<InitLatents>, Option<KontextLatents>)> {
+/// What the VAE encoder makes of the init, Kontext and control images.
+#[derive(Default)]
+struct Encoded {
+    init: Option<InitLatents>,
+    kontext: Option<KontextLatents>,
+    /// FLUX.1 Canny/Depth's packed control latents `[1, tokens, 64]`.
+    control: Option<Tensor>,
+}
+
+impl Encoded {
+    /// The extra input channels of every pass: Fill's conditioning or the control latents.
+    fn channels(&self) -> Option<&Tensor> {
+        self.init.as_ref().and_then(|i| i.fill.as_ref()).or(self.control.as_ref())
+    }
+}
+
+/// The init, Kontext and control images' latents, with one loaded VAE encoder.
+fn encode_images(src: &Sources, s: &Settings, variant: FluxVariant) -> Result<Encoded> {
     let vae = VaeEncoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
+    let fill = variant == FluxVariant::Fill;
     let init = s.init.as_ref().map(|init| encode_init(&vae, init, s, fill)).transpose()?;
     let kontext = s.kontext.as_ref().map(|k| encode_kontext(&vae, k, s)).transpose()?;
-    Ok((init, kontext))
+    let control = match &s.control {
+        Some(c) => Some(control_latents(&vae, c, (s.width, s.height), &s.device)?),
+        None => None,
+    };
+    Ok(Encoded { init, kontext, control })
 }
 
 /// Each seed's final latents → its RGB image, with one loaded VAE decoder.
@@ -471,8 +511,8 @@ fn decode_all(src: &Sources, latents: Vec<(u64, Tensor)>, s: &Settings) -> Resul
 }
 
 /// Refuses settings that cannot run with these models, before any model is
-/// read; returns whether Flux is FLUX.1 Fill.
-fn check_settings(src: &Sources, s: &Settings) -> Result<bool> {
+/// read; returns what Flux takes besides the latents.
+fn check_settings(src: &Sources, s: &Settings) -> Result<FluxVariant> {
     let refuse = |m: String| Err(crate::Error::from(ipaflux_core::Error::Unsupported(m)));
     sampler::check_size(s.width, s.height)?;
     if s.batch == 0 || s.batch > MAX_BATCH {
@@ -485,7 +525,8 @@ fn check_settings(src: &Sources, s: &Settings) -> Result<bool> {
             cfg.scale
         ));
     }
-    let fill = is_fill(src.flux_in_channels)?;
+    let variant = FluxVariant::from_in_channels(src.flux_in_channels)?;
+    let fill = variant == FluxVariant::Fill;
     if fill && s.init.as_ref().and_then(|i| i.mask.as_ref()).is_none() {
         return refuse(
             "this Flux is FLUX.1 Fill (384 input channels): it repaints the white part of a --mask over an \
@@ -493,17 +534,34 @@ fn check_settings(src: &Sources, s: &Settings) -> Result<bool> {
                 .into(),
         );
     }
-    if (s.init.is_some() || s.kontext.is_some()) && src.vae_encoder_bytes == 0 {
+    match (variant, &s.control) {
+        (FluxVariant::Control, None) => {
+            return refuse(
+                "this Flux is FLUX.1 Canny/Depth (128 input channels): give the --control-image it follows (an \
+                 edge or depth map)"
+                    .into(),
+            )
+        }
+        (FluxVariant::Base | FluxVariant::Fill, Some(c)) => {
+            return refuse(format!(
+                "{}: a control image goes with FLUX.1 Canny or Depth (128 input channels), and this Flux takes {}",
+                c.name, src.flux_in_channels
+            ))
+        }
+        _ => {}
+    }
+    if s.encodes_images() && src.vae_encoder_bytes == 0 {
         return refuse(
-            "an init or Kontext image needs the VAE's encoder, and this VAE file has only the decoder: give the \
-             whole VAE (BFL's ae.safetensors, or a diffusers vae/ folder)"
+            "an init, Kontext or control image needs the VAE's encoder, and this VAE file has only the decoder: \
+             give the whole VAE (BFL's ae.safetensors, or a diffusers vae/ folder)"
                 .into(),
         );
     }
-    if fill && s.kontext.is_some() {
-        return refuse("a Kontext image goes with FLUX.1 Kontext, not FLUX.1 Fill: give one or the other".into());
+    if s.kontext.is_some() && variant != FluxVariant::Base {
+        let name = if fill { "FLUX.1 Fill" } else { "FLUX.1 Canny/Depth" };
+        return refuse(format!("a Kontext image goes with FLUX.1 Kontext, not {name}: give one or the other"));
     }
-    Ok(fill)
+    Ok(variant)
 }
 
 /// Each prompt's T5 tokens and pooled CLIP vector (T5 dropped before CLIP loads),
@@ -620,33 +678,33 @@ struct InitLatents {
     fill: Option<Tensor>,
 }
 
-/// Whether a Flux taking `in_channels` per token is FLUX.1 Fill (else it must take the latents alone).
-pub fn is_fill(in_channels: usize) -> Result<bool> {
-    let latents = 4 * sampler::LATENT_CHANNELS;
-    match in_channels {
-        c if c == latents => Ok(false),
-        c if c == latents + sampler::FILL_CONDITION_CHANNELS => Ok(true),
-        c => Err(ipaflux_core::Error::Unsupported(format!(
-            "this Flux takes {c} input channels per token: FLUX.1 [dev]/[schnell] take {latents}, FLUX.1 Fill {}",
-            latents + sampler::FILL_CONDITION_CHANNELS
-        ))
-        .into()),
-    }
+/// FLUX.1 Canny/Depth's conditioning: the control image at the output size
+/// (`width × height`, Lanczos when it differs) → its packed VAE latents
+/// `[1, tokens, 64]`, as diffusers' `FluxControlPipeline` (with the mean).
+pub fn control_latents(
+    encoder: &VaeEncoder,
+    control: &ImageFile,
+    (width, height): (usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
+    let image = fitted(&control.bytes, &control.name, width, height)?;
+    Ok(sampler::pack(&encoder.encode(&crate::vae::from_rgb8(&image, device)?)?)?)
 }
 
-/// A picture at the output size: as decoded, or resized with Lanczos (as diffusers fits init images and masks).
-fn fitted(bytes: &[u8], name: &str, s: &Settings) -> Result<ipaflux_core::preprocess::RgbImage> {
+/// A picture at the output size: as decoded, or resized with Lanczos (as
+/// diffusers fits init images, masks and control images).
+fn fitted(bytes: &[u8], name: &str, width: usize, height: usize) -> Result<ipaflux_core::preprocess::RgbImage> {
     use ipaflux_core::preprocess::{decode_rgb, resize, Resample};
     let image = decode_rgb(bytes, name)?;
-    if (image.width, image.height) == (s.width, s.height) {
+    if (image.width, image.height) == (width, height) {
         return Ok(image);
     }
     tracing::info!(
         target: "ipaflux::generate",
         "{name} is {}×{}: resized to {}×{} (Lanczos)",
-        image.width, image.height, s.width, s.height
+        image.width, image.height, width, height
     );
-    Ok(resize(&image, s.width, s.height, Resample::Lanczos))
+    Ok(resize(&image, width, height, Resample::Lanczos))
 }
 
 /// The init image → packed latents at the output size, and its mask → the
@@ -654,9 +712,9 @@ fn fitted(bytes: &[u8], name: &str, s: &Settings) -> Result<ipaflux_core::prepro
 /// masked image's latents (the image with the repainted part set to 0, mid
 /// gray, as diffusers' `FluxFillPipeline`) and the 8×8 mask.
 fn encode_init(encoder: &VaeEncoder, init: &InitImage, s: &Settings, fill: bool) -> Result<InitLatents> {
-    let pixels = crate::vae::from_rgb8(&fitted(&init.bytes, &init.name, s)?, &s.device)?;
+    let pixels = crate::vae::from_rgb8(&fitted(&init.bytes, &init.name, s.width, s.height)?, &s.device)?;
     let luma = match &init.mask {
-        Some(m) => Some(ipaflux_core::preprocess::to_luma(&fitted(&m.bytes, &m.name, s)?)),
+        Some(m) => Some(ipaflux_core::preprocess::to_luma(&fitted(&m.bytes, &m.name, s.width, s.height)?)),
         None => None,
     };
     let image = sampler::pack(&encoder.encode(&pixels)?)?;
@@ -702,12 +760,11 @@ fn encode_kontext(encoder: &VaeEncoder, k: &Kontext, s: &Settings) -> Result<Kon
     Ok(KontextLatents { tokens, ids: reference_ids(rows, cols) })
 }
 
-/// Where sampling starts: an init image's latents (or noise alone), a Kontext
-/// image's tokens, and the Flux blocks streamed.
+/// Where sampling starts: the encoded images (an init image's latents, else
+/// noise alone; Kontext's tokens; extra input channels), and the Flux blocks streamed.
 #[derive(Clone, Copy)]
 struct SampleStart<'a> {
-    init: Option<&'a InitLatents>,
-    kontext: Option<&'a KontextLatents>,
+    encoded: &'a Encoded,
     streamed: &'a [BlockId],
 }
 
@@ -716,7 +773,7 @@ fn sample(
     (images, adapter_dims): (Vec<IpImage>, Option<IpAdapterDims>),
     texts: &[Conditioning],
     s: &Settings,
-    SampleStart { init, kontext, streamed }: SampleStart<'_>,
+    SampleStart { encoded, streamed }: SampleStart<'_>,
     on_step: &mut dyn FnMut(StepInfo),
 ) -> Result<Vec<(u64, Tensor)>> {
     let files = (src.flux.0)()?;
@@ -754,8 +811,8 @@ fn sample(
     if let Some(init) = &s.init {
         sigmas.drain(..sampler::img2img_start(s.steps, init.strength)?);
     }
-    let channels = init.and_then(|i| i.fill.as_ref());
-    let reference = kontext.map(|k| (&k.tokens, &k.ids[..]));
+    let channels = encoded.channels();
+    let reference = encoded.kontext.as_ref().map(|k| (&k.tokens, &k.ids[..]));
     let guide = match (texts, &s.true_cfg) {
         ([positive], None) => Guide { channels, reference, ..Guide::prompt(positive) },
         ([positive, negative], Some(cfg)) => {
@@ -770,7 +827,7 @@ fn sample(
     seeds(s)
         .map(|seed| {
             let noise = sampler::pack(&sampler::noise(seed, s.width, s.height, &s.device)?)?;
-            let start = match init {
+            let start = match &encoded.init {
                 Some(i) => Start::Image { image: &i.image, noise: &noise, mask: i.mask.as_ref() },
                 None => Start::Noise(&noise),
             };
@@ -855,6 +912,7 @@ pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], loras: &[Flu
             .map(|l| serde_json::json!({"name": l.source_name, "strength": l.strength, "text_strength": l.text_strength}))
             .collect::<Vec<_>>(),
         "kontext_image": s.kontext.as_ref().map(|k| &k.image.name),
+        "control_image": s.control.as_ref().map(|c| &c.name),
         "init_image": s.init.as_ref().map(|i| {
             serde_json::json!({"name": i.name, "strength": i.strength, "mask": i.mask.as_ref().map(|m| &m.name)})
         }),

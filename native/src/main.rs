@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ipaflux::{bench, bench_flux, bench_webgpu, demo, encode, generate, gpu_check, load, plan, png_out};
+use ipaflux_core::flux::sampler::FluxVariant;
 use ipaflux_core::registry::{parse_bytes, scenario, EvictionPolicy, RegistryConfig, VramState};
 use ipaflux_core::{DeviceSpec, Precision};
 
@@ -293,10 +294,16 @@ struct GenerateArgs {
     /// `off` keeps its size, cropped down to multiples of 16.
     #[arg(long, default_value = "on", requires = "kontext_image")]
     kontext_auto_resize: OnOff,
-    /// Output width [default: 1024, or the init image's, or the (resized) Kontext image's]
+    /// FLUX.1 Canny or Depth (give FLUX.1-Canny-dev or -Depth-dev as --flux): the control image, an
+    /// edge or depth map made by your preprocessor (as diffusers' FluxControlPipeline takes it). It is
+    /// resized (Lanczos) to the output size and its VAE latents go in beside the latents at every step
+    /// (the models are used with --guidance 30 for Canny, 10 for Depth). Works with --init-image and --mask.
+    #[arg(long)]
+    control_image: Option<PathBuf>,
+    /// Output width [default: 1024, or the init image's, the (resized) Kontext image's or the control image's]
     #[arg(long)]
     width: Option<usize>,
-    /// Output height [default: 1024, or the init image's, or the (resized) Kontext image's]
+    /// Output height [default: 1024, or the init image's, the (resized) Kontext image's or the control image's]
     #[arg(long)]
     height: Option<usize>,
     #[arg(long, default_value_t = 28)]
@@ -356,7 +363,8 @@ fn init_image(a: &GenerateArgs) -> anyhow::Result<Option<generate::InitImage>> {
     let Some(path) = &a.init_image else { return Ok(None) };
     let image = image_file(path, "init image")?;
     let mask = a.mask.as_deref().map(|m| image_file(m, "mask")).transpose()?;
-    let fill = generate::is_fill(ipaflux::load::flux_config(&ipaflux::load::resolve_arg(&a.flux)?)?.in_channels)?;
+    let in_channels = ipaflux::load::flux_config(&ipaflux::load::resolve_arg(&a.flux)?)?.in_channels;
+    let fill = FluxVariant::from_in_channels(in_channels)? == FluxVariant::Fill;
     let strength = a.strength.unwrap_or(if fill { 1.0 } else { 0.6 });
     Ok(Some(generate::InitImage { bytes: image.bytes, name: image.name, strength, mask }))
 }
@@ -391,29 +399,28 @@ fn references(a: &GenerateArgs) -> anyhow::Result<Vec<generate::Reference>> {
 
 /// The output size: as given, else an init image's size rounded down to
 /// multiples of 16 (diffusers' default for image-to-image), else a Kontext
-/// image's as it is encoded (ComfyUI's Kontext workflow), else 1024.
+/// image's as it is encoded (ComfyUI's Kontext workflow), else a control
+/// image's rounded down, else 1024.
 fn output_size(
     width: Option<usize>,
     height: Option<usize>,
-    init: Option<&generate::InitImage>,
-    kontext: Option<&generate::Kontext>,
+    images: (Option<&generate::InitImage>, Option<&generate::Kontext>, Option<&generate::ImageFile>),
 ) -> anyhow::Result<(usize, usize)> {
     const DEFAULT_SIDE: usize = 1024;
     let tile = ipaflux_core::flux::sampler::PIXELS_PER_TOKEN;
-    let own = match (init, kontext, width.zip(height)) {
-        (_, _, Some(_)) => None,
-        (Some(i), _, None) => {
-            let img = ipaflux_core::preprocess::decode_rgb(&i.bytes, &i.name)?;
-            Some((img.width / tile * tile, img.height / tile * tile))
+    let size = |bytes: &[u8], name: &str| -> anyhow::Result<(usize, usize)> {
+        let img = ipaflux_core::preprocess::decode_rgb(bytes, name)?;
+        Ok((img.width, img.height))
+    };
+    let whole_tokens = |(w, h): (usize, usize)| (w / tile * tile, h / tile * tile);
+    let own = match images {
+        _ if width.is_some() && height.is_some() => None,
+        (Some(i), _, _) => Some(whole_tokens(size(&i.bytes, &i.name)?)),
+        (None, Some(k), _) => {
+            let (w, h) = size(&k.image.bytes, &k.image.name)?;
+            Some(if k.auto_resize { ipaflux_core::flux::kontext::preferred_size(w, h) } else { whole_tokens((w, h)) })
         }
-        (None, Some(k), None) => {
-            let img = ipaflux_core::preprocess::decode_rgb(&k.image.bytes, &k.image.name)?;
-            Some(if k.auto_resize {
-                ipaflux_core::flux::kontext::preferred_size(img.width, img.height)
-            } else {
-                (img.width / tile * tile, img.height / tile * tile)
-            })
-        }
+        (None, None, Some(c)) => Some(whole_tokens(size(&c.bytes, &c.name)?)),
         (None, None, None) => None,
     };
     let pick = |given: Option<usize>, own: Option<usize>| given.or(own).unwrap_or(DEFAULT_SIDE);
@@ -499,7 +506,8 @@ fn settings_from_args(
         }),
         None => None,
     };
-    let (width, height) = output_size(a.width, a.height, init.as_ref(), kontext.as_ref())?;
+    let control = a.control_image.as_deref().map(|p| image_file(p, "control image")).transpose()?;
+    let (width, height) = output_size(a.width, a.height, (init.as_ref(), kontext.as_ref(), control.as_ref()))?;
     ipaflux_core::flux::sampler::check_size(width, height)?;
     let steps_run = match &init {
         Some(i) => a.steps - ipaflux_core::flux::sampler::img2img_start(a.steps, i.strength)?,
@@ -548,6 +556,7 @@ fn settings_from_args(
         init,
         true_cfg,
         kontext,
+        control,
     })
 }
 

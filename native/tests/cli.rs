@@ -433,6 +433,50 @@ fn generate_with_flux_fill() {
 }
 
 #[test]
+fn generate_with_flux_control() {
+    let f = |r: &str| fixture(r).display().to_string();
+    let (control_flux, vae, edges) = (f("control/transformer"), f("img2img/ae.safetensors"), f("control/control.png"));
+    let (init, mask) = (f("img2img/init.png"), f("inpaint/mask.png"));
+    let (a, b) = (tmp("gen-control-a.png"), tmp("gen-control-b.png"));
+    let pixels = |p: &PathBuf| png_pixels(&std::fs::read(p).unwrap());
+    let run = |extra: &[&str], out: &PathBuf, sized: bool| {
+        let mut args =
+            generate_args(&[&["--flux", &control_flux, "--vae", &vae, "--guidance", "30"], extra].concat(), out);
+        if !sized {
+            for flag in ["--width", "--height"] {
+                let i = args.iter().position(|a| a == flag).unwrap();
+                args.drain(i..i + 2);
+            }
+        }
+        let o = Command::new(env!("CARGO_BIN_EXE_ipaflux")).args(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    // Without --width/--height the output takes the control image's size rounded down to 16 (40×24 → 32×16).
+    run(&["--control-image", &edges], &a, false);
+    let info = png::Decoder::new(std::io::Cursor::new(std::fs::read(&a).unwrap())).read_info().unwrap();
+    assert_eq!((info.info().width, info.info().height), (32, 16));
+    let png = String::from_utf8_lossy(&std::fs::read(&a).unwrap()).into_owned();
+    assert!(png.contains("\"control_image\":\"") && png.contains("control.png"), "the PNG's parameters name it");
+    // Another control image, same seed: another picture.
+    run(&["--control-image", &edges], &a, true);
+    run(&["--control-image", &init], &b, true);
+    assert_ne!(pixels(&a), pixels(&b), "the control image changed nothing");
+    // With an init image and a mask (diffusers' FluxControlInpaintPipeline).
+    run(&["--control-image", &edges, "--init-image", &init, "--mask", &mask], &b, true);
+    let png = String::from_utf8_lossy(&std::fs::read(&b).unwrap()).into_owned();
+    assert!(png.contains("\"strength\":0.6"), "image-to-image keeps diffusers' default strength");
+    // Refused before any model runs: the Control model without its image, a
+    // control image for another Flux, with a Kontext image, or a decoder-only VAE.
+    let control = ["--flux", &control_flux, "--vae", &vae];
+    assert_fails(&generate(&control, &a), &["FLUX.1 Canny/Depth", "--control-image"]);
+    assert_fails(&generate(&["--vae", &vae, "--control-image", &edges], &a), &["goes with FLUX.1 Canny or Depth"]);
+    let kontext = [&control[..], &["--control-image", &edges, "--kontext-image", &init]].concat();
+    assert_fails(&generate(&kontext, &a), &["not FLUX.1 Canny/Depth"]);
+    let decoder_only = ["--flux", &control_flux, "--control-image", &edges];
+    assert_fails(&generate(&decoder_only, &a), &["has only the decoder"]);
+}
+
+#[test]
 fn generate_with_a_kontext_image() {
     let photo = fixture("images/photo.jpg").display().to_string();
     let (init, vae) = (fixture("img2img/init.png").display().to_string(), fixture("img2img/ae.safetensors"));

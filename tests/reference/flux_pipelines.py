@@ -1,7 +1,7 @@
 """What the diffusers-pipeline fixture scripts share: FLUX.1-dev's scheduler
 config, a Flux pipeline of any kind over the tiny models without text
 encoders (the scripts pass embeddings), and the tiny models loaded in f32.
-Imported by make_{img2img,cfg,redux,inpaint,fill,kontext}_fixtures.py.
+Imported by make_{img2img,cfg,redux,inpaint,fill,kontext,control}_fixtures.py.
 """
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -18,6 +18,27 @@ def pipeline(cls, transformer, vae):
     """A `cls` pipeline (FluxPipeline, FluxImg2ImgPipeline, ...) with no text encoders."""
     return cls(scheduler=dev_scheduler(), vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
                tokenizer_2=None, transformer=transformer)
+
+
+# The tiny Flux's sizes (make_flux_fixtures.py); Fill and Control change only the input channels.
+TINY = dict(patch_size=1, in_channels=64, out_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
+            num_attention_heads=3, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6))
+
+
+def random_transformer(in_channels):
+    """A tiny Flux taking `in_channels` per token, from torch's current seed:
+    QK-norm scales near 1, small biases, weights scaled by 1/sqrt(fan-in)."""
+    model = FluxTransformer2DModel(**{**TINY, "in_channels": in_channels}).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.ndim == 1:  # QK-norm scales
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(0.05 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+    return model
 
 
 def transformer(path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import FluxFillPipeline, FluxTransformer2DModel
+from diffusers import FluxFillPipeline
 from diffusers.pipelines.flux import pipeline_flux_fill
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -31,18 +31,7 @@ OUT = ROOT / "fill"
 OUT.mkdir(exist_ok=True)
 torch.manual_seed(51)
 
-CFG = dict(patch_size=1, in_channels=384, out_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
-           num_attention_heads=3, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
-           axes_dims_rope=(4, 6, 6))
-model = FluxTransformer2DModel(**CFG).eval()
-with torch.no_grad():
-    for name, p in model.named_parameters():
-        if "norm" in name and p.ndim == 1:  # QK-norm scales
-            p.copy_(1.0 + 0.1 * torch.randn_like(p))
-        elif p.ndim == 1:
-            p.copy_(0.05 * torch.randn_like(p))
-        else:
-            p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+model = flux_pipelines.random_transformer(384)
 model.to(torch.bfloat16).save_pretrained(OUT / "transformer")
 transformer = flux_pipelines.transformer(OUT / "transformer")
 

@@ -6,8 +6,9 @@
 //! steps (diffusers' scheduler upcasts the same way); the model runs in its
 //! dtype. Image-to-image starts part-way ([`img2img_start`], [`Start::Image`]);
 //! inpainting also puts the kept part of the image back after every step
-//! ([`latent_mask`]). FLUX.1 Fill's extra input channels and Kontext's
-//! reference tokens ride along each pass ([`Guide`]).
+//! ([`latent_mask`]). FLUX.1 Fill's and Canny/Depth's extra input channels
+//! ([`FluxVariant`]) and Kontext's reference tokens ride along each pass
+//! ([`Guide`]).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -159,6 +160,40 @@ pub fn latent_mask(luma: &[u8], width: usize, height: usize, device: &Device) ->
 /// latents (64) and the packed 8×8 mask (256), after the latents' 64.
 pub const FILL_CONDITION_CHANNELS: usize = 64 + 256;
 
+/// Channels of FLUX.1 Canny/Depth's per-token conditioning: the control
+/// image's packed latents, after the latents' 64.
+pub const CONTROL_CONDITION_CHANNELS: usize = 64;
+
+/// What a Flux transformer takes besides the latents, told by its input
+/// channels per token (nothing in a checkpoint names the model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FluxVariant {
+    /// FLUX.1 [dev]/[schnell] (and Kontext-dev): the latents alone.
+    Base,
+    /// FLUX.1 Fill: the masked image's latents and the 8×8 mask ([`FILL_CONDITION_CHANNELS`]).
+    Fill,
+    /// FLUX.1 Canny/Depth: a control image's latents ([`CONTROL_CONDITION_CHANNELS`]).
+    Control,
+}
+
+impl FluxVariant {
+    /// The variant taking `in_channels` per token; other widths are refused by name.
+    pub fn from_in_channels(in_channels: usize) -> Result<Self> {
+        let latents = 4 * LATENT_CHANNELS;
+        match in_channels.checked_sub(latents) {
+            Some(0) => Ok(Self::Base),
+            Some(FILL_CONDITION_CHANNELS) => Ok(Self::Fill),
+            Some(CONTROL_CONDITION_CHANNELS) => Ok(Self::Control),
+            _ => Err(Error::Unsupported(format!(
+                "this Flux takes {in_channels} input channels per token: FLUX.1 [dev]/[schnell]/Kontext take \
+                 {latents}, FLUX.1 Canny/Depth {}, FLUX.1 Fill {}",
+                latents + CONTROL_CONDITION_CHANNELS,
+                latents + FILL_CONDITION_CHANNELS
+            ))),
+        }
+    }
+}
+
 /// The binarised mask plane `[1, 1, H, W]` (1 = repaint) of 8-bit luma, as
 /// diffusers' mask processor makes it: `v/255 ≥ 0.5`.
 pub fn mask_plane(luma: &[u8], width: usize, height: usize, device: &Device) -> Result<Tensor> {
@@ -211,8 +246,9 @@ pub struct Guide<'a> {
     /// act on both passes, as ComfyUI's patched model does. `None`: one pass.
     pub negative: Option<(&'a Conditioning, f32)>,
     /// Input channels appended to the latents' at every pass (FLUX.1 Fill's
-    /// masked image and mask, [`FILL_CONDITION_CHANNELS`]); `None` for a model
-    /// that takes the latents alone.
+    /// masked image and mask, [`FILL_CONDITION_CHANNELS`]; FLUX.1
+    /// Canny/Depth's control image latents, [`CONTROL_CONDITION_CHANNELS`]);
+    /// `None` for a model that takes the latents alone ([`FluxVariant`]).
     pub channels: Option<&'a Tensor>,
     /// Image tokens appended after the latents' at every pass, with their
     /// positions (FLUX.1 Kontext's reference image, [`super::kontext`]); the
@@ -282,6 +318,17 @@ pub fn euler(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variants_are_told_by_input_channels() {
+        assert_eq!(FluxVariant::from_in_channels(64).unwrap(), FluxVariant::Base);
+        assert_eq!(FluxVariant::from_in_channels(128).unwrap(), FluxVariant::Control);
+        assert_eq!(FluxVariant::from_in_channels(384).unwrap(), FluxVariant::Fill);
+        for other in [0, 16, 63, 96, 192, 320] {
+            let e = FluxVariant::from_in_channels(other).unwrap_err().to_string();
+            assert!(e.contains(&format!("{other} input channels")) && e.contains("Canny/Depth 128"), "{e}");
+        }
+    }
 
     #[test]
     fn pack_unpack_round_trip_and_layout() {
