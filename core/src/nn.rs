@@ -53,6 +53,11 @@ impl LowRank {
         Ok(Self { down, up })
     }
 
+    /// The weight's columns it changes (`in`).
+    pub fn in_dim(&self) -> usize {
+        self.down.dims().get(1).copied().unwrap_or(0)
+    }
+
     /// `up · down`, `[out, in]` f32.
     pub fn delta(&self) -> Result<Tensor> {
         Ok(self.up.matmul(&self.down)?)

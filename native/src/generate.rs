@@ -65,7 +65,8 @@ pub struct Sources {
     /// The FLUX.1 Redux image embedder; `None`: no Redux images.
     pub redux: Option<(LoadFn<TensorStore>, u64)>,
     /// Flux's input channels per token (64; FLUX.1 Canny/Depth's 128, Fill's
-    /// 384: [`FluxVariant`]), from the checkpoint header.
+    /// 384: [`FluxVariant`]), from the checkpoint header, or as a FLUX.1
+    /// Canny/Depth LoRA widens it.
     pub flux_in_channels: usize,
     /// Flux's attention head size (128 for FLUX.1), read from the checkpoint header:
     /// the IP K/V are split into heads before Flux itself is loaded.
@@ -962,7 +963,6 @@ impl ModelPaths {
         let flux_head_dim = load::flux_head_dim(&flux)?;
         // Sizes from the header, read once: input channels, LoRA and Redux checks.
         let flux_cfg = load::flux_config(&flux)?;
-        let flux_in_channels = flux_cfg.in_channels;
         let flux_units = load::flux_units(&flux)?;
         let loras = if self.loras.is_empty() {
             Vec::new()
@@ -972,8 +972,10 @@ impl ModelPaths {
                 lora.text_strength = a.text_strength;
                 Ok(lora)
             };
-            self.loras.iter().map(read).collect::<Result<_>>()?
+            self.loras.iter().map(read).collect::<Result<Vec<_>>>()?
         };
+        // A FLUX.1 Canny/Depth LoRA widens FLUX.1-dev's input to the Control model's.
+        let flux_in_channels = ipaflux_core::flux::lora::input_channels(&loras, flux_cfg.in_channels);
         let (t5_tok, clip_tok) = (self.t5_tokenizer, self.clip_tokenizer);
         let flux_bytes = load::weight_bytes(&if flux.is_file() { flux.clone() } else { load::flux_dir(&flux)? });
         let t5_bytes =

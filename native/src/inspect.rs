@@ -109,6 +109,13 @@ impl fmt::Display for Summary {
             if l.text_encoder_modules > 0 {
                 writeln!(f, "  {} of them for the text encoders (CLIP-L, T5)", l.text_encoder_modules)?;
             }
+            if l.with_bias + l.norm_scales > 0 {
+                writeln!(
+                    f,
+                    "  {} with a bias; {} QK-norm scales replaced (a FLUX.1 Canny/Depth LoRA has both)",
+                    l.with_bias, l.norm_scales
+                )?;
+            }
         }
         Ok(())
     }
@@ -149,5 +156,10 @@ mod tests {
         let text = l.to_string();
         assert!(text.contains("LoRA: 38 modules, ranks 2–4, 27 with alpha; naming: kohya"), "{text}");
         assert!(text.contains("8 of them for the text encoders"), "{text}");
+        assert!(!text.contains("QK-norm"), "{text}");
+        // A FLUX.1 Canny/Depth LoRA: biases and replaced norms.
+        let text = inspect(&fixture("control/lora-bfl.safetensors")).unwrap().to_string();
+        assert!(text.contains("LoRA: 9 modules, ranks 2–4, 0 with alpha; naming: BFL"), "{text}");
+        assert!(text.contains("9 with a bias; 14 QK-norm scales replaced"), "{text}");
     }
 }

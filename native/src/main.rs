@@ -571,6 +571,12 @@ fn print_loras(sources: &generate::Sources, args: &[generate::LoraArg]) {
             lora.weights().count(),
             lora.strength
         );
+        if let Some(c) = lora.input_channels() {
+            eprintln!("  widens Flux's input to {c} channels (a FLUX.1 Canny/Depth LoRA: give --control-image)");
+        }
+        if lora.replaced() + lora.with_bias() > 0 {
+            eprintln!("  replaces {} QK-norm scales; {} modules add to a bias", lora.replaced(), lora.with_bias());
+        }
         let (clip, t5) = (lora.text_encoder_modules(TextEncoder::Clip), lora.text_encoder_modules(TextEncoder::T5));
         if clip + t5 > 0 {
             eprintln!("  text encoders: {clip} CLIP and {t5} T5 modules, strength {}", lora.text_strength);

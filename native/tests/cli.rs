@@ -474,6 +474,13 @@ fn generate_with_flux_control() {
     assert_fails(&generate(&kontext, &a), &["not FLUX.1 Canny/Depth"]);
     let decoder_only = ["--flux", &control_flux, "--control-image", &edges];
     assert_fails(&generate(&decoder_only, &a), &["has only the decoder"]);
+    // A FLUX.1 Canny/Depth LoRA makes the plain Flux the Control model.
+    let lora = f("control/lora-bfl.safetensors");
+    let o = generate(&["--vae", &vae, "--lora", &lora, "--control-image", &edges, "--guidance", "30"], &a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("widens Flux's input to 128 channels") && err.contains("replaces 14 QK-norm"), "{err}");
+    assert_fails(&generate(&["--vae", &vae, "--lora", &lora], &a), &["FLUX.1 Canny/Depth", "--control-image"]);
 }
 
 #[test]

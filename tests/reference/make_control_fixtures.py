@@ -19,6 +19,17 @@ init image, noise, embeddings and mask), with `pip install torch diffusers safet
   (img2img's init image at strength 0.6) and `out.inpaint` (with inpaint's
   mask at strength 0.8). The pipelines' VAE sampling is replaced by the
   distribution's mean, and their noise by img2img's.
+- `control/lora-bfl.safetensors`: a tiny Control LoRA in BFL's layout (as
+  `flux1-canny-dev-lora.safetensors`) for the plain tiny Flux of
+  make_flux_fixtures.py: `img_in` widened to 128 input channels, LoRA
+  biases (`lora_B.bias`), and every QK-norm scale replaced outright.
+- `control/lora-peft.safetensors`: the same under diffusers/PEFT names (Q/K/V
+  and the single blocks' linear1 split, the final modulation's halves swapped
+  in `lora_B` only; diffusers' own BFL-control converter, which also swaps
+  `lora_A`'s rows, is not used: it is written for FLUX.1's sizes).
+- `control/lora-golden.safetensors`: `out.t2i` from `FluxControlPipeline` with
+  the plain tiny Flux and the PEFT file loaded by diffusers' `load_lora_weights`
+  at adapter weight 0.75 (the input layer widened, the norms replaced).
 """
 import json
 from pathlib import Path
@@ -82,8 +93,80 @@ with torch.no_grad():
         image=init, mask_image=Image.open(ROOT / "inpaint" / "mask.png"), strength=INPAINT_STRENGTH, **common).images
 
 save_file({k: v.contiguous() for k, v in gold.items()}, OUT / "golden.safetensors")
+
+# The Control LoRA, in BFL's layout, then under diffusers' names.
+torch.manual_seed(72)
+HID, MLP, HEAD, DOUBLE, SINGLE, LORA_STRENGTH = 48, 192, 16, 2, 3, 0.75
+bfl = {}
+
+
+def lora(name, rank, inp, out):
+    bfl[f"{name}.lora_A.weight"] = torch.randn(rank, inp) / inp ** 0.5
+    bfl[f"{name}.lora_B.weight"] = torch.randn(out, rank) * 0.3 / rank ** 0.5
+    bfl[f"{name}.lora_B.bias"] = 0.05 * torch.randn(out)
+
+
+lora("img_in", 4, 128, HID)
+lora("time_in.in_layer", 2, 256, HID)
+lora("double_blocks.0.img_attn.qkv", 4, HID, 3 * HID)
+lora("double_blocks.0.img_mod.lin", 2, HID, 6 * HID)
+lora("double_blocks.1.txt_mlp.0", 3, HID, MLP)
+lora("single_blocks.0.linear1", 4, HID, 3 * HID + MLP)
+lora("single_blocks.1.linear2", 2, HID + MLP, HID)
+lora("final_layer.linear", 2, HID, 64)
+lora("final_layer.adaLN_modulation.1", 2, HID, 2 * HID)
+norms = [f"double_blocks.{i}.{s}_attn.norm.{n}_norm.scale" for i in range(DOUBLE) for s in ("img", "txt")
+         for n in ("query", "key")] + [f"single_blocks.{i}.norm.{n}_norm.scale" for i in range(SINGLE) for n in ("query", "key")]
+for n in norms:
+    bfl[n] = 1.0 + 0.2 * torch.randn(HEAD)
+save_file(bfl, OUT / "lora-bfl.safetensors")
+
+peft_sd = {}
+
+
+def put(dst, src, rows=None, swap=False):
+    """`src`'s LoRA as diffusers module(s) `dst`: split in `rows` (lora_A shared), or halves swapped."""
+    a, b, bias = (bfl[f"{src}.lora_A.weight"], bfl[f"{src}.lora_B.weight"], bfl[f"{src}.lora_B.bias"])
+    if swap:
+        b, bias = torch.cat(b.chunk(2)[::-1]), torch.cat(bias.chunk(2)[::-1])
+    dsts, rows = (dst, rows) if rows else ([dst], [b.shape[0]])
+    for d, bp, biasp in zip(dsts, b.split(rows), bias.split(rows)):
+        peft_sd[f"transformer.{d}.lora_A.weight"] = a.clone()
+        peft_sd[f"transformer.{d}.lora_B.weight"] = bp.clone()
+        peft_sd[f"transformer.{d}.lora_B.bias"] = biasp.clone()
+
+
+put("x_embedder", "img_in")
+put("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer")
+put([f"transformer_blocks.0.attn.to_{x}" for x in "qkv"], "double_blocks.0.img_attn.qkv", [HID, HID, HID])
+put("transformer_blocks.0.norm1.linear", "double_blocks.0.img_mod.lin")
+put("transformer_blocks.1.ff_context.net.0.proj", "double_blocks.1.txt_mlp.0")
+put([f"single_transformer_blocks.0.{x}" for x in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")],
+    "single_blocks.0.linear1", [HID, HID, HID, MLP])
+put("single_transformer_blocks.1.proj_out", "single_blocks.1.linear2")
+put("proj_out", "final_layer.linear")
+put("norm_out.linear", "final_layer.adaLN_modulation.1", swap=True)
+for n in norms:
+    i = n.split(".")[1]
+    if n.startswith("double"):
+        side = "" if ".img_attn." in n else "added_"
+        d = f"transformer_blocks.{i}.attn.norm_{side}{'q' if 'query' in n else 'k'}.weight"
+    else:
+        d = f"single_transformer_blocks.{i}.attn.norm_{'q' if 'query' in n else 'k'}.weight"
+    peft_sd[f"transformer.{d}"] = bfl[n].clone()
+save_file(peft_sd, OUT / "lora-peft.safetensors")
+
+base = flux_pipelines.transformer(ROOT / "flux" / "transformer")
+pipe = flux_pipelines.pipeline(FluxControlPipeline, base, vae)
+pipe.load_lora_weights(load_file(OUT / "lora-peft.safetensors"), adapter_name="control")
+pipe.set_adapters(["control"], adapter_weights=[LORA_STRENGTH])
+assert base.config.in_channels == 128 and base.x_embedder.in_features == 128, "the input layer was not widened"
+with torch.no_grad():
+    lora_gold = {"out.t2i": pipe(**common).images}
+save_file({k: v.contiguous() for k, v in lora_gold.items()}, OUT / "lora-golden.safetensors")
 (OUT / "reference.json").write_text(json.dumps({
     "torch": torch.__version__, "diffusers": diffusers.__version__,
     "image": [W, H], "steps": STEPS, "guidance": GUIDANCE, "strength": STRENGTH, "inpaint_strength": INPAINT_STRENGTH,
+    "lora_strength": LORA_STRENGTH,
 }, indent=2) + "\n")
 print("wrote", sorted(p.name for p in OUT.iterdir()))

@@ -61,10 +61,14 @@ pub fn fixture_image(rel: &str) -> ipaflux_core::preprocess::RgbImage {
 /// A tiny Flux fixture (a BFL file or a diffusers folder) in f32 on the CPU;
 /// RoPE axes from its config, else the tiny Flux's (4, 6, 6).
 pub fn tiny_flux(rel: &str) -> ipaflux_core::flux::FluxModel {
+    tiny_flux_with(rel, &[])
+}
+
+/// [`tiny_flux`] with `loras` applied as it loads.
+pub fn tiny_flux_with(rel: &str, loras: &[ipaflux_core::flux::FluxLora]) -> ipaflux_core::flux::FluxModel {
     use ipaflux_core::flux::{FluxLoad, FluxModel, GgufWeights};
     let files = ipaflux::load::load_flux(&fixture(rel)).expect("tiny Flux");
-    let load =
-        FluxLoad { dtype: DType::F32, device: &Device::Cpu, streamed: &[], gguf: GgufWeights::Quantized, loras: &[] };
+    let load = FluxLoad { dtype: DType::F32, device: &Device::Cpu, streamed: &[], gguf: GgufWeights::Quantized, loras };
     let axes = files.axes_dim.or(Some(vec![4, 6, 6]));
     FluxModel::from_store_with(files.weights, axes, &load).expect("tiny Flux loads").0
 }

@@ -18,7 +18,16 @@
 //!   shift) halves are swapped as [`super::layout`] does for the weights.
 //!
 //! The weight pairs may be named `lora_down`/`lora_up`, `lora_A`/`lora_B` or
-//! `lora.down`/`lora.up`. Written after the key conventions diffusers'
+//! `lora.down`/`lora.up`; the up matrix may have a bias (PEFT's `lora_bias`,
+//! `lora_B.bias`), added to the layer's bias × the same scale.
+//!
+//! **FLUX.1 Canny/Depth LoRAs** (BFL's `flux1-canny-dev-lora`, in BFL or
+//! diffusers names) also widen the input layer `img_in` to 128 channels (the
+//! control image's latents after the latents'; the weight's new columns are
+//! zero before the change is added, as diffusers and ComfyUI expand it:
+//! [`input_channels`]) and replace the QK-norm scales outright
+//! (`*.query_norm.scale`, diffusers' `norm_q.weight`, …; [`replacement`],
+//! whatever the strength, as both do). Written after the key conventions diffusers'
 //! `lora_conversion_utils` and ComfyUI's `lora.py` accept (read to learn the
 //! names; the code is ours).
 //!
@@ -52,6 +61,22 @@ const PAIRS: [(&str, &str); 3] = [
     ("lora_A.weight", "lora_B.weight"),
     ("lora.down.weight", "lora.up.weight"),
 ];
+
+/// Suffixes of an up matrix's bias, in the same namings.
+const UP_BIASES: [&str; 3] = ["lora_up.bias", "lora_B.bias", "lora.up.bias"];
+
+/// Name endings of the QK-norm scales a LoRA may replace (BFL's, diffusers').
+const NORM_SCALES: [&str; 6] = [
+    "query_norm.scale",
+    "key_norm.scale",
+    ".norm_q.weight",
+    ".norm_k.weight",
+    ".norm_added_q.weight",
+    ".norm_added_k.weight",
+];
+
+/// The one canonical weight a LoRA may widen (its input, for FLUX.1 Canny/Depth).
+const WIDENABLE: &str = "img_in.weight";
 
 /// Tensor-name fragments of LoRA-like formats we do not apply, with their names.
 const REFUSED: [(&str, &str); 7] = [
@@ -178,14 +203,34 @@ fn targets(cfg: &FluxConfig) -> Result<BTreeMap<String, Target>> {
     Ok(map)
 }
 
+/// Every name a LoRA may give a QK-norm scale it replaces (BFL's, bare or
+/// under ComfyUI's prefixes; diffusers', bare or under `transformer.`) →
+/// the canonical name and its shape.
+fn replaceable(cfg: &FluxConfig) -> BTreeMap<String, (String, Vec<usize>)> {
+    let mut map = BTreeMap::new();
+    for (name, shape) in canonical_tensors(cfg).into_iter().filter(|(n, _)| n.ends_with("_norm.scale")) {
+        let mut keys = vec![name.clone(), format!("diffusion_model.{name}"), format!("model.diffusion_model.{name}")];
+        for (source, _) in FluxLayout::Diffusers.sources(&name, cfg.hidden_size, cfg.mlp_hidden) {
+            keys.push(format!("transformer.{source}"));
+            keys.push(source);
+        }
+        for key in keys {
+            map.insert(key, (name.clone(), shape.clone()));
+        }
+    }
+    map
+}
+
 /// One module's change to rows of a canonical weight.
 #[derive(Debug, Clone)]
 struct Patch {
     target: Target,
-    /// `[rank, in]`, f32, on the CPU.
+    /// `[rank, in]`, f32, on the CPU; `in` wider than the weight's only for [`WIDENABLE`].
     down: Tensor,
     /// `[rows, rank]`, f32, on the CPU, already in BFL's row order.
     up: Tensor,
+    /// The up matrix's bias `[rows]` (same order), f32, on the CPU.
+    up_bias: Option<Tensor>,
     /// `alpha / rank`, or 1.
     scale: f64,
 }
@@ -216,6 +261,8 @@ pub struct FluxLora {
     pub text_strength: f64,
     /// By canonical weight name.
     patches: BTreeMap<String, Vec<Patch>>,
+    /// Tensors replaced outright (QK-norm scales), by canonical name; f32, on the CPU.
+    replaced: BTreeMap<String, Tensor>,
     text: Vec<TextPatch>,
 }
 
@@ -224,6 +271,7 @@ pub struct FluxLora {
 enum Role {
     Down,
     Up,
+    UpBias,
     Alpha,
 }
 
@@ -233,6 +281,7 @@ fn module_and_role(name: &str) -> Option<(&str, Role)> {
     PAIRS
         .iter()
         .find_map(|(down, up)| module(down).map(|m| (m, Role::Down)).or_else(|| module(up).map(|m| (m, Role::Up))))
+        .or_else(|| UP_BIASES.iter().find_map(|b| module(b)).map(|m| (m, Role::UpBias)))
         .or_else(|| name.strip_suffix(".alpha").map(|m| (m, Role::Alpha)))
 }
 
@@ -241,6 +290,7 @@ fn module_and_role(name: &str) -> Option<(&str, Role)> {
 struct Parts {
     down: Option<String>,
     up: Option<String>,
+    up_bias: Option<String>,
     alpha: Option<String>,
 }
 
@@ -255,11 +305,19 @@ impl FluxLora {
         }
         let mut modules: BTreeMap<String, Parts> = BTreeMap::new();
         let mut unknown_tensors = Vec::new();
+        let replaceable = replaceable(cfg);
+        let mut replaced_names: BTreeMap<String, String> = BTreeMap::new();
         for name in store.names() {
             if let Some((_, kind)) = REFUSED.iter().find(|(frag, _)| name.contains(frag)) {
                 return Err(bad(format!(
                     "tensor `{name}` is part of a {kind} module; only plain LoRA (down/up pairs) is supported"
                 )));
+            }
+            if let Some((canonical, _)) = replaceable.get(name) {
+                if let Some(other) = replaced_names.insert(canonical.clone(), name.to_string()) {
+                    return Err(bad(format!("`{other}` and `{name}` both replace `{canonical}`")));
+                }
+                continue;
             }
             let Some((module, role)) = module_and_role(name) else {
                 unknown_tensors.push(name.to_string());
@@ -269,6 +327,7 @@ impl FluxLora {
             let slot = match role {
                 Role::Down => &mut parts.down,
                 Role::Up => &mut parts.up,
+                Role::UpBias => &mut parts.up_bias,
                 Role::Alpha => &mut parts.alpha,
             }
             .replace(name.to_string());
@@ -278,7 +337,7 @@ impl FluxLora {
         }
         if !unknown_tensors.is_empty() {
             return Err(bad(format!(
-                "{} tensor(s) are not LoRA down/up/alpha tensors, e.g. {}",
+                "{} tensor(s) are not LoRA down/up/alpha tensors or QK-norm scales, e.g. {}",
                 unknown_tensors.len(),
                 listed(&unknown_tensors)
             )));
@@ -326,12 +385,16 @@ impl FluxLora {
                 None => 1.0,
             };
             let Some(target) = target else {
+                if let Some(b) = &parts.up_bias {
+                    return Err(bad(format!("`{b}`: a text encoder's LoRA with a bias is not supported")));
+                }
                 if let Some(encoder) = encoder {
                     text.push(TextPatch { module, encoder, down, up, scale });
                 }
                 continue;
             };
-            if in_dim != target.in_dim || rows != target.rows {
+            let widens = target.weight == WIDENABLE && in_dim > target.in_dim;
+            if (in_dim != target.in_dim && !widens) || rows != target.rows {
                 return Err(bad(format!(
                     "module `{module}`: down {:?} and up {:?} do not fit `{}` (expected down [rank, {}], up [{}, rank])",
                     down.dims(),
@@ -341,20 +404,61 @@ impl FluxLora {
                     target.rows
                 )));
             }
-            let up = if target.swap_halves {
-                let half = rows / 2;
-                Tensor::cat(&[up.narrow(0, half, rows - half)?, up.narrow(0, 0, half)?], 0)?
-            } else {
-                up
+            let up_bias = match &parts.up_bias {
+                Some(b) => {
+                    let t = store.take(b)?.ok_or_else(|| Error::Shape(format!("LoRA tensor `{b}` vanished")))?;
+                    if t.dims() != [rows] {
+                        return Err(bad(format!("`{b}` has shape {:?}; the up matrix has {rows} rows", t.dims())));
+                    }
+                    Some(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+                }
+                None => None,
             };
-            patches.entry(target.weight.clone()).or_default().push(Patch { target: target.clone(), down, up, scale });
+            let swap = |t: Tensor| -> Result<Tensor> {
+                let half = rows / 2;
+                Ok(if target.swap_halves {
+                    Tensor::cat(&[t.narrow(0, half, rows - half)?, t.narrow(0, 0, half)?], 0)?
+                } else {
+                    t
+                })
+            };
+            let (up, up_bias) = (swap(up)?, up_bias.map(swap).transpose()?);
+            let patch = Patch { target: target.clone(), down, up, up_bias, scale };
+            patches.entry(target.weight.clone()).or_default().push(patch);
         }
-        if patches.is_empty() && text.is_empty() {
+        let mut replaced = BTreeMap::new();
+        for (canonical, name) in replaced_names {
+            let t = store.take(&name)?.ok_or_else(|| Error::Shape(format!("LoRA tensor `{name}` vanished")))?;
+            let want = replaceable.get(&name).map(|(_, shape)| shape.as_slice()).unwrap_or_default();
+            if t.dims() != want {
+                return Err(bad(format!("`{name}` has shape {:?}; `{canonical}` is {want:?}", t.dims())));
+            }
+            replaced.insert(canonical, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
+        }
+        if patches.is_empty() && text.is_empty() && replaced.is_empty() {
             return Err(bad("no LoRA modules found".into()));
         }
         tracing::debug!(target: "ipaflux::flux", source = %source_name, weights = patches.len(),
-            text_encoder_modules = text.len(), strength, "LoRA read");
-        Ok(Self { source_name, strength, text_strength: strength, patches, text })
+            text_encoder_modules = text.len(), replaced = replaced.len(), strength, "LoRA read");
+        Ok(Self { source_name, strength, text_strength: strength, patches, replaced, text })
+    }
+
+    /// The input channels this LoRA widens Flux's `img_in` to (128 for a
+    /// FLUX.1 Canny/Depth LoRA); `None`: it keeps the model's.
+    pub fn input_channels(&self) -> Option<usize> {
+        let patches = self.patches.get(WIDENABLE)?;
+        let model = patches.first()?.target.in_dim;
+        patches.iter().map(|p| p.down.dim(1).unwrap_or(0)).max().filter(|&w| w > model)
+    }
+
+    /// Tensors it replaces outright (QK-norm scales).
+    pub fn replaced(&self) -> usize {
+        self.replaced.len()
+    }
+
+    /// Modules whose up matrix has a bias.
+    pub fn with_bias(&self) -> usize {
+        self.patches.values().flatten().filter(|p| p.up_bias.is_some()).count()
     }
 
     /// Modules for `encoder` (applied by [`apply_to_text_encoder`]).
@@ -389,6 +493,10 @@ pub struct LoraSummary {
     pub modules: usize,
     pub text_encoder_modules: usize,
     pub with_alpha: usize,
+    /// Modules whose up matrix has a bias (PEFT's `lora_bias`).
+    pub with_bias: usize,
+    /// QK-norm scales it replaces (a FLUX.1 Canny/Depth LoRA's).
+    pub norm_scales: usize,
     /// Smallest and largest rank.
     pub ranks: (usize, usize),
     /// The naming of its Flux modules.
@@ -425,6 +533,8 @@ impl LoraSummary {
             modules: modules.len(),
             text_encoder_modules: modules.keys().filter(|m| is_te(m)).count(),
             with_alpha: modules.keys().filter(|m| store.contains(&format!("{m}.alpha"))).count(),
+            with_bias: store.names().filter(|n| matches!(module_and_role(n), Some((_, Role::UpBias)))).count(),
+            norm_scales: store.names().filter(|n| NORM_SCALES.iter().any(|s| n.ends_with(s))).count(),
             ranks,
             naming,
         })
@@ -469,34 +579,84 @@ fn scalar(store: &mut TensorStore, name: &str) -> Result<f64> {
     Ok(f64::from(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?[0]))
 }
 
+/// Every LoRA's patches of canonical weight `weight`, with the LoRA.
+fn patches_of<'a>(loras: &'a [FluxLora], weight: &str) -> Vec<(&'a FluxLora, &'a Patch)> {
+    loras.iter().flat_map(|l| l.patches.get(weight).into_iter().flatten().map(move |p| (l, p))).collect()
+}
+
+/// `part` `[rows, n]` placed at rows `[row0, row0 + rows)` of `[out, n]` (zeros elsewhere).
+fn in_rows(part: Tensor, t: &Target) -> Result<Tensor> {
+    let dims = part.dims().to_vec();
+    let rest = |rows: usize| -> Result<Tensor> {
+        let mut dims = dims.clone();
+        dims[0] = rows;
+        Ok(Tensor::zeros(dims, DType::F32, &Device::Cpu)?)
+    };
+    let mut column = Vec::with_capacity(3);
+    if t.row0 > 0 {
+        column.push(rest(t.row0)?);
+    }
+    column.push(part);
+    if t.row0 + t.rows < t.out {
+        column.push(rest(t.out - t.row0 - t.rows)?);
+    }
+    Ok(Tensor::cat(&column, 0)?)
+}
+
 /// Every LoRA's change to canonical weight `weight` as one [`LowRank`] on
-/// `device`: the downs stacked, each up placed in its rows (zeros elsewhere)
-/// and scaled by `strength · alpha / rank`. `None` if no LoRA changes it.
+/// `device`: the downs stacked (zero-padded to the widest input, for a LoRA
+/// that widens `img_in`), each up placed in its rows (zeros elsewhere) and
+/// scaled by `strength · alpha / rank`. `None` if no LoRA changes it.
 pub fn low_rank(loras: &[FluxLora], weight: &str, device: &Device) -> Result<Option<LowRank>> {
-    let patches: Vec<(&FluxLora, &Patch)> =
-        loras.iter().flat_map(|l| l.patches.get(weight).into_iter().flatten().map(move |p| (l, p))).collect();
-    let Some((_, first)) = patches.first() else { return Ok(None) };
-    let out = first.target.out;
+    let patches = patches_of(loras, weight);
+    let width = patches.iter().map(|(_, p)| p.down.dim(1)).collect::<candle_core::Result<Vec<_>>>()?;
+    let Some(&width) = width.iter().max() else { return Ok(None) };
     let mut downs = Vec::with_capacity(patches.len());
     let mut ups = Vec::with_capacity(patches.len());
     for (lora, p) in &patches {
-        let rank = p.down.dim(0)?;
-        let t = &p.target;
-        let scaled = (&p.up * (lora.strength * p.scale))?;
-        let mut column = Vec::with_capacity(3);
-        if t.row0 > 0 {
-            column.push(Tensor::zeros((t.row0, rank), DType::F32, &Device::Cpu)?);
-        }
-        column.push(scaled);
-        if t.row0 + t.rows < out {
-            column.push(Tensor::zeros((out - t.row0 - t.rows, rank), DType::F32, &Device::Cpu)?);
-        }
-        ups.push(Tensor::cat(&column, 0)?);
-        downs.push(p.down.clone());
+        ups.push(in_rows((&p.up * (lora.strength * p.scale))?, &p.target)?);
+        let (rank, in_dim) = p.down.dims2()?;
+        downs.push(if in_dim < width {
+            Tensor::cat(&[p.down.clone(), Tensor::zeros((rank, width - in_dim), DType::F32, &Device::Cpu)?], 1)?
+        } else {
+            p.down.clone()
+        });
     }
     let down = Tensor::cat(&downs, 0)?.to_device(device)?;
     let up = Tensor::cat(&ups, 1)?.to_device(device)?;
     Ok(Some(LowRank::new(down, up)?))
+}
+
+/// Every LoRA's change to canonical bias `bias` (`{layer}.bias`): the up
+/// matrices' biases in their rows, × `strength · alpha / rank`, summed, f32
+/// `[out]` on `device`. `None` if no LoRA has one for it.
+pub fn bias_delta(loras: &[FluxLora], bias: &str, device: &Device) -> Result<Option<Tensor>> {
+    let Some(layer) = bias.strip_suffix(".bias") else { return Ok(None) };
+    let mut sum: Option<Tensor> = None;
+    for (lora, p) in patches_of(loras, &format!("{layer}.weight")) {
+        let Some(b) = &p.up_bias else { continue };
+        let placed = in_rows((b * (lora.strength * p.scale))?, &p.target)?;
+        sum = Some(match sum {
+            Some(s) => (s + placed)?,
+            None => placed,
+        });
+    }
+    Ok(match sum {
+        Some(s) => Some(s.to_device(device)?),
+        None => None,
+    })
+}
+
+/// The tensor a LoRA puts in place of canonical tensor `name` (a QK-norm
+/// scale), f32 on the CPU; of several LoRAs, the last given wins.
+pub fn replacement<'a>(loras: &'a [FluxLora], name: &str) -> Option<&'a Tensor> {
+    loras.iter().rev().find_map(|l| l.replaced.get(name))
+}
+
+/// Flux's input channels with `loras` applied: `in_channels`, or the widest
+/// a LoRA widens `img_in` to (a FLUX.1 Canny/Depth LoRA on FLUX.1-dev: 128).
+pub fn input_channels(loras: &[FluxLora], in_channels: usize) -> usize {
+    loras.iter().filter_map(FluxLora::input_channels).fold(in_channels, usize::max)
 }
 
 /// The text-encoder parts of `loras` for `encoder` merged into its weights
@@ -648,6 +808,58 @@ mod tests {
     }
 
     #[test]
+    fn control_loras_widen_only_the_input_and_replace_norms_of_the_right_size() {
+        let cfg = tiny();
+        let (h, d) = (cfg.hidden_size, cfg.head_dim());
+        let scale = |v: f32| Tensor::full(v, d, &Device::Cpu).unwrap();
+        let s = store(vec![
+            ("img_in.lora_A.weight", rand((2, 2 * cfg.in_channels))),
+            ("img_in.lora_B.weight", rand((h, 2))),
+            ("img_in.lora_B.bias", rand((h, 1)).flatten_all().unwrap()),
+            ("diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale", scale(2.0)),
+            ("transformer.single_transformer_blocks.1.attn.norm_k.weight", scale(3.0)),
+        ]);
+        let lora = FluxLora::from_store(s, &cfg, 0.5).unwrap();
+        assert_eq!((lora.input_channels(), lora.replaced(), lora.with_bias()), (Some(2 * cfg.in_channels), 2, 1));
+        assert_eq!(input_channels(std::slice::from_ref(&lora), cfg.in_channels), 2 * cfg.in_channels);
+        let r = replacement(std::slice::from_ref(&lora), "single_blocks.1.norm.key_norm.scale").unwrap();
+        assert_eq!(r.to_vec1::<f32>().unwrap(), vec![3.0; d]);
+        // The bias change is the up bias × strength; the down matrix is zero-padded to the widest input.
+        let b = bias_delta(std::slice::from_ref(&lora), "img_in.bias", &Device::Cpu).unwrap().unwrap();
+        assert_eq!(b.dims(), [h]);
+        let plain = FluxLora::from_store(
+            store(vec![("img_in.lora_A.weight", rand((3, cfg.in_channels))), ("img_in.lora_B.weight", rand((h, 3)))]),
+            &cfg,
+            1.0,
+        )
+        .unwrap();
+        assert_eq!(plain.input_channels(), None);
+        let both = low_rank(&[plain, lora], "img_in.weight", &Device::Cpu).unwrap().unwrap();
+        assert_eq!(both.delta().unwrap().dims(), [h, 2 * cfg.in_channels]);
+
+        let err = |tensors| FluxLora::from_store(store(tensors), &cfg, 1.0).unwrap_err().to_string();
+        let wide = err(vec![
+            ("txt_in.lora_A.weight", rand((2, 2 * cfg.context_in_dim))),
+            ("txt_in.lora_B.weight", rand((h, 2))),
+        ]);
+        assert!(wide.contains("do not fit `txt_in.weight`"), "{wide}");
+        let bias = err(vec![
+            ("img_in.lora_A.weight", rand((2, cfg.in_channels))),
+            ("img_in.lora_B.weight", rand((h, 2))),
+            ("img_in.lora_B.bias", rand((h + 1, 1)).flatten_all().unwrap()),
+        ]);
+        assert!(bias.contains("img_in.lora_B.bias") && bias.contains("rows"), "{bias}");
+        let norm =
+            err(vec![("double_blocks.0.img_attn.norm.query_norm.scale", scale(1.0).narrow(0, 1, d - 1).unwrap())]);
+        assert!(norm.contains("query_norm.scale"), "{norm}");
+        let twice = err(vec![
+            ("double_blocks.0.img_attn.norm.key_norm.scale", scale(1.0)),
+            ("transformer.transformer_blocks.0.attn.norm_k.weight", scale(1.0)),
+        ]);
+        assert!(twice.contains("both replace"), "{twice}");
+    }
+
+    #[test]
     fn a_summary_needs_only_names_and_shapes() {
         let cfg = tiny();
         let h = cfg.hidden_size;
@@ -663,6 +875,8 @@ mod tests {
             modules: 2,
             text_encoder_modules: 1,
             with_alpha: 1,
+            with_bias: 0,
+            norm_scales: 0,
             ranks: (2, 8),
             naming: "kohya / sd-scripts (BFL layers)",
         };

@@ -93,18 +93,36 @@ impl Weights {
         Ok(t.to_device(&self.device)?)
     }
 
+    /// The tensor in the model dtype (fp8 stays fp8: each layer upcasts it
+    /// when it runs), or what a LoRA puts in its place (a QK-norm scale).
     fn get(&mut self, name: &str) -> Result<Tensor> {
         let t = self.get_stored(name)?;
-        // fp8 stays fp8: each layer upcasts it when it runs.
+        if let Some(r) = lora::replacement(&self.loras, name) {
+            return Ok(r.to_device(&self.device)?.to_dtype(self.dtype)?);
+        }
         Ok(if t.dtype() == DType::F8E4M3 { t } else { t.to_dtype(self.dtype)? })
     }
 
     /// A linear layer with the LoRAs' change to it: merged into a weight
-    /// held in the model dtype; kept beside one held fp8 or quantized.
+    /// held in the model dtype; kept beside one held fp8 or quantized. A
+    /// LoRA that widens the layer's input (`img_in` for FLUX.1 Canny/Depth)
+    /// makes it dense, its new columns zero before the change is added. The
+    /// LoRAs' bias changes are added to the bias in f32.
     fn linear(&mut self, prefix: &str) -> Result<Linear> {
         let weight = format!("{prefix}.weight");
-        let bias = Some(self.get(&format!("{prefix}.bias"))?);
+        let bias = self.get_stored(&format!("{prefix}.bias"))?;
+        let bias = match lora::bias_delta(&self.loras, &format!("{prefix}.bias"), &self.device)? {
+            Some(d) => (bias.to_dtype(DType::F32)? + d)?.to_dtype(self.dtype)?,
+            None => bias.to_dtype(self.dtype)?,
+        };
+        let bias = Some(bias);
         let delta = lora::low_rank(&self.loras, &weight, &self.device)?;
+        if let Some(wide) = delta.as_ref().filter(|d| d.in_dim() > self.stored_in_dim(&weight)) {
+            let w = self.get_stored(&weight)?.to_dtype(DType::F32)?;
+            let (out, in_dim) = w.dims2()?;
+            let zeros = Tensor::zeros((out, wide.in_dim() - in_dim), DType::F32, w.device())?;
+            return Linear::from_parts(wide.merged(&Tensor::cat(&[&w, &zeros], 1)?, self.dtype)?, bias);
+        }
         if let (GgufWeights::Quantized, WeightSource::Store(store)) = (self.gguf, &mut self.source) {
             if let Some(blocks) = store.take_quantized(&weight, &self.device)? {
                 let lin = Linear::quantized(blocks, bias, self.dtype)?;
@@ -121,6 +139,17 @@ impl Weights {
         } else {
             Linear::from_parts(delta.merged(&w, self.dtype)?, bias)
         }
+    }
+}
+
+impl Weights {
+    /// Columns of stored weight `name` `[out, in]` (0 if unknown).
+    fn stored_in_dim(&self, name: &str) -> usize {
+        let shape = match &self.source {
+            WeightSource::Store(store) => store.shape(name),
+            WeightSource::Map(map) => map.get(name).map(|t| t.dims()),
+        };
+        shape.and_then(|s| s.get(1).copied()).unwrap_or(0)
     }
 }
 
@@ -607,7 +636,10 @@ impl FluxModel {
         let (layout, store) = FluxLayout::detect(store)?;
         let cfg = layout.infer(&store)?.with_axes(axes_dim)?;
         let canonical = layout.canonicalize(store, &canonical_tensors(&cfg), cfg.hidden_size, cfg.mlp_hidden)?;
-        tracing::debug!(target: "ipaflux::flux", ?layout, depth = cfg.depth, single = cfg.depth_single, "loaded Flux");
+        // A FLUX.1 Canny/Depth LoRA widens the input (validated above at the file's width).
+        let cfg = FluxConfig { in_channels: lora::input_channels(load.loras, cfg.in_channels), ..cfg };
+        tracing::debug!(target: "ipaflux::flux", ?layout, depth = cfg.depth, single = cfg.depth_single,
+            in_channels = cfg.in_channels, "loaded Flux");
         Self::from_canonical_store(cfg, canonical, load)
     }
 
@@ -655,11 +687,17 @@ impl FluxModel {
         let mut kept = BTreeMap::new();
         for name in names {
             if let Some(t) = store.take(&name)? {
-                let t = match lora::low_rank(loras, &name, t.device())? {
-                    // Merged once here: a streamed block arrives dense.
-                    Some(delta) => delta.merged(&t, dtype)?,
-                    None if t.dtype() == DType::F8E4M3 => t,
-                    None => t.to_dtype(dtype)?,
+                // The LoRAs' changes are merged once here: a streamed block arrives dense.
+                let t = if let Some(r) = lora::replacement(loras, &name) {
+                    r.to_dtype(dtype)?
+                } else if let Some(delta) = lora::low_rank(loras, &name, t.device())? {
+                    delta.merged(&t, dtype)?
+                } else if let Some(d) = lora::bias_delta(loras, &name, t.device())? {
+                    (t.to_dtype(DType::F32)? + d)?.to_dtype(dtype)?
+                } else if t.dtype() == DType::F8E4M3 {
+                    t
+                } else {
+                    t.to_dtype(dtype)?
                 };
                 kept.insert(name, t);
             }
