@@ -10,7 +10,8 @@
 //! SigLIP vision tower with its pooling head ([`siglip`]), the MLP projection
 //! and the IP attention math ([`ip_adapter`]), the Flux transformer with its
 //! typed attention hooks, the IP-Adapter hook and Euler sampling ([`flux`]),
-//! and the Flux schedule ([`schedule`]); and the weight formats of the WebGPU
+//! and the Flux schedule ([`schedule`]); OpenCV's Canny edges for FLUX.1
+//! Canny's control images ([`canny`]); and the weight formats of the WebGPU
 //! path with pre-quantized checkpoints ([`quant`]).
 //!
 //! What it does not do: no file or network IO (callers pass bytes), no global
@@ -19,6 +20,7 @@
 //! accounts and plans, and callers move the tensors. Text encoders and the
 //! VAE are used from candle-transformers by the native crate.
 
+pub mod canny;
 pub mod config;
 pub mod device;
 pub mod error;

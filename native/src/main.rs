@@ -49,6 +49,18 @@ enum Cmd {
     },
     /// Generate an image from a text prompt and reference images (the full FLUX.1 + IP-Adapter pipeline).
     Generate(Box<GenerateArgs>),
+    /// The Canny edge map of an image, as OpenCV's `cv2.Canny(rgb, low, high)` makes it (what
+    /// diffusers' FLUX.1 Canny examples feed `control_image`), pixel for pixel; at the image's size.
+    Canny {
+        image: PathBuf,
+        /// Hysteresis thresholds on the L1 Sobel magnitude (controlnet_aux's defaults).
+        #[arg(long, default_value_t = 100.0)]
+        low: f64,
+        #[arg(long, default_value_t = 200.0)]
+        high: f64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// What a checkpoint file holds, from its header: format, tensors by stored type (GGUF's
     /// quantization types too), and for a Flux transformer the memory it takes loaded.
     Inspect {
@@ -300,6 +312,10 @@ struct GenerateArgs {
     /// (the models are used with --guidance 30 for Canny, 10 for Depth). Works with --init-image and --mask.
     #[arg(long)]
     control_image: Option<PathBuf>,
+    /// With --control-image: use its Canny edge map (OpenCV's, thresholds LOW,HIGH, e.g. 100,200; as
+    /// `ipaflux canny` writes it) instead of the image itself: a photo in, FLUX.1 Canny's control out.
+    #[arg(long, value_parser = parse_canny, requires = "control_image")]
+    control_canny: Option<(f64, f64)>,
     /// Output width [default: 1024, or the init image's, the (resized) Kontext image's or the control image's]
     #[arg(long)]
     width: Option<usize>,
@@ -355,6 +371,24 @@ struct GenerateArgs {
 fn image_file(path: &std::path::Path, what: &str) -> anyhow::Result<generate::ImageFile> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read the {what}", path.display()))?;
     Ok(generate::ImageFile { bytes, name: path.display().to_string() })
+}
+
+/// `LOW,HIGH` Canny thresholds.
+fn parse_canny(s: &str) -> Result<(f64, f64), String> {
+    let parse = |v: &str| v.trim().parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 0.0);
+    match s.split_once(',').map(|(a, b)| (parse(a), parse(b))) {
+        Some((Some(low), Some(high))) => Ok((low, high)),
+        _ => Err(format!("`{s}`: give two thresholds as LOW,HIGH (e.g. 100,200)")),
+    }
+}
+
+/// An image's Canny edge map (OpenCV's) as a gray PNG, named for messages.
+fn canny_png(image: &generate::ImageFile, (low, high): (f64, f64)) -> anyhow::Result<generate::ImageFile> {
+    let rgb = ipaflux_core::preprocess::decode_rgb(&image.bytes, &image.name)?;
+    let edges = ipaflux_core::canny::canny(&rgb, low, high)?;
+    let gray: Vec<u8> = edges.iter().flat_map(|&v| [v; 3]).collect();
+    let bytes = png_out::encode_png(rgb.width, rgb.height, &gray, &[])?;
+    Ok(generate::ImageFile { bytes, name: format!("{} (Canny {low},{high})", image.name) })
 }
 
 /// `--init-image`, its `--mask` and `--strength` (diffusers' defaults: 0.6 for
@@ -507,6 +541,10 @@ fn settings_from_args(
         None => None,
     };
     let control = a.control_image.as_deref().map(|p| image_file(p, "control image")).transpose()?;
+    let control = match (control, a.control_canny) {
+        (Some(c), Some(t)) => Some(canny_png(&c, t)?),
+        (c, _) => c,
+    };
     let (width, height) = output_size(a.width, a.height, (init.as_ref(), kontext.as_ref(), control.as_ref()))?;
     ipaflux_core::flux::sampler::check_size(width, height)?;
     let steps_run = match &init {
@@ -738,6 +776,11 @@ fn main() -> anyhow::Result<()> {
             println!("wrote {} ({}×{}, seed {seed})", out.display(), s.width, s.height);
         }
         Cmd::Generate(args) => run_generate(*args)?,
+        Cmd::Canny { image, low, high, out } => {
+            let edges = canny_png(&image_file(&image, "image")?, (low, high))?;
+            std::fs::write(&out, &edges.bytes).with_context(|| format!("{}: cannot write", out.display()))?;
+            eprintln!("wrote {} ({})", out.display(), edges.name);
+        }
         Cmd::Inspect { file } => print!("{}", ipaflux::inspect::inspect(&file)?),
         Cmd::Plan { vram, state, reserve, offload_preprocessing, policy, scenario: name, steps, json } => {
             let config = RegistryConfig {

@@ -481,6 +481,29 @@ fn generate_with_flux_control() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("widens Flux's input to 128 channels") && err.contains("replaces 14 QK-norm"), "{err}");
     assert_fails(&generate(&["--vae", &vae, "--lora", &lora], &a), &["FLUX.1 Canny/Depth", "--control-image"]);
+    // A photo as the control image, turned into its Canny edges first.
+    let photo = f("images/photo.jpg");
+    run(&["--control-image", &photo, "--control-canny", "100,200"], &b, true);
+    let png = String::from_utf8_lossy(&std::fs::read(&b).unwrap()).into_owned();
+    assert!(png.contains("photo.jpg (Canny 100,200)"), "the PNG's parameters say the edges were made");
+    assert_fails(
+        &generate(&[&control[..], &["--control-image", &photo, "--control-canny", "100"]].concat(), &a),
+        &["LOW,HIGH"],
+    );
+}
+
+#[test]
+fn canny_writes_opencvs_edges() {
+    let out = tmp("canny-photo.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
+        .args(["canny", &fixture("images/photo.jpg").display().to_string(), "--low", "50", "--high", "200", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = png_pixels(&std::fs::read(fixture("canny/photo.50-200.png")).unwrap());
+    let ours: Vec<u8> = png_pixels(&std::fs::read(&out).unwrap()).chunks_exact(3).map(|p| p[0]).collect();
+    assert_eq!(ours, want, "not OpenCV's edge map");
 }
 
 #[test]

@@ -15,7 +15,7 @@
 //!   Then `scripts/kernel-emulation.sh`: our elementwise CUDA kernels run on the
 //!   host (each CUDA thread a std::thread) against references (~10 s).
 //! - `cargo xtask fixtures`: regenerates tests/fixtures with the PyTorch reference
-//!   (needs `pip install torch transformers diffusers peft safetensors pillow gguf`; `PYTHON` picks the interpreter).
+//!   (needs `pip install torch transformers diffusers peft safetensors pillow gguf opencv-python-headless`; `PYTHON` picks the interpreter).
 
 use std::process::{exit, Command};
 
@@ -330,6 +330,7 @@ fn main() {
             run(&python, &["tests/reference/make_fill_fixtures.py"]);
             run(&python, &["tests/reference/make_kontext_fixtures.py"]);
             run(&python, &["tests/reference/make_control_fixtures.py"]);
+            run(&python, &["tests/reference/make_canny_fixtures.py"]);
             run(&python, &["tests/reference/make_gguf_fixtures.py"]);
         }
         _ => {
