@@ -331,6 +331,7 @@ pub fn run(o: &CheckOptions) -> Report {
         (Section::Parity, parity_siglip),
         (Section::Parity, parity_flux),
         (Section::Parity, parity_flux_gguf),
+        (Section::Parity, crate::pipeline_check::parity_pipelines),
         (Section::Attention, attention_real_shapes),
     ];
     #[cfg(feature = "cuda")]

@@ -22,6 +22,7 @@ pub mod inspect;
 pub mod ip_term_plan;
 pub mod linear_lt_plan;
 pub mod load;
+pub mod pipeline_check;
 pub mod plan;
 pub mod png_out;
 pub mod quantize;

@@ -737,6 +737,15 @@ fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
     // Parity rows ran and passed; PyTorch's figure is shown beside ours.
     assert!(written.contains("| parity | Flux tiny + IP, cpu F32 (reference attention) vs diffusers |"), "{written}");
     assert!(written.contains("| 1000.00 ms |"), "{written}");
+    // Every diffusers-pipeline mode ran on the device under test (here the CPU).
+    for mode in
+        ["image-to-image", "inpainting", "FLUX.1 Fill", "FLUX.1 Kontext", "true CFG", "Canny/Depth", "Control LoRA"]
+    {
+        assert!(
+            written.lines().any(|l| l.starts_with("| parity | ") && l.contains(mode) && l.ends_with("PASS |")),
+            "{mode}: {written}"
+        );
+    }
     assert!(written.contains(", 0 failed"), "{written}");
     // The step's own memory beside PyTorch's (peak − before: 0.5 GiB), and what the K/V cache keeps.
     assert!(written.contains("the step's own memory") && written.contains("| 512 MiB (torch) |"), "{written}");

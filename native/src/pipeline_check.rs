@@ -1,0 +1,194 @@
+//! `gpu-check`'s parity of the diffusers-pipeline modes on the device under
+//! test: image-to-image, inpainting, FLUX.1 Fill, Kontext, Canny/Depth (a
+//! Control transformer, and a Control LoRA on the plain Flux) and true CFG,
+//! each run on the committed tiny fixtures in f32 with the VAE encoder and
+//! Flux on the device, against the golden the diffusers pipeline made
+//! (tests/reference/make_*_fixtures.py). The same goldens are checked on the
+//! CPU by `cargo test -p ipaflux-tests`; this puts every mode through the
+//! device's kernels (CUDA on a lent GPU).
+//!
+//! f32 only: the fused kernels take bf16, and their parity is the Flux rows'.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use ipaflux_core::candle_core::{DType, Device, Tensor};
+use ipaflux_core::flux::kontext::reference_ids;
+use ipaflux_core::flux::sampler::{self, Guide, Start};
+use ipaflux_core::flux::{Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights, Hooks};
+use ipaflux_core::preprocess::{decode_rgb, to_luma};
+use ipaflux_core::schedule::{flux_schedule, Shift};
+
+use crate::generate::{control_latents, ImageFile};
+use crate::gpu_check::{rel_max_err, CheckOptions, Report, Section, F32_TOL};
+use crate::load::{flux_config, load_flux, load_lora, load_store};
+use crate::vae::{from_rgb8, VaeEncoder};
+use crate::{Error, Result};
+
+/// A golden's tensors on `device`, read by name.
+struct Golden {
+    path: std::path::PathBuf,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Golden {
+    fn read(fixtures: &Path, rel: &str, device: &Device) -> Result<Self> {
+        let path = fixtures.join(rel);
+        let tensors = ipaflux_core::candle_core::safetensors::load(&path, device)
+            .map_err(|e| Error::Io { path: path.clone(), reason: e.to_string() })?;
+        Ok(Self { path, tensors })
+    }
+
+    fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| Error::Io { path: self.path.clone(), reason: format!("no `{name}`") })
+    }
+}
+
+/// What a pipeline golden ran: steps, guidance and output size from its `reference.json`.
+struct Run {
+    steps: usize,
+    guidance: f32,
+    width: usize,
+    height: usize,
+}
+
+/// A fixture's `reference.json`.
+fn reference(fixtures: &Path, rel: &str) -> Result<serde_json::Value> {
+    let path = fixtures.join(rel);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.clone(), reason: e.to_string() })?;
+    serde_json::from_str(&text).map_err(|e| Error::Io { path, reason: e.to_string() })
+}
+
+impl Run {
+    fn read(fixtures: &Path, rel: &str) -> Result<Self> {
+        let (path, v) = (fixtures.join(rel), reference(fixtures, rel)?);
+        let n = |x: &serde_json::Value| x.as_u64().map(|x| x as usize);
+        match (n(&v["steps"]), v["guidance"].as_f64(), n(&v["image"][0]), n(&v["image"][1])) {
+            (Some(steps), Some(g), Some(width), Some(height)) => Ok(Self { steps, guidance: g as f32, width, height }),
+            _ => Err(Error::Io { path, reason: "no steps, guidance or image size".into() }),
+        }
+    }
+
+    /// The sigmas run at `strength` (all of them at 1).
+    fn sigmas(&self, strength: f64) -> Result<Vec<f32>> {
+        let (rows, cols) = sampler::token_grid(self.width, self.height);
+        let mut sigmas = flux_schedule(self.steps, rows * cols, Shift::DEV);
+        sigmas.drain(..sampler::img2img_start(self.steps, strength)?);
+        Ok(sigmas)
+    }
+
+    fn ids(&self) -> Vec<[f32; 3]> {
+        let (rows, cols) = sampler::token_grid(self.width, self.height);
+        sampler::img_ids(rows, cols)
+    }
+
+    fn cond(&self, txt: &Tensor, y: &Tensor) -> Conditioning {
+        Conditioning { txt: txt.clone(), y: y.clone(), guidance: Some(self.guidance) }
+    }
+}
+
+/// A tiny Flux fixture in f32 on `device`, with `loras`.
+fn flux(fixtures: &Path, rel: &str, loras: &[FluxLora], device: &Device) -> Result<FluxModel> {
+    let files = load_flux(&fixtures.join(rel))?;
+    let load = FluxLoad { dtype: DType::F32, device, streamed: &[], gguf: GgufWeights::Quantized, loras };
+    Ok(FluxModel::from_store_with(files.weights, files.axes_dim.or(Some(vec![4, 6, 6])), &load)?.0)
+}
+
+/// A fixture image file.
+fn image_file(fixtures: &Path, rel: &str) -> Result<ImageFile> {
+    let path = fixtures.join(rel);
+    let bytes = std::fs::read(&path).map_err(|e| Error::Io { path: path.clone(), reason: e.to_string() })?;
+    Ok(ImageFile { bytes, name: rel.to_string() })
+}
+
+/// Every mode on `o.device` in f32 against its diffusers golden.
+pub fn parity_pipelines(o: &CheckOptions, r: &mut Report) -> Result<()> {
+    let (fx, dev) = (o.fixtures.as_path(), &o.device);
+    let name = if dev.is_cpu() { "CPU" } else { "CUDA" };
+    let i2i = Golden::read(fx, "img2img/golden.safetensors", dev)?;
+    let run = Run::read(fx, "img2img/reference.json")?;
+    let encoder = VaeEncoder::new(&load_store(&fx.join("img2img/ae.safetensors"))?, DType::F32, dev)?;
+    let init = decode_rgb(&image_file(fx, "img2img/init.png")?.bytes, "init.png")?;
+    let pixels = from_rgb8(&init, dev)?;
+    let image = sampler::pack(&encoder.encode(&pixels)?)?;
+    let noise = sampler::pack(i2i.get("pipe.noise")?)?;
+    let prompt = run.cond(i2i.get("pipe.prompt_embeds")?, i2i.get("pipe.pooled")?);
+    let plain = flux(fx, "flux/flux-tiny-bfl.safetensors", &[], dev)?;
+    let sample = |model: &FluxModel, start: Start<'_>, guide: Guide<'_>, run: &Run, strength: f64| -> Result<Tensor> {
+        Ok(sampler::euler(model, start, &run.ids(), guide, &run.sigmas(strength)?, Hooks::none(), &mut |_| {})?)
+    };
+    let mut check = |what: &str, got: Result<Tensor>, want: &Tensor| match got.and_then(|g| rel_max_err(&g, want)) {
+        Ok(err) => r.check(Section::Parity, format!("{what}, {name} f32 vs diffusers"), err, F32_TOL),
+        Err(e) => {
+            r.check(Section::Parity, format!("{what}, {name} f32 vs diffusers (failed: {e})"), f32::INFINITY, 0.0)
+        }
+    };
+
+    // Image-to-image and inpainting (FluxImg2ImgPipeline, FluxInpaintPipeline).
+    let img2img = Start::Image { image: &image, noise: &noise, mask: None };
+    check(
+        "image-to-image 0.6",
+        sample(&plain, img2img, Guide::prompt(&prompt), &run, 0.6),
+        i2i.get("pipe.latents.0.6")?,
+    );
+    let inpaint = Golden::read(fx, "inpaint/golden.safetensors", dev)?;
+    let luma = to_luma(&decode_rgb(&image_file(fx, "inpaint/mask.png")?.bytes, "mask.png")?);
+    let mask = sampler::latent_mask(&luma, run.width, run.height, dev)?;
+    let start = Start::Image { image: &image, noise: &noise, mask: Some(&mask) };
+    check("inpainting 0.6", sample(&plain, start, Guide::prompt(&prompt), &run, 0.6), inpaint.get("out.mask.0.6")?);
+
+    // FLUX.1 Fill (FluxFillPipeline): the masked image's latents and the 8×8 mask as channels.
+    let fill = Golden::read(fx, "fill/golden.safetensors", dev)?;
+    let plane = sampler::mask_plane(&luma, run.width, run.height, dev)?;
+    let masked = sampler::pack(&encoder.encode(&pixels.broadcast_mul(&plane.affine(-1.0, 1.0)?)?)?)?;
+    let cond = Tensor::cat(&[&masked, &sampler::fill_mask(&plane)?], 2)?;
+    let fill_run = Run::read(fx, "fill/reference.json")?;
+    let fill_prompt = fill_run.cond(i2i.get("pipe.prompt_embeds")?, i2i.get("pipe.pooled")?);
+    let fill_model = flux(fx, "fill/transformer", &[], dev)?;
+    let start = Start::Image { image: &image, noise: &noise, mask: None };
+    let guide = Guide { channels: Some(&cond), ..Guide::prompt(&fill_prompt) };
+    check("FLUX.1 Fill 1.0", sample(&fill_model, start, guide, &fill_run, 1.0), fill.get("out.1.0")?);
+    drop(fill_model);
+
+    // FLUX.1 Kontext (FluxKontextPipeline): the init image's tokens after the latents'.
+    let kontext = Golden::read(fx, "kontext/golden.safetensors", dev)?;
+    let k_run = Run::read(fx, "kontext/reference.json")?;
+    let ref_ids = reference_ids(init.height / sampler::PIXELS_PER_TOKEN, init.width / sampler::PIXELS_PER_TOKEN);
+    let k_prompt = k_run.cond(i2i.get("pipe.prompt_embeds")?, i2i.get("pipe.pooled")?);
+    let guide = Guide { reference: Some((&image, &ref_ids)), ..Guide::prompt(&k_prompt) };
+    check(
+        "FLUX.1 Kontext",
+        sample(&plain, Start::Noise(kontext.get("latents")?), guide, &k_run, 1.0),
+        kontext.get("out")?,
+    );
+
+    // True CFG 4 (FluxPipeline's true_cfg_scale).
+    let cfg = Golden::read(fx, "cfg/golden.safetensors", dev)?;
+    let c_run = Run::read(fx, "cfg/reference.json")?;
+    let positive = c_run.cond(cfg.get("prompt_embeds")?, cfg.get("pooled")?);
+    let negative = c_run.cond(cfg.get("negative_prompt_embeds")?, cfg.get("negative_pooled")?);
+    let guide = Guide { negative: Some((&negative, 4.0)), ..Guide::prompt(&positive) };
+    check("true CFG 4", sample(&plain, Start::Noise(cfg.get("latents")?), guide, &c_run, 1.0), cfg.get("out.4.0")?);
+
+    // FLUX.1 Canny/Depth (FluxControlPipeline): a Control transformer, and a Control LoRA on the plain Flux.
+    let control = Golden::read(fx, "control/golden.safetensors", dev)?;
+    let lora_gold = Golden::read(fx, "control/lora-golden.safetensors", dev)?;
+    let ctl_run = Run::read(fx, "control/reference.json")?;
+    let ctl_prompt = ctl_run.cond(i2i.get("pipe.prompt_embeds")?, i2i.get("pipe.pooled")?);
+    let latents =
+        control_latents(&encoder, &image_file(fx, "control/control.png")?, (ctl_run.width, ctl_run.height), dev)?;
+    let guide = Guide { channels: Some(&latents), ..Guide::prompt(&ctl_prompt) };
+    let ctl_model = flux(fx, "control/transformer", &[], dev)?;
+    check(
+        "FLUX.1 Canny/Depth",
+        sample(&ctl_model, Start::Noise(&noise), guide, &ctl_run, 1.0),
+        control.get("out.t2i")?,
+    );
+    drop(ctl_model);
+    let base_cfg = flux_config(&fx.join("flux/flux-tiny-bfl.safetensors"))?;
+    let strength = reference(fx, "control/reference.json")?["lora_strength"].as_f64().unwrap_or(1.0);
+    let lora = load_lora(&fx.join("control/lora-bfl.safetensors"), &base_cfg, strength)?;
+    let with_lora = flux(fx, "flux/flux-tiny-bfl.safetensors", &[lora], dev)?;
+    check("Control LoRA", sample(&with_lora, Start::Noise(&noise), guide, &ctl_run, 1.0), lora_gold.get("out.t2i")?);
+    Ok(())
+}
