@@ -199,9 +199,140 @@ impl PreprocessConfig {
     }
 }
 
+/// CLIP's vision tower config (`CLIPVisionConfig`), from a
+/// `clip_vision_model` `config.json` or a whole `clip` one (its
+/// `vision_config`); transformers omits values equal to its defaults when it
+/// saves, so those defaults (ViT-B/32's) fill the gaps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    /// `visual_projection`'s width: the `image_embeds` size (768 for ViT-L/14).
+    pub projection_dim: usize,
+    pub layer_norm_eps: f64,
+}
+
+impl ClipVisionConfig {
+    /// Reads a Hugging Face `config.json`; only `quick_gelu` (every OpenAI CLIP) is supported.
+    pub fn from_hf_json(json: &str, source_name: &str) -> Result<Self> {
+        let err = |reason: String| Error::Config { source_name: source_name.to_string(), reason };
+        let v: serde_json::Value = serde_json::from_str(json).map_err(|e| err(e.to_string()))?;
+        let (vision, top_projection) = match v["model_type"].as_str() {
+            Some("clip") => (&v["vision_config"], v["projection_dim"].as_u64()),
+            Some("clip_vision_model") => (&v, None),
+            other => return Err(err(format!("model_type {other:?} is not CLIP (`clip` or `clip_vision_model`)"))),
+        };
+        let n = |key: &str, default: usize| vision[key].as_u64().map_or(default, |x| x as usize);
+        if let Some(act) = vision["hidden_act"].as_str().filter(|a| *a != "quick_gelu") {
+            return Err(err(format!("hidden_act `{act}` is not supported; OpenAI's CLIP uses quick_gelu")));
+        }
+        let cfg = Self {
+            hidden_size: n("hidden_size", 768),
+            intermediate_size: n("intermediate_size", 3072),
+            num_hidden_layers: n("num_hidden_layers", 12),
+            num_attention_heads: n("num_attention_heads", 12),
+            image_size: n("image_size", 224),
+            patch_size: n("patch_size", 32),
+            projection_dim: vision["projection_dim"].as_u64().or(top_projection).map_or(512, |x| x as usize),
+            layer_norm_eps: vision["layer_norm_eps"].as_f64().unwrap_or(1e-5),
+        };
+        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 || cfg.num_attention_heads == 0 {
+            return Err(err(format!("image size {} and patch size {} do not tile", cfg.image_size, cfg.patch_size)));
+        }
+        Ok(cfg)
+    }
+}
+
+/// transformers' `CLIPImageProcessor` (its PIL backend): resize the shortest
+/// edge (bicubic), centre crop, rescale, normalize.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipPreprocessConfig {
+    pub shortest_edge: usize,
+    pub crop_height: usize,
+    pub crop_width: usize,
+    pub rescale_factor: f64,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+}
+
+impl ClipPreprocessConfig {
+    /// OpenAI CLIP's mean and std at `image_size` (what diffusers makes when a folder has no preprocessor file).
+    pub fn clip(image_size: usize) -> Self {
+        Self {
+            shortest_edge: image_size,
+            crop_height: image_size,
+            crop_width: image_size,
+            rescale_factor: 1.0 / 255.0,
+            image_mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+            image_std: [0.268_629_54, 0.261_302_58, 0.275_777_1],
+        }
+    }
+
+    /// Reads a `preprocessor_config.json` of a `CLIPImageProcessor`.
+    pub fn from_hf_json(json: &str, source_name: &str) -> Result<Self> {
+        let err = |reason: String| Error::Config { source_name: source_name.to_string(), reason };
+        let v: serde_json::Value = serde_json::from_str(json).map_err(|e| err(e.to_string()))?;
+        if v["resample"].as_u64().is_some_and(|r| r != 3) {
+            return Err(err(format!("resample {} is not supported; only bicubic (3) is", v["resample"])));
+        }
+        for flag in ["do_resize", "do_center_crop", "do_rescale", "do_normalize"] {
+            if v[flag].as_bool() == Some(false) {
+                return Err(err(format!("{flag} false is not supported")));
+            }
+        }
+        let size = |x: &serde_json::Value| x.as_u64().map(|x| x as usize);
+        // `size` is {"shortest_edge": N} (or a bare N in old files); `crop_size` {"height", "width"} or N.
+        let edge = size(&v["size"]["shortest_edge"]).or(size(&v["size"])).unwrap_or(224);
+        let (crop_h, crop_w) = match (size(&v["crop_size"]["height"]), size(&v["crop_size"]["width"])) {
+            (Some(h), Some(w)) => (h, w),
+            _ => size(&v["crop_size"]).map_or((224, 224), |c| (c, c)),
+        };
+        if crop_h > edge || crop_w > edge {
+            return Err(err(format!("a {crop_w}×{crop_h} crop of a {edge}-pixel shortest edge would need padding")));
+        }
+        let triple = |x: &serde_json::Value, default: [f32; 3]| -> [f32; 3] {
+            match x.as_array().map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect::<Vec<_>>()) {
+                Some(a) if a.len() == 3 => [a[0] as f32, a[1] as f32, a[2] as f32],
+                _ => default,
+            }
+        };
+        let base = Self::clip(edge);
+        Ok(Self {
+            shortest_edge: edge,
+            crop_height: crop_h,
+            crop_width: crop_w,
+            rescale_factor: v["rescale_factor"].as_f64().unwrap_or(base.rescale_factor),
+            image_mean: triple(&v["image_mean"], base.image_mean),
+            image_std: triple(&v["image_std"], base.image_std),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clip_configs_fill_transformers_defaults() {
+        let full = r#"{"model_type":"clip","projection_dim":768,"vision_config":{"hidden_size":1024,
+            "intermediate_size":4096,"num_attention_heads":16,"num_hidden_layers":24,"patch_size":14}}"#;
+        let cfg = ClipVisionConfig::from_hf_json(full, "config.json").unwrap();
+        assert_eq!((cfg.hidden_size, cfg.image_size, cfg.patch_size, cfg.projection_dim), (1024, 224, 14, 768));
+        let bad = ClipVisionConfig::from_hf_json(r#"{"model_type":"siglip"}"#, "c.json").unwrap_err();
+        assert!(bad.to_string().contains("not CLIP"), "{bad}");
+        let gelu = r#"{"model_type":"clip_vision_model","hidden_act":"gelu"}"#;
+        assert!(ClipVisionConfig::from_hf_json(gelu, "c.json").unwrap_err().to_string().contains("quick_gelu"));
+        let pre = r#"{"crop_size":{"height":224,"width":224},"size":{"shortest_edge":224},"resample":3}"#;
+        assert_eq!(ClipPreprocessConfig::from_hf_json(pre, "p.json").unwrap(), ClipPreprocessConfig::clip(224));
+        let old = r#"{"crop_size":224,"size":224}"#;
+        assert_eq!(ClipPreprocessConfig::from_hf_json(old, "p.json").unwrap(), ClipPreprocessConfig::clip(224));
+        let pad = r#"{"crop_size":256,"size":224}"#;
+        assert!(ClipPreprocessConfig::from_hf_json(pad, "p.json").unwrap_err().to_string().contains("padding"));
+    }
 
     const FULL: &str = r#"{"architectures":["SiglipModel"],"model_type":"siglip",
         "text_config":{"hidden_size":1152,"model_type":"siglip_text_model"},

@@ -37,7 +37,7 @@ pub mod schedule;
 pub mod siglip;
 pub mod weights;
 
-pub use config::{PreprocessConfig, SiglipVisionConfig};
+pub use config::{ClipPreprocessConfig, ClipVisionConfig, PreprocessConfig, SiglipVisionConfig};
 pub use device::{DeviceSpec, Precision};
 pub use error::{Error, Result};
 pub use ip_adapter::{IpAdapter, IpAdapterDims, IpAttentionConfig, IpKv, VNorm};

@@ -290,6 +290,35 @@ pub fn pixel_values(img: &RgbImage, cfg: &PreprocessConfig) -> Result<Tensor> {
     Ok(Tensor::from_vec(chw, (1, 3, cfg.height, cfg.width), &Device::Cpu)?)
 }
 
+/// CLIP pixel values `[1, 3, crop_h, crop_w]` (f32, CPU), as transformers'
+/// `CLIPImageProcessor` (PIL backend) makes them: the shortest edge resized
+/// to `shortest_edge` with Pillow's bicubic (the long edge to
+/// `⌊edge · long / short⌋`), a centre crop (offsets rounded down), then
+/// rescale and normalize.
+pub fn clip_pixel_values(img: &RgbImage, cfg: &crate::config::ClipPreprocessConfig) -> Result<Tensor> {
+    let (w, h) = (img.width, img.height);
+    let edge = cfg.shortest_edge;
+    let (rw, rh) = if w <= h { (edge, edge * h / w) } else { (edge * w / h, edge) };
+    let resized = resize(img, rw, rh, Resample::Bicubic);
+    let (cw, ch) = (cfg.crop_width, cfg.crop_height);
+    if cw > rw || ch > rh {
+        return Err(Error::Shape(format!("a {cw}×{ch} crop of a {rw}×{rh} image")));
+    }
+    let (left, top) = ((rw - cw) / 2, (rh - ch) / 2);
+    let plane = cw * ch;
+    let mut chw = vec![0f32; 3 * plane];
+    for y in 0..ch {
+        for x in 0..cw {
+            let px = &resized.data[((top + y) * rw + left + x) * 3..][..3];
+            for c in 0..3 {
+                let v = (f64::from(px[c]) * cfg.rescale_factor) as f32;
+                chw[c * plane + y * cw + x] = (v - cfg.image_mean[c]) / cfg.image_std[c];
+            }
+        }
+    }
+    Ok(Tensor::from_vec(chw, (1, 3, ch, cw), &Device::Cpu)?)
+}
+
 /// Decode + resize + normalise in one call.
 pub fn preprocess(bytes: &[u8], source_name: &str, cfg: &PreprocessConfig) -> Result<Tensor> {
     pixel_values(&decode_rgb(bytes, source_name)?, cfg)

@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod bench_flux;
 pub mod bench_webgpu;
+pub mod clip_vision;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod demo;

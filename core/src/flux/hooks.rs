@@ -8,7 +8,9 @@
 //!   `linear2`; the hook sees the query of all tokens.
 //!
 //! The query is the block's own, after the QK RMSNorm and before RoPE — what
-//! InstantX's processor uses as `ip_query`. Hooks run in registration order,
+//! InstantX's processor uses as `ip_query`. A double block also asks its
+//! hooks for a term added to the image stream's output after its MLP
+//! ([`AttentionHook::block_output`]: where XLabs' IP-Adapter adds its own). Hooks run in registration order,
 //! each receiving the output of the previous one, so adapters stack.
 //!
 //! A hook may also say what it would do ([`AttentionHook::contribution`]):
@@ -72,6 +74,15 @@ pub trait AttentionHook: Send + Sync {
     fn contribution(&self, _at: &HookPoint, _q: &Tensor) -> Result<Contribution> {
         Ok(Contribution::Other)
     }
+
+    /// A double block's term `[B, L_img, H·D]` added to its image stream's
+    /// output after the MLP residual, ungated (XLabs' IP-Adapter, as diffusers'
+    /// `FluxIPAdapterAttnProcessor` and XLabs' `IPDoubleStreamBlockProcessor`
+    /// add it), from the image tokens' pre-RoPE query `q [B, H, L_img, D]`.
+    /// `None` (the default): nothing.
+    fn block_output(&self, _at: &HookPoint, _q: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// A hook's effect at one hook point ([`AttentionHook::contribution`]).
@@ -131,6 +142,20 @@ impl<'a> Hooks<'a> {
             }
         }
         Ok(term)
+    }
+
+    /// The sum of the hooks' [`AttentionHook::block_output`] terms at `at`; `None` when none adds one.
+    pub fn block_output(&self, at: &HookPoint, q: &Tensor) -> Result<Option<Tensor>> {
+        let mut sum: Option<Tensor> = None;
+        for hook in self.list {
+            if let Some(t) = hook.block_output(at, q)? {
+                sum = Some(match sum {
+                    Some(s) => (s + t)?,
+                    None => t,
+                });
+            }
+        }
+        Ok(sum)
     }
 
     /// Runs every hook on `attn`.

@@ -29,6 +29,7 @@ pub mod sampler;
 pub mod stream;
 #[cfg(test)]
 mod testing;
+pub mod xlabs;
 
 pub use config::FluxConfig;
 pub use hooks::{AttentionHook, Contribution, HookPoint, HookTerm, Hooks, Site};
@@ -38,3 +39,4 @@ pub use lora::{FluxLora, LoraSummary, TextEncoder};
 pub use model::{Conditioning, FluxLoad, FluxModel, GgufWeights};
 pub use redux::{append_image_tokens, ReduxDims, ReduxImageEncoder};
 pub use stream::{BlockId, BlockSource, HostBlocks};
+pub use xlabs::{XlabsDims, XlabsHook, XlabsIpAdapter};

@@ -927,6 +927,14 @@ impl DoubleBlock {
         // The hooks see the image tokens only.
         let (txt_attn, img_attn) = attention_with_hooks(&qkv, ctx, &point, l_txt)?;
         let img = self.img.finish(img, &img_attn, &img_mods, ctx)?;
+        // A term added after the MLP (XLabs' IP-Adapter), from the image tokens' pre-RoPE query.
+        let img = match &qkv.q_pre_rope {
+            Some(q) => match ctx.hooks.block_output(&point, &q.narrow(2, l_txt, q.dim(2)? - l_txt)?)? {
+                Some(t) => (&img + t.to_dtype(img.dtype())?)?,
+                None => img,
+            },
+            None => img,
+        };
         let txt = self.txt.finish(txt, &txt_attn.contiguous()?, &txt_mods, ctx)?;
         Ok((img, txt))
     }

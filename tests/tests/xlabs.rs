@@ -1,0 +1,58 @@
+//! XLabs' Flux IP-Adapter against diffusers' `FluxPipeline` with
+//! `load_ip_adapter` (tests/reference/make_xlabs_fixtures.py): the CLIP
+//! image processor's pixels and the CLIP vision model's `image_embeds` for a
+//! 160×96 JPEG (transformers' `CLIPImageProcessor`, PIL backend;
+//! `CLIPVisionModelWithProjection`), then the tiny Flux sampled with the
+//! adapter at scale 0.8 and at 0. Tolerance: f32 relative max error ≤ 1e-4.
+
+use ipaflux::clip_vision::{load_clip_vision_dir, ClipImageEncoder};
+use ipaflux::load::load_store;
+use ipaflux_core::candle_core::{DType, Device};
+use ipaflux_core::flux::ip::{IpHookConfig, IpImage, IpWeight};
+use ipaflux_core::flux::sampler::{self, Guide, Start};
+use ipaflux_core::flux::{AttentionHook, Hooks, XlabsHook, XlabsIpAdapter};
+use ipaflux_tests::*;
+
+#[test]
+fn xlabs_ip_adapter_matches_diffusers_pipeline() {
+    let (g, i2i, r) =
+        (tensors("xlabs/golden.safetensors"), tensors("img2img/golden.safetensors"), json("xlabs/reference.json"));
+    let clip = ClipImageEncoder::new(
+        &load_clip_vision_dir(&fixture("xlabs/image_encoder")).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let photo = std::fs::read(fixture("images/photo.jpg")).unwrap();
+    let pixels = clip.pixels(&photo, "photo.jpg").unwrap();
+    assert_close("CLIP pixel values", &pixels, &g["pixel_values"], 1e-6);
+    let embeds = clip.image_embeds(&pixels).unwrap();
+    assert_close("CLIP image_embeds", &embeds, &g["image_embeds"], F32_TOL);
+
+    let adapter = XlabsIpAdapter::from_store(
+        &load_store(&fixture("xlabs/ip_adapter.safetensors")).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let model = tiny_flux("flux/flux-tiny-bfl.safetensors");
+    adapter.dims.check_compatible(&model.cfg).unwrap();
+    assert_eq!((adapter.dims.tokens, adapter.dims.blocks), (4, model.cfg.depth));
+    let kv = adapter.kv_all(&adapter.project(&embeds).unwrap(), model.cfg.head_dim()).unwrap();
+    let scale = r["scale"].as_f64().unwrap();
+    let cfg = IpHookConfig { weight: IpWeight::Constant(scale), ..IpHookConfig::default() };
+    let hook = XlabsHook::new(vec![IpImage { kv, weight: 1.0 }], cfg, &model.cfg).unwrap();
+    let run = PipelineRun::of(&r);
+    let prompt = run.cond(&i2i["pipe.prompt_embeds"], &i2i["pipe.pooled"]);
+    let (ids, sigmas) = (run.ids(), run.sigmas());
+    let sample = |hooks: Hooks<'_>| {
+        sampler::euler(&model, Start::Noise(&g["latents"]), &ids, Guide::prompt(&prompt), &sigmas, hooks, &mut |_| {})
+            .unwrap()
+    };
+    let list: [&dyn AttentionHook; 1] = [&hook];
+    let out = sample(Hooks::new(&list));
+    assert_close(&format!("XLabs IP-Adapter at {scale}"), &out, &g["out"], F32_TOL);
+    let plain = sample(Hooks::none());
+    assert_close("XLabs IP-Adapter at 0", &plain, &g["out.scale0"], F32_TOL);
+    assert!(rel_max_err(&out, &plain) > 100.0 * F32_TOL, "the adapter changed too little to be tested");
+}
