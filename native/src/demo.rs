@@ -72,6 +72,8 @@ pub fn sources() -> Sources {
             Box::new(|| Ok(TensorStore::from_torch_zip(ADAPTER, "bundled ip-adapter.bin")?)),
             n(ADAPTER),
         )),
+        ip_is_xlabs: false,
+        clip_vision: None,
         redux: None,
         flux_in_channels: 64,
         flux_head_dim: TINY_HEAD_DIM,

@@ -23,8 +23,8 @@ use ipaflux_core::flux::ip::{check_compatible, IpAdapterHook, IpHookConfig, IpIm
 use ipaflux_core::flux::lora::{apply_to_text_encoder, TextEncoder};
 use ipaflux_core::flux::sampler::{self, FluxVariant, Guide, Start, StepInfo};
 use ipaflux_core::flux::{
-    append_image_tokens, BlockId, BlockSource, Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights, Hooks,
-    HostBlocks, ReduxDims, ReduxImageEncoder,
+    append_image_tokens, AttentionHook, BlockId, BlockSource, Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights,
+    Hooks, HostBlocks, ReduxDims, ReduxImageEncoder, XlabsDims, XlabsHook, XlabsIpAdapter,
 };
 use ipaflux_core::registry::{
     Event, HostMemory, JobPlan, JobRequest, ModelHandle, ModelId, ModelSpec, Registry, RegistryConfig, Role,
@@ -32,6 +32,7 @@ use ipaflux_core::registry::{
 use ipaflux_core::schedule::{flux_schedule, IpWindow, Shift, WeightRamp, COMFY_FLUX_SHIFT};
 use ipaflux_core::{DeviceSpec, IpAdapter, IpAdapterDims, IpAttentionConfig, TensorStore, VNorm};
 
+use crate::clip_vision::ClipImageEncoder;
 use crate::encode::ImageEncoder;
 use crate::load::FluxFiles;
 use crate::text::{ClipEncoder, T5Encoder};
@@ -62,6 +63,11 @@ pub struct Sources {
     pub image_encoder: Option<(LoadFn<ImageEncoder>, u64)>,
     /// The IP-Adapter (projection and processors); `None`: no IP references.
     pub ip_adapter: Option<(LoadFn<TensorStore>, u64)>,
+    /// The IP-Adapter is XLabs' (told by its tensors' names): it reads images
+    /// with [`Self::clip_vision`], not SigLIP.
+    pub ip_is_xlabs: bool,
+    /// CLIP's vision tower for XLabs' IP-Adapter; `None`: not given.
+    pub clip_vision: Option<(LoadFn<ClipImageEncoder>, u64)>,
     /// The FLUX.1 Redux image embedder; `None`: no Redux images.
     pub redux: Option<(LoadFn<TensorStore>, u64)>,
     /// Flux's input channels per token (64; FLUX.1 Canny/Depth's 128, Fill's
@@ -257,12 +263,22 @@ struct Handles {
     t5: ModelHandle,
     clip: ModelHandle,
     image_encoder: Option<ModelHandle>,
+    clip_vision: Option<ModelHandle>,
     ip: Option<ModelHandle>,
     redux: Option<ModelHandle>,
     flux: ModelHandle,
     vae: ModelHandle,
     /// Registered only for an init image.
     vae_encoder: Option<ModelHandle>,
+}
+
+/// Whether reference `r` is read with SigLIP: a Redux image, or an image for InstantX's adapter.
+fn needs_siglip(src: &Sources, r: &Reference) -> bool {
+    match r {
+        Reference::Redux { .. } => true,
+        Reference::Image { .. } => !src.ip_is_xlabs,
+        Reference::Embeds { .. } => false,
+    }
 }
 
 /// Registers every model the job uses (the image models only where a reference needs them).
@@ -280,8 +296,14 @@ fn register_all(reg: &mut Registry, src: &Sources, refs: &[Reference], s: &Setti
         t5: reg.register(spec("t5", Role::TextEncoder, src.t5.1))?,
         clip: reg.register(spec("clip", Role::TextEncoder, src.clip.1))?,
         image_encoder: match &src.image_encoder {
-            Some((_, bytes)) if needs(|r| !matches!(r, Reference::Embeds { .. })) => {
+            Some((_, bytes)) if refs.iter().any(|r| needs_siglip(src, r)) => {
                 Some(reg.register(spec("siglip", Role::ImageEncoder, *bytes))?)
+            }
+            _ => None,
+        },
+        clip_vision: match &src.clip_vision {
+            Some((_, bytes)) if src.ip_is_xlabs && needs(|r| matches!(r, Reference::Image { .. })) => {
+                Some(reg.register(spec("clip-vision", Role::ImageEncoder, *bytes))?)
             }
             _ => None,
         },
@@ -378,6 +400,7 @@ pub fn generate(
     on_step: &mut dyn FnMut(StepInfo),
 ) -> Result<Generated> {
     let variant = check_settings(src, s)?;
+    check_references(src, refs)?;
     let steps_run = s.steps_run()?;
     let dev = s.device_spec;
     let mut reg = Registry::new(s.registry.clone(), memory_devices(dev, s.vram_budget)?)?;
@@ -385,7 +408,7 @@ pub fn generate(
     let mut stages = Vec::new();
     let (flux_id, vae_id) = (h.flux.model, h.vae.model);
     let image_models: Vec<ModelId> =
-        [&h.ip, &h.image_encoder, &h.redux].into_iter().flatten().map(|m| m.model).collect();
+        [&h.ip, &h.image_encoder, &h.clip_vision, &h.redux].into_iter().flatten().map(|m| m.model).collect();
     // The models of the stages after `now`, as the registry's lookahead (the
     // image stage only when it has models; the text and init-image stages come
     // before all of these).
@@ -426,7 +449,7 @@ pub fn generate(
         job(&mut reg, "image", (dev, 0), &image_models, later("image"))?;
         referenced = timed(&mut stages, "reference images", || reference_images(src, refs, s))?;
         reg.embeddings_ready(&image_models)?;
-        for m in [h.image_encoder, h.ip, h.redux].into_iter().flatten() {
+        for m in [h.image_encoder, h.clip_vision, h.ip, h.redux].into_iter().flatten() {
             reg.release(m);
         }
         release_cache(&mut reg, "reference images encoded");
@@ -565,6 +588,32 @@ fn check_settings(src: &Sources, s: &Settings) -> Result<FluxVariant> {
     Ok(variant)
 }
 
+/// Refuses references these models cannot read, before any model is read.
+fn check_references(src: &Sources, refs: &[Reference]) -> Result<()> {
+    let refuse = |m: &str| Err(crate::Error::from(ipaflux_core::Error::Unsupported(m.to_string())));
+    let any = |f: fn(&Reference) -> bool| refs.iter().any(f);
+    let ip_refs = any(|r| r.kind() == "ip-adapter");
+    if ip_refs && src.ip_adapter.is_none() {
+        return refuse(
+            "--image and --embeds need --ip-adapter (InstantX's ip-adapter.bin or XLabs' ip_adapter.safetensors)",
+        );
+    }
+    if src.ip_is_xlabs && any(|r| matches!(r, Reference::Embeds { .. })) {
+        return refuse(
+            "--embeds hold InstantX's image_prompt_embeds; XLabs' IP-Adapter takes --image (read with --clip-vision)",
+        );
+    }
+    if src.ip_is_xlabs && any(|r| matches!(r, Reference::Image { .. })) && src.clip_vision.is_none() {
+        return refuse(
+            "this IP-Adapter is XLabs' and reads images with CLIP: give --clip-vision (openai/clip-vit-large-patch14)",
+        );
+    }
+    if refs.iter().any(|r| needs_siglip(src, r)) && src.image_encoder.is_none() {
+        return refuse("InstantX's IP-Adapter and Redux read images with SigLIP: give --siglip");
+    }
+    Ok(())
+}
+
 /// Each prompt's T5 tokens and pooled CLIP vector (T5 dropped before CLIP loads),
 /// with the text encoders' LoRA parts merged.
 fn encode_prompts(src: &Sources, prompts: &[&str], s: &Settings) -> Result<Vec<Conditioning>> {
@@ -587,31 +636,64 @@ fn encode_prompts(src: &Sources, prompts: &[&str], s: &Settings) -> Result<Vec<C
 #[derive(Default)]
 struct Referenced {
     ip: Vec<IpImage>,
-    adapter_dims: Option<IpAdapterDims>,
+    adapter_dims: AdapterDims,
     /// Bytes of the IP K/V of all references.
     kv_bytes: usize,
     /// Each Redux image's tokens `[1, N, context]` with its strength.
     redux: Vec<(Tensor, f64)>,
 }
 
-/// Reads every reference with one loaded SigLIP, adapter and Redux embedder:
-/// IP references become K/V, Redux images tokens.
+/// Which IP-Adapter the K/V are for, with its sizes.
+#[derive(Debug, Clone, Copy, Default)]
+enum AdapterDims {
+    #[default]
+    None,
+    InstantX(IpAdapterDims),
+    Xlabs(XlabsDims),
+}
+
+/// A loaded IP-Adapter of either kind.
+enum Adapter {
+    InstantX(IpAdapter),
+    Xlabs(XlabsIpAdapter),
+}
+
+/// Reads every reference with one loaded SigLIP (or CLIP, for XLabs'
+/// adapter), adapter and Redux embedder: IP references become K/V, Redux
+/// images tokens.
 fn reference_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<Referenced> {
     let unsupported = |m: &str| crate::Error::from(ipaflux_core::Error::Unsupported(m.to_string()));
-    let needs_siglip = refs.iter().any(|r| !matches!(r, Reference::Embeds { .. }));
     let encoder = match &src.image_encoder {
-        Some((load, _)) if needs_siglip => Some(load()?),
+        Some((load, _)) if refs.iter().any(|r| needs_siglip(src, r)) => Some(load()?),
         _ => None,
     };
     let siglip = || encoder.as_ref().ok_or_else(|| unsupported("a reference image needs --siglip (the image encoder)"));
+    let clip = match &src.clip_vision {
+        Some((load, _)) if src.ip_is_xlabs && refs.iter().any(|r| matches!(r, Reference::Image { .. })) => {
+            Some(load()?)
+        }
+        _ => None,
+    };
     let adapter = match &src.ip_adapter {
         Some((load, _)) if refs.iter().any(|r| !matches!(r, Reference::Redux { .. })) => {
             let store = load()?;
-            let adapter = IpAdapter::from_store(&store, s.dtype, &s.device)?;
-            if let Some(e) = &encoder {
-                crate::encode::check_adapter_fits(&adapter, &store.source_name, e.hidden_size())?;
+            if src.ip_is_xlabs {
+                let adapter = XlabsIpAdapter::from_store(&store, s.dtype, &s.device)?;
+                if let Some(c) = clip.as_ref().filter(|c| c.config.projection_dim != adapter.dims.embed_dim) {
+                    return Err(ipaflux_core::Error::Shape(format!(
+                        "{}: the XLabs IP-Adapter takes {}-wide CLIP image_embeds but the CLIP model gives {}",
+                        store.source_name, adapter.dims.embed_dim, c.config.projection_dim
+                    ))
+                    .into());
+                }
+                Some(Adapter::Xlabs(adapter))
+            } else {
+                let adapter = IpAdapter::from_store(&store, s.dtype, &s.device)?;
+                if let Some(e) = &encoder {
+                    crate::encode::check_adapter_fits(&adapter, &store.source_name, e.hidden_size())?;
+                }
+                Some(Adapter::InstantX(adapter))
             }
-            Some(adapter)
         }
         _ => None,
     };
@@ -643,14 +725,25 @@ fn reference_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<R
                 out.redux.push((tokens, *weight));
                 continue;
             }
-            Reference::Image { bytes, name, weight } => {
-                let adapter = adapter.as_ref().ok_or_else(|| unsupported("a reference image needs --ip-adapter"))?;
-                let e = siglip()?;
-                let pooled = e.siglip.forward(&e.pixels(bytes, name)?)?;
-                (adapter.image_proj.forward(&pooled.to_dtype(s.dtype)?)?, *weight)
-            }
+            Reference::Image { bytes, name, weight } => match adapter.as_ref() {
+                Some(Adapter::Xlabs(xlabs)) => {
+                    let c = clip.as_ref().ok_or_else(|| unsupported("XLabs' IP-Adapter needs --clip-vision"))?;
+                    let tokens = xlabs.project(&c.image_embeds(&c.pixels(bytes, name)?)?)?;
+                    out.ip.push(IpImage { kv: xlabs.kv_all(&tokens, src.flux_head_dim)?, weight: *weight });
+                    out.adapter_dims = AdapterDims::Xlabs(xlabs.dims);
+                    continue;
+                }
+                Some(Adapter::InstantX(adapter)) => {
+                    let e = siglip()?;
+                    let pooled = e.siglip.forward(&e.pixels(bytes, name)?)?;
+                    (adapter.image_proj.forward(&pooled.to_dtype(s.dtype)?)?, *weight)
+                }
+                None => return Err(unsupported("a reference image needs --ip-adapter")),
+            },
             Reference::Embeds { image_prompt_embeds, name, weight } => {
-                let adapter = adapter.as_ref().ok_or_else(|| unsupported("--embeds need --ip-adapter"))?;
+                let Some(Adapter::InstantX(adapter)) = adapter.as_ref() else {
+                    return Err(unsupported("--embeds need InstantX's --ip-adapter"));
+                };
                 let want = [1, adapter.dims.num_tokens, adapter.dims.cross_dim];
                 if image_prompt_embeds.dims() != want {
                     return Err(ipaflux_core::Error::Shape(format!(
@@ -662,10 +755,12 @@ fn reference_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<R
                 (image_prompt_embeds.clone(), *weight)
             }
         };
-        let adapter = adapter.as_ref().ok_or_else(|| unsupported("an IP reference needs --ip-adapter"))?;
+        let Some(Adapter::InstantX(adapter)) = adapter.as_ref() else {
+            return Err(unsupported("an IP reference needs --ip-adapter"));
+        };
         let kv = adapter.kv_all(&embeds.to_device(&s.device)?.to_dtype(s.dtype)?, &cfg)?;
         out.ip.push(IpImage { kv, weight });
-        out.adapter_dims = Some(adapter.dims);
+        out.adapter_dims = AdapterDims::InstantX(adapter.dims);
     }
     out.kv_bytes = out.ip.iter().flat_map(|i| &i.kv).map(|kv| kv.nbytes()).sum();
     Ok(out)
@@ -771,7 +866,7 @@ struct SampleStart<'a> {
 
 fn sample(
     src: &Sources,
-    (images, adapter_dims): (Vec<IpImage>, Option<IpAdapterDims>),
+    (images, adapter_dims): (Vec<IpImage>, AdapterDims),
     texts: &[Conditioning],
     s: &Settings,
     SampleStart { encoded, streamed }: SampleStart<'_>,
@@ -793,18 +888,25 @@ fn sample(
     }
     model.set_attention(crate::attention_for(&s.device, s.kernels));
     model.set_fused_modulation(crate::modulation_for(&s.device, s.kernels));
-    if let Some(dims) = adapter_dims {
-        check_compatible(&dims, &model.cfg)?;
-    }
-    let hook = if images.is_empty() {
-        None
-    } else {
-        let cfg = IpHookConfig {
-            weight: s.ip_weight,
-            window: IpWindow::from_percent(s.start_percent, s.end_percent, COMFY_FLUX_SHIFT),
-            block_weights: s.block_weights.clone(),
-        };
-        Some(IpAdapterHook::new(images, cfg, &model.cfg)?.with_attention(crate::attention_for(&s.device, s.kernels)))
+    let cfg = IpHookConfig {
+        weight: s.ip_weight,
+        window: IpWindow::from_percent(s.start_percent, s.end_percent, COMFY_FLUX_SHIFT),
+        block_weights: s.block_weights.clone(),
+    };
+    let attention = crate::attention_for(&s.device, s.kernels);
+    let hook: Option<Box<dyn AttentionHook>> = match adapter_dims {
+        _ if images.is_empty() => None,
+        AdapterDims::InstantX(dims) => {
+            check_compatible(&dims, &model.cfg)?;
+            Some(Box::new(IpAdapterHook::new(images, cfg, &model.cfg)?.with_attention(attention)))
+        }
+        AdapterDims::Xlabs(dims) => {
+            dims.check_compatible(&model.cfg)?;
+            Some(Box::new(XlabsHook::new(images, cfg, &model.cfg)?.with_attention(attention)))
+        }
+        AdapterDims::None => {
+            return Err(ipaflux_core::Error::Unsupported("IP K/V without their adapter's sizes".into()).into())
+        }
     };
     let (rows, cols) = sampler::token_grid(s.width, s.height);
     let shift = if model.cfg.guidance_embed { Shift::DEV } else { Shift::None };
@@ -823,7 +925,7 @@ fn sample(
             return Err(ipaflux_core::Error::Unsupported("prompt encodings do not match the CFG settings".into()).into())
         }
     };
-    let list: Vec<&dyn ipaflux_core::flux::AttentionHook> = hook.iter().map(|h| h as _).collect();
+    let list: Vec<&dyn AttentionHook> = hook.iter().map(|h| h.as_ref()).collect();
     let ids = sampler::img_ids(rows, cols);
     seeds(s)
         .map(|seed| {
@@ -937,8 +1039,10 @@ pub struct ModelPaths {
     pub vae: std::path::PathBuf,
     /// Needed for IP-Adapter references (`--image`, `--embeds`).
     pub ip_adapter: Option<std::path::PathBuf>,
-    /// Needed for reference images of either kind.
+    /// Needed for InstantX IP-Adapter and Redux reference images.
     pub siglip: Option<std::path::PathBuf>,
+    /// CLIP's vision model, needed for XLabs IP-Adapter reference images.
+    pub clip_vision: Option<std::path::PathBuf>,
     /// The FLUX.1 Redux image embedder, needed for Redux images.
     pub redux: Option<std::path::PathBuf>,
     /// `tokenizer.json` (or a folder / repo holding it) for single-file text encoders.
@@ -960,6 +1064,7 @@ impl ModelPaths {
         let ip = self.ip_adapter.as_deref().map(load::resolve_arg).transpose()?;
         let redux = self.redux.as_deref().map(|p| load::redux_file(&load::resolve_arg(p)?)).transpose()?;
         let siglip = self.siglip.as_deref().map(load::resolve_arg).transpose()?;
+        let clip_vision = self.clip_vision.as_deref().map(load::resolve_arg).transpose()?;
         let flux_head_dim = load::flux_head_dim(&flux)?;
         // Sizes from the header, read once: input channels, LoRA and Redux checks.
         let flux_cfg = load::flux_config(&flux)?;
@@ -993,11 +1098,35 @@ impl ModelPaths {
             });
             (f, bytes)
         });
+        // XLabs' adapter is told by its names and checked against Flux from its header now.
+        let ip_is_xlabs = match &ip {
+            Some(path) => {
+                let store = load::load_ip_adapter(path)?;
+                let xlabs = ipaflux_core::flux::xlabs::is_xlabs(&store);
+                if xlabs {
+                    XlabsDims::infer(&store)?.check_compatible(&flux_cfg)?;
+                }
+                xlabs
+            }
+            None => false,
+        };
         let ip_adapter = ip.map(|ip| {
             let bytes = load::weight_bytes(&ip);
             let f: LoadFn<TensorStore> = Box::new(move || load::load_ip_adapter(&ip));
             (f, bytes)
         });
+        let clip_vision = match clip_vision {
+            Some(dir) => {
+                let files = crate::clip_vision::load_clip_vision_dir(&dir)?;
+                let bytes = crate::clip_vision::clip_vision_bytes(&files.config, self.encoder_dtype.dtype());
+                let (dtype, device) = (self.encoder_dtype.dtype(), device.clone());
+                let f: LoadFn<ClipImageEncoder> = Box::new(move || {
+                    ClipImageEncoder::new(&crate::clip_vision::load_clip_vision_dir(&dir)?, dtype, &device)
+                });
+                Some((f, bytes))
+            }
+            None => None,
+        };
         let redux = match redux {
             Some(path) => {
                 // Checked from its header now: a wrong file fails before any model runs.
@@ -1025,6 +1154,8 @@ impl ModelPaths {
             vae_encoder_bytes,
             image_encoder,
             ip_adapter,
+            ip_is_xlabs,
+            clip_vision,
             redux,
             flux_in_channels,
             flux_head_dim,

@@ -232,12 +232,17 @@ struct GenerateArgs {
     /// diffusion_pytorch_model.safetensors), or a repo folder holding either (`vae/`).
     #[arg(long)]
     vae: PathBuf,
-    /// IP-Adapter: InstantX ip-adapter.bin or a flat .safetensors (needed for --image and --embeds).
+    /// IP-Adapter (needed for --image and --embeds): InstantX's ip-adapter.bin or a flat
+    /// .safetensors, or XLabs' ip_adapter.safetensors (flux-ip-adapter v1/v2; told by its names).
     #[arg(long)]
     ip_adapter: Option<PathBuf>,
-    /// SigLIP folder or HF repo id (needed for --image and --redux-image).
+    /// SigLIP folder or HF repo id (needed for --image with InstantX's adapter, and --redux-image).
     #[arg(long)]
     siglip: Option<PathBuf>,
+    /// CLIP vision folder or HF repo id, for --image with XLabs' IP-Adapter: openai/clip-vit-large-patch14
+    /// (a whole CLIP or a CLIPVisionModelWithProjection, e.g. an image_encoder/ folder).
+    #[arg(long)]
+    clip_vision: Option<PathBuf>,
     /// FLUX.1 Redux image embedder: flux1-redux-dev.safetensors, or the FLUX.1-Redux-dev repo
     /// folder / HF repo id (its image_embedder/); needed for --redux-image.
     #[arg(long)]
@@ -500,7 +505,9 @@ fn parse_block_weights(s: &str) -> anyhow::Result<Vec<f64>> {
 fn check_reference_args(a: &GenerateArgs) -> anyhow::Result<()> {
     let n_refs = a.image.len() + a.embeds.len();
     if n_refs > 0 && a.ip_adapter.is_none() {
-        anyhow::bail!("--image and --embeds need --ip-adapter (InstantX's ip-adapter.bin)");
+        anyhow::bail!(
+            "--image and --embeds need --ip-adapter (InstantX's ip-adapter.bin or XLabs' ip_adapter.safetensors)"
+        );
     }
     if a.ip_weight.len() != 1 && a.ip_weight.len() != n_refs {
         anyhow::bail!(
@@ -508,8 +515,11 @@ fn check_reference_args(a: &GenerateArgs) -> anyhow::Result<()> {
             a.ip_weight.len()
         );
     }
-    if !a.image.is_empty() && a.siglip.is_none() {
-        anyhow::bail!("--image needs --siglip (the image encoder); or pass --embeds from `ipaflux encode`");
+    if !a.image.is_empty() && a.siglip.is_none() && a.clip_vision.is_none() {
+        anyhow::bail!(
+            "--image needs the image encoder: --siglip for InstantX's IP-Adapter (or pass --embeds from `ipaflux \
+             encode`), --clip-vision for XLabs'"
+        );
     }
     if !a.redux_image.is_empty() && (a.siglip.is_none() || a.redux.is_none()) {
         anyhow::bail!("--redux-image needs --redux (the Redux model) and --siglip (the image encoder it reads)");
@@ -635,6 +645,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         vae: a.vae,
         ip_adapter: a.ip_adapter,
         siglip: a.siglip,
+        clip_vision: a.clip_vision,
         redux: a.redux,
         t5_tokenizer: a.t5_tokenizer,
         clip_tokenizer: a.clip_tokenizer,

@@ -507,6 +507,37 @@ fn canny_writes_opencvs_edges() {
 }
 
 #[test]
+fn generate_with_xlabs_ip_adapter() {
+    let f = |r: &str| fixture(r).display().to_string();
+    let (adapter, clip, photo) = (f("xlabs/ip_adapter.safetensors"), f("xlabs/image_encoder"), f("images/photo.jpg"));
+    let (plain, with, zero) = (tmp("gen-xlabs-plain.png"), tmp("gen-xlabs.png"), tmp("gen-xlabs-0.png"));
+    let pixels = |p: &PathBuf| png_pixels(&std::fs::read(p).unwrap());
+    let run = |extra: &[&str], out: &PathBuf| {
+        let o = generate(extra, out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let xlabs = ["--ip-adapter", &adapter, "--clip-vision", &clip, "--image", &photo];
+    run(&[], &plain);
+    run(&[&xlabs[..], &["--ip-weight", "0.8", "--verbose"]].concat(), &with);
+    run(&[&xlabs[..], &["--ip-weight", "0"]].concat(), &zero);
+    assert_ne!(pixels(&plain), pixels(&with), "XLabs' adapter changed nothing");
+    assert_eq!(pixels(&plain), pixels(&zero), "weight 0 is exactly no adapter");
+    // It reads images with CLIP, not SigLIP, and takes no InstantX embeddings.
+    let no_clip = ["--ip-adapter", &adapter, "--image", &photo];
+    assert_fails(&generate(&no_clip, &plain), &["XLabs", "--clip-vision"]);
+    let embeds = tmp("xlabs-embeds.safetensors");
+    let e = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
+        .args(["encode", "--siglip", &f("siglip-vision"), "--ip-adapter", &f("ip-adapter.bin"), "--image", &photo])
+        .arg("--out")
+        .arg(&embeds)
+        .output()
+        .unwrap();
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let with_embeds = ["--ip-adapter", &adapter, "--embeds", &embeds.display().to_string()];
+    assert_fails(&generate(&with_embeds, &plain), &["XLabs", "--embeds"]);
+}
+
+#[test]
 fn generate_with_a_kontext_image() {
     let photo = fixture("images/photo.jpg").display().to_string();
     let (init, vae) = (fixture("img2img/init.png").display().to_string(), fixture("img2img/ae.safetensors"));
