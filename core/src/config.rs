@@ -268,7 +268,7 @@ impl ClipPreprocessConfig {
             crop_width: image_size,
             rescale_factor: 1.0 / 255.0,
             image_mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
-            image_std: [0.268_629_54, 0.261_302_58, 0.275_777_1],
+            image_std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
         }
     }
 

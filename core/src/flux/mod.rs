@@ -3,13 +3,16 @@
 //!
 //! - [`config`]: sizes (dev/schnell presets, inferred from checkpoints);
 //! - [`layout`]: BFL and diffusers checkpoint layouts → one canonical naming;
-//! - [`lora`]: LoRA files (kohya, BFL and diffusers namings) mapped onto the canonical weights;
+//! - [`lora`]: LoRA files (kohya, BFL and diffusers namings) mapped onto the canonical weights
+//!   (FLUX.1 Canny/Depth LoRAs too: a wider input layer, replaced QK-norm scales);
 //! - [`model`]: the transformer (double and single blocks, RoPE, modulation);
 //! - [`hooks`]: where adapters enter a block, and with what;
 //! - [`ip`]: the InstantX IP-Adapter hook (weights, sigma window, ramp, per-block weights, several images);
+//! - [`xlabs`]: XLabs' IP-Adapter (CLIP image embeddings, double blocks, its term after the MLP);
 //! - [`kontext`]: FLUX.1 Kontext's reference image tokens (positions, preferred resolutions);
 //! - [`redux`]: FLUX.1 Redux, an image prompt as extra text tokens from SigLIP's token sequence;
-//! - [`sampler`]: seeded noise, packing, Euler (true CFG, image-to-image);
+//! - [`sampler`]: seeded noise, packing, Euler (true CFG, image-to-image; Fill and Canny/Depth
+//!   channels, [`sampler::FluxVariant`]);
 //! - [`stream`]: running with some blocks not resident (fetched per use from a [`stream::BlockSource`]).
 //!
 //! Not here: text encoders, the VAE, file IO, device placement (the caller,
