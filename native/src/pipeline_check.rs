@@ -1,6 +1,7 @@
 //! `gpu-check`'s parity of the diffusers-pipeline modes on the device under
 //! test: image-to-image, inpainting, FLUX.1 Fill, Kontext, Canny/Depth (a
-//! Control transformer, and a Control LoRA on the plain Flux) and true CFG,
+//! Control transformer, and a Control LoRA on the plain Flux), true CFG and
+//! XLabs' IP-Adapter (its CLIP image encoder on the device too),
 //! each run on the committed tiny fixtures in f32 with the VAE encoder and
 //! Flux on the device, against the golden the diffusers pipeline made
 //! (tests/reference/make_*_fixtures.py). The same goldens are checked on the
@@ -13,12 +14,16 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use ipaflux_core::candle_core::{DType, Device, Tensor};
+use ipaflux_core::flux::ip::{IpHookConfig, IpImage, IpWeight};
 use ipaflux_core::flux::kontext::reference_ids;
 use ipaflux_core::flux::sampler::{self, Guide, Start};
-use ipaflux_core::flux::{Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights, Hooks};
+use ipaflux_core::flux::{
+    AttentionHook, Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights, Hooks, XlabsHook, XlabsIpAdapter,
+};
 use ipaflux_core::preprocess::{decode_rgb, to_luma};
 use ipaflux_core::schedule::{flux_schedule, Shift};
 
+use crate::clip_vision::{load_clip_vision_dir, ClipImageEncoder};
 use crate::generate::{control_latents, ImageFile};
 use crate::gpu_check::{rel_max_err, CheckOptions, Report, Section, F32_TOL};
 use crate::load::{flux_config, load_flux, load_lora, load_store};
@@ -190,5 +195,30 @@ pub fn parity_pipelines(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let lora = load_lora(&fx.join("control/lora-bfl.safetensors"), &base_cfg, strength)?;
     let with_lora = flux(fx, "flux/flux-tiny-bfl.safetensors", &[lora], dev)?;
     check("Control LoRA", sample(&with_lora, Start::Noise(&noise), guide, &ctl_run, 1.0), lora_gold.get("out.t2i")?);
+    drop(with_lora);
+
+    // XLabs' IP-Adapter (FluxPipeline.load_ip_adapter): CLIP on the device, its term after each double block's MLP.
+    let xlabs = Golden::read(fx, "xlabs/golden.safetensors", dev)?;
+    let x_run = Run::read(fx, "xlabs/reference.json")?;
+    let clip = ClipImageEncoder::new(&load_clip_vision_dir(&fx.join("xlabs/image_encoder"))?, DType::F32, dev)?;
+    let embeds = clip.image_embeds(&clip.pixels(&image_file(fx, "images/photo.jpg")?.bytes, "photo.jpg")?)?;
+    check("XLabs CLIP image_embeds", Ok(embeds.clone()), xlabs.get("image_embeds")?);
+    let adapter = XlabsIpAdapter::from_store(&load_store(&fx.join("xlabs/ip_adapter.safetensors"))?, DType::F32, dev)?;
+    let kv = adapter.kv_all(&adapter.project(&embeds)?, plain.cfg.head_dim())?;
+    let scale = reference(fx, "xlabs/reference.json")?["scale"].as_f64().unwrap_or(1.0);
+    let cfg = IpHookConfig { weight: IpWeight::Constant(scale), ..IpHookConfig::default() };
+    let hook = XlabsHook::new(vec![IpImage { kv, weight: 1.0 }], cfg, &plain.cfg)?;
+    let hooks: [&dyn AttentionHook; 1] = [&hook];
+    let x_prompt = x_run.cond(i2i.get("pipe.prompt_embeds")?, i2i.get("pipe.pooled")?);
+    let out = sampler::euler(
+        &plain,
+        Start::Noise(xlabs.get("latents")?),
+        &x_run.ids(),
+        Guide::prompt(&x_prompt),
+        &x_run.sigmas(1.0)?,
+        Hooks::new(&hooks),
+        &mut |_| {},
+    );
+    check("XLabs IP-Adapter", out.map_err(Into::into), xlabs.get("out")?);
     Ok(())
 }

@@ -769,9 +769,16 @@ fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
     assert!(written.contains("| parity | Flux tiny + IP, cpu F32 (reference attention) vs diffusers |"), "{written}");
     assert!(written.contains("| 1000.00 ms |"), "{written}");
     // Every diffusers-pipeline mode ran on the device under test (here the CPU).
-    for mode in
-        ["image-to-image", "inpainting", "FLUX.1 Fill", "FLUX.1 Kontext", "true CFG", "Canny/Depth", "Control LoRA"]
-    {
+    for mode in [
+        "image-to-image",
+        "inpainting",
+        "FLUX.1 Fill",
+        "FLUX.1 Kontext",
+        "true CFG",
+        "Canny/Depth",
+        "Control LoRA",
+        "XLabs IP-Adapter",
+    ] {
         assert!(
             written.lines().any(|l| l.starts_with("| parity | ") && l.contains(mode) && l.ends_with("PASS |")),
             "{mode}: {written}"
