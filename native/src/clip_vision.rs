@@ -85,6 +85,19 @@ pub fn clip_vision_bytes(cfg: &ClipVisionConfig, dtype: DType) -> u64 {
     (params * dtype.size_in_bytes()) as u64
 }
 
+/// Refuses an XLabs adapter whose projection does not take this CLIP's `image_embeds`.
+pub fn check_xlabs_fits(dims: &ipaflux_core::flux::XlabsDims, adapter: &str, clip: &ClipVisionConfig) -> Result<()> {
+    if dims.embed_dim != clip.projection_dim {
+        return Err(ipaflux_core::Error::Shape(format!(
+            "{adapter}: the XLabs IP-Adapter takes {}-wide CLIP image_embeds but the CLIP model gives {} (XLabs' \
+             adapters use openai/clip-vit-large-patch14)",
+            dims.embed_dim, clip.projection_dim
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 /// The CLIP image encoder, ready to read images.
 pub struct ClipImageEncoder {
     pub config: ClipVisionConfig,

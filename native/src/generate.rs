@@ -658,6 +658,29 @@ enum Adapter {
     Xlabs(XlabsIpAdapter),
 }
 
+/// The IP-Adapter of either kind from its tensors, checked against the image
+/// encoder that feeds it (SigLIP's width, or CLIP's `image_embeds` for XLabs').
+fn load_adapter(
+    store: TensorStore,
+    xlabs: bool,
+    siglip: Option<&ImageEncoder>,
+    clip: Option<&ClipImageEncoder>,
+    s: &Settings,
+) -> Result<Adapter> {
+    if xlabs {
+        let adapter = XlabsIpAdapter::from_store(&store, s.dtype, &s.device)?;
+        if let Some(c) = clip {
+            crate::clip_vision::check_xlabs_fits(&adapter.dims, &store.source_name, &c.config)?;
+        }
+        return Ok(Adapter::Xlabs(adapter));
+    }
+    let adapter = IpAdapter::from_store(&store, s.dtype, &s.device)?;
+    if let Some(e) = siglip {
+        crate::encode::check_adapter_fits(&adapter, &store.source_name, e.hidden_size())?;
+    }
+    Ok(Adapter::InstantX(adapter))
+}
+
 /// Reads every reference with one loaded SigLIP (or CLIP, for XLabs'
 /// adapter), adapter and Redux embedder: IP references become K/V, Redux
 /// images tokens.
@@ -676,24 +699,7 @@ fn reference_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<R
     };
     let adapter = match &src.ip_adapter {
         Some((load, _)) if refs.iter().any(|r| !matches!(r, Reference::Redux { .. })) => {
-            let store = load()?;
-            if src.ip_is_xlabs {
-                let adapter = XlabsIpAdapter::from_store(&store, s.dtype, &s.device)?;
-                if let Some(c) = clip.as_ref().filter(|c| c.config.projection_dim != adapter.dims.embed_dim) {
-                    return Err(ipaflux_core::Error::Shape(format!(
-                        "{}: the XLabs IP-Adapter takes {}-wide CLIP image_embeds but the CLIP model gives {}",
-                        store.source_name, adapter.dims.embed_dim, c.config.projection_dim
-                    ))
-                    .into());
-                }
-                Some(Adapter::Xlabs(adapter))
-            } else {
-                let adapter = IpAdapter::from_store(&store, s.dtype, &s.device)?;
-                if let Some(e) = &encoder {
-                    crate::encode::check_adapter_fits(&adapter, &store.source_name, e.hidden_size())?;
-                }
-                Some(Adapter::InstantX(adapter))
-            }
+            Some(load_adapter(load()?, src.ip_is_xlabs, encoder.as_ref(), clip.as_ref(), s)?)
         }
         _ => None,
     };
@@ -1053,6 +1059,52 @@ pub struct ModelPaths {
     pub loras: Vec<LoraArg>,
 }
 
+/// The IP-Adapter's source, whether it is XLabs', and CLIP's vision tower.
+type IpSources = (Option<(LoadFn<TensorStore>, u64)>, bool, Option<(LoadFn<ClipImageEncoder>, u64)>);
+
+/// [`IpSources`] from their paths: XLabs' adapter is told by its names and
+/// checked against Flux and CLIP from their headers now, so a wrong file fails
+/// before any model runs.
+fn ip_sources(
+    ip: Option<std::path::PathBuf>,
+    clip_vision: Option<std::path::PathBuf>,
+    flux_cfg: &ipaflux_core::flux::FluxConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<IpSources> {
+    use crate::clip_vision::{check_xlabs_fits, clip_vision_bytes, load_clip_vision_dir};
+    use crate::load;
+    let clip_files = clip_vision.as_deref().map(load_clip_vision_dir).transpose()?;
+    let mut xlabs = false;
+    if let Some(path) = &ip {
+        let store = load::load_ip_adapter(path)?;
+        if ipaflux_core::flux::xlabs::is_xlabs(&store) {
+            let dims = XlabsDims::infer(&store)?;
+            dims.check_compatible(flux_cfg)?;
+            if let Some(c) = &clip_files {
+                check_xlabs_fits(&dims, &store.source_name, &c.config)?;
+            }
+            xlabs = true;
+        }
+    }
+    let ip_adapter = ip.map(|ip| {
+        let bytes = load::weight_bytes(&ip);
+        let f: LoadFn<TensorStore> = Box::new(move || load::load_ip_adapter(&ip));
+        (f, bytes)
+    });
+    let clip = match (clip_vision, clip_files) {
+        (Some(dir), Some(files)) => {
+            let bytes = clip_vision_bytes(&files.config, dtype);
+            let device = device.clone();
+            let f: LoadFn<ClipImageEncoder> =
+                Box::new(move || ClipImageEncoder::new(&load_clip_vision_dir(&dir)?, dtype, &device));
+            Some((f, bytes))
+        }
+        _ => None,
+    };
+    Ok((ip_adapter, xlabs, clip))
+}
+
 impl ModelPaths {
     /// Resolves every path now (so a typo fails before any work) and reads lazily later.
     pub fn into_sources(self, device: Device) -> Result<Sources> {
@@ -1098,35 +1150,8 @@ impl ModelPaths {
             });
             (f, bytes)
         });
-        // XLabs' adapter is told by its names and checked against Flux from its header now.
-        let ip_is_xlabs = match &ip {
-            Some(path) => {
-                let store = load::load_ip_adapter(path)?;
-                let xlabs = ipaflux_core::flux::xlabs::is_xlabs(&store);
-                if xlabs {
-                    XlabsDims::infer(&store)?.check_compatible(&flux_cfg)?;
-                }
-                xlabs
-            }
-            None => false,
-        };
-        let ip_adapter = ip.map(|ip| {
-            let bytes = load::weight_bytes(&ip);
-            let f: LoadFn<TensorStore> = Box::new(move || load::load_ip_adapter(&ip));
-            (f, bytes)
-        });
-        let clip_vision = match clip_vision {
-            Some(dir) => {
-                let files = crate::clip_vision::load_clip_vision_dir(&dir)?;
-                let bytes = crate::clip_vision::clip_vision_bytes(&files.config, self.encoder_dtype.dtype());
-                let (dtype, device) = (self.encoder_dtype.dtype(), device.clone());
-                let f: LoadFn<ClipImageEncoder> = Box::new(move || {
-                    ClipImageEncoder::new(&crate::clip_vision::load_clip_vision_dir(&dir)?, dtype, &device)
-                });
-                Some((f, bytes))
-            }
-            None => None,
-        };
+        let (ip_adapter, ip_is_xlabs, clip_vision) =
+            ip_sources(ip, clip_vision, &flux_cfg, self.encoder_dtype.dtype(), &device)?;
         let redux = match redux {
             Some(path) => {
                 // Checked from its header now: a wrong file fails before any model runs.

@@ -106,119 +106,163 @@ fn image_file(fixtures: &Path, rel: &str) -> Result<ImageFile> {
     Ok(ImageFile { bytes, name: rel.to_string() })
 }
 
+/// What every mode shares: the fixtures on the device, the init image's
+/// pixels and latents, img2img's noise and prompt, and the plain tiny Flux.
+struct Shared<'a> {
+    fx: &'a Path,
+    dev: &'a Device,
+    i2i: Golden,
+    run: Run,
+    encoder: VaeEncoder,
+    init: ipaflux_core::preprocess::RgbImage,
+    pixels: Tensor,
+    image: Tensor,
+    noise: Tensor,
+    plain: FluxModel,
+}
+
+impl Shared<'_> {
+    /// img2img's prompt at `run`'s guidance.
+    fn prompt(&self, run: &Run) -> Result<Conditioning> {
+        Ok(run.cond(self.i2i.get("pipe.prompt_embeds")?, self.i2i.get("pipe.pooled")?))
+    }
+}
+
+/// Euler over `run`'s schedule at `strength`, with `hooks`.
+fn sample(
+    model: &FluxModel,
+    start: Start<'_>,
+    guide: Guide<'_>,
+    run: &Run,
+    strength: f64,
+    hooks: Hooks<'_>,
+) -> Result<Tensor> {
+    Ok(sampler::euler(model, start, &run.ids(), guide, &run.sigmas(strength)?, hooks, &mut |_| {})?)
+}
+
+/// Records a mode's row: its relative max error against `want`, or the error that stopped it.
+fn check(r: &mut Report, dev: &Device, what: &str, got: Result<Tensor>, want: &Tensor) {
+    let name = if dev.is_cpu() { "CPU" } else { "CUDA" };
+    match got.and_then(|g| rel_max_err(&g, want)) {
+        Ok(err) => r.check(Section::Parity, format!("{what}, {name} f32 vs diffusers"), err, F32_TOL),
+        Err(e) => {
+            r.check(Section::Parity, format!("{what}, {name} f32 vs diffusers (failed: {e})"), f32::INFINITY, 0.0)
+        }
+    }
+}
+
 /// Every mode on `o.device` in f32 against its diffusers golden.
 pub fn parity_pipelines(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let (fx, dev) = (o.fixtures.as_path(), &o.device);
-    let name = if dev.is_cpu() { "CPU" } else { "CUDA" };
     let i2i = Golden::read(fx, "img2img/golden.safetensors", dev)?;
-    let run = Run::read(fx, "img2img/reference.json")?;
     let encoder = VaeEncoder::new(&load_store(&fx.join("img2img/ae.safetensors"))?, DType::F32, dev)?;
     let init = decode_rgb(&image_file(fx, "img2img/init.png")?.bytes, "init.png")?;
     let pixels = from_rgb8(&init, dev)?;
     let image = sampler::pack(&encoder.encode(&pixels)?)?;
     let noise = sampler::pack(i2i.get("pipe.noise")?)?;
-    let prompt = run.cond(i2i.get("pipe.prompt_embeds")?, i2i.get("pipe.pooled")?);
     let plain = flux(fx, "flux/flux-tiny-bfl.safetensors", &[], dev)?;
-    let sample = |model: &FluxModel, start: Start<'_>, guide: Guide<'_>, run: &Run, strength: f64| -> Result<Tensor> {
-        Ok(sampler::euler(model, start, &run.ids(), guide, &run.sigmas(strength)?, Hooks::none(), &mut |_| {})?)
-    };
-    let mut check = |what: &str, got: Result<Tensor>, want: &Tensor| match got.and_then(|g| rel_max_err(&g, want)) {
-        Ok(err) => r.check(Section::Parity, format!("{what}, {name} f32 vs diffusers"), err, F32_TOL),
-        Err(e) => {
-            r.check(Section::Parity, format!("{what}, {name} f32 vs diffusers (failed: {e})"), f32::INFINITY, 0.0)
-        }
-    };
+    let run = Run::read(fx, "img2img/reference.json")?;
+    let shared = Shared { fx, dev, i2i, run, encoder, init, pixels, image, noise, plain };
+    from_an_init_image(&shared, r)?;
+    kontext_and_cfg(&shared, r)?;
+    control(&shared, r)?;
+    xlabs(&shared, r)
+}
 
-    // Image-to-image and inpainting (FluxImg2ImgPipeline, FluxInpaintPipeline).
-    let img2img = Start::Image { image: &image, noise: &noise, mask: None };
-    check(
-        "image-to-image 0.6",
-        sample(&plain, img2img, Guide::prompt(&prompt), &run, 0.6),
-        i2i.get("pipe.latents.0.6")?,
-    );
+/// Image-to-image, inpainting and FLUX.1 Fill (FluxImg2ImgPipeline,
+/// FluxInpaintPipeline, FluxFillPipeline: the masked image's latents and the
+/// 8×8 mask as channels).
+fn from_an_init_image(c: &Shared<'_>, r: &mut Report) -> Result<()> {
+    let (fx, dev, run) = (c.fx, c.dev, &c.run);
+    let prompt = c.prompt(run)?;
+    let img2img = Start::Image { image: &c.image, noise: &c.noise, mask: None };
+    let out = sample(&c.plain, img2img, Guide::prompt(&prompt), run, 0.6, Hooks::none());
+    check(r, dev, "image-to-image 0.6", out, c.i2i.get("pipe.latents.0.6")?);
     let inpaint = Golden::read(fx, "inpaint/golden.safetensors", dev)?;
     let luma = to_luma(&decode_rgb(&image_file(fx, "inpaint/mask.png")?.bytes, "mask.png")?);
     let mask = sampler::latent_mask(&luma, run.width, run.height, dev)?;
-    let start = Start::Image { image: &image, noise: &noise, mask: Some(&mask) };
-    check("inpainting 0.6", sample(&plain, start, Guide::prompt(&prompt), &run, 0.6), inpaint.get("out.mask.0.6")?);
+    let start = Start::Image { image: &c.image, noise: &c.noise, mask: Some(&mask) };
+    let out = sample(&c.plain, start, Guide::prompt(&prompt), run, 0.6, Hooks::none());
+    check(r, dev, "inpainting 0.6", out, inpaint.get("out.mask.0.6")?);
 
-    // FLUX.1 Fill (FluxFillPipeline): the masked image's latents and the 8×8 mask as channels.
     let fill = Golden::read(fx, "fill/golden.safetensors", dev)?;
     let plane = sampler::mask_plane(&luma, run.width, run.height, dev)?;
-    let masked = sampler::pack(&encoder.encode(&pixels.broadcast_mul(&plane.affine(-1.0, 1.0)?)?)?)?;
+    let masked = sampler::pack(&c.encoder.encode(&c.pixels.broadcast_mul(&plane.affine(-1.0, 1.0)?)?)?)?;
     let cond = Tensor::cat(&[&masked, &sampler::fill_mask(&plane)?], 2)?;
     let fill_run = Run::read(fx, "fill/reference.json")?;
-    let fill_prompt = fill_run.cond(i2i.get("pipe.prompt_embeds")?, i2i.get("pipe.pooled")?);
-    let fill_model = flux(fx, "fill/transformer", &[], dev)?;
-    let start = Start::Image { image: &image, noise: &noise, mask: None };
+    let fill_prompt = c.prompt(&fill_run)?;
+    let model = flux(fx, "fill/transformer", &[], dev)?;
+    let start = Start::Image { image: &c.image, noise: &c.noise, mask: None };
     let guide = Guide { channels: Some(&cond), ..Guide::prompt(&fill_prompt) };
-    check("FLUX.1 Fill 1.0", sample(&fill_model, start, guide, &fill_run, 1.0), fill.get("out.1.0")?);
-    drop(fill_model);
+    check(r, dev, "FLUX.1 Fill 1.0", sample(&model, start, guide, &fill_run, 1.0, Hooks::none()), fill.get("out.1.0")?);
+    Ok(())
+}
 
-    // FLUX.1 Kontext (FluxKontextPipeline): the init image's tokens after the latents'.
+/// FLUX.1 Kontext (FluxKontextPipeline: the init image's tokens after the
+/// latents') and true CFG 4 (FluxPipeline's `true_cfg_scale`).
+fn kontext_and_cfg(c: &Shared<'_>, r: &mut Report) -> Result<()> {
+    let (fx, dev) = (c.fx, c.dev);
     let kontext = Golden::read(fx, "kontext/golden.safetensors", dev)?;
     let k_run = Run::read(fx, "kontext/reference.json")?;
-    let ref_ids = reference_ids(init.height / sampler::PIXELS_PER_TOKEN, init.width / sampler::PIXELS_PER_TOKEN);
-    let k_prompt = k_run.cond(i2i.get("pipe.prompt_embeds")?, i2i.get("pipe.pooled")?);
-    let guide = Guide { reference: Some((&image, &ref_ids)), ..Guide::prompt(&k_prompt) };
-    check(
-        "FLUX.1 Kontext",
-        sample(&plain, Start::Noise(kontext.get("latents")?), guide, &k_run, 1.0),
-        kontext.get("out")?,
-    );
+    let tile = sampler::PIXELS_PER_TOKEN;
+    let ref_ids = reference_ids(c.init.height / tile, c.init.width / tile);
+    let k_prompt = c.prompt(&k_run)?;
+    let guide = Guide { reference: Some((&c.image, &ref_ids)), ..Guide::prompt(&k_prompt) };
+    let out = sample(&c.plain, Start::Noise(kontext.get("latents")?), guide, &k_run, 1.0, Hooks::none());
+    check(r, dev, "FLUX.1 Kontext", out, kontext.get("out")?);
 
-    // True CFG 4 (FluxPipeline's true_cfg_scale).
     let cfg = Golden::read(fx, "cfg/golden.safetensors", dev)?;
     let c_run = Run::read(fx, "cfg/reference.json")?;
     let positive = c_run.cond(cfg.get("prompt_embeds")?, cfg.get("pooled")?);
     let negative = c_run.cond(cfg.get("negative_prompt_embeds")?, cfg.get("negative_pooled")?);
     let guide = Guide { negative: Some((&negative, 4.0)), ..Guide::prompt(&positive) };
-    check("true CFG 4", sample(&plain, Start::Noise(cfg.get("latents")?), guide, &c_run, 1.0), cfg.get("out.4.0")?);
+    let out = sample(&c.plain, Start::Noise(cfg.get("latents")?), guide, &c_run, 1.0, Hooks::none());
+    check(r, dev, "true CFG 4", out, cfg.get("out.4.0")?);
+    Ok(())
+}
 
-    // FLUX.1 Canny/Depth (FluxControlPipeline): a Control transformer, and a Control LoRA on the plain Flux.
+/// FLUX.1 Canny/Depth (FluxControlPipeline): a Control transformer, and a
+/// Control LoRA on the plain Flux.
+fn control(c: &Shared<'_>, r: &mut Report) -> Result<()> {
+    let (fx, dev) = (c.fx, c.dev);
     let control = Golden::read(fx, "control/golden.safetensors", dev)?;
     let lora_gold = Golden::read(fx, "control/lora-golden.safetensors", dev)?;
-    let ctl_run = Run::read(fx, "control/reference.json")?;
-    let ctl_prompt = ctl_run.cond(i2i.get("pipe.prompt_embeds")?, i2i.get("pipe.pooled")?);
-    let latents =
-        control_latents(&encoder, &image_file(fx, "control/control.png")?, (ctl_run.width, ctl_run.height), dev)?;
-    let guide = Guide { channels: Some(&latents), ..Guide::prompt(&ctl_prompt) };
-    let ctl_model = flux(fx, "control/transformer", &[], dev)?;
-    check(
-        "FLUX.1 Canny/Depth",
-        sample(&ctl_model, Start::Noise(&noise), guide, &ctl_run, 1.0),
-        control.get("out.t2i")?,
-    );
-    drop(ctl_model);
+    let run = Run::read(fx, "control/reference.json")?;
+    let prompt = c.prompt(&run)?;
+    let file = image_file(fx, "control/control.png")?;
+    let latents = control_latents(&c.encoder, &file, (run.width, run.height), dev)?;
+    let guide = Guide { channels: Some(&latents), ..Guide::prompt(&prompt) };
+    let model = flux(fx, "control/transformer", &[], dev)?;
+    let out = sample(&model, Start::Noise(&c.noise), guide, &run, 1.0, Hooks::none());
+    check(r, dev, "FLUX.1 Canny/Depth", out, control.get("out.t2i")?);
+    drop(model);
     let base_cfg = flux_config(&fx.join("flux/flux-tiny-bfl.safetensors"))?;
     let strength = reference(fx, "control/reference.json")?["lora_strength"].as_f64().unwrap_or(1.0);
     let lora = load_lora(&fx.join("control/lora-bfl.safetensors"), &base_cfg, strength)?;
-    let with_lora = flux(fx, "flux/flux-tiny-bfl.safetensors", &[lora], dev)?;
-    check("Control LoRA", sample(&with_lora, Start::Noise(&noise), guide, &ctl_run, 1.0), lora_gold.get("out.t2i")?);
-    drop(with_lora);
+    let model = flux(fx, "flux/flux-tiny-bfl.safetensors", &[lora], dev)?;
+    let out = sample(&model, Start::Noise(&c.noise), guide, &run, 1.0, Hooks::none());
+    check(r, dev, "Control LoRA", out, lora_gold.get("out.t2i")?);
+    Ok(())
+}
 
-    // XLabs' IP-Adapter (FluxPipeline.load_ip_adapter): CLIP on the device, its term after each double block's MLP.
+/// XLabs' IP-Adapter (FluxPipeline.load_ip_adapter): CLIP on the device, its
+/// term after each double block's MLP.
+fn xlabs(c: &Shared<'_>, r: &mut Report) -> Result<()> {
+    let (fx, dev) = (c.fx, c.dev);
     let xlabs = Golden::read(fx, "xlabs/golden.safetensors", dev)?;
-    let x_run = Run::read(fx, "xlabs/reference.json")?;
+    let run = Run::read(fx, "xlabs/reference.json")?;
     let clip = ClipImageEncoder::new(&load_clip_vision_dir(&fx.join("xlabs/image_encoder"))?, DType::F32, dev)?;
     let embeds = clip.image_embeds(&clip.pixels(&image_file(fx, "images/photo.jpg")?.bytes, "photo.jpg")?)?;
-    check("XLabs CLIP image_embeds", Ok(embeds.clone()), xlabs.get("image_embeds")?);
+    check(r, dev, "XLabs CLIP image_embeds", Ok(embeds.clone()), xlabs.get("image_embeds")?);
     let adapter = XlabsIpAdapter::from_store(&load_store(&fx.join("xlabs/ip_adapter.safetensors"))?, DType::F32, dev)?;
-    let kv = adapter.kv_all(&adapter.project(&embeds)?, plain.cfg.head_dim())?;
+    let kv = adapter.kv_all(&adapter.project(&embeds)?, c.plain.cfg.head_dim())?;
     let scale = reference(fx, "xlabs/reference.json")?["scale"].as_f64().unwrap_or(1.0);
     let cfg = IpHookConfig { weight: IpWeight::Constant(scale), ..IpHookConfig::default() };
-    let hook = XlabsHook::new(vec![IpImage { kv, weight: 1.0 }], cfg, &plain.cfg)?;
+    let hook = XlabsHook::new(vec![IpImage { kv, weight: 1.0 }], cfg, &c.plain.cfg)?;
     let hooks: [&dyn AttentionHook; 1] = [&hook];
-    let x_prompt = x_run.cond(i2i.get("pipe.prompt_embeds")?, i2i.get("pipe.pooled")?);
-    let out = sampler::euler(
-        &plain,
-        Start::Noise(xlabs.get("latents")?),
-        &x_run.ids(),
-        Guide::prompt(&x_prompt),
-        &x_run.sigmas(1.0)?,
-        Hooks::new(&hooks),
-        &mut |_| {},
-    );
-    check("XLabs IP-Adapter", out.map_err(Into::into), xlabs.get("out")?);
+    let prompt = c.prompt(&run)?;
+    let out =
+        sample(&c.plain, Start::Noise(xlabs.get("latents")?), Guide::prompt(&prompt), &run, 1.0, Hooks::new(&hooks));
+    check(r, dev, "XLabs IP-Adapter", out, xlabs.get("out")?);
     Ok(())
 }

@@ -371,8 +371,8 @@ impl FluxLora {
             let encoder = TextEncoder::of(&module);
             let down = matrix(&mut store, down)?;
             let up = matrix(&mut store, up)?;
-            let (rank, in_dim) = down.dims2()?;
-            let (rows, up_rank) = up.dims2()?;
+            let rank = down.dim(0)?;
+            let up_rank = up.dim(1)?;
             if up_rank != rank || rank == 0 {
                 return Err(bad(format!(
                     "module `{module}`: down {:?} and up {:?} differ in rank",
@@ -393,48 +393,10 @@ impl FluxLora {
                 }
                 continue;
             };
-            let widens = target.weight == WIDENABLE && in_dim > target.in_dim;
-            if (in_dim != target.in_dim && !widens) || rows != target.rows {
-                return Err(bad(format!(
-                    "module `{module}`: down {:?} and up {:?} do not fit `{}` (expected down [rank, {}], up [{}, rank])",
-                    down.dims(),
-                    up.dims(),
-                    target.weight,
-                    target.in_dim,
-                    target.rows
-                )));
-            }
-            let up_bias = match &parts.up_bias {
-                Some(b) => {
-                    let t = store.take(b)?.ok_or_else(|| Error::Shape(format!("LoRA tensor `{b}` vanished")))?;
-                    if t.dims() != [rows] {
-                        return Err(bad(format!("`{b}` has shape {:?}; the up matrix has {rows} rows", t.dims())));
-                    }
-                    Some(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
-                }
-                None => None,
-            };
-            let swap = |t: Tensor| -> Result<Tensor> {
-                let half = rows / 2;
-                Ok(if target.swap_halves {
-                    Tensor::cat(&[t.narrow(0, half, rows - half)?, t.narrow(0, 0, half)?], 0)?
-                } else {
-                    t
-                })
-            };
-            let (up, up_bias) = (swap(up)?, up_bias.map(swap).transpose()?);
-            let patch = Patch { target: target.clone(), down, up, up_bias, scale };
+            let patch = flux_patch(&mut store, &module, &parts, target, (down, up, scale))?;
             patches.entry(target.weight.clone()).or_default().push(patch);
         }
-        let mut replaced = BTreeMap::new();
-        for (canonical, name) in replaced_names {
-            let t = store.take(&name)?.ok_or_else(|| Error::Shape(format!("LoRA tensor `{name}` vanished")))?;
-            let want = replaceable.get(&name).map(|(_, shape)| shape.as_slice()).unwrap_or_default();
-            if t.dims() != want {
-                return Err(bad(format!("`{name}` has shape {:?}; `{canonical}` is {want:?}", t.dims())));
-            }
-            replaced.insert(canonical, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
-        }
+        let replaced = read_replaced(&mut store, replaced_names, &replaceable)?;
         if patches.is_empty() && text.is_empty() && replaced.is_empty() {
             return Err(bad("no LoRA modules found".into()));
         }
@@ -539,6 +501,73 @@ impl LoraSummary {
             naming,
         })
     }
+}
+
+/// Module `module`'s change to a Flux weight: its factors checked against the
+/// `target` (a wider input only for [`WIDENABLE`]), its up bias read, both
+/// put in BFL's row order.
+fn flux_patch(
+    store: &mut TensorStore,
+    module: &str,
+    parts: &Parts,
+    target: &Target,
+    (down, up, scale): (Tensor, Tensor, f64),
+) -> Result<Patch> {
+    let source_name = store.source_name.clone();
+    let bad = |reason: String| Error::Lora { source_name: source_name.clone(), reason };
+    let ((_, in_dim), (rows, _)) = (down.dims2()?, up.dims2()?);
+    let widens = target.weight == WIDENABLE && in_dim > target.in_dim;
+    if (in_dim != target.in_dim && !widens) || rows != target.rows {
+        return Err(bad(format!(
+            "module `{module}`: down {:?} and up {:?} do not fit `{}` (expected down [rank, {}], up [{}, rank])",
+            down.dims(),
+            up.dims(),
+            target.weight,
+            target.in_dim,
+            target.rows
+        )));
+    }
+    let up_bias = match &parts.up_bias {
+        Some(b) => {
+            let t = store.take(b)?.ok_or_else(|| Error::Shape(format!("LoRA tensor `{b}` vanished")))?;
+            if t.dims() != [rows] {
+                return Err(bad(format!("`{b}` has shape {:?}; the up matrix has {rows} rows", t.dims())));
+            }
+            Some(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+        }
+        None => None,
+    };
+    let swap = |t: Tensor| -> Result<Tensor> {
+        let half = rows / 2;
+        Ok(if target.swap_halves {
+            Tensor::cat(&[t.narrow(0, half, rows - half)?, t.narrow(0, 0, half)?], 0)?
+        } else {
+            t
+        })
+    };
+    let (up, up_bias) = (swap(up)?, up_bias.map(swap).transpose()?);
+    Ok(Patch { target: target.clone(), down, up, up_bias, scale })
+}
+
+/// The QK-norm scales a LoRA replaces (`names`: canonical → its tensor), shapes checked.
+fn read_replaced(
+    store: &mut TensorStore,
+    names: BTreeMap<String, String>,
+    replaceable: &BTreeMap<String, (String, Vec<usize>)>,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut replaced = BTreeMap::new();
+    for (canonical, name) in names {
+        let t = store.take(&name)?.ok_or_else(|| Error::Shape(format!("LoRA tensor `{name}` vanished")))?;
+        let want = replaceable.get(&name).map(|(_, shape)| shape.as_slice()).unwrap_or_default();
+        if t.dims() != want {
+            return Err(Error::Lora {
+                source_name: store.source_name.clone(),
+                reason: format!("`{name}` has shape {:?}; `{canonical}` is {want:?}", t.dims()),
+            });
+        }
+        replaced.insert(canonical, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
+    }
+    Ok(replaced)
 }
 
 /// `names` as a short list for a message.
