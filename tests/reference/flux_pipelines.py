@@ -41,6 +41,18 @@ def random_transformer(in_channels):
     return model
 
 
+def capture_conditioning(transformer, gold):
+    """Makes `transformer` record in `gold["cond"]` the input channels after the
+    latents' 64 (FLUX.1 Fill's and Canny/Depth's conditioning) at each call."""
+    forward = transformer.forward
+
+    def capture(*args, hidden_states=None, **kwargs):
+        gold["cond"] = hidden_states[..., 64:].clone()
+        return forward(*args, hidden_states=hidden_states, **kwargs)
+
+    transformer.forward = capture
+
+
 def transformer(path):
     return FluxTransformer2DModel.from_pretrained(path, torch_dtype=torch.float32).eval()
 

@@ -71,15 +71,7 @@ vae_module.DiagonalGaussianDistribution.sample = lambda self, generator=None: se
 for module in (pipeline_flux_control, pipeline_flux_control_img2img, pipeline_flux_control_inpaint):
     module.randn_tensor = lambda shape, **_: i2i["pipe.noise"].clone()
 gold = {}
-forward = transformer.forward
-
-
-def capture(*args, hidden_states=None, **kwargs):
-    gold["cond"] = hidden_states[..., 64:].clone()
-    return forward(*args, hidden_states=hidden_states, **kwargs)
-
-
-transformer.forward = capture
+flux_pipelines.capture_conditioning(transformer, gold)
 STEPS, GUIDANCE, STRENGTH, INPAINT_STRENGTH = ref["steps"], 30.0, 0.6, 0.8
 control = Image.open(OUT / "control.png").convert("RGB")
 init = Image.open(ROOT / "img2img" / "init.png").convert("RGB")

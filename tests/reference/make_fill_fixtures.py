@@ -42,15 +42,7 @@ pipe = flux_pipelines.pipeline(FluxFillPipeline, transformer, flux_pipelines.vae
 pipeline_flux_fill.randn_tensor = lambda shape, **_: i2i["pipe.noise"].clone()
 pipeline_flux_fill.retrieve_latents = lambda out, generator=None, sample_mode="sample": out.latent_dist.mode()
 gold = {}
-forward = transformer.forward
-
-
-def capture(*args, hidden_states=None, **kwargs):
-    gold["cond"] = hidden_states[..., 64:].clone()
-    return forward(*args, hidden_states=hidden_states, **kwargs)
-
-
-transformer.forward = capture
+flux_pipelines.capture_conditioning(transformer, gold)
 STEPS, GUIDANCE, STRENGTHS = ref["steps"], 30.0, [1.0, 0.6]
 init = Image.open(ROOT / "img2img" / "init.png").convert("RGB")
 for s in STRENGTHS:

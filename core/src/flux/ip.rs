@@ -90,6 +90,29 @@ fn check_weight(what: &str, w: f64) -> Result<()> {
     }
 }
 
+/// Checks every weight an IP hook applies (−1…5): each image's and the global
+/// one (constant or ramp); and that each image has `blocks` K/V (`what`
+/// names those blocks in the message).
+pub(crate) fn check_hook_inputs(images: &[IpImage], cfg: &IpHookConfig, blocks: usize, what: &str) -> Result<()> {
+    for (i, img) in images.iter().enumerate() {
+        check_weight(&format!("weight of reference image {}", i + 1), img.weight)?;
+        if img.kv.len() != blocks {
+            return Err(Error::Shape(format!(
+                "reference image {} has K/V for {} {what}; this Flux has {blocks}",
+                i + 1,
+                img.kv.len()
+            )));
+        }
+    }
+    match cfg.weight {
+        IpWeight::Constant(w) => check_weight("IP weight", w),
+        IpWeight::Ramp(r) => {
+            check_weight("IP weight_start", r.start)?;
+            check_weight("IP weight_end", r.end)
+        }
+    }
+}
+
 /// The IP-Adapter hook over one or more reference images.
 #[derive(Debug, Clone)]
 pub struct IpAdapterHook {
@@ -103,23 +126,7 @@ impl IpAdapterHook {
     /// Validates weights (−1…5), the number of K/V per image and of block weights.
     pub fn new(images: Vec<IpImage>, cfg: IpHookConfig, flux: &FluxConfig) -> Result<Self> {
         let n = flux.num_blocks();
-        for (i, img) in images.iter().enumerate() {
-            check_weight(&format!("weight of reference image {}", i + 1), img.weight)?;
-            if img.kv.len() != n {
-                return Err(Error::Shape(format!(
-                    "reference image {} has K/V for {} blocks; this Flux has {n}",
-                    i + 1,
-                    img.kv.len()
-                )));
-            }
-        }
-        match cfg.weight {
-            IpWeight::Constant(w) => check_weight("IP weight", w)?,
-            IpWeight::Ramp(r) => {
-                check_weight("IP weight_start", r.start)?;
-                check_weight("IP weight_end", r.end)?;
-            }
-        }
+        check_hook_inputs(&images, &cfg, n, "blocks")?;
         if let Some(bw) = &cfg.block_weights {
             if bw.len() != n {
                 return Err(Error::Shape(format!(

@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::FluxConfig;
 use super::hooks::{AttentionHook, Contribution, HookPoint, Site};
-use super::ip::{IpHookConfig, IpImage, IpWeight, IP_WEIGHT_RANGE};
+use super::ip::{check_hook_inputs, IpHookConfig, IpImage};
 use crate::error::{Error, Result, TensorProblem};
 use crate::ip_adapter::IpKv;
 use crate::nn::{LayerNorm, Linear};
@@ -192,31 +192,7 @@ pub struct XlabsHook {
 impl XlabsHook {
     /// Validates weights (−1…5), the K/V per image (one per double block) and the block weights.
     pub fn new(images: Vec<IpImage>, cfg: IpHookConfig, flux: &FluxConfig) -> Result<Self> {
-        let check = |what: String, w: f64| {
-            if IP_WEIGHT_RANGE.contains(&w) {
-                Ok(())
-            } else {
-                Err(Error::Unsupported(format!("{what} {w} is outside the accepted range −1…5")))
-            }
-        };
-        for (i, img) in images.iter().enumerate() {
-            check(format!("weight of reference image {}", i + 1), img.weight)?;
-            if img.kv.len() != flux.depth {
-                return Err(Error::Shape(format!(
-                    "reference image {} has K/V for {} double blocks; this Flux has {}",
-                    i + 1,
-                    img.kv.len(),
-                    flux.depth
-                )));
-            }
-        }
-        match cfg.weight {
-            IpWeight::Constant(w) => check("IP weight".into(), w)?,
-            IpWeight::Ramp(r) => {
-                check("IP weight_start".into(), r.start)?;
-                check("IP weight_end".into(), r.end)?;
-            }
-        }
+        check_hook_inputs(&images, &cfg, flux.depth, "double blocks")?;
         if let Some(bw) = cfg.block_weights.as_ref().filter(|bw| bw.len() != flux.depth) {
             return Err(Error::Shape(format!(
                 "{} per-block IP weights given; XLabs' adapter has one per double block ({})",
@@ -280,6 +256,7 @@ impl AttentionHook for XlabsHook {
 
 #[cfg(test)]
 mod tests {
+    use super::super::ip::IpWeight;
     use super::*;
 
     fn store(tokens: usize, ctx: usize, embed: usize, hidden: usize, blocks: usize) -> TensorStore {
