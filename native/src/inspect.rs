@@ -1,17 +1,19 @@
 //! `ipaflux inspect`: what a checkpoint file holds, read from its header
 //! (no tensor data): format, GGUF architecture, tensors by stored type, and
-//! for a Flux transformer the memory it takes loaded each way; for a LoRA
-//! its modules, ranks and naming.
+//! for a Flux transformer the memory it takes loaded each way and which
+//! FLUX.1 it is (by its input channels); for a LoRA its modules, ranks and
+//! naming; for XLabs' IP-Adapter its sizes.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
 use ipaflux_core::candle_core::DType;
-use ipaflux_core::flux::{GgufWeights, LoraSummary};
+use ipaflux_core::flux::sampler::FluxVariant;
+use ipaflux_core::flux::{GgufWeights, LoraSummary, XlabsDims};
 use ipaflux_core::weights::gguf;
 
-use crate::load::{flux_units, is_torch_zip, load_store, map_file};
+use crate::load::{flux_config, flux_units, is_torch_zip, load_store, map_file};
 use crate::Result;
 
 /// A checkpoint's header, summarised.
@@ -28,6 +30,8 @@ pub struct Summary {
     pub flux: Option<FluxSizes>,
     /// For a LoRA file: its modules, ranks and naming.
     pub lora: Option<LoraSummary>,
+    /// For XLabs' IP-Adapter: its sizes.
+    pub xlabs: Option<XlabsDims>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +40,8 @@ pub struct FluxSizes {
     pub depth_single: usize,
     pub kept_quantized: u64,
     pub dequantized: u64,
+    /// What it takes besides the latents (its input channels per token), and that width.
+    pub variant: Option<(FluxVariant, usize)>,
 }
 
 /// Reads `path`'s header.
@@ -65,15 +71,18 @@ pub fn inspect(path: &Path) -> Result<Summary> {
     let units = if format == "safetensors" || format == "GGUF" { flux_units(path)? } else { Default::default() };
     let flux = (units.depth + units.depth_single > 0).then(|| {
         let total = |g| units.specs(DType::BF16, g).iter().map(|u| u.bytes).sum();
+        let channels = flux_config(path).ok().map(|c| c.in_channels);
         FluxSizes {
             depth: units.depth,
             depth_single: units.depth_single,
             kept_quantized: total(GgufWeights::Quantized),
             dequantized: total(GgufWeights::Dequantized),
+            variant: channels.and_then(|c| FluxVariant::from_in_channels(c).ok().map(|v| (v, c))),
         }
     });
     let lora = LoraSummary::of(&store);
-    Ok(Summary { format, architecture, tensors: store.len(), by_type, flux, lora })
+    let xlabs = ipaflux_core::flux::xlabs::is_xlabs(&store).then(|| XlabsDims::infer(&store)).transpose()?;
+    Ok(Summary { format, architecture, tensors: store.len(), by_type, flux, lora, xlabs })
 }
 
 impl fmt::Display for Summary {
@@ -91,6 +100,16 @@ impl fmt::Display for Summary {
         }
         if let Some(s) = &self.flux {
             writeln!(f, "Flux: {} double + {} single blocks", s.depth, s.depth_single)?;
+            match s.variant {
+                Some((FluxVariant::Base, c)) => writeln!(f, "FLUX.1 [dev]/[schnell]/Kontext ({c} input channels)")?,
+                Some((FluxVariant::Fill, c)) => {
+                    writeln!(f, "FLUX.1 Fill ({c} input channels): give --init-image and --mask")?
+                }
+                Some((FluxVariant::Control, c)) => {
+                    writeln!(f, "FLUX.1 Canny/Depth ({c} input channels): give --control-image")?
+                }
+                None => {}
+            }
             if s.kept_quantized == s.dequantized {
                 writeln!(f, "as a bf16 model: {:.1} MiB", mib(s.dequantized))?;
             } else {
@@ -116,6 +135,14 @@ impl fmt::Display for Summary {
                     l.with_bias, l.norm_scales
                 )?;
             }
+        }
+        if let Some(x) = &self.xlabs {
+            writeln!(
+                f,
+                "XLabs IP-Adapter: {} tokens × {} from {}-wide CLIP image_embeds, K/V ({} wide) for {} double \
+                 blocks; give --clip-vision",
+                x.tokens, x.cross_dim, x.embed_dim, x.hidden, x.blocks
+            )?;
         }
         Ok(())
     }
@@ -158,6 +185,14 @@ mod tests {
         assert!(text.contains("8 of them for the text encoders"), "{text}");
         assert!(!text.contains("QK-norm"), "{text}");
         // A FLUX.1 Canny/Depth LoRA: biases and replaced norms.
+        // Which FLUX.1 a transformer is; XLabs' adapter's sizes.
+        let flux = |rel: &str| inspect(&fixture(rel)).unwrap().to_string();
+        assert!(flux("flux/flux-tiny-bfl.safetensors").contains("FLUX.1 [dev]/[schnell]/Kontext (64 input"));
+        let control = flux("control/transformer/diffusion_pytorch_model.safetensors");
+        assert!(control.contains("FLUX.1 Canny/Depth (128 input channels): give --control-image"), "{control}");
+        assert!(flux("fill/transformer/diffusion_pytorch_model.safetensors").contains("FLUX.1 Fill (384"));
+        let xlabs = flux("xlabs/ip_adapter.safetensors");
+        assert!(xlabs.contains("XLabs IP-Adapter: 4 tokens × 64 from 24-wide CLIP image_embeds, K/V (48 wide) for 2"));
         let text = inspect(&fixture("control/lora-bfl.safetensors")).unwrap().to_string();
         assert!(text.contains("LoRA: 9 modules, ranks 2–4, 0 with alpha; naming: BFL"), "{text}");
         assert!(text.contains("9 with a bias; 14 QK-norm scales replaced"), "{text}");
