@@ -247,6 +247,48 @@ impl ClipVisionConfig {
     }
 }
 
+impl ClipVisionConfig {
+    /// Sizes read from a checkpoint's shapes, for a file without its
+    /// `config.json` (ComfyUI's `clip_vision_l.safetensors`): everything but the
+    /// head count is in the shapes; that is taken as OpenAI's (64-wide heads),
+    /// and wider towers (OpenCLIP's ViT-H and bigG, which also use GELU) are refused.
+    pub fn from_store(store: &crate::weights::TensorStore) -> Result<Self> {
+        let err = |reason: String| Error::Config { source_name: store.source_name.clone(), reason };
+        let dim = |name: &str, axis: usize| {
+            store
+                .shape(name)
+                .and_then(|s| s.get(axis).copied())
+                .ok_or_else(|| err(format!("no `{name}`: not a CLIP vision checkpoint in transformers' names")))
+        };
+        let e = "vision_model.embeddings";
+        let hidden = dim(&format!("{e}.class_embedding"), 0)?;
+        if hidden % 64 != 0 || hidden > 1024 {
+            return Err(err(format!(
+                "a {hidden}-wide CLIP's head count is not in its weights: give its folder with config.json"
+            )));
+        }
+        let patch = dim(&format!("{e}.patch_embedding.weight"), 2)?;
+        let positions = dim(&format!("{e}.position_embedding.weight"), 0)?;
+        let grid = (1..=positions).find(|g| g * g + 1 >= positions).unwrap_or(0);
+        if grid * grid + 1 != positions {
+            return Err(err(format!("{positions} positions are not a square grid plus the class token")));
+        }
+        let layers = (0..)
+            .take_while(|i| store.contains(&format!("vision_model.encoder.layers.{i}.layer_norm1.weight")))
+            .count();
+        Ok(Self {
+            hidden_size: hidden,
+            intermediate_size: dim("vision_model.encoder.layers.0.mlp.fc1.weight", 0)?,
+            num_hidden_layers: layers,
+            num_attention_heads: hidden / 64,
+            image_size: grid * patch,
+            patch_size: patch,
+            projection_dim: dim("visual_projection.weight", 0)?,
+            layer_norm_eps: 1e-5,
+        })
+    }
+}
+
 /// transformers' `CLIPImageProcessor` (its PIL backend): resize the shortest
 /// edge (bicubic), centre crop, rescale, normalize.
 #[derive(Debug, Clone, PartialEq)]
@@ -330,6 +372,14 @@ mod tests {
         assert_eq!(ClipPreprocessConfig::from_hf_json(pre, "p.json").unwrap(), ClipPreprocessConfig::clip(224));
         let old = r#"{"crop_size":224,"size":224}"#;
         assert_eq!(ClipPreprocessConfig::from_hf_json(old, "p.json").unwrap(), ClipPreprocessConfig::clip(224));
+        // A single file: wider towers than OpenAI's name what to give instead.
+        let mut vit_h = crate::weights::TensorStore::new("clip_vision_h.safetensors");
+        let t = candle_core::Tensor::zeros(1280, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        vit_h.insert("vision_model.embeddings.class_embedding", t).unwrap();
+        let e = ClipVisionConfig::from_store(&vit_h).unwrap_err().to_string();
+        assert!(e.contains("1280-wide") && e.contains("config.json"), "{e}");
+        let e = ClipVisionConfig::from_store(&crate::weights::TensorStore::new("x")).unwrap_err().to_string();
+        assert!(e.contains("class_embedding"), "{e}");
         let pad = r#"{"crop_size":256,"size":224}"#;
         assert!(ClipPreprocessConfig::from_hf_json(pad, "p.json").unwrap_err().to_string().contains("padding"));
     }

@@ -29,8 +29,16 @@ pub struct ClipVisionFiles {
 }
 
 /// Reads `config.json`, `preprocessor_config.json` (else CLIP's defaults at
-/// the model's image size, as diffusers) and `model.safetensors` (or shards).
+/// the model's image size, as diffusers) and `model.safetensors` (or shards)
+/// of a folder; or a single file without them (ComfyUI's
+/// `clip_vision_l.safetensors`: sizes from its shapes, CLIP's preprocessing).
 pub fn load_clip_vision_dir(dir: &Path) -> Result<ClipVisionFiles> {
+    if dir.is_file() {
+        let weights = crate::load::load_store(dir)?;
+        let config = ClipVisionConfig::from_store(&weights)?;
+        let preprocess = ClipPreprocessConfig::clip(config.image_size);
+        return Ok(ClipVisionFiles { dir: dir.to_path_buf(), config, preprocess, weights });
+    }
     let dir = resolve_model_dir(dir)?;
     let read =
         |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::Io { path: p.to_path_buf(), reason: e.to_string() });

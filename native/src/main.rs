@@ -240,7 +240,8 @@ struct GenerateArgs {
     #[arg(long)]
     siglip: Option<PathBuf>,
     /// CLIP vision folder or HF repo id, for --image with XLabs' IP-Adapter: openai/clip-vit-large-patch14
-    /// (a whole CLIP or a CLIPVisionModelWithProjection, e.g. an image_encoder/ folder).
+    /// (a whole CLIP or a CLIPVisionModelWithProjection, e.g. an image_encoder/ folder), or one
+    /// .safetensors without config (ComfyUI's clip_vision_l.safetensors).
     #[arg(long)]
     clip_vision: Option<PathBuf>,
     /// FLUX.1 Redux image embedder: flux1-redux-dev.safetensors, or the FLUX.1-Redux-dev repo

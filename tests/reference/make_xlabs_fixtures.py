@@ -20,6 +20,10 @@ Run after make_flux_fixtures.py and make_img2img_fixtures.py, with
   cropped to 32×32), `pixel_values` and `image_embeds` (the encoder's output),
   `latents` (the start noise) and `out`, the pipeline's final packed latents
   at IP scale 0.8 (img2img's embeddings, 64×48, 4 steps, guidance 3.5).
+- `xlabs/clip-vision-single.safetensors`: another tiny CLIP vision model (128
+  wide, 64-wide heads, transformers' own initialisation) as one file without
+  config, as ComfyUI keeps `clip_vision_l.safetensors`; its `image_embeds`
+  for the same photo in `xlabs/clip-vision-single-golden.safetensors`.
 """
 import json
 from pathlib import Path
@@ -95,3 +99,15 @@ save_file({k: v.contiguous() for k, v in gold.items()}, OUT / "golden.safetensor
     "image": [W, H], "steps": STEPS, "guidance": GUIDANCE, "scale": SCALE,
 }, indent=2) + "\n")
 print("wrote", sorted(p.name for p in OUT.iterdir()))
+
+# A CLIP vision model as a single file without config.json, as ComfyUI keeps
+# `clip_vision_l.safetensors` (transformers' names; 64-wide heads, as OpenAI's).
+torch.manual_seed(82)
+single_cfg = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=24, hidden_act="quick_gelu")
+single = CLIPVisionModelWithProjection(single_cfg).eval()
+save_file({k: v.contiguous() for k, v in single.state_dict().items()}, OUT / "clip-vision-single.safetensors")
+with torch.no_grad():
+    single_embeds = single(CLIPImageProcessor(size=32, crop_size=32)(photo, return_tensors="pt").pixel_values).image_embeds
+save_file({"image_embeds": single_embeds.contiguous()}, OUT / "clip-vision-single-golden.safetensors")
+print("wrote clip-vision-single.safetensors")

@@ -56,3 +56,21 @@ fn xlabs_ip_adapter_matches_diffusers_pipeline() {
     assert_close("XLabs IP-Adapter at 0", &plain, &g["out.scale0"], F32_TOL);
     assert!(rel_max_err(&out, &plain) > 100.0 * F32_TOL, "the adapter changed too little to be tested");
 }
+
+/// A CLIP vision model as one file without its config (as ComfyUI keeps
+/// `clip_vision_l.safetensors`): sizes from its shapes, CLIP's preprocessing.
+#[test]
+fn a_single_file_clip_vision_reads_its_sizes_from_its_shapes() {
+    let files = load_clip_vision_dir(&fixture("xlabs/clip-vision-single.safetensors")).unwrap();
+    let c = &files.config;
+    assert_eq!(
+        (c.hidden_size, c.num_attention_heads, c.num_hidden_layers, c.image_size, c.patch_size),
+        (128, 2, 1, 32, 8)
+    );
+    assert_eq!((c.intermediate_size, c.projection_dim), (256, 24));
+    let clip = ClipImageEncoder::new(&files, DType::F32, &Device::Cpu).unwrap();
+    let photo = std::fs::read(fixture("images/photo.jpg")).unwrap();
+    let embeds = clip.image_embeds(&clip.pixels(&photo, "photo.jpg").unwrap()).unwrap();
+    let g = tensors("xlabs/clip-vision-single-golden.safetensors");
+    assert_close("single-file CLIP image_embeds", &embeds, &g["image_embeds"], F32_TOL);
+}
