@@ -43,13 +43,33 @@ pub struct RgbImage {
 /// Decodes PNG/JPEG/WebP bytes to 8-bit RGB, refusing empty, unknown and oversized images.
 pub fn decode_rgb(bytes: &[u8], source_name: &str) -> Result<RgbImage> {
     let err = |reason: String| Error::Image { source_name: source_name.to_string(), reason };
-    if bytes.is_empty() {
-        return Err(err("the file is empty".into()));
-    }
+    let (w, h) = image_size(bytes, source_name)?;
+    let (w, h) = (w as u32, h as u32);
     let reader = |b| {
         ImageReader::new(Cursor::new(b)).with_guessed_format().map_err(|e| err(format!("cannot read the image: {e}")))
     };
-    let probe = reader(bytes)?;
+    let mut decoder = reader(bytes)?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    decoder.limits(limits);
+    if decoder.format() == Some(image::ImageFormat::Jpeg) {
+        return decode_jpeg(bytes).map_err(err);
+    }
+    let img = decoder.decode().map_err(|e| err(format!("cannot decode the image: {e}")))?;
+    Ok(to_rgb8(img))
+}
+
+/// An image's width and height from its header alone (no pixel decoded),
+/// refusing what [`decode_rgb`] refuses: empty, unknown and oversized images.
+pub fn image_size(bytes: &[u8], source_name: &str) -> Result<(usize, usize)> {
+    let err = |reason: String| Error::Image { source_name: source_name.to_string(), reason };
+    if bytes.is_empty() {
+        return Err(err("the file is empty".into()));
+    }
+    let probe = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| err(format!("cannot read the image: {e}")))?;
     if probe.format().is_none() {
         return Err(err("not a PNG, JPEG or WebP image (unrecognised file signature)".into()));
     }
@@ -65,16 +85,7 @@ pub fn decode_rgb(bytes: &[u8], source_name: &str) -> Result<RgbImage> {
             MAX_PIXELS / (1024 * 1024)
         )));
     }
-    let mut decoder = reader(bytes)?;
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(w);
-    limits.max_image_height = Some(h);
-    decoder.limits(limits);
-    if decoder.format() == Some(image::ImageFormat::Jpeg) {
-        return decode_jpeg(bytes).map_err(err);
-    }
-    let img = decoder.decode().map_err(|e| err(format!("cannot decode the image: {e}")))?;
-    Ok(to_rgb8(img))
+    Ok((w as usize, h as usize))
 }
 
 /// JPEG through our libjpeg-turbo-exact decoder ([`crate::jpeg`]), so pixels
@@ -353,6 +364,16 @@ mod tests {
         b.extend(b"IDAT");
         b.extend(crc32(b"IDAT").to_be_bytes());
         b
+    }
+
+    #[test]
+    fn the_size_comes_from_the_header_alone() {
+        // No pixel data at all: decoding would fail, the size is still read.
+        assert_eq!(image_size(&png_header(40, 24), "h.png").unwrap(), (40, 24));
+        assert!(decode_rgb(&png_header(40, 24), "h.png").is_err());
+        assert!(image_size(&[], "e.png").unwrap_err().to_string().contains("empty"));
+        assert!(image_size(&png_header(0, 5), "z.png").is_err());
+        assert!(image_size(&png_header(30_000, 30_000), "big.png").unwrap_err().to_string().contains("megapixels"));
     }
 
     #[test]

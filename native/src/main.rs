@@ -448,9 +448,9 @@ fn output_size(
 ) -> anyhow::Result<(usize, usize)> {
     const DEFAULT_SIDE: usize = 1024;
     let tile = ipaflux_core::flux::sampler::PIXELS_PER_TOKEN;
+    // From the header alone: generate decodes the image itself.
     let size = |bytes: &[u8], name: &str| -> anyhow::Result<(usize, usize)> {
-        let img = ipaflux_core::preprocess::decode_rgb(bytes, name)?;
-        Ok((img.width, img.height))
+        Ok(ipaflux_core::preprocess::image_size(bytes, name)?)
     };
     let whole_tokens = |(w, h): (usize, usize)| (w / tile * tile, h / tile * tile);
     let own = match images {
