@@ -991,7 +991,11 @@ impl Reference {
 }
 
 /// The parameters of the image made with `seed`, as JSON for the PNG's `parameters` text chunk.
-pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], loras: &[FluxLora]) -> String {
+/// `src` gives the LoRAs and which IP-Adapter the IP references went through.
+pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], src: &Sources) -> String {
+    let loras = &src.loras;
+    let ip_adapter =
+        refs.iter().any(|r| r.kind() == "ip-adapter").then_some(if src.ip_is_xlabs { "xlabs" } else { "instantx" });
     let weight = match s.ip_weight {
         IpWeight::Constant(w) => serde_json::json!(w),
         IpWeight::Ramp(r) => serde_json::json!({"start": r.start, "end": r.end, "steps": r.steps}),
@@ -1011,6 +1015,7 @@ pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], loras: &[Flu
             .iter()
             .map(|r| serde_json::json!({"name": r.name(), "kind": r.kind(), "weight": r.weight()}))
             .collect::<Vec<_>>(),
+        "ip_adapter": ip_adapter,
         "ip_weight": weight,
         "start_percent": s.start_percent,
         "end_percent": s.end_percent,

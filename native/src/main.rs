@@ -690,7 +690,7 @@ fn run_pipeline(
     })?;
     bar.finish_and_clear();
     for image in &g.images {
-        let params = generate::parameters_json(s, image.seed, refs, &sources.loras);
+        let params = generate::parameters_json(s, image.seed, refs, sources);
         let path = if g.images.len() == 1 { out.to_path_buf() } else { batch_path(out, image.seed) };
         png_out::write_png(&path, g.width, g.height, &image.rgb, &[("parameters", params)])?;
         if g.images.len() > 1 {

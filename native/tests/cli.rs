@@ -521,6 +521,8 @@ fn generate_with_xlabs_ip_adapter() {
     run(&[&xlabs[..], &["--ip-weight", "0.8", "--verbose"]].concat(), &with);
     run(&[&xlabs[..], &["--ip-weight", "0"]].concat(), &zero);
     assert_ne!(pixels(&plain), pixels(&with), "XLabs' adapter changed nothing");
+    let png = String::from_utf8_lossy(&std::fs::read(&with).unwrap()).into_owned();
+    assert!(png.contains("\"ip_adapter\":\"xlabs\""), "the PNG's parameters name the adapter");
     assert_eq!(pixels(&plain), pixels(&zero), "weight 0 is exactly no adapter");
     // It reads images with CLIP, not SigLIP, and takes no InstantX embeddings.
     let no_clip = ["--ip-adapter", &adapter, "--image", &photo];
