@@ -1081,7 +1081,12 @@ fn ip_sources(
     use crate::load;
     let clip_files = clip_vision.as_deref().map(load_clip_vision_dir).transpose()?;
     let mut xlabs = false;
-    if let Some(path) = &ip {
+    // XLabs ships safetensors: InstantX's pickle (ip-adapter.bin) is not parsed here, only when its stage loads it.
+    let pickled = match &ip {
+        Some(path) if path.is_file() => load::is_torch_zip(&load::map_file(path)?),
+        _ => false,
+    };
+    if let Some(path) = ip.as_ref().filter(|_| !pickled) {
         let store = load::load_ip_adapter(path)?;
         if ipaflux_core::flux::xlabs::is_xlabs(&store) {
             let dims = XlabsDims::infer(&store)?;
