@@ -11,7 +11,8 @@
 //! and the IP attention math ([`ip_adapter`]), the Flux transformer with its
 //! typed attention hooks, the IP-Adapter hook and Euler sampling ([`flux`]),
 //! and the Flux schedule ([`schedule`]); OpenCV's Canny edges for FLUX.1
-//! Canny's control images ([`canny`]); and the weight formats of the WebGPU
+//! Canny's control images ([`canny`]); Depth Anything's depth maps for
+//! FLUX.1 Depth's ([`depth_anything`]); and the weight formats of the WebGPU
 //! path with pre-quantized checkpoints ([`quant`]).
 //!
 //! What it does not do: no file or network IO (callers pass bytes), no global
@@ -22,6 +23,7 @@
 
 pub mod canny;
 pub mod config;
+pub mod depth_anything;
 pub mod device;
 pub mod error;
 pub mod flux;

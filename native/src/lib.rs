@@ -16,6 +16,7 @@ pub mod clip_vision;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod demo;
+pub mod depth;
 pub mod encode;
 pub mod generate;
 pub mod gpu_check;

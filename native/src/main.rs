@@ -61,6 +61,22 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The depth map of an image, as ComfyUI's Depth Anything preprocessor makes it for FLUX.1 Depth:
+    /// transformers' Depth Anything (V1 or V2, relative or metric) at the image's size, scaled so
+    /// its range spans 0..255 (near is bright for relative depth); an 8-bit gray PNG.
+    Depth {
+        image: PathBuf,
+        /// Depth Anything folder in transformers' layout (config.json + model.safetensors), its Hugging
+        /// Face cache entry or repo id, e.g. depth-anything/Depth-Anything-V2-Small-hf.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "f32")]
+        dtype: Precision,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+    },
     /// What a checkpoint file holds, from its header: format, tensors by stored type (GGUF's
     /// quantization types too), and for a Flux transformer the memory it takes loaded.
     Inspect {
@@ -322,6 +338,12 @@ struct GenerateArgs {
     /// `ipaflux canny` writes it) instead of the image itself: a photo in, FLUX.1 Canny's control out.
     #[arg(long, value_parser = parse_canny, requires = "control_image")]
     control_canny: Option<(f64, f64)>,
+    /// With --control-image: use its depth map, made by this Depth Anything model (a transformers
+    /// folder or repo id, e.g. depth-anything/Depth-Anything-V2-Small-hf; as `ipaflux depth` writes
+    /// it), instead of the image itself: a photo in, FLUX.1 Depth's control out. The depth model runs
+    /// on --device in --dtype and is dropped before Flux loads.
+    #[arg(long, requires = "control_image", conflicts_with = "control_canny")]
+    control_depth: Option<PathBuf>,
     /// Output width [default: 1024, or the init image's, the (resized) Kontext image's or the control image's]
     #[arg(long)]
     width: Option<usize>,
@@ -395,6 +417,23 @@ fn canny_png(image: &generate::ImageFile, (low, high): (f64, f64)) -> anyhow::Re
     let gray: Vec<u8> = edges.iter().flat_map(|&v| [v; 3]).collect();
     let bytes = png_out::encode_png(rgb.width, rgb.height, &gray, &[])?;
     Ok(generate::ImageFile { bytes, name: format!("{} (Canny {low},{high})", image.name) })
+}
+
+/// An image's depth map (Depth Anything's, 0..255) as a gray PNG, named for messages.
+fn depth_png(
+    image: &generate::ImageFile,
+    model: &std::path::Path,
+    dtype: Precision,
+    device: &ipaflux_core::candle_core::Device,
+) -> anyhow::Result<generate::ImageFile> {
+    let t = Instant::now();
+    let files = ipaflux::depth::load_depth_dir(&load::resolve_arg(model)?)?;
+    let estimator = ipaflux::depth::DepthEstimator::new(&files, dtype.dtype(), device)?;
+    let (map, w, h) = estimator.depth_map(&image.bytes, &image.name)?;
+    let gray: Vec<u8> = map.iter().flat_map(|&v| [v; 3]).collect();
+    let bytes = png_out::encode_png(w, h, &gray, &[])?;
+    tracing::info!(model = %files.dir.display(), seconds = t.elapsed().as_secs_f64(), "depth map made");
+    Ok(generate::ImageFile { bytes, name: format!("{} (depth: {})", image.name, model.display()) })
 }
 
 /// `--init-image`, its `--mask` and `--strength` (diffusers' defaults: 0.6 for
@@ -552,9 +591,10 @@ fn settings_from_args(
         None => None,
     };
     let control = a.control_image.as_deref().map(|p| image_file(p, "control image")).transpose()?;
-    let control = match (control, a.control_canny) {
-        (Some(c), Some(t)) => Some(canny_png(&c, t)?),
-        (c, _) => c,
+    let control = match (control, a.control_canny, &a.control_depth) {
+        (Some(c), Some(t), _) => Some(canny_png(&c, t)?),
+        (Some(c), None, Some(model)) => Some(depth_png(&c, model, a.dtype, device)?),
+        (c, _, _) => c,
     };
     let (width, height) = output_size(a.width, a.height, (init.as_ref(), kontext.as_ref(), control.as_ref()))?;
     ipaflux_core::flux::sampler::check_size(width, height)?;
@@ -792,6 +832,13 @@ fn main() -> anyhow::Result<()> {
             let edges = canny_png(&image_file(&image, "image")?, (low, high))?;
             std::fs::write(&out, &edges.bytes).with_context(|| format!("{}: cannot write", out.display()))?;
             eprintln!("wrote {} ({})", out.display(), edges.name);
+        }
+        Cmd::Depth { image, model, out, dtype, device } => {
+            let dev = device.to_candle()?;
+            ipaflux::prepare_device(&dev);
+            let map = depth_png(&image_file(&image, "image")?, &model, dtype, &dev)?;
+            std::fs::write(&out, &map.bytes).with_context(|| format!("{}: cannot write", out.display()))?;
+            eprintln!("wrote {} ({})", out.display(), map.name);
         }
         Cmd::Inspect { file } => print!("{}", ipaflux::inspect::inspect(&file)?),
         Cmd::Plan { vram, state, reserve, offload_preprocessing, policy, scenario: name, steps, json } => {

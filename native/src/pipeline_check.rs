@@ -1,7 +1,8 @@
 //! `gpu-check`'s parity of the diffusers-pipeline modes on the device under
 //! test: image-to-image, inpainting, FLUX.1 Fill, Kontext, Canny/Depth (a
 //! Control transformer, and a Control LoRA on the plain Flux), true CFG and
-//! XLabs' IP-Adapter (its CLIP image encoder on the device too),
+//! XLabs' IP-Adapter (its CLIP image encoder on the device too), and Depth
+//! Anything's depth maps (against transformers),
 //! each run on the committed tiny fixtures in f32 with the VAE encoder and
 //! Flux on the device, against the golden the diffusers pipeline made
 //! (tests/reference/make_*_fixtures.py). The same goldens are checked on the
@@ -24,6 +25,7 @@ use ipaflux_core::preprocess::{decode_rgb, to_luma};
 use ipaflux_core::schedule::{flux_schedule, Shift};
 
 use crate::clip_vision::{load_clip_vision_dir, ClipImageEncoder};
+use crate::depth::{load_depth_dir, DepthEstimator};
 use crate::generate::{control_latents, ImageFile};
 use crate::gpu_check::{rel_max_err, CheckOptions, Report, Section, F32_TOL};
 use crate::load::{flux_config, load_flux, load_lora, load_store};
@@ -142,12 +144,15 @@ fn sample(
 
 /// Records a mode's row: its relative max error against `want`, or the error that stopped it.
 fn check(r: &mut Report, dev: &Device, what: &str, got: Result<Tensor>, want: &Tensor) {
+    check_vs(r, dev, what, "diffusers", got, want);
+}
+
+/// [`check`] against a golden made by `by`.
+fn check_vs(r: &mut Report, dev: &Device, what: &str, by: &str, got: Result<Tensor>, want: &Tensor) {
     let name = if dev.is_cpu() { "CPU" } else { "CUDA" };
     match got.and_then(|g| rel_max_err(&g, want)) {
-        Ok(err) => r.check(Section::Parity, format!("{what}, {name} f32 vs diffusers"), err, F32_TOL),
-        Err(e) => {
-            r.check(Section::Parity, format!("{what}, {name} f32 vs diffusers (failed: {e})"), f32::INFINITY, 0.0)
-        }
+        Ok(err) => r.check(Section::Parity, format!("{what}, {name} f32 vs {by}"), err, F32_TOL),
+        Err(e) => r.check(Section::Parity, format!("{what}, {name} f32 vs {by} (failed: {e})"), f32::INFINITY, 0.0),
     }
 }
 
@@ -166,7 +171,31 @@ pub fn parity_pipelines(o: &CheckOptions, r: &mut Report) -> Result<()> {
     from_an_init_image(&shared, r)?;
     kontext_and_cfg(&shared, r)?;
     control(&shared, r)?;
+    depth(fx, dev, r)?;
     xlabs(&shared, r)
+}
+
+/// Depth Anything (transformers' `DepthAnythingForDepthEstimation`, relative
+/// and metric) on the device: FLUX.1 Depth's control map at the photo's size.
+fn depth(fx: &Path, dev: &Device, r: &mut Report) -> Result<()> {
+    let gold = Golden::read(fx, "depth/golden.safetensors", dev)?;
+    let photo = image_file(fx, "images/photo.jpg")?;
+    for model in ["model", "metric"] {
+        let files = load_depth_dir(&fx.join("depth").join(model))?;
+        let got = DepthEstimator::new(&files, DType::F32, dev).and_then(|est| {
+            let (depth, w, h) = est.depth(&photo.bytes, "photo.jpg")?;
+            Ok(Tensor::from_vec(depth, (h, w), dev)?)
+        });
+        check_vs(
+            r,
+            dev,
+            &format!("Depth Anything ({model})"),
+            "transformers",
+            got,
+            gold.get(&format!("{model}.photo.depth"))?,
+        );
+    }
+    Ok(())
 }
 
 /// Image-to-image, inpainting and FLUX.1 Fill (FluxImg2ImgPipeline,

@@ -507,6 +507,63 @@ fn canny_writes_opencvs_edges() {
 }
 
 #[test]
+fn depth_writes_depth_anythings_map() {
+    let out = tmp("depth-photo.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
+        .args(["depth", &fixture("images/photo.jpg").display().to_string(), "--model"])
+        .arg(fixture("depth/model"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // transformers' map (make_depth_fixtures.py); truncation may move a level by one.
+    let want = png_pixels(&std::fs::read(fixture("depth/model.photo.png")).unwrap());
+    let ours: Vec<u8> = png_pixels(&std::fs::read(&out).unwrap()).chunks_exact(3).map(|p| p[0]).collect();
+    assert_eq!(ours.len(), want.len());
+    assert!(ours.iter().zip(&want).all(|(a, b)| a.abs_diff(*b) <= 1), "not transformers' depth map");
+    assert!(ours.iter().zip(&want).filter(|(a, b)| a == b).count() * 100 >= want.len() * 99);
+    // A folder that is not a Depth Anything model is named.
+    let o = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
+        .args(["depth", &fixture("images/photo.jpg").display().to_string(), "--model"])
+        .arg(fixture("xlabs/image_encoder"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_fails(&o, &["config.json", "depth_anything"]);
+}
+
+#[test]
+fn generate_with_control_depth() {
+    let f = |r: &str| fixture(r).display().to_string();
+    let (control_flux, vae, photo) = (f("control/transformer"), f("img2img/ae.safetensors"), f("images/photo.jpg"));
+    let (map, a, b) = (tmp("gen-depth-map.png"), tmp("gen-depth-a.png"), tmp("gen-depth-b.png"));
+    let o = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
+        .args(["depth", &photo, "--model", &f("depth/model"), "--out"])
+        .arg(&map)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let control = ["--flux", &control_flux, "--vae", &vae, "--guidance", "10"];
+    let run = |extra: &[&str], out: &PathBuf| {
+        let o = generate(&[&control[..], extra].concat(), out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    // A photo with --control-depth makes what its depth map as --control-image makes.
+    run(&["--control-image", &photo, "--control-depth", &f("depth/model")], &a);
+    run(&["--control-image", &map.display().to_string()], &b);
+    let pixels = |p: &PathBuf| png_pixels(&std::fs::read(p).unwrap());
+    assert_eq!(pixels(&a), pixels(&b), "--control-depth is not the depth map as the control image");
+    run(&["--control-image", &photo], &b);
+    assert_ne!(pixels(&a), pixels(&b), "the depth map changed nothing");
+    let png = String::from_utf8_lossy(&std::fs::read(&a).unwrap()).into_owned();
+    assert!(png.contains("photo.jpg (depth: "), "the PNG's parameters say the depth map was made");
+    let both = ["--control-image", &photo, "--control-depth", &f("depth/model"), "--control-canny", "100,200"];
+    assert_fails(&generate(&[&control[..], &both[..]].concat(), &a), &["--control-canny"]);
+}
+
+#[test]
 fn generate_with_xlabs_ip_adapter() {
     let f = |r: &str| fixture(r).display().to_string();
     let (adapter, clip, photo) = (f("xlabs/ip_adapter.safetensors"), f("xlabs/image_encoder"), f("images/photo.jpg"));
@@ -780,6 +837,8 @@ fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
         "Canny/Depth",
         "Control LoRA",
         "XLabs IP-Adapter",
+        "Depth Anything (model)",
+        "Depth Anything (metric)",
     ] {
         assert!(
             written.lines().any(|l| l.starts_with("| parity | ") && l.contains(mode) && l.ends_with("PASS |")),

@@ -331,6 +331,7 @@ fn main() {
             run(&python, &["tests/reference/make_kontext_fixtures.py"]);
             run(&python, &["tests/reference/make_control_fixtures.py"]);
             run(&python, &["tests/reference/make_canny_fixtures.py"]);
+            run(&python, &["tests/reference/make_depth_fixtures.py"]);
             run(&python, &["tests/reference/make_xlabs_fixtures.py"]);
             run(&python, &["tests/reference/make_gguf_fixtures.py"]);
         }

@@ -1,0 +1,95 @@
+//! Depth maps for FLUX.1 Depth: a Depth Anything folder (transformers'
+//! layout: depth-anything/Depth-Anything-V2-Small-hf, LiheYoung/depth-anything-large-hf)
+//! read from disk and run by [`ipaflux_core::depth_anything`]. `ipaflux depth`
+//! and `generate --control-depth` use it.
+//!
+//! The depth model runs before the generation job, on its device, and is
+//! dropped before any Flux model loads; it is not a registry entry.
+
+use std::path::{Path, PathBuf};
+
+use ipaflux_core::candle_core::{DType, Device};
+use ipaflux_core::depth_anything::{depth_map_u8, DepthAnything, DepthAnythingConfig, DepthPreprocessConfig};
+use ipaflux_core::preprocess::decode_rgb;
+use ipaflux_core::TensorStore;
+
+use crate::load::{load_safetensors_in, resolve_model_dir};
+use crate::{Error, Result};
+
+/// A Depth Anything folder's configs and weights.
+pub struct DepthFiles {
+    pub dir: PathBuf,
+    pub config: DepthAnythingConfig,
+    pub preprocess: DepthPreprocessConfig,
+    pub weights: TensorStore,
+}
+
+/// Reads `config.json`, `preprocessor_config.json` (else Depth Anything's
+/// 518-pixel defaults) and `model.safetensors` (or shards) of a folder or
+/// Hugging Face cache entry.
+pub fn load_depth_dir(dir: &Path) -> Result<DepthFiles> {
+    let dir = resolve_model_dir(dir)?;
+    let read =
+        |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::Io { path: p.to_path_buf(), reason: e.to_string() });
+    let cfg_path = dir.join("config.json");
+    let config = DepthAnythingConfig::from_hf_json(&read(&cfg_path)?, &cfg_path.display().to_string())?;
+    let pre_path = dir.join("preprocessor_config.json");
+    let preprocess = if pre_path.exists() {
+        DepthPreprocessConfig::from_hf_json(&read(&pre_path)?, &pre_path.display().to_string())?
+    } else {
+        DepthPreprocessConfig::depth_anything()
+    };
+    let weights = load_safetensors_in(&dir, "model")?;
+    Ok(DepthFiles { dir, config, preprocess, weights })
+}
+
+/// A depth model ready to read images.
+#[derive(Debug)]
+pub struct DepthEstimator {
+    pub preprocess: DepthPreprocessConfig,
+    model: DepthAnything,
+}
+
+impl DepthEstimator {
+    /// Checks every tensor against the config (all problems at once; DINOv2's
+    /// unused `mask_token` may be there or not), then builds the model.
+    pub fn new(files: &DepthFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let mut expected = files.config.expected_tensors();
+        let mask = "backbone.embeddings.mask_token";
+        if files.weights.contains(mask) {
+            expected.push((mask.to_string(), vec![1, files.config.backbone.hidden_size]));
+        }
+        files.weights.validate(&expected)?;
+        let model = DepthAnything::new(&files.config, files.weights.var_builder(dtype, device))?;
+        Ok(Self { preprocess: files.preprocess.clone(), model })
+    }
+
+    /// Image bytes → depth at the image's size (`height × width`, f32) and that size.
+    pub fn depth(&self, bytes: &[u8], name: &str) -> Result<(Vec<f32>, usize, usize)> {
+        let img = decode_rgb(bytes, name)?;
+        let (w, h) = self.preprocess.input_size(img.width, img.height);
+        tracing::info!(
+            image = name,
+            width = img.width,
+            height = img.height,
+            input_width = w,
+            input_height = h,
+            "estimating depth"
+        );
+        Ok((self.model.depth(&img, &self.preprocess)?, img.width, img.height))
+    }
+
+    /// Pixel values → the model's depth `[B, H, W]` at their size (before resizing back).
+    pub fn model_output(
+        &self,
+        pixels: &ipaflux_core::candle_core::Tensor,
+    ) -> Result<ipaflux_core::candle_core::Tensor> {
+        Ok(self.model.forward(pixels)?)
+    }
+
+    /// Image bytes → the 8-bit depth map (near is bright), at the image's size.
+    pub fn depth_map(&self, bytes: &[u8], name: &str) -> Result<(Vec<u8>, usize, usize)> {
+        let (depth, w, h) = self.depth(bytes, name)?;
+        Ok((depth_map_u8(&depth), w, h))
+    }
+}
