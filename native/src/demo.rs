@@ -75,6 +75,7 @@ pub fn sources() -> Sources {
         ip_is_xlabs: false,
         clip_vision: None,
         redux: None,
+        depth: None,
         flux_in_channels: 64,
         flux_head_dim: TINY_HEAD_DIM,
         flux_units: crate::load::flux_units_in(&[(FLUX, "bundled flux-tiny-bfl.safetensors".into())])

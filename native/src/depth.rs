@@ -3,14 +3,15 @@
 //! read from disk and run by [`ipaflux_core::depth_anything`]. `ipaflux depth`
 //! and `generate --control-depth` use it.
 //!
-//! The depth model runs before the generation job, on its device, and is
-//! dropped before any Flux model loads; it is not a registry entry.
+//! In `generate` the depth model is a registry entry of its own ("depth"),
+//! loaded in a stage of its own before the VAE encodes the map, and released
+//! after it.
 
 use std::path::{Path, PathBuf};
 
 use ipaflux_core::candle_core::{DType, Device};
 use ipaflux_core::depth_anything::{depth_map_u8, DepthAnything, DepthAnythingConfig, DepthPreprocessConfig};
-use ipaflux_core::preprocess::decode_rgb;
+use ipaflux_core::preprocess::{decode_rgb, RgbImage};
 use ipaflux_core::TensorStore;
 
 use crate::load::{load_safetensors_in, resolve_model_dir};
@@ -43,6 +44,24 @@ pub fn load_depth_dir(dir: &Path) -> Result<DepthFiles> {
     Ok(DepthFiles { dir, config, preprocess, weights })
 }
 
+/// Every tensor against the config, from the headers (all problems at once;
+/// DINOv2's unused `mask_token` may be there or not).
+pub fn check_tensors(files: &DepthFiles) -> Result<()> {
+    let mut expected = files.config.expected_tensors();
+    let mask = "backbone.embeddings.mask_token";
+    if files.weights.contains(mask) {
+        expected.push((mask.to_string(), vec![1, files.config.backbone.hidden_size]));
+    }
+    Ok(files.weights.validate(&expected)?)
+}
+
+/// The model's bytes loaded in `dtype`.
+pub fn loaded_bytes(files: &DepthFiles, dtype: DType) -> u64 {
+    let elements: usize =
+        files.weights.names().filter_map(|n| files.weights.shape(n)).map(|s| s.iter().product::<usize>()).sum();
+    (elements * dtype.size_in_bytes()) as u64
+}
+
 /// A depth model ready to read images.
 #[derive(Debug)]
 pub struct DepthEstimator {
@@ -51,15 +70,9 @@ pub struct DepthEstimator {
 }
 
 impl DepthEstimator {
-    /// Checks every tensor against the config (all problems at once; DINOv2's
-    /// unused `mask_token` may be there or not), then builds the model.
+    /// Checks every tensor ([`check_tensors`]), then builds the model.
     pub fn new(files: &DepthFiles, dtype: DType, device: &Device) -> Result<Self> {
-        let mut expected = files.config.expected_tensors();
-        let mask = "backbone.embeddings.mask_token";
-        if files.weights.contains(mask) {
-            expected.push((mask.to_string(), vec![1, files.config.backbone.hidden_size]));
-        }
-        files.weights.validate(&expected)?;
+        check_tensors(files)?;
         let model = DepthAnything::new(&files.config, files.weights.var_builder(dtype, device))?;
         Ok(Self { preprocess: files.preprocess.clone(), model })
     }
@@ -67,6 +80,11 @@ impl DepthEstimator {
     /// Image bytes → depth at the image's size (`height × width`, f32) and that size.
     pub fn depth(&self, bytes: &[u8], name: &str) -> Result<(Vec<f32>, usize, usize)> {
         let img = decode_rgb(bytes, name)?;
+        Ok((self.depth_of(&img, name)?, img.width, img.height))
+    }
+
+    /// A decoded image → its depth at its size (`height × width`, f32).
+    pub fn depth_of(&self, img: &RgbImage, name: &str) -> Result<Vec<f32>> {
         let (w, h) = self.preprocess.input_size(img.width, img.height);
         tracing::info!(
             image = name,
@@ -76,7 +94,7 @@ impl DepthEstimator {
             input_height = h,
             "estimating depth"
         );
-        Ok((self.model.depth(&img, &self.preprocess)?, img.width, img.height))
+        Ok(self.model.depth(img, &self.preprocess)?)
     }
 
     /// Pixel values → the model's depth `[B, H, W]` at their size (before resizing back).

@@ -70,6 +70,8 @@ pub struct Sources {
     pub clip_vision: Option<(LoadFn<ClipImageEncoder>, u64)>,
     /// The FLUX.1 Redux image embedder; `None`: no Redux images.
     pub redux: Option<(LoadFn<TensorStore>, u64)>,
+    /// Depth Anything, for a control image's depth map ([`ControlMap::Depth`]); `None`: not given.
+    pub depth: Option<(LoadFn<crate::depth::DepthEstimator>, u64)>,
     /// Flux's input channels per token (64; FLUX.1 Canny/Depth's 128, Fill's
     /// 384: [`FluxVariant`]), from the checkpoint header, or as a FLUX.1
     /// Canny/Depth LoRA widens it.
@@ -181,11 +183,74 @@ pub struct Settings {
     pub true_cfg: Option<TrueCfg>,
     /// FLUX.1 Kontext: the image to edit, whose tokens follow the latents' ([`Kontext`]).
     pub kontext: Option<Kontext>,
-    /// FLUX.1 Canny/Depth: the control image (an edge or depth map, made by
-    /// the user's preprocessor), resized to the output size (Lanczos) as
-    /// diffusers' `FluxControlPipeline` does; its VAE latents go in as extra
-    /// input channels at every pass. Works with an init image and a mask too.
-    pub control: Option<ImageFile>,
+    /// FLUX.1 Canny/Depth: the control image (an edge or depth map, as given
+    /// or made from a photo: [`ControlMap`]), resized to the output size
+    /// (Lanczos) as diffusers' `FluxControlPipeline` does; its VAE latents go
+    /// in as extra input channels at every pass. Works with an init image and
+    /// a mask too.
+    pub control: Option<Control>,
+}
+
+/// FLUX.1 Canny/Depth's control image and how its map is made.
+#[derive(Clone)]
+pub struct Control {
+    pub image: ImageFile,
+    pub map: ControlMap,
+}
+
+/// What the control image becomes before it is encoded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ControlMap {
+    /// Already an edge or depth map.
+    AsGiven,
+    /// Its Canny edges (OpenCV's, these hysteresis thresholds).
+    Canny { low: f64, high: f64 },
+    /// Its depth map, by [`Sources::depth`] (a registry entry of its own, loaded for this alone).
+    Depth,
+}
+
+impl Control {
+    /// The image's name, with the map made of it: for messages and the PNG's parameters.
+    pub fn describe(&self) -> String {
+        match self.map {
+            ControlMap::AsGiven => self.image.name.clone(),
+            ControlMap::Canny { low, high } => format!("{} (Canny {low},{high})", self.image.name),
+            ControlMap::Depth => format!("{} (depth map)", self.image.name),
+        }
+    }
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// A gray map (one byte a pixel) as an RGB image, each value in all three channels.
+fn gray_rgb(width: usize, height: usize, gray: &[u8]) -> ipaflux_core::preprocess::RgbImage {
+    ipaflux_core::preprocess::RgbImage { width, height, data: gray.iter().flat_map(|&v| [v; 3]).collect() }
+}
+
+/// The control image as the Control model takes it: decoded, then its Canny
+/// edges or depth map when asked (the depth model loaded and dropped here).
+pub fn control_image(src: &Sources, c: &Control) -> Result<ipaflux_core::preprocess::RgbImage> {
+    let image = ipaflux_core::preprocess::decode_rgb(&c.image.bytes, &c.image.name)?;
+    Ok(match c.map {
+        ControlMap::AsGiven => image,
+        ControlMap::Canny { low, high } => {
+            gray_rgb(image.width, image.height, &ipaflux_core::canny::canny(&image, low, high)?)
+        }
+        ControlMap::Depth => {
+            let (load, _) = src.depth.as_ref().ok_or_else(|| {
+                crate::Error::from(ipaflux_core::Error::Unsupported(
+                    "a depth map needs a depth model (--control-depth)".into(),
+                ))
+            })?;
+            let estimator = load()?;
+            let map = ipaflux_core::depth_anything::depth_map_u8(&estimator.depth_of(&image, &c.image.name)?);
+            gray_rgb(image.width, image.height, &map)
+        }
+    })
 }
 
 /// FLUX.1 Kontext's image to edit.
@@ -270,6 +335,8 @@ struct Handles {
     vae: ModelHandle,
     /// Registered only for an init image.
     vae_encoder: Option<ModelHandle>,
+    /// Registered only for a control image's depth map.
+    depth: Option<ModelHandle>,
 }
 
 /// Whether reference `r` is read with SigLIP: a Redux image, or an image for InstantX's adapter.
@@ -326,6 +393,12 @@ fn register_all(reg: &mut Registry, src: &Sources, refs: &[Reference], s: &Setti
             Some(reg.register(spec("vae-encoder", Role::Vae, src.vae_encoder_bytes))?)
         } else {
             None
+        },
+        depth: match (&src.depth, &s.control) {
+            (Some((_, bytes)), Some(Control { map: ControlMap::Depth, .. })) => {
+                Some(reg.register(spec("depth", Role::ImageEncoder, *bytes))?)
+            }
+            _ => None,
         },
     })
 }
@@ -429,12 +502,26 @@ pub fn generate(
     // memory pool kept of them goes back to the driver (a no-op elsewhere).
     release_cache(&mut reg, "text encoders done");
 
+    // FLUX.1 Canny/Depth: the control image's map (a depth map with the
+    // depth model, loaded for this alone).
+    let control = match (&s.control, h.depth) {
+        (Some(c), Some(depth)) => {
+            job(&mut reg, "control map", (dev, 0), &[depth.model], later("control map"))?;
+            let map = timed(&mut stages, "depth map", || control_image(src, c))?;
+            reg.release(depth);
+            release_cache(&mut reg, "depth map made");
+            Some(map)
+        }
+        (Some(c), None) => Some(control_image(src, c)?),
+        (None, _) => None,
+    };
+
     // Image-to-image: the init image's latents; Kontext's and a control
     // image's latents (the encoder loaded for this alone).
     let encoded = match h.vae_encoder {
         Some(encoder) => {
             job(&mut reg, "image latents", (dev, 0), &[encoder.model], later("image latents"))?;
-            let latents = timed(&mut stages, "vae encode", || encode_images(src, s, variant))?;
+            let latents = timed(&mut stages, "vae encode", || encode_images(src, s, variant, control.as_ref()))?;
             reg.release(encoder);
             release_cache(&mut reg, "init, Kontext and control images encoded");
             latents
@@ -511,12 +598,17 @@ impl Encoded {
 }
 
 /// The init, Kontext and control images' latents, with one loaded VAE encoder.
-fn encode_images(src: &Sources, s: &Settings, variant: FluxVariant) -> Result<Encoded> {
+fn encode_images(
+    src: &Sources,
+    s: &Settings,
+    variant: FluxVariant,
+    control: Option<&ipaflux_core::preprocess::RgbImage>,
+) -> Result<Encoded> {
     let vae = VaeEncoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
     let fill = variant == FluxVariant::Fill;
     let init = s.init.as_ref().map(|init| encode_init(&vae, init, s, fill)).transpose()?;
     let kontext = s.kontext.as_ref().map(|k| encode_kontext(&vae, k, s)).transpose()?;
-    let control = match &s.control {
+    let control = match control {
         Some(c) => Some(control_latents(&vae, c, (s.width, s.height), &s.device)?),
         None => None,
     };
@@ -569,8 +661,11 @@ fn check_settings(src: &Sources, s: &Settings) -> Result<FluxVariant> {
         (FluxVariant::Base | FluxVariant::Fill, Some(c)) => {
             return refuse(format!(
                 "{}: a control image goes with FLUX.1 Canny or Depth (128 input channels), and this Flux takes {}",
-                c.name, src.flux_in_channels
+                c.image.name, src.flux_in_channels
             ))
+        }
+        (_, Some(Control { map: ControlMap::Depth, .. })) if src.depth.is_none() => {
+            return refuse("a control image's depth map needs a depth model: give --control-depth".into())
         }
         _ => {}
     }
@@ -785,28 +880,37 @@ struct InitLatents {
 /// `[1, tokens, 64]`, as diffusers' `FluxControlPipeline` (with the mean).
 pub fn control_latents(
     encoder: &VaeEncoder,
-    control: &ImageFile,
+    control: &ipaflux_core::preprocess::RgbImage,
     (width, height): (usize, usize),
     device: &Device,
 ) -> Result<Tensor> {
-    let image = fitted(&control.bytes, &control.name, width, height)?;
+    let image = fitted_rgb(control.clone(), "the control image", width, height);
     Ok(sampler::pack(&encoder.encode(&crate::vae::from_rgb8(&image, device)?)?)?)
 }
 
 /// A picture at the output size: as decoded, or resized with Lanczos (as
 /// diffusers fits init images, masks and control images).
 fn fitted(bytes: &[u8], name: &str, width: usize, height: usize) -> Result<ipaflux_core::preprocess::RgbImage> {
-    use ipaflux_core::preprocess::{decode_rgb, resize, Resample};
-    let image = decode_rgb(bytes, name)?;
+    Ok(fitted_rgb(ipaflux_core::preprocess::decode_rgb(bytes, name)?, name, width, height))
+}
+
+/// [`fitted`] for a decoded picture.
+fn fitted_rgb(
+    image: ipaflux_core::preprocess::RgbImage,
+    name: &str,
+    width: usize,
+    height: usize,
+) -> ipaflux_core::preprocess::RgbImage {
+    use ipaflux_core::preprocess::{resize, Resample};
     if (image.width, image.height) == (width, height) {
-        return Ok(image);
+        return image;
     }
     tracing::info!(
         target: "ipaflux::generate",
         "{name} is {}×{}: resized to {}×{} (Lanczos)",
         image.width, image.height, width, height
     );
-    Ok(resize(&image, width, height, Resample::Lanczos))
+    resize(&image, width, height, Resample::Lanczos)
 }
 
 /// The init image → packed latents at the output size, and its mask → the
@@ -1026,7 +1130,7 @@ pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], src: &Source
             .map(|l| serde_json::json!({"name": l.source_name, "strength": l.strength, "text_strength": l.text_strength}))
             .collect::<Vec<_>>(),
         "kontext_image": s.kontext.as_ref().map(|k| &k.image.name),
-        "control_image": s.control.as_ref().map(|c| &c.name),
+        "control_image": s.control.as_ref().map(Control::describe),
         "init_image": s.init.as_ref().map(|i| {
             serde_json::json!({"name": i.name, "strength": i.strength, "mask": i.mask.as_ref().map(|m| &m.name)})
         }),
@@ -1056,6 +1160,8 @@ pub struct ModelPaths {
     pub clip_vision: Option<std::path::PathBuf>,
     /// The FLUX.1 Redux image embedder, needed for Redux images.
     pub redux: Option<std::path::PathBuf>,
+    /// Depth Anything (a transformers folder), needed for a control image's depth map.
+    pub depth: Option<std::path::PathBuf>,
     /// `tokenizer.json` (or a folder / repo holding it) for single-file text encoders.
     pub t5_tokenizer: Option<std::path::PathBuf>,
     pub clip_tokenizer: Option<std::path::PathBuf>,
@@ -1181,6 +1287,21 @@ impl ModelPaths {
             }
             None => None,
         };
+        let depth = match self.depth.as_deref().map(load::resolve_arg).transpose()? {
+            Some(path) => {
+                // Its tensors checked from the headers now: a wrong folder fails before any model runs.
+                let files = crate::depth::load_depth_dir(&path)?;
+                crate::depth::check_tensors(&files)?;
+                let dtype = self.encoder_dtype.dtype();
+                let bytes = crate::depth::loaded_bytes(&files, dtype);
+                let device = device.clone();
+                let f: LoadFn<crate::depth::DepthEstimator> = Box::new(move || {
+                    crate::depth::DepthEstimator::new(&crate::depth::load_depth_dir(&path)?, dtype, &device)
+                });
+                Some((f, bytes))
+            }
+            None => None,
+        };
         Ok(Sources {
             flux: (Box::new(move || load::load_flux(&flux)), flux_bytes),
             t5: (Box::new(move || load::load_text_encoder(&t5, "text_encoder_2", t5_tok.as_deref())), t5_bytes),
@@ -1192,6 +1313,7 @@ impl ModelPaths {
             ip_is_xlabs,
             clip_vision,
             redux,
+            depth,
             flux_in_channels,
             flux_head_dim,
             flux_units,

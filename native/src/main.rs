@@ -340,8 +340,8 @@ struct GenerateArgs {
     control_canny: Option<(f64, f64)>,
     /// With --control-image: use its depth map, made by this Depth Anything model (a transformers
     /// folder or repo id, e.g. depth-anything/Depth-Anything-V2-Small-hf; as `ipaflux depth` writes
-    /// it), instead of the image itself: a photo in, FLUX.1 Depth's control out. The depth model runs
-    /// on --device in --dtype and is dropped before Flux loads.
+    /// it), instead of the image itself: a photo in, FLUX.1 Depth's control out. The depth model is a
+    /// registry entry ("depth"), on --device in --dtype, loaded in a stage of its own and released there.
     #[arg(long, requires = "control_image", conflicts_with = "control_canny")]
     control_depth: Option<PathBuf>,
     /// Output width [default: 1024, or the init image's, the (resized) Kontext image's or the control image's]
@@ -590,13 +590,17 @@ fn settings_from_args(
         }),
         None => None,
     };
-    let control = a.control_image.as_deref().map(|p| image_file(p, "control image")).transpose()?;
-    let control = match (control, a.control_canny, &a.control_depth) {
-        (Some(c), Some(t), _) => Some(canny_png(&c, t)?),
-        (Some(c), None, Some(model)) => Some(depth_png(&c, model, a.dtype, device)?),
-        (c, _, _) => c,
+    let map = match (a.control_canny, &a.control_depth) {
+        (Some((low, high)), _) => generate::ControlMap::Canny { low, high },
+        (None, Some(_)) => generate::ControlMap::Depth,
+        (None, None) => generate::ControlMap::AsGiven,
     };
-    let (width, height) = output_size(a.width, a.height, (init.as_ref(), kontext.as_ref(), control.as_ref()))?;
+    let control = match &a.control_image {
+        Some(p) => Some(generate::Control { image: image_file(p, "control image")?, map }),
+        None => None,
+    };
+    let images = (init.as_ref(), kontext.as_ref(), control.as_ref().map(|c| &c.image));
+    let (width, height) = output_size(a.width, a.height, images)?;
     ipaflux_core::flux::sampler::check_size(width, height)?;
     let steps_run = match &init {
         Some(i) => a.steps - ipaflux_core::flux::sampler::img2img_start(a.steps, i.strength)?,
@@ -688,6 +692,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         siglip: a.siglip,
         clip_vision: a.clip_vision,
         redux: a.redux,
+        depth: a.control_depth,
         t5_tokenizer: a.t5_tokenizer,
         clip_tokenizer: a.clip_tokenizer,
         encoder_dtype: a.dtype,

@@ -259,7 +259,7 @@ fn control(c: &Shared<'_>, r: &mut Report) -> Result<()> {
     let run = Run::read(fx, "control/reference.json")?;
     let prompt = c.prompt(&run)?;
     let file = image_file(fx, "control/control.png")?;
-    let latents = control_latents(&c.encoder, &file, (run.width, run.height), dev)?;
+    let latents = control_latents(&c.encoder, &decode_rgb(&file.bytes, "control.png")?, (run.width, run.height), dev)?;
     let guide = Guide { channels: Some(&latents), ..Guide::prompt(&prompt) };
     let model = flux(fx, "control/transformer", &[], dev)?;
     let out = sample(&model, Start::Noise(&c.noise), guide, &run, 1.0, Hooks::none());

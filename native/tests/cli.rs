@@ -550,17 +550,41 @@ fn generate_with_control_depth() {
         let o = generate(&[&control[..], extra].concat(), out);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
-    // A photo with --control-depth makes what its depth map as --control-image makes.
-    run(&["--control-image", &photo, "--control-depth", &f("depth/model")], &a);
+    // A photo with --control-depth makes what its depth map as --control-image makes;
+    // the depth model is a registry entry, loaded in a stage of its own and released there.
+    let depth = ["--control-image", &photo, "--control-depth", &f("depth/model"), "--verbose"];
+    let o = generate(&[&control[..], &depth[..]].concat(), &a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let timeline = String::from_utf8_lossy(&o.stdout);
+    assert!(timeline.lines().any(|l| l.contains("register") && l.contains(" depth ")), "{timeline}");
+    let released = |l: &str| l.contains("control map") && l.contains("release") && l.contains(" depth ");
+    assert!(timeline.lines().any(released), "{timeline}");
     run(&["--control-image", &map.display().to_string()], &b);
     let pixels = |p: &PathBuf| png_pixels(&std::fs::read(p).unwrap());
     assert_eq!(pixels(&a), pixels(&b), "--control-depth is not the depth map as the control image");
     run(&["--control-image", &photo], &b);
     assert_ne!(pixels(&a), pixels(&b), "the depth map changed nothing");
     let png = String::from_utf8_lossy(&std::fs::read(&a).unwrap()).into_owned();
-    assert!(png.contains("photo.jpg (depth: "), "the PNG's parameters say the depth map was made");
+    assert!(png.contains("photo.jpg (depth map)"), "the PNG's parameters say the depth map was made");
     let both = ["--control-image", &photo, "--control-depth", &f("depth/model"), "--control-canny", "100,200"];
     assert_fails(&generate(&[&control[..], &both[..]].concat(), &a), &["--control-canny"]);
+    // A depth folder with a tensor missing is refused before any model runs.
+    let broken = tmp("depth-broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    for file in ["config.json", "preprocessor_config.json"] {
+        std::fs::copy(fixture("depth/model").join(file), broken.join(file)).unwrap();
+    }
+    let dev = ipaflux_core::candle_core::Device::Cpu;
+    let mut weights =
+        ipaflux_core::candle_core::safetensors::load(fixture("depth/model/model.safetensors"), &dev).unwrap();
+    weights.remove("head.conv3.bias").unwrap();
+    ipaflux_core::candle_core::safetensors::save(&weights, broken.join("model.safetensors")).unwrap();
+    let o = generate(
+        &[&control[..], &["--control-image", &photo, "--control-depth", &broken.display().to_string()]].concat(),
+        &a,
+    );
+    assert_fails(&o, &["model.safetensors", "missing tensor `head.conv3.bias`"]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("stage done"), "a model ran before the refusal");
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! diffusers' names) on the plain tiny Flux against the same pipeline with
 //! diffusers' `load_lora_weights`. Tolerance: f32 relative max error ≤ 1e-4.
 
-use ipaflux::generate::{control_latents, ImageFile};
+use ipaflux::generate::control_latents;
 use ipaflux::load::{flux_config, load_flux, load_lora};
 use ipaflux::vae::from_rgb8;
 use ipaflux_core::candle_core::{Device, Tensor};
@@ -28,8 +28,7 @@ fn control_matches_diffusers_pipelines() {
     let model = tiny_flux("control/transformer");
     let vae = tiny_vae_encoder();
     let dev = Device::Cpu;
-    let control =
-        ImageFile { bytes: std::fs::read(fixture("control/control.png")).unwrap(), name: "control.png".into() };
+    let control = fixture_image("control/control.png");
     let cond = control_latents(&vae, &control, (run.width, run.height), &dev).unwrap();
     assert_close("control latents", &cond, &g["cond"], F32_TOL);
 
@@ -65,8 +64,7 @@ fn control_matches_diffusers_pipelines() {
 fn control_t2i(model: &FluxModel) -> Tensor {
     let (i2i, r) = (tensors("img2img/golden.safetensors"), json("control/reference.json"));
     let run = PipelineRun::of(&r);
-    let control =
-        ImageFile { bytes: std::fs::read(fixture("control/control.png")).unwrap(), name: "control.png".into() };
+    let control = fixture_image("control/control.png");
     let cond = control_latents(&tiny_vae_encoder(), &control, (run.width, run.height), &Device::Cpu).unwrap();
     let noise = sampler::pack(&i2i["pipe.noise"]).unwrap();
     let prompt = run.cond(&i2i["pipe.prompt_embeds"], &i2i["pipe.pooled"]);
