@@ -103,6 +103,7 @@ pub fn settings(seed: u64) -> Settings {
         end_percent: 1.0,
         block_weights: None,
         v_norm: VNorm::InstantX,
+        ip_negative: Default::default(),
         registry: RegistryConfig::default(),
         vram_budget: None,
         kernels: crate::KernelSet::default(),

@@ -170,6 +170,8 @@ pub struct Settings {
     pub end_percent: f64,
     pub block_weights: Option<Vec<f64>>,
     pub v_norm: VNorm,
+    /// What the IP-Adapter sees in true CFG's negative pass ([`IpNegative`]).
+    pub ip_negative: IpNegative,
     pub registry: RegistryConfig,
     /// At most this much of the GPU is planned with (`--vram-budget`); `None`: all of it.
     pub vram_budget: Option<u64>,
@@ -190,6 +192,30 @@ pub struct Settings {
     /// a mask too.
     pub control: Option<Control>,
 }
+
+/// The IP-Adapter's reference in true CFG's negative pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum IpNegative {
+    /// The same references as the positive pass (ComfyUI: the patched model
+    /// runs its IP-Adapter on every call).
+    #[default]
+    Same,
+    /// A black image (diffusers' `FluxPipeline` when no
+    /// `negative_ip_adapter_image` is given), encoded like a reference.
+    Black,
+}
+
+impl IpNegative {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Same => "same",
+            Self::Black => "black",
+        }
+    }
+}
+
+/// The name the black negative image goes by in logs.
+const BLACK_NEGATIVE: &str = "black image (the IP-Adapter's negative)";
 
 /// FLUX.1 Canny/Depth's control image and how its map is made.
 #[derive(Clone)]
@@ -348,6 +374,17 @@ fn needs_siglip(src: &Sources, r: &Reference) -> bool {
     }
 }
 
+/// Whether SigLIP is loaded: a reference reads with it, or InstantX's adapter
+/// encodes the black negative image ([`IpNegative::Black`]).
+fn uses_siglip(src: &Sources, refs: &[Reference], s: &Settings) -> bool {
+    refs.iter().any(|r| needs_siglip(src, r)) || (black_negative(s, refs) && !src.ip_is_xlabs)
+}
+
+/// Whether true CFG's negative pass gives the IP-Adapter a black image.
+fn black_negative(s: &Settings, refs: &[Reference]) -> bool {
+    s.ip_negative == IpNegative::Black && s.true_cfg.is_some() && refs.iter().any(|r| r.kind() == "ip-adapter")
+}
+
 /// Registers every model the job uses (the image models only where a reference needs them).
 fn register_all(reg: &mut Registry, src: &Sources, refs: &[Reference], s: &Settings) -> Result<Handles> {
     let dev = s.device_spec;
@@ -363,7 +400,7 @@ fn register_all(reg: &mut Registry, src: &Sources, refs: &[Reference], s: &Setti
         t5: reg.register(spec("t5", Role::TextEncoder, src.t5.1))?,
         clip: reg.register(spec("clip", Role::TextEncoder, src.clip.1))?,
         image_encoder: match &src.image_encoder {
-            Some((_, bytes)) if refs.iter().any(|r| needs_siglip(src, r)) => {
+            Some((_, bytes)) if uses_siglip(src, refs, s) => {
                 Some(reg.register(spec("siglip", Role::ImageEncoder, *bytes))?)
             }
             _ => None,
@@ -474,6 +511,7 @@ pub fn generate(
 ) -> Result<Generated> {
     let variant = check_settings(src, s)?;
     check_references(src, refs)?;
+    check_ip_negative(src, refs, s)?;
     let steps_run = s.steps_run()?;
     let dev = s.device_spec;
     let mut reg = Registry::new(s.registry.clone(), memory_devices(dev, s.vram_budget)?)?;
@@ -563,7 +601,7 @@ pub fn generate(
     };
     reg.stream(&plan, (steps_run * s.batch * prompts.len()) as u64);
     let start = SampleStart { encoded: &encoded, streamed: &streamed };
-    let ip = (referenced.ip, referenced.adapter_dims);
+    let ip = (referenced.ip, referenced.negative_ip, referenced.adapter_dims);
     let latents = timed(&mut stages, "sampling", || sample(src, ip, &texts, s, start, on_step))?;
     if let Some(kv) = kv {
         reg.release(kv);
@@ -683,6 +721,27 @@ fn check_settings(src: &Sources, s: &Settings) -> Result<FluxVariant> {
     Ok(variant)
 }
 
+/// Refuses a black negative image that cannot be used: it needs true CFG, an
+/// IP-Adapter reference, and the encoder of that adapter.
+fn check_ip_negative(src: &Sources, refs: &[Reference], s: &Settings) -> Result<()> {
+    let refuse = |m: &str| Err(crate::Error::from(ipaflux_core::Error::Unsupported(m.to_string())));
+    if s.ip_negative == IpNegative::Same {
+        return Ok(());
+    }
+    if s.true_cfg.is_none() {
+        return refuse(
+            "--ip-negative black is the IP-Adapter's image in true CFG's negative pass: give --true-cfg above 1",
+        );
+    }
+    if !refs.iter().any(|r| r.kind() == "ip-adapter") {
+        return refuse("--ip-negative black needs IP-Adapter references (--image or --embeds)");
+    }
+    if !src.ip_is_xlabs && src.image_encoder.is_none() {
+        return refuse("--ip-negative black encodes a black image with SigLIP: give --siglip");
+    }
+    Ok(())
+}
+
 /// Refuses references these models cannot read, before any model is read.
 fn check_references(src: &Sources, refs: &[Reference]) -> Result<()> {
     let refuse = |m: &str| Err(crate::Error::from(ipaflux_core::Error::Unsupported(m.to_string())));
@@ -731,6 +790,8 @@ fn encode_prompts(src: &Sources, prompts: &[&str], s: &Settings) -> Result<Vec<C
 #[derive(Default)]
 struct Referenced {
     ip: Vec<IpImage>,
+    /// The IP images of true CFG's negative pass when they are not `ip` ([`IpNegative::Black`]).
+    negative_ip: Option<Vec<IpImage>>,
     adapter_dims: AdapterDims,
     /// Bytes of the IP K/V of all references.
     kv_bytes: usize,
@@ -782,7 +843,7 @@ fn load_adapter(
 fn reference_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<Referenced> {
     let unsupported = |m: &str| crate::Error::from(ipaflux_core::Error::Unsupported(m.to_string()));
     let encoder = match &src.image_encoder {
-        Some((load, _)) if refs.iter().any(|r| needs_siglip(src, r)) => Some(load()?),
+        Some((load, _)) if uses_siglip(src, refs, s) => Some(load()?),
         _ => None,
     };
     let siglip = || encoder.as_ref().ok_or_else(|| unsupported("a reference image needs --siglip (the image encoder)"));
@@ -863,7 +924,26 @@ fn reference_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<R
         out.ip.push(IpImage { kv, weight });
         out.adapter_dims = AdapterDims::InstantX(adapter.dims);
     }
-    out.kv_bytes = out.ip.iter().flat_map(|i| &i.kv).map(|kv| kv.nbytes()).sum();
+    if black_negative(s, refs) {
+        // As diffusers: a black picture of the output's size through the same encoder and adapter.
+        let black = crate::png_out::encode_png(s.height, s.width, &vec![0; s.width * s.height * 3], &[])?;
+        let kv = match adapter.as_ref() {
+            Some(Adapter::Xlabs(xlabs)) => {
+                let c = clip.as_ref().ok_or_else(|| unsupported("XLabs' IP-Adapter needs --clip-vision"))?;
+                xlabs
+                    .kv_all(&xlabs.project(&c.image_embeds(&c.pixels(&black, BLACK_NEGATIVE)?)?)?, src.flux_head_dim)?
+            }
+            Some(Adapter::InstantX(adapter)) => {
+                let e = siglip()?;
+                let pooled = e.siglip.forward(&e.pixels(&black, BLACK_NEGATIVE)?)?;
+                adapter.kv_all(&adapter.image_proj.forward(&pooled.to_dtype(s.dtype)?)?.to_dtype(s.dtype)?, &cfg)?
+            }
+            None => return Err(unsupported("a black negative image needs --ip-adapter")),
+        };
+        out.negative_ip = Some(vec![IpImage { kv, weight: 1.0 }]);
+    }
+    let all = out.ip.iter().chain(out.negative_ip.iter().flatten());
+    out.kv_bytes = all.flat_map(|i| &i.kv).map(|kv| kv.nbytes()).sum();
     Ok(out)
 }
 
@@ -976,7 +1056,7 @@ struct SampleStart<'a> {
 
 fn sample(
     src: &Sources,
-    (images, adapter_dims): (Vec<IpImage>, AdapterDims),
+    (images, negative_images, adapter_dims): (Vec<IpImage>, Option<Vec<IpImage>>, AdapterDims),
     texts: &[Conditioning],
     s: &Settings,
     SampleStart { encoded, streamed }: SampleStart<'_>,
@@ -1004,20 +1084,26 @@ fn sample(
         block_weights: s.block_weights.clone(),
     };
     let attention = crate::attention_for(&s.device, s.kernels);
-    let hook: Option<Box<dyn AttentionHook>> = match adapter_dims {
-        _ if images.is_empty() => None,
-        AdapterDims::InstantX(dims) => {
-            check_compatible(&dims, &model.cfg)?;
-            Some(Box::new(IpAdapterHook::new(images, cfg, &model.cfg)?.with_attention(attention)))
-        }
-        AdapterDims::Xlabs(dims) => {
-            dims.check_compatible(&model.cfg)?;
-            Some(Box::new(XlabsHook::new(images, cfg, &model.cfg)?.with_attention(attention)))
-        }
-        AdapterDims::None => {
-            return Err(ipaflux_core::Error::Unsupported("IP K/V without their adapter's sizes".into()).into())
-        }
+    let hook_of = |images: Vec<IpImage>| -> Result<Option<Box<dyn AttentionHook>>> {
+        Ok(match adapter_dims {
+            _ if images.is_empty() => None,
+            AdapterDims::InstantX(dims) => {
+                check_compatible(&dims, &model.cfg)?;
+                let hook = IpAdapterHook::new(images, cfg.clone(), &model.cfg)?.with_attention(attention.clone());
+                Some(Box::new(hook))
+            }
+            AdapterDims::Xlabs(dims) => {
+                dims.check_compatible(&model.cfg)?;
+                Some(Box::new(XlabsHook::new(images, cfg.clone(), &model.cfg)?.with_attention(attention.clone())))
+            }
+            AdapterDims::None => {
+                return Err(ipaflux_core::Error::Unsupported("IP K/V without their adapter's sizes".into()).into())
+            }
+        })
     };
+    let hook = hook_of(images)?;
+    // `None`: the negative pass runs the positive pass's hooks.
+    let negative_hook = negative_images.map(hook_of).transpose()?;
     let (rows, cols) = sampler::token_grid(s.width, s.height);
     let shift = if model.cfg.guidance_embed { Shift::DEV } else { Shift::None };
     let mut sigmas = flux_schedule(s.steps, rows * cols, shift);
@@ -1029,13 +1115,16 @@ fn sample(
     let guide = match (texts, &s.true_cfg) {
         ([positive], None) => Guide { channels, reference, ..Guide::prompt(positive) },
         ([positive, negative], Some(cfg)) => {
-            Guide { positive, negative: Some((negative, cfg.scale)), channels, reference }
+            Guide { negative: Some((negative, cfg.scale)), channels, reference, ..Guide::prompt(positive) }
         }
         _ => {
             return Err(ipaflux_core::Error::Unsupported("prompt encodings do not match the CFG settings".into()).into())
         }
     };
     let list: Vec<&dyn AttentionHook> = hook.iter().map(|h| h.as_ref()).collect();
+    let negative_list: Option<Vec<&dyn AttentionHook>> =
+        negative_hook.as_ref().map(|h| h.iter().map(|h| h.as_ref()).collect());
+    let guide = Guide { negative_hooks: negative_list.as_deref().map(Hooks::new), ..guide };
     let ids = sampler::img_ids(rows, cols);
     seeds(s)
         .map(|seed| {
@@ -1125,6 +1214,7 @@ pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], src: &Source
         "end_percent": s.end_percent,
         "block_weights": s.block_weights,
         "v_norm": format!("{:?}", s.v_norm).to_lowercase(),
+        "ip_negative": s.true_cfg.as_ref().map(|_| s.ip_negative.name()),
         "loras": loras
             .iter()
             .map(|l| serde_json::json!({"name": l.source_name, "strength": l.strength, "text_strength": l.text_strength}))

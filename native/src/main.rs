@@ -297,6 +297,10 @@ struct GenerateArgs {
     /// IP V-norm variant: instantx (reference, no V-norm) or comfyui (V-norm).
     #[arg(long, default_value = "instantx")]
     v_norm: ipaflux_core::VNorm,
+    /// With --true-cfg: what the IP-Adapter sees in the negative pass: `same` (the references, as
+    /// ComfyUI) or `black` (a black image, as diffusers' FluxPipeline does by default).
+    #[arg(long, value_enum, default_value_t)]
+    ip_negative: generate::IpNegative,
     #[arg(long)]
     prompt: String,
     /// True classifier-free guidance: also run the model on --negative-prompt each step and take
@@ -638,6 +642,7 @@ fn settings_from_args(
         end_percent: a.end_percent,
         block_weights: a.block_weights.as_deref().map(parse_block_weights).transpose()?,
         v_norm: a.v_norm,
+        ip_negative: a.ip_negative,
         registry: RegistryConfig {
             state: a.vram_state,
             offload_preprocessing: a.offload_preprocessing == OnOff::On,

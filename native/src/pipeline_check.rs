@@ -21,7 +21,7 @@ use ipaflux_core::flux::sampler::{self, Guide, Start};
 use ipaflux_core::flux::{
     AttentionHook, Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights, Hooks, XlabsHook, XlabsIpAdapter,
 };
-use ipaflux_core::preprocess::{decode_rgb, to_luma};
+use ipaflux_core::preprocess::{clip_pixel_values, decode_rgb, to_luma, RgbImage};
 use ipaflux_core::schedule::{flux_schedule, Shift};
 
 use crate::clip_vision::{load_clip_vision_dir, ClipImageEncoder};
@@ -287,11 +287,31 @@ fn xlabs(c: &Shared<'_>, r: &mut Report) -> Result<()> {
     let kv = adapter.kv_all(&adapter.project(&embeds)?, c.plain.cfg.head_dim())?;
     let scale = reference(fx, "xlabs/reference.json")?["scale"].as_f64().unwrap_or(1.0);
     let cfg = IpHookConfig { weight: IpWeight::Constant(scale), ..IpHookConfig::default() };
-    let hook = XlabsHook::new(vec![IpImage { kv, weight: 1.0 }], cfg, &c.plain.cfg)?;
+    let hook = XlabsHook::new(vec![IpImage { kv, weight: 1.0 }], cfg.clone(), &c.plain.cfg)?;
     let hooks: [&dyn AttentionHook; 1] = [&hook];
     let prompt = c.prompt(&run)?;
     let out =
         sample(&c.plain, Start::Noise(xlabs.get("latents")?), Guide::prompt(&prompt), &run, 1.0, Hooks::new(&hooks));
     check(r, dev, "XLabs IP-Adapter", out, xlabs.get("out")?);
+
+    // Under true CFG 4 with diffusers' black image in the negative pass.
+    let gold = Golden::read(fx, "xlabs/cfg-golden.safetensors", dev)?;
+    let cfg_gold = Golden::read(fx, "cfg/golden.safetensors", dev)?;
+    let run = Run::read(fx, "xlabs/cfg-reference.json")?;
+    let black = RgbImage { width: run.height, height: run.width, data: vec![0; run.width * run.height * 3] };
+    let pixels = clip_pixel_values(&black, &clip.preprocess)?.to_device(dev)?;
+    let black_kv = adapter.kv_all(&adapter.project(&clip.image_embeds(&pixels)?)?, c.plain.cfg.head_dim())?;
+    let black_hook = XlabsHook::new(vec![IpImage { kv: black_kv, weight: 1.0 }], cfg, &c.plain.cfg)?;
+    let negative_hooks: [&dyn AttentionHook; 1] = [&black_hook];
+    let positive = run.cond(cfg_gold.get("prompt_embeds")?, cfg_gold.get("pooled")?);
+    let negative = run.cond(cfg_gold.get("negative_prompt_embeds")?, cfg_gold.get("negative_pooled")?);
+    let true_cfg = reference(fx, "xlabs/cfg-reference.json")?["true_cfg"].as_f64().unwrap_or(1.0) as f32;
+    let guide = Guide {
+        negative: Some((&negative, true_cfg)),
+        negative_hooks: Some(Hooks::new(&negative_hooks)),
+        ..Guide::prompt(&positive)
+    };
+    let out = sample(&c.plain, Start::Noise(cfg_gold.get("latents")?), guide, &run, 1.0, Hooks::new(&hooks));
+    check(r, dev, "XLabs IP-Adapter, true CFG, black negative", out, gold.get("out.black")?);
     Ok(())
 }

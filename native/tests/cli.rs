@@ -672,6 +672,22 @@ fn generate_with_true_cfg_and_a_negative_prompt() {
     // A negative prompt without true CFG does nothing with FLUX.1-dev: refused, as is a scale below 1.
     assert_fails(&generate(&["--image", &photo, "--negative-prompt", "a dog"], &other), &["--true-cfg above 1"]);
     assert_fails(&generate(&["--image", &photo, "--true-cfg", "0.5"], &other), &["true CFG scale 0.5 is outside"]);
+    // The IP-Adapter's negative image: the reference (ComfyUI, the default) or black (diffusers).
+    let black = tmp("gen-cfg-black.png");
+    run(&["--image", &photo, "--true-cfg", "4", "--negative-prompt", "a dog", "--ip-negative", "black"], &black);
+    assert_ne!(pixels(&cfg), pixels(&black), "the black negative image changed nothing");
+    let png = String::from_utf8_lossy(&std::fs::read(&black).unwrap()).into_owned();
+    assert!(png.contains("\"ip_negative\":\"black\""), "the PNG's parameters say which negative image");
+    run(&["--image", &photo, "--true-cfg", "4", "--negative-prompt", "a dog", "--ip-negative", "same"], &other);
+    assert_eq!(pixels(&cfg), pixels(&other), "`same` is the default");
+    assert_fails(&generate(&["--image", &photo, "--ip-negative", "black"], &other), &["--true-cfg above 1"]);
+    // XLabs' adapter reads the black image with its CLIP.
+    let f = |r: &str| fixture(r).display().to_string();
+    let (adapter, clip) = (f("xlabs/ip_adapter.safetensors"), f("xlabs/image_encoder"));
+    let xlabs = ["--ip-adapter", &adapter, "--clip-vision", &clip, "--image", &photo, "--true-cfg", "4"];
+    run(&[&xlabs[..], &["--ip-negative", "black"]].concat(), &black);
+    run(&xlabs, &other);
+    assert_ne!(pixels(&other), pixels(&black), "XLabs' black negative image changed nothing");
 }
 
 #[test]
@@ -861,6 +877,7 @@ fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
         "Canny/Depth",
         "Control LoRA",
         "XLabs IP-Adapter",
+        "XLabs IP-Adapter, true CFG, black negative",
         "Depth Anything (model)",
         "Depth Anything (metric)",
     ] {

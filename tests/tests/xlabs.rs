@@ -7,10 +7,11 @@
 
 use ipaflux::clip_vision::{load_clip_vision_dir, ClipImageEncoder};
 use ipaflux::load::load_store;
-use ipaflux_core::candle_core::{DType, Device};
+use ipaflux_core::candle_core::{DType, Device, Tensor};
 use ipaflux_core::flux::ip::{IpHookConfig, IpImage, IpWeight};
 use ipaflux_core::flux::sampler::{self, Guide, Start};
 use ipaflux_core::flux::{AttentionHook, Hooks, XlabsHook, XlabsIpAdapter};
+use ipaflux_core::preprocess::{clip_pixel_values, RgbImage};
 use ipaflux_tests::*;
 
 #[test]
@@ -73,4 +74,61 @@ fn a_single_file_clip_vision_reads_its_sizes_from_its_shapes() {
     let embeds = clip.image_embeds(&clip.pixels(&photo, "photo.jpg").unwrap()).unwrap();
     let g = tensors("xlabs/clip-vision-single-golden.safetensors");
     assert_close("single-file CLIP image_embeds", &embeds, &g["image_embeds"], F32_TOL);
+}
+
+/// XLabs' IP-Adapter under true CFG (make_ip_cfg_fixtures.py): diffusers gives
+/// the negative pass a black image (`IpNegative::Black` in `generate`); with the
+/// reference passed as `negative_ip_adapter_image` both passes see it, as in
+/// ComfyUI (`IpNegative::Same`, the negative pass running the positive
+/// pass's hooks). Tolerance: f32 relative max error ≤ 1e-4.
+#[test]
+fn xlabs_ip_adapter_under_true_cfg_matches_diffusers() {
+    let (g, cfg, r) =
+        (tensors("xlabs/cfg-golden.safetensors"), tensors("cfg/golden.safetensors"), json("xlabs/cfg-reference.json"));
+    let clip = ClipImageEncoder::new(
+        &load_clip_vision_dir(&fixture("xlabs/image_encoder")).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let adapter = XlabsIpAdapter::from_store(
+        &load_store(&fixture("xlabs/ip_adapter.safetensors")).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let model = tiny_flux("flux/flux-tiny-bfl.safetensors");
+    let run = PipelineRun::of(&r);
+    // diffusers' black image is `np.zeros((width, height, 3))`: `width` rows.
+    let black = RgbImage { width: run.height, height: run.width, data: vec![0; run.width * run.height * 3] };
+    let black_embeds = clip.image_embeds(&clip_pixel_values(&black, &clip.preprocess).unwrap()).unwrap();
+    assert_close("black image_embeds", &black_embeds, &g["black_image_embeds"], F32_TOL);
+    let photo = std::fs::read(fixture("images/photo.jpg")).unwrap();
+    let photo_embeds = clip.image_embeds(&clip.pixels(&photo, "photo.jpg").unwrap()).unwrap();
+    let head_dim = model.cfg.head_dim();
+    let kv = |embeds: &Tensor| adapter.kv_all(&adapter.project(embeds).unwrap(), head_dim).unwrap();
+    let scale = r["scale"].as_f64().unwrap();
+    let hook_cfg = IpHookConfig { weight: IpWeight::Constant(scale), ..IpHookConfig::default() };
+    let hook = |embeds: &Tensor| {
+        XlabsHook::new(vec![IpImage { kv: kv(embeds), weight: 1.0 }], hook_cfg.clone(), &model.cfg).unwrap()
+    };
+    let (positive_hook, black_hook) = (hook(&photo_embeds), hook(&black_embeds));
+    let positive: [&dyn AttentionHook; 1] = [&positive_hook];
+    let negative: [&dyn AttentionHook; 1] = [&black_hook];
+    let (pos, neg) = (
+        run.cond(&cfg["prompt_embeds"], &cfg["pooled"]),
+        run.cond(&cfg["negative_prompt_embeds"], &cfg["negative_pooled"]),
+    );
+    let true_cfg = r["true_cfg"].as_f64().unwrap() as f32;
+    let sample = |negative_hooks: Option<Hooks<'_>>| {
+        let guide = Guide { negative: Some((&neg, true_cfg)), negative_hooks, ..Guide::prompt(&pos) };
+        let (ids, sigmas) = (run.ids(), run.sigmas());
+        sampler::euler(&model, Start::Noise(&cfg["latents"]), &ids, guide, &sigmas, Hooks::new(&positive), &mut |_| {})
+            .unwrap()
+    };
+    let black_out = sample(Some(Hooks::new(&negative)));
+    assert_close("XLabs IP-Adapter, true CFG, black negative image", &black_out, &g["out.black"], F32_TOL);
+    let same_out = sample(None);
+    assert_close("XLabs IP-Adapter, true CFG, the reference in both passes", &same_out, &g["out.same"], F32_TOL);
+    assert!(rel_max_err(&black_out, &same_out) > 100.0 * F32_TOL, "the negative image changed too little to be tested");
 }

@@ -333,6 +333,7 @@ fn main() {
             run(&python, &["tests/reference/make_canny_fixtures.py"]);
             run(&python, &["tests/reference/make_depth_fixtures.py"]);
             run(&python, &["tests/reference/make_xlabs_fixtures.py"]);
+            run(&python, &["tests/reference/make_ip_cfg_fixtures.py"]);
             run(&python, &["tests/reference/make_gguf_fixtures.py"]);
         }
         _ => {

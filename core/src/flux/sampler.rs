@@ -242,9 +242,12 @@ pub struct Guide<'a> {
     pub positive: &'a Conditioning,
     /// The negative prompt and diffusers' `true_cfg_scale` (ComfyUI's `cfg`):
     /// each step runs the model on both and takes `v₋ + scale · (v₊ − v₋)`
-    /// (in f32), as diffusers' `FluxPipeline` does. The hooks (the IP-Adapter)
-    /// act on both passes, as ComfyUI's patched model does. `None`: one pass.
+    /// (in f32), as diffusers' `FluxPipeline` does. `None`: one pass.
     pub negative: Option<(&'a Conditioning, f32)>,
+    /// The hooks of the negative pass. `None`: the positive pass's, as
+    /// ComfyUI's patched model runs its IP-Adapter on both; diffusers gives
+    /// the negative pass the IP-Adapter with a black image instead.
+    pub negative_hooks: Option<Hooks<'a>>,
     /// Input channels appended to the latents' at every pass (FLUX.1 Fill's
     /// masked image and mask, [`FILL_CONDITION_CHANNELS`]; FLUX.1
     /// Canny/Depth's control image latents, [`CONTROL_CONDITION_CHANNELS`]);
@@ -259,7 +262,7 @@ pub struct Guide<'a> {
 impl<'a> Guide<'a> {
     /// The prompt alone (Flux-dev's distilled guidance only).
     pub fn prompt(positive: &'a Conditioning) -> Self {
-        Self { positive, negative: None, channels: None, reference: None }
+        Self { positive, negative: None, negative_hooks: None, channels: None, reference: None }
     }
 }
 
@@ -301,7 +304,8 @@ pub fn euler(
         let own = |v: Tensor| -> Result<Tensor> { Ok(v.narrow(1, 0, tokens)?.to_dtype(DType::F32)?) };
         let mut v = own(model.forward(&input, ids, guide.positive, f64::from(s), step, hooks)?)?;
         if let Some((negative, scale)) = guide.negative {
-            let u = own(model.forward(&input, ids, negative, f64::from(s), step, hooks)?)?;
+            let negative_hooks = guide.negative_hooks.unwrap_or(hooks);
+            let u = own(model.forward(&input, ids, negative, f64::from(s), step, negative_hooks)?)?;
             v = (&u + ((v - &u)? * f64::from(scale))?)?;
         }
         x = (x + (v * f64::from(s_next - s))?)?;
