@@ -370,7 +370,10 @@ pub fn pixel_values(img: &RgbImage, cfg: &DepthPreprocessConfig) -> Result<Tenso
     if w == 0 || h == 0 {
         return Err(Error::Image {
             source_name: "depth input".into(),
-            reason: format!("a {}×{} image is too small for the depth model", img.width, img.height),
+            reason: format!(
+                "a {}×{} image makes a {w}×{h} depth-model input: too small, or too long and narrow",
+                img.width, img.height
+            ),
         });
     }
     let resized = resize(img, w, h, Resample::Bicubic);
@@ -389,13 +392,19 @@ pub fn pixel_values(img: &RgbImage, cfg: &DepthPreprocessConfig) -> Result<Tenso
 /// antialiasing) of `planes` row-major `in_h × in_w` planes: the cubic
 /// convolution with A = −0.75, source index `(dst + ½)·in/out − ½`, taps
 /// clamped at the borders. Computed in f64 (PyTorch: f32; they differ by
-/// rounding only).
+/// rounding only). `src` must hold the planes; no side may be 0.
 pub fn resize_bicubic(
     src: &[f32],
     planes: usize,
     (in_h, in_w): (usize, usize),
     (out_h, out_w): (usize, usize),
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
+    if in_h == 0 || in_w == 0 || out_h == 0 || out_w == 0 || src.len() != planes * in_h * in_w {
+        return Err(Error::Shape(format!(
+            "bicubic resize of {} values as {planes} planes of {in_h}×{in_w} to {out_h}×{out_w}",
+            src.len()
+        )));
+    }
     const A: f64 = -0.75;
     let near = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
     let far = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
@@ -429,7 +438,7 @@ pub fn resize_bicubic(
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// The 8-bit depth map of a depth plane, as ComfyUI's and controlnet_aux's
@@ -545,7 +554,7 @@ impl Backbone {
         let cls = table.narrow(0, 0, 1)?;
         // [g·g, h] → h planes of g × g.
         let planes = table.narrow(0, 1, g * g)?.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let resized = resize_bicubic(&planes, h, (g, g), (rows, cols));
+        let resized = resize_bicubic(&planes, h, (g, g), (rows, cols))?;
         let grid = Tensor::from_vec(resized, (h, rows * cols), &Device::Cpu)?.t()?;
         let all = Tensor::cat(&[cls.to_device(&Device::Cpu)?, grid], 0)?;
         Ok(all
@@ -774,7 +783,7 @@ impl DepthAnything {
         let depth = self.forward(&pixels)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let (_, h, w) = depth.dims3()?;
         let plane = depth.flatten_all()?.to_vec1::<f32>()?;
-        Ok(resize_bicubic(&plane, 1, (h, w), (img.height, img.width)))
+        resize_bicubic(&plane, 1, (h, w), (img.height, img.width))
     }
 }
 
@@ -794,11 +803,20 @@ mod tests {
     }
 
     #[test]
+    fn an_image_that_would_vanish_is_refused() {
+        let img = RgbImage { width: 4000, height: 4, data: vec![0; 4000 * 4 * 3] };
+        let e = pixel_values(&img, &DepthPreprocessConfig::depth_anything()).unwrap_err().to_string();
+        assert!(e.contains("4000×4 image makes a") && e.contains("narrow"), "{e}");
+    }
+
+    #[test]
     fn bicubic_keeps_a_same_size_plane_and_constants() {
         let src: Vec<f32> = (0..12).map(|i| i as f32 * 0.5).collect();
-        assert_eq!(resize_bicubic(&src, 1, (3, 4), (3, 4)), src);
+        assert_eq!(resize_bicubic(&src, 1, (3, 4), (3, 4)).unwrap(), src);
+        assert!(resize_bicubic(&src, 1, (3, 5), (3, 4)).is_err());
+        assert!(resize_bicubic(&[], 1, (0, 0), (3, 4)).is_err());
         let flat = vec![2.5f32; 6];
-        assert!(resize_bicubic(&flat, 1, (2, 3), (5, 7)).iter().all(|&x| (x - 2.5).abs() < 1e-6));
+        assert!(resize_bicubic(&flat, 1, (2, 3), (5, 7)).unwrap().iter().all(|&x| (x - 2.5).abs() < 1e-6));
     }
 
     #[test]

@@ -925,7 +925,8 @@ fn reference_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<R
         out.adapter_dims = AdapterDims::InstantX(adapter.dims);
     }
     if black_negative(s, refs) {
-        // As diffusers: a black picture of the output's size through the same encoder and adapter.
+        // As diffusers: a black picture through the same encoder and adapter
+        // (its `np.zeros((width, height, 3))`: the output's size transposed).
         let black = crate::png_out::encode_png(s.height, s.width, &vec![0; s.width * s.height * 3], &[])?;
         let kv = match adapter.as_ref() {
             Some(Adapter::Xlabs(xlabs)) => {
@@ -936,7 +937,7 @@ fn reference_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<R
             Some(Adapter::InstantX(adapter)) => {
                 let e = siglip()?;
                 let pooled = e.siglip.forward(&e.pixels(&black, BLACK_NEGATIVE)?)?;
-                adapter.kv_all(&adapter.image_proj.forward(&pooled.to_dtype(s.dtype)?)?.to_dtype(s.dtype)?, &cfg)?
+                adapter.kv_all(&adapter.image_proj.forward(&pooled.to_dtype(s.dtype)?)?, &cfg)?
             }
             None => return Err(unsupported("a black negative image needs --ip-adapter")),
         };

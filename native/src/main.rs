@@ -481,9 +481,11 @@ fn references(a: &GenerateArgs) -> anyhow::Result<Vec<generate::Reference>> {
 }
 
 /// The output size: as given, else an init image's size rounded down to
-/// multiples of 16 (diffusers' default for image-to-image), else a Kontext
-/// image's as it is encoded (ComfyUI's Kontext workflow), else a control
-/// image's rounded down, else 1024.
+/// multiples of 16 (diffusers' default for image-to-image; with a Kontext
+/// image auto-resized, the Kontext resolution nearest the init image's
+/// aspect, as diffusers' Kontext inpainting), else a Kontext image's as it is
+/// encoded (ComfyUI's Kontext workflow), else a control image's rounded down,
+/// else 1024.
 fn output_size(
     width: Option<usize>,
     height: Option<usize>,
@@ -498,6 +500,12 @@ fn output_size(
     let whole_tokens = |(w, h): (usize, usize)| (w / tile * tile, h / tile * tile);
     let own = match images {
         _ if width.is_some() && height.is_some() => None,
+        // Kontext inpainting (diffusers' FluxKontextInpaintPipeline): the image to
+        // inpaint goes to the Kontext resolution nearest its aspect, as the reference does.
+        (Some(i), Some(k), _) if k.auto_resize => {
+            let (w, h) = size(&i.bytes, &i.name)?;
+            Some(ipaflux_core::flux::kontext::preferred_size(w, h))
+        }
         (Some(i), _, _) => Some(whole_tokens(size(&i.bytes, &i.name)?)),
         (None, Some(k), _) => {
             let (w, h) = size(&k.image.bytes, &k.image.name)?;
@@ -983,4 +991,33 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: usize, height: usize) -> generate::ImageFile {
+        let bytes = png_out::encode_png(width, height, &vec![0; width * height * 3], &[]).unwrap();
+        generate::ImageFile { bytes, name: format!("{width}x{height}.png") }
+    }
+
+    #[test]
+    fn output_size_follows_the_images() {
+        let image = png(100, 70);
+        let init = generate::InitImage { bytes: image.bytes, name: image.name, strength: 0.6, mask: None };
+        let kontext = |auto_resize| generate::Kontext { image: png(64, 96), auto_resize };
+        let (on, off) = (kontext(true), kontext(false));
+        // Image-to-image: the init image's size, rounded down to 16.
+        assert_eq!(output_size(None, None, (Some(&init), None, None)).unwrap(), (96, 64));
+        // Kontext inpainting, auto-resized: the Kontext resolution nearest the init image's aspect.
+        assert_eq!(output_size(None, None, (Some(&init), Some(&on), None)).unwrap(), (1248, 832));
+        assert_eq!(output_size(None, None, (Some(&init), Some(&off), None)).unwrap(), (96, 64));
+        // A Kontext image alone: its own nearest resolution, or its size.
+        assert_eq!(output_size(None, None, (None, Some(&on), None)).unwrap(), (832, 1248));
+        assert_eq!(output_size(None, None, (None, Some(&off), None)).unwrap(), (64, 96));
+        assert_eq!(output_size(Some(64), Some(48), (Some(&init), Some(&on), None)).unwrap(), (64, 48));
+        assert_eq!(output_size(None, None, (None, None, Some(&png(40, 24)))).unwrap(), (32, 16));
+        assert_eq!(output_size(None, Some(512), (None, None, None)).unwrap(), (1024, 512));
+    }
 }

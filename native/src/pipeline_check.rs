@@ -240,6 +240,17 @@ fn kontext_and_cfg(c: &Shared<'_>, r: &mut Report) -> Result<()> {
     let out = sample(&c.plain, Start::Noise(kontext.get("latents")?), guide, &k_run, 1.0, Hooks::none());
     check(r, dev, "FLUX.1 Kontext", out, kontext.get("out")?);
 
+    // Kontext inpainting (FluxKontextInpaintPipeline): the init image, its mask, and itself as the reference.
+    let inpaint = Golden::read(fx, "kontext/inpaint-golden.safetensors", dev)?;
+    let ki_run = Run::read(fx, "kontext/inpaint-reference.json")?;
+    let strength = reference(fx, "kontext/inpaint-reference.json")?["strength"].as_f64().unwrap_or(1.0);
+    let luma = to_luma(&decode_rgb(&image_file(fx, "inpaint/mask.png")?.bytes, "mask.png")?);
+    let mask = sampler::latent_mask(&luma, ki_run.width, ki_run.height, dev)?;
+    let start = Start::Image { image: &c.image, noise: &c.noise, mask: Some(&mask) };
+    let guide = Guide { reference: Some((&c.image, &ref_ids)), ..Guide::prompt(&k_prompt) };
+    let out = sample(&c.plain, start, guide, &ki_run, strength, Hooks::none());
+    check(r, dev, "FLUX.1 Kontext inpainting", out, inpaint.get("out.self")?);
+
     let cfg = Golden::read(fx, "cfg/golden.safetensors", dev)?;
     let c_run = Run::read(fx, "cfg/reference.json")?;
     let positive = c_run.cond(cfg.get("prompt_embeds")?, cfg.get("pooled")?);

@@ -645,6 +645,18 @@ fn generate_with_a_kontext_image() {
     assert_ne!(pixels(&plain), pixels(&edited), "the Kontext image changed nothing");
     let png = String::from_utf8_lossy(&std::fs::read(&edited).unwrap()).into_owned();
     assert!(png.contains("\"kontext_image\":\"") && png.contains("init.png"), "the PNG's parameters name it");
+    // Kontext inpainting: the same picture as init image and reference, with a mask.
+    let mask = fixture("inpaint/mask.png").display().to_string();
+    let inpainted = tmp("gen-kontext-inpaint.png");
+    let mut args = generate_args(&[&kontext[..], &["--init-image", &init, "--mask", &mask]].concat(), &inpainted);
+    for flag in ["--width", "--height"] {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args.drain(i..i + 2);
+    }
+    run(args);
+    let info = png::Decoder::new(std::io::Cursor::new(std::fs::read(&inpainted).unwrap())).read_info().unwrap();
+    assert_eq!((info.info().width, info.info().height), (96, 64));
+    assert_ne!(pixels(&inpainted), pixels(&edited), "the mask changed nothing");
     // A decoder-only VAE cannot encode it; FLUX.1 Fill does not take it.
     assert_fails(&generate(&["--image", &photo, "--kontext-image", &init], &plain), &["has only the decoder"]);
     let (fill, mask) =
@@ -873,6 +885,7 @@ fn gpu_check_quick_runs_on_the_cpu_and_reads_torch_figures() {
         "inpainting",
         "FLUX.1 Fill",
         "FLUX.1 Kontext",
+        "FLUX.1 Kontext inpainting",
         "true CFG",
         "Canny/Depth",
         "Control LoRA",

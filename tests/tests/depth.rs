@@ -50,7 +50,7 @@ fn depth_anything_parts_match_transformers() {
     let (_, h, w) = raw.dims3().unwrap();
     let img = fixture_image("images/photo.jpg");
     let plane = raw.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let resized = resize_bicubic(&plane, 1, (h, w), (img.height, img.width));
+    let resized = resize_bicubic(&plane, 1, (h, w), (img.height, img.width)).unwrap();
     let resized = Tensor::from_vec(resized, (img.height, img.width), &Device::Cpu).unwrap();
     // f64 here, f32 in PyTorch: rounding apart.
     assert_close("bicubic post-process", &resized, &g["model.photo.depth"], 1e-5);

@@ -5,7 +5,7 @@
 //! max error ≤ 1e-4.
 
 use ipaflux::vae::from_rgb8;
-use ipaflux_core::candle_core::Device;
+use ipaflux_core::candle_core::{Device, Tensor};
 use ipaflux_core::flux::kontext::{preferred_size, reference_ids};
 use ipaflux_core::flux::sampler::{self, Guide, Start};
 use ipaflux_core::flux::Hooks;
@@ -37,4 +37,42 @@ fn kontext_matches_diffusers_pipeline() {
     let at_zero: Vec<[f32; 3]> = ref_ids.iter().map(|p| [0.0, p[1], p[2]]).collect();
     let moved = sample(Guide { reference: Some((&tokens, &at_zero)), ..Guide::prompt(&prompt) });
     assert!(rel_max_err(&moved, &g["out"]) > 100.0 * F32_TOL);
+}
+
+/// FLUX.1 Kontext inpainting against diffusers' `FluxKontextInpaintPipeline`
+/// (tests/reference/make_kontext_inpaint_fixtures.py): an init image with a
+/// mask (inpainting) and a Kontext reference (the image itself, or another
+/// picture) together, as `generate --init-image X --mask M --kontext-image R`.
+#[test]
+fn kontext_inpainting_matches_diffusers_pipeline() {
+    let (g, i2i, r) = (
+        tensors("kontext/inpaint-golden.safetensors"),
+        tensors("img2img/golden.safetensors"),
+        json("kontext/inpaint-reference.json"),
+    );
+    let run = PipelineRun::of(&r);
+    let model = tiny_flux("flux/flux-tiny-bfl.safetensors");
+    let encoder = tiny_vae_encoder();
+    let tokens_of = |rel: &str| {
+        let image = fixture_image(rel);
+        let tokens = sampler::pack(&encoder.encode(&from_rgb8(&image, &Device::Cpu).unwrap()).unwrap()).unwrap();
+        (tokens, reference_ids(image.height / 16, image.width / 16))
+    };
+    let (image, image_ids) = tokens_of("img2img/init.png");
+    let noise = sampler::pack(&i2i["pipe.noise"]).unwrap();
+    let luma = ipaflux_core::preprocess::to_luma(&fixture_image("inpaint/mask.png"));
+    let mask = sampler::latent_mask(&luma, run.width, run.height, &Device::Cpu).unwrap();
+    let prompt = run.cond(&i2i["pipe.prompt_embeds"], &i2i["pipe.pooled"]);
+    let (ids, sigmas) = (run.ids(), run.sigmas_at(r["strength"].as_f64().unwrap()));
+    let sample = |reference: (&Tensor, &[[f32; 3]])| {
+        let start = Start::Image { image: &image, noise: &noise, mask: Some(&mask) };
+        let guide = Guide { reference: Some(reference), ..Guide::prompt(&prompt) };
+        sampler::euler(&model, start, &ids, guide, &sigmas, Hooks::none(), &mut |_| {}).unwrap()
+    };
+    let out = sample((&image, &image_ids));
+    assert_close("Kontext inpainting, the image as its reference", &out, &g["out.self"], F32_TOL);
+    let (photo, photo_ids) = tokens_of("images/photo.jpg");
+    let other = sample((&photo, &photo_ids));
+    assert_close("Kontext inpainting, another reference", &other, &g["out.photo"], F32_TOL);
+    assert!(rel_max_err(&out, &other) > 100.0 * F32_TOL, "the reference changed too little to be tested");
 }

@@ -329,6 +329,7 @@ fn main() {
             run(&python, &["tests/reference/make_inpaint_fixtures.py"]);
             run(&python, &["tests/reference/make_fill_fixtures.py"]);
             run(&python, &["tests/reference/make_kontext_fixtures.py"]);
+            run(&python, &["tests/reference/make_kontext_inpaint_fixtures.py"]);
             run(&python, &["tests/reference/make_control_fixtures.py"]);
             run(&python, &["tests/reference/make_canny_fixtures.py"]);
             run(&python, &["tests/reference/make_depth_fixtures.py"]);
