@@ -2,7 +2,7 @@
 //! (no tensor data): format, GGUF architecture, tensors by stored type, and
 //! for a Flux transformer the memory it takes loaded each way and which
 //! FLUX.1 it is (by its input channels); for a LoRA its modules, ranks and
-//! naming; for XLabs' IP-Adapter its sizes.
+//! naming; for XLabs' IP-Adapter and Depth Anything their sizes.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -32,6 +32,8 @@ pub struct Summary {
     pub lora: Option<LoraSummary>,
     /// For XLabs' IP-Adapter: its sizes.
     pub xlabs: Option<XlabsDims>,
+    /// For a Depth Anything model (transformers' names): its DINOv2's width and layers.
+    pub depth: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +84,14 @@ pub fn inspect(path: &Path) -> Result<Summary> {
     });
     let lora = LoraSummary::of(&store);
     let xlabs = ipaflux_core::flux::xlabs::is_xlabs(&store).then(|| XlabsDims::infer(&store)).transpose()?;
-    Ok(Summary { format, architecture, tensors: store.len(), by_type, flux, lora, xlabs })
+    let depth = match (store.shape("backbone.embeddings.cls_token"), store.contains("head.conv3.weight")) {
+        (Some(&[1, 1, width]), true) => {
+            let layer = |n: &str| n.strip_prefix("backbone.encoder.layer.")?.split('.').next()?.parse::<usize>().ok();
+            Some((width, store.names().filter_map(layer).max().map_or(0, |l| l + 1)))
+        }
+        _ => None,
+    };
+    Ok(Summary { format, architecture, tensors: store.len(), by_type, flux, lora, xlabs, depth })
 }
 
 impl fmt::Display for Summary {
@@ -144,6 +153,13 @@ impl fmt::Display for Summary {
                 x.tokens, x.cross_dim, x.embed_dim, x.hidden, x.blocks
             )?;
         }
+        if let Some((width, layers)) = self.depth {
+            writeln!(
+                f,
+                "Depth Anything: DINOv2 {width} wide, {layers} layers; give its folder (with config.json) to \
+                 --control-depth or `ipaflux depth --model`"
+            )?;
+        }
         Ok(())
     }
 }
@@ -193,6 +209,8 @@ mod tests {
         assert!(flux("fill/transformer/diffusion_pytorch_model.safetensors").contains("FLUX.1 Fill (384"));
         let xlabs = flux("xlabs/ip_adapter.safetensors");
         assert!(xlabs.contains("XLabs IP-Adapter: 4 tokens × 64 from 24-wide CLIP image_embeds, K/V (48 wide) for 2"));
+        let depth = flux("depth/model/model.safetensors");
+        assert!(depth.contains("Depth Anything: DINOv2 32 wide, 4 layers; give its folder"), "{depth}");
         let text = inspect(&fixture("control/lora-bfl.safetensors")).unwrap().to_string();
         assert!(text.contains("LoRA: 9 modules, ranks 2–4, 0 with alpha; naming: BFL"), "{text}");
         assert!(text.contains("9 with a bias; 14 QK-norm scales replaced"), "{text}");
