@@ -120,6 +120,7 @@ impl ClipImageEncoder {
     /// Checks every tensor against `files.config` (a missing class embedding
     /// would otherwise be made up at random), then builds the tower.
     pub fn new(files: &ClipVisionFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let dtype = crate::model_dtype(dtype, device);
         let cfg = &files.config;
         files.weights.validate(&expected_tensors(cfg))?;
         if cfg.layer_norm_eps != 1e-5 {

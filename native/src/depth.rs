@@ -70,9 +70,11 @@ pub struct DepthEstimator {
 }
 
 impl DepthEstimator {
-    /// Checks every tensor ([`check_tensors`]), then builds the model.
+    /// Checks every tensor ([`check_tensors`]), then builds the model (bf16
+    /// on the CPU in f32: [`crate::model_dtype`]).
     pub fn new(files: &DepthFiles, dtype: DType, device: &Device) -> Result<Self> {
         check_tensors(files)?;
+        let dtype = crate::model_dtype(dtype, device);
         let model = DepthAnything::new(&files.config, files.weights.var_builder(dtype, device))?;
         Ok(Self { preprocess: files.preprocess.clone(), model })
     }

@@ -71,6 +71,22 @@ pub enum KernelSet {
     Baseline,
 }
 
+/// The dtype to build a candle-transformers or candle-nn model in on
+/// `device`: `dtype`, except bf16 on the CPU, which becomes f32 (candle's CPU
+/// backend has no bf16 matrix product). Core's own models (Flux, SigLIP)
+/// compute bf16 on the CPU themselves and do not need this.
+pub fn model_dtype(
+    dtype: ipaflux_core::candle_core::DType,
+    device: &ipaflux_core::candle_core::Device,
+) -> ipaflux_core::candle_core::DType {
+    use ipaflux_core::candle_core::DType;
+    if device.is_cpu() && dtype == DType::BF16 {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 /// Readies `device` for ipaflux's work; call once, before loading models.
 /// CUDA (feature `cuda`): [`cuda::prepare_device`]; other devices: nothing.
 pub fn prepare_device(device: &ipaflux_core::candle_core::Device) {

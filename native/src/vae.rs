@@ -54,6 +54,7 @@ impl VaeEncoder {
     /// BFL's `num_res_blocks`, the decoder one more), latent channels (half
     /// `conv_out`'s outputs: the mean and log-variance).
     pub fn new(store: &TensorStore, dtype: DType, device: &Device) -> Result<Self> {
+        let dtype = crate::model_dtype(dtype, device);
         if !has_encoder(store) {
             return Err(vae_err(
                 &store.source_name,
@@ -110,7 +111,9 @@ pub fn from_rgb8(img: &RgbImage, device: &Device) -> Result<Tensor> {
 
 impl VaeDecoder {
     /// Sizes from the shapes: channels per level from each level's first block, blocks per level, latent channels.
+    /// bf16 on the CPU builds in f32 ([`crate::model_dtype`]).
     pub fn new(store: &TensorStore, dtype: DType, device: &Device) -> Result<Self> {
+        let dtype = crate::model_dtype(dtype, device);
         let levels = (0..).take_while(|i| store.contains(&format!("decoder.up.{i}.block.0.conv2.weight"))).count();
         if levels == 0 {
             return Err(vae_err(&store.source_name, "no `decoder.up.N` blocks: not a Flux VAE (ae.safetensors)"));

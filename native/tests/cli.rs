@@ -272,6 +272,29 @@ fn generate_in_f16_runs_t5_in_bf16_and_stays_near_f32() {
     let max = pa.iter().zip(&pb).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0);
     // Half precision through every model of the tiny pipeline: a few levels, not noise.
     assert!(max <= 12, "f16 vs f32: max |diff| {max}/255");
+    // bf16 on the CPU: the VAE (both halves), CLIP's vision tower and Depth Anything
+    // build in f32 there (candle has no bf16 matrix product on the CPU); all of them run.
+    let f = |r: &str| fixture(r).display().to_string();
+    let bf16 = [
+        "--dtype",
+        "bf16",
+        "--flux",
+        &f("control/transformer"),
+        "--vae",
+        &f("img2img/ae.safetensors"),
+        "--init-image",
+        &f("img2img/init.png"),
+        "--control-image",
+        &photo,
+        "--control-depth",
+        &f("depth/model"),
+        "--ip-adapter",
+        &f("xlabs/ip_adapter.safetensors"),
+        "--clip-vision",
+        &f("xlabs/image_encoder"),
+    ];
+    let o = generate(&[&bf16[..], &["--image", &photo]].concat(), &b);
+    assert!(o.status.success(), "bf16 failed: {}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]
