@@ -71,10 +71,10 @@ pub enum KernelSet {
     Baseline,
 }
 
-/// The dtype to build a candle-transformers or candle-nn model in on
-/// `device`: `dtype`, except bf16 on the CPU, which becomes f32 (candle's CPU
-/// backend has no bf16 matrix product). Core's own models (Flux, SigLIP)
-/// compute bf16 on the CPU themselves and do not need this.
+/// The dtype to build a model with convolutions in on `device`: `dtype`,
+/// except bf16 on the CPU, which becomes f32 (candle's CPU convolutions
+/// multiply with a gemm that has no bf16 path; its plain matmul widens bf16
+/// itself, so the text encoders, Flux and SigLIP's linear layers need none of this).
 pub fn model_dtype(
     dtype: ipaflux_core::candle_core::DType,
     device: &ipaflux_core::candle_core::Device,

@@ -273,7 +273,7 @@ fn generate_in_f16_runs_t5_in_bf16_and_stays_near_f32() {
     // Half precision through every model of the tiny pipeline: a few levels, not noise.
     assert!(max <= 12, "f16 vs f32: max |diff| {max}/255");
     // bf16 on the CPU: the VAE (both halves), CLIP's vision tower and Depth Anything
-    // build in f32 there (candle has no bf16 matrix product on the CPU); all of them run.
+    // build in f32 there (candle's CPU convolutions have no bf16 path); all of them run.
     let f = |r: &str| fixture(r).display().to_string();
     let bf16 = [
         "--dtype",
