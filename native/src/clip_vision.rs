@@ -17,7 +17,7 @@ use ipaflux_core::candle_core::{DType, Device, Module, Tensor};
 use ipaflux_core::preprocess::{clip_pixel_values, decode_rgb};
 use ipaflux_core::{ClipPreprocessConfig, ClipVisionConfig, TensorStore};
 
-use crate::load::{load_safetensors_in, resolve_model_dir};
+use crate::load::{load_safetensors_in, read_hf_folder, HfFolder};
 use crate::{Error, Result};
 
 /// A CLIP folder's configs and weights.
@@ -39,16 +39,11 @@ pub fn load_clip_vision_dir(dir: &Path) -> Result<ClipVisionFiles> {
         let preprocess = ClipPreprocessConfig::clip(config.image_size);
         return Ok(ClipVisionFiles { dir: dir.to_path_buf(), config, preprocess, weights });
     }
-    let dir = resolve_model_dir(dir)?;
-    let read =
-        |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::Io { path: p.to_path_buf(), reason: e.to_string() });
-    let cfg_path = dir.join("config.json");
-    let config = ClipVisionConfig::from_hf_json(&read(&cfg_path)?, &cfg_path.display().to_string())?;
-    let pre_path = dir.join("preprocessor_config.json");
-    let preprocess = if pre_path.exists() {
-        ClipPreprocessConfig::from_hf_json(&read(&pre_path)?, &pre_path.display().to_string())?
-    } else {
-        ClipPreprocessConfig::clip(config.image_size)
+    let HfFolder { dir, config, preprocessor } = read_hf_folder(dir)?;
+    let config = ClipVisionConfig::from_hf_json(&config.text, &config.name)?;
+    let preprocess = match preprocessor {
+        Some(p) => ClipPreprocessConfig::from_hf_json(&p.text, &p.name)?,
+        None => ClipPreprocessConfig::clip(config.image_size),
     };
     let weights = load_safetensors_in(&dir, "model")?;
     Ok(ClipVisionFiles { dir, config, preprocess, weights })

@@ -14,8 +14,8 @@ use ipaflux_core::depth_anything::{depth_map_u8, DepthAnything, DepthAnythingCon
 use ipaflux_core::preprocess::{decode_rgb, RgbImage};
 use ipaflux_core::TensorStore;
 
-use crate::load::{load_safetensors_in, resolve_model_dir};
-use crate::{Error, Result};
+use crate::load::{load_safetensors_in, read_hf_folder, HfFolder};
+use crate::Result;
 
 /// A Depth Anything folder's configs and weights.
 pub struct DepthFiles {
@@ -29,16 +29,11 @@ pub struct DepthFiles {
 /// 518-pixel defaults) and `model.safetensors` (or shards) of a folder or
 /// Hugging Face cache entry.
 pub fn load_depth_dir(dir: &Path) -> Result<DepthFiles> {
-    let dir = resolve_model_dir(dir)?;
-    let read =
-        |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::Io { path: p.to_path_buf(), reason: e.to_string() });
-    let cfg_path = dir.join("config.json");
-    let config = DepthAnythingConfig::from_hf_json(&read(&cfg_path)?, &cfg_path.display().to_string())?;
-    let pre_path = dir.join("preprocessor_config.json");
-    let preprocess = if pre_path.exists() {
-        DepthPreprocessConfig::from_hf_json(&read(&pre_path)?, &pre_path.display().to_string())?
-    } else {
-        DepthPreprocessConfig::depth_anything()
+    let HfFolder { dir, config, preprocessor } = read_hf_folder(dir)?;
+    let config = DepthAnythingConfig::from_hf_json(&config.text, &config.name)?;
+    let preprocess = match preprocessor {
+        Some(p) => DepthPreprocessConfig::from_hf_json(&p.text, &p.name)?,
+        None => DepthPreprocessConfig::depth_anything(),
     };
     let weights = load_safetensors_in(&dir, "model")?;
     Ok(DepthFiles { dir, config, preprocess, weights })

@@ -66,6 +66,31 @@ pub fn resolve_model_dir(dir: &Path) -> Result<PathBuf> {
     ))
 }
 
+/// A JSON file's text and its path for messages.
+pub struct JsonFile {
+    pub text: String,
+    pub name: String,
+}
+
+/// A Hugging Face model folder (or cache entry) resolved, with its
+/// `config.json` and, when there is one, its `preprocessor_config.json`.
+pub struct HfFolder {
+    pub dir: PathBuf,
+    pub config: JsonFile,
+    pub preprocessor: Option<JsonFile>,
+}
+
+/// Reads a model folder's configs (not its weights: [`load_safetensors_in`]).
+pub fn read_hf_folder(dir: &Path) -> Result<HfFolder> {
+    let dir = resolve_model_dir(dir)?;
+    let read =
+        |p: PathBuf| -> Result<JsonFile> { Ok(JsonFile { text: read_text(&p)?, name: p.display().to_string() }) };
+    let config = read(dir.join("config.json"))?;
+    let pre = dir.join("preprocessor_config.json");
+    let preprocessor = if pre.exists() { Some(read(pre)?) } else { None };
+    Ok(HfFolder { dir, config, preprocessor })
+}
+
 /// A SigLIP folder's configs and weights (single `model.safetensors` or sharded with an index).
 pub struct SiglipFiles {
     pub dir: PathBuf,
@@ -75,14 +100,11 @@ pub struct SiglipFiles {
 }
 
 pub fn load_siglip_dir(dir: &Path) -> Result<SiglipFiles> {
-    let dir = resolve_model_dir(dir)?;
-    let cfg_path = dir.join("config.json");
-    let config = SiglipVisionConfig::from_hf_json(&read_text(&cfg_path)?, &cfg_path.display().to_string())?;
-    let pre_path = dir.join("preprocessor_config.json");
-    let preprocess = if pre_path.exists() {
-        PreprocessConfig::from_hf_json(&read_text(&pre_path)?, &pre_path.display().to_string())?
-    } else {
-        PreprocessConfig::siglip(config.image_size)
+    let HfFolder { dir, config, preprocessor } = read_hf_folder(dir)?;
+    let config = SiglipVisionConfig::from_hf_json(&config.text, &config.name)?;
+    let preprocess = match preprocessor {
+        Some(p) => PreprocessConfig::from_hf_json(&p.text, &p.name)?,
+        None => PreprocessConfig::siglip(config.image_size),
     };
     let weights = load_safetensors_in(&dir, "model")?;
     Ok(SiglipFiles { dir, config, preprocess, weights })
