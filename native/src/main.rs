@@ -555,12 +555,8 @@ fn parse_block_weights(s: &str) -> anyhow::Result<Vec<f64>> {
 
 /// The reference options' consistency: each kind has the models it needs, and as many weights as references.
 fn check_reference_args(a: &GenerateArgs) -> anyhow::Result<()> {
+    // (References without --ip-adapter are refused by `generate::generate`'s own check.)
     let n_refs = a.image.len() + a.embeds.len();
-    if n_refs > 0 && a.ip_adapter.is_none() {
-        anyhow::bail!(
-            "--image and --embeds need --ip-adapter (InstantX's ip-adapter.bin or XLabs' ip_adapter.safetensors)"
-        );
-    }
     if a.ip_weight.len() != 1 && a.ip_weight.len() != n_refs {
         anyhow::bail!(
             "{} --ip-weight values for {n_refs} references: give one, or one per reference",
