@@ -825,6 +825,27 @@ mod tests {
         assert_eq!(depth_map_u8(&[4.0, 4.0]), vec![0, 0]);
     }
 
+    /// depth-anything/Depth-Anything-V2-Small-hf's config.json: the backbone
+    /// section names only what differs from DINOv2's defaults.
+    const V2_SMALL: &str = r#"{"architectures":["DepthAnythingForDepthEstimation"],"backbone":null,
+        "backbone_config":{"architectures":["Dinov2Model"],"hidden_size":384,"image_size":518,"model_type":"dinov2",
+        "num_attention_heads":6,"out_features":["stage3","stage6","stage9","stage12"],"out_indices":[3,6,9,12],
+        "reshape_hidden_states":false,"torch_dtype":"float32"},
+        "fusion_hidden_size":64,"head_hidden_size":32,"head_in_index":-1,"initializer_range":0.02,
+        "model_type":"depth_anything","neck_hidden_sizes":[48,96,192,384],"patch_size":14,
+        "reassemble_factors":[4,2,1,0.5],"reassemble_hidden_size":384,"torch_dtype":"float32"}"#;
+
+    #[test]
+    fn the_published_v2_small_config_is_the_preset() {
+        assert_eq!(
+            DepthAnythingConfig::from_hf_json(V2_SMALL, "config.json").unwrap(),
+            DepthAnythingConfig::v2_small()
+        );
+        // Without out_indices, the stage names say the same.
+        let by_names = V2_SMALL.replace(r#""out_indices":[3,6,9,12],"#, "");
+        assert_eq!(DepthAnythingConfig::from_hf_json(&by_names, "c.json").unwrap(), DepthAnythingConfig::v2_small());
+    }
+
     #[test]
     fn config_presets_and_refusals() {
         let cfg = DepthAnythingConfig::v2_small();
