@@ -476,13 +476,9 @@ impl SelfAttention {
         let d = h / self.heads;
         let split =
             |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, l, self.heads, d))?.transpose(1, 2)?.contiguous()?) };
-        let q = split(self.query.forward(x)?)?;
-        let k = split(self.key.forward(x)?)?;
-        let v = split(self.value.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
-        Ok(self.dense.forward(&ctx)?)
+        let (q, k, v) = (split(self.query.forward(x)?)?, split(self.key.forward(x)?)?, split(self.value.forward(x)?)?);
+        // Core's attention: heads in groups whose score matrix stays small.
+        Ok(self.dense.forward(&crate::nn::merge_heads(&crate::nn::sdpa(&q, &k, &v)?)?)?)
     }
 }
 
@@ -569,26 +565,22 @@ impl Backbone {
         let patches = self.projection.forward(pixels)?.flatten_from(2)?.transpose(1, 2)?;
         let cls = self.cls_token.broadcast_as((b, 1, self.cfg.hidden_size))?;
         let mut x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.positions(height / p, width / p)?)?;
-        let mut out = Vec::with_capacity(self.cfg.out_indices.len());
-        let mut keep = |i: usize, x: &Tensor| -> Result<()> {
-            for _ in self.cfg.out_indices.iter().filter(|&&j| j == i) {
-                out.push(self.layernorm.forward(x)?);
-            }
-            Ok(())
-        };
-        keep(0, &x)?;
+        // The hidden states asked for (0: the embeddings, i: layer i's output), then each normed.
+        let wanted = |i: usize| self.cfg.out_indices.contains(&i);
+        let mut states: Vec<Option<Tensor>> = vec![None; self.layers.len() + 1];
+        states[0] = wanted(0).then(|| x.clone());
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x)?;
-            keep(i + 1, &x)?;
+            states[i + 1] = wanted(i + 1).then(|| x.clone());
         }
-        // Back in the order the config lists them.
-        let mut order: Vec<usize> = (0..self.cfg.out_indices.len()).collect();
-        order.sort_by_key(|&k| self.cfg.out_indices[k]);
-        let mut sorted: Vec<Option<Tensor>> = vec![None; out.len()];
-        for (t, &k) in out.into_iter().zip(&order) {
-            sorted[k] = Some(t);
-        }
-        sorted.into_iter().map(|t| t.ok_or_else(|| Error::Shape("a backbone feature was not kept".into()))).collect()
+        self.cfg
+            .out_indices
+            .iter()
+            .map(|&i| match states.get(i).and_then(Option::as_ref) {
+                Some(state) => Ok(self.layernorm.forward(state)?),
+                None => Err(Error::Shape(format!("backbone feature {i} past its {} layers", self.layers.len()))),
+            })
+            .collect()
     }
 }
 
@@ -717,10 +709,6 @@ impl DepthAnything {
             ],
             cfg: cfg.clone(),
         })
-    }
-
-    pub fn config(&self) -> &DepthAnythingConfig {
-        &self.cfg
     }
 
     /// Pixel values `[B, 3, H, W]` (sides multiples of the patch size) →

@@ -253,7 +253,7 @@ impl std::fmt::Debug for Control {
 }
 
 /// A gray map (one byte a pixel) as an RGB image, each value in all three channels.
-fn gray_rgb(width: usize, height: usize, gray: &[u8]) -> ipaflux_core::preprocess::RgbImage {
+pub fn gray_rgb(width: usize, height: usize, gray: &[u8]) -> ipaflux_core::preprocess::RgbImage {
     ipaflux_core::preprocess::RgbImage { width, height, data: gray.iter().flat_map(|&v| [v; 3]).collect() }
 }
 
@@ -1299,16 +1299,13 @@ fn ip_sources(
         let f: LoadFn<TensorStore> = Box::new(move || load::load_ip_adapter(&ip));
         (f, bytes)
     });
-    let clip = match (clip_vision, clip_files) {
-        (Some(dir), Some(files)) => {
-            let bytes = clip_vision_bytes(&files.config, dtype);
-            let device = device.clone();
-            let f: LoadFn<ClipImageEncoder> =
-                Box::new(move || ClipImageEncoder::new(&load_clip_vision_dir(&dir)?, dtype, &device));
-            Some((f, bytes))
-        }
-        _ => None,
-    };
+    // The folder read here (configs, mapped weights) is what the stage loads from.
+    let clip = clip_files.map(|files| {
+        let bytes = clip_vision_bytes(&files.config, dtype);
+        let device = device.clone();
+        let f: LoadFn<ClipImageEncoder> = Box::new(move || ClipImageEncoder::new(&files, dtype, &device));
+        (f, bytes)
+    });
     Ok((ip_adapter, xlabs, clip))
 }
 
@@ -1381,14 +1378,14 @@ impl ModelPaths {
         let depth = match self.depth.as_deref().map(load::resolve_arg).transpose()? {
             Some(path) => {
                 // Its tensors checked from the headers now: a wrong folder fails before any model runs.
+                // The folder read here (configs, mapped weights) is what the stage loads from.
                 let files = crate::depth::load_depth_dir(&path)?;
                 crate::depth::check_tensors(&files)?;
                 let dtype = self.encoder_dtype.dtype();
                 let bytes = crate::depth::loaded_bytes(&files, dtype);
                 let device = device.clone();
-                let f: LoadFn<crate::depth::DepthEstimator> = Box::new(move || {
-                    crate::depth::DepthEstimator::new(&crate::depth::load_depth_dir(&path)?, dtype, &device)
-                });
+                let f: LoadFn<crate::depth::DepthEstimator> =
+                    Box::new(move || crate::depth::DepthEstimator::new(&files, dtype, &device));
                 Some((f, bytes))
             }
             None => None,

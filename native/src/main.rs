@@ -417,9 +417,8 @@ fn parse_canny(s: &str) -> Result<(f64, f64), String> {
 /// An image's Canny edge map (OpenCV's) as a gray PNG, named for messages.
 fn canny_png(image: &generate::ImageFile, (low, high): (f64, f64)) -> anyhow::Result<generate::ImageFile> {
     let rgb = ipaflux_core::preprocess::decode_rgb(&image.bytes, &image.name)?;
-    let edges = ipaflux_core::canny::canny(&rgb, low, high)?;
-    let gray: Vec<u8> = edges.iter().flat_map(|&v| [v; 3]).collect();
-    let bytes = png_out::encode_png(rgb.width, rgb.height, &gray, &[])?;
+    let edges = generate::gray_rgb(rgb.width, rgb.height, &ipaflux_core::canny::canny(&rgb, low, high)?);
+    let bytes = png_out::encode_png(edges.width, edges.height, &edges.data, &[])?;
     Ok(generate::ImageFile { bytes, name: format!("{} (Canny {low},{high})", image.name) })
 }
 
@@ -434,8 +433,7 @@ fn depth_png(
     let files = ipaflux::depth::load_depth_dir(&load::resolve_arg(model)?)?;
     let estimator = ipaflux::depth::DepthEstimator::new(&files, dtype.dtype(), device)?;
     let (map, w, h) = estimator.depth_map(&image.bytes, &image.name)?;
-    let gray: Vec<u8> = map.iter().flat_map(|&v| [v; 3]).collect();
-    let bytes = png_out::encode_png(w, h, &gray, &[])?;
+    let bytes = png_out::encode_png(w, h, &generate::gray_rgb(w, h, &map).data, &[])?;
     tracing::info!(model = %files.dir.display(), seconds = t.elapsed().as_secs_f64(), "depth map made");
     Ok(generate::ImageFile { bytes, name: format!("{} (depth: {})", image.name, model.display()) })
 }
