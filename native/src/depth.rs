@@ -50,11 +50,10 @@ pub fn check_tensors(files: &DepthFiles) -> Result<()> {
     Ok(files.weights.validate(&expected)?)
 }
 
-/// The model's bytes loaded in `dtype`.
-pub fn loaded_bytes(files: &DepthFiles, dtype: DType) -> u64 {
-    let elements: usize =
-        files.weights.names().filter_map(|n| files.weights.shape(n)).map(|s| s.iter().product::<usize>()).sum();
-    (elements * dtype.size_in_bytes()) as u64
+/// The bytes the model takes built by [`DepthEstimator::new`] with `dtype`
+/// on `device` (f32 for bf16 on the CPU), its registry figure.
+pub fn loaded_bytes(files: &DepthFiles, dtype: DType, device: &Device) -> u64 {
+    ipaflux_core::weights::loaded_bytes(&files.config.expected_tensors(), crate::model_dtype(dtype, device))
 }
 
 /// A depth model ready to read images.

@@ -51,6 +51,12 @@ impl ImageEncoder {
     }
 }
 
+/// The bytes SigLIP's vision tower takes built by [`ImageEncoder::new`] in
+/// `dtype` (a whole SigLIP's text tower, which it does not load, not counted).
+pub fn siglip_bytes(cfg: &SiglipVisionConfig, dtype: DType) -> u64 {
+    ipaflux_core::weights::loaded_bytes(&ipaflux_core::siglip::expected_tensors(cfg), dtype)
+}
+
 /// SigLIP + IP-Adapter, ready to encode images.
 pub struct Encoder {
     pub image: ImageEncoder,

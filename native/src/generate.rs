@@ -43,13 +43,17 @@ use crate::Result;
 pub type LoadFn<T> = Box<dyn Fn() -> Result<T>>;
 
 /// A text encoder's config, weights and tokenizer.
+#[derive(Clone)]
 pub struct TextFiles {
     pub config: String,
     pub weights: TensorStore,
     pub tokenizer: Vec<u8>,
 }
 
-/// Where every model comes from, with its size (bytes as stored) for the registry.
+/// Where every model comes from, with its size for the registry: the bytes it
+/// takes loaded in the dtype and on the device it loads to (not its file's
+/// size: an f32 SigLIP checkpoint with its text tower is four times what
+/// SigLIP's vision tower takes in bf16).
 pub struct Sources {
     pub flux: (LoadFn<FluxFiles>, u64),
     pub t5: (LoadFn<TextFiles>, u64),
@@ -1278,30 +1282,30 @@ fn ip_sources(
     use crate::load;
     let clip_files = clip_vision.as_deref().map(load_clip_vision_dir).transpose()?;
     let mut xlabs = false;
-    // XLabs ships safetensors: InstantX's pickle (ip-adapter.bin) is not parsed here, only when its stage loads it.
-    let pickled = match &ip {
-        Some(path) if path.is_file() => load::is_torch_zip(&load::map_file(path)?),
-        _ => false,
-    };
-    if let Some(path) = ip.as_ref().filter(|_| !pickled) {
+    // Either kind's tensors (headers only; InstantX's pickle is its small
+    // `data.pkl`) give its dimensions and loaded size now; the stage loads
+    // from the file mapped here.
+    let mut ip_adapter = None;
+    if let Some(path) = &ip {
         let store = load::load_ip_adapter(path)?;
-        if ipaflux_core::flux::xlabs::is_xlabs(&store) {
+        let expected = if ipaflux_core::flux::xlabs::is_xlabs(&store) {
             let dims = XlabsDims::infer(&store)?;
             dims.check_compatible(flux_cfg)?;
             if let Some(c) = &clip_files {
                 check_xlabs_fits(&dims, &store.source_name, &c.config)?;
             }
             xlabs = true;
-        }
+            dims.expected_tensors()
+        } else {
+            IpAdapterDims::infer(&store)?.expected_tensors()
+        };
+        let bytes = ipaflux_core::weights::loaded_bytes(&expected, dtype);
+        let f: LoadFn<TensorStore> = Box::new(move || Ok(store.clone()));
+        ip_adapter = Some((f, bytes));
     }
-    let ip_adapter = ip.map(|ip| {
-        let bytes = load::weight_bytes(&ip);
-        let f: LoadFn<TensorStore> = Box::new(move || load::load_ip_adapter(&ip));
-        (f, bytes)
-    });
     // The folder read here (configs, mapped weights) is what the stage loads from.
     let clip = clip_files.map(|files| {
-        let bytes = clip_vision_bytes(&files.config, dtype);
+        let bytes = clip_vision_bytes(&files.config, crate::model_dtype(dtype, device));
         let device = device.clone();
         let f: LoadFn<ClipImageEncoder> = Box::new(move || ClipImageEncoder::new(&files, dtype, &device));
         (f, bytes)
@@ -1337,29 +1341,39 @@ impl ModelPaths {
         };
         // A FLUX.1 Canny/Depth LoRA widens FLUX.1-dev's input to the Control model's.
         let flux_in_channels = ipaflux_core::flux::lora::input_channels(&loras, flux_cfg.in_channels);
-        let (t5_tok, clip_tok) = (self.t5_tokenizer, self.clip_tokenizer);
+        let dtype = self.encoder_dtype.dtype();
         let flux_bytes = load::weight_bytes(&if flux.is_file() { flux.clone() } else { load::flux_dir(&flux)? });
-        let t5_bytes =
-            load::loaded_bytes(&load::text_encoder_dir(&t5, "text_encoder_2"), t5_dtype(self.encoder_dtype.dtype()))?;
-        let clip_bytes = load::weight_bytes(&load::text_encoder_dir(&clip, "text_encoder"));
-        let vae_bytes = |half| load::vae_half_bytes(&vae, half, self.encoder_dtype.dtype());
+        // The text encoders' files (configs, tokenizers, mapped weights) are
+        // read now, so a missing one fails before any model runs; their
+        // stages load from them.
+        let t5_files = load::load_text_encoder(&t5, "text_encoder_2", self.t5_tokenizer.as_deref())?;
+        let clip_files = load::load_text_encoder(&clip, "text_encoder", self.clip_tokenizer.as_deref())?;
+        let t5_bytes = load::text_encoder_bytes(&t5_files, t5_dtype(dtype));
+        let clip_bytes = load::text_encoder_bytes(&clip_files, dtype);
+        let vae_bytes = |half| load::vae_half_bytes(&vae, half, crate::model_dtype(dtype, &device));
         let (vae_decoder_bytes, vae_encoder_bytes) =
             (vae_bytes(load::VaeHalf::Decoder)?, vae_bytes(load::VaeHalf::Encoder)?);
-        let image_encoder: Option<(LoadFn<ImageEncoder>, u64)> = siglip.map(|dir| {
-            let bytes = load::weight_bytes(&load::resolve_model_dir(&dir).unwrap_or_else(|_| dir.clone()));
-            let (dtype, device) = (self.encoder_dtype, device.clone());
-            let f: LoadFn<ImageEncoder> = Box::new(move || {
+        let image_encoder = match siglip {
+            Some(dir) => {
+                // The folder read here (configs, mapped weights) is what the stage loads from.
                 let files = load::load_siglip_dir(&dir)?;
-                ImageEncoder::new(&files.config, files.preprocess, files.weights, dtype, device.clone())
-            });
-            (f, bytes)
-        });
-        let (ip_adapter, ip_is_xlabs, clip_vision) =
-            ip_sources(ip, clip_vision, &flux_cfg, self.encoder_dtype.dtype(), &device)?;
+                let bytes = crate::encode::siglip_bytes(&files.config, dtype);
+                let (precision, device) = (self.encoder_dtype, device.clone());
+                let f: LoadFn<ImageEncoder> = Box::new(move || {
+                    let (config, preprocess, weights) =
+                        (&files.config, files.preprocess.clone(), files.weights.clone());
+                    ImageEncoder::new(config, preprocess, weights, precision, device.clone())
+                });
+                Some((f, bytes))
+            }
+            None => None,
+        };
+        let (ip_adapter, ip_is_xlabs, clip_vision) = ip_sources(ip, clip_vision, &flux_cfg, dtype, &device)?;
         let redux = match redux {
             Some(path) => {
                 // Checked from its header now: a wrong file fails before any model runs.
-                let dims = ReduxDims::infer(&load::load_store(&path)?)?;
+                let store = load::load_store(&path)?;
+                let dims = ReduxDims::infer(&store)?;
                 let context = flux_cfg.context_in_dim;
                 if dims.context_dim != context {
                     return Err(ipaflux_core::Error::Shape(format!(
@@ -1369,8 +1383,8 @@ impl ModelPaths {
                     ))
                     .into());
                 }
-                let bytes = load::loaded_bytes(&path, self.encoder_dtype.dtype())?;
-                let f: LoadFn<TensorStore> = Box::new(move || load::load_store(&path));
+                let bytes = ipaflux_core::weights::loaded_bytes(&dims.expected_tensors(), dtype);
+                let f: LoadFn<TensorStore> = Box::new(move || Ok(store.clone()));
                 Some((f, bytes))
             }
             None => None,
@@ -1381,8 +1395,7 @@ impl ModelPaths {
                 // The folder read here (configs, mapped weights) is what the stage loads from.
                 let files = crate::depth::load_depth_dir(&path)?;
                 crate::depth::check_tensors(&files)?;
-                let dtype = self.encoder_dtype.dtype();
-                let bytes = crate::depth::loaded_bytes(&files, dtype);
+                let bytes = crate::depth::loaded_bytes(&files, dtype, &device);
                 let device = device.clone();
                 let f: LoadFn<crate::depth::DepthEstimator> =
                     Box::new(move || crate::depth::DepthEstimator::new(&files, dtype, &device));
@@ -1392,8 +1405,8 @@ impl ModelPaths {
         };
         Ok(Sources {
             flux: (Box::new(move || load::load_flux(&flux)), flux_bytes),
-            t5: (Box::new(move || load::load_text_encoder(&t5, "text_encoder_2", t5_tok.as_deref())), t5_bytes),
-            clip: (Box::new(move || load::load_text_encoder(&clip, "text_encoder", clip_tok.as_deref())), clip_bytes),
+            t5: (Box::new(move || Ok(t5_files.clone())), t5_bytes),
+            clip: (Box::new(move || Ok(clip_files.clone())), clip_bytes),
             vae: (Box::new(move || load::load_vae(&vae)), vae_decoder_bytes),
             vae_encoder_bytes,
             image_encoder,
@@ -1407,5 +1420,106 @@ impl ModelPaths {
             flux_units,
             loras,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::text::{ClipEncoder, T5Encoder};
+    use crate::vae::{VaeDecoder, VaeEncoder};
+    use std::path::PathBuf;
+
+    fn fixture(rel: &str) -> PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
+    }
+
+    /// The tiny pipeline's paths with `ip` as the IP-Adapter and every optional model given.
+    fn paths(ip: &str, precision: ipaflux_core::Precision) -> ModelPaths {
+        ModelPaths {
+            flux: fixture("flux/transformer"),
+            t5: fixture("pipeline/t5"),
+            clip: fixture("pipeline/clip"),
+            vae: fixture("img2img/ae.safetensors"),
+            ip_adapter: Some(fixture(ip)),
+            siglip: Some(fixture("siglip-vision")),
+            clip_vision: Some(fixture("xlabs/image_encoder")),
+            redux: Some(fixture("redux/flux1-redux-tiny.safetensors")),
+            depth: Some(fixture("depth/model")),
+            t5_tokenizer: None,
+            clip_tokenizer: None,
+            encoder_dtype: precision,
+            loras: Vec::new(),
+        }
+    }
+
+    /// What building a model from `store` fetched from it.
+    fn fetched<T>(store: &TensorStore, build: impl FnOnce() -> Result<T>) -> u64 {
+        let before = store.fetched_bytes();
+        build().unwrap();
+        store.fetched_bytes() - before
+    }
+
+    /// Each registry entry holds the bytes its model takes once built, in
+    /// every dtype (f32 fixtures loaded in bf16 and f16 included; the models
+    /// with convolutions build in f32 for bf16 on the CPU): counted by the
+    /// store as each stage's constructor fetches the weights.
+    #[test]
+    fn every_entry_holds_the_bytes_its_model_fetches() {
+        use ipaflux_core::Precision;
+        let cpu = Device::Cpu;
+        let mut off = Vec::new();
+        let check = |off: &mut Vec<String>, registered: u64, built: u64, what: String| {
+            if registered != built {
+                off.push(format!("{what}: registered {registered} bytes, built {built}"));
+            }
+        };
+        for precision in [Precision::F32, Precision::Bf16, Precision::F16] {
+            let dtype = precision.dtype();
+            for ip in ["ip-adapter.bin", "xlabs/ip_adapter.safetensors"] {
+                let at = format!("{precision:?}, {ip}");
+                let src = paths(ip, precision).into_sources(cpu.clone()).unwrap();
+                let t5 = (src.t5.0)().unwrap();
+                let n = fetched(&t5.weights, || {
+                    T5Encoder::new(&t5.config, &t5.weights, &t5.tokenizer, 16, t5_dtype(dtype), &cpu)
+                });
+                check(&mut off, src.t5.1, n, format!("T5, {at}"));
+                let clip = (src.clip.0)().unwrap();
+                let n = fetched(&clip.weights, || {
+                    ClipEncoder::new(&clip.config, &clip.weights, &clip.tokenizer, dtype, &cpu)
+                });
+                check(&mut off, src.clip.1, n, format!("CLIP, {at}"));
+                let vae = (src.vae.0)().unwrap();
+                let n = fetched(&vae, || VaeDecoder::new(&vae, dtype, &cpu));
+                check(&mut off, src.vae.1, n, format!("VAE decoder, {at}"));
+                let n = fetched(&vae, || VaeEncoder::new(&vae, dtype, &cpu));
+                check(&mut off, src.vae_encoder_bytes, n, format!("VAE encoder, {at}"));
+                let store = (src.ip_adapter.as_ref().unwrap().0)().unwrap();
+                let n = if src.ip_is_xlabs {
+                    fetched(&store, || Ok(XlabsIpAdapter::from_store(&store, dtype, &cpu)?))
+                } else {
+                    fetched(&store, || Ok(IpAdapter::from_store(&store, dtype, &cpu)?))
+                };
+                check(&mut off, src.ip_adapter.as_ref().unwrap().1, n, format!("IP-Adapter, {at}"));
+                let store = (src.redux.as_ref().unwrap().0)().unwrap();
+                let n = fetched(&store, || Ok(ReduxImageEncoder::from_store(&store, dtype, &cpu)?));
+                check(&mut off, src.redux.as_ref().unwrap().1, n, format!("Redux, {at}"));
+                // These stages build their models inside the load function: the
+                // same constructor on the same folder, metered here.
+                let files = crate::load::load_siglip_dir(&fixture("siglip-vision")).unwrap();
+                let weights = files.weights.clone();
+                let n = fetched(&weights, || {
+                    ImageEncoder::new(&files.config, files.preprocess.clone(), files.weights, precision, cpu.clone())
+                });
+                check(&mut off, src.image_encoder.as_ref().unwrap().1, n, format!("SigLIP, {at}"));
+                let files = crate::clip_vision::load_clip_vision_dir(&fixture("xlabs/image_encoder")).unwrap();
+                let n = fetched(&files.weights, || ClipImageEncoder::new(&files, dtype, &cpu));
+                check(&mut off, src.clip_vision.as_ref().unwrap().1, n, format!("CLIP vision, {at}"));
+                let files = crate::depth::load_depth_dir(&fixture("depth/model")).unwrap();
+                let n = fetched(&files.weights, || crate::depth::DepthEstimator::new(&files, dtype, &cpu));
+                check(&mut off, src.depth.as_ref().unwrap().1, n, format!("Depth Anything, {at}"));
+            }
+        }
+        assert!(off.is_empty(), "registry figures off:\n{}", off.join("\n"));
     }
 }

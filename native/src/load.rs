@@ -284,26 +284,22 @@ pub fn weight_bytes(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// [`weight_bytes`], except that a GGUF file's quantized tensors count as
-/// `dtype`, the type they are dequantized to when they load (a Q8_0 T5 takes
-/// twice its file's size in bf16).
-pub fn loaded_bytes(path: &Path, dtype: ipaflux_core::candle_core::DType) -> Result<u64> {
-    if path.is_file() {
-        let map = map_file(path)?;
-        if gguf::is_gguf(&map) {
-            let file = gguf::parse(&map).map_err(|e| io_err(path, e))?;
-            let bytes = file.tensors.iter().map(|t| {
-                let n = t.shape.iter().product::<usize>();
-                if t.ty.is_quantized() {
-                    n * dtype.size_in_bytes()
-                } else {
-                    t.range.len()
-                }
-            });
-            return Ok(bytes.sum::<usize>() as u64);
-        }
-    }
-    Ok(weight_bytes(path))
+/// Bytes a text encoder's weights take loaded in `dtype`, the figure its
+/// registry entry holds: every weight converted to `dtype` as it loads (a
+/// Q8_0 T5 takes twice its file's size in bf16, an f32 CLIP half its size
+/// in bf16). What the encoder does not load does not count: integer buffers
+/// (CLIP's `position_ids`), a whole CLIP's vision tower and projections, a
+/// whole T5's decoder, and T5's `encoder.embed_tokens` beside the
+/// `shared.weight` it is tied to.
+pub fn text_encoder_bytes(files: &crate::generate::TextFiles, dtype: ipaflux_core::candle_core::DType) -> u64 {
+    let w = &files.weights;
+    let tied = w.contains("shared.weight");
+    w.bytes_as(dtype, |n| {
+        let other_tower = n.starts_with("vision_model.") || n.starts_with("decoder.");
+        let head =
+            matches!(n, "visual_projection.weight" | "text_projection.weight" | "logit_scale" | "lm_head.weight");
+        !(other_tower || head || (tied && n == "encoder.embed_tokens.weight"))
+    })
 }
 
 /// Flux's head size from a safetensors or GGUF header (no tensor data read): the QK-norm scale's length.
@@ -450,16 +446,6 @@ pub fn t5_hf_name(name: &str) -> String {
         }),
     };
     hf.map_or_else(|| name.to_string(), |hf| format!("{hf}.weight"))
-}
-
-/// The folder a text encoder's weights are in (for its size).
-pub fn text_encoder_dir(path: &Path, sub: &str) -> PathBuf {
-    let dir = resolve_model_dir(path).unwrap_or_else(|_| path.to_path_buf());
-    if dir.join(sub).is_dir() {
-        dir.join(sub)
-    } else {
-        dir
-    }
 }
 
 /// The VAE's weights file: BFL's `ae.safetensors` (given, or in a repo
@@ -879,14 +865,17 @@ mod tests {
     #[test]
     fn a_gguf_text_encoder_counts_at_the_size_it_loads_to() {
         let path = fixture("pipeline/t5-encoder.gguf");
-        let store = load_store(&path).unwrap();
-        let elements = |n: &str| store.shape(n).unwrap().iter().product::<usize>();
-        // Q8_0 matrices at 2 bytes an element (bf16), the F32 vectors as stored.
-        let want: usize = store.names().map(|n| elements(n) * if store.ggml_type(n).is_some() { 2 } else { 4 }).sum();
-        assert_eq!(loaded_bytes(&path, DType::BF16).unwrap(), want as u64);
+        let tok = fixture("pipeline/t5/tokenizer.json");
+        let files = load_text_encoder(&path, "text_encoder_2", Some(&tok)).unwrap();
+        let w = &files.weights;
+        // Q8_0 matrices and the F32 vectors alike at 2 bytes an element (bf16).
+        let want: usize = w.names().map(|n| w.shape(n).unwrap().iter().product::<usize>() * 2).sum();
+        assert_eq!(text_encoder_bytes(&files, DType::BF16), want as u64);
         assert!(want as u64 > weight_bytes(&path), "more than the file's quantized blocks");
-        let st = fixture("pipeline/t5/model.safetensors");
-        assert_eq!(loaded_bytes(&st, DType::BF16).unwrap(), weight_bytes(&st));
+        // What T5 fetches as it builds (the preset's config: a single file has none).
+        let config = std::fs::read_to_string(fixture("pipeline/t5/config.json")).unwrap();
+        let _ = crate::text::T5Encoder::new(&config, w, &files.tokenizer, 16, DType::BF16, &Device::Cpu).unwrap();
+        assert_eq!(w.fetched_bytes(), want as u64);
     }
 
     #[test]

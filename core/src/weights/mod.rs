@@ -14,6 +14,11 @@
 //! [`TensorStore::get`] keeps what it read in the store;
 //! [`TensorStore::shape`] reads nothing.
 //!
+//! The bytes a model takes once loaded are known before it loads
+//! ([`loaded_bytes`]: elements × the dtype it loads in, from the names and
+//! shapes it fetches); [`TensorStore::fetched_bytes`] counts what its var
+//! builders actually handed out, so tests can hold the two equal.
+//!
 //! GGUF's quantized tensors ([`ggml`]) read as f32: each is dequantized when
 //! it is read. [`TensorStore::take_quantized`] hands one over as its GGML
 //! blocks instead, for a layer that keeps them quantized.
@@ -24,6 +29,7 @@ mod pickle;
 mod zip;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::QTensor;
@@ -43,6 +49,15 @@ pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
 pub struct TensorStore {
     pub source_name: String,
     tensors: BTreeMap<String, Entry>,
+    /// Bytes handed out by this store's var builders (shared by its clones).
+    fetched: Arc<AtomicU64>,
+}
+
+/// Bytes `expected` (names and shapes a model fetches) take loaded in `dtype`:
+/// the figure a memory registry should hold for the loaded model.
+pub fn loaded_bytes(expected: &[(String, Vec<usize>)], dtype: DType) -> u64 {
+    let elements: usize = expected.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    (elements * dtype.size_in_bytes()) as u64
 }
 
 /// One tensor: read, or where to read it from.
@@ -127,13 +142,13 @@ impl Entry {
 
 impl TensorStore {
     pub fn new(source_name: impl Into<String>) -> Self {
-        Self { source_name: source_name.into(), tensors: BTreeMap::new() }
+        Self { source_name: source_name.into(), tensors: BTreeMap::new(), fetched: Arc::default() }
     }
 
     /// A store of tensors made in memory (names unique by construction).
     pub fn from_tensors(source_name: impl Into<String>, tensors: BTreeMap<String, Tensor>) -> Self {
         let tensors = tensors.into_iter().map(|(name, t)| (name, Entry::of(t))).collect();
-        Self { source_name: source_name.into(), tensors }
+        Self { source_name: source_name.into(), tensors, fetched: Arc::default() }
     }
 
     /// Parses one safetensors file (or one shard of a sharded checkpoint).
@@ -370,10 +385,27 @@ impl TensorStore {
         self.tensors.values().map(Entry::nbytes).sum()
     }
 
+    /// Bytes of the floating-point tensors `keep` accepts once read in
+    /// `dtype` (a GGML-quantized one counts as dequantized): what a model
+    /// that fetches each of them in `dtype` takes. Integer buffers (position
+    /// ids some checkpoints carry) are not weights and do not count.
+    pub fn bytes_as(&self, dtype: DType, keep: impl Fn(&str) -> bool) -> u64 {
+        let counted = self.tensors.iter().filter(|(n, e)| keep(n) && e.dtype.is_float());
+        let elements: usize = counted.map(|(_, e)| e.elements()).sum();
+        (elements * dtype.size_in_bytes()) as u64
+    }
+
+    /// Bytes the var builders made from this store (and its clones) have
+    /// handed out so far, in the dtype each asked for: what the models built
+    /// from it hold.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+
     /// Keeps only tensors for which `rename` returns a new name, renamed.
     pub fn filter_rename(self, rename: impl Fn(&str) -> Option<String>) -> Self {
         let tensors = self.tensors.into_iter().filter_map(|(k, v)| rename(&k).map(|k| (k, v))).collect();
-        Self { source_name: self.source_name, tensors }
+        Self { source_name: self.source_name, tensors, fetched: self.fetched }
     }
 
     /// Compares the stored tensors with what a model expects and reports every
@@ -449,7 +481,7 @@ impl TensorStore {
     /// dequantized as they are fetched, one at a time; their packed tensors
     /// stay reachable by name (`get_unchecked`) for backends that use them as stored.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> candle_nn::VarBuilder<'static> {
-        let backend = StoreBackend { tensors: self.tensors.clone() };
+        let backend = StoreBackend { tensors: self.tensors.clone(), fetched: self.fetched.clone() };
         candle_nn::VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
     }
 }
@@ -458,11 +490,18 @@ impl TensorStore {
 /// read when fetched and not kept here), packed weights dequantized on demand.
 struct StoreBackend {
     tensors: BTreeMap<String, Entry>,
+    fetched: Arc<AtomicU64>,
 }
 
 impl StoreBackend {
     fn lookup(&self, name: &str) -> candle_core::Result<Option<Tensor>> {
         self.tensors.get(name).map(Entry::tensor).transpose()
+    }
+
+    /// `t` as handed out, counted.
+    fn hand_out(&self, t: Tensor) -> Tensor {
+        self.fetched.fetch_add((t.elem_count() * t.dtype().size_in_bytes()) as u64, Ordering::Relaxed);
+        t
     }
 }
 
@@ -491,12 +530,12 @@ impl candle_nn::var_builder::SimpleBackend for StoreBackend {
                 got: t.shape().clone(),
             });
         }
-        t.to_device(dev)?.to_dtype(dtype)
+        Ok(self.hand_out(t.to_device(dev)?.to_dtype(dtype)?))
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let t = self.lookup(name)?.ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
-        t.to_device(dev)?.to_dtype(dtype)
+        Ok(self.hand_out(t.to_device(dev)?.to_dtype(dtype)?))
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -670,6 +709,25 @@ fn tensor_from_storage(storage: &[u8], t: &TensorRef) -> Result<Tensor, String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loaded_sizes_count_weights_in_the_dtype_they_load_in_and_fetches_are_metered() {
+        let mut store = TensorStore::new("t");
+        store.insert("w", Tensor::zeros((3, 4), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        store.insert("ids", Tensor::zeros(5, DType::I64, &Device::Cpu).unwrap()).unwrap();
+        // 12 f32 elements at 2 bytes; the integer buffer does not count.
+        assert_eq!(store.bytes_as(DType::BF16, |_| true), 24);
+        assert_eq!(store.bytes_as(DType::BF16, |n| n != "w"), 0);
+        assert_eq!(loaded_bytes(&[("w".into(), vec![3, 4])], DType::F16), 24);
+        let clone = store.clone();
+        let vb = store.var_builder(DType::BF16, &Device::Cpu);
+        vb.get((3, 4), "w").unwrap();
+        assert_eq!(store.fetched_bytes(), 24);
+        // A clone shares the meter; a failed fetch hands nothing out.
+        assert!(clone.var_builder(DType::F32, &Device::Cpu).get((4, 3), "w").is_err());
+        clone.var_builder(DType::F32, &Device::Cpu).get((3, 4), "w").unwrap();
+        assert_eq!(store.fetched_bytes(), 24 + 48);
+    }
 
     #[test]
     fn index_json_lists_shards_once() {
