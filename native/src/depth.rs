@@ -1,7 +1,9 @@
 //! Depth maps for FLUX.1 Depth: a Depth Anything folder (transformers'
 //! layout: depth-anything/Depth-Anything-V2-Small-hf, LiheYoung/depth-anything-large-hf)
-//! read from disk and run by [`ipaflux_core::depth_anything`]. `ipaflux depth`
-//! and `generate --control-depth` use it.
+//! or an original V2 checkpoint file (`depth_anything_v2_vitl.pth`, as
+//! ComfyUI's preprocessor loads it, or a safetensors conversion) read from
+//! disk and run by [`ipaflux_core::depth_anything`], each with its own
+//! pipeline. `ipaflux depth` and `generate --control-depth` use it.
 //!
 //! In `generate` the depth model is a registry entry of its own ("depth"),
 //! loaded in a stage of its own before the VAE encodes the map, and released
@@ -10,19 +12,45 @@
 use std::path::{Path, PathBuf};
 
 use ipaflux_core::candle_core::{DType, Device};
-use ipaflux_core::depth_anything::{depth_map_u8, DepthAnything, DepthAnythingConfig, DepthPreprocessConfig};
+use ipaflux_core::depth_anything::{depth_map_u8, original, DepthAnything, DepthAnythingConfig, DepthPreprocessConfig};
 use ipaflux_core::preprocess::{decode_rgb, RgbImage};
 use ipaflux_core::TensorStore;
 
-use crate::load::{load_safetensors_in, read_hf_folder, HfFolder};
+use crate::load::{io_err, load_safetensors_in, load_store, read_hf_folder, HfFolder};
 use crate::Result;
 
-/// A Depth Anything folder's configs and weights.
+/// A Depth Anything model's configs and weights (in transformers' names).
 pub struct DepthFiles {
-    pub dir: PathBuf,
+    /// The folder or checkpoint file.
+    pub path: PathBuf,
     pub config: DepthAnythingConfig,
     pub preprocess: DepthPreprocessConfig,
     pub weights: TensorStore,
+}
+
+/// The input size ComfyUI's DepthAnythingV2 preprocessor reads images at.
+pub const ORIGINAL_INPUT_SIZE: usize = 518;
+
+/// A folder (or Hugging Face cache entry) in transformers' layout
+/// ([`load_depth_dir`]), or an original V2 checkpoint file, `.pth` or
+/// safetensors, read with that repository's pipeline at 518 pixels
+/// ([`original::convert`]: the file's name says relative or metric).
+pub fn load_depth(path: &Path) -> Result<DepthFiles> {
+    if !path.is_file() {
+        return load_depth_dir(path);
+    }
+    let store = load_store(path)?;
+    if !original::is_original(&store) {
+        return Err(io_err(
+            path,
+            "not an original Depth Anything V2 checkpoint (no `pretrained.*` and `depth_head.*` tensors); for \
+             transformers' layout give its folder",
+        ));
+    }
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let (config, weights) = original::convert(store, &file_name)?;
+    let preprocess = DepthPreprocessConfig::original(ORIGINAL_INPUT_SIZE);
+    Ok(DepthFiles { path: path.to_path_buf(), config, preprocess, weights })
 }
 
 /// Reads `config.json`, `preprocessor_config.json` (else Depth Anything's
@@ -36,7 +64,7 @@ pub fn load_depth_dir(dir: &Path) -> Result<DepthFiles> {
         None => DepthPreprocessConfig::depth_anything(),
     };
     let weights = load_safetensors_in(&dir, "model")?;
-    Ok(DepthFiles { dir, config, preprocess, weights })
+    Ok(DepthFiles { path: dir, config, preprocess, weights })
 }
 
 /// Every tensor against the config, from the headers (all problems at once;
@@ -103,7 +131,12 @@ impl DepthEstimator {
 
     /// Image bytes → the 8-bit depth map (near is bright), at the image's size.
     pub fn depth_map(&self, bytes: &[u8], name: &str) -> Result<(Vec<u8>, usize, usize)> {
-        let (depth, w, h) = self.depth(bytes, name)?;
-        Ok((depth_map_u8(&depth), w, h))
+        let img = decode_rgb(bytes, name)?;
+        Ok((self.map_of(&img, name)?, img.width, img.height))
+    }
+
+    /// A decoded image → its 8-bit depth map (near is bright; [`depth_map_u8`]).
+    pub fn map_of(&self, img: &RgbImage, name: &str) -> Result<Vec<u8>> {
+        Ok(depth_map_u8(&self.depth_of(img, name)?, self.model.kind()))
     }
 }

@@ -277,7 +277,7 @@ pub fn control_image(src: &Sources, c: &Control) -> Result<ipaflux_core::preproc
                 ))
             })?;
             let estimator = load()?;
-            let map = ipaflux_core::depth_anything::depth_map_u8(&estimator.depth_of(&image, &c.image.name)?);
+            let map = estimator.map_of(&image, &c.image.name)?;
             gray_rgb(image.width, image.height, &map)
         }
     })
@@ -1393,7 +1393,7 @@ impl ModelPaths {
             Some(path) => {
                 // Its tensors checked from the headers now: a wrong folder fails before any model runs.
                 // The folder read here (configs, mapped weights) is what the stage loads from.
-                let files = crate::depth::load_depth_dir(&path)?;
+                let files = crate::depth::load_depth(&path)?;
                 crate::depth::check_tensors(&files)?;
                 let bytes = crate::depth::loaded_bytes(&files, dtype, &device);
                 let device = device.clone();

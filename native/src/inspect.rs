@@ -34,6 +34,8 @@ pub struct Summary {
     pub xlabs: Option<XlabsDims>,
     /// For a Depth Anything model (transformers' names): its DINOv2's width and layers.
     pub depth: Option<(usize, usize)>,
+    /// For an original Depth Anything V2 checkpoint (`pretrained.*`, `depth_head.*`): the same.
+    pub depth_original: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +93,14 @@ pub fn inspect(path: &Path) -> Result<Summary> {
         }
         _ => None,
     };
-    Ok(Summary { format, architecture, tensors: store.len(), by_type, flux, lora, xlabs, depth })
+    let depth_original = match store.shape("pretrained.cls_token") {
+        Some(&[1, 1, width]) if ipaflux_core::depth_anything::original::is_original(&store) => {
+            let block = |n: &str| n.strip_prefix("pretrained.blocks.")?.split('.').next()?.parse::<usize>().ok();
+            Some((width, store.names().filter_map(block).max().map_or(0, |b| b + 1)))
+        }
+        _ => None,
+    };
+    Ok(Summary { format, architecture, tensors: store.len(), by_type, flux, lora, xlabs, depth, depth_original })
 }
 
 impl fmt::Display for Summary {
@@ -160,6 +169,13 @@ impl fmt::Display for Summary {
                  --control-depth or `ipaflux depth --model`"
             )?;
         }
+        if let Some((width, blocks)) = self.depth_original {
+            writeln!(
+                f,
+                "Depth Anything V2, original layout: DINOv2 {width} wide, {blocks} blocks; give this file to \
+                 --control-depth or `ipaflux depth --model` (its name says relative or metric)"
+            )?;
+        }
         Ok(())
     }
 }
@@ -211,6 +227,8 @@ mod tests {
         assert!(xlabs.contains("XLabs IP-Adapter: 4 tokens × 64 from 24-wide CLIP image_embeds, K/V (48 wide) for 2"));
         let depth = flux("depth/model/model.safetensors");
         assert!(depth.contains("Depth Anything: DINOv2 32 wide, 4 layers; give its folder"), "{depth}");
+        let original = flux("depth/original/depth_anything_v2_tiny.pth");
+        assert!(original.contains("Depth Anything V2, original layout: DINOv2 64 wide, 12 blocks"), "{original}");
         let text = inspect(&fixture("control/lora-bfl.safetensors")).unwrap().to_string();
         assert!(text.contains("LoRA: 9 modules, ranks 2–4, 0 with alpha; naming: BFL"), "{text}");
         assert!(text.contains("9 with a bias; 14 QK-norm scales replaced"), "{text}");

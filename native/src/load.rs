@@ -16,7 +16,7 @@ use memmap2::Mmap;
 
 use crate::{Error, Result};
 
-fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
+pub(crate) fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Io { path: path.to_path_buf(), reason: e.to_string() }
 }
 

@@ -62,12 +62,15 @@ enum Cmd {
         out: PathBuf,
     },
     /// The depth map of an image, as ComfyUI's Depth Anything preprocessor makes it for FLUX.1 Depth:
-    /// transformers' Depth Anything (V1 or V2, relative or metric) at the image's size, scaled so
-    /// its range spans 0..255 (near is bright for relative depth); an 8-bit gray PNG.
+    /// Depth Anything (V1 or V2, relative or metric) at the image's size, scaled so its range spans
+    /// 0..255, near bright (a metric model's map is turned over, as ComfyUI does); an 8-bit gray PNG.
     Depth {
         image: PathBuf,
         /// Depth Anything folder in transformers' layout (config.json + model.safetensors), its Hugging
-        /// Face cache entry or repo id, e.g. depth-anything/Depth-Anything-V2-Small-hf.
+        /// Face cache entry or repo id, e.g. depth-anything/Depth-Anything-V2-Small-hf (transformers'
+        /// pipeline); or an original V2 checkpoint file as ComfyUI's preprocessor loads it,
+        /// depth_anything_v2_vitl.pth or a safetensors conversion (the original repository's pipeline
+        /// at 518 pixels; "metric" in the file name for the metric models).
         #[arg(long)]
         model: PathBuf,
         #[arg(long)]
@@ -343,8 +346,8 @@ struct GenerateArgs {
     #[arg(long, value_parser = parse_canny, requires = "control_image")]
     control_canny: Option<(f64, f64)>,
     /// With --control-image: use its depth map, made by this Depth Anything model (a transformers
-    /// folder or repo id, e.g. depth-anything/Depth-Anything-V2-Small-hf; as `ipaflux depth` writes
-    /// it), instead of the image itself: a photo in, FLUX.1 Depth's control out. The depth model is a
+    /// folder or repo id, e.g. depth-anything/Depth-Anything-V2-Small-hf, or an original V2 checkpoint
+    /// file, depth_anything_v2_vitl.pth; as `ipaflux depth` writes it), instead of the image itself: a photo in, FLUX.1 Depth's control out. The depth model is a
     /// registry entry ("depth"), on --device in --dtype, loaded in a stage of its own and released there.
     #[arg(long, requires = "control_image", conflicts_with = "control_canny")]
     control_depth: Option<PathBuf>,
@@ -430,11 +433,11 @@ fn depth_png(
     device: &ipaflux_core::candle_core::Device,
 ) -> anyhow::Result<generate::ImageFile> {
     let t = Instant::now();
-    let files = ipaflux::depth::load_depth_dir(&load::resolve_arg(model)?)?;
+    let files = ipaflux::depth::load_depth(&load::resolve_arg(model)?)?;
     let estimator = ipaflux::depth::DepthEstimator::new(&files, dtype.dtype(), device)?;
     let (map, w, h) = estimator.depth_map(&image.bytes, &image.name)?;
     let bytes = png_out::encode_png(w, h, &generate::gray_rgb(w, h, &map).data, &[])?;
-    tracing::info!(model = %files.dir.display(), seconds = t.elapsed().as_secs_f64(), "depth map made");
+    tracing::info!(model = %files.path.display(), seconds = t.elapsed().as_secs_f64(), "depth map made");
     Ok(generate::ImageFile { bytes, name: format!("{} (depth: {})", image.name, model.display()) })
 }
 

@@ -25,12 +25,13 @@ use ipaflux_core::preprocess::{clip_pixel_values, decode_rgb, to_luma, RgbImage}
 use ipaflux_core::schedule::{flux_schedule, Shift};
 
 use crate::clip_vision::{load_clip_vision_dir, ClipImageEncoder};
-use crate::depth::{load_depth_dir, DepthEstimator};
+use crate::depth::{load_depth, load_depth_dir, DepthEstimator};
 use crate::generate::{control_latents, ImageFile};
 use crate::gpu_check::{rel_max_err, CheckOptions, Report, Section, F32_TOL};
 use crate::load::{flux_config, load_flux, load_lora, load_store};
 use crate::vae::{from_rgb8, VaeEncoder};
 use crate::{Error, Result};
+use ipaflux_core::depth_anything::DepthPreprocessConfig;
 
 /// A golden's tensors on `device`, read by name.
 struct Golden {
@@ -195,6 +196,15 @@ fn depth(fx: &Path, dev: &Device, r: &mut Report) -> Result<()> {
             gold.get(&format!("{model}.photo.depth"))?,
         );
     }
+    // The original V2 checkpoint (the photo read at 140 pixels, as its golden).
+    let gold = Golden::read(fx, "depth/original/golden.safetensors", dev)?;
+    let mut files = load_depth(&fx.join("depth/original/depth_anything_v2_tiny.pth"))?;
+    files.preprocess = DepthPreprocessConfig::original(140);
+    let got = DepthEstimator::new(&files, DType::F32, dev).and_then(|est| {
+        let (depth, w, h) = est.depth(&photo.bytes, "photo.jpg")?;
+        Ok(Tensor::from_vec(depth, (h, w), dev)?)
+    });
+    check_vs(r, dev, "Depth Anything V2 original .pth", "its repository", got, gold.get("model.photo.depth")?);
     Ok(())
 }
 

@@ -589,6 +589,17 @@ fn generate_with_control_depth() {
     assert_ne!(pixels(&a), pixels(&b), "the depth map changed nothing");
     let png = String::from_utf8_lossy(&std::fs::read(&a).unwrap()).into_owned();
     assert!(png.contains("photo.jpg (depth map)"), "the PNG's parameters say the depth map was made");
+    // An original V2 checkpoint file, as ComfyUI's preprocessor loads it: the same equivalence.
+    let pth = f("depth/original/depth_anything_v2_tiny.pth");
+    let o = Command::new(env!("CARGO_BIN_EXE_ipaflux"))
+        .args(["depth", &photo, "--model", &pth, "--out"])
+        .arg(&map)
+        .output();
+    assert!(o.as_ref().unwrap().status.success(), "{}", String::from_utf8_lossy(&o.unwrap().stderr));
+    let depth = ["--control-image", &photo, "--control-depth", &pth];
+    run(&depth, &a);
+    run(&["--control-image", &map.display().to_string()], &b);
+    assert_eq!(pixels(&a), pixels(&b), "--control-depth with a .pth is not its depth map as the control image");
     let both = ["--control-image", &photo, "--control-depth", &f("depth/model"), "--control-canny", "100,200"];
     assert_fails(&generate(&[&control[..], &both[..]].concat(), &a), &["--control-canny"]);
     // A depth folder with a tensor missing is refused before any model runs.

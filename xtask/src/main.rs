@@ -15,7 +15,8 @@
 //!   Then `scripts/kernel-emulation.sh`: our elementwise CUDA kernels run on the
 //!   host (each CUDA thread a std::thread) against references (~10 s).
 //! - `cargo xtask fixtures`: regenerates tests/fixtures with the PyTorch reference
-//!   (needs `pip install torch transformers diffusers peft safetensors pillow gguf opencv-python-headless`; `PYTHON` picks the interpreter).
+//!   (needs `pip install torch transformers diffusers peft safetensors pillow gguf opencv-python-headless`; `PYTHON` picks the interpreter;
+//!   `DEPTH_ANYTHING_V2`, a checkout of that repository, for the original Depth Anything goldens).
 
 use std::process::{exit, Command};
 
@@ -333,6 +334,15 @@ fn main() {
             run(&python, &["tests/reference/make_control_fixtures.py"]);
             run(&python, &["tests/reference/make_canny_fixtures.py"]);
             run(&python, &["tests/reference/make_depth_fixtures.py"]);
+            // Its goldens come from a repository not on PyPI: a checkout must be given.
+            if std::env::var_os("DEPTH_ANYTHING_V2").is_some() {
+                run(&python, &["tests/reference/make_depth_original_fixtures.py"]);
+            } else {
+                eprintln!(
+                    "xtask: skipping make_depth_original_fixtures.py: set DEPTH_ANYTHING_V2 to a checkout of \
+                     github.com/DepthAnything/Depth-Anything-V2"
+                );
+            }
             run(&python, &["tests/reference/make_xlabs_fixtures.py"]);
             run(&python, &["tests/reference/make_ip_cfg_fixtures.py"]);
             run(&python, &["tests/reference/make_gguf_fixtures.py"]);

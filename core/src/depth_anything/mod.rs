@@ -16,8 +16,16 @@
 //! ComfyUI's and controlnet_aux's preprocessors make (min-max to 0..255,
 //! truncated).
 //!
-//! Not here: the original repositories' `.pth` names and their OpenCV
-//! preprocessing, DINOv2's SwiGLU feed-forward (the giant backbone), file IO.
+//! The original repository's V2 checkpoints (the `.pth` files ComfyUI's
+//! preprocessor loads) are read through [`original`]: their names mapped to
+//! these, their sizes inferred, and that repository's own pipeline
+//! ([`DepthPipeline::Original`]: OpenCV's cubic, lower-bound sizes, DINOv2's
+//! offset position interpolation, bilinear back to the image).
+//!
+//! Not here: V1's original checkpoints, DINOv2's SwiGLU feed-forward (the
+//! giant backbone), file IO.
+
+pub mod original;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, LayerNorm, Linear, VarBuilder};
@@ -39,6 +47,11 @@ pub struct Dinov2Config {
     pub layer_norm_eps: f64,
     /// Which hidden states feed the neck: 0 is the embeddings, `i` the output of layer `i`.
     pub out_indices: Vec<usize>,
+    /// How the position table is resized to another grid: `None` to the
+    /// grid's size (transformers); `Some(offset)` by the scale factor
+    /// `(side + offset) / trained side`, and left as trained for a square
+    /// input of the trained grid (the original DINOv2, offset 0.1).
+    pub interpolate_offset: Option<f64>,
 }
 
 impl Dinov2Config {
@@ -101,6 +114,7 @@ impl DepthAnythingConfig {
                 image_size: 518,
                 layer_norm_eps: 1e-6,
                 out_indices: vec![3, 6, 9, 12],
+                interpolate_offset: None,
             },
             reassemble_hidden_size: 384,
             reassemble: vec![Reassemble::Up(4), Reassemble::Up(2), Reassemble::Same, Reassemble::Down(2)],
@@ -162,6 +176,7 @@ impl DepthAnythingConfig {
             image_size: get(&b["image_size"], 224),
             layer_norm_eps: b["layer_norm_eps"].as_f64().unwrap_or(1e-6),
             out_indices,
+            interpolate_offset: None,
         };
         let factors: Vec<f64> = match v["reassemble_factors"].as_array() {
             Some(a) => a.iter().filter_map(Value::as_f64).collect(),
@@ -202,7 +217,7 @@ impl DepthAnythingConfig {
         Ok(cfg)
     }
 
-    fn check(&self, source_name: &str) -> Result<()> {
+    pub(crate) fn check(&self, source_name: &str) -> Result<()> {
         let b = &self.backbone;
         let n = self.neck_hidden_sizes.len();
         let problem = if self.reassemble.len() != n || b.out_indices.len() != n || n == 0 {
@@ -281,9 +296,26 @@ impl DepthAnythingConfig {
     }
 }
 
-/// How an image becomes the model's input (transformers' `DPTImageProcessor`).
+/// Whose pipeline turns an image into the model's input, and its output into
+/// the image's depth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DepthPipeline {
+    /// transformers' `DPTImageProcessor` (PIL backend) and
+    /// `post_process_depth_estimation`: the scale nearer 1, Pillow's bicubic
+    /// on the 8-bit image, PyTorch's bicubic back.
+    #[default]
+    Transformers,
+    /// The original repository's `image2tensor` / `infer_image` (what
+    /// ComfyUI's preprocessor runs): both sides at least the target, OpenCV's
+    /// cubic on the image in f64, bilinear with aligned corners back.
+    Original,
+}
+
+/// How an image becomes the model's input (transformers' `DPTImageProcessor`,
+/// or the original repository's transform: [`DepthPipeline`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DepthPreprocessConfig {
+    pub pipeline: DepthPipeline,
     pub height: usize,
     pub width: usize,
     pub keep_aspect_ratio: bool,
@@ -297,6 +329,7 @@ impl DepthPreprocessConfig {
     /// Depth Anything's: 518×518, aspect kept, multiple of 14, ImageNet mean and std.
     pub fn depth_anything() -> Self {
         Self {
+            pipeline: DepthPipeline::Transformers,
             height: 518,
             width: 518,
             keep_aspect_ratio: true,
@@ -328,6 +361,7 @@ impl DepthPreprocessConfig {
             _ => default,
         };
         let cfg = Self {
+            pipeline: DepthPipeline::Transformers,
             height: usize_of(&v["size"]["height"]).unwrap_or(d.height),
             width: usize_of(&v["size"]["width"]).unwrap_or(d.width),
             keep_aspect_ratio: v["keep_aspect_ratio"].as_bool().unwrap_or(d.keep_aspect_ratio),
@@ -342,29 +376,45 @@ impl DepthPreprocessConfig {
         Ok(cfg)
     }
 
-    /// The model's input size `(width, height)` for an image, as
-    /// `DPTImageProcessor`'s `get_resize_output_image_size`: with the aspect
-    /// kept, the scale nearer 1 of the two serves both sides; each side is
-    /// then rounded (half to even, as Python) to a multiple.
+    /// The original repository's transform at `size` (518 in ComfyUI's
+    /// preprocessor): lower-bound sides, multiple of 14, ImageNet mean and std.
+    pub fn original(size: usize) -> Self {
+        Self { pipeline: DepthPipeline::Original, height: size, width: size, ..Self::depth_anything() }
+    }
+
+    /// The model's input size `(width, height)` for an image. transformers'
+    /// `get_resize_output_image_size`: with the aspect kept, the scale nearer
+    /// 1 of the two serves both sides; each side is then rounded (half to
+    /// even, as Python) to a multiple. The original `Resize` (lower bound):
+    /// the larger scale serves both, and a side rounded below its target is
+    /// rounded up instead.
     pub fn input_size(&self, width: usize, height: usize) -> (usize, usize) {
         let mut scale_h = self.height as f64 / height as f64;
         let mut scale_w = self.width as f64 / width as f64;
+        let lower_bound = self.pipeline == DepthPipeline::Original;
         if self.keep_aspect_ratio {
-            if (1.0 - scale_w).abs() < (1.0 - scale_h).abs() {
+            let width_wins =
+                if lower_bound { scale_w > scale_h } else { (1.0 - scale_w).abs() < (1.0 - scale_h).abs() };
+            if width_wins {
                 scale_h = scale_w;
             } else {
                 scale_w = scale_h;
             }
         }
         let m = self.ensure_multiple_of as f64;
-        let side = |x: f64| ((x / m).round_ties_even() * m) as usize;
-        (side(scale_w * width as f64), side(scale_h * height as f64))
+        let side = |x: f64, target: usize| {
+            let y = (x / m).round_ties_even() * m;
+            let y = if lower_bound && y < target as f64 { (x / m).ceil() * m } else { y };
+            y as usize
+        };
+        (side(scale_w * width as f64, self.width), side(scale_h * height as f64, self.height))
     }
 }
 
 /// The model's input for an image: `[1, 3, h, w]` f32 on the CPU, at
-/// [`DepthPreprocessConfig::input_size`] (Pillow's bicubic, rescaled in f64
-/// then normalised in f32, as transformers' PIL backend).
+/// [`DepthPreprocessConfig::input_size`]. transformers: Pillow's bicubic,
+/// rescaled in f64 then normalised in f32, as its PIL backend. Original:
+/// rescaled to f64, OpenCV's cubic, normalised in f64 ([`original::pixel_values`]).
 pub fn pixel_values(img: &RgbImage, cfg: &DepthPreprocessConfig) -> Result<Tensor> {
     let (w, h) = cfg.input_size(img.width, img.height);
     if w == 0 || h == 0 {
@@ -375,6 +425,9 @@ pub fn pixel_values(img: &RgbImage, cfg: &DepthPreprocessConfig) -> Result<Tenso
                 img.width, img.height
             ),
         });
+    }
+    if cfg.pipeline == DepthPipeline::Original {
+        return original::pixel_values(img, cfg, (w, h));
     }
     let resized = resize(img, w, h, Resample::Bicubic);
     let plane = w * h;
@@ -399,6 +452,20 @@ pub fn resize_bicubic(
     (in_h, in_w): (usize, usize),
     (out_h, out_w): (usize, usize),
 ) -> Result<Vec<f32>> {
+    let step = |n_in: usize, n_out: usize| n_in as f64 / n_out.max(1) as f64;
+    resize_bicubic_stepped(src, planes, (in_h, in_w), (out_h, out_w), (step(in_h, out_h), step(in_w, out_w)))
+}
+
+/// [`resize_bicubic`] with the source step per output pixel given: what
+/// PyTorch uses when `interpolate` gets a `scale_factor` (the step is its
+/// inverse) instead of a size.
+pub fn resize_bicubic_stepped(
+    src: &[f32],
+    planes: usize,
+    (in_h, in_w): (usize, usize),
+    (out_h, out_w): (usize, usize),
+    (step_h, step_w): (f64, f64),
+) -> Result<Vec<f32>> {
     if in_h == 0 || in_w == 0 || out_h == 0 || out_w == 0 || src.len() != planes * in_h * in_w {
         return Err(Error::Shape(format!(
             "bicubic resize of {} values as {planes} planes of {in_h}×{in_w} to {out_h}×{out_w}",
@@ -409,8 +476,7 @@ pub fn resize_bicubic(
     let near = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
     let far = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
     // For each output index: the first tap and the four weights.
-    let taps = |n_in: usize, n_out: usize| -> Vec<(isize, [f64; 4])> {
-        let scale = n_in as f64 / n_out as f64;
+    let taps = |n_out: usize, scale: f64| -> Vec<(isize, [f64; 4])> {
         (0..n_out)
             .map(|d| {
                 let real = scale * (d as f64 + 0.5) - 0.5;
@@ -420,7 +486,7 @@ pub fn resize_bicubic(
             })
             .collect()
     };
-    let (rows, cols) = (taps(in_h, out_h), taps(in_w, out_w));
+    let (rows, cols) = (taps(out_h, step_h), taps(out_w, step_w));
     let clamp = |i: isize, n: usize| i.clamp(0, n as isize - 1) as usize;
     let mut out = vec![0f32; planes * out_h * out_w];
     for p in 0..planes {
@@ -441,13 +507,18 @@ pub fn resize_bicubic(
     Ok(out)
 }
 
-/// The 8-bit depth map of a depth plane, as ComfyUI's and controlnet_aux's
-/// Depth Anything preprocessors make it: `(d − min) / (max − min) · 255`,
-/// truncated; a flat plane maps to 0.
-pub fn depth_map_u8(depth: &[f32]) -> Vec<u8> {
+/// The 8-bit depth map of a depth plane, near bright, as ComfyUI's and
+/// controlnet_aux's Depth Anything preprocessors make it: `(d − min) / (max −
+/// min) · 255`, truncated; for a metric model (metres: far is large) 255
+/// minus that, as ComfyUI's DepthAnythingV2 node does. A flat plane maps to 0.
+pub fn depth_map_u8(depth: &[f32], kind: DepthKind) -> Vec<u8> {
     let (lo, hi) = depth.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &d| (lo.min(d), hi.max(d)));
     let range = hi - lo;
-    depth.iter().map(|&d| if range > 0.0 { ((d - lo) / range * 255.0) as u8 } else { 0 }).collect()
+    let level = |d: f32| if range > 0.0 { ((d - lo) / range * 255.0) as u8 } else { 0 };
+    match kind {
+        DepthKind::Relative => depth.iter().map(|&d| level(d)).collect(),
+        DepthKind::Metric { .. } => depth.iter().map(|&d| 255 - level(d)).collect(),
+    }
 }
 
 struct SelfAttention {
@@ -543,14 +614,25 @@ impl Backbone {
     }
 
     /// The trained position table resized to a `rows × cols` patch grid
-    /// (PyTorch's bicubic, in f32, as transformers' `interpolate_pos_encoding`).
+    /// (PyTorch's bicubic, in f32, as transformers' `interpolate_pos_encoding`;
+    /// with an offset, as the original DINOv2's: [`Dinov2Config::interpolate_offset`]).
     fn positions(&self, rows: usize, cols: usize) -> Result<Tensor> {
         let (g, h) = (self.cfg.grid(), self.cfg.hidden_size);
+        if self.cfg.interpolate_offset.is_some() && rows == g && cols == g {
+            return Ok(self.position_embeddings.clone());
+        }
         let table = self.position_embeddings.to_dtype(DType::F32)?.squeeze(0)?;
         let cls = table.narrow(0, 0, 1)?;
         // [g·g, h] → h planes of g × g.
         let planes = table.narrow(0, 1, g * g)?.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let resized = resize_bicubic(&planes, h, (g, g), (rows, cols))?;
+        let resized = match self.cfg.interpolate_offset {
+            // PyTorch steps by the inverse of the scale factor it was given.
+            Some(offset) => {
+                let step = |side: usize| g as f64 / (side as f64 + offset);
+                resize_bicubic_stepped(&planes, h, (g, g), (rows, cols), (step(rows), step(cols)))?
+            }
+            None => resize_bicubic(&planes, h, (g, g), (rows, cols))?,
+        };
         let grid = Tensor::from_vec(resized, (h, rows * cols), &Device::Cpu)?.t()?;
         let all = Tensor::cat(&[cls.to_device(&Device::Cpu)?, grid], 0)?;
         Ok(all
@@ -762,16 +844,25 @@ impl DepthAnything {
         Ok(depth.squeeze(1)?)
     }
 
+    /// What the head predicts.
+    pub fn kind(&self) -> DepthKind {
+        self.cfg.kind
+    }
+
     /// An image → its depth at the image's size, `height × width` f32 row-major
     /// (the model's output resized with PyTorch's bicubic, as
-    /// `post_process_depth_estimation`). Runs on the model's device and dtype.
+    /// `post_process_depth_estimation`, or bilinear with aligned corners, as
+    /// the original `infer_image`). Runs on the model's device and dtype.
     pub fn depth(&self, img: &RgbImage, pre: &DepthPreprocessConfig) -> Result<Vec<f32>> {
         let weight = &self.backbone.cls_token;
         let pixels = pixel_values(img, pre)?.to_device(weight.device())?.to_dtype(weight.dtype())?;
         let depth = self.forward(&pixels)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let (_, h, w) = depth.dims3()?;
         let plane = depth.flatten_all()?.to_vec1::<f32>()?;
-        resize_bicubic(&plane, 1, (h, w), (img.height, img.width))
+        match pre.pipeline {
+            DepthPipeline::Transformers => resize_bicubic(&plane, 1, (h, w), (img.height, img.width)),
+            DepthPipeline::Original => original::resize_bilinear_aligned(&plane, (h, w), (img.height, img.width)),
+        }
     }
 }
 
@@ -809,8 +900,10 @@ mod tests {
 
     #[test]
     fn depth_map_spans_0_to_255() {
-        assert_eq!(depth_map_u8(&[1.0, 2.0, 3.0]), vec![0, 127, 255]);
-        assert_eq!(depth_map_u8(&[4.0, 4.0]), vec![0, 0]);
+        assert_eq!(depth_map_u8(&[1.0, 2.0, 3.0], DepthKind::Relative), vec![0, 127, 255]);
+        assert_eq!(depth_map_u8(&[4.0, 4.0], DepthKind::Relative), vec![0, 0]);
+        // Metres: far is large, so the map is turned over (near bright).
+        assert_eq!(depth_map_u8(&[1.0, 2.0, 3.0], DepthKind::Metric { max_depth: 20.0 }), vec![255, 128, 0]);
     }
 
     /// depth-anything/Depth-Anything-V2-Small-hf's config.json: the backbone
