@@ -198,7 +198,7 @@ pub struct Settings {
 }
 
 /// The IP-Adapter's reference in true CFG's negative pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Default)]
 pub enum IpNegative {
     /// The same references as the positive pass (ComfyUI: the patched model
     /// runs its IP-Adapter on every call).
@@ -207,13 +207,17 @@ pub enum IpNegative {
     /// A black image (diffusers' `FluxPipeline` when no
     /// `negative_ip_adapter_image` is given), encoded like a reference.
     Black,
+    /// This picture (diffusers' `negative_ip_adapter_image`), encoded like a reference.
+    Image(ImageFile),
 }
 
 impl IpNegative {
-    pub fn name(self) -> &'static str {
+    /// How the PNG's parameters and messages name it: `same`, `black` or the picture's name.
+    pub fn name(&self) -> &str {
         match self {
             Self::Same => "same",
             Self::Black => "black",
+            Self::Image(image) => &image.name,
         }
     }
 }
@@ -379,14 +383,27 @@ fn needs_siglip(src: &Sources, r: &Reference) -> bool {
 }
 
 /// Whether SigLIP is loaded: a reference reads with it, or InstantX's adapter
-/// encodes the black negative image ([`IpNegative::Black`]).
+/// encodes the negative image ([`IpNegative::Black`], [`IpNegative::Image`]).
 fn uses_siglip(src: &Sources, refs: &[Reference], s: &Settings) -> bool {
-    refs.iter().any(|r| needs_siglip(src, r)) || (black_negative(s, refs) && !src.ip_is_xlabs)
+    refs.iter().any(|r| needs_siglip(src, r)) || (negative_image(s, refs).is_some() && !src.ip_is_xlabs)
 }
 
-/// Whether true CFG's negative pass gives the IP-Adapter a black image.
-fn black_negative(s: &Settings, refs: &[Reference]) -> bool {
-    s.ip_negative == IpNegative::Black && s.true_cfg.is_some() && refs.iter().any(|r| r.kind() == "ip-adapter")
+/// Whether true CFG's negative pass gives the IP-Adapter an image of its own:
+/// that image's bytes and name (a black one made at the output's size).
+fn negative_image(s: &Settings, refs: &[Reference]) -> Option<ImageFile> {
+    if s.true_cfg.is_none() || !refs.iter().any(|r| r.kind() == "ip-adapter") {
+        return None;
+    }
+    match &s.ip_negative {
+        IpNegative::Same => None,
+        // As diffusers: `np.zeros((width, height, 3))`, the output's size transposed.
+        IpNegative::Black => {
+            let black = vec![0; s.width * s.height * 3];
+            let bytes = crate::png_out::encode_png(s.height, s.width, &black, &[]).ok()?;
+            Some(ImageFile { bytes, name: BLACK_NEGATIVE.to_string() })
+        }
+        IpNegative::Image(image) => Some(image.clone()),
+    }
 }
 
 /// Registers every model the job uses (the image models only where a reference needs them).
@@ -725,23 +742,25 @@ fn check_settings(src: &Sources, s: &Settings) -> Result<FluxVariant> {
     Ok(variant)
 }
 
-/// Refuses a black negative image that cannot be used: it needs true CFG, an
-/// IP-Adapter reference, and the encoder of that adapter.
+/// Refuses a negative image (black or a picture) that cannot be used: it
+/// needs true CFG, an IP-Adapter reference, and the encoder of that adapter.
 fn check_ip_negative(src: &Sources, refs: &[Reference], s: &Settings) -> Result<()> {
-    let refuse = |m: &str| Err(crate::Error::from(ipaflux_core::Error::Unsupported(m.to_string())));
-    if s.ip_negative == IpNegative::Same {
-        return Ok(());
-    }
+    let refuse = |m: String| Err(crate::Error::from(ipaflux_core::Error::Unsupported(m)));
+    let what = match &s.ip_negative {
+        IpNegative::Same => return Ok(()),
+        IpNegative::Black => "black",
+        IpNegative::Image(_) => "IMAGE",
+    };
     if s.true_cfg.is_none() {
-        return refuse(
-            "--ip-negative black is the IP-Adapter's image in true CFG's negative pass: give --true-cfg above 1",
-        );
+        return refuse(format!(
+            "--ip-negative {what} is the IP-Adapter's image in true CFG's negative pass: give --true-cfg above 1"
+        ));
     }
     if !refs.iter().any(|r| r.kind() == "ip-adapter") {
-        return refuse("--ip-negative black needs IP-Adapter references (--image or --embeds)");
+        return refuse(format!("--ip-negative {what} needs IP-Adapter references (--image or --embeds)"));
     }
     if !src.ip_is_xlabs && src.image_encoder.is_none() {
-        return refuse("--ip-negative black encodes a black image with SigLIP: give --siglip");
+        return refuse(format!("--ip-negative {what} encodes its image with SigLIP: give --siglip"));
     }
     Ok(())
 }
@@ -794,7 +813,7 @@ fn encode_prompts(src: &Sources, prompts: &[&str], s: &Settings) -> Result<Vec<C
 #[derive(Default)]
 struct Referenced {
     ip: Vec<IpImage>,
-    /// The IP images of true CFG's negative pass when they are not `ip` ([`IpNegative::Black`]).
+    /// The IP images of true CFG's negative pass when they are not `ip` ([`IpNegative::Black`], [`IpNegative::Image`]).
     negative_ip: Option<Vec<IpImage>>,
     adapter_dims: AdapterDims,
     /// Bytes of the IP K/V of all references.
@@ -928,22 +947,20 @@ fn reference_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<R
         out.ip.push(IpImage { kv, weight });
         out.adapter_dims = AdapterDims::InstantX(adapter.dims);
     }
-    if black_negative(s, refs) {
-        // As diffusers: a black picture through the same encoder and adapter
-        // (its `np.zeros((width, height, 3))`: the output's size transposed).
-        let black = crate::png_out::encode_png(s.height, s.width, &vec![0; s.width * s.height * 3], &[])?;
+    if let Some(negative) = negative_image(s, refs) {
+        // As diffusers: the negative picture through the same encoder and adapter.
+        let (bytes, name) = (&negative.bytes, negative.name.as_str());
         let kv = match adapter.as_ref() {
             Some(Adapter::Xlabs(xlabs)) => {
                 let c = clip.as_ref().ok_or_else(|| unsupported("XLabs' IP-Adapter needs --clip-vision"))?;
-                xlabs
-                    .kv_all(&xlabs.project(&c.image_embeds(&c.pixels(&black, BLACK_NEGATIVE)?)?)?, src.flux_head_dim)?
+                xlabs.kv_all(&xlabs.project(&c.image_embeds(&c.pixels(bytes, name)?)?)?, src.flux_head_dim)?
             }
             Some(Adapter::InstantX(adapter)) => {
                 let e = siglip()?;
-                let pooled = e.siglip.forward(&e.pixels(&black, BLACK_NEGATIVE)?)?;
+                let pooled = e.siglip.forward(&e.pixels(bytes, name)?)?;
                 adapter.kv_all(&adapter.image_proj.forward(&pooled.to_dtype(s.dtype)?)?, &cfg)?
             }
-            None => return Err(unsupported("a black negative image needs --ip-adapter")),
+            None => return Err(unsupported("a negative IP image needs --ip-adapter")),
         };
         out.negative_ip = Some(vec![IpImage { kv, weight: 1.0 }]);
     }

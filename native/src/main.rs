@@ -301,9 +301,10 @@ struct GenerateArgs {
     #[arg(long, default_value = "instantx")]
     v_norm: ipaflux_core::VNorm,
     /// With --true-cfg: what the IP-Adapter sees in the negative pass: `same` (the references, as
-    /// ComfyUI) or `black` (a black image, as diffusers' FluxPipeline does by default).
-    #[arg(long, value_enum, default_value_t)]
-    ip_negative: generate::IpNegative,
+    /// ComfyUI), `black` (a black image, as diffusers' FluxPipeline does by default) or an image file
+    /// (diffusers' `negative_ip_adapter_image`), read with the references' encoder.
+    #[arg(long, default_value = "same", value_name = "same|black|IMAGE")]
+    ip_negative: PathBuf,
     #[arg(long)]
     prompt: String,
     /// True classifier-free guidance: also run the model on --negative-prompt each step and take
@@ -406,6 +407,15 @@ struct GenerateArgs {
 fn image_file(path: &std::path::Path, what: &str) -> anyhow::Result<generate::ImageFile> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read the {what}", path.display()))?;
     Ok(generate::ImageFile { bytes, name: path.display().to_string() })
+}
+
+/// `--ip-negative`: `same`, `black`, or an image file (`./same` for a file named so).
+fn ip_negative(arg: &std::path::Path) -> anyhow::Result<generate::IpNegative> {
+    Ok(match arg.to_str() {
+        Some("same") => generate::IpNegative::Same,
+        Some("black") => generate::IpNegative::Black,
+        _ => generate::IpNegative::Image(image_file(arg, "negative IP image (--ip-negative)")?),
+    })
 }
 
 /// `LOW,HIGH` Canny thresholds.
@@ -647,7 +657,7 @@ fn settings_from_args(
         end_percent: a.end_percent,
         block_weights: a.block_weights.as_deref().map(parse_block_weights).transpose()?,
         v_norm: a.v_norm,
-        ip_negative: a.ip_negative,
+        ip_negative: ip_negative(&a.ip_negative)?,
         registry: RegistryConfig {
             state: a.vram_state,
             offload_preprocessing: a.offload_preprocessing == OnOff::On,

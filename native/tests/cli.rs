@@ -727,6 +727,24 @@ fn generate_with_true_cfg_and_a_negative_prompt() {
     run(&["--image", &photo, "--true-cfg", "4", "--negative-prompt", "a dog", "--ip-negative", "same"], &other);
     assert_eq!(pixels(&cfg), pixels(&other), "`same` is the default");
     assert_fails(&generate(&["--image", &photo, "--ip-negative", "black"], &other), &["--true-cfg above 1"]);
+    // A picture of one's choosing (diffusers' `negative_ip_adapter_image`): the reference itself is `same`.
+    fn cfg_with<'a>(photo: &'a str, negative: &'a str) -> [&'a str; 8] {
+        ["--image", photo, "--true-cfg", "4", "--negative-prompt", "a dog", "--ip-negative", negative]
+    }
+    let picture = tmp("gen-cfg-picture.png");
+    run(&cfg_with(&photo, &photo), &picture);
+    assert_eq!(pixels(&cfg), pixels(&picture), "the reference as the negative image is not `same`");
+    let alpha = fixture("images/alpha.png").display().to_string();
+    run(&cfg_with(&photo, &alpha), &picture);
+    assert_ne!(pixels(&cfg), pixels(&picture), "the negative picture changed nothing");
+    assert_ne!(pixels(&black), pixels(&picture), "the negative picture is the black image");
+    let png = String::from_utf8_lossy(&std::fs::read(&picture).unwrap()).into_owned();
+    assert!(png.contains("alpha.png"), "the PNG's parameters name the negative picture");
+    assert_fails(
+        &generate(&["--image", &photo, "--ip-negative", &alpha], &other),
+        &["--ip-negative IMAGE", "--true-cfg"],
+    );
+    assert_fails(&generate(&cfg_with(&photo, "no-such.png"), &other), &["no-such.png", "negative IP image"]);
     // XLabs' adapter reads the black image with its CLIP.
     let f = |r: &str| fixture(r).display().to_string();
     let (adapter, clip) = (f("xlabs/ip_adapter.safetensors"), f("xlabs/image_encoder"));

@@ -6,7 +6,7 @@ prompt, on the tiny fixtures of make_xlabs_fixtures.py and make_cfg_fixtures.py.
 diffusers gives the negative pass a black image unless told
 `negative_ip_adapter_image`; ComfyUI's patched model gives both passes the same
 reference. Both are goldens here (the second by passing the reference as the
-negative image too).
+negative image too), and a third picture as `negative_ip_adapter_image`.
 
 Run after make_xlabs_fixtures.py and make_cfg_fixtures.py, with
 `pip install torch transformers diffusers safetensors pillow`:
@@ -14,7 +14,8 @@ Run after make_xlabs_fixtures.py and make_cfg_fixtures.py, with
 
 `xlabs/cfg-golden.safetensors`: `black_image_embeds` (CLIP's `image_embeds` of
 the black negative image), `out.black` (the final packed latents, diffusers'
-default) and `out.same` (the reference in both passes); the latents and
+default), `out.same` (the reference in both passes) and `out.image`
+(images/alpha.png as the negative image); the latents and
 prompts are cfg/golden.safetensors'; IP scale 0.8, 4 steps, guidance 3.5, 64×48.
 """
 import json
@@ -40,12 +41,13 @@ pipe.load_ip_adapter(str(OUT), weight_name="ip_adapter.safetensors",
 SCALE, TRUE_CFG, W, H, STEPS, GUIDANCE = 0.8, 4.0, 64, 48, 4, 3.5
 pipe.set_ip_adapter_scale(SCALE)
 photo = Image.open(ROOT / "images" / "photo.jpg").convert("RGB")
+other = Image.open(ROOT / "images" / "alpha.png").convert("RGB")
 gold = {}
 with torch.no_grad():
     # The pipeline's own black image: np.zeros((width, height, 3)).
     black = pipe.feature_extractor(np.zeros((W, H, 3), dtype=np.uint8), return_tensors="pt").pixel_values
     gold["black_image_embeds"] = pipe.image_encoder(black).image_embeds
-    for name, negative in {"black": None, "same": photo}.items():
+    for name, negative in {"black": None, "same": photo, "image": other}.items():
         gold[f"out.{name}"] = pipe(
             prompt_embeds=cfg["prompt_embeds"], pooled_prompt_embeds=cfg["pooled"],
             negative_prompt_embeds=cfg["negative_prompt_embeds"], negative_pooled_prompt_embeds=cfg["negative_pooled"],

@@ -82,7 +82,8 @@ fn a_single_file_clip_vision_reads_its_sizes_from_its_shapes() {
 /// the negative pass a black image (`IpNegative::Black` in `generate`); with the
 /// reference passed as `negative_ip_adapter_image` both passes see it, as in
 /// ComfyUI (`IpNegative::Same`, the negative pass running the positive
-/// pass's hooks). Tolerance: f32 relative max error ≤ 1e-4.
+/// pass's hooks); another picture there is `IpNegative::Image`. Tolerance:
+/// f32 relative max error ≤ 1e-4.
 #[test]
 fn xlabs_ip_adapter_under_true_cfg_matches_diffusers() {
     let (g, cfg, r) =
@@ -104,9 +105,12 @@ fn xlabs_ip_adapter_under_true_cfg_matches_diffusers() {
     let hook = |embeds: &Tensor| {
         XlabsHook::new(vec![IpImage { kv: kv(embeds), weight: 1.0 }], hook_cfg.clone(), &model.cfg).unwrap()
     };
-    let (positive_hook, black_hook) = (hook(&photo_embeds), hook(&black_embeds));
+    let other = std::fs::read(fixture("images/alpha.png")).unwrap();
+    let other_embeds = clip.image_embeds(&clip.pixels(&other, "alpha.png").unwrap()).unwrap();
+    let (positive_hook, black_hook, other_hook) = (hook(&photo_embeds), hook(&black_embeds), hook(&other_embeds));
     let positive: [&dyn AttentionHook; 1] = [&positive_hook];
     let negative: [&dyn AttentionHook; 1] = [&black_hook];
+    let other: [&dyn AttentionHook; 1] = [&other_hook];
     let (pos, neg) = (
         run.cond(&cfg["prompt_embeds"], &cfg["pooled"]),
         run.cond(&cfg["negative_prompt_embeds"], &cfg["negative_pooled"]),
@@ -123,4 +127,7 @@ fn xlabs_ip_adapter_under_true_cfg_matches_diffusers() {
     let same_out = sample(None);
     assert_close("XLabs IP-Adapter, true CFG, the reference in both passes", &same_out, &g["out.same"], F32_TOL);
     assert!(rel_max_err(&black_out, &same_out) > 100.0 * F32_TOL, "the negative image changed too little to be tested");
+    let other_out = sample(Some(Hooks::new(&other)));
+    assert_close("XLabs IP-Adapter, true CFG, another picture as the negative", &other_out, &g["out.image"], F32_TOL);
+    assert!(rel_max_err(&other_out, &black_out) > 100.0 * F32_TOL, "the picture is not the black image");
 }
