@@ -385,25 +385,31 @@ fn needs_siglip(src: &Sources, r: &Reference) -> bool {
 /// Whether SigLIP is loaded: a reference reads with it, or InstantX's adapter
 /// encodes the negative image ([`IpNegative::Black`], [`IpNegative::Image`]).
 fn uses_siglip(src: &Sources, refs: &[Reference], s: &Settings) -> bool {
-    refs.iter().any(|r| needs_siglip(src, r)) || (negative_image(s, refs).is_some() && !src.ip_is_xlabs)
+    refs.iter().any(|r| needs_siglip(src, r)) || (has_negative_image(s, refs) && !src.ip_is_xlabs)
 }
 
-/// Whether true CFG's negative pass gives the IP-Adapter an image of its own:
-/// that image's bytes and name (a black one made at the output's size).
-fn negative_image(s: &Settings, refs: &[Reference]) -> Option<ImageFile> {
-    if s.true_cfg.is_none() || !refs.iter().any(|r| r.kind() == "ip-adapter") {
-        return None;
+/// Whether true CFG's negative pass gives the IP-Adapter an image of its own.
+fn has_negative_image(s: &Settings, refs: &[Reference]) -> bool {
+    !matches!(s.ip_negative, IpNegative::Same) && s.true_cfg.is_some() && refs.iter().any(|r| r.kind() == "ip-adapter")
+}
+
+/// The IP-Adapter's image in true CFG's negative pass, when it has one of its
+/// own ([`has_negative_image`]): its bytes and name (a black one made at the
+/// output's size).
+fn negative_image(s: &Settings, refs: &[Reference]) -> Result<Option<ImageFile>> {
+    if !has_negative_image(s, refs) {
+        return Ok(None);
     }
-    match &s.ip_negative {
+    Ok(match &s.ip_negative {
         IpNegative::Same => None,
         // As diffusers: `np.zeros((width, height, 3))`, the output's size transposed.
         IpNegative::Black => {
             let black = vec![0; s.width * s.height * 3];
-            let bytes = crate::png_out::encode_png(s.height, s.width, &black, &[]).ok()?;
+            let bytes = crate::png_out::encode_png(s.height, s.width, &black, &[])?;
             Some(ImageFile { bytes, name: BLACK_NEGATIVE.to_string() })
         }
         IpNegative::Image(image) => Some(image.clone()),
-    }
+    })
 }
 
 /// Registers every model the job uses (the image models only where a reference needs them).
@@ -947,7 +953,7 @@ fn reference_images(src: &Sources, refs: &[Reference], s: &Settings) -> Result<R
         out.ip.push(IpImage { kv, weight });
         out.adapter_dims = AdapterDims::InstantX(adapter.dims);
     }
-    if let Some(negative) = negative_image(s, refs) {
+    if let Some(negative) = negative_image(s, refs)? {
         // As diffusers: the negative picture through the same encoder and adapter.
         let (bytes, name) = (&negative.bytes, negative.name.as_str());
         let kv = match adapter.as_ref() {

@@ -105,6 +105,7 @@ fn original_checkpoints_are_told_by_their_names() {
     assert_eq!((cfg.kind, cfg.backbone.out_indices.clone()), (DepthKind::Relative, vec![3, 6, 9, 12]));
     assert_eq!(cfg.backbone.num_attention_heads, 1, "DINOv2's heads are 64 wide");
     assert!(weights.contains("backbone.encoder.layer.11.attention.attention.value.bias"));
+    assert_eq!(weights.read_bytes(), 0, "the split query, key and value are read when used, not at load");
     let e = load_depth(&fixture("depth/model/model.safetensors")).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("not an original Depth Anything V2 checkpoint"), "{e}");
     assert_eq!(DepthPreprocessConfig::depth_anything().pipeline, DepthPipeline::Transformers);

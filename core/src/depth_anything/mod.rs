@@ -14,7 +14,7 @@
 //! [`resize_bicubic`] back to the image's size (PyTorch's bicubic, as
 //! `post_process_depth_estimation`) → [`depth_map_u8`], the 8-bit map
 //! ComfyUI's and controlnet_aux's preprocessors make (min-max to 0..255,
-//! truncated).
+//! truncated; a metric model's turned over, near bright).
 //!
 //! The original repository's V2 checkpoints (the `.pth` files ComfyUI's
 //! preprocessor loads) are read through [`original`]: their names mapped to

@@ -192,10 +192,10 @@ fn hf_name(name: &str) -> Option<String> {
 }
 
 /// An original checkpoint as the model's configuration and its tensors in
-/// transformers' names: [`config`], then each tensor renamed (still read
-/// when used) and each block's `qkv` split into query, key and value (those
-/// are read now). Tensors the model does not have keep their names, so
-/// validation lists them.
+/// transformers' names: [`config`], then each tensor renamed and each
+/// block's `qkv` split into query, key and value rows (all still read when
+/// used: [`TensorStore::split_rows_to`]). Tensors the model does not have
+/// keep their names, so validation lists them.
 pub fn convert(mut store: TensorStore, file_name: &str) -> Result<(DepthAnythingConfig, TensorStore)> {
     let cfg = config(&store, file_name)?;
     let hidden = cfg.backbone.hidden_size;
@@ -205,17 +205,9 @@ pub fn convert(mut store: TensorStore, file_name: &str) -> Result<(DepthAnything
         let qkv = name.strip_prefix("pretrained.blocks.").and_then(|r| r.split_once(".attn.qkv."));
         match qkv {
             Some((block, param)) => {
-                let fused = store.take(&name)?.ok_or_else(|| err(&out.source_name, format!("`{name}` vanished")))?;
-                if fused.dims().first() != Some(&(3 * hidden)) {
-                    return Err(err(
-                        &out.source_name,
-                        format!("`{name}` is {:?}, not 3 × {hidden} rows", fused.dims()),
-                    ));
-                }
-                for (i, part) in ["query", "key", "value"].into_iter().enumerate() {
-                    let piece = fused.narrow(0, i * hidden, hidden)?.contiguous()?;
-                    out.insert(format!("backbone.encoder.layer.{block}.attention.attention.{part}.{param}"), piece)?;
-                }
+                let piece =
+                    |part: &str| (format!("backbone.encoder.layer.{block}.attention.attention.{part}.{param}"), hidden);
+                store.split_rows_to(&name, &mut out, &[piece("query"), piece("key"), piece("value")])?;
             }
             None => {
                 let new_name = hf_name(&name).unwrap_or_else(|| name.clone());

@@ -380,6 +380,49 @@ impl TensorStore {
         to.insert_new(new_name, entry, &from)
     }
 
+    /// Removes `name` and adds its rows to `to` as consecutive pieces, each
+    /// `(new name, rows)` (a fused QKV split into query, key and value). A
+    /// dense tensor still in the shared bytes stays there: each piece is a
+    /// byte range of it, read when used; one read already is cut now.
+    pub fn split_rows_to(&mut self, name: &str, to: &mut TensorStore, pieces: &[(String, usize)]) -> Result<()> {
+        let from = self.source_name.clone();
+        let missing = || Error::Checkpoint {
+            source_name: from.clone(),
+            problems: vec![TensorProblem::Missing { name: name.to_string(), expected: vec![] }],
+        };
+        let entry = self.tensors.remove(name).ok_or_else(missing)?;
+        let total: usize = pieces.iter().map(|(_, rows)| rows).sum();
+        let Some((&first, rest)) = entry.shape.split_first() else { return Err(missing()) };
+        if first != total {
+            return Err(Error::Checkpoint {
+                source_name: from.clone(),
+                problems: vec![TensorProblem::WrongShape {
+                    name: name.to_string(),
+                    expected: [&[total][..], rest].concat(),
+                    found: entry.shape.clone(),
+                }],
+            });
+        }
+        let row_bytes = rest.iter().product::<usize>() * entry.dtype.size_in_bytes();
+        let mut row = 0;
+        for (new_name, rows) in pieces {
+            let shape = [&[*rows][..], rest].concat();
+            let piece = match (&entry.mapped, entry.ggml, entry.read.get()) {
+                (Some((bytes, range)), None, None) => {
+                    let start = range.start + row * row_bytes;
+                    Entry::mapped(entry.dtype, shape, bytes.clone(), start..start + rows * row_bytes)
+                }
+                _ => {
+                    let t = entry.tensor().map_err(|e| self.unreadable(name, e))?;
+                    Entry::of(t.narrow(0, row, *rows)?.contiguous()?)
+                }
+            };
+            to.insert_new(new_name.clone(), piece, &from)?;
+            row += rows;
+        }
+        Ok(())
+    }
+
     /// Total bytes of all tensors as stored.
     pub fn nbytes(&self) -> usize {
         self.tensors.values().map(Entry::nbytes).sum()
@@ -727,6 +770,31 @@ mod tests {
         assert!(clone.var_builder(DType::F32, &Device::Cpu).get((4, 3), "w").is_err());
         clone.var_builder(DType::F32, &Device::Cpu).get((3, 4), "w").unwrap();
         assert_eq!(store.fetched_bytes(), 24 + 48);
+    }
+
+    #[test]
+    fn rows_split_into_pieces_stay_in_the_shared_bytes() {
+        let t = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((6, 2)).unwrap();
+        let bytes = safetensors::serialize([("qkv", &t)], None).unwrap();
+        for shared in [true, false] {
+            let mut store = if shared {
+                TensorStore::from_safetensors_shared(Arc::new(bytes.clone()), "s").unwrap()
+            } else {
+                TensorStore::from_safetensors(&bytes, "s").unwrap()
+            };
+            let mut out = TensorStore::new("out");
+            let pieces = [("q".to_string(), 1), ("k".to_string(), 2), ("v".to_string(), 3)];
+            store.split_rows_to("qkv", &mut out, &pieces).unwrap();
+            assert!(!store.contains("qkv"));
+            assert_eq!(out.read_bytes(), if shared { 0 } else { 48 }, "nothing read from shared bytes");
+            let rows = |n: &str| out.get(n).unwrap().unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(rows("q"), vec![vec![0.0, 1.0]]);
+            assert_eq!(rows("k"), vec![vec![2.0, 3.0], vec![4.0, 5.0]]);
+            assert_eq!(rows("v")[2], vec![10.0, 11.0]);
+        }
+        let mut store = TensorStore::from_safetensors(&bytes, "s").unwrap();
+        let e = store.split_rows_to("qkv", &mut TensorStore::new("o"), &[("a".into(), 4)]).unwrap_err();
+        assert!(e.to_string().contains("qkv"), "{e}");
     }
 
     #[test]
