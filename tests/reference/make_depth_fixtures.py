@@ -33,6 +33,8 @@ from safetensors.torch import save_file
 from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
 from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
 
+import random_weights
+
 ROOT = Path(__file__).resolve().parent.parent / "fixtures"
 OUT = ROOT / "depth"
 OUT.mkdir(exist_ok=True)
@@ -48,16 +50,8 @@ def model(seed, out_indices, kind):
                               fusion_hidden_size=16, head_hidden_size=8, depth_estimation_type=kind,
                               max_depth=20 if kind == "metric" else None)
     m = DepthAnythingForDepthEstimation(cfg).eval()
+    random_weights.fill(m, "lambda1")
     with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("lambda1"):
-                p.copy_(0.5 + 0.5 * torch.rand_like(p))
-            elif p.ndim == 1 and "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.05 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.05 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
         # A positive output bias, so the final ReLU leaves a depth to see.
         m.head.conv3.bias.fill_(0.5)
     return m

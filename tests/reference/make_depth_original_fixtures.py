@@ -47,6 +47,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import random_weights
+
 UPSTREAM = Path(os.environ.get("DEPTH_ANYTHING_V2", ""))
 if not (UPSTREAM / "depth_anything_v2" / "dpt.py").is_file():
     sys.exit("set DEPTH_ANYTHING_V2 to a checkout of github.com/DepthAnything/Depth-Anything-V2")
@@ -104,16 +106,8 @@ def tiny(sub, seed, **kw):
                                                 interpolate_offset=0.1)
     m.depth_head = dpt.DPTHead(64, 16, False, out_channels=[8, 16, 32, 32])
     m.eval()
+    random_weights.fill(m, ".gamma")
     with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith(".gamma"):
-                p.copy_(0.5 + 0.5 * torch.rand_like(p))
-            elif p.ndim == 1 and "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.05 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.05 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
         # A positive output bias, so the relative head's ReLU leaves a depth to see.
         m.depth_head.scratch.output_conv2[2].bias.fill_(0.5)
     return m
