@@ -315,6 +315,17 @@ fn xlabs(c: &Shared<'_>, r: &mut Report) -> Result<()> {
         sample(&c.plain, Start::Noise(xlabs.get("latents")?), Guide::prompt(&prompt), &run, 1.0, Hooks::new(&hooks));
     check(r, dev, "XLabs IP-Adapter", out, xlabs.get("out")?);
 
+    // With FLUX.1 Kontext (FluxKontextPipeline + load_ip_adapter): the image to edit's tokens too.
+    let k_gold = Golden::read(fx, "kontext/ip-golden.safetensors", dev)?;
+    let kontext = Golden::read(fx, "kontext/golden.safetensors", dev)?;
+    let k_run = Run::read(fx, "kontext/ip-reference.json")?;
+    let tile = sampler::PIXELS_PER_TOKEN;
+    let ref_ids = reference_ids(c.init.height / tile, c.init.width / tile);
+    let k_prompt = c.prompt(&k_run)?;
+    let guide = Guide { reference: Some((&c.image, &ref_ids)), ..Guide::prompt(&k_prompt) };
+    let out = sample(&c.plain, Start::Noise(kontext.get("latents")?), guide, &k_run, 1.0, Hooks::new(&hooks));
+    check(r, dev, "FLUX.1 Kontext with XLabs IP-Adapter", out, k_gold.get("out")?);
+
     // Under true CFG 4 with diffusers' black image in the negative pass.
     let gold = Golden::read(fx, "xlabs/cfg-golden.safetensors", dev)?;
     let cfg_gold = Golden::read(fx, "cfg/golden.safetensors", dev)?;

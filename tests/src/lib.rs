@@ -79,6 +79,18 @@ pub fn tiny_vae_encoder() -> ipaflux::vae::VaeEncoder {
     ipaflux::vae::VaeEncoder::new(&store, DType::F32, &Device::Cpu).expect("tiny VAE encoder")
 }
 
+/// XLabs' fixture CLIP image encoder (`xlabs/image_encoder`), f32 on the CPU.
+pub fn xlabs_clip() -> ipaflux::clip_vision::ClipImageEncoder {
+    let files = ipaflux::clip_vision::load_clip_vision_dir(&fixture("xlabs/image_encoder")).expect("tiny CLIP");
+    ipaflux::clip_vision::ClipImageEncoder::new(&files, DType::F32, &Device::Cpu).expect("tiny CLIP builds")
+}
+
+/// XLabs' fixture IP-Adapter (`xlabs/ip_adapter.safetensors`), f32 on the CPU.
+pub fn xlabs_adapter() -> ipaflux_core::flux::XlabsIpAdapter {
+    let store = ipaflux::load::load_store(&fixture("xlabs/ip_adapter.safetensors")).expect("tiny XLabs adapter");
+    ipaflux_core::flux::XlabsIpAdapter::from_store(&store, DType::F32, &Device::Cpu).expect("XLabs adapter builds")
+}
+
 /// What a diffusers-pipeline golden ran: its `reference.json`'s `steps`,
 /// `guidance` and output `image` size, with FLUX.1-dev's shifted schedule.
 pub struct PipelineRun {

@@ -1,14 +1,17 @@
 //! FLUX.1 Kontext against diffusers' `FluxKontextPipeline`
 //! (tests/reference/make_kontext_fixtures.py): the reference image's tokens
 //! after the latents' on the tiny Flux give the pipeline's final latents, and
-//! the preferred-resolution choice is the pipeline's. Tolerance: f32 relative
+//! the preferred-resolution choice is the pipeline's; with inpainting
+//! (`FluxKontextInpaintPipeline`) and with XLabs' IP-Adapter
+//! (`load_ip_adapter`, make_kontext_ip_fixtures.py). Tolerance: f32 relative
 //! max error ≤ 1e-4.
 
 use ipaflux::vae::from_rgb8;
 use ipaflux_core::candle_core::{Device, Tensor};
+use ipaflux_core::flux::ip::{IpHookConfig, IpImage, IpWeight};
 use ipaflux_core::flux::kontext::{preferred_size, reference_ids};
 use ipaflux_core::flux::sampler::{self, Guide, Start};
-use ipaflux_core::flux::Hooks;
+use ipaflux_core::flux::{AttentionHook, Hooks, XlabsHook};
 use ipaflux_tests::*;
 
 #[test]
@@ -75,4 +78,36 @@ fn kontext_inpainting_matches_diffusers_pipeline() {
     let other = sample((&photo, &photo_ids));
     assert_close("Kontext inpainting, another reference", &other, &g["out.photo"], F32_TOL);
     assert!(rel_max_err(&out, &other) > 100.0 * F32_TOL, "the reference changed too little to be tested");
+}
+
+/// FLUX.1 Kontext with XLabs' IP-Adapter against `FluxKontextPipeline` with
+/// `load_ip_adapter`: the adapter's term reaches the image stream, the
+/// reference's tokens included, as diffusers' processor does.
+#[test]
+fn kontext_with_xlabs_ip_adapter_matches_diffusers_pipeline() {
+    let (g, kontext, i2i, r) = (
+        tensors("kontext/ip-golden.safetensors"),
+        tensors("kontext/golden.safetensors"),
+        tensors("img2img/golden.safetensors"),
+        json("kontext/ip-reference.json"),
+    );
+    let run = PipelineRun::of(&r);
+    let model = tiny_flux("flux/flux-tiny-bfl.safetensors");
+    let image = fixture_image("img2img/init.png");
+    let tokens = sampler::pack(&tiny_vae_encoder().encode(&from_rgb8(&image, &Device::Cpu).unwrap()).unwrap()).unwrap();
+    let ref_ids = reference_ids(image.height / 16, image.width / 16);
+    let (clip, adapter) = (xlabs_clip(), xlabs_adapter());
+    let photo = std::fs::read(fixture("images/photo.jpg")).unwrap();
+    let embeds = clip.image_embeds(&clip.pixels(&photo, "photo.jpg").unwrap()).unwrap();
+    let kv = adapter.kv_all(&adapter.project(&embeds).unwrap(), model.cfg.head_dim()).unwrap();
+    let cfg = IpHookConfig { weight: IpWeight::Constant(r["scale"].as_f64().unwrap()), ..IpHookConfig::default() };
+    let hook = XlabsHook::new(vec![IpImage { kv, weight: 1.0 }], cfg, &model.cfg).unwrap();
+    let hooks: [&dyn AttentionHook; 1] = [&hook];
+    let prompt = run.cond(&i2i["pipe.prompt_embeds"], &i2i["pipe.pooled"]);
+    let (ids, sigmas) = (run.ids(), run.sigmas());
+    let guide = Guide { reference: Some((&tokens, &ref_ids)), ..Guide::prompt(&prompt) };
+    let start = Start::Noise(&kontext["latents"]);
+    let out = sampler::euler(&model, start, &ids, guide, &sigmas, Hooks::new(&hooks), &mut |_| {}).unwrap();
+    assert_close("Kontext with XLabs' IP-Adapter", &out, &g["out"], F32_TOL);
+    assert!(rel_max_err(&out, &kontext["out"]) > 100.0 * F32_TOL, "the adapter changed too little to be tested");
 }

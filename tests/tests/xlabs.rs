@@ -6,38 +6,25 @@
 //! adapter at scale 0.8 and at 0. Tolerance: f32 relative max error ≤ 1e-4.
 
 use ipaflux::clip_vision::{load_clip_vision_dir, ClipImageEncoder};
-use ipaflux::load::load_store;
 use ipaflux_core::candle_core::{DType, Device, Tensor};
 use ipaflux_core::flux::ip::{IpHookConfig, IpImage, IpWeight};
 use ipaflux_core::flux::sampler::{self, Guide, Start};
-use ipaflux_core::flux::{AttentionHook, Hooks, XlabsHook, XlabsIpAdapter};
+use ipaflux_core::flux::{AttentionHook, Hooks, XlabsHook};
 use ipaflux_core::preprocess::{clip_pixel_values, RgbImage};
 use ipaflux_tests::*;
-
-/// The fixtures' CLIP image encoder, f32 on the CPU.
-fn fixture_clip() -> ClipImageEncoder {
-    ClipImageEncoder::new(&load_clip_vision_dir(&fixture("xlabs/image_encoder")).unwrap(), DType::F32, &Device::Cpu)
-        .unwrap()
-}
-
-/// The fixtures' XLabs adapter, f32 on the CPU.
-fn fixture_adapter() -> XlabsIpAdapter {
-    XlabsIpAdapter::from_store(&load_store(&fixture("xlabs/ip_adapter.safetensors")).unwrap(), DType::F32, &Device::Cpu)
-        .unwrap()
-}
 
 #[test]
 fn xlabs_ip_adapter_matches_diffusers_pipeline() {
     let (g, i2i, r) =
         (tensors("xlabs/golden.safetensors"), tensors("img2img/golden.safetensors"), json("xlabs/reference.json"));
-    let clip = fixture_clip();
+    let clip = xlabs_clip();
     let photo = std::fs::read(fixture("images/photo.jpg")).unwrap();
     let pixels = clip.pixels(&photo, "photo.jpg").unwrap();
     assert_close("CLIP pixel values", &pixels, &g["pixel_values"], 1e-6);
     let embeds = clip.image_embeds(&pixels).unwrap();
     assert_close("CLIP image_embeds", &embeds, &g["image_embeds"], F32_TOL);
 
-    let adapter = fixture_adapter();
+    let adapter = xlabs_adapter();
     let model = tiny_flux("flux/flux-tiny-bfl.safetensors");
     adapter.dims.check_compatible(&model.cfg).unwrap();
     assert_eq!((adapter.dims.tokens, adapter.dims.blocks), (4, model.cfg.depth));
@@ -88,8 +75,8 @@ fn a_single_file_clip_vision_reads_its_sizes_from_its_shapes() {
 fn xlabs_ip_adapter_under_true_cfg_matches_diffusers() {
     let (g, cfg, r) =
         (tensors("xlabs/cfg-golden.safetensors"), tensors("cfg/golden.safetensors"), json("xlabs/cfg-reference.json"));
-    let clip = fixture_clip();
-    let adapter = fixture_adapter();
+    let clip = xlabs_clip();
+    let adapter = xlabs_adapter();
     let model = tiny_flux("flux/flux-tiny-bfl.safetensors");
     let run = PipelineRun::of(&r);
     // diffusers' black image is `np.zeros((width, height, 3))`: `width` rows.
