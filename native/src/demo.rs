@@ -31,6 +31,8 @@ pub const SAMPLE: &[u8] = include_bytes!("../../tests/fixtures/images/photo.jpg"
 const TINY_AXES: [usize; 3] = [4, 6, 6];
 /// The tiny Flux's head size.
 const TINY_HEAD_DIM: usize = 16;
+/// The demo's dtype ([`settings`]), which the registry figures of [`sources`] are for.
+const DEMO_DTYPE: DType = DType::F32;
 
 /// Builds the bundled tiny encoder (SigLIP + projection).
 pub fn tiny_image_encoder(precision: Precision) -> Result<ImageEncoder> {
@@ -47,10 +49,17 @@ fn text(config: &'static str, weights: &'static [u8], tokenizer: &'static [u8], 
     })
 }
 
-/// Every bundled model, read lazily like files.
-pub fn sources() -> Sources {
+/// Every bundled model, read lazily like files, with the bytes each takes
+/// built in the demo's dtype (as `generate`'s figures for files).
+pub fn sources() -> Result<Sources> {
     let n = |b: &[u8]| b.len() as u64;
-    Sources {
+    let t5_bytes = crate::load::text_encoder_bytes(&text(T5_CONFIG, T5, T5_TOKENIZER, "bundled t5")?, DEMO_DTYPE);
+    let clip_bytes =
+        crate::load::text_encoder_bytes(&text(CLIP_CONFIG, CLIP, CLIP_TOKENIZER, "bundled clip")?, DEMO_DTYPE);
+    let siglip_cfg = SiglipVisionConfig::from_hf_json(SIGLIP_CONFIG, "bundled siglip config.json")?;
+    let adapter = ipaflux_core::IpAdapterDims::infer(&TensorStore::from_torch_zip(ADAPTER, "bundled ip-adapter.bin")?)?;
+    let adapter_bytes = ipaflux_core::weights::loaded_bytes(&adapter.expected_tensors(), DEMO_DTYPE);
+    Ok(Sources {
         flux: (
             Box::new(|| {
                 Ok(FluxFiles {
@@ -60,17 +69,20 @@ pub fn sources() -> Sources {
             }),
             n(FLUX),
         ),
-        t5: (Box::new(|| text(T5_CONFIG, T5, T5_TOKENIZER, "bundled t5")), n(T5)),
-        clip: (Box::new(|| text(CLIP_CONFIG, CLIP, CLIP_TOKENIZER, "bundled clip")), n(CLIP)),
+        t5: (Box::new(|| text(T5_CONFIG, T5, T5_TOKENIZER, "bundled t5")), t5_bytes),
+        clip: (Box::new(|| text(CLIP_CONFIG, CLIP, CLIP_TOKENIZER, "bundled clip")), clip_bytes),
         vae: (
             Box::new(|| Ok(TensorStore::from_safetensors(VAE, "bundled ae.safetensors")?)),
-            crate::load::vae_half_bytes_in(VAE, crate::load::VaeHalf::Decoder, DType::F32).unwrap_or(n(VAE)),
+            crate::load::vae_half_bytes_in(VAE, crate::load::VaeHalf::Decoder, DEMO_DTYPE).unwrap_or(n(VAE)),
         ),
-        vae_encoder_bytes: crate::load::vae_half_bytes_in(VAE, crate::load::VaeHalf::Encoder, DType::F32).unwrap_or(0),
-        image_encoder: Some((Box::new(|| tiny_image_encoder(Precision::F32)), n(SIGLIP))),
+        vae_encoder_bytes: crate::load::vae_half_bytes_in(VAE, crate::load::VaeHalf::Encoder, DEMO_DTYPE).unwrap_or(0),
+        image_encoder: Some((
+            Box::new(|| tiny_image_encoder(Precision::F32)),
+            crate::encode::siglip_bytes(&siglip_cfg, DEMO_DTYPE),
+        )),
         ip_adapter: Some((
             Box::new(|| Ok(TensorStore::from_torch_zip(ADAPTER, "bundled ip-adapter.bin")?)),
-            n(ADAPTER),
+            adapter_bytes,
         )),
         ip_is_xlabs: false,
         clip_vision: None,
@@ -81,7 +93,7 @@ pub fn sources() -> Sources {
         flux_units: crate::load::flux_units_in(&[(FLUX, "bundled flux-tiny-bfl.safetensors".into())])
             .unwrap_or_default(),
         loras: Vec::new(),
-    }
+    })
 }
 
 /// The demo's settings: 128×128, 4 steps, seed 0, f32 on the CPU.
@@ -94,7 +106,7 @@ pub fn settings(seed: u64) -> Settings {
         guidance: 3.5,
         seed,
         batch: 1,
-        dtype: DType::F32,
+        dtype: DEMO_DTYPE,
         device: Device::Cpu,
         device_spec: DeviceSpec::Cpu,
         t5_max_len: 16,
@@ -134,7 +146,7 @@ mod tests {
         let flux: crate::generate::LoadFn<FluxFiles> = Box::new(move || {
             Ok(FluxFiles { weights: crate::load::load_store(&path)?, axes_dim: Some(TINY_AXES.to_vec()) })
         });
-        Sources { flux: (flux, 0), flux_units: units, ..sources() }
+        Sources { flux: (flux, 0), flux_units: units, ..sources().unwrap() }
     }
 
     #[test]
@@ -150,5 +162,26 @@ mod tests {
         };
         let (k, d) = (flux_bytes(&kept), flux_bytes(&dense));
         assert!(k > 0 && k < d, "Flux registered: {k} B kept quantized, {d} B dequantized");
+    }
+
+    /// The demo's registry figures are what its models fetch as they build,
+    /// as `generate`'s are for files (`generate::tests`).
+    #[test]
+    fn the_demo_registers_what_its_models_take() {
+        let (src, cpu) = (sources().unwrap(), Device::Cpu);
+        let t5 = (src.t5.0)().unwrap();
+        crate::text::T5Encoder::new(&t5.config, &t5.weights, &t5.tokenizer, 16, DEMO_DTYPE, &cpu).unwrap();
+        assert_eq!(src.t5.1, t5.weights.fetched_bytes(), "T5");
+        let clip = (src.clip.0)().unwrap();
+        crate::text::ClipEncoder::new(&clip.config, &clip.weights, &clip.tokenizer, DEMO_DTYPE, &cpu).unwrap();
+        assert_eq!(src.clip.1, clip.weights.fetched_bytes(), "CLIP");
+        let adapter = (src.ip_adapter.as_ref().unwrap().0)().unwrap();
+        ipaflux_core::IpAdapter::from_store(&adapter, DEMO_DTYPE, &cpu).unwrap();
+        assert_eq!(src.ip_adapter.as_ref().unwrap().1, adapter.fetched_bytes(), "IP-Adapter");
+        let cfg = SiglipVisionConfig::from_hf_json(SIGLIP_CONFIG, "config.json").unwrap();
+        let weights = TensorStore::from_safetensors(SIGLIP, "siglip").unwrap();
+        let preprocess = PreprocessConfig::siglip(cfg.image_size);
+        ImageEncoder::new(&cfg, preprocess, weights.clone(), Precision::F32, cpu.clone()).unwrap();
+        assert_eq!(src.image_encoder.as_ref().unwrap().1, weights.fetched_bytes(), "SigLIP");
     }
 }

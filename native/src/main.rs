@@ -849,7 +849,7 @@ fn main() -> anyhow::Result<()> {
                  bundled sample image as the reference"
             );
             let s = demo::settings(seed);
-            run_pipeline(&demo::sources(), &demo::references(), &s, &out, true)?;
+            run_pipeline(&demo::sources()?, &demo::references(), &s, &out, true)?;
             println!("wrote {} ({}×{}, seed {seed})", out.display(), s.width, s.height);
         }
         Cmd::Generate(args) => run_generate(*args)?,
