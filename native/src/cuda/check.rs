@@ -184,7 +184,7 @@ pub fn registry_vs_driver(o: &CheckOptions, r: &mut Report) -> Result<()> {
     let cfg = siglip_config(o.quick);
     let list = expected_tensors(&cfg);
     // Predicted from the config alone: what the registry is told.
-    let predicted: u64 = list.iter().map(|(_, s)| s.iter().product::<usize>() as u64 * 2).sum();
+    let predicted = ipaflux_core::weights::loaded_bytes(&list, DType::BF16);
     // The weights start on the host (pinned); no GPU copy is kept.
     let initial = random_weights(&list, DType::BF16, dev)?;
     let want = fingerprint(&initial)?;
