@@ -1,7 +1,8 @@
 //! Image-to-image against diffusers (tests/reference/make_img2img_fixtures.py):
 //! Pillow's Lanczos resize byte for byte, the whole VAE's encoder in both
 //! layouts, and `FluxImg2ImgPipeline`'s final latents and decoded image from
-//! the same init image, noise and text embeddings on the tiny Flux.
+//! the same init image, noise and text embeddings on the tiny Flux; with
+//! XLabs' IP-Adapter (`load_ip_adapter`, make_img2img_ip_fixtures.py).
 //! Tolerance: f32 relative max error ≤ 1e-4.
 
 use std::collections::HashMap;
@@ -9,8 +10,9 @@ use std::collections::HashMap;
 use ipaflux::load::{load_store, load_vae, vae_file};
 use ipaflux::vae::{from_rgb8, VaeDecoder, VaeEncoder};
 use ipaflux_core::candle_core::{DType, Device, Tensor};
+use ipaflux_core::flux::ip::{IpHookConfig, IpImage, IpWeight};
 use ipaflux_core::flux::sampler::{self, Guide, Start};
-use ipaflux_core::flux::Hooks;
+use ipaflux_core::flux::{AttentionHook, Hooks, XlabsHook};
 use ipaflux_core::preprocess::{resize, Resample, RgbImage};
 use ipaflux_tests::*;
 
@@ -107,6 +109,35 @@ fn img2img_matches_diffusers_pipeline() {
     }
     // The two strengths differ by more than the tolerance: the start point is tested.
     assert!(rel_max_err(&finals[0], &finals[1]) > 100.0 * F32_TOL);
+}
+
+/// `FluxImg2ImgPipeline` with XLabs' IP-Adapter: an init image and an IP
+/// reference together, as `generate --init-image X --image P`.
+#[test]
+fn img2img_with_xlabs_ip_adapter_matches_diffusers_pipeline() {
+    let (g, ip_gold, r) = (gold(), tensors("img2img/ip-golden.safetensors"), json("img2img/ip-reference.json"));
+    let run = PipelineRun::of(&r);
+    let model = tiny_flux("flux/flux-tiny-bfl.safetensors");
+    let pixels = from_rgb8(&init_image(), &Device::Cpu).unwrap();
+    let image = sampler::pack(&encoder("img2img/ae.safetensors").encode(&pixels).unwrap()).unwrap();
+    let noise = sampler::pack(&g["pipe.noise"]).unwrap();
+    let (clip, adapter) = (xlabs_clip(), xlabs_adapter());
+    let photo = std::fs::read(fixture("images/photo.jpg")).unwrap();
+    let embeds = clip.image_embeds(&clip.pixels(&photo, "photo.jpg").unwrap()).unwrap();
+    let kv = adapter.kv_all(&adapter.project(&embeds).unwrap(), model.cfg.head_dim()).unwrap();
+    let cfg = IpHookConfig { weight: IpWeight::Constant(r["scale"].as_f64().unwrap()), ..IpHookConfig::default() };
+    let hook = XlabsHook::new(vec![IpImage { kv, weight: 1.0 }], cfg, &model.cfg).unwrap();
+    let hooks: [&dyn AttentionHook; 1] = [&hook];
+    let prompt = run.cond(&g["pipe.prompt_embeds"], &g["pipe.pooled"]);
+    let strength = r["strength"].as_f64().unwrap();
+    let start = Start::Image { image: &image, noise: &noise, mask: None };
+    let sigmas = run.sigmas_at(strength);
+    let out =
+        sampler::euler(&model, start, &run.ids(), Guide::prompt(&prompt), &sigmas, Hooks::new(&hooks), &mut |_| {})
+            .unwrap();
+    assert_close("img2img with XLabs' IP-Adapter", &out, &ip_gold["out"], F32_TOL);
+    let plain = &g[&format!("pipe.latents.{strength}")];
+    assert!(rel_max_err(&out, plain) > 100.0 * F32_TOL, "the adapter changed too little to be tested");
 }
 
 #[test]
