@@ -91,6 +91,18 @@ pub fn xlabs_adapter() -> ipaflux_core::flux::XlabsIpAdapter {
     ipaflux_core::flux::XlabsIpAdapter::from_store(&store, DType::F32, &Device::Cpu).expect("XLabs adapter builds")
 }
 
+/// XLabs' fixture adapter reading images/photo.jpg with its CLIP, as a hook
+/// at `scale` for the tiny Flux of `cfg` (the pipelines' `ip_adapter_image`).
+pub fn xlabs_photo_hook(cfg: &ipaflux_core::flux::FluxConfig, scale: f64) -> ipaflux_core::flux::XlabsHook {
+    use ipaflux_core::flux::ip::{IpHookConfig, IpImage, IpWeight};
+    let (clip, adapter) = (xlabs_clip(), xlabs_adapter());
+    let photo = std::fs::read(fixture("images/photo.jpg")).expect("photo.jpg");
+    let embeds = clip.image_embeds(&clip.pixels(&photo, "photo.jpg").expect("pixels")).expect("image_embeds");
+    let kv = adapter.kv_all(&adapter.project(&embeds).expect("projection"), cfg.head_dim()).expect("K/V");
+    let hook_cfg = IpHookConfig { weight: IpWeight::Constant(scale), ..IpHookConfig::default() };
+    ipaflux_core::flux::XlabsHook::new(vec![IpImage { kv, weight: 1.0 }], hook_cfg, cfg).expect("XLabs hook")
+}
+
 /// What a diffusers-pipeline golden ran: its `reference.json`'s `steps`,
 /// `guidance` and output `image` size, with FLUX.1-dev's shifted schedule.
 pub struct PipelineRun {

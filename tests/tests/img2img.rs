@@ -10,9 +10,8 @@ use std::collections::HashMap;
 use ipaflux::load::{load_store, load_vae, vae_file};
 use ipaflux::vae::{from_rgb8, VaeDecoder, VaeEncoder};
 use ipaflux_core::candle_core::{DType, Device, Tensor};
-use ipaflux_core::flux::ip::{IpHookConfig, IpImage, IpWeight};
 use ipaflux_core::flux::sampler::{self, Guide, Start};
-use ipaflux_core::flux::{AttentionHook, Hooks, XlabsHook};
+use ipaflux_core::flux::{AttentionHook, Hooks};
 use ipaflux_core::preprocess::{resize, Resample, RgbImage};
 use ipaflux_tests::*;
 
@@ -121,12 +120,7 @@ fn img2img_with_xlabs_ip_adapter_matches_diffusers_pipeline() {
     let pixels = from_rgb8(&init_image(), &Device::Cpu).unwrap();
     let image = sampler::pack(&encoder("img2img/ae.safetensors").encode(&pixels).unwrap()).unwrap();
     let noise = sampler::pack(&g["pipe.noise"]).unwrap();
-    let (clip, adapter) = (xlabs_clip(), xlabs_adapter());
-    let photo = std::fs::read(fixture("images/photo.jpg")).unwrap();
-    let embeds = clip.image_embeds(&clip.pixels(&photo, "photo.jpg").unwrap()).unwrap();
-    let kv = adapter.kv_all(&adapter.project(&embeds).unwrap(), model.cfg.head_dim()).unwrap();
-    let cfg = IpHookConfig { weight: IpWeight::Constant(r["scale"].as_f64().unwrap()), ..IpHookConfig::default() };
-    let hook = XlabsHook::new(vec![IpImage { kv, weight: 1.0 }], cfg, &model.cfg).unwrap();
+    let hook = xlabs_photo_hook(&model.cfg, r["scale"].as_f64().unwrap());
     let hooks: [&dyn AttentionHook; 1] = [&hook];
     let prompt = run.cond(&g["pipe.prompt_embeds"], &g["pipe.pooled"]);
     let strength = r["strength"].as_f64().unwrap();

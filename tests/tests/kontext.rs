@@ -8,10 +8,9 @@
 
 use ipaflux::vae::from_rgb8;
 use ipaflux_core::candle_core::{Device, Tensor};
-use ipaflux_core::flux::ip::{IpHookConfig, IpImage, IpWeight};
 use ipaflux_core::flux::kontext::{preferred_size, reference_ids};
 use ipaflux_core::flux::sampler::{self, Guide, Start};
-use ipaflux_core::flux::{AttentionHook, Hooks, XlabsHook};
+use ipaflux_core::flux::{AttentionHook, Hooks};
 use ipaflux_tests::*;
 
 #[test]
@@ -96,12 +95,7 @@ fn kontext_with_xlabs_ip_adapter_matches_diffusers_pipeline() {
     let image = fixture_image("img2img/init.png");
     let tokens = sampler::pack(&tiny_vae_encoder().encode(&from_rgb8(&image, &Device::Cpu).unwrap()).unwrap()).unwrap();
     let ref_ids = reference_ids(image.height / 16, image.width / 16);
-    let (clip, adapter) = (xlabs_clip(), xlabs_adapter());
-    let photo = std::fs::read(fixture("images/photo.jpg")).unwrap();
-    let embeds = clip.image_embeds(&clip.pixels(&photo, "photo.jpg").unwrap()).unwrap();
-    let kv = adapter.kv_all(&adapter.project(&embeds).unwrap(), model.cfg.head_dim()).unwrap();
-    let cfg = IpHookConfig { weight: IpWeight::Constant(r["scale"].as_f64().unwrap()), ..IpHookConfig::default() };
-    let hook = XlabsHook::new(vec![IpImage { kv, weight: 1.0 }], cfg, &model.cfg).unwrap();
+    let hook = xlabs_photo_hook(&model.cfg, r["scale"].as_f64().unwrap());
     let hooks: [&dyn AttentionHook; 1] = [&hook];
     let prompt = run.cond(&i2i["pipe.prompt_embeds"], &i2i["pipe.pooled"]);
     let (ids, sigmas) = (run.ids(), run.sigmas());
