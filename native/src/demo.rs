@@ -88,6 +88,7 @@ pub fn sources() -> Result<Sources> {
         clip_vision: None,
         redux: None,
         depth: None,
+        controlnet: None,
         flux_in_channels: 64,
         flux_head_dim: TINY_HEAD_DIM,
         flux_units: crate::load::flux_units_in(&[(FLUX, "bundled flux-tiny-bfl.safetensors".into())])
@@ -124,6 +125,7 @@ pub fn settings(seed: u64) -> Settings {
         true_cfg: None,
         kontext: None,
         control: None,
+        controlnet: None,
     }
 }
 

@@ -1,10 +1,10 @@
 //! The full text + image-prompt pipeline: text encoders (the prompt, and a
 //! negative prompt for true classifier-free guidance) → the VAE encoding of
 //! an init image (image-to-image, inpainting with a mask, FLUX.1 Fill's
-//! conditioning), of a FLUX.1 Kontext image and of a FLUX.1 Canny/Depth
-//! control image → reference-image encoding →
+//! conditioning), of a FLUX.1 Kontext image and of a control image (FLUX.1
+//! Canny/Depth's input channels, or a Flux ControlNet's) → reference-image encoding →
 //! per-block IP K/V, and FLUX.1 Redux images' tokens after the prompt's →
-//! Flux sampling with the IP-Adapter hook → VAE decode → PNG. Without
+//! Flux sampling with the IP-Adapter hook (and a ControlNet's residuals) → VAE decode → PNG. Without
 //! references it is plain Flux. Every model is registered with the memory registry, loaded
 //! for its stage through `load_for_job`, and released after its last use; the
 //! registry's timeline is returned with the image.
@@ -26,6 +26,7 @@ use ipaflux_core::flux::{
     append_image_tokens, AttentionHook, BlockId, BlockSource, Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights,
     Hooks, HostBlocks, ReduxDims, ReduxImageEncoder, XlabsDims, XlabsHook, XlabsIpAdapter,
 };
+use ipaflux_core::flux::{ControlInput, ControlNetDims, ControlWindow, FluxControlNet};
 use ipaflux_core::registry::{
     Event, HostMemory, JobPlan, JobRequest, ModelHandle, ModelId, ModelSpec, Registry, RegistryConfig, Role,
 };
@@ -76,6 +77,8 @@ pub struct Sources {
     pub redux: Option<(LoadFn<TensorStore>, u64)>,
     /// Depth Anything, for a control image's depth map ([`ControlMap::Depth`]); `None`: not given.
     pub depth: Option<(LoadFn<crate::depth::DepthEstimator>, u64)>,
+    /// A Flux ControlNet (InstantX's, Shakker-Labs'), for [`Settings::controlnet`]; `None`: not given.
+    pub controlnet: Option<ControlNetSource>,
     /// Flux's input channels per token (64; FLUX.1 Canny/Depth's 128, Fill's
     /// 384: [`FluxVariant`]), from the checkpoint header, or as a FLUX.1
     /// Canny/Depth LoRA widens it.
@@ -89,6 +92,14 @@ pub struct Sources {
     pub flux_units: crate::load::FluxUnits,
     /// LoRAs applied to Flux as it loads, read and checked against its sizes up front.
     pub loras: Vec<FluxLora>,
+}
+
+/// A Flux ControlNet: how it loads (in the run's dtype, on its device), the
+/// bytes it takes loaded, and its sizes from its header.
+pub struct ControlNetSource {
+    pub load: LoadFn<FluxControlNet>,
+    pub bytes: u64,
+    pub dims: ControlNetDims,
 }
 
 /// A reference: for the IP-Adapter, an image to encode or `image_prompt_embeds`
@@ -193,9 +204,26 @@ pub struct Settings {
     /// or made from a photo: [`ControlMap`]), resized to the output size
     /// (Lanczos) as diffusers' `FluxControlPipeline` does; its VAE latents go
     /// in as extra input channels at every pass. Works with an init image and
-    /// a mask too.
+    /// a mask too. With [`Self::controlnet`], the ControlNet's control image instead.
     pub control: Option<Control>,
+    /// Run [`Sources::controlnet`] on [`Self::control`]'s latents (with FLUX.1-dev
+    /// or schnell, not FLUX.1 Canny/Depth); `None`: no ControlNet.
+    pub controlnet: Option<ControlNetSettings>,
 }
+
+/// How a Flux ControlNet conditions (diffusers' `FluxControlNetPipeline` arguments).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlNetSettings {
+    /// `controlnet_conditioning_scale` (ComfyUI's strength): its residuals' factor.
+    pub scale: f64,
+    /// A Union net's control mode (`control_mode`); `None` for a single-purpose net.
+    pub mode: Option<usize>,
+    /// The steps it runs in (`control_guidance_start`/`_end`).
+    pub window: ControlWindow,
+}
+
+/// Control modes of InstantX's and Shakker-Labs' Union ControlNets, by index.
+pub const UNION_MODES: [&str; 7] = ["canny", "tile", "depth", "blur", "pose", "gray", "lq"];
 
 /// The IP-Adapter's reference in true CFG's negative pass.
 #[derive(Debug, Clone, Default)]
@@ -371,6 +399,8 @@ struct Handles {
     vae_encoder: Option<ModelHandle>,
     /// Registered only for a control image's depth map.
     depth: Option<ModelHandle>,
+    /// Registered only with a ControlNet, loaded beside Flux for sampling.
+    controlnet: Option<ModelHandle>,
 }
 
 /// Whether reference `r` is read with SigLIP: a Redux image, or an image for InstantX's adapter.
@@ -464,6 +494,10 @@ fn register_all(reg: &mut Registry, src: &Sources, refs: &[Reference], s: &Setti
             }
             _ => None,
         },
+        controlnet: match (&src.controlnet, &s.controlnet) {
+            (Some(net), Some(_)) => Some(reg.register(spec("controlnet", Role::Diffusion, net.bytes))?),
+            _ => None,
+        },
     })
 }
 
@@ -550,8 +584,10 @@ pub fn generate(
     // The models of the stages after `now`, as the registry's lookahead (the
     // image stage only when it has models; the text and init-image stages come
     // before all of these).
+    let mut sample_models = vec![flux_id];
+    sample_models.extend(h.controlnet.as_ref().map(|c| c.model));
     let later = |now: &str| -> Vec<Vec<ModelId>> {
-        let stages = [("image", image_models.clone()), ("sample", vec![flux_id]), ("decode", vec![vae_id])];
+        let stages = [("image", image_models.clone()), ("sample", sample_models.clone()), ("decode", vec![vae_id])];
         let from = stages.iter().position(|(name, _)| *name == now).map_or(0, |i| i + 1);
         stages[from..].iter().filter(|(_, m)| !m.is_empty()).map(|(_, m)| m.clone()).collect()
     };
@@ -619,7 +655,7 @@ pub fn generate(
     } else {
         0
     };
-    let mut sampled = vec![flux_id];
+    let mut sampled = sample_models.clone();
     sampled.extend(kv.as_ref().map(|k| k.model));
     let plan = job(&mut reg, "sample", (dev, dequantizing), &sampled, later("sample"))?;
     let streamed = match plan.placements.iter().find(|p| p.model == flux_id) {
@@ -632,6 +668,9 @@ pub fn generate(
     let latents = timed(&mut stages, "sampling", || sample(src, ip, &texts, s, start, on_step))?;
     if let Some(kv) = kv {
         reg.release(kv);
+    }
+    if let Some(controlnet) = h.controlnet {
+        reg.release(controlnet);
     }
     reg.release(h.flux);
     release_cache(&mut reg, "sampling done");
@@ -651,14 +690,20 @@ pub fn generate(
 struct Encoded {
     init: Option<InitLatents>,
     kontext: Option<KontextLatents>,
-    /// FLUX.1 Canny/Depth's packed control latents `[1, tokens, 64]`.
+    /// The control image's packed latents `[1, tokens, 64]` (FLUX.1
+    /// Canny/Depth's input channels, or a ControlNet's input).
     control: Option<Tensor>,
 }
 
 impl Encoded {
-    /// The extra input channels of every pass: Fill's conditioning or the control latents.
-    fn channels(&self) -> Option<&Tensor> {
-        self.init.as_ref().and_then(|i| i.fill.as_ref()).or(self.control.as_ref())
+    /// The extra input channels of every pass of a `variant` Flux: Fill's
+    /// conditioning or FLUX.1 Canny/Depth's control latents.
+    fn channels(&self, variant: FluxVariant) -> Option<&Tensor> {
+        match variant {
+            FluxVariant::Fill => self.init.as_ref().and_then(|i| i.fill.as_ref()),
+            FluxVariant::Control => self.control.as_ref(),
+            FluxVariant::Base => None,
+        }
     }
 }
 
@@ -715,6 +760,7 @@ fn check_settings(src: &Sources, s: &Settings) -> Result<FluxVariant> {
                 .into(),
         );
     }
+    check_controlnet(src, s, variant)?;
     match (variant, &s.control) {
         (FluxVariant::Control, None) => {
             return refuse(
@@ -723,9 +769,11 @@ fn check_settings(src: &Sources, s: &Settings) -> Result<FluxVariant> {
                     .into(),
             )
         }
+        (FluxVariant::Base, Some(_)) if s.controlnet.is_some() => {}
         (FluxVariant::Base | FluxVariant::Fill, Some(c)) => {
             return refuse(format!(
-                "{}: a control image goes with FLUX.1 Canny or Depth (128 input channels), and this Flux takes {}",
+                "{}: a control image goes with FLUX.1 Canny or Depth (128 input channels) or a --controlnet, and \
+                 this Flux takes {}",
                 c.image.name, src.flux_in_channels
             ))
         }
@@ -746,6 +794,48 @@ fn check_settings(src: &Sources, s: &Settings) -> Result<FluxVariant> {
         return refuse(format!("a Kontext image goes with FLUX.1 Kontext, not {name}: give one or the other"));
     }
     Ok(variant)
+}
+
+/// Refuses a ControlNet setting that cannot run: a net needs its control
+/// image and the plain Flux (not Fill, Canny/Depth or Kontext), a Union net
+/// its mode (one it has), a single-purpose net none; a window inside [0, 1].
+fn check_controlnet(src: &Sources, s: &Settings, variant: FluxVariant) -> Result<()> {
+    let refuse = |m: String| Err(crate::Error::from(ipaflux_core::Error::Unsupported(m)));
+    let (net, c) = match (&src.controlnet, &s.controlnet) {
+        (None, None) => return Ok(()),
+        (Some(_), None) => return refuse("a ControlNet was given without its settings".into()),
+        (None, Some(_)) => return refuse("ControlNet settings without a ControlNet: give --controlnet".into()),
+        (Some(net), Some(c)) => (net, c),
+    };
+    if s.control.is_none() {
+        return refuse("a ControlNet follows a control image: give --control-image".into());
+    }
+    if variant != FluxVariant::Base || s.kontext.is_some() {
+        return refuse(
+            "a ControlNet goes with FLUX.1-dev or schnell, not FLUX.1 Fill, Canny/Depth or a Kontext image".into(),
+        );
+    }
+    match (net.dims.modes, c.mode) {
+        (Some(n), None) => {
+            return refuse(format!(
+                "this is a Union ControlNet ({n} modes): give --controlnet-mode ({})",
+                UNION_MODES.join(", ")
+            ))
+        }
+        (Some(n), Some(m)) if m >= n => return refuse(format!("control mode {m}: this Union ControlNet has 0..{n}")),
+        (None, Some(m)) => {
+            return refuse(format!("--controlnet-mode {m} given, but this ControlNet has no modes (not a Union net)"))
+        }
+        _ => {}
+    }
+    let w = c.window;
+    if !(0.0..=1.0).contains(&w.start) || !(0.0..=1.0).contains(&w.end) || w.start >= w.end {
+        return refuse(format!("ControlNet window {}..{}: give 0 <= start < end <= 1", w.start, w.end));
+    }
+    if !c.scale.is_finite() {
+        return refuse(format!("ControlNet scale {}", c.scale));
+    }
+    Ok(())
 }
 
 /// Refuses a negative image (black or a picture) that cannot be used: it
@@ -1138,8 +1228,25 @@ fn sample(
     if let Some(init) = &s.init {
         sigmas.drain(..sampler::img2img_start(s.steps, init.strength)?);
     }
-    let channels = encoded.channels();
+    let channels = encoded.channels(FluxVariant::from_in_channels(model.cfg.in_channels)?);
     let reference = encoded.kontext.as_ref().map(|k| (&k.tokens, &k.ids[..]));
+    let controlnet = match (&src.controlnet, &s.controlnet) {
+        (Some(net), Some(c)) => {
+            let mut net = (net.load)()?;
+            // The kernels Flux runs with: its blocks are Flux's.
+            net.set_attention(crate::attention_for(&s.device, s.kernels));
+            net.set_fused_modulation(crate::modulation_for(&s.device, s.kernels));
+            let latents = encoded.control.as_ref().ok_or_else(|| {
+                ipaflux_core::Error::Unsupported("a ControlNet without its control image's latents".into())
+            })?;
+            Some((net, latents, c))
+        }
+        _ => None,
+    };
+    let control: Vec<ControlInput<'_>> = controlnet
+        .iter()
+        .map(|(net, latents, c)| ControlInput { net, latents, mode: c.mode, scale: c.scale, window: c.window })
+        .collect();
     let guide = match (texts, &s.true_cfg) {
         ([positive], None) => Guide { channels, reference, ..Guide::prompt(positive) },
         ([positive, negative], Some(cfg)) => {
@@ -1152,7 +1259,7 @@ fn sample(
     let list: Vec<&dyn AttentionHook> = hook.iter().map(|h| h.as_ref()).collect();
     let negative_list: Option<Vec<&dyn AttentionHook>> =
         negative_hook.as_ref().map(|h| h.iter().map(|h| h.as_ref()).collect());
-    let guide = Guide { negative_hooks: negative_list.as_deref().map(Hooks::new), ..guide };
+    let guide = Guide { negative_hooks: negative_list.as_deref().map(Hooks::new), control: &control, ..guide };
     let ids = sampler::img_ids(rows, cols);
     seeds(s)
         .map(|seed| {
@@ -1249,6 +1356,9 @@ pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], src: &Source
             .collect::<Vec<_>>(),
         "kontext_image": s.kontext.as_ref().map(|k| &k.image.name),
         "control_image": s.control.as_ref().map(Control::describe),
+        "controlnet": s.controlnet.as_ref().map(|c| {
+            serde_json::json!({"scale": c.scale, "mode": c.mode, "start": c.window.start, "end": c.window.end})
+        }),
         "init_image": s.init.as_ref().map(|i| {
             serde_json::json!({"name": i.name, "strength": i.strength, "mask": i.mask.as_ref().map(|m| &m.name)})
         }),
@@ -1280,6 +1390,8 @@ pub struct ModelPaths {
     pub redux: Option<std::path::PathBuf>,
     /// Depth Anything (a transformers folder), needed for a control image's depth map.
     pub depth: Option<std::path::PathBuf>,
+    /// A Flux ControlNet (a diffusers folder or repo, or its `.safetensors` file).
+    pub controlnet: Option<std::path::PathBuf>,
     /// `tokenizer.json` (or a folder / repo holding it) for single-file text encoders.
     pub t5_tokenizer: Option<std::path::PathBuf>,
     pub clip_tokenizer: Option<std::path::PathBuf>,
@@ -1426,6 +1538,23 @@ impl ModelPaths {
             }
             None => None,
         };
+        let controlnet = match self.controlnet.as_deref().map(load::resolve_arg).transpose()? {
+            Some(path) => {
+                // Its sizes from the header now: a net for another model fails before any model runs.
+                let files = load::load_controlnet(&path)?;
+                let dims = ControlNetDims::infer(&files.weights)?;
+                dims.check_compatible(&flux_cfg)?;
+                // As Flux: in the run's dtype on its device.
+                let bytes = ipaflux_core::weights::loaded_bytes(&dims.expected_tensors(), self.encoder_dtype.dtype());
+                let device = device.clone();
+                let load: LoadFn<FluxControlNet> = Box::new(move || {
+                    let files = files.clone();
+                    Ok(FluxControlNet::from_store(files.weights, files.axes_dim, dtype, &device)?)
+                });
+                Some(ControlNetSource { load, bytes, dims })
+            }
+            None => None,
+        };
         Ok(Sources {
             flux: (Box::new(move || load::load_flux(&flux)), flux_bytes),
             t5: (Box::new(move || Ok(t5_files.clone())), t5_bytes),
@@ -1438,6 +1567,7 @@ impl ModelPaths {
             clip_vision,
             redux,
             depth,
+            controlnet,
             flux_in_channels,
             flux_head_dim,
             flux_units,
@@ -1469,6 +1599,7 @@ mod tests {
             clip_vision: Some(fixture("xlabs/image_encoder")),
             redux: Some(fixture("redux/flux1-redux-tiny.safetensors")),
             depth: Some(fixture("depth/model")),
+            controlnet: Some(fixture("controlnet/union")),
             t5_tokenizer: None,
             clip_tokenizer: None,
             encoder_dtype: precision,
@@ -1541,6 +1672,10 @@ mod tests {
                 let files = crate::depth::load_depth_dir(&fixture("depth/model")).unwrap();
                 let n = fetched(&files.weights, || crate::depth::DepthEstimator::new(&files, dtype, &cpu));
                 check(&mut off, src.depth.as_ref().unwrap().1, n, format!("Depth Anything, {at}"));
+                // The ControlNet takes every tensor of its file (its loader refuses others), in the run's dtype.
+                let files = crate::load::load_controlnet(&fixture("controlnet/union")).unwrap();
+                let n = files.weights.bytes_as(dtype, |_| true);
+                check(&mut off, src.controlnet.as_ref().unwrap().bytes, n, format!("ControlNet, {at}"));
             }
         }
         assert!(off.is_empty(), "registry figures off:\n{}", off.join("\n"));

@@ -132,6 +132,7 @@ pub fn load_safetensors_in(dir: &Path, stem: &str) -> Result<TensorStore> {
 }
 
 /// A Flux transformer's weights and, from a diffusers `config.json`, its RoPE axes.
+#[derive(Clone)]
 pub struct FluxFiles {
     pub weights: TensorStore,
     pub axes_dim: Option<Vec<usize>>,
@@ -191,6 +192,21 @@ pub fn load_flux(path: &Path) -> Result<FluxFiles> {
              (a GGUF file is given by its own path)",
         )),
     }
+}
+
+/// A Flux ControlNet: a `.safetensors` file (as in ComfyUI's
+/// `models/controlnet/`) or a diffusers folder, repo or cache entry (its
+/// `config.json`'s RoPE axes read), checked to be one.
+pub fn load_controlnet(path: &Path) -> Result<FluxFiles> {
+    let files = load_flux(path)?;
+    if !ipaflux_core::flux::controlnet::is_controlnet(&files.weights) {
+        return Err(io_err(
+            path,
+            "not a Flux ControlNet (no `controlnet_x_embedder`): give a diffusers-layout one \
+             (InstantX's, Shakker-Labs')",
+        ));
+    }
+    Ok(files)
 }
 
 /// An IP-Adapter checkpoint: the InstantX `ip-adapter.bin` (PyTorch zip) or a flat safetensors, told apart by content.

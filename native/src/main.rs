@@ -352,6 +352,26 @@ struct GenerateArgs {
     /// registry entry ("depth"), on --device in --dtype, loaded in a stage of its own and released there.
     #[arg(long, requires = "control_image", conflicts_with = "control_canny")]
     control_depth: Option<PathBuf>,
+    /// A Flux ControlNet for FLUX.1-dev or schnell (InstantX's or Shakker-Labs': a diffusers folder or
+    /// repo id, e.g. InstantX/FLUX.1-dev-Controlnet-Canny, or its .safetensors file as ComfyUI keeps it)
+    /// that follows --control-image (as given, or its --control-canny / --control-depth map), as diffusers'
+    /// FluxControlNetPipeline: each step it runs on the latents and the control image's VAE latents, and its
+    /// residuals join Flux's blocks (both passes with --true-cfg). A registry entry ("controlnet") loaded
+    /// beside Flux for sampling, in --dtype.
+    #[arg(long, requires = "control_image")]
+    controlnet: Option<PathBuf>,
+    /// The ControlNet's strength (diffusers' controlnet_conditioning_scale; InstantX suggest 0.5-0.7 for Canny)
+    #[arg(long, default_value_t = 1.0, requires = "controlnet")]
+    controlnet_scale: f64,
+    /// The fraction of the steps before which the ControlNet is off (diffusers' control_guidance_start)
+    #[arg(long, default_value_t = 0.0, requires = "controlnet")]
+    controlnet_start: f64,
+    /// The fraction of the steps after which the ControlNet is off again (control_guidance_end)
+    #[arg(long, default_value_t = 1.0, requires = "controlnet")]
+    controlnet_end: f64,
+    /// A Union ControlNet's mode: canny, tile, depth, blur, pose, gray, lq, or its number
+    #[arg(long, value_parser = parse_control_mode, requires = "controlnet")]
+    controlnet_mode: Option<usize>,
     /// Output width [default: 1024, or the init image's, the (resized) Kontext image's or the control image's]
     #[arg(long)]
     width: Option<usize>,
@@ -419,6 +439,17 @@ fn ip_negative(arg: &std::path::Path) -> anyhow::Result<generate::IpNegative> {
 }
 
 /// `LOW,HIGH` Canny thresholds.
+/// A Union ControlNet's mode by name ([`generate::UNION_MODES`]) or number.
+fn parse_control_mode(s: &str) -> Result<usize, String> {
+    let name = s.trim().to_ascii_lowercase();
+    match generate::UNION_MODES.iter().position(|m| *m == name) {
+        Some(i) => Ok(i),
+        None => name
+            .parse::<usize>()
+            .map_err(|_| format!("`{s}`: give a mode name ({}) or number", generate::UNION_MODES.join(", "))),
+    }
+}
+
 fn parse_canny(s: &str) -> Result<(f64, f64), String> {
     let parse = |v: &str| v.trim().parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 0.0);
     match s.split_once(',').map(|(a, b)| (parse(a), parse(b))) {
@@ -670,6 +701,11 @@ fn settings_from_args(
         true_cfg,
         kontext,
         control,
+        controlnet: a.controlnet.as_ref().map(|_| generate::ControlNetSettings {
+            scale: a.controlnet_scale,
+            mode: a.controlnet_mode,
+            window: ipaflux_core::flux::ControlWindow { start: a.controlnet_start, end: a.controlnet_end },
+        }),
     })
 }
 
@@ -713,6 +749,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         clip_vision: a.clip_vision,
         redux: a.redux,
         depth: a.control_depth,
+        controlnet: a.controlnet,
         t5_tokenizer: a.t5_tokenizer,
         clip_tokenizer: a.clip_tokenizer,
         encoder_dtype: a.dtype,

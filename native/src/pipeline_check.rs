@@ -1,6 +1,7 @@
 //! `gpu-check`'s parity of the diffusers-pipeline modes on the device under
 //! test: image-to-image, inpainting, FLUX.1 Fill, Kontext, Canny/Depth (a
-//! Control transformer, and a Control LoRA on the plain Flux), true CFG and
+//! Control transformer, and a Control LoRA on the plain Flux), Flux
+//! ControlNets (InstantX's kind and a Union net), true CFG and
 //! XLabs' IP-Adapter (its CLIP image encoder on the device too), and Depth
 //! Anything's depth maps (against transformers),
 //! each run on the committed tiny fixtures in f32 with the VAE encoder and
@@ -19,7 +20,8 @@ use ipaflux_core::flux::ip::{IpHookConfig, IpImage, IpWeight};
 use ipaflux_core::flux::kontext::reference_ids;
 use ipaflux_core::flux::sampler::{self, Guide, Start};
 use ipaflux_core::flux::{
-    AttentionHook, Conditioning, FluxLoad, FluxLora, FluxModel, GgufWeights, Hooks, XlabsHook, XlabsIpAdapter,
+    AttentionHook, Conditioning, ControlInput, ControlWindow, FluxControlNet, FluxLoad, FluxLora, FluxModel,
+    GgufWeights, Hooks, XlabsHook, XlabsIpAdapter,
 };
 use ipaflux_core::preprocess::{clip_pixel_values, decode_rgb, to_luma, RgbImage};
 use ipaflux_core::schedule::{flux_schedule, Shift};
@@ -292,6 +294,36 @@ fn control(c: &Shared<'_>, r: &mut Report) -> Result<()> {
     let model = flux(fx, "flux/flux-tiny-bfl.safetensors", &[lora], dev)?;
     let out = sample(&model, Start::Noise(&c.noise), guide, &run, 1.0, Hooks::none());
     check(r, dev, "Control LoRA", out, lora_gold.get("out.t2i")?);
+    drop(model);
+    controlnets(c, &latents, r)
+}
+
+/// Flux ControlNets (FluxControlNetPipeline): InstantX's kind (blocks feeding
+/// several Flux blocks, a window) and a Union net in a mode with true CFG.
+fn controlnets(c: &Shared<'_>, latents: &Tensor, r: &mut Report) -> Result<()> {
+    let (fx, dev) = (c.fx, c.dev);
+    let gold = Golden::read(fx, "controlnet/golden.safetensors", dev)?;
+    let v = reference(fx, "controlnet/reference.json")?;
+    let run = Run::read(fx, "controlnet/reference.json")?;
+    let prompt = c.prompt(&run)?;
+    let negative = run.cond(gold.get("negative.embeds")?, gold.get("negative.pooled")?);
+    let model = flux(fx, "flux/transformer", &[], dev)?;
+    for (name, what) in [("canny", "ControlNet"), ("union", "Union ControlNet, true CFG")] {
+        let files = crate::load::load_controlnet(&fx.join("controlnet").join(name))?;
+        let net = FluxControlNet::from_store(files.weights, files.axes_dim, DType::F32, dev)?;
+        let s = &v[name];
+        let input = ControlInput {
+            net: &net,
+            latents,
+            mode: s["mode"].as_u64().map(|m| m as usize),
+            scale: s["scale"].as_f64().unwrap_or(1.0),
+            window: ControlWindow { start: s["start"].as_f64().unwrap_or(0.0), end: s["end"].as_f64().unwrap_or(1.0) },
+        };
+        let negative = s["true_cfg"].as_f64().map(|scale| (&negative, scale as f32));
+        let guide = Guide { control: &[input], negative, ..Guide::prompt(&prompt) };
+        let out = sample(&model, Start::Noise(&c.noise), guide, &run, 1.0, Hooks::none());
+        check(r, dev, what, out, gold.get(&format!("out.{name}"))?);
+    }
     Ok(())
 }
 

@@ -516,6 +516,48 @@ fn generate_with_flux_control() {
 }
 
 #[test]
+fn generate_with_a_controlnet() {
+    let f = |r: &str| fixture(r).display().to_string();
+    let (canny, union, vae, edges) =
+        (f("controlnet/canny"), f("controlnet/union"), f("img2img/ae.safetensors"), f("control/control.png"));
+    let (a, b) = (tmp("gen-controlnet-a.png"), tmp("gen-controlnet-b.png"));
+    let pixels = |p: &PathBuf| png_pixels(&std::fs::read(p).unwrap());
+    let ok = |extra: &[&str], out: &PathBuf| {
+        let o = generate(&[&["--vae", &vae, "--control-image", &edges], extra].concat(), out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+    };
+    let log = ok(&["--controlnet", &canny, "--controlnet-scale", "0.7", "--verbose"], &a);
+    let entry = |event: &str| log.lines().any(|l| l.contains(&format!(" {event} ")) && l.contains(" controlnet "));
+    assert!(entry("register") && entry("release"), "the registry's timeline shows its entry:\n{log}");
+    let png = String::from_utf8_lossy(&std::fs::read(&a).unwrap()).into_owned();
+    assert!(png.contains("\"controlnet\":{") && png.contains("\"scale\":0.7"), "the PNG's parameters hold it");
+    // At scale 0 its residuals are zeros: the picture is plain Flux's, to the byte.
+    ok(&["--controlnet", &canny, "--controlnet-scale", "0"], &b);
+    let plain = tmp("gen-controlnet-plain.png");
+    let o = generate(&["--vae", &vae], &plain);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(pixels(&b), pixels(&plain), "scale 0 changed the picture");
+    assert_ne!(pixels(&a), pixels(&plain), "the ControlNet changed nothing");
+    // A Union net in a mode, by name or number; with true CFG.
+    ok(&["--controlnet", &union, "--controlnet-mode", "depth", "--controlnet-start", "0.5"], &a);
+    ok(&["--controlnet", &union, "--controlnet-mode", "2", "--controlnet-start", "0.5"], &b);
+    assert_eq!(pixels(&a), pixels(&b));
+    ok(&["--controlnet", &union, "--controlnet-mode", "canny", "--true-cfg", "2", "--negative-prompt", "dog"], &b);
+    // Refused before any model runs.
+    let base = ["--vae", &vae, "--control-image", &edges];
+    let with = |extra: &[&str]| generate(&[&base[..], extra].concat(), &a);
+    assert_fails(&with(&["--controlnet", &union]), &["Union ControlNet", "--controlnet-mode"]);
+    assert_fails(&with(&["--controlnet", &canny, "--controlnet-mode", "pose"]), &["no modes"]);
+    assert_fails(&with(&["--controlnet", &union, "--controlnet-mode", "scribble"]), &["canny, tile, depth"]);
+    assert_fails(&with(&["--controlnet", &canny, "--controlnet-start", "0.8", "--controlnet-end", "0.2"]), &["window"]);
+    assert_fails(&with(&["--controlnet", &f("flux/transformer")]), &["not a Flux ControlNet"]);
+    assert_fails(&generate(&["--vae", &vae, "--controlnet", &canny], &a), &["--control-image"]);
+    let control_flux = ["--flux", &f("control/transformer"), "--controlnet", &canny];
+    assert_fails(&with(&control_flux), &["goes with FLUX.1-dev or schnell"]);
+}
+
+#[test]
 fn canny_writes_opencvs_edges() {
     let out = tmp("canny-photo.png");
     let o = Command::new(env!("CARGO_BIN_EXE_ipaflux"))

@@ -1,7 +1,7 @@
 """What the diffusers-pipeline fixture scripts share: FLUX.1-dev's scheduler
 config, a Flux pipeline of any kind over the tiny models without text
 encoders (the scripts pass embeddings), and the tiny models loaded in f32.
-Imported by make_{img2img,cfg,redux,inpaint,fill,kontext,control}_fixtures.py.
+Imported by make_{img2img,cfg,redux,inpaint,fill,kontext,control,controlnet}_fixtures.py.
 """
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel

@@ -140,6 +140,16 @@ impl FluxLayout {
     /// count comes from the QK-norm size. RoPE axes are not in a checkpoint: the
     /// config has none until [`FluxConfig::with_axes`].
     pub fn infer(self, store: &TensorStore) -> Result<FluxConfig> {
+        self.infer_sizes(store, true)
+    }
+
+    /// [`Self::infer`] for a model without Flux's final layer (a ControlNet's
+    /// blocks): `out_channels` is 0.
+    pub(super) fn infer_without_final_layer(self, store: &TensorStore) -> Result<FluxConfig> {
+        self.infer_sizes(store, false)
+    }
+
+    fn infer_sizes(self, store: &TensorStore, final_layer: bool) -> Result<FluxConfig> {
         let shape = |name: &str| -> Result<Vec<usize>> {
             let src = self.source_name(name);
             store.shape(&src).map(<[usize]>::to_vec).ok_or_else(|| Error::Checkpoint {
@@ -176,7 +186,7 @@ impl FluxLayout {
         };
         Ok(FluxConfig {
             in_channels: dim("img_in.weight", 1)?,
-            out_channels: dim("final_layer.linear.weight", 0)?,
+            out_channels: if final_layer { dim("final_layer.linear.weight", 0)? } else { 0 },
             vec_in_dim: dim("vector_in.in_layer.weight", 1)?,
             context_in_dim: dim("txt_in.weight", 1)?,
             hidden_size,

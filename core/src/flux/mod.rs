@@ -19,6 +19,7 @@
 //! with the memory registry, decides where weights live).
 
 pub mod config;
+pub mod controlnet;
 pub mod hooks;
 pub mod ip;
 pub mod kontext;
@@ -35,6 +36,7 @@ mod testing;
 pub mod xlabs;
 
 pub use config::FluxConfig;
+pub use controlnet::{ControlInput, ControlNetDims, ControlResiduals, ControlWindow, FluxControlNet};
 pub use hooks::{AttentionHook, Contribution, HookPoint, HookTerm, Hooks, Site};
 pub use ip::{IpAdapterHook, IpHookConfig, IpImage, IpWeight};
 pub use layout::FluxLayout;

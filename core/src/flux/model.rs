@@ -6,7 +6,9 @@
 //! and checked against diffusers' `FluxTransformer2DModel`. Field names mirror
 //! BFL's checkpoint keys. Norms, RoPE and softmax compute in f32; matmuls in
 //! the model dtype. fp8-e4m3 weights stay fp8 in memory and are upcast to the
-//! model dtype by each layer as it runs.
+//! model dtype by each layer as it runs. ControlNets' residuals join the
+//! image stream after the blocks they feed ([`FluxModel::forward_controlled`]);
+//! a ControlNet's own blocks are a `FluxModel` without the final layer.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::FluxConfig;
+use super::controlnet::ControlResiduals;
 use super::hooks::{HookPoint, Hooks, Site};
 use super::layout::FluxLayout;
 use super::lora::{self, FluxLora};
@@ -64,7 +67,7 @@ pub struct FluxLoad<'a> {
 /// as they are taken. Taking removes them, so a layer's source tensor is freed
 /// as soon as the layer holds its own copy: loading peaks at about one model
 /// plus one layer, not two models.
-struct Weights {
+pub(super) struct Weights {
     source: WeightSource,
     dtype: DType,
     device: Device,
@@ -83,6 +86,17 @@ enum WeightSource {
 }
 
 impl Weights {
+    /// Tensors taken from `store` (canonical names), without LoRAs.
+    pub(super) fn from_store(store: TensorStore, dtype: DType, device: &Device) -> Self {
+        Self {
+            source: WeightSource::Store(store),
+            dtype,
+            device: device.clone(),
+            gguf: GgufWeights::Dequantized,
+            loras: Vec::new(),
+        }
+    }
+
     /// The tensor as stored, on the model's device.
     fn get_stored(&mut self, name: &str) -> Result<Tensor> {
         let t = match &mut self.source {
@@ -95,7 +109,7 @@ impl Weights {
 
     /// The tensor in the model dtype (fp8 stays fp8: each layer upcasts it
     /// when it runs), or what a LoRA puts in its place (a QK-norm scale).
-    fn get(&mut self, name: &str) -> Result<Tensor> {
+    pub(super) fn get(&mut self, name: &str) -> Result<Tensor> {
         let t = self.get_stored(name)?;
         if let Some(r) = lora::replacement(&self.loras, name) {
             return Ok(r.to_device(&self.device)?.to_dtype(self.dtype)?);
@@ -108,7 +122,7 @@ impl Weights {
     /// LoRA that widens the layer's input (`img_in` for FLUX.1 Canny/Depth)
     /// makes it dense, its new columns zero before the change is added. The
     /// LoRAs' bias changes are added to the bias in f32.
-    fn linear(&mut self, prefix: &str) -> Result<Linear> {
+    pub(super) fn linear(&mut self, prefix: &str) -> Result<Linear> {
         let weight = format!("{prefix}.weight");
         let bias = self.get_stored(&format!("{prefix}.bias"))?;
         let bias = match lora::bias_delta(&self.loras, &format!("{prefix}.bias"), &self.device)? {
@@ -197,8 +211,11 @@ pub fn canonical_tensors(cfg: &FluxConfig) -> Vec<(String, Vec<usize>)> {
         lin(format!("{p}.linear2"), h, h + cfg.mlp_hidden);
         lin(format!("{p}.modulation.lin"), 3 * h, h);
     }
-    lin("final_layer.adaLN_modulation.1".into(), 2 * h, h);
-    lin("final_layer.linear".into(), cfg.out_channels, h);
+    // A ControlNet's blocks (`out_channels` 0) have no final layer.
+    if cfg.out_channels > 0 {
+        lin("final_layer.adaLN_modulation.1".into(), 2 * h, h);
+        lin("final_layer.linear".into(), cfg.out_channels, h);
+    }
     let d = cfg.head_dim();
     for i in 0..cfg.depth {
         for s in ["img", "txt"] {
@@ -573,8 +590,10 @@ pub struct FluxModel {
     single_blocks: Vec<Slot<SingleBlock>>,
     /// Where streamed blocks come from; `None` while every block is resident.
     source: Option<Arc<dyn BlockSource>>,
-    final_mod: Linear,
-    final_linear: Linear,
+    /// `final_layer`'s modulation and projection; `None` for a ControlNet's
+    /// blocks, whose per-block image streams are their output instead
+    /// ([`super::controlnet`]).
+    final_layer: Option<(Linear, Linear)>,
     ln: LayerNorm,
     attention: Attention,
     /// Fused LayerNorm + modulation and gated residuals where they apply.
@@ -668,7 +687,7 @@ impl FluxModel {
 
     /// [`Self::from_canonical_streamed`] over a store: each tensor is read as
     /// the model takes it and moved to `device` before the next is read.
-    fn from_canonical_store(
+    pub(super) fn from_canonical_store(
         cfg: FluxConfig,
         mut store: TensorStore,
         load: &FluxLoad<'_>,
@@ -731,8 +750,11 @@ impl FluxModel {
             double_blocks,
             single_blocks,
             source: None,
-            final_mod: w.linear("final_layer.adaLN_modulation.1")?,
-            final_linear: w.linear("final_layer.linear")?,
+            final_layer: if cfg.out_channels > 0 {
+                Some((w.linear("final_layer.adaLN_modulation.1")?, w.linear("final_layer.linear")?))
+            } else {
+                None
+            },
             ln: LayerNorm::no_affine(cfg.hidden_size, LN_EPS, device)?,
             attention: Attention::reference(),
             fused: None,
@@ -821,7 +843,9 @@ impl FluxModel {
     /// The double blocks on `img` and `txt`, then the single blocks on their
     /// concatenation. Streamed blocks: the first is prefetched now, each later
     /// one while its predecessor runs.
-    fn run_blocks(&self, img: Tensor, txt: Tensor, ctx: &Ctx) -> Result<Tensor> {
+    /// `after` sees the image stream after each block and may replace it
+    /// (a ControlNet's residual added, or its features kept).
+    fn run_blocks(&self, img: Tensor, txt: Tensor, ctx: &Ctx, after: AfterBlock<'_>) -> Result<Tensor> {
         let streamed = self.streamed_blocks();
         if let (Some(first), Some(source)) = (streamed.first(), &self.source) {
             source.prefetch(*first)?;
@@ -836,7 +860,11 @@ impl FluxModel {
                     DoubleBlock::new(&mut w, index)?.forward(&img, &txt, ctx, index, self.cfg.num_heads)?
                 }
             };
+            if let Some(next) = after(Site::Double { index }, &img)? {
+                img = next;
+            }
         }
+        let l_txt = txt.dim(1)?;
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
         for (index, slot) in self.single_blocks.iter().enumerate() {
             x = match slot {
@@ -846,6 +874,10 @@ impl FluxModel {
                     SingleBlock::new(&mut w, index)?.forward(&x, ctx, index, &self.cfg)?
                 }
             };
+            let img = x.narrow(1, l_txt, x.dim(1)? - l_txt)?;
+            if let Some(next) = after(Site::Single { index }, &img)? {
+                x = Tensor::cat(&[&x.narrow(1, 0, l_txt)?, &next], 1)?;
+            }
         }
         Ok(x)
     }
@@ -875,12 +907,64 @@ impl FluxModel {
         step: usize,
         hooks: Hooks<'_>,
     ) -> Result<Tensor> {
-        let (b, l_img, c) = img.dims3()?;
-        let l_txt = cond.txt.dim(1)?;
-        if c != self.cfg.in_channels || img_ids.len() != l_img {
+        self.forward_controlled(img, img_ids, cond, sigma, step, hooks, &[])
+    }
+
+    /// [`Self::forward`] with ControlNets' residuals added to the image stream
+    /// after the blocks they feed (diffusers' `controlnet_block_samples` and
+    /// `controlnet_single_block_samples`; several nets' add up).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_controlled(
+        &self,
+        img: &Tensor,
+        img_ids: &[[f32; 3]],
+        cond: &Conditioning,
+        sigma: f64,
+        step: usize,
+        hooks: Hooks<'_>,
+        control: &[ControlResiduals],
+    ) -> Result<Tensor> {
+        let (final_mod, final_linear) = self.final_layer.as_ref().ok_or_else(|| {
+            Error::Unsupported(
+                "this model is a ControlNet's blocks (no final layer): it gives features, not a velocity".into(),
+            )
+        })?;
+        let l_img = img.dim(1)?;
+        let emb = self.embed(img, cond, sigma)?;
+        let (depth, depth_single) = (self.cfg.depth, self.cfg.depth_single);
+        let mut add = |site: Site, img: &Tensor| -> Result<Option<Tensor>> {
+            let mut out: Option<Tensor> = None;
+            for residuals in control {
+                if let Some(r) = residuals.at(site, depth, depth_single)? {
+                    let base = out.as_ref().unwrap_or(img);
+                    if r.dims() != base.dims() {
+                        return Err(Error::Shape(format!(
+                            "a ControlNet residual {:?} for an image stream of {:?} at {site:?}",
+                            r.dims(),
+                            base.dims()
+                        )));
+                    }
+                    out = Some((base + r.to_dtype(base.dtype())?)?);
+                }
+            }
+            Ok(out)
+        };
+        let (x, silu_vec) = self.run(emb, img_ids, sigma, step, hooks, &mut add)?;
+        let l_txt = x.dim(1)? - l_img;
+        let img = x.narrow(1, l_txt, l_img)?;
+        let m = final_mod.forward(&silu_vec)?.unsqueeze(1)?.chunk(2, D::Minus1)?;
+        let img = modulate(self.fused.as_deref(), &self.ln, &img.contiguous()?, &m[1], &m[0])?;
+        final_linear.forward(&img)
+    }
+
+    /// The inputs of the first block: `img_in`, `txt_in`, and the conditioning
+    /// vector from the timestep, guidance and pooled text.
+    pub(super) fn embed(&self, img: &Tensor, cond: &Conditioning, sigma: f64) -> Result<Embedded> {
+        let (b, _, c) = img.dims3()?;
+        if c != self.cfg.in_channels {
             return Err(Error::Shape(format!(
-                "latents [{b}, {l_img}, {c}] with {} positions for a model of {} input channels",
-                img_ids.len(),
+                "latents {:?} for a model of {} input channels",
+                img.dims(),
                 self.cfg.in_channels
             )));
         }
@@ -895,7 +979,25 @@ impl FluxModel {
         }
         let vec = (vec + self.vector_in.forward(&cond.y.to_dtype(dt)?)?)?;
         let txt = self.txt_in.forward(&cond.txt.to_dtype(dt)?)?;
+        Ok(Embedded { img, txt, vec })
+    }
 
+    /// Every block on `emb` (text positions 0, image tokens at `img_ids`):
+    /// the last block's tokens (text first) and SiLU of the conditioning vector.
+    pub(super) fn run(
+        &self,
+        emb: Embedded,
+        img_ids: &[[f32; 3]],
+        sigma: f64,
+        step: usize,
+        hooks: Hooks<'_>,
+        after: AfterBlock<'_>,
+    ) -> Result<(Tensor, Tensor)> {
+        let Embedded { img, txt, vec } = emb;
+        let (l_txt, l_img) = (txt.dim(1)?, img.dim(1)?);
+        if img_ids.len() != l_img {
+            return Err(Error::Shape(format!("{} image tokens with {} positions", l_img, img_ids.len())));
+        }
         let ids: Vec<[f32; 3]> = std::iter::repeat_n([0.0; 3], l_txt).chain(img_ids.iter().copied()).collect();
         let rope = self.rope(ids)?;
         let point = HookPoint { site: Site::Double { index: 0 }, depth: self.cfg.depth, sigma, step, txt_len: l_txt };
@@ -904,17 +1006,28 @@ impl FluxModel {
         let ctx =
             Ctx { silu_vec: &silu_vec, rope: &rope, attention: &self.attention, ln: &self.ln, fused, hooks, point };
 
-        let blocks = self.run_blocks(img, txt, &ctx);
+        let blocks = self.run_blocks(img, txt, &ctx, after);
         if let (Err(_), Some(source)) = (&blocks, &self.source) {
             // A block failed: blocks prefetched for the rest of this call would hold memory until the next.
             source.discard_prefetched();
         }
-        let x = blocks?;
-        let img = x.narrow(1, l_txt, l_img)?;
-        let m = self.final_mod.forward(&silu_vec)?.unsqueeze(1)?.chunk(2, D::Minus1)?;
-        let img = modulate(fused, &self.ln, &img.contiguous()?, &m[1], &m[0])?;
-        self.final_linear.forward(&img)
+        Ok((blocks?, silu_vec))
     }
+}
+
+/// What [`FluxModel::run`] calls after each block with the image stream
+/// (double blocks: theirs; single blocks: the image tokens' rows): a
+/// replacement, or `None` to keep it.
+pub(super) type AfterBlock<'f> = &'f mut dyn FnMut(Site, &Tensor) -> Result<Option<Tensor>>;
+
+/// The first block's inputs ([`FluxModel::embed`]).
+pub(super) struct Embedded {
+    /// Image tokens after `img_in` `[B, L_img, hidden]`.
+    pub img: Tensor,
+    /// Text tokens after `txt_in` `[B, L_txt, hidden]`.
+    pub txt: Tensor,
+    /// The conditioning vector `[B, hidden]` (before SiLU).
+    pub vec: Tensor,
 }
 
 impl DoubleBlock {

@@ -12,6 +12,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::controlnet::ControlInput;
 use super::hooks::Hooks;
 use super::model::{Conditioning, FluxModel};
 use crate::error::{Error, Result};
@@ -257,12 +258,16 @@ pub struct Guide<'a> {
     /// positions (FLUX.1 Kontext's reference image, [`super::kontext`]); the
     /// model's output for them is dropped.
     pub reference: Option<(&'a Tensor, &'a [[f32; 3]])>,
+    /// ControlNets run on the latents each step of their window, their
+    /// residuals added to both passes' blocks (as diffusers'
+    /// `FluxControlNetPipeline`, which computes them with the positive prompt).
+    pub control: &'a [ControlInput<'a>],
 }
 
 impl<'a> Guide<'a> {
     /// The prompt alone (Flux-dev's distilled guidance only).
     pub fn prompt(positive: &'a Conditioning) -> Self {
-        Self { positive, negative: None, negative_hooks: None, channels: None, reference: None }
+        Self { positive, negative: None, negative_hooks: None, channels: None, reference: None, control: &[] }
     }
 }
 
@@ -283,6 +288,10 @@ pub fn euler(
     };
     let steps = sigmas.len().saturating_sub(1);
     let tokens = x.dim(1)?;
+    if !guide.control.is_empty() && guide.reference.is_some() {
+        return Err(Error::Unsupported("ControlNets with Kontext's reference images are not supported".into()));
+    }
+    let latent_ids = ids;
     let all_ids: Vec<[f32; 3]>;
     let ids = match guide.reference {
         Some((_, reference)) => {
@@ -302,10 +311,17 @@ pub fn euler(
         }
         // The latents' own tokens (a reference image's are dropped).
         let own = |v: Tensor| -> Result<Tensor> { Ok(v.narrow(1, 0, tokens)?.to_dtype(DType::F32)?) };
-        let mut v = own(model.forward(&input, ids, guide.positive, f64::from(s), step, hooks)?)?;
+        let sigma = f64::from(s);
+        let control = guide
+            .control
+            .iter()
+            .filter(|c| c.window.active(step, steps))
+            .map(|c| c.net.forward(&x, latent_ids, c.latents, c.mode, guide.positive, sigma, c.scale))
+            .collect::<Result<Vec<_>>>()?;
+        let mut v = own(model.forward_controlled(&input, ids, guide.positive, sigma, step, hooks, &control)?)?;
         if let Some((negative, scale)) = guide.negative {
             let negative_hooks = guide.negative_hooks.unwrap_or(hooks);
-            let u = own(model.forward(&input, ids, negative, f64::from(s), step, negative_hooks)?)?;
+            let u = own(model.forward_controlled(&input, ids, negative, sigma, step, negative_hooks, &control)?)?;
             v = (&u + ((v - &u)? * f64::from(scale))?)?;
         }
         x = (x + (v * f64::from(s_next - s))?)?;

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Flux ControlNet fixtures (InstantX's and Shakker-Labs' ControlNets, which
+diffusers loads as `FluxControlNetModel`): two tiny random ControlNets in
+diffusers' layout and goldens from diffusers' `FluxControlNetPipeline`.
+
+Run after make_img2img_fixtures.py and make_control_fixtures.py (their VAE,
+noise, embeddings and control image), with
+`pip install torch diffusers safetensors pillow numpy`:
+    python3 tests/reference/make_controlnet_fixtures.py
+
+- `controlnet/canny/`: `FluxControlNetModel.save_pretrained` (bf16) with the
+  tiny Flux's sizes, 1 double block and 2 single blocks (the tiny Flux has 2
+  and 3, so one ControlNet block feeds several Flux blocks, as InstantX's 5
+  and 10 feed FLUX.1's 19 and 38) and a guidance embedding, like
+  InstantX/FLUX.1-dev-Controlnet-Canny.
+- `controlnet/union/`: 2 double blocks, no single blocks, no guidance
+  embedding, and a control-mode embedding of 10 modes, like the Union
+  ControlNets (InstantX's, Shakker-Labs' Union-Pro).
+- `controlnet/golden.safetensors`:
+  - `cond`: the packed control latents (control/control.png fitted to 96×64);
+  - `canny.double.N`, `canny.single.N`: the Canny net's residuals at the first
+    step of its window (conditioning scale applied), for the latents `canny.x`
+    at sigma `canny.sigma`; `union.*` the Union net's;
+  - `out.canny`: the final packed latents with the Canny net at
+    conditioning scale 0.7, `control_guidance_end` 0.8 (img2img's noise and
+    prompt, 6 steps, guidance 3.5);
+  - `out.union`: the Union net in mode 2 (depth) at scale 0.9,
+    `control_guidance_start` 0.2, with true CFG 2.0 against `negative.embeds`
+    and `negative.pooled` (the prompt's embeddings times −0.5);
+  - `out.canny.img2img`: `FluxControlNetImg2ImgPipeline` with the Canny net
+    as above, from img2img's init image at strength 0.6 (its window over the
+    steps that run).
+  The pipeline's VAE sampling is replaced by the distribution's mean (as
+  generate encodes control images) and its noise by img2img's.
+"""
+import json
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import FluxControlNetImg2ImgPipeline, FluxControlNetModel, FluxControlNetPipeline
+from diffusers.models.autoencoders import vae as vae_module
+from diffusers.pipelines.flux import pipeline_flux_controlnet, pipeline_flux_controlnet_image_to_image
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import flux_pipelines
+
+ROOT = Path(__file__).resolve().parent.parent / "fixtures"
+OUT = ROOT / "controlnet"
+OUT.mkdir(exist_ok=True)
+torch.manual_seed(91)
+
+SIZES = {k: v for k, v in flux_pipelines.TINY.items() if k != "out_channels"}
+
+
+def random_controlnet(path, **config):
+    """A random ControlNet (nothing zeroed: its residuals must matter), saved in bf16 and read back in f32."""
+    model = FluxControlNetModel(**{**SIZES, **config}).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(0.05 * torch.randn_like(p))
+            elif "mode_embedder" in name:
+                p.copy_(torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+    model.to(torch.bfloat16).save_pretrained(path)
+    return FluxControlNetModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
+canny = random_controlnet(OUT / "canny", num_layers=1, num_single_layers=2, guidance_embeds=True)
+union = random_controlnet(OUT / "union", num_layers=2, num_single_layers=0, guidance_embeds=False, num_mode=10)
+
+i2i = load_file(ROOT / "img2img" / "golden.safetensors")
+ref = json.loads((ROOT / "img2img" / "reference.json").read_text())
+W, H = ref["image"]
+STEPS, GUIDANCE = ref["steps"], 3.5
+vae_module.DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mode()
+for module in (pipeline_flux_controlnet, pipeline_flux_controlnet_image_to_image):
+    module.randn_tensor = lambda shape, **_: i2i["pipe.noise"].clone()
+pipeline_flux_controlnet_image_to_image.retrieve_latents = (
+    lambda out, generator=None, sample_mode="sample": out.latent_dist.mode())
+transformer = flux_pipelines.transformer(ROOT / "flux" / "transformer")
+vae = flux_pipelines.vae(ROOT / "img2img" / "vae")
+gold = {}
+
+
+def capture(net, name):
+    """Records the net's inputs and residuals at its first call in its window
+    (before it, its conditioning scale is 0), and the control latents it gets."""
+    forward = net.forward
+
+    def recording(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if f"{name}.double.0" not in gold and kwargs["conditioning_scale"] != 0:
+            gold["cond"] = kwargs["controlnet_cond"].clone()
+            gold[f"{name}.x"] = kwargs["hidden_states"].clone()
+            gold[f"{name}.sigma"] = kwargs["timestep"].clone()
+            for kind, samples in zip(("double", "single"), out):
+                for i, s in enumerate(samples or []):
+                    gold[f"{name}.{kind}.{i}"] = s.clone()
+        return out
+
+    net.forward = recording
+
+
+def pipe(net, cls=FluxControlNetPipeline):
+    return cls(scheduler=flux_pipelines.dev_scheduler(), vae=vae, text_encoder=None,
+                                  tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer,
+                                  controlnet=net)
+
+
+capture(canny, "canny")
+capture(union, "union")
+control = Image.open(ROOT / "control" / "control.png").convert("RGB")
+common = dict(control_image=control, prompt_embeds=i2i["pipe.prompt_embeds"], pooled_prompt_embeds=i2i["pipe.pooled"],
+              width=W, height=H, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent")
+gold["negative.embeds"] = -0.5 * i2i["pipe.prompt_embeds"]
+gold["negative.pooled"] = -0.5 * i2i["pipe.pooled"]
+with torch.no_grad():
+    gold["out.canny"] = pipe(canny)(controlnet_conditioning_scale=0.7, control_guidance_end=0.8, **common).images
+    gold["out.union"] = pipe(union)(
+        controlnet_conditioning_scale=0.9, control_guidance_start=0.2, control_mode=2, true_cfg_scale=2.0,
+        negative_prompt_embeds=gold["negative.embeds"], negative_pooled_prompt_embeds=gold["negative.pooled"],
+        **common).images
+    init = Image.open(ROOT / "img2img" / "init.png").convert("RGB")
+    gold["out.canny.img2img"] = pipe(canny, FluxControlNetImg2ImgPipeline)(
+        image=init, strength=0.6, controlnet_conditioning_scale=0.7, control_guidance_end=0.8, **common).images
+save_file({k: v.contiguous() for k, v in gold.items()}, OUT / "golden.safetensors")
+(OUT / "reference.json").write_text(json.dumps({
+    "torch": torch.__version__, "diffusers": diffusers.__version__, "image": [W, H], "steps": STEPS,
+    "guidance": GUIDANCE,
+    "canny": {"scale": 0.7, "start": 0.0, "end": 0.8, "img2img_strength": 0.6},
+    "union": {"scale": 0.9, "start": 0.2, "end": 1.0, "mode": 2, "true_cfg": 2.0},
+}, indent=2) + "\n")
+print({k: tuple(v.shape) for k, v in gold.items()})

@@ -1,0 +1,138 @@
+//! Flux ControlNets (diffusers' `FluxControlNetModel`: InstantX's and
+//! Shakker-Labs' kind) against diffusers' `FluxControlNetPipeline`
+//! (tests/reference/make_controlnet_fixtures.py) on two tiny random nets: a
+//! Canny-like one (1 double and 2 single blocks feeding the tiny Flux's 2 and
+//! 3, a guidance embedding) and a Union one (2 double blocks, control mode 2,
+//! no guidance embedding, with true CFG). Checked: the control latents, the
+//! nets' residuals at the first step, and the final latents with each net's
+//! conditioning scale and step window, from noise and (the Canny net,
+//! `FluxControlNetImg2ImgPipeline`) from an init image. Tolerance: f32 relative max error ≤ 1e-4.
+
+use ipaflux::generate::control_latents;
+use ipaflux_core::candle_core::{DType, Device, Tensor};
+use ipaflux_core::flux::sampler::{self, Guide, Start};
+use ipaflux_core::flux::{ControlInput, ControlNetDims, ControlWindow, FluxControlNet, Hooks};
+use ipaflux_tests::*;
+
+fn net(rel: &str) -> FluxControlNet {
+    let files = ipaflux::load::load_controlnet(&fixture(rel)).expect("tiny ControlNet");
+    FluxControlNet::from_store(files.weights, files.axes_dim, DType::F32, &Device::Cpu).expect("tiny ControlNet loads")
+}
+
+struct Case {
+    cond: Tensor,
+    noise: Tensor,
+    run: PipelineRun,
+    prompt: ipaflux_core::flux::Conditioning,
+}
+
+fn case() -> Case {
+    let (i2i, r) = (tensors("img2img/golden.safetensors"), json("controlnet/reference.json"));
+    let run = PipelineRun::of(&r);
+    let control = fixture_image("control/control.png");
+    let cond = control_latents(&tiny_vae_encoder(), &control, (run.width, run.height), &Device::Cpu).unwrap();
+    let prompt = run.cond(&i2i["pipe.prompt_embeds"], &i2i["pipe.pooled"]);
+    Case { cond, noise: sampler::pack(&i2i["pipe.noise"]).unwrap(), run, prompt }
+}
+
+fn window(r: &serde_json::Value) -> ControlWindow {
+    ControlWindow { start: r["start"].as_f64().unwrap(), end: r["end"].as_f64().unwrap() }
+}
+
+#[test]
+fn controlnet_residuals_match_diffusers() {
+    let (g, r, c) = (tensors("controlnet/golden.safetensors"), json("controlnet/reference.json"), case());
+    assert_close("control latents", &c.cond, &g["cond"], F32_TOL);
+    let ids = c.run.ids();
+    // Each net's inputs at the first step of its window.
+    for (name, mode) in [("canny", None), ("union", Some(2))] {
+        let scale = r[name]["scale"].as_f64().unwrap();
+        let (x, sigma) = (&g[&format!("{name}.x")], g[&format!("{name}.sigma")].to_vec1::<f32>().unwrap()[0]);
+        let res = net(&format!("controlnet/{name}")).forward(x, &ids, &c.cond, mode, &c.prompt, sigma.into(), scale);
+        let res = res.unwrap();
+        let count = |kind: &str| g.keys().filter(|k| k.starts_with(&format!("{name}.{kind}."))).count();
+        assert_eq!((res.double.len(), res.single.len()), (count("double"), count("single")), "{name}");
+        for (kind, list) in [("double", &res.double), ("single", &res.single)] {
+            for (i, t) in list.iter().enumerate() {
+                assert_close(&format!("{name} {kind} residual {i}"), t, &g[&format!("{name}.{kind}.{i}")], F32_TOL);
+            }
+        }
+    }
+    // A Union net needs its mode; a plain one refuses one.
+    let sigma = 1.0;
+    assert!(net("controlnet/union").forward(&c.noise, &ids, &c.cond, None, &c.prompt, sigma, 1.0).is_err());
+    assert!(net("controlnet/union").forward(&c.noise, &ids, &c.cond, Some(10), &c.prompt, sigma, 1.0).is_err());
+    assert!(net("controlnet/canny").forward(&c.noise, &ids, &c.cond, Some(0), &c.prompt, sigma, 1.0).is_err());
+}
+
+#[test]
+fn a_controlnet_is_checked_against_flux_from_its_header() {
+    let files = ipaflux::load::load_controlnet(&fixture("controlnet/union")).unwrap();
+    let dims = ControlNetDims::infer(&files.weights).unwrap();
+    assert_eq!((dims.blocks.depth, dims.blocks.depth_single, dims.modes), (2, 0, Some(10)));
+    let tiny = ipaflux::load::flux_config(&fixture("flux/transformer")).unwrap();
+    dims.check_compatible(&tiny).unwrap();
+    let err = dims.check_compatible(&ipaflux_core::flux::FluxConfig::dev()).unwrap_err().to_string();
+    assert!(err.contains("hidden size is 48") && err.contains("3072"), "{err}");
+    // Flux itself is not a ControlNet.
+    let flux = ipaflux::load::load_flux(&fixture("flux/transformer")).unwrap();
+    assert!(ControlNetDims::infer(&flux.weights).unwrap_err().to_string().contains("controlnet_x_embedder"));
+}
+
+#[test]
+fn controlnet_sampling_matches_diffusers_pipeline() {
+    let (g, r, c) = (tensors("controlnet/golden.safetensors"), json("controlnet/reference.json"), case());
+    let model = tiny_flux("flux/transformer");
+    let ids = c.run.ids();
+    let sample = |guide: Guide<'_>| {
+        sampler::euler(&model, Start::Noise(&c.noise), &ids, guide, &c.run.sigmas(), Hooks::none(), &mut |_| {})
+            .unwrap()
+    };
+
+    let canny = net("controlnet/canny");
+    let rc = &r["canny"];
+    let input = ControlInput {
+        net: &canny,
+        latents: &c.cond,
+        mode: None,
+        scale: rc["scale"].as_f64().unwrap(),
+        window: window(rc),
+    };
+    let out = sample(Guide { control: &[input], ..Guide::prompt(&c.prompt) });
+    assert_close("Canny ControlNet", &out, &g["out.canny"], F32_TOL);
+    // Without its window (active every step) the result differs: the window is what matched.
+    let always = ControlInput { window: ControlWindow::default(), ..input };
+    assert!(
+        rel_max_err(&sample(Guide { control: &[always], ..Guide::prompt(&c.prompt) }), &g["out.canny"])
+            > 10.0 * F32_TOL
+    );
+    // Without the net, far off.
+    assert!(rel_max_err(&sample(Guide::prompt(&c.prompt)), &g["out.canny"]) > 100.0 * F32_TOL);
+    // From an init image (FluxControlNetImg2ImgPipeline): the window spans the steps that run.
+    let strength = rc["img2img_strength"].as_f64().unwrap();
+    let vae = tiny_vae_encoder();
+    let pixels = ipaflux::vae::from_rgb8(&fixture_image("img2img/init.png"), &Device::Cpu).unwrap();
+    let image = sampler::pack(&vae.encode(&pixels).unwrap()).unwrap();
+    let start = Start::Image { image: &image, noise: &c.noise, mask: None };
+    let guide = Guide { control: &[input], ..Guide::prompt(&c.prompt) };
+    let out = sampler::euler(&model, start, &ids, guide, &c.run.sigmas_at(strength), Hooks::none(), &mut |_| {});
+    assert_close(
+        &format!("Canny ControlNet, image-to-image at {strength}"),
+        &out.unwrap(),
+        &g["out.canny.img2img"],
+        F32_TOL,
+    );
+
+    let union = net("controlnet/union");
+    let ru = &r["union"];
+    let mode = ru["mode"].as_u64().map(|m| m as usize);
+    let input =
+        ControlInput { net: &union, latents: &c.cond, mode, scale: ru["scale"].as_f64().unwrap(), window: window(ru) };
+    let negative = c.run.cond(&g["negative.embeds"], &g["negative.pooled"]);
+    let true_cfg = ru["true_cfg"].as_f64().unwrap() as f32;
+    let guide = Guide { control: &[input], negative: Some((&negative, true_cfg)), ..Guide::prompt(&c.prompt) };
+    assert_close("Union ControlNet, mode 2, true CFG", &sample(guide), &g["out.union"], F32_TOL);
+    let other_mode = ControlInput { mode: Some(0), ..input };
+    let guide = Guide { control: &[other_mode], ..guide };
+    assert!(rel_max_err(&sample(guide), &g["out.union"]) > 10.0 * F32_TOL, "the mode token matters");
+}
