@@ -2,7 +2,7 @@
 //! (no tensor data): format, GGUF architecture, tensors by stored type, and
 //! for a Flux transformer the memory it takes loaded each way and which
 //! FLUX.1 it is (by its input channels); for a LoRA its modules, ranks and
-//! naming; for XLabs' IP-Adapter and Depth Anything their sizes.
+//! naming; for XLabs' IP-Adapter, a Flux ControlNet and Depth Anything their sizes.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -10,7 +10,7 @@ use std::path::Path;
 
 use ipaflux_core::candle_core::DType;
 use ipaflux_core::flux::sampler::FluxVariant;
-use ipaflux_core::flux::{GgufWeights, LoraSummary, XlabsDims};
+use ipaflux_core::flux::{ControlNetDims, GgufWeights, LoraSummary, XlabsDims};
 use ipaflux_core::weights::gguf;
 
 use crate::load::{flux_config, flux_units, is_torch_zip, load_store, map_file};
@@ -36,6 +36,8 @@ pub struct Summary {
     pub depth: Option<(usize, usize)>,
     /// For an original Depth Anything V2 checkpoint (`pretrained.*`, `depth_head.*`): the same.
     pub depth_original: Option<(usize, usize)>,
+    /// For a Flux ControlNet: its sizes, or why it cannot be read (XLabs' kind).
+    pub controlnet: Option<std::result::Result<ControlNetDims, String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,8 +73,15 @@ pub fn inspect(path: &Path) -> Result<Summary> {
         slot.0 += 1;
         slot.1 += store.stored_bytes(name).unwrap_or(0) as u64;
     }
-    // Flux's units come from safetensors and GGUF headers; a zip is never Flux here.
-    let units = if format == "safetensors" || format == "GGUF" { flux_units(path)? } else { Default::default() };
+    let controlnet = ipaflux_core::flux::controlnet::is_controlnet(&store)
+        .then(|| ControlNetDims::infer(&store).map_err(|e| e.to_string()));
+    // Flux's units come from safetensors and GGUF headers; a zip is never Flux
+    // here, nor a ControlNet's blocks (told apart above).
+    let units = if (format == "safetensors" || format == "GGUF") && controlnet.is_none() {
+        flux_units(path)?
+    } else {
+        Default::default()
+    };
     let flux = (units.depth + units.depth_single > 0).then(|| {
         let total = |g| units.specs(DType::BF16, g).iter().map(|u| u.bytes).sum();
         let channels = flux_config(path).ok().map(|c| c.in_channels);
@@ -100,7 +109,8 @@ pub fn inspect(path: &Path) -> Result<Summary> {
         }
         _ => None,
     };
-    Ok(Summary { format, architecture, tensors: store.len(), by_type, flux, lora, xlabs, depth, depth_original })
+    let tensors = store.len();
+    Ok(Summary { format, architecture, tensors, by_type, flux, lora, xlabs, depth, depth_original, controlnet })
 }
 
 impl fmt::Display for Summary {
@@ -169,6 +179,26 @@ impl fmt::Display for Summary {
                  --control-depth or `ipaflux depth --model`"
             )?;
         }
+        match &self.controlnet {
+            Some(Ok(c)) => {
+                let kind = match c.modes {
+                    Some(n) => format!("a Union net of {n} modes: give --controlnet-mode"),
+                    None => "single-purpose".to_string(),
+                };
+                let bf16 = ipaflux_core::weights::loaded_bytes(&c.expected_tensors(), DType::BF16);
+                writeln!(
+                    f,
+                    "Flux ControlNet (diffusers' layout): {} double + {} single blocks, {} wide, {kind}; {:.1} MiB \
+                     as a bf16 model; give it to --controlnet with --control-image",
+                    c.blocks.depth,
+                    c.blocks.depth_single,
+                    c.blocks.hidden_size,
+                    mib(bf16)
+                )?;
+            }
+            Some(Err(e)) => writeln!(f, "a Flux ControlNet ipaflux does not read: {e}")?,
+            None => {}
+        }
         if let Some((width, blocks)) = self.depth_original {
             writeln!(
                 f,
@@ -229,6 +259,16 @@ mod tests {
         assert!(depth.contains("Depth Anything: DINOv2 32 wide, 4 layers; give its folder"), "{depth}");
         let original = flux("depth/original/depth_anything_v2_tiny.pth");
         assert!(original.contains("Depth Anything V2, original layout: DINOv2 64 wide, 12 blocks"), "{original}");
+        // A ControlNet: its own line, not Flux's.
+        let union = inspect(&fixture("controlnet/union/diffusion_pytorch_model.safetensors")).unwrap();
+        assert!(union.flux.is_none());
+        let text = union.to_string();
+        assert!(
+            text.contains(
+                "Flux ControlNet (diffusers' layout): 2 double + 0 single blocks, 48 wide, a Union net of 10 modes"
+            ),
+            "{text}"
+        );
         let text = inspect(&fixture("control/lora-bfl.safetensors")).unwrap().to_string();
         assert!(text.contains("LoRA: 9 modules, ranks 2–4, 0 with alpha; naming: BFL"), "{text}");
         assert!(text.contains("9 with a bias; 14 QK-norm scales replaced"), "{text}");

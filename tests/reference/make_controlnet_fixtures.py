@@ -29,7 +29,8 @@ noise, embeddings and control image), with
     and `negative.pooled` (the prompt's embeddings times −0.5);
   - `out.canny.img2img`: `FluxControlNetImg2ImgPipeline` with the Canny net
     as above, from img2img's init image at strength 0.6 (its window over the
-    steps that run).
+    steps that run); `out.canny.inpaint`: `FluxControlNetInpaintPipeline`,
+    the same with inpaint/mask.png at strength 0.8.
   The pipeline's VAE sampling is replaced by the distribution's mean (as
   generate encodes control images) and its noise by img2img's.
 """
@@ -38,9 +39,11 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import FluxControlNetImg2ImgPipeline, FluxControlNetModel, FluxControlNetPipeline
+from diffusers import (FluxControlNetImg2ImgPipeline, FluxControlNetInpaintPipeline, FluxControlNetModel,
+                       FluxControlNetPipeline)
 from diffusers.models.autoencoders import vae as vae_module
-from diffusers.pipelines.flux import pipeline_flux_controlnet, pipeline_flux_controlnet_image_to_image
+from diffusers.pipelines.flux import (pipeline_flux_controlnet, pipeline_flux_controlnet_image_to_image,
+                                      pipeline_flux_controlnet_inpainting)
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -79,10 +82,9 @@ ref = json.loads((ROOT / "img2img" / "reference.json").read_text())
 W, H = ref["image"]
 STEPS, GUIDANCE = ref["steps"], 3.5
 vae_module.DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mode()
-for module in (pipeline_flux_controlnet, pipeline_flux_controlnet_image_to_image):
+for module in (pipeline_flux_controlnet, pipeline_flux_controlnet_image_to_image, pipeline_flux_controlnet_inpainting):
     module.randn_tensor = lambda shape, **_: i2i["pipe.noise"].clone()
-pipeline_flux_controlnet_image_to_image.retrieve_latents = (
-    lambda out, generator=None, sample_mode="sample": out.latent_dist.mode())
+    module.retrieve_latents = lambda out, generator=None, sample_mode="sample": out.latent_dist.mode()
 transformer = flux_pipelines.transformer(ROOT / "flux" / "transformer")
 vae = flux_pipelines.vae(ROOT / "img2img" / "vae")
 gold = {}
@@ -129,11 +131,14 @@ with torch.no_grad():
     init = Image.open(ROOT / "img2img" / "init.png").convert("RGB")
     gold["out.canny.img2img"] = pipe(canny, FluxControlNetImg2ImgPipeline)(
         image=init, strength=0.6, controlnet_conditioning_scale=0.7, control_guidance_end=0.8, **common).images
+    gold["out.canny.inpaint"] = pipe(canny, FluxControlNetInpaintPipeline)(
+        image=init, mask_image=Image.open(ROOT / "inpaint" / "mask.png"), strength=0.8,
+        controlnet_conditioning_scale=0.7, control_guidance_end=0.8, **common).images
 save_file({k: v.contiguous() for k, v in gold.items()}, OUT / "golden.safetensors")
 (OUT / "reference.json").write_text(json.dumps({
     "torch": torch.__version__, "diffusers": diffusers.__version__, "image": [W, H], "steps": STEPS,
     "guidance": GUIDANCE,
-    "canny": {"scale": 0.7, "start": 0.0, "end": 0.8, "img2img_strength": 0.6},
+    "canny": {"scale": 0.7, "start": 0.0, "end": 0.8, "img2img_strength": 0.6, "inpaint_strength": 0.8},
     "union": {"scale": 0.9, "start": 0.2, "end": 1.0, "mode": 2, "true_cfg": 2.0},
 }, indent=2) + "\n")
 print({k: tuple(v.shape) for k, v in gold.items()})

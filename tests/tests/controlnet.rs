@@ -6,7 +6,8 @@
 //! no guidance embedding, with true CFG). Checked: the control latents, the
 //! nets' residuals at the first step, and the final latents with each net's
 //! conditioning scale and step window, from noise and (the Canny net,
-//! `FluxControlNetImg2ImgPipeline`) from an init image. Tolerance: f32 relative max error ≤ 1e-4.
+//! `FluxControlNetImg2ImgPipeline` and `FluxControlNetInpaintPipeline`) from
+//! an init image, with a mask too. Tolerance: f32 relative max error ≤ 1e-4.
 
 use ipaflux::generate::control_latents;
 use ipaflux_core::candle_core::{DType, Device, Tensor};
@@ -122,6 +123,14 @@ fn controlnet_sampling_matches_diffusers_pipeline() {
         &g["out.canny.img2img"],
         F32_TOL,
     );
+    // Inpainting (FluxControlNetInpaintPipeline).
+    let strength = rc["inpaint_strength"].as_f64().unwrap();
+    let luma = ipaflux_core::preprocess::to_luma(&fixture_image("inpaint/mask.png"));
+    let mask = sampler::latent_mask(&luma, c.run.width, c.run.height, &Device::Cpu).unwrap();
+    let start = Start::Image { image: &image, noise: &c.noise, mask: Some(&mask) };
+    let out = sampler::euler(&model, start, &ids, guide, &c.run.sigmas_at(strength), Hooks::none(), &mut |_| {});
+    let what = format!("Canny ControlNet, inpainting at {strength}");
+    assert_close(&what, &out.unwrap(), &g["out.canny.inpaint"], F32_TOL);
 
     let union = net("controlnet/union");
     let ru = &r["union"];
