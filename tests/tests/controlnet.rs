@@ -7,7 +7,7 @@
 //! nets' residuals at the first step, and the final latents with each net's
 //! conditioning scale and step window, from noise and (the Canny net,
 //! `FluxControlNetImg2ImgPipeline` and `FluxControlNetInpaintPipeline`) from
-//! an init image, with a mask too. Tolerance: f32 relative max error ≤ 1e-4.
+//! an init image, with a mask too; and with XLabs' IP-Adapter. Tolerance: f32 relative max error ≤ 1e-4.
 
 use ipaflux::generate::control_latents;
 use ipaflux_core::candle_core::{DType, Device, Tensor};
@@ -144,4 +144,28 @@ fn controlnet_sampling_matches_diffusers_pipeline() {
     let other_mode = ControlInput { mode: Some(0), ..input };
     let guide = Guide { control: &[other_mode], ..guide };
     assert!(rel_max_err(&sample(guide), &g["out.union"]) > 10.0 * F32_TOL, "the mode token matters");
+}
+
+/// With XLabs' IP-Adapter (make_controlnet_ip_fixtures.py:
+/// `FluxControlNetPipeline` + `load_ip_adapter`): the adapter's term in
+/// Flux's blocks, none in the ControlNet's.
+#[test]
+fn controlnet_with_xlabs_ip_adapter_matches_diffusers() {
+    let (g, r, c) = (tensors("controlnet/ip-golden.safetensors"), json("controlnet/reference.json"), case());
+    let model = tiny_flux("flux/transformer");
+    let hook = xlabs_photo_hook(&model.cfg, json("controlnet/ip-reference.json")["scale"].as_f64().unwrap());
+    let hooks: [&dyn ipaflux_core::flux::AttentionHook; 1] = [&hook];
+    let canny = net("controlnet/canny");
+    let rc = &r["canny"];
+    let input = ControlInput {
+        net: &canny,
+        latents: &c.cond,
+        mode: None,
+        scale: rc["scale"].as_f64().unwrap(),
+        window: window(rc),
+    };
+    let guide = Guide { control: &[input], ..Guide::prompt(&c.prompt) };
+    let (ids, sigmas) = (c.run.ids(), c.run.sigmas());
+    let out = sampler::euler(&model, Start::Noise(&c.noise), &ids, guide, &sigmas, Hooks::new(&hooks), &mut |_| {});
+    assert_close("Canny ControlNet with XLabs' IP-Adapter", &out.unwrap(), &g["out"], F32_TOL);
 }

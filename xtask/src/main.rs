@@ -347,6 +347,7 @@ fn main() {
             run(&python, &["tests/reference/make_xlabs_fixtures.py"]);
             run(&python, &["tests/reference/make_kontext_ip_fixtures.py"]);
             run(&python, &["tests/reference/make_img2img_ip_fixtures.py"]);
+            run(&python, &["tests/reference/make_controlnet_ip_fixtures.py"]);
             run(&python, &["tests/reference/make_ip_cfg_fixtures.py"]);
             run(&python, &["tests/reference/make_gguf_fixtures.py"]);
         }
