@@ -77,7 +77,7 @@ pub struct Sources {
     pub redux: Option<(LoadFn<TensorStore>, u64)>,
     /// Depth Anything, for a control image's depth map ([`ControlMap::Depth`]); `None`: not given.
     pub depth: Option<(LoadFn<crate::depth::DepthEstimator>, u64)>,
-    /// A Flux ControlNet (InstantX's, Shakker-Labs'), for [`Settings::controlnet`]; `None`: not given.
+    /// A Flux ControlNet (InstantX's, Shakker-Labs', XLabs'), for [`Settings::controlnet`]; `None`: not given.
     pub controlnet: Option<ControlNetSource>,
     /// Flux's input channels per token (64; FLUX.1 Canny/Depth's 128, Fill's
     /// 384: [`FluxVariant`]), from the checkpoint header, or as a FLUX.1
@@ -344,9 +344,17 @@ pub struct TrueCfg {
 pub const MAX_TRUE_CFG: f32 = 100.0;
 
 impl Settings {
-    /// Whether an image is VAE-encoded (an init, Kontext or control image).
-    pub fn encodes_images(&self) -> bool {
-        self.init.is_some() || self.kontext.is_some() || self.control.is_some()
+    /// Whether an image is VAE-encoded (an init, Kontext or control image;
+    /// not a control image only XLabs' ControlNet reads, from its pixels).
+    pub fn encodes_images(&self, src: &Sources) -> bool {
+        self.init.is_some() || self.kontext.is_some() || self.encodes_control(src)
+    }
+
+    /// Whether the control image is VAE-encoded: it is, unless its only
+    /// reader is a ControlNet that takes pixels (XLabs').
+    fn encodes_control(&self, src: &Sources) -> bool {
+        let pixels_only = self.controlnet.is_some() && src.controlnet.as_ref().is_some_and(|n| n.dims.hint.is_some());
+        self.control.is_some() && !pixels_only
     }
 
     /// Sampler steps each image runs: `steps`, fewer from an init image.
@@ -483,7 +491,7 @@ fn register_all(reg: &mut Registry, src: &Sources, refs: &[Reference], s: &Setti
         // Blocks are the units Flux is streamed in; 57 for FLUX.1 (+1 for embedders and final layer).
         flux: reg.register(flux)?,
         vae: reg.register(spec("vae", Role::Vae, src.vae.1))?,
-        vae_encoder: if s.encodes_images() {
+        vae_encoder: if s.encodes_images(src) {
             Some(reg.register(spec("vae-encoder", Role::Vae, src.vae_encoder_bytes))?)
         } else {
             None
@@ -629,6 +637,13 @@ pub fn generate(
         }
         None => Encoded::default(),
     };
+    let mut encoded = encoded;
+    if let (Some(c), Some(net)) = (&control, src.controlnet.as_ref().filter(|n| n.dims.hint.is_some())) {
+        if s.controlnet.is_some() {
+            tracing::debug!(target: "ipaflux::generate", hint = ?net.dims.hint, "the ControlNet reads the control image's pixels");
+            encoded.control_pixels = Some(control_pixels(c, (s.width, s.height), &s.device)?);
+        }
+    }
 
     // Reference images → IP image prompt embeddings → per-block K/V (computed
     // once), and Redux tokens after the prompt's.
@@ -693,6 +708,9 @@ struct Encoded {
     /// The control image's packed latents `[1, tokens, 64]` (FLUX.1
     /// Canny/Depth's input channels, or a ControlNet's input).
     control: Option<Tensor>,
+    /// The control image's pixels `[1, 3, H, W]` in [-1, 1] at the output
+    /// size, for a ControlNet that reads them (XLabs').
+    control_pixels: Option<Tensor>,
 }
 
 impl Encoded {
@@ -718,11 +736,11 @@ fn encode_images(
     let fill = variant == FluxVariant::Fill;
     let init = s.init.as_ref().map(|init| encode_init(&vae, init, s, fill)).transpose()?;
     let kontext = s.kontext.as_ref().map(|k| encode_kontext(&vae, k, s)).transpose()?;
-    let control = match control {
+    let control = match control.filter(|_| s.encodes_control(src)) {
         Some(c) => Some(control_latents(&vae, c, (s.width, s.height), &s.device)?),
         None => None,
     };
-    Ok(Encoded { init, kontext, control })
+    Ok(Encoded { init, kontext, control, control_pixels: None })
 }
 
 /// Each seed's final latents → its RGB image, with one loaded VAE decoder.
@@ -782,7 +800,7 @@ fn check_settings(src: &Sources, s: &Settings) -> Result<FluxVariant> {
         }
         _ => {}
     }
-    if s.encodes_images() && src.vae_encoder_bytes == 0 {
+    if s.encodes_images(src) && src.vae_encoder_bytes == 0 {
         return refuse(
             "an init, Kontext or control image needs the VAE's encoder, and this VAE file has only the decoder: \
              give the whole VAE (BFL's ae.safetensors, or a diffusers vae/ folder)"
@@ -1086,6 +1104,17 @@ pub fn control_latents(
     Ok(sampler::pack(&encoder.encode(&crate::vae::from_rgb8(&image, device)?)?)?)
 }
 
+/// An XLabs ControlNet's input: the control image at the output size
+/// (Lanczos) as pixels `[1, 3, H, W]` in [-1, 1], as diffusers'
+/// `FluxControlNetPipeline` prepares it for a net with a hint block.
+pub fn control_pixels(
+    control: &ipaflux_core::preprocess::RgbImage,
+    (width, height): (usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
+    crate::vae::from_rgb8(&fitted_rgb(control.clone(), "the control image", width, height), device)
+}
+
 /// A picture at the output size: as decoded, or resized with Lanczos (as
 /// diffusers fits init images, masks and control images).
 fn fitted(bytes: &[u8], name: &str, width: usize, height: usize) -> Result<ipaflux_core::preprocess::RgbImage> {
@@ -1236,16 +1265,17 @@ fn sample(
             // The kernels Flux runs with: its blocks are Flux's.
             net.set_attention(crate::attention_for(&s.device, s.kernels));
             net.set_fused_modulation(crate::modulation_for(&s.device, s.kernels));
-            let latents = encoded.control.as_ref().ok_or_else(|| {
-                ipaflux_core::Error::Unsupported("a ControlNet without its control image's latents".into())
-            })?;
-            Some((net, latents, c))
+            let image = if net.takes_pixels() { &encoded.control_pixels } else { &encoded.control };
+            let image = image
+                .as_ref()
+                .ok_or_else(|| ipaflux_core::Error::Unsupported("a ControlNet without its control image".into()))?;
+            Some((net, image, c))
         }
         _ => None,
     };
     let control: Vec<ControlInput<'_>> = controlnet
         .iter()
-        .map(|(net, latents, c)| ControlInput { net, latents, mode: c.mode, scale: c.scale, window: c.window })
+        .map(|(net, image, c)| ControlInput { net, image, mode: c.mode, scale: c.scale, window: c.window })
         .collect();
     let guide = match (texts, &s.true_cfg) {
         ([positive], None) => Guide { channels, reference, ..Guide::prompt(positive) },
@@ -1541,7 +1571,11 @@ impl ModelPaths {
         let controlnet = match self.controlnet.as_deref().map(load::resolve_arg).transpose()? {
             Some(path) => {
                 // Its sizes from the header now: a net for another model fails before any model runs.
-                let files = load::load_controlnet(&path)?;
+                let mut files = load::load_controlnet(&path)?;
+                // Its RoPE axes: its config's, else Flux's (the positions are Flux's own).
+                if files.axes_dim.is_none() {
+                    files.axes_dim = load::load_flux(&flux)?.axes_dim;
+                }
                 let dims = ControlNetDims::infer(&files.weights)?;
                 dims.check_compatible(&flux_cfg)?;
                 // As Flux: in the run's dtype on its device.

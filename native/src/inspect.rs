@@ -181,14 +181,15 @@ impl fmt::Display for Summary {
         }
         match &self.controlnet {
             Some(Ok(c)) => {
-                let kind = match c.modes {
-                    Some(n) => format!("a Union net of {n} modes: give --controlnet-mode"),
-                    None => "single-purpose".to_string(),
+                let kind = match (c.modes, &c.hint) {
+                    (Some(n), _) => format!("a Union net of {n} modes: give --controlnet-mode"),
+                    (None, Some(_)) => "XLabs' kind (reads the control image's pixels)".to_string(),
+                    (None, None) => "single-purpose".to_string(),
                 };
                 let bf16 = ipaflux_core::weights::loaded_bytes(&c.expected_tensors(), DType::BF16);
                 writeln!(
                     f,
-                    "Flux ControlNet (diffusers' layout): {} double + {} single blocks, {} wide, {kind}; {:.1} MiB \
+                    "Flux ControlNet: {} double + {} single blocks, {} wide, {kind}; {:.1} MiB \
                      as a bf16 model; give it to --controlnet with --control-image",
                     c.blocks.depth,
                     c.blocks.depth_single,
@@ -264,11 +265,12 @@ mod tests {
         assert!(union.flux.is_none());
         let text = union.to_string();
         assert!(
-            text.contains(
-                "Flux ControlNet (diffusers' layout): 2 double + 0 single blocks, 48 wide, a Union net of 10 modes"
-            ),
+            text.contains("Flux ControlNet: 2 double + 0 single blocks, 48 wide, a Union net of 10 modes"),
             "{text}"
         );
+        let xlabs = inspect(&fixture("controlnet/xlabs-original.safetensors")).unwrap().to_string();
+        let kind = "2 double + 0 single blocks, 48 wide, XLabs' kind (reads the control image's pixels)";
+        assert!(xlabs.contains(kind), "{xlabs}");
         let text = inspect(&fixture("control/lora-bfl.safetensors")).unwrap().to_string();
         assert!(text.contains("LoRA: 9 modules, ranks 2–4, 0 with alpha; naming: BFL"), "{text}");
         assert!(text.contains("9 with a bias; 14 QK-norm scales replaced"), "{text}");

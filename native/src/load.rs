@@ -202,8 +202,8 @@ pub fn load_controlnet(path: &Path) -> Result<FluxFiles> {
     if !ipaflux_core::flux::controlnet::is_controlnet(&files.weights) {
         return Err(io_err(
             path,
-            "not a Flux ControlNet (no `controlnet_x_embedder`): give a diffusers-layout one \
-             (InstantX's, Shakker-Labs')",
+            "not a Flux ControlNet (no `controlnet_x_embedder` or `pos_embed_input`): give InstantX's, \
+             Shakker-Labs' or XLabs' kind",
         ));
     }
     Ok(files)

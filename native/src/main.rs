@@ -352,8 +352,9 @@ struct GenerateArgs {
     /// registry entry ("depth"), on --device in --dtype, loaded in a stage of its own and released there.
     #[arg(long, requires = "control_image", conflicts_with = "control_canny")]
     control_depth: Option<PathBuf>,
-    /// A Flux ControlNet for FLUX.1-dev or schnell (InstantX's or Shakker-Labs': a diffusers folder or
-    /// repo id, e.g. InstantX/FLUX.1-dev-Controlnet-Canny, or its .safetensors file as ComfyUI keeps it)
+    /// A Flux ControlNet for FLUX.1-dev or schnell (InstantX's, Shakker-Labs' or XLabs': a diffusers folder or
+    /// repo id, e.g. InstantX/FLUX.1-dev-Controlnet-Canny, or its .safetensors file as ComfyUI keeps it, XLabs'
+    /// flux-canny-controlnet-v3.safetensors too)
     /// that follows --control-image (as given, or its --control-canny / --control-depth map), as diffusers'
     /// FluxControlNetPipeline: each step it runs on the latents and the control image's VAE latents, and its
     /// residuals join Flux's blocks (both passes with --true-cfg). A registry entry ("controlnet") loaded

@@ -1,7 +1,7 @@
 //! `gpu-check`'s parity of the diffusers-pipeline modes on the device under
 //! test: image-to-image, inpainting, FLUX.1 Fill, Kontext, Canny/Depth (a
 //! Control transformer, and a Control LoRA on the plain Flux), Flux
-//! ControlNets (InstantX's kind and a Union net), true CFG and
+//! ControlNets (InstantX's kind, a Union net, XLabs' kind), true CFG and
 //! XLabs' IP-Adapter (its CLIP image encoder on the device too), and Depth
 //! Anything's depth maps (against transformers),
 //! each run on the committed tiny fixtures in f32 with the VAE encoder and
@@ -28,7 +28,7 @@ use ipaflux_core::schedule::{flux_schedule, Shift};
 
 use crate::clip_vision::{load_clip_vision_dir, ClipImageEncoder};
 use crate::depth::{load_depth, load_depth_dir, DepthEstimator};
-use crate::generate::{control_latents, ImageFile};
+use crate::generate::{control_latents, control_pixels, ImageFile};
 use crate::gpu_check::{rel_max_err, CheckOptions, Report, Section, F32_TOL};
 use crate::load::{flux_config, load_flux, load_lora, load_store};
 use crate::vae::{from_rgb8, VaeEncoder};
@@ -299,7 +299,8 @@ fn control(c: &Shared<'_>, r: &mut Report) -> Result<()> {
 }
 
 /// Flux ControlNets (FluxControlNetPipeline): InstantX's kind (blocks feeding
-/// several Flux blocks, a window) and a Union net in a mode with true CFG.
+/// several Flux blocks, a window), a Union net in a mode with true CFG, and
+/// XLabs' kind (its hint block on the control image's pixels, on the device).
 fn controlnets(c: &Shared<'_>, latents: &Tensor, r: &mut Report) -> Result<()> {
     let (fx, dev) = (c.fx, c.dev);
     let gold = Golden::read(fx, "controlnet/golden.safetensors", dev)?;
@@ -308,13 +309,16 @@ fn controlnets(c: &Shared<'_>, latents: &Tensor, r: &mut Report) -> Result<()> {
     let prompt = c.prompt(&run)?;
     let negative = run.cond(gold.get("negative.embeds")?, gold.get("negative.pooled")?);
     let model = flux(fx, "flux/transformer", &[], dev)?;
-    for (name, what) in [("canny", "ControlNet"), ("union", "Union ControlNet, true CFG")] {
+    let file = image_file(fx, "control/control.png")?;
+    let pixels = control_pixels(&decode_rgb(&file.bytes, "control.png")?, (run.width, run.height), dev)?;
+    let nets = [("canny", "ControlNet"), ("union", "Union ControlNet, true CFG"), ("xlabs", "XLabs ControlNet")];
+    for (name, what) in nets {
         let files = crate::load::load_controlnet(&fx.join("controlnet").join(name))?;
         let net = FluxControlNet::from_store(files.weights, files.axes_dim, DType::F32, dev)?;
         let s = &v[name];
         let input = ControlInput {
             net: &net,
-            latents,
+            image: if net.takes_pixels() { &pixels } else { latents },
             mode: s["mode"].as_u64().map(|m| m as usize),
             scale: s["scale"].as_f64().unwrap_or(1.0),
             window: ControlWindow { start: s["start"].as_f64().unwrap_or(0.0), end: s["end"].as_f64().unwrap_or(1.0) },

@@ -544,6 +544,11 @@ fn generate_with_a_controlnet() {
     ok(&["--controlnet", &union, "--controlnet-mode", "2", "--controlnet-start", "0.5"], &b);
     assert_eq!(pixels(&a), pixels(&b));
     ok(&["--controlnet", &union, "--controlnet-mode", "canny", "--true-cfg", "2", "--negative-prompt", "dog"], &b);
+    // XLabs' kind reads the control image's pixels: a decoder-only VAE will do (the default here).
+    for xlabs in [f("controlnet/xlabs"), f("controlnet/xlabs-original.safetensors")] {
+        let o = generate(&["--control-image", &edges, "--controlnet", &xlabs], &b);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
     // Refused before any model runs.
     let base = ["--vae", &vae, "--control-image", &edges];
     let with = |extra: &[&str]| generate(&[&base[..], extra].concat(), &a);

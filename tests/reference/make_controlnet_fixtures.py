@@ -16,6 +16,13 @@ noise, embeddings and control image), with
 - `controlnet/union/`: 2 double blocks, no single blocks, no guidance
   embedding, and a control-mode embedding of 10 modes, like the Union
   ControlNets (InstantX's, Shakker-Labs' Union-Pro).
+- `controlnet/xlabs/`: XLabs' kind (as XLabs-AI/flux-controlnet-canny-diffusers):
+  2 double blocks whose residuals feed Flux's double blocks in turn
+  (`controlnet_blocks_repeat`), a guidance embedding, and a hint block of
+  convolutions that reads the control image's pixels (not its latents);
+  `controlnet/xlabs-original.safetensors`: the same net in XLabs' own layout
+  (x-flux's `ControlNetFlux`, as ComfyUI loads `flux-canny-controlnet-v3`):
+  BFL's block names, `input_hint_block.0..14`, `pos_embed_input` (bf16).
 - `controlnet/golden.safetensors`:
   - `cond`: the packed control latents (control/control.png fitted to 96×64);
   - `canny.double.N`, `canny.single.N`: the Canny net's residuals at the first
@@ -27,6 +34,8 @@ noise, embeddings and control image), with
   - `out.union`: the Union net in mode 2 (depth) at scale 0.9,
     `control_guidance_start` 0.2, with true CFG 2.0 against `negative.embeds`
     and `negative.pooled` (the prompt's embeddings times −0.5);
+  - `pixels`: the control image as the XLabs net takes it (fitted, in [-1, 1]),
+    `xlabs.double.N` its residuals, `out.xlabs` the final latents at scale 0.8;
   - `out.canny.img2img`: `FluxControlNetImg2ImgPipeline` with the Canny net
     as above, from img2img's init image at strength 0.6 (its window over the
     steps that run); `out.canny.inpaint`: `FluxControlNetInpaintPipeline`,
@@ -68,6 +77,8 @@ def random_controlnet(path, **config):
                 p.copy_(0.05 * torch.randn_like(p))
             elif "mode_embedder" in name:
                 p.copy_(torch.randn_like(p))
+            elif p.ndim == 4:  # the hint block's convolutions
+                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
             else:
                 p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
     model.to(torch.bfloat16).save_pretrained(path)
@@ -76,6 +87,51 @@ def random_controlnet(path, **config):
 
 canny = random_controlnet(OUT / "canny", num_layers=1, num_single_layers=2, guidance_embeds=True)
 union = random_controlnet(OUT / "union", num_layers=2, num_single_layers=0, guidance_embeds=False, num_mode=10)
+xlabs = random_controlnet(OUT / "xlabs", num_layers=2, num_single_layers=0, guidance_embeds=True,
+                          conditioning_embedding_channels=16, patch_size=2)
+
+
+def bfl_names(sd):
+    """XLabs' own layout (x-flux's `ControlNetFlux`, as ComfyUI loads it) of a
+    diffusers XLabs net: BFL's block names (Q, K, V concatenated), the hint
+    block as an `nn.Sequential` (convolutions at 0, 2, ..., 14) and
+    `pos_embed_input` for `controlnet_x_embedder`."""
+    out, sd = {}, dict(sd)
+    top = {"x_embedder": "img_in", "context_embedder": "txt_in", "controlnet_x_embedder": "pos_embed_input",
+           "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+           "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+           "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+           "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+           "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+           "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+           "input_hint_block.conv_in": "input_hint_block.0", "input_hint_block.conv_out": "input_hint_block.14"}
+    top.update({f"input_hint_block.blocks.{k}": f"input_hint_block.{2 * k + 2}" for k in range(6)})
+    block = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "attn.to_out.0": "img_attn.proj",
+             "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+             "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+    norms = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+             "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
+    for src, dst in top.items():
+        for leaf in ("weight", "bias"):
+            out[f"{dst}.{leaf}"] = sd.pop(f"{src}.{leaf}")
+    for i in range(len({k.split(".")[1] for k in sd if k.startswith("transformer_blocks.")})):
+        p, q = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for src, dst in block.items():
+            for leaf in ("weight", "bias"):
+                out[f"{q}{dst}.{leaf}"] = sd.pop(f"{p}{src}.{leaf}")
+        for src, dst in norms.items():
+            out[f"{q}{dst}.scale"] = sd.pop(f"{p}{src}.weight")
+        for names, dst in ((("to_q", "to_k", "to_v"), "img_attn.qkv"),
+                           (("add_q_proj", "add_k_proj", "add_v_proj"), "txt_attn.qkv")):
+            for leaf in ("weight", "bias"):
+                out[f"{q}{dst}.{leaf}"] = torch.cat([sd.pop(f"{p}attn.{n}.{leaf}") for n in names])
+    out.update({k: sd.pop(k) for k in [k for k in sd if k.startswith("controlnet_blocks.")]})
+    assert not sd, f"unmapped: {sorted(sd)}"
+    return out
+
+
+save_file({k: v.to(torch.bfloat16).contiguous() for k, v in bfl_names(xlabs.state_dict()).items()},
+          OUT / "xlabs-original.safetensors")
 
 i2i = load_file(ROOT / "img2img" / "golden.safetensors")
 ref = json.loads((ROOT / "img2img" / "reference.json").read_text())
@@ -98,7 +154,7 @@ def capture(net, name):
     def recording(*args, **kwargs):
         out = forward(*args, **kwargs)
         if f"{name}.double.0" not in gold and kwargs["conditioning_scale"] != 0:
-            gold["cond"] = kwargs["controlnet_cond"].clone()
+            gold["pixels" if name == "xlabs" else "cond"] = kwargs["controlnet_cond"].clone()
             gold[f"{name}.x"] = kwargs["hidden_states"].clone()
             gold[f"{name}.sigma"] = kwargs["timestep"].clone()
             for kind, samples in zip(("double", "single"), out):
@@ -117,6 +173,7 @@ def pipe(net, cls=FluxControlNetPipeline):
 
 capture(canny, "canny")
 capture(union, "union")
+capture(xlabs, "xlabs")
 control = Image.open(ROOT / "control" / "control.png").convert("RGB")
 common = dict(control_image=control, prompt_embeds=i2i["pipe.prompt_embeds"], pooled_prompt_embeds=i2i["pipe.pooled"],
               width=W, height=H, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent")
@@ -128,6 +185,7 @@ with torch.no_grad():
         controlnet_conditioning_scale=0.9, control_guidance_start=0.2, control_mode=2, true_cfg_scale=2.0,
         negative_prompt_embeds=gold["negative.embeds"], negative_pooled_prompt_embeds=gold["negative.pooled"],
         **common).images
+    gold["out.xlabs"] = pipe(xlabs)(controlnet_conditioning_scale=0.8, **common).images
     init = Image.open(ROOT / "img2img" / "init.png").convert("RGB")
     gold["out.canny.img2img"] = pipe(canny, FluxControlNetImg2ImgPipeline)(
         image=init, strength=0.6, controlnet_conditioning_scale=0.7, control_guidance_end=0.8, **common).images
@@ -140,5 +198,6 @@ save_file({k: v.contiguous() for k, v in gold.items()}, OUT / "golden.safetensor
     "guidance": GUIDANCE,
     "canny": {"scale": 0.7, "start": 0.0, "end": 0.8, "img2img_strength": 0.6, "inpaint_strength": 0.8},
     "union": {"scale": 0.9, "start": 0.2, "end": 1.0, "mode": 2, "true_cfg": 2.0},
+    "xlabs": {"scale": 0.8, "start": 0.0, "end": 1.0},
 }, indent=2) + "\n")
 print({k: tuple(v.shape) for k, v in gold.items()})

@@ -17,7 +17,9 @@ use ipaflux_tests::*;
 
 fn net(rel: &str) -> FluxControlNet {
     let files = ipaflux::load::load_controlnet(&fixture(rel)).expect("tiny ControlNet");
-    FluxControlNet::from_store(files.weights, files.axes_dim, DType::F32, &Device::Cpu).expect("tiny ControlNet loads")
+    // A single file has no config: the tiny nets' RoPE axes (FLUX.1's need none).
+    let axes = files.axes_dim.or(Some(vec![4, 6, 6]));
+    FluxControlNet::from_store(files.weights, axes, DType::F32, &Device::Cpu).expect("tiny ControlNet loads")
 }
 
 struct Case {
@@ -94,7 +96,7 @@ fn controlnet_sampling_matches_diffusers_pipeline() {
     let rc = &r["canny"];
     let input = ControlInput {
         net: &canny,
-        latents: &c.cond,
+        image: &c.cond,
         mode: None,
         scale: rc["scale"].as_f64().unwrap(),
         window: window(rc),
@@ -136,7 +138,7 @@ fn controlnet_sampling_matches_diffusers_pipeline() {
     let ru = &r["union"];
     let mode = ru["mode"].as_u64().map(|m| m as usize);
     let input =
-        ControlInput { net: &union, latents: &c.cond, mode, scale: ru["scale"].as_f64().unwrap(), window: window(ru) };
+        ControlInput { net: &union, image: &c.cond, mode, scale: ru["scale"].as_f64().unwrap(), window: window(ru) };
     let negative = c.run.cond(&g["negative.embeds"], &g["negative.pooled"]);
     let true_cfg = ru["true_cfg"].as_f64().unwrap() as f32;
     let guide = Guide { control: &[input], negative: Some((&negative, true_cfg)), ..Guide::prompt(&c.prompt) };
@@ -159,7 +161,7 @@ fn controlnet_with_xlabs_ip_adapter_matches_diffusers() {
     let rc = &r["canny"];
     let input = ControlInput {
         net: &canny,
-        latents: &c.cond,
+        image: &c.cond,
         mode: None,
         scale: rc["scale"].as_f64().unwrap(),
         window: window(rc),
@@ -168,4 +170,36 @@ fn controlnet_with_xlabs_ip_adapter_matches_diffusers() {
     let (ids, sigmas) = (c.run.ids(), c.run.sigmas());
     let out = sampler::euler(&model, Start::Noise(&c.noise), &ids, guide, &sigmas, Hooks::new(&hooks), &mut |_| {});
     assert_close("Canny ControlNet with XLabs' IP-Adapter", &out.unwrap(), &g["out"], F32_TOL);
+}
+
+/// XLabs' kind (a hint block on the control image's pixels, residuals fed to
+/// Flux's double blocks in turn), in diffusers' layout and in XLabs' own
+/// (BFL block names, `input_hint_block.0..14`, `pos_embed_input`): the same
+/// net, so both match `FluxControlNetPipeline`'s golden.
+#[test]
+fn xlabs_controlnets_match_diffusers_in_both_layouts() {
+    let (g, r, c) = (tensors("controlnet/golden.safetensors"), json("controlnet/reference.json"), case());
+    let control = fixture_image("control/control.png");
+    let pixels = ipaflux::generate::control_pixels(&control, (c.run.width, c.run.height), &Device::Cpu).unwrap();
+    assert_close("XLabs control pixels", &pixels, &g["pixels"], F32_TOL);
+    let model = tiny_flux("flux/transformer");
+    let (ids, rx) = (c.run.ids(), &r["xlabs"]);
+    let scale = rx["scale"].as_f64().unwrap();
+    let (x, sigma) = (&g["xlabs.x"], g["xlabs.sigma"].to_vec1::<f32>().unwrap()[0]);
+    for layout in ["controlnet/xlabs", "controlnet/xlabs-original.safetensors"] {
+        let xlabs = net(layout);
+        assert!(xlabs.takes_pixels(), "{layout}");
+        let res = xlabs.forward(x, &ids, &pixels, None, &c.prompt, sigma.into(), scale).unwrap();
+        assert!(res.repeat && res.single.is_empty(), "{layout}");
+        for (i, t) in res.double.iter().enumerate() {
+            assert_close(&format!("{layout} residual {i}"), t, &g[&format!("xlabs.double.{i}")], F32_TOL);
+        }
+        let input = ControlInput { net: &xlabs, image: &pixels, mode: None, scale, window: window(rx) };
+        let guide = Guide { control: &[input], ..Guide::prompt(&c.prompt) };
+        let out =
+            sampler::euler(&model, Start::Noise(&c.noise), &ids, guide, &c.run.sigmas(), Hooks::none(), &mut |_| {});
+        assert_close(&format!("{layout}, sampled"), &out.unwrap(), &g["out.xlabs"], F32_TOL);
+        // Latents where it wants pixels: refused.
+        assert!(xlabs.forward(x, &ids, &c.cond, None, &c.prompt, sigma.into(), scale).is_err());
+    }
 }

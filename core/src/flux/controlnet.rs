@@ -17,10 +17,17 @@
 //! checked against that pipeline on tiny nets
 //! (tests/reference/make_controlnet_fixtures.py).
 //!
-//! Not here: XLabs' ControlNets (their own tensor names and a pixel-space
-//! `input_hint_block`; refused with a message), and Flux's own FLUX.1
-//! Canny/Depth models, which take the control latents as input channels
-//! ([`super::sampler::Guide::channels`]).
+//! XLabs' ControlNets read the control image's pixels instead, through a
+//! hint block of their own (diffusers' `ControlNetConditioningEmbedding`:
+//! 3×3 convolutions, 8× down, then 2×2 patches), and their residuals feed
+//! Flux's double blocks in turn (`i mod n`, diffusers'
+//! `controlnet_blocks_repeat`). Both layouts are read: diffusers'
+//! (XLabs-AI/flux-controlnet-canny-diffusers) and XLabs' own (x-flux's
+//! `ControlNetFlux`, `flux-canny-controlnet-v3.safetensors`: BFL's block names,
+//! `input_hint_block.0..14`, `pos_embed_input`), as ComfyUI loads it.
+//!
+//! Not here: Flux's own FLUX.1 Canny/Depth models, which take the control
+//! latents as input channels ([`super::sampler::Guide::channels`]).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -35,6 +42,10 @@ use crate::weights::TensorStore;
 /// Name of the layer that adds the control latents to the image tokens: what
 /// tells a diffusers Flux ControlNet.
 const X_EMBEDDER: &str = "controlnet_x_embedder";
+/// Its name in XLabs' own layout.
+const XLABS_X_EMBEDDER: &str = "pos_embed_input";
+/// XLabs' hint block (diffusers' names below it: `conv_in`, `blocks.N`, `conv_out`).
+const HINT: &str = "input_hint_block";
 /// A Union net's control-mode embedding table `[modes, hidden]`.
 const MODE_EMBEDDER: &str = "controlnet_mode_embedder.weight";
 
@@ -79,19 +90,123 @@ pub struct ControlNetDims {
     pub in_channels: usize,
     /// A Union net's number of control modes; `None` for a single-purpose net.
     pub modes: Option<usize>,
+    /// XLabs' kind: its hint block's convolutions, which read the control
+    /// image's pixels; `None`: the net takes the control image's latents.
+    pub hint: Option<HintDims>,
+}
+
+/// An XLabs hint block's sizes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HintDims {
+    /// Each convolution's `[out, in, 3, 3]`, in order (`conv_in`, `blocks.*`, `conv_out`).
+    pub convs: Vec<[usize; 4]>,
+    /// Side of the patches its output is cut into (2: 16 channels × 2×2 = 64).
+    pub patch: usize,
+}
+
+impl HintDims {
+    /// The hint block's stride: `conv_in` and `conv_out` keep the size, then
+    /// every second of the `blocks` halves it (8× for XLabs' six).
+    fn stride(&self, conv: usize) -> usize {
+        let last = self.convs.len().saturating_sub(1);
+        if conv > 0 && conv < last && conv % 2 == 0 {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// How much smaller each token's pixel square is than the image (8 × patch: 16).
+    pub fn pixels_per_token(&self) -> usize {
+        (0..self.convs.len()).map(|i| self.stride(i)).product::<usize>() * self.patch
+    }
+
+    /// Its tensors' canonical (diffusers) names and shapes.
+    fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let last = self.convs.len().saturating_sub(1);
+        let mut v = Vec::new();
+        for (i, shape) in self.convs.iter().enumerate() {
+            let p = hint_conv_name(i, last);
+            v.push((format!("{p}.weight"), shape.to_vec()));
+            v.push((format!("{p}.bias"), vec![shape[0]]));
+        }
+        v
+    }
+}
+
+/// The canonical name of hint convolution `i` of `0..=last`.
+fn hint_conv_name(i: usize, last: usize) -> String {
+    match i {
+        0 => format!("{HINT}.conv_in"),
+        i if i == last => format!("{HINT}.conv_out"),
+        i => format!("{HINT}.blocks.{}", i - 1),
+    }
+}
+
+/// A store in diffusers' names for the ControlNet's own layers: XLabs'
+/// `pos_embed_input` and its hint block's `nn.Sequential` indices (the
+/// convolutions; SiLUs between hold no tensors) renamed; its blocks keep
+/// their (BFL) names for [`FluxLayout`].
+fn canonical_own_names(store: TensorStore) -> TensorStore {
+    if !store.contains(&format!("{XLABS_X_EMBEDDER}.weight")) {
+        return store;
+    }
+    let index = |n: &str| n.strip_prefix(&format!("{HINT}."))?.split('.').next()?.parse::<usize>().ok();
+    let indices: std::collections::BTreeSet<usize> = store.names().filter_map(index).collect();
+    let order: Vec<usize> = indices.into_iter().collect();
+    let last = order.len().saturating_sub(1);
+    store.filter_rename(|n| {
+        if let Some(rest) = n.strip_prefix(XLABS_X_EMBEDDER) {
+            return Some(format!("{X_EMBEDDER}{rest}"));
+        }
+        match (index(n), n.rsplit_once('.')) {
+            (Some(i), Some((_, leaf))) => {
+                let at = order.iter().position(|&o| o == i)?;
+                Some(format!("{}.{leaf}", hint_conv_name(at, last)))
+            }
+            _ => Some(n.to_string()),
+        }
+    })
+}
+
+/// The hint block's sizes from `store` (canonical names), checked: each
+/// convolution takes the last one's channels, the first the image's 3, and
+/// the last's channels in `patch × patch` squares make `in_channels`.
+fn infer_hint(store: &TensorStore, in_channels: usize) -> Result<Option<HintDims>> {
+    let first = format!("{HINT}.conv_in.weight");
+    let Some(conv_in) = store.shape(&first) else { return Ok(None) };
+    let bad = |why: String| Error::Shape(format!("{}: the ControlNet's hint block: {why}", store.source_name));
+    let conv = |name: &str| -> Result<[usize; 4]> {
+        match store.shape(name) {
+            Some(&[o, i, kh, kw]) if kh == 3 && kw == 3 => Ok([o, i, kh, kw]),
+            Some(s) => Err(bad(format!("`{name}` has shape {s:?}, not [out, in, 3, 3]"))),
+            None => Err(bad(format!("no `{name}`"))),
+        }
+    };
+    let mut convs = vec![conv(&first)?];
+    let blocks = store.names().filter(|n| n.starts_with(&format!("{HINT}.blocks.")) && n.ends_with(".weight")).count();
+    for k in 0..blocks {
+        convs.push(conv(&format!("{HINT}.blocks.{k}.weight"))?);
+    }
+    convs.push(conv(&format!("{HINT}.conv_out.weight"))?);
+    if conv_in[1] != 3 {
+        return Err(bad(format!("its first convolution takes {} channels, not RGB's 3", conv_in[1])));
+    }
+    if let Some(w) = convs.windows(2).find(|w| w[1][1] != w[0][0]) {
+        return Err(bad(format!("a convolution of {} channels follows one of {}", w[1][1], w[0][0])));
+    }
+    let out = convs.last().map_or(0, |c| c[0]);
+    let patch = (1..=4).find(|p| out * p * p == in_channels).ok_or_else(|| {
+        bad(format!("its {out} output channels do not make {in_channels}-channel tokens in square patches"))
+    })?;
+    Ok(Some(HintDims { convs, patch }))
 }
 
 impl ControlNetDims {
     /// Sizes from tensor names and shapes alone (no tensor read), after
     /// refusing what is not a diffusers Flux ControlNet.
     pub fn infer(store: &TensorStore) -> Result<Self> {
-        if store.names().any(|n| n.starts_with("input_hint_block.")) {
-            return Err(Error::Unsupported(format!(
-                "{}: an XLabs ControlNet (`input_hint_block`): only diffusers-layout Flux ControlNets \
-                 (InstantX's, Shakker-Labs', `controlnet_x_embedder`) are supported",
-                store.source_name
-            )));
-        }
+        let store = canonical_own_names(store.clone());
         let x_embedder = store.shape(&format!("{X_EMBEDDER}.weight")).ok_or_else(|| Error::Format {
             source_name: store.source_name.clone(),
             format: "Flux ControlNet",
@@ -99,8 +214,14 @@ impl ControlNetDims {
         })?;
         let in_channels = x_embedder.get(1).copied().unwrap_or(0);
         let modes = store.shape(MODE_EMBEDDER).and_then(|s| s.first().copied());
-        let blocks = FluxLayout::Diffusers.infer_without_final_layer(store)?;
-        Ok(Self { blocks, in_channels, modes })
+        let layout = if store.names().any(|n| n.starts_with("double_blocks.") || n.starts_with("single_blocks.")) {
+            FluxLayout::Bfl
+        } else {
+            FluxLayout::Diffusers
+        };
+        let blocks = layout.infer_without_final_layer(&store)?;
+        let hint = infer_hint(&store, in_channels)?;
+        Ok(Self { blocks, in_channels, modes, hint })
     }
 
     /// Every tensor it has, with its shape (canonical names for its blocks).
@@ -143,13 +264,14 @@ pub struct FluxControlNet {
     single_blocks: Vec<Linear>,
     /// `[modes, hidden]` in the model dtype.
     mode_embedder: Option<Tensor>,
+    /// XLabs' hint block: (weight, bias, stride) per convolution, f32.
+    hint: Vec<(Tensor, Tensor, usize)>,
     dims: ControlNetDims,
 }
 
-/// Whether `store` holds a diffusers Flux ControlNet (or XLabs' kind, which
-/// [`FluxControlNet::from_store`] refuses with a message).
+/// Whether `store` holds a Flux ControlNet (diffusers' layout, or XLabs' own).
 pub fn is_controlnet(store: &TensorStore) -> bool {
-    store.contains(&format!("{X_EMBEDDER}.weight")) || store.names().any(|n| n.starts_with("input_hint_block."))
+    store.contains(&format!("{X_EMBEDDER}.weight")) || store.contains(&format!("{XLABS_X_EMBEDDER}.weight"))
 }
 
 impl FluxControlNet {
@@ -158,20 +280,15 @@ impl FluxControlNet {
     /// `axes_dim`: diffusers' `axes_dims_rope`, needed only for head sizes
     /// other than FLUX.1's 128.
     pub fn from_store(store: TensorStore, axes_dim: Option<Vec<usize>>, dtype: DType, device: &Device) -> Result<Self> {
-        let mut store = store;
         let dims = ControlNetDims::infer(&store)?;
+        let mut store = canonical_own_names(store);
         let mut own = TensorStore::new(store.source_name.clone());
-        let names: Vec<String> = store.names().filter(|n| n.starts_with("controlnet_")).map(str::to_string).collect();
+        let own_name = |n: &&str| n.starts_with("controlnet_") || n.starts_with(&format!("{HINT}."));
+        let names: Vec<String> = store.names().filter(own_name).map(str::to_string).collect();
         for name in names {
             store.move_to(&name, &mut own, name.clone())?;
         }
         let (layout, body) = FluxLayout::detect(store)?;
-        if layout != FluxLayout::Diffusers {
-            return Err(Error::Unsupported(format!(
-                "{}: a Flux ControlNet's blocks in BFL's names: only diffusers' layout is supported",
-                body.source_name
-            )));
-        }
         let cfg = dims.blocks.clone().with_axes(axes_dim)?;
         own.validate(&own_tensors(&dims))?;
         let canonical = layout.canonicalize(body, &canonical_tensors(&cfg), cfg.hidden_size, cfg.mlp_hidden)?;
@@ -184,9 +301,19 @@ impl FluxControlNet {
         let single_blocks =
             (0..depth_single).map(|i| w.linear(&format!("controlnet_single_blocks.{i}"))).collect::<Result<_>>()?;
         let mode_embedder = if dims.modes.is_some() { Some(w.get(MODE_EMBEDDER)?) } else { None };
+        let mut hint = Vec::new();
+        if let Some(h) = &dims.hint {
+            // Small, and run in f32: candle's CPU convolutions have no bf16 path.
+            let last = h.convs.len() - 1;
+            for i in 0..h.convs.len() {
+                let p = hint_conv_name(i, last);
+                let mut f32 = |n: String| -> Result<Tensor> { Ok(w.get_stored(&n)?.to_dtype(DType::F32)?) };
+                hint.push((f32(format!("{p}.weight"))?, f32(format!("{p}.bias"))?, h.stride(i)));
+            }
+        }
         tracing::debug!(target: "ipaflux::flux", ?dims, "loaded a Flux ControlNet");
         let dims = ControlNetDims { blocks: body.cfg.clone(), ..dims };
-        Ok(Self { body, x_embedder, blocks, single_blocks, mode_embedder, dims })
+        Ok(Self { body, x_embedder, blocks, single_blocks, mode_embedder, hint, dims })
     }
 
     /// Uses `attention` in its blocks (as [`FluxModel::set_attention`]).
@@ -204,9 +331,32 @@ impl FluxControlNet {
         &self.dims
     }
 
+    /// Whether it reads the control image's pixels (XLabs' hint block), not its latents.
+    pub fn takes_pixels(&self) -> bool {
+        !self.hint.is_empty()
+    }
+
+    /// XLabs' hint block on pixels `[B, 3, H, W]` in [-1, 1]: tokens `[B, L, C·p²]`.
+    fn hint_tokens(&self, pixels: &Tensor, patch: usize) -> Result<Tensor> {
+        let mut x = pixels.to_dtype(DType::F32)?;
+        let last = self.hint.len().saturating_sub(1);
+        for (i, (w, b, stride)) in self.hint.iter().enumerate() {
+            x = x.conv2d(w, 1, *stride, 1, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+            if i < last {
+                x = x.silu()?;
+            }
+        }
+        let (b, c, h, w) = x.dims4()?;
+        let (rows, cols) = (h / patch, w / patch);
+        let x = x.reshape((b, c, rows, patch, cols, patch))?.permute((0, 2, 4, 1, 3, 5))?;
+        Ok(x.reshape((b, rows * cols, c * patch * patch))?)
+    }
+
     /// The residuals for latents `x [B, L_img, in_channels]` at `img_ids`,
-    /// with the control image's packed latents `control` (same shape), the
-    /// prompt `cond` and a Union net's `mode`, times `scale`.
+    /// with the control image `control` — its packed latents (same shape as
+    /// `x`), or for a net that [`Self::takes_pixels`] its pixels `[B, 3, H, W]`
+    /// in [-1, 1] at the output size — the prompt `cond` and a Union net's
+    /// `mode`, times `scale`.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -218,9 +368,13 @@ impl FluxControlNet {
         sigma: f64,
         scale: f64,
     ) -> Result<ControlResiduals> {
+        let control = match &self.dims.hint {
+            Some(h) => self.hint_tokens(control, h.patch)?,
+            None => control.clone(),
+        };
         if control.dims() != x.dims() {
             return Err(Error::Shape(format!(
-                "control latents {:?} for latents {:?}: the control image must be encoded at the output size",
+                "the control image's tokens {:?} for latents {:?}: it must be given at the output size",
                 control.dims(),
                 x.dims()
             )));
@@ -265,7 +419,8 @@ impl FluxControlNet {
         Ok(ControlResiduals {
             double: project(double, &self.blocks)?,
             single: project(single, &self.single_blocks)?,
-            repeat: false,
+            // diffusers' `controlnet_blocks_repeat`: XLabs' nets (those with a hint block).
+            repeat: self.takes_pixels(),
         })
     }
 }
@@ -282,6 +437,7 @@ fn own_tensors(d: &ControlNetDims) -> Vec<(String, Vec<usize>)> {
     if let Some(m) = d.modes {
         v.push((MODE_EMBEDDER.into(), vec![m, h]));
     }
+    v.extend(d.hint.iter().flat_map(HintDims::tensors));
     v
 }
 
@@ -289,8 +445,9 @@ fn own_tensors(d: &ControlNetDims) -> Vec<(String, Vec<usize>)> {
 #[derive(Clone, Copy)]
 pub struct ControlInput<'a> {
     pub net: &'a FluxControlNet,
-    /// The control image's packed latents `[B, L_img, 64]`.
-    pub latents: &'a Tensor,
+    /// The control image's packed latents `[B, L_img, 64]`, or its pixels
+    /// `[B, 3, H, W]` in [-1, 1] for a net that [`FluxControlNet::takes_pixels`].
+    pub image: &'a Tensor,
     /// A Union net's control mode (InstantX's: 0 canny, 1 tile, 2 depth,
     /// 3 blur, 4 pose, 5 gray, 6 low quality).
     pub mode: Option<usize>,

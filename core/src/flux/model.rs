@@ -98,7 +98,7 @@ impl Weights {
     }
 
     /// The tensor as stored, on the model's device.
-    fn get_stored(&mut self, name: &str) -> Result<Tensor> {
+    pub(super) fn get_stored(&mut self, name: &str) -> Result<Tensor> {
         let t = match &mut self.source {
             WeightSource::Store(store) => store.take(name)?,
             WeightSource::Map(map) => map.remove(name),

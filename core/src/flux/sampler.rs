@@ -316,7 +316,7 @@ pub fn euler(
             .control
             .iter()
             .filter(|c| c.window.active(step, steps))
-            .map(|c| c.net.forward(&x, latent_ids, c.latents, c.mode, guide.positive, sigma, c.scale))
+            .map(|c| c.net.forward(&x, latent_ids, c.image, c.mode, guide.positive, sigma, c.scale))
             .collect::<Result<Vec<_>>>()?;
         let mut v = own(model.forward_controlled(&input, ids, guide.positive, sigma, step, hooks, &control)?)?;
         if let Some((negative, scale)) = guide.negative {
