@@ -846,9 +846,18 @@ fn check_controlnet(src: &Sources, s: &Settings, variant: FluxVariant) -> Result
         }
         _ => {}
     }
-    let w = c.window;
-    if !(0.0..=1.0).contains(&w.start) || !(0.0..=1.0).contains(&w.end) || w.start >= w.end {
-        return refuse(format!("ControlNet window {}..{}: give 0 <= start < end <= 1", w.start, w.end));
+    match c.window {
+        ControlWindow::Steps { start, end }
+            if !(0.0..=1.0).contains(&start) || !(0.0..=1.0).contains(&end) || start >= end =>
+        {
+            return refuse(format!(
+                "ControlNet window {start}..{end} (fractions of the steps): give 0 <= start < end <= 1"
+            ))
+        }
+        ControlWindow::Sigmas(w) if w.sigma_end > w.sigma_start => {
+            return refuse("ControlNet window: its start percent is after its end percent".into())
+        }
+        _ => {}
     }
     if !c.scale.is_finite() {
         return refuse(format!("ControlNet scale {}", c.scale));
@@ -1387,7 +1396,11 @@ pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], src: &Source
         "kontext_image": s.kontext.as_ref().map(|k| &k.image.name),
         "control_image": s.control.as_ref().map(Control::describe),
         "controlnet": s.controlnet.as_ref().map(|c| {
-            serde_json::json!({"scale": c.scale, "mode": c.mode, "start": c.window.start, "end": c.window.end})
+            let window = match c.window {
+                ControlWindow::Steps { start, end } => serde_json::json!({"steps": [start, end]}),
+                ControlWindow::Sigmas(w) => serde_json::json!({"sigmas": [w.sigma_start, w.sigma_end]}),
+            };
+            serde_json::json!({"scale": c.scale, "mode": c.mode, "window": window})
         }),
         "init_image": s.init.as_ref().map(|i| {
             serde_json::json!({"name": i.name, "strength": i.strength, "mask": i.mask.as_ref().map(|m| &m.name)})

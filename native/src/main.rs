@@ -370,6 +370,13 @@ struct GenerateArgs {
     /// The fraction of the steps after which the ControlNet is off again (control_guidance_end)
     #[arg(long, default_value_t = 1.0, requires = "controlnet")]
     controlnet_end: f64,
+    /// ComfyUI's window instead (Apply ControlNet's start_percent): the ControlNet is on from the sigma this
+    /// percent of the schedule maps to (with --controlnet-end-percent, default 1)
+    #[arg(long, requires = "controlnet", conflicts_with_all = ["controlnet_start", "controlnet_end"])]
+    controlnet_start_percent: Option<f64>,
+    /// ComfyUI's end_percent: the ControlNet is off below the sigma this percent maps to (default 1: to the end)
+    #[arg(long, requires = "controlnet", conflicts_with_all = ["controlnet_start", "controlnet_end"])]
+    controlnet_end_percent: Option<f64>,
     /// A Union ControlNet's mode: canny, tile, depth, blur, pose, gray, lq, or its number
     #[arg(long, value_parser = parse_control_mode, requires = "controlnet")]
     controlnet_mode: Option<usize>,
@@ -705,7 +712,12 @@ fn settings_from_args(
         controlnet: a.controlnet.as_ref().map(|_| generate::ControlNetSettings {
             scale: a.controlnet_scale,
             mode: a.controlnet_mode,
-            window: ipaflux_core::flux::ControlWindow { start: a.controlnet_start, end: a.controlnet_end },
+            window: match (a.controlnet_start_percent, a.controlnet_end_percent) {
+                (None, None) => {
+                    ipaflux_core::flux::ControlWindow::Steps { start: a.controlnet_start, end: a.controlnet_end }
+                }
+                (s, e) => ipaflux_core::flux::ControlWindow::from_percent(s.unwrap_or(0.0), e.unwrap_or(1.0)),
+            },
         }),
     })
 }

@@ -321,7 +321,10 @@ fn controlnets(c: &Shared<'_>, latents: &Tensor, r: &mut Report) -> Result<()> {
             image: if net.takes_pixels() { &pixels } else { latents },
             mode: s["mode"].as_u64().map(|m| m as usize),
             scale: s["scale"].as_f64().unwrap_or(1.0),
-            window: ControlWindow { start: s["start"].as_f64().unwrap_or(0.0), end: s["end"].as_f64().unwrap_or(1.0) },
+            window: ControlWindow::Steps {
+                start: s["start"].as_f64().unwrap_or(0.0),
+                end: s["end"].as_f64().unwrap_or(1.0),
+            },
         };
         let negative = s["true_cfg"].as_f64().map(|scale| (&negative, scale as f32));
         let guide = Guide { control: &[input], negative, ..Guide::prompt(&prompt) };

@@ -532,6 +532,9 @@ fn generate_with_a_controlnet() {
     assert!(entry("register") && entry("release"), "the registry's timeline shows its entry:\n{log}");
     let png = String::from_utf8_lossy(&std::fs::read(&a).unwrap()).into_owned();
     assert!(png.contains("\"controlnet\":{") && png.contains("\"scale\":0.7"), "the PNG's parameters hold it");
+    // ComfyUI's percents, whole schedule: the same picture as diffusers' whole window.
+    ok(&["--controlnet", &canny, "--controlnet-scale", "0.7", "--controlnet-start-percent", "0"], &b);
+    assert_eq!(pixels(&a), pixels(&b), "percent 0..1 is every step");
     // At scale 0 its residuals are zeros: the picture is plain Flux's, to the byte.
     ok(&["--controlnet", &canny, "--controlnet-scale", "0"], &b);
     let plain = tmp("gen-controlnet-plain.png");
@@ -556,6 +559,12 @@ fn generate_with_a_controlnet() {
     assert_fails(&with(&["--controlnet", &canny, "--controlnet-mode", "pose"]), &["no modes"]);
     assert_fails(&with(&["--controlnet", &union, "--controlnet-mode", "scribble"]), &["canny, tile, depth"]);
     assert_fails(&with(&["--controlnet", &canny, "--controlnet-start", "0.8", "--controlnet-end", "0.2"]), &["window"]);
+    let late = ["--controlnet", &canny, "--controlnet-start-percent", "0.8", "--controlnet-end-percent", "0.2"];
+    assert_fails(&with(&late), &["start percent is after"]);
+    assert_fails(
+        &with(&["--controlnet", &canny, "--controlnet-start", "0.1", "--controlnet-start-percent", "0.1"]),
+        &["cannot be used with"],
+    );
     assert_fails(&with(&["--controlnet", &f("flux/transformer")]), &["not a Flux ControlNet"]);
     assert_fails(&generate(&["--vae", &vae, "--controlnet", &canny], &a), &["--control-image"]);
     let control_flux = ["--flux", &f("control/transformer"), "--controlnet", &canny];

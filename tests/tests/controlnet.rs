@@ -39,7 +39,7 @@ fn case() -> Case {
 }
 
 fn window(r: &serde_json::Value) -> ControlWindow {
-    ControlWindow { start: r["start"].as_f64().unwrap(), end: r["end"].as_f64().unwrap() }
+    ControlWindow::Steps { start: r["start"].as_f64().unwrap(), end: r["end"].as_f64().unwrap() }
 }
 
 #[test]
@@ -109,6 +109,11 @@ fn controlnet_sampling_matches_diffusers_pipeline() {
         rel_max_err(&sample(Guide { control: &[always], ..Guide::prompt(&c.prompt) }), &g["out.canny"])
             > 10.0 * F32_TOL
     );
+    // ComfyUI's percents 0..0: the first step alone (σ = 1), as diffusers' 0..1/6.
+    let first = |window| sample(Guide { control: &[ControlInput { window, ..input }], ..Guide::prompt(&c.prompt) });
+    let by_sigma = first(ControlWindow::from_percent(0.0, 0.0));
+    assert_eq!(rel_max_err(&by_sigma, &first(ControlWindow::Steps { start: 0.0, end: 1.0 / 6.0 })), 0.0);
+    assert!(rel_max_err(&by_sigma, &out) > 10.0 * F32_TOL, "a window of one step is not the golden's");
     // Without the net, far off.
     assert!(rel_max_err(&sample(Guide::prompt(&c.prompt)), &g["out.canny"]) > 100.0 * F32_TOL);
     // From an init image (FluxControlNetImg2ImgPipeline): the window spans the steps that run.

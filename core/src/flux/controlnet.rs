@@ -37,6 +37,7 @@ use super::layout::FluxLayout;
 use super::model::{canonical_tensors, Conditioning, FluxLoad, FluxModel, GgufWeights, Weights};
 use crate::error::{Error, Result};
 use crate::nn::Linear;
+use crate::schedule::{IpWindow, COMFY_FLUX_SHIFT};
 use crate::weights::TensorStore;
 
 /// Name of the layer that adds the control latents to the image tokens: what
@@ -456,28 +457,41 @@ pub struct ControlInput<'a> {
     pub window: ControlWindow,
 }
 
-/// The steps a ControlNet is used in, as fractions of the steps sampled.
+/// The steps a ControlNet is used in.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ControlWindow {
-    /// Off before this fraction (diffusers' `control_guidance_start`, ComfyUI's `start_percent`).
-    pub start: f64,
-    /// Off after this fraction (`control_guidance_end`, `end_percent`).
-    pub end: f64,
+pub enum ControlWindow {
+    /// diffusers' `control_guidance_start` and `_end`: fractions of the
+    /// steps sampled; off before `start` and after `end`.
+    Steps { start: f64, end: f64 },
+    /// ComfyUI's `start_percent` and `end_percent` (Apply ControlNet): on
+    /// where the step's sigma is inside the window they map to.
+    Sigmas(IpWindow),
 }
 
 impl Default for ControlWindow {
     fn default() -> Self {
-        Self { start: 0.0, end: 1.0 }
+        Self::Steps { start: 0.0, end: 1.0 }
     }
 }
 
 impl ControlWindow {
-    /// Whether step `step` of `steps` uses the net: diffusers'
+    /// ComfyUI's window from its percents (`percent_to_sigma` at Flux's shift).
+    pub fn from_percent(start_percent: f64, end_percent: f64) -> Self {
+        Self::Sigmas(IpWindow::from_percent(start_percent, end_percent, COMFY_FLUX_SHIFT))
+    }
+
+    /// Whether step `step` of `steps`, at `sigma`, uses the net: diffusers'
     /// `controlnet_keep` (off where `step / steps < start` or
-    /// `(step + 1) / steps > end`, where its residuals are zeros).
-    pub fn active(&self, step: usize, steps: usize) -> bool {
-        let steps = steps.max(1) as f64;
-        !(step as f64 / steps < self.start || (step + 1) as f64 / steps > self.end)
+    /// `(step + 1) / steps > end`, where its residuals are zeros), or
+    /// ComfyUI's `end ≤ σ ≤ start` (its ControlBase's `timestep_range`).
+    pub fn active(&self, step: usize, steps: usize, sigma: f64) -> bool {
+        match *self {
+            Self::Steps { start, end } => {
+                let steps = steps.max(1) as f64;
+                !(step as f64 / steps < start || (step + 1) as f64 / steps > end)
+            }
+            Self::Sigmas(window) => window.contains(sigma),
+        }
     }
 }
 
@@ -516,11 +530,23 @@ mod tests {
 
     #[test]
     fn the_keep_window_is_diffusers_controlnet_keep() {
-        let steps = |w: ControlWindow| (0..6).map(|s| w.active(s, 6)).collect::<Vec<_>>();
+        let sigmas = [1.0, 0.9, 0.7, 0.5, 0.3, 0.1];
+        let steps = |w: ControlWindow| (0..6).map(|s| w.active(s, 6, sigmas[s])).collect::<Vec<_>>();
         // Written out for 6 steps: end 0.8 keeps steps 0..=3; start 0.2 drops 0 and 1 (1/6 < 0.2).
-        assert_eq!(steps(ControlWindow { start: 0.0, end: 0.8 }), [true, true, true, true, false, false]);
-        assert_eq!(steps(ControlWindow { start: 0.2, end: 1.0 }), [false, false, true, true, true, true]);
+        assert_eq!(steps(ControlWindow::Steps { start: 0.0, end: 0.8 }), [true, true, true, true, false, false]);
+        assert_eq!(steps(ControlWindow::Steps { start: 0.2, end: 1.0 }), [false, false, true, true, true, true]);
         assert_eq!(steps(ControlWindow::default()), [true; 6]);
-        assert_eq!(steps(ControlWindow { start: 0.5, end: 0.5 }), [false; 6]);
+        assert_eq!(steps(ControlWindow::Steps { start: 0.5, end: 0.5 }), [false; 6]);
+        // ComfyUI's percents go by sigma: 0..1 is every step; 0..0 only σ = 1; the
+        // middle half is σ within percent_to_sigma(0.25)..percent_to_sigma(0.75).
+        assert_eq!(steps(ControlWindow::from_percent(0.0, 1.0)), [true; 6]);
+        assert_eq!(steps(ControlWindow::from_percent(0.0, 0.0)), [true, false, false, false, false, false]);
+        let (hi, lo) = (
+            crate::schedule::percent_to_sigma(0.25, COMFY_FLUX_SHIFT),
+            crate::schedule::percent_to_sigma(0.75, COMFY_FLUX_SHIFT),
+        );
+        let want: Vec<bool> = sigmas.iter().map(|&s| lo <= s && s <= hi).collect();
+        assert_eq!(steps(ControlWindow::from_percent(0.25, 0.75)), want);
+        assert!(want.contains(&true) && want.contains(&false), "the window cuts this schedule");
     }
 }

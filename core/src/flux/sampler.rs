@@ -315,7 +315,7 @@ pub fn euler(
         let control = guide
             .control
             .iter()
-            .filter(|c| c.window.active(step, steps))
+            .filter(|c| c.window.active(step, steps, sigma))
             .map(|c| c.net.forward(&x, latent_ids, c.image, c.mode, guide.positive, sigma, c.scale))
             .collect::<Result<Vec<_>>>()?;
         let mut v = own(model.forward_controlled(&input, ids, guide.positive, sigma, step, hooks, &control)?)?;
