@@ -560,6 +560,7 @@ pub fn run_streamed(
         offload_device: DeviceSpec::Cpu,
         units,
         weights_key: None,
+        streamable: true,
     };
     let handle = reg.register(spec)?;
     let plan = reg.load_for_job(&JobRequest::new(job_device, &[handle.model]).working(working))?;

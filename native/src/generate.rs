@@ -454,12 +454,14 @@ fn negative_image(s: &Settings, refs: &[Reference]) -> Result<Option<ImageFile>>
 fn register_all(reg: &mut Registry, src: &Sources, refs: &[Reference], s: &Settings) -> Result<Handles> {
     let dev = s.device_spec;
     let needs = |f: fn(&Reference) -> bool| refs.iter().any(f);
-    let spec = |name: &str, role, bytes| ModelSpec::uniform(name, role, dev, bytes, 1, name);
+    // Every model but Flux (with its per-block units) is loaded whole by its
+    // stage: the registry never plans to stream it.
+    let spec = |name: &str, role, bytes| ModelSpec::uniform(name, role, dev, bytes, 1, name).resident_only();
     let flux_units = src.flux_units.specs_with_loras(s.dtype, s.gguf, &src.loras);
     let flux = if flux_units.is_empty() {
         spec("flux", Role::Diffusion, src.flux.1)
     } else {
-        ModelSpec { units: flux_units, ..spec("flux", Role::Diffusion, 0) }
+        ModelSpec { units: flux_units, streamable: true, ..spec("flux", Role::Diffusion, 0) }
     };
     Ok(Handles {
         t5: reg.register(spec("t5", Role::TextEncoder, src.t5.1))?,
@@ -661,7 +663,9 @@ pub fn generate(
     let kv_bytes = referenced.kv_bytes;
     let kv = match kv_bytes {
         0 => None,
-        b => Some(reg.register(ModelSpec::uniform("ip-kv-cache", Role::Cache, dev, b as u64, 1, "kv"))?),
+        b => {
+            Some(reg.register(ModelSpec::uniform("ip-kv-cache", Role::Cache, dev, b as u64, 1, "kv").resident_only())?)
+        }
     };
 
     // Sampling: the blocks the registry did not make resident are streamed.

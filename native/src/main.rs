@@ -116,7 +116,7 @@ enum Cmd {
         /// Eviction policy: furthest-next-use, lru, largest-first or comfyui.
         #[arg(long, default_value = "furthest-next-use")]
         policy: EvictionPolicy,
-        /// A built-in scenario (flux-dev-ipadapter) or a scenario JSON file (schema in ARCHITECTURE.md).
+        /// A built-in scenario (flux-dev-ipadapter, flux-dev-controlnet) or a scenario JSON file (schema in ARCHITECTURE.md).
         #[arg(long, default_value = "flux-dev-ipadapter")]
         scenario: String,
         /// Sampler steps (the uses of stages with "repeat": "steps").

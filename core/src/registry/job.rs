@@ -305,7 +305,11 @@ impl Registry {
             }
             _ => {}
         }
-        let buffer = stream_buffer(units);
+        // Models their runners load whole stay resident whatever the state;
+        // only the others' units stream (and need a stream buffer).
+        let streamable = |id: ModelId| self.entry(id).map(|e| e.streamable).unwrap_or(true);
+        let (flexible, fixed): (Vec<UnitRef>, Vec<UnitRef>) = units.iter().partition(|u| streamable(u.0));
+        let buffer = stream_buffer(&flexible);
         let Some(weight_room) = usable.checked_sub(working + buffer) else {
             return Err(self.oom(
                 device,
@@ -314,14 +318,23 @@ impl Registry {
                 "lower the resolution or batch, or lower --reserve",
             ));
         };
+        let fixed_bytes: u64 = fixed.iter().map(|u| u.2).sum();
+        let Some(weight_room) = weight_room.checked_sub(fixed_bytes) else {
+            return Err(self.oom(
+                device,
+                working + buffer + fixed_bytes,
+                usable,
+                "a model that cannot be streamed does not fit whole beside the job's working memory",
+            ));
+        };
         let cap = match state {
             VramState::NoVram => 0,
             VramState::Low => usable / 100 * u64::from(self.config.low_vram_weight_percent.min(100)),
             _ => u64::MAX,
         };
         let mut room = weight_room.min(cap);
-        let mut target = BTreeSet::new();
-        for &(id, i, bytes) in &self.fill_order(units) {
+        let mut target: BTreeSet<(ModelId, usize)> = fixed.iter().map(|u| (u.0, u.1)).collect();
+        for &(id, i, bytes) in &self.fill_order(&flexible) {
             if bytes <= room {
                 room -= bytes;
                 target.insert((id, i));

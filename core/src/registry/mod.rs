@@ -565,6 +565,7 @@ fn new_entry(spec: ModelSpec, lease: u64) -> Entry {
         attachments: BTreeMap::new(),
         outputs_cached: false,
         last_used: 0,
+        streamable: spec.streamable,
     }
 }
 

@@ -92,6 +92,10 @@ pub struct ModelSpec {
     /// Identity of the weights (a file path and size, a hash). Registering the
     /// same weights again returns a new handle to the same entry: counted once.
     pub weights_key: Option<String>,
+    /// Whether the code that runs it can take units not resident, copied in
+    /// per use (Flux's blocks). **A model that cannot is planned resident
+    /// whole or its job fails**: a plan never streams what its runner loads whole.
+    pub streamable: bool,
 }
 
 impl ModelSpec {
@@ -112,7 +116,14 @@ impl ModelSpec {
             offload_device: DeviceSpec::Cpu,
             units,
             weights_key: None,
+            streamable: true,
         }
+    }
+
+    /// Marks it as one whose runner loads it whole ([`Self::streamable`] false).
+    pub fn resident_only(mut self) -> Self {
+        self.streamable = false;
+        self
     }
 
     pub fn with_weights_key(mut self, key: impl Into<String>) -> Self {
@@ -169,6 +180,8 @@ pub(super) struct Entry {
     pub outputs_cached: bool,
     /// Logical time of the last job that used it.
     pub last_used: u64,
+    /// [`ModelSpec::streamable`].
+    pub streamable: bool,
 }
 
 impl Entry {

@@ -21,7 +21,8 @@
 //!                                         // [{"name": "double_blocks", "count": 19, "size": 679662592}]
 //!     "load_device": "cuda:0",            // default: the scenario's device
 //!     "offload_device": "cpu",            // default cpu
-//!     "weights": "flux1-dev.safetensors"  // optional identity; same weights are counted once
+//!     "weights": "flux1-dev.safetensors", // optional identity; same weights are counted once
+//!     "streamable": true                  // default; false: loaded whole or the job fails, never streamed
 //!   }],
 //!   "attach": [{"owner": "flux-dev", "key": "ipadapter_flux", "models": ["siglip"]}],
 //!   "stages": [{
@@ -47,7 +48,10 @@ use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
 
 /// The built-in scenarios: (name, JSON).
-pub const BUILTIN: &[(&str, &str)] = &[("flux-dev-ipadapter", include_str!("scenarios/flux-dev-ipadapter.json"))];
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("flux-dev-ipadapter", include_str!("scenarios/flux-dev-ipadapter.json")),
+    ("flux-dev-controlnet", include_str!("scenarios/flux-dev-controlnet.json")),
+];
 
 /// Steps of the sampling stage when the caller does not say.
 pub const DEFAULT_STEPS: u64 = 20;
@@ -86,6 +90,13 @@ pub struct ScenarioModel {
     pub offload_device: Option<String>,
     #[serde(default)]
     pub weights: Option<String>,
+    /// `false`: its runner loads it whole, so it is never streamed (default `true`).
+    #[serde(default = "default_streamable")]
+    pub streamable: bool,
+}
+
+fn default_streamable() -> bool {
+    true
 }
 
 fn default_role() -> String {
@@ -234,6 +245,7 @@ impl Scenario {
             offload_device: offload,
             units,
             weights_key: m.weights.clone(),
+            streamable: m.streamable,
         })
     }
 }
@@ -393,13 +405,17 @@ mod tests {
     const GIB: u64 = 1 << 30;
 
     fn plan(vram_gib: u64, config: RegistryConfig) -> PlanReport {
-        let scenario = match Scenario::builtin("flux-dev-ipadapter") {
-            Ok(s) => s,
-            Err(e) => panic!("{e}"),
-        };
-        match run(&scenario, &PlanOptions { vram_bytes: vram_gib * GIB, config, steps: DEFAULT_STEPS }) {
+        plan_of("flux-dev-ipadapter", vram_gib, config)
+    }
+
+    fn try_plan(name: &str, vram_gib: u64, config: RegistryConfig) -> Result<PlanReport> {
+        run(&Scenario::builtin(name)?, &PlanOptions { vram_bytes: vram_gib * GIB, config, steps: DEFAULT_STEPS })
+    }
+
+    fn plan_of(name: &str, vram_gib: u64, config: RegistryConfig) -> PlanReport {
+        match try_plan(name, vram_gib, config) {
             Ok(r) => r,
-            Err(e) => panic!("{e}"),
+            Err(e) => panic!("{name} at {vram_gib} GiB: {e}"),
         }
     }
 
@@ -436,6 +452,30 @@ mod tests {
         assert_eq!(size("ip-processors"), 2_870_000_000);
         assert_eq!(size("siglip-so400m"), 860_000_000);
         assert_eq!(size("ip-kv-cache"), 57 * 2 * 24 * 128 * 128 * 2);
+    }
+
+    /// A ControlNet (one unit) is loaded whole beside Flux, whose blocks
+    /// stream around it; below the net plus Flux's largest unit and the
+    /// sampling stage's working memory the job cannot run, and says so.
+    #[test]
+    fn a_controlnet_is_loaded_whole_beside_a_streamed_flux() {
+        let net = 6_603_913_216;
+        for gib in [10, 12, 16, 24] {
+            let r = plan_of("flux-dev-controlnet", gib, RegistryConfig::default());
+            common_checks(&r);
+            let sample = stage(&r, "sample");
+            assert_eq!(loaded(sample, "controlnet-union"), (net, net), "{gib} GiB");
+            let (flux, size) = loaded(sample, "flux-dev");
+            assert!(flux < size && sample.streamed_bytes_per_use > 0, "{gib} GiB: Flux {flux} of {size}");
+            assert_eq!(loaded(sample, "t5xxl").0, 0, "{gib} GiB: T5 gone by sampling");
+        }
+        for gib in [48, 80] {
+            let r = plan_of("flux-dev-controlnet", gib, RegistryConfig::default());
+            common_checks(&r);
+            assert_eq!(ops(&r, Op::Stream), 0, "{gib} GiB holds both");
+        }
+        let short = try_plan("flux-dev-controlnet", 8, RegistryConfig::default());
+        assert!(matches!(short, Err(Error::OutOfMemory { .. })), "8 GiB: {:?}", short.map(|r| r.summary));
     }
 
     #[test]

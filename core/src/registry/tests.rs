@@ -239,6 +239,39 @@ fn normal_state_loads_partially_and_streams_when_the_job_does_not_fit() {
 }
 
 #[test]
+fn a_model_that_cannot_stream_is_resident_whole_beside_one_that_streams() {
+    // 100 MiB: 10 working; a 50 MiB net loaded whole (the smaller model, which
+    // would otherwise go first into the room left by the net's 50 MiB and a
+    // 10 MiB block in the stream buffer) and Flux's blocks in what is left.
+    let mut r = registry(100 * MB, no_margin());
+    let flux = reg(&mut r, model("flux", 200, 20)).model;
+    let net = reg(&mut r, model("net", 50, 1).resident_only()).model;
+    let plan = job(&mut r, &[flux, net], 10);
+    let placed =
+        |id: ModelId| plan.placements.iter().find(|p| p.model == id).map(|p| (p.resident.len(), p.streamed.len()));
+    assert_eq!(placed(net), Some((1, 0)), "the net is resident whole");
+    assert_eq!(placed(flux), Some((2, 18)), "100 - 10 working - 20 buffer - 50 net = 20 MiB of blocks");
+    assert!(plan.peak_bytes <= 100 * MB);
+    ok_audit(&r);
+    // The same net, streamable, would have been streamed in its whole 50 MiB unit instead: its
+    // unit is the largest, so the buffer alone takes it.
+    let mut r = registry(100 * MB, no_margin());
+    let flux = reg(&mut r, model("flux", 200, 20)).model;
+    let net = reg(&mut r, model("net", 50, 1)).model;
+    let plan = job(&mut r, &[flux, net], 10);
+    assert!(plan.placements.iter().any(|p| p.model == net && p.streamed == [0]));
+    // No room for it whole beside the working memory and a stream buffer: a clear error, nothing moved.
+    let mut r = registry(70 * MB, no_margin());
+    let flux = reg(&mut r, model("flux", 200, 20)).model;
+    let net = reg(&mut r, model("net", 50, 1).resident_only()).model;
+    let err = r.load_for_job(&JobRequest::new(GPU, &[flux, net]).working(10 * MB));
+    assert!(matches!(err, Err(Error::OutOfMemory { .. })), "{err:?}");
+    assert!(format!("{:?}", err.err()).contains("cannot be streamed"));
+    assert_eq!(r.placed_bytes(GPU), 0);
+    ok_audit(&r);
+}
+
+#[test]
 fn low_state_caps_weights_at_a_share_of_usable_memory() {
     let mut r = registry(100 * MB, RegistryConfig { state: VramState::Low, ..no_margin() });
     let m = reg(&mut r, model("m", 80, 8)).model;
