@@ -1596,7 +1596,7 @@ impl ModelPaths {
                 let dims = ControlNetDims::infer(&files.weights)?;
                 dims.check_compatible(&flux_cfg)?;
                 // As Flux: in the run's dtype on its device.
-                let bytes = ipaflux_core::weights::loaded_bytes(&dims.expected_tensors(), self.encoder_dtype.dtype());
+                let bytes = dims.loaded_bytes(self.encoder_dtype.dtype());
                 let device = device.clone();
                 let load: LoadFn<FluxControlNet> = Box::new(move || {
                     let files = files.clone();
@@ -1723,10 +1723,18 @@ mod tests {
                 let files = crate::depth::load_depth_dir(&fixture("depth/model")).unwrap();
                 let n = fetched(&files.weights, || crate::depth::DepthEstimator::new(&files, dtype, &cpu));
                 check(&mut off, src.depth.as_ref().unwrap().1, n, format!("Depth Anything, {at}"));
-                // The ControlNet takes every tensor of its file (its loader refuses others), in the run's dtype.
+                // A ControlNet takes every tensor of its file (its loader refuses others), in the
+                // run's dtype but for XLabs' hint block, held in f32.
                 let files = crate::load::load_controlnet(&fixture("controlnet/union")).unwrap();
                 let n = files.weights.bytes_as(dtype, |_| true);
                 check(&mut off, src.controlnet.as_ref().unwrap().bytes, n, format!("ControlNet, {at}"));
+                let mut xlabs = paths(ip, precision);
+                xlabs.controlnet = Some(fixture("controlnet/xlabs-original.safetensors"));
+                let xlabs_src = xlabs.into_sources(cpu.clone()).unwrap();
+                let files = crate::load::load_controlnet(&fixture("controlnet/xlabs-original.safetensors")).unwrap();
+                let hint = |n: &str| n.starts_with("input_hint_block.");
+                let n = files.weights.bytes_as(dtype, |n| !hint(n)) + files.weights.bytes_as(DType::F32, hint);
+                check(&mut off, xlabs_src.controlnet.as_ref().unwrap().bytes, n, format!("XLabs ControlNet, {at}"));
             }
         }
         assert!(off.is_empty(), "registry figures off:\n{}", off.join("\n"));

@@ -186,7 +186,7 @@ impl fmt::Display for Summary {
                     (None, Some(_)) => "XLabs' kind (reads the control image's pixels)".to_string(),
                     (None, None) => "single-purpose".to_string(),
                 };
-                let bf16 = ipaflux_core::weights::loaded_bytes(&c.expected_tensors(), DType::BF16);
+                let bf16 = c.loaded_bytes(DType::BF16);
                 writeln!(
                     f,
                     "Flux ControlNet: {} double + {} single blocks, {} wide, {kind}; {:.1} MiB \

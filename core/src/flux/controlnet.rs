@@ -232,6 +232,14 @@ impl ControlNetDims {
         v
     }
 
+    /// Bytes it takes loaded in `dtype`: everything in `dtype` but XLabs'
+    /// hint block, which is held in f32.
+    pub fn loaded_bytes(&self, dtype: DType) -> u64 {
+        let (hint, rest): (Vec<_>, Vec<_>) =
+            self.expected_tensors().into_iter().partition(|(n, _)| n.starts_with(&format!("{HINT}.")));
+        crate::weights::loaded_bytes(&rest, dtype) + crate::weights::loaded_bytes(&hint, DType::F32)
+    }
+
     /// Refuses a net whose sizes do not fit `flux`'s (a ControlNet for another model).
     pub fn check_compatible(&self, flux: &FluxConfig) -> Result<()> {
         let b = &self.blocks;
