@@ -204,14 +204,14 @@ fn infer_hint(store: &TensorStore, in_channels: usize) -> Result<Option<HintDims
 }
 
 impl ControlNetDims {
-    /// Sizes from tensor names and shapes alone (no tensor read), after
-    /// refusing what is not a diffusers Flux ControlNet.
+    /// Sizes from tensor names and shapes alone (no tensor read), in either
+    /// layout; what is not a Flux ControlNet is refused.
     pub fn infer(store: &TensorStore) -> Result<Self> {
         let store = canonical_own_names(store.clone());
         let x_embedder = store.shape(&format!("{X_EMBEDDER}.weight")).ok_or_else(|| Error::Format {
             source_name: store.source_name.clone(),
             format: "Flux ControlNet",
-            reason: format!("no `{X_EMBEDDER}.weight`: not a diffusers Flux ControlNet"),
+            reason: format!("no `{X_EMBEDDER}.weight` (or XLabs' `{XLABS_X_EMBEDDER}.weight`): not a Flux ControlNet"),
         })?;
         let in_channels = x_embedder.get(1).copied().unwrap_or(0);
         let modes = store.shape(MODE_EMBEDDER).and_then(|s| s.first().copied());
@@ -284,8 +284,8 @@ pub fn is_controlnet(store: &TensorStore) -> bool {
 }
 
 impl FluxControlNet {
-    /// Reads a diffusers-layout ControlNet: its Flux blocks through
-    /// [`FluxLayout`] (every tensor checked), its own layers beside them.
+    /// Reads a ControlNet in diffusers' layout or XLabs' own: its Flux blocks
+    /// through [`FluxLayout`] (every tensor checked), its own layers beside them.
     /// `axes_dim`: diffusers' `axes_dims_rope`, needed only for head sizes
     /// other than FLUX.1's 128.
     pub fn from_store(store: TensorStore, axes_dim: Option<Vec<usize>>, dtype: DType, device: &Device) -> Result<Self> {
@@ -313,7 +313,7 @@ impl FluxControlNet {
         let mut hint = Vec::new();
         if let Some(h) = &dims.hint {
             // Small, and run in f32: candle's CPU convolutions have no bf16 path.
-            let last = h.convs.len() - 1;
+            let last = h.convs.len().saturating_sub(1);
             for i in 0..h.convs.len() {
                 let p = hint_conv_name(i, last);
                 let mut f32 = |n: String| -> Result<Tensor> { Ok(w.get_stored(&n)?.to_dtype(DType::F32)?) };
