@@ -225,6 +225,22 @@ pub struct ControlNetSettings {
 /// Control modes of InstantX's and Shakker-Labs' Union ControlNets, by index.
 pub const UNION_MODES: [&str; 7] = ["canny", "tile", "depth", "blur", "pose", "gray", "lq"];
 
+/// A Union ControlNet given no mode follows the control map made here: its
+/// Canny edges → `canny`, its depth map → `depth`. Sets and returns the mode;
+/// `None` where nothing was chosen (a mode given, not a Union net, or a
+/// control image used as given, whose kind is not known).
+pub fn union_mode_from_map(src: &Sources, s: &mut Settings) -> Option<usize> {
+    let union = src.controlnet.as_ref().is_some_and(|n| n.dims.modes.is_some_and(|m| m > 2));
+    let c = s.controlnet.as_mut().filter(|c| c.mode.is_none() && union)?;
+    let mode = match s.control.as_ref()?.map {
+        ControlMap::Canny { .. } => 0,
+        ControlMap::Depth => 2,
+        ControlMap::AsGiven => return None,
+    };
+    c.mode = Some(mode);
+    Some(mode)
+}
+
 /// The IP-Adapter's reference in true CFG's negative pass.
 #[derive(Debug, Clone, Default)]
 pub enum IpNegative {

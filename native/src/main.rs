@@ -377,7 +377,8 @@ struct GenerateArgs {
     /// ComfyUI's end_percent: the ControlNet is off below the sigma this percent maps to (default 1: to the end)
     #[arg(long, requires = "controlnet", conflicts_with_all = ["controlnet_start", "controlnet_end"])]
     controlnet_end_percent: Option<f64>,
-    /// A Union ControlNet's mode: canny, tile, depth, blur, pose, gray, lq, or its number
+    /// A Union ControlNet's mode: canny, tile, depth, blur, pose, gray, lq, or its number [default: canny with
+    /// --control-canny, depth with --control-depth]
     #[arg(long, value_parser = parse_control_mode, requires = "controlnet")]
     controlnet_mode: Option<usize>,
     /// Output width [default: 1024, or the init image's, the (resized) Kontext image's or the control image's]
@@ -750,7 +751,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     let device = a.device.to_candle()?;
     ipaflux::prepare_device(&device);
     check_reference_args(&a)?;
-    let settings = settings_from_args(&a, &device)?;
+    let mut settings = settings_from_args(&a, &device)?;
     let refs = references(&a)?;
     let paths = generate::ModelPaths {
         flux: a.flux,
@@ -770,6 +771,9 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let sources = paths.into_sources(device)?;
     print_loras(&sources, &a.lora);
+    if let Some(mode) = generate::union_mode_from_map(&sources, &mut settings) {
+        eprintln!("Union ControlNet: mode {} ({}), from the control map made", mode, generate::UNION_MODES[mode]);
+    }
     let out = run_pipeline(&sources, &refs, &settings, &a.out, a.verbose)?;
     if a.batch == 1 {
         eprintln!("wrote {} ({}×{})", a.out.display(), out.0, out.1);

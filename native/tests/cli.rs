@@ -547,6 +547,14 @@ fn generate_with_a_controlnet() {
     ok(&["--controlnet", &union, "--controlnet-mode", "2", "--controlnet-start", "0.5"], &b);
     assert_eq!(pixels(&a), pixels(&b));
     ok(&["--controlnet", &union, "--controlnet-mode", "canny", "--true-cfg", "2", "--negative-prompt", "dog"], &b);
+    // A Union net given no mode takes the map made: Canny edges, mode canny, as if named.
+    let photo = f("images/photo.jpg");
+    let canny_map = ["--vae", &vae, "--control-image", &photo, "--control-canny", "100,200", "--controlnet", &union];
+    let o = generate(&canny_map, &a);
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && log.contains("Union ControlNet: mode 0 (canny)"), "{log}");
+    assert!(generate(&[&canny_map[..], &["--controlnet-mode", "0"]].concat(), &b).status.success());
+    assert_eq!(pixels(&a), pixels(&b));
     // XLabs' kind reads the control image's pixels: a decoder-only VAE will do (the default here).
     for xlabs in [f("controlnet/xlabs"), f("controlnet/xlabs-original.safetensors")] {
         let o = generate(&["--control-image", &edges, "--controlnet", &xlabs], &b);
