@@ -42,6 +42,12 @@ fn window(r: &serde_json::Value) -> ControlWindow {
     ControlWindow::Steps { start: r["start"].as_f64().unwrap(), end: r["end"].as_f64().unwrap() }
 }
 
+/// `net` on `image` as reference.json's entry `r` ran it: its scale, window and mode.
+fn control_input<'a>(net: &'a FluxControlNet, image: &'a Tensor, r: &serde_json::Value) -> ControlInput<'a> {
+    let mode = r["mode"].as_u64().map(|m| m as usize);
+    ControlInput { net, image, mode, scale: r["scale"].as_f64().unwrap(), window: window(r) }
+}
+
 #[test]
 fn controlnet_residuals_match_diffusers() {
     let (g, r, c) = (tensors("controlnet/golden.safetensors"), json("controlnet/reference.json"), case());
@@ -94,13 +100,7 @@ fn controlnet_sampling_matches_diffusers_pipeline() {
 
     let canny = net("controlnet/canny");
     let rc = &r["canny"];
-    let input = ControlInput {
-        net: &canny,
-        image: &c.cond,
-        mode: None,
-        scale: rc["scale"].as_f64().unwrap(),
-        window: window(rc),
-    };
+    let input = control_input(&canny, &c.cond, rc);
     let out = sample(Guide { control: &[input], ..Guide::prompt(&c.prompt) });
     assert_close("Canny ControlNet", &out, &g["out.canny"], F32_TOL);
     // Without its window (active every step) the result differs: the window is what matched.
@@ -141,9 +141,7 @@ fn controlnet_sampling_matches_diffusers_pipeline() {
 
     let union = net("controlnet/union");
     let ru = &r["union"];
-    let mode = ru["mode"].as_u64().map(|m| m as usize);
-    let input =
-        ControlInput { net: &union, image: &c.cond, mode, scale: ru["scale"].as_f64().unwrap(), window: window(ru) };
+    let input = control_input(&union, &c.cond, ru);
     let negative = c.run.cond(&g["negative.embeds"], &g["negative.pooled"]);
     let true_cfg = ru["true_cfg"].as_f64().unwrap() as f32;
     let guide = Guide { control: &[input], negative: Some((&negative, true_cfg)), ..Guide::prompt(&c.prompt) };
@@ -164,14 +162,7 @@ fn controlnet_with_xlabs_ip_adapter_matches_diffusers() {
     let hooks: [&dyn ipaflux_core::flux::AttentionHook; 1] = [&hook];
     let canny = net("controlnet/canny");
     let rc = &r["canny"];
-    let input = ControlInput {
-        net: &canny,
-        image: &c.cond,
-        mode: None,
-        scale: rc["scale"].as_f64().unwrap(),
-        window: window(rc),
-    };
-    let guide = Guide { control: &[input], ..Guide::prompt(&c.prompt) };
+    let guide = Guide { control: &[control_input(&canny, &c.cond, rc)], ..Guide::prompt(&c.prompt) };
     let (ids, sigmas) = (c.run.ids(), c.run.sigmas());
     let out = sampler::euler(&model, Start::Noise(&c.noise), &ids, guide, &sigmas, Hooks::new(&hooks), &mut |_| {});
     assert_close("Canny ControlNet with XLabs' IP-Adapter", &out.unwrap(), &g["out"], F32_TOL);
@@ -199,8 +190,7 @@ fn xlabs_controlnets_match_diffusers_in_both_layouts() {
         for (i, t) in res.double.iter().enumerate() {
             assert_close(&format!("{layout} residual {i}"), t, &g[&format!("xlabs.double.{i}")], F32_TOL);
         }
-        let input = ControlInput { net: &xlabs, image: &pixels, mode: None, scale, window: window(rx) };
-        let guide = Guide { control: &[input], ..Guide::prompt(&c.prompt) };
+        let guide = Guide { control: &[control_input(&xlabs, &pixels, rx)], ..Guide::prompt(&c.prompt) };
         let out =
             sampler::euler(&model, Start::Noise(&c.noise), &ids, guide, &c.run.sigmas(), Hooks::none(), &mut |_| {});
         assert_close(&format!("{layout}, sampled"), &out.unwrap(), &g["out.xlabs"], F32_TOL);
