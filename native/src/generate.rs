@@ -369,8 +369,12 @@ impl Settings {
     /// Whether the control image is VAE-encoded: it is, unless its only
     /// reader is a ControlNet that takes pixels (XLabs').
     fn encodes_control(&self, src: &Sources) -> bool {
-        let pixels_only = self.controlnet.is_some() && src.controlnet.as_ref().is_some_and(|n| n.dims.hint.is_some());
-        self.control.is_some() && !pixels_only
+        self.control.is_some() && !self.controlnet_reads_pixels(src)
+    }
+
+    /// Whether a ControlNet runs and reads the control image's pixels (XLabs').
+    fn controlnet_reads_pixels(&self, src: &Sources) -> bool {
+        self.controlnet.is_some() && src.controlnet.as_ref().is_some_and(|n| n.dims.hint.is_some())
     }
 
     /// Sampler steps each image runs: `steps`, fewer from an init image.
@@ -645,7 +649,7 @@ pub fn generate(
 
     // Image-to-image: the init image's latents; Kontext's and a control
     // image's latents (the encoder loaded for this alone).
-    let encoded = match h.vae_encoder {
+    let mut encoded = match h.vae_encoder {
         Some(encoder) => {
             job(&mut reg, "image latents", (dev, 0), &[encoder.model], later("image latents"))?;
             let latents = timed(&mut stages, "vae encode", || encode_images(src, s, variant, control.as_ref()))?;
@@ -655,12 +659,9 @@ pub fn generate(
         }
         None => Encoded::default(),
     };
-    let mut encoded = encoded;
-    if let (Some(c), Some(net)) = (&control, src.controlnet.as_ref().filter(|n| n.dims.hint.is_some())) {
-        if s.controlnet.is_some() {
-            tracing::debug!(target: "ipaflux::generate", hint = ?net.dims.hint, "the ControlNet reads the control image's pixels");
-            encoded.control_pixels = Some(control_pixels(c, (s.width, s.height), &s.device)?);
-        }
+    if let Some(c) = control.as_ref().filter(|_| s.controlnet_reads_pixels(src)) {
+        tracing::debug!(target: "ipaflux::generate", "the ControlNet reads the control image's pixels");
+        encoded.control_pixels = Some(control_pixels(c, (s.width, s.height), &s.device)?);
     }
 
     // Reference images → IP image prompt embeddings → per-block K/V (computed
