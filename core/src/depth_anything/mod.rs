@@ -414,7 +414,7 @@ impl DepthPreprocessConfig {
 /// The model's input for an image: `[1, 3, h, w]` f32 on the CPU, at
 /// [`DepthPreprocessConfig::input_size`]. transformers: Pillow's bicubic,
 /// rescaled in f64 then normalised in f32, as its PIL backend. Original:
-/// rescaled to f64, OpenCV's cubic, normalised in f64 ([`original::pixel_values`]).
+/// rescaled to f64, OpenCV's cubic, normalised in f64 (`original::pixel_values`).
 pub fn pixel_values(img: &RgbImage, cfg: &DepthPreprocessConfig) -> Result<Tensor> {
     let (w, h) = cfg.input_size(img.width, img.height);
     if w == 0 || h == 0 {

@@ -10,7 +10,7 @@
 //!   not say (V2 or V1, relative or metric) from the file's name, as ComfyUI
 //!   does.
 //! - Its pipeline (written after `depth_anything_v2/dpt.py` and
-//!   `util/transform.py`): [`pixel_values`] (the image as f64 in 0..1,
+//!   `util/transform.py`): `pixel_values` (the image as f64 in 0..1,
 //!   [`resize_cubic_opencv`] to the lower-bound size, normalised in f64) and
 //!   [`resize_bilinear_aligned`] back to the image's size (`infer_image`).
 //!

@@ -3,7 +3,7 @@
 //! In each block the hook adds `scale · softmax(q Kᵢₚᵀ/√D) Vᵢₚ` to the
 //! attention output (InstantX's `IPAFluxAttnProcessor2_0`): for double blocks
 //! to the image tokens, for single blocks to all tokens. K/V are computed once
-//! per reference image before sampling ([`IpAdapter::kv_all`]) and reused every
+//! per reference image before sampling ([`crate::IpAdapter::kv_all`]) and reused every
 //! step, so the processors' weights need not stay on the device.
 //!
 //! `scale` = image weight × global weight (constant, or the Advanced node's

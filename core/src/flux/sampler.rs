@@ -169,7 +169,7 @@ pub const CONTROL_CONDITION_CHANNELS: usize = 64;
 /// channels per token (nothing in a checkpoint names the model).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FluxVariant {
-    /// FLUX.1 [dev]/[schnell] (and Kontext-dev): the latents alone.
+    /// FLUX.1 \[dev\]/\[schnell\] (and Kontext-dev): the latents alone.
     Base,
     /// FLUX.1 Fill: the masked image's latents and the 8×8 mask ([`FILL_CONDITION_CHANNELS`]).
     Fill,
