@@ -101,7 +101,7 @@ pub struct ControlNetDims {
 pub struct HintDims {
     /// Each convolution's `[out, in, 3, 3]`, in order (`conv_in`, `blocks.*`, `conv_out`).
     pub convs: Vec<[usize; 4]>,
-    /// Side of the patches its output is cut into (2: 16 channels × 2×2 = 64).
+    /// Side of the patches its output is cut into: Flux's 2 (16 channels × 2×2 = 64).
     pub patch: usize,
 }
 
@@ -197,10 +197,12 @@ fn infer_hint(store: &TensorStore, in_channels: usize) -> Result<Option<HintDims
         return Err(bad(format!("a convolution of {} channels follows one of {}", w[1][1], w[0][0])));
     }
     let out = convs.last().map_or(0, |c| c[0]);
-    let patch = (1..=4).find(|p| out * p * p == in_channels).ok_or_else(|| {
-        bad(format!("its {out} output channels do not make {in_channels}-channel tokens in square patches"))
-    })?;
-    Ok(Some(HintDims { convs, patch }))
+    if out * 4 != in_channels {
+        return Err(bad(format!(
+            "its {out} output channels do not make {in_channels}-channel tokens in Flux's 2×2 patches"
+        )));
+    }
+    Ok(Some(HintDims { convs, patch: 2 }))
 }
 
 impl ControlNetDims {
@@ -345,8 +347,9 @@ impl FluxControlNet {
         !self.hint.is_empty()
     }
 
-    /// XLabs' hint block on pixels `[B, 3, H, W]` in [-1, 1]: tokens `[B, L, C·p²]`.
-    fn hint_tokens(&self, pixels: &Tensor, patch: usize) -> Result<Tensor> {
+    /// XLabs' hint block on pixels `[B, 3, H, W]` in [-1, 1]: tokens `[B, L, 4·C]`,
+    /// packed as the latents are ([`super::sampler::pack`]).
+    fn hint_tokens(&self, pixels: &Tensor) -> Result<Tensor> {
         let mut x = pixels.to_dtype(DType::F32)?;
         let last = self.hint.len().saturating_sub(1);
         for (i, (w, b, stride)) in self.hint.iter().enumerate() {
@@ -355,10 +358,7 @@ impl FluxControlNet {
                 x = x.silu()?;
             }
         }
-        let (b, c, h, w) = x.dims4()?;
-        let (rows, cols) = (h / patch, w / patch);
-        let x = x.reshape((b, c, rows, patch, cols, patch))?.permute((0, 2, 4, 1, 3, 5))?;
-        Ok(x.reshape((b, rows * cols, c * patch * patch))?)
+        super::sampler::pack(&x)
     }
 
     /// The residuals for latents `x [B, L_img, in_channels]` at `img_ids`,
@@ -377,10 +377,7 @@ impl FluxControlNet {
         sigma: f64,
         scale: f64,
     ) -> Result<ControlResiduals> {
-        let control = match &self.dims.hint {
-            Some(h) => self.hint_tokens(control, h.patch)?,
-            None => control.clone(),
-        };
+        let control = if self.takes_pixels() { self.hint_tokens(control)? } else { control.clone() };
         if control.dims() != x.dims() {
             return Err(Error::Shape(format!(
                 "the control image's tokens {:?} for latents {:?}: it must be given at the output size",
