@@ -88,7 +88,7 @@ pub fn sources() -> Result<Sources> {
         clip_vision: None,
         redux: None,
         depth: None,
-        controlnet: None,
+        controlnet: Vec::new(),
         flux_in_channels: 64,
         flux_head_dim: TINY_HEAD_DIM,
         flux_units: crate::load::flux_units_in(&[(FLUX, "bundled flux-tiny-bfl.safetensors".into())])
@@ -124,8 +124,8 @@ pub fn settings(seed: u64) -> Settings {
         init: None,
         true_cfg: None,
         kontext: None,
-        control: None,
-        controlnet: None,
+        control: Vec::new(),
+        controlnet: Vec::new(),
     }
 }
 

@@ -1,10 +1,10 @@
 //! The full text + image-prompt pipeline: text encoders (the prompt, and a
 //! negative prompt for true classifier-free guidance) → the VAE encoding of
 //! an init image (image-to-image, inpainting with a mask, FLUX.1 Fill's
-//! conditioning), of a FLUX.1 Kontext image and of a control image (FLUX.1
-//! Canny/Depth's input channels, or a Flux ControlNet's) → reference-image encoding →
+//! conditioning), of a FLUX.1 Kontext image and of control images (FLUX.1
+//! Canny/Depth's input channels, or Flux ControlNets') → reference-image encoding →
 //! per-block IP K/V, and FLUX.1 Redux images' tokens after the prompt's →
-//! Flux sampling with the IP-Adapter hook (and a ControlNet's residuals) → VAE decode → PNG. Without
+//! Flux sampling with the IP-Adapter hook (and ControlNets' residuals) → VAE decode → PNG. Without
 //! references it is plain Flux. Every model is registered with the memory registry, loaded
 //! for its stage through `load_for_job`, and released after its last use; the
 //! registry's timeline is returned with the image.
@@ -77,8 +77,9 @@ pub struct Sources {
     pub redux: Option<(LoadFn<TensorStore>, u64)>,
     /// Depth Anything, for a control image's depth map ([`ControlMap::Depth`]); `None`: not given.
     pub depth: Option<(LoadFn<crate::depth::DepthEstimator>, u64)>,
-    /// A Flux ControlNet (InstantX's, Shakker-Labs', XLabs'), for [`Settings::controlnet`]; `None`: not given.
-    pub controlnet: Option<ControlNetSource>,
+    /// Flux ControlNets (InstantX's, Shakker-Labs', XLabs'), each file once, for
+    /// [`Settings::controlnet`] (which may use one several times); empty: none given.
+    pub controlnet: Vec<ControlNetSource>,
     /// Flux's input channels per token (64; FLUX.1 Canny/Depth's 128, Fill's
     /// 384: [`FluxVariant`]), from the checkpoint header, or as a FLUX.1
     /// Canny/Depth LoRA widens it.
@@ -97,6 +98,8 @@ pub struct Sources {
 /// A Flux ControlNet: how it loads (in the run's dtype, on its device), the
 /// bytes it takes loaded, and its sizes from its header.
 pub struct ControlNetSource {
+    /// Its path, for messages.
+    pub name: String,
     pub load: LoadFn<FluxControlNet>,
     pub bytes: u64,
     pub dims: ControlNetDims,
@@ -200,20 +203,27 @@ pub struct Settings {
     pub true_cfg: Option<TrueCfg>,
     /// FLUX.1 Kontext: the image to edit, whose tokens follow the latents' ([`Kontext`]).
     pub kontext: Option<Kontext>,
-    /// FLUX.1 Canny/Depth: the control image (an edge or depth map, as given
-    /// or made from a photo: [`ControlMap`]), resized to the output size
+    /// FLUX.1 Canny/Depth: its one control image (an edge or depth map, as
+    /// given or made from a photo: [`ControlMap`]), resized to the output size
     /// (Lanczos) as diffusers' `FluxControlPipeline` does; its VAE latents go
     /// in as extra input channels at every pass. Works with an init image and
-    /// a mask too. With [`Self::controlnet`], the ControlNet's control image instead.
-    pub control: Option<Control>,
-    /// Run [`Sources::controlnet`] on [`Self::control`]'s latents (with FLUX.1-dev
-    /// or schnell, not FLUX.1 Canny/Depth); `None`: no ControlNet.
-    pub controlnet: Option<ControlNetSettings>,
+    /// a mask too. With [`Self::controlnet`], the ControlNets' control images
+    /// instead: one they all read, or one per ControlNet, in order
+    /// ([`Self::control_of`]). Empty: none.
+    pub control: Vec<Control>,
+    /// Run these ControlNets (with FLUX.1-dev or schnell, not FLUX.1
+    /// Canny/Depth), each on its control image; their residuals add up, each
+    /// at its own mapping onto Flux's blocks (ComfyUI's chained Apply
+    /// ControlNet; diffusers' `FluxMultiControlNetModel` for nets of one
+    /// size). Empty: none.
+    pub controlnet: Vec<ControlNetSettings>,
 }
 
 /// How a Flux ControlNet conditions (diffusers' `FluxControlNetPipeline` arguments).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ControlNetSettings {
+    /// Which of [`Sources::controlnet`] runs (a Union net may run twice, in two modes).
+    pub net: usize,
     /// `controlnet_conditioning_scale` (ComfyUI's strength): its residuals' factor.
     pub scale: f64,
     /// A Union net's control mode (`control_mode`); `None` for a single-purpose net.
@@ -226,19 +236,25 @@ pub struct ControlNetSettings {
 pub const UNION_MODES: [&str; 7] = ["canny", "tile", "depth", "blur", "pose", "gray", "lq"];
 
 /// A Union ControlNet given no mode follows the control map made here: its
-/// Canny edges → `canny`, its depth map → `depth`. Sets and returns the mode;
-/// `None` where nothing was chosen (a mode given, not a Union net, or a
-/// control image used as given, whose kind is not known).
-pub fn union_mode_from_map(src: &Sources, s: &mut Settings) -> Option<usize> {
-    let union = src.controlnet.as_ref().is_some_and(|n| n.dims.modes.is_some_and(|m| m > 2));
-    let c = s.controlnet.as_mut().filter(|c| c.mode.is_none() && union)?;
-    let mode = match s.control.as_ref()?.map {
-        ControlMap::Canny { .. } => 0,
-        ControlMap::Depth => 2,
-        ControlMap::AsGiven => return None,
-    };
-    c.mode = Some(mode);
-    Some(mode)
+/// Canny edges → `canny`, its depth map → `depth`. Sets the modes and returns
+/// `(ControlNet index, mode)` of each chosen; none where a mode was given, the
+/// net is not a Union net, or its control image is used as given (its kind
+/// is not known).
+pub fn union_mode_from_map(src: &Sources, s: &mut Settings) -> Vec<(usize, usize)> {
+    let mut chosen = Vec::new();
+    for k in 0..s.controlnet.len() {
+        let union = src.controlnet.get(s.controlnet[k].net).is_some_and(|n| n.dims.modes.is_some_and(|m| m > 2));
+        let mode = match s.control_of(k).map(|c| c.map) {
+            Some(ControlMap::Canny { .. }) => 0,
+            Some(ControlMap::Depth) => 2,
+            Some(ControlMap::AsGiven) | None => continue,
+        };
+        if union && s.controlnet[k].mode.is_none() {
+            s.controlnet[k].mode = Some(mode);
+            chosen.push((k, mode));
+        }
+    }
+    chosen
 }
 
 /// The IP-Adapter's reference in true CFG's negative pass.
@@ -309,26 +325,36 @@ pub fn gray_rgb(width: usize, height: usize, gray: &[u8]) -> ipaflux_core::prepr
     ipaflux_core::preprocess::RgbImage { width, height, data: gray.iter().flat_map(|&v| [v; 3]).collect() }
 }
 
-/// The control image as the Control model takes it: decoded, then its Canny
-/// edges or depth map when asked (the depth model loaded and dropped here).
-pub fn control_image(src: &Sources, c: &Control) -> Result<ipaflux_core::preprocess::RgbImage> {
-    let image = ipaflux_core::preprocess::decode_rgb(&c.image.bytes, &c.image.name)?;
-    Ok(match c.map {
-        ControlMap::AsGiven => image,
-        ControlMap::Canny { low, high } => {
-            gray_rgb(image.width, image.height, &ipaflux_core::canny::canny(&image, low, high)?)
-        }
-        ControlMap::Depth => {
-            let (load, _) = src.depth.as_ref().ok_or_else(|| {
-                crate::Error::from(ipaflux_core::Error::Unsupported(
-                    "a depth map needs a depth model (--control-depth)".into(),
-                ))
-            })?;
-            let estimator = load()?;
-            let map = estimator.map_of(&image, &c.image.name)?;
-            gray_rgb(image.width, image.height, &map)
-        }
-    })
+/// The control images as the models take them: decoded, then their Canny
+/// edges or depth maps when asked (the depth model loaded once, for the
+/// first depth map, and dropped here).
+pub fn control_images(src: &Sources, controls: &[Control]) -> Result<Vec<ipaflux_core::preprocess::RgbImage>> {
+    let mut estimator = None;
+    let mut map_of = |c: &Control| -> Result<_> {
+        let image = ipaflux_core::preprocess::decode_rgb(&c.image.bytes, &c.image.name)?;
+        Ok(match c.map {
+            ControlMap::AsGiven => image,
+            ControlMap::Canny { low, high } => {
+                gray_rgb(image.width, image.height, &ipaflux_core::canny::canny(&image, low, high)?)
+            }
+            ControlMap::Depth => {
+                let estimator: &crate::depth::DepthEstimator = match &mut estimator {
+                    Some(e) => e,
+                    None => {
+                        let (load, _) = src.depth.as_ref().ok_or_else(|| {
+                            crate::Error::from(ipaflux_core::Error::Unsupported(
+                                "a depth map needs a depth model (--control-depth)".into(),
+                            ))
+                        })?;
+                        estimator.insert(load()?)
+                    }
+                };
+                let map = estimator.map_of(&image, &c.image.name)?;
+                gray_rgb(image.width, image.height, &map)
+            }
+        })
+    };
+    controls.iter().map(&mut map_of).collect()
 }
 
 /// FLUX.1 Kontext's image to edit.
@@ -361,20 +387,46 @@ pub const MAX_TRUE_CFG: f32 = 100.0;
 
 impl Settings {
     /// Whether an image is VAE-encoded (an init, Kontext or control image;
-    /// not a control image only XLabs' ControlNet reads, from its pixels).
+    /// not a control image only XLabs' ControlNets read, from its pixels).
     pub fn encodes_images(&self, src: &Sources) -> bool {
-        self.init.is_some() || self.kontext.is_some() || self.encodes_control(src)
+        self.init.is_some()
+            || self.kontext.is_some()
+            || (0..self.control.len()).any(|i| self.control_reads(src, i).latents)
     }
 
-    /// Whether the control image is VAE-encoded: it is, unless its only
-    /// reader is a ControlNet that takes pixels (XLabs').
-    fn encodes_control(&self, src: &Sources) -> bool {
-        self.control.is_some() && !self.controlnet_reads_pixels(src)
+    /// The index in [`Self::control`] of ControlNet `k`'s control image: the
+    /// one image all read, or its own.
+    fn control_index(&self, k: usize) -> usize {
+        if self.control.len() == 1 {
+            0
+        } else {
+            k
+        }
     }
 
-    /// Whether a ControlNet runs and reads the control image's pixels (XLabs').
-    fn controlnet_reads_pixels(&self, src: &Sources) -> bool {
-        self.controlnet.is_some() && src.controlnet.as_ref().is_some_and(|n| n.dims.hint.is_some())
+    /// ControlNet `k`'s control image (`None` where it has none: refused by the checks).
+    pub fn control_of(&self, k: usize) -> Option<&Control> {
+        self.control.get(self.control_index(k))
+    }
+
+    /// How control image `i` is read: as VAE latents (by FLUX.1 Canny/Depth,
+    /// or a ControlNet in diffusers' kind), as pixels (by XLabs' ControlNets,
+    /// through their hint block), or both.
+    fn control_reads(&self, src: &Sources, i: usize) -> ControlReads {
+        if self.controlnet.is_empty() {
+            return ControlReads { latents: i < self.control.len(), pixels: false };
+        }
+        let mut reads = ControlReads::default();
+        for (k, c) in self.controlnet.iter().enumerate().filter(|(k, _)| self.control_index(*k) == i) {
+            // (A net index out of range is refused by `check_controlnet`.)
+            if let Some(net) = src.controlnet.get(c.net) {
+                let pixels = net.dims.hint.is_some();
+                tracing::trace!(target: "ipaflux::generate", "ControlNet {k} reads control image {i}, pixels: {pixels}");
+                reads.pixels |= pixels;
+                reads.latents |= !pixels;
+            }
+        }
+        reads
     }
 
     /// Sampler steps each image runs: `steps`, fewer from an init image.
@@ -384,6 +436,13 @@ impl Settings {
             Some(init) => Ok(self.steps - sampler::img2img_start(self.steps, init.strength)?),
         }
     }
+}
+
+/// What is made of a control image (see [`Settings::control_reads`]).
+#[derive(Debug, Default, Clone, Copy)]
+struct ControlReads {
+    latents: bool,
+    pixels: bool,
 }
 
 /// One image of a batch: its seed and RGB pixels.
@@ -427,8 +486,16 @@ struct Handles {
     vae_encoder: Option<ModelHandle>,
     /// Registered only for a control image's depth map.
     depth: Option<ModelHandle>,
-    /// Registered only with a ControlNet, loaded beside Flux for sampling.
-    controlnet: Option<ModelHandle>,
+    /// One per ControlNet file ([`Sources::controlnet`]), loaded beside Flux for sampling.
+    controlnet: Vec<ModelHandle>,
+}
+
+/// The registry entry of ControlNet file `i`: `controlnet`, then `controlnet-2`, ….
+fn controlnet_entry(i: usize) -> String {
+    match i {
+        0 => "controlnet".into(),
+        _ => format!("controlnet-{}", i + 1),
+    }
 }
 
 /// Whether reference `r` is read with SigLIP: a Redux image, or an image for InstantX's adapter.
@@ -518,16 +585,19 @@ fn register_all(reg: &mut Registry, src: &Sources, refs: &[Reference], s: &Setti
         } else {
             None
         },
-        depth: match (&src.depth, &s.control) {
-            (Some((_, bytes)), Some(Control { map: ControlMap::Depth, .. })) => {
+        depth: match &src.depth {
+            Some((_, bytes)) if s.control.iter().any(|c| c.map == ControlMap::Depth) => {
                 Some(reg.register(spec("depth", Role::ImageEncoder, *bytes))?)
             }
             _ => None,
         },
-        controlnet: match (&src.controlnet, &s.controlnet) {
-            (Some(net), Some(_)) => Some(reg.register(spec("controlnet", Role::Diffusion, net.bytes))?),
-            _ => None,
-        },
+        // (`check_controlnet` refused a file no ControlNet setting runs.)
+        controlnet: src
+            .controlnet
+            .iter()
+            .enumerate()
+            .map(|(i, net)| reg.register(spec(&controlnet_entry(i), Role::Diffusion, net.bytes)))
+            .collect::<std::result::Result<_, _>>()?,
     })
 }
 
@@ -615,7 +685,7 @@ pub fn generate(
     // image stage only when it has models; the text and init-image stages come
     // before all of these).
     let mut sample_models = vec![flux_id];
-    sample_models.extend(h.controlnet.as_ref().map(|c| c.model));
+    sample_models.extend(h.controlnet.iter().map(|c| c.model));
     let later = |now: &str| -> Vec<Vec<ModelId>> {
         let stages = [("image", image_models.clone()), ("sample", sample_models.clone()), ("decode", vec![vae_id])];
         let from = stages.iter().position(|(name, _)| *name == now).map_or(0, |i| i + 1);
@@ -633,18 +703,16 @@ pub fn generate(
     // memory pool kept of them goes back to the driver (a no-op elsewhere).
     release_cache(&mut reg, "text encoders done");
 
-    // FLUX.1 Canny/Depth: the control image's map (a depth map with the
-    // depth model, loaded for this alone).
-    let control = match (&s.control, h.depth) {
-        (Some(c), Some(depth)) => {
+    // The control images' maps (depth maps with the depth model, loaded for this alone).
+    let control = match h.depth {
+        Some(depth) => {
             job(&mut reg, "control map", (dev, 0), &[depth.model], later("control map"))?;
-            let map = timed(&mut stages, "depth map", || control_image(src, c))?;
+            let maps = timed(&mut stages, "depth map", || control_images(src, &s.control))?;
             reg.release(depth);
             release_cache(&mut reg, "depth map made");
-            Some(map)
+            maps
         }
-        (Some(c), None) => Some(control_image(src, c)?),
-        (None, _) => None,
+        None => control_images(src, &s.control)?,
     };
 
     // Image-to-image: the init image's latents; Kontext's and a control
@@ -652,17 +720,21 @@ pub fn generate(
     let mut encoded = match h.vae_encoder {
         Some(encoder) => {
             job(&mut reg, "image latents", (dev, 0), &[encoder.model], later("image latents"))?;
-            let latents = timed(&mut stages, "vae encode", || encode_images(src, s, variant, control.as_ref()))?;
+            let latents = timed(&mut stages, "vae encode", || encode_images(src, s, variant, &control))?;
             reg.release(encoder);
             release_cache(&mut reg, "init, Kontext and control images encoded");
             latents
         }
         None => Encoded::default(),
     };
-    if let Some(c) = control.as_ref().filter(|_| s.controlnet_reads_pixels(src)) {
-        tracing::debug!(target: "ipaflux::generate", "the ControlNet reads the control image's pixels");
-        encoded.control_pixels = Some(control_pixels(c, (s.width, s.height), &s.device)?);
-    }
+    encoded.control_pixels = control
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match s.control_reads(src, i).pixels {
+            true => control_pixels(c, (s.width, s.height), &s.device).map(Some),
+            false => Ok(None),
+        })
+        .collect::<Result<_>>()?;
 
     // Reference images → IP image prompt embeddings → per-block K/V (computed
     // once), and Redux tokens after the prompt's.
@@ -705,7 +777,7 @@ pub fn generate(
     if let Some(kv) = kv {
         reg.release(kv);
     }
-    if let Some(controlnet) = h.controlnet {
+    for controlnet in h.controlnet {
         reg.release(controlnet);
     }
     reg.release(h.flux);
@@ -726,12 +798,13 @@ pub fn generate(
 struct Encoded {
     init: Option<InitLatents>,
     kontext: Option<KontextLatents>,
-    /// The control image's packed latents `[1, tokens, 64]` (FLUX.1
-    /// Canny/Depth's input channels, or a ControlNet's input).
-    control: Option<Tensor>,
-    /// The control image's pixels `[1, 3, H, W]` in [-1, 1] at the output
-    /// size, for a ControlNet that reads them (XLabs').
-    control_pixels: Option<Tensor>,
+    /// Each control image's packed latents `[1, tokens, 64]` (FLUX.1
+    /// Canny/Depth's input channels, or a ControlNet's input); `None` where
+    /// only nets that read pixels read it.
+    control: Vec<Option<Tensor>>,
+    /// Each control image's pixels `[1, 3, H, W]` in [-1, 1] at the output
+    /// size, for ControlNets that read them (XLabs'); `None` where none does.
+    control_pixels: Vec<Option<Tensor>>,
 }
 
 impl Encoded {
@@ -740,7 +813,7 @@ impl Encoded {
     fn channels(&self, variant: FluxVariant) -> Option<&Tensor> {
         match variant {
             FluxVariant::Fill => self.init.as_ref().and_then(|i| i.fill.as_ref()),
-            FluxVariant::Control => self.control.as_ref(),
+            FluxVariant::Control => self.control.first().and_then(Option::as_ref),
             FluxVariant::Base => None,
         }
     }
@@ -751,17 +824,21 @@ fn encode_images(
     src: &Sources,
     s: &Settings,
     variant: FluxVariant,
-    control: Option<&ipaflux_core::preprocess::RgbImage>,
+    control: &[ipaflux_core::preprocess::RgbImage],
 ) -> Result<Encoded> {
     let vae = VaeEncoder::new(&(src.vae.0)()?, s.dtype, &s.device)?;
     let fill = variant == FluxVariant::Fill;
     let init = s.init.as_ref().map(|init| encode_init(&vae, init, s, fill)).transpose()?;
     let kontext = s.kontext.as_ref().map(|k| encode_kontext(&vae, k, s)).transpose()?;
-    let control = match control.filter(|_| s.encodes_control(src)) {
-        Some(c) => Some(control_latents(&vae, c, (s.width, s.height), &s.device)?),
-        None => None,
-    };
-    Ok(Encoded { init, kontext, control, control_pixels: None })
+    let control = control
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match s.control_reads(src, i).latents {
+            true => control_latents(&vae, c, (s.width, s.height), &s.device).map(Some),
+            false => Ok(None),
+        })
+        .collect::<Result<_>>()?;
+    Ok(Encoded { init, kontext, control, control_pixels: Vec::new() })
 }
 
 /// Each seed's final latents → its RGB image, with one loaded VAE decoder.
@@ -800,26 +877,32 @@ fn check_settings(src: &Sources, s: &Settings) -> Result<FluxVariant> {
         );
     }
     check_controlnet(src, s, variant)?;
-    match (variant, &s.control) {
-        (FluxVariant::Control, None) => {
+    match (variant, s.control.as_slice()) {
+        (FluxVariant::Control, []) => {
             return refuse(
                 "this Flux is FLUX.1 Canny/Depth (128 input channels): give the --control-image it follows (an \
                  edge or depth map)"
                     .into(),
             )
         }
-        (FluxVariant::Base, Some(_)) if s.controlnet.is_some() => {}
-        (FluxVariant::Base | FluxVariant::Fill, Some(c)) => {
+        (FluxVariant::Control, [_, _, ..]) => {
+            return refuse(format!("FLUX.1 Canny/Depth follows one control image, and {} were given", s.control.len()))
+        }
+        (FluxVariant::Base, [_, ..]) if !s.controlnet.is_empty() => {}
+        (FluxVariant::Base | FluxVariant::Fill, [c, ..]) => {
             return refuse(format!(
                 "{}: a control image goes with FLUX.1 Canny or Depth (128 input channels) or a --controlnet, and \
                  this Flux takes {}",
                 c.image.name, src.flux_in_channels
             ))
         }
-        (_, Some(Control { map: ControlMap::Depth, .. })) if src.depth.is_none() => {
-            return refuse("a control image's depth map needs a depth model: give --control-depth".into())
-        }
         _ => {}
+    }
+    if let Some(c) = s.control.iter().find(|c| c.map == ControlMap::Depth).filter(|_| src.depth.is_none()) {
+        return refuse(format!(
+            "{}: a control image's depth map needs a depth model: give --control-depth",
+            c.image.name
+        ));
     }
     if s.encodes_images(src) && src.vae_encoder_bytes == 0 {
         return refuse(
@@ -835,25 +918,58 @@ fn check_settings(src: &Sources, s: &Settings) -> Result<FluxVariant> {
     Ok(variant)
 }
 
-/// Refuses a ControlNet setting that cannot run: a net needs its control
-/// image and the plain Flux (not Fill, Canny/Depth or Kontext), a Union net
-/// its mode (one it has), a single-purpose net none; a window inside [0, 1].
+/// Refuses ControlNet settings that cannot run: each net file is run, each
+/// setting names a net; the nets need their control images (one for all or
+/// one each) and the plain Flux (not Fill, Canny/Depth or Kontext); each
+/// setting is checked by [`check_controlnet_setting`].
 fn check_controlnet(src: &Sources, s: &Settings, variant: FluxVariant) -> Result<()> {
     let refuse = |m: String| Err(crate::Error::from(ipaflux_core::Error::Unsupported(m)));
-    let (net, c) = match (&src.controlnet, &s.controlnet) {
-        (None, None) => return Ok(()),
-        (Some(_), None) => return refuse("a ControlNet was given without its settings".into()),
-        (None, Some(_)) => return refuse("ControlNet settings without a ControlNet: give --controlnet".into()),
-        (Some(net), Some(c)) => (net, c),
-    };
-    if s.control.is_none() {
+    if src.controlnet.is_empty() && s.controlnet.is_empty() {
+        return Ok(());
+    }
+    if let Some(c) = s.controlnet.iter().find(|c| c.net >= src.controlnet.len()) {
+        return refuse(format!(
+            "ControlNet settings for net {} of {}: give --controlnet",
+            c.net + 1,
+            src.controlnet.len()
+        ));
+    }
+    if let Some(unused) = (0..src.controlnet.len()).find(|&i| s.controlnet.iter().all(|c| c.net != i)) {
+        return refuse(format!("{}: a ControlNet was given without its settings", src.controlnet[unused].name));
+    }
+    let (images, nets) = (s.control.len(), s.controlnet.len());
+    if images == 0 {
         return refuse("a ControlNet follows a control image: give --control-image".into());
+    }
+    if images != 1 && images != nets {
+        return refuse(format!(
+            "{images} control images for {nets} ControlNets: give one they all read, or one per --controlnet, in order"
+        ));
     }
     if variant != FluxVariant::Base || s.kontext.is_some() {
         return refuse(
             "a ControlNet goes with FLUX.1-dev or schnell, not FLUX.1 Fill, Canny/Depth or a Kontext image".into(),
         );
     }
+    for (k, c) in s.controlnet.iter().enumerate() {
+        check_controlnet_setting(&src.controlnet[c.net], c).map_err(|e| match nets {
+            1 => e,
+            _ => {
+                ipaflux_core::Error::Unsupported(format!("ControlNet {} ({}): {e}", k + 1, src.controlnet[c.net].name))
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Refuses one ControlNet setting that cannot run: a Union net needs its
+/// mode (one it has), a single-purpose net none; a window inside [0, 1], a
+/// finite scale.
+fn check_controlnet_setting(
+    net: &ControlNetSource,
+    c: &ControlNetSettings,
+) -> std::result::Result<(), ipaflux_core::Error> {
+    let refuse = |m: String| Err(ipaflux_core::Error::Unsupported(m));
     match (net.dims.modes, c.mode) {
         (Some(n), None) => {
             return refuse(format!(
@@ -863,7 +979,10 @@ fn check_controlnet(src: &Sources, s: &Settings, variant: FluxVariant) -> Result
         }
         (Some(n), Some(m)) if m >= n => return refuse(format!("control mode {m}: this Union ControlNet has 0..{n}")),
         (None, Some(m)) => {
-            return refuse(format!("--controlnet-mode {m} given, but this ControlNet has no modes (not a Union net)"))
+            return refuse(format!(
+                "--controlnet-mode {m} given, but this ControlNet has no modes (not a Union net; among several \
+                 nets, give one --controlnet-mode per net, `none` for this one)"
+            ))
         }
         _ => {}
     }
@@ -1289,24 +1408,33 @@ fn sample(
     }
     let channels = encoded.channels(FluxVariant::from_in_channels(model.cfg.in_channels)?);
     let reference = encoded.kontext.as_ref().map(|k| (&k.tokens, &k.ids[..]));
-    let controlnet = match (&src.controlnet, &s.controlnet) {
-        (Some(net), Some(c)) => {
-            let mut net = (net.load)()?;
+    // Each ControlNet file once, however many settings run it.
+    let nets = src
+        .controlnet
+        .iter()
+        .map(|source| {
+            let mut net = (source.load)()?;
             // The kernels Flux runs with: its blocks are Flux's.
             net.set_attention(crate::attention_for(&s.device, s.kernels));
             net.set_fused_modulation(crate::modulation_for(&s.device, s.kernels));
-            let image = if net.takes_pixels() { &encoded.control_pixels } else { &encoded.control };
-            let image = image
-                .as_ref()
-                .ok_or_else(|| ipaflux_core::Error::Unsupported("a ControlNet without its control image".into()))?;
-            Some((net, image, c))
-        }
-        _ => None,
-    };
-    let control: Vec<ControlInput<'_>> = controlnet
+            Ok(net)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let control = s
+        .controlnet
         .iter()
-        .map(|(net, image, c)| ControlInput { net, image, mode: c.mode, scale: c.scale, window: c.window })
-        .collect();
+        .enumerate()
+        .map(|(k, c)| {
+            let net =
+                nets.get(c.net).ok_or_else(|| ipaflux_core::Error::Unsupported(format!("no ControlNet {}", c.net)))?;
+            let i = s.control_index(k);
+            let image = if net.takes_pixels() { &encoded.control_pixels } else { &encoded.control };
+            let image = image.get(i).and_then(Option::as_ref).ok_or_else(|| {
+                ipaflux_core::Error::Unsupported(format!("ControlNet {} without its control image", k + 1))
+            })?;
+            Ok(ControlInput { net, image, mode: c.mode, scale: c.scale, window: c.window })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let guide = match (texts, &s.true_cfg) {
         ([positive], None) => Guide { channels, reference, ..Guide::prompt(positive) },
         ([positive, negative], Some(cfg)) => {
@@ -1415,14 +1543,15 @@ pub fn parameters_json(s: &Settings, seed: u64, refs: &[Reference], src: &Source
             .map(|l| serde_json::json!({"name": l.source_name, "strength": l.strength, "text_strength": l.text_strength}))
             .collect::<Vec<_>>(),
         "kontext_image": s.kontext.as_ref().map(|k| &k.image.name),
-        "control_image": s.control.as_ref().map(Control::describe),
-        "controlnet": s.controlnet.as_ref().map(|c| {
+        "control_image": s.control.iter().map(Control::describe).collect::<Vec<_>>(),
+        "controlnet": s.controlnet.iter().map(|c| {
             let window = match c.window {
                 ControlWindow::Steps { start, end } => serde_json::json!({"steps": [start, end]}),
                 ControlWindow::Sigmas(w) => serde_json::json!({"sigmas": [w.sigma_start, w.sigma_end]}),
             };
-            serde_json::json!({"scale": c.scale, "mode": c.mode, "window": window})
-        }),
+            let name = src.controlnet.get(c.net).map(|n| &n.name);
+            serde_json::json!({"name": name, "scale": c.scale, "mode": c.mode, "window": window})
+        }).collect::<Vec<_>>(),
         "init_image": s.init.as_ref().map(|i| {
             serde_json::json!({"name": i.name, "strength": i.strength, "mask": i.mask.as_ref().map(|m| &m.name)})
         }),
@@ -1454,8 +1583,8 @@ pub struct ModelPaths {
     pub redux: Option<std::path::PathBuf>,
     /// Depth Anything (a transformers folder), needed for a control image's depth map.
     pub depth: Option<std::path::PathBuf>,
-    /// A Flux ControlNet (a diffusers folder or repo, or its `.safetensors` file).
-    pub controlnet: Option<std::path::PathBuf>,
+    /// Flux ControlNets (diffusers folders or repos, or `.safetensors` files), each once.
+    pub controlnet: Vec<std::path::PathBuf>,
     /// `tokenizer.json` (or a folder / repo holding it) for single-file text encoders.
     pub t5_tokenizer: Option<std::path::PathBuf>,
     pub clip_tokenizer: Option<std::path::PathBuf>,
@@ -1602,27 +1731,29 @@ impl ModelPaths {
             }
             None => None,
         };
-        let controlnet = match self.controlnet.as_deref().map(load::resolve_arg).transpose()? {
-            Some(path) => {
-                // Its sizes from the header now: a net for another model fails before any model runs.
-                let mut files = load::load_controlnet(&path)?;
-                // Its RoPE axes: its config's, else Flux's (the positions are Flux's own).
-                if files.axes_dim.is_none() {
-                    files.axes_dim = load::load_flux(&flux)?.axes_dim;
+        let mut controlnet = Vec::new();
+        let mut flux_axes = None;
+        for arg in &self.controlnet {
+            // Its sizes from the header now: a net for another model fails before any model runs.
+            let mut files = load::load_controlnet(&load::resolve_arg(arg)?)?;
+            // Its RoPE axes: its config's, else Flux's (the positions are Flux's own).
+            if files.axes_dim.is_none() {
+                if flux_axes.is_none() {
+                    flux_axes = Some(load::load_flux(&flux)?.axes_dim);
                 }
-                let dims = ControlNetDims::infer(&files.weights)?;
-                dims.check_compatible(&flux_cfg)?;
-                // As Flux: in the run's dtype on its device.
-                let bytes = dims.loaded_bytes(self.encoder_dtype.dtype());
-                let device = device.clone();
-                let load: LoadFn<FluxControlNet> = Box::new(move || {
-                    let files = files.clone();
-                    Ok(FluxControlNet::from_store(files.weights, files.axes_dim, dtype, &device)?)
-                });
-                Some(ControlNetSource { load, bytes, dims })
+                files.axes_dim = flux_axes.clone().flatten();
             }
-            None => None,
-        };
+            let dims = ControlNetDims::infer(&files.weights)?;
+            dims.check_compatible(&flux_cfg)?;
+            // As Flux: in the run's dtype on its device.
+            let bytes = dims.loaded_bytes(self.encoder_dtype.dtype());
+            let device = device.clone();
+            let load: LoadFn<FluxControlNet> = Box::new(move || {
+                let files = files.clone();
+                Ok(FluxControlNet::from_store(files.weights, files.axes_dim, dtype, &device)?)
+            });
+            controlnet.push(ControlNetSource { name: arg.display().to_string(), load, bytes, dims });
+        }
         Ok(Sources {
             flux: (Box::new(move || load::load_flux(&flux)), flux_bytes),
             t5: (Box::new(move || Ok(t5_files.clone())), t5_bytes),
@@ -1667,7 +1798,7 @@ mod tests {
             clip_vision: Some(fixture("xlabs/image_encoder")),
             redux: Some(fixture("redux/flux1-redux-tiny.safetensors")),
             depth: Some(fixture("depth/model")),
-            controlnet: Some(fixture("controlnet/union")),
+            controlnet: vec![fixture("controlnet/union")],
             t5_tokenizer: None,
             clip_tokenizer: None,
             encoder_dtype: precision,
@@ -1744,14 +1875,14 @@ mod tests {
                 // run's dtype but for XLabs' hint block, held in f32.
                 let files = crate::load::load_controlnet(&fixture("controlnet/union")).unwrap();
                 let n = files.weights.bytes_as(dtype, |_| true);
-                check(&mut off, src.controlnet.as_ref().unwrap().bytes, n, format!("ControlNet, {at}"));
+                check(&mut off, src.controlnet[0].bytes, n, format!("ControlNet, {at}"));
                 let mut xlabs = paths(ip, precision);
-                xlabs.controlnet = Some(fixture("controlnet/xlabs-original.safetensors"));
+                xlabs.controlnet = vec![fixture("controlnet/xlabs-original.safetensors")];
                 let xlabs_src = xlabs.into_sources(cpu.clone()).unwrap();
                 let files = crate::load::load_controlnet(&fixture("controlnet/xlabs-original.safetensors")).unwrap();
                 let hint = |n: &str| n.starts_with("input_hint_block.");
                 let n = files.weights.bytes_as(dtype, |n| !hint(n)) + files.weights.bytes_as(DType::F32, hint);
-                check(&mut off, xlabs_src.controlnet.as_ref().unwrap().bytes, n, format!("XLabs ControlNet, {at}"));
+                check(&mut off, xlabs_src.controlnet[0].bytes, n, format!("XLabs ControlNet, {at}"));
             }
         }
         assert!(off.is_empty(), "registry figures off:\n{}", off.join("\n"));

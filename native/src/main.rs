@@ -54,9 +54,9 @@ enum Cmd {
     Canny {
         image: PathBuf,
         /// Hysteresis thresholds on the L1 Sobel magnitude (controlnet_aux's defaults).
-        #[arg(long, default_value_t = 100.0)]
+        #[arg(long, default_value_t = DEFAULT_CANNY.0)]
         low: f64,
-        #[arg(long, default_value_t = 200.0)]
+        #[arg(long, default_value_t = DEFAULT_CANNY.1)]
         high: f64,
         #[arg(long)]
         out: PathBuf,
@@ -340,47 +340,66 @@ struct GenerateArgs {
     /// edge or depth map made by your preprocessor (as diffusers' FluxControlPipeline takes it). It is
     /// resized (Lanczos) to the output size and its VAE latents go in beside the latents at every step
     /// (the models are used with --guidance 30 for Canny, 10 for Depth). Works with --init-image and --mask.
+    /// With --controlnet: the image the ControlNets follow; give it once per --controlnet (in order) for
+    /// nets that follow different images, or once for all.
     #[arg(long)]
-    control_image: Option<PathBuf>,
+    control_image: Vec<PathBuf>,
     /// With --control-image: use its Canny edge map (OpenCV's, thresholds LOW,HIGH, e.g. 100,200; as
-    /// `ipaflux canny` writes it) instead of the image itself: a photo in, FLUX.1 Canny's control out.
+    /// `ipaflux canny` writes it) instead of the image itself: a photo in, FLUX.1 Canny's control out
+    /// (every control image's, or those --control-map says `canny`).
     #[arg(long, value_parser = parse_canny, requires = "control_image")]
     control_canny: Option<(f64, f64)>,
     /// With --control-image: use its depth map, made by this Depth Anything model (a transformers
     /// folder or repo id, e.g. depth-anything/Depth-Anything-V2-Small-hf, or an original V2 checkpoint
-    /// file, depth_anything_v2_vitl.pth; as `ipaflux depth` writes it), instead of the image itself: a photo in, FLUX.1 Depth's control out. The depth model is a
-    /// registry entry ("depth"), on --device in --dtype, loaded in a stage of its own and released there.
-    #[arg(long, requires = "control_image", conflicts_with = "control_canny")]
+    /// file, depth_anything_v2_vitl.pth; as `ipaflux depth` writes it), instead of the image itself: a photo
+    /// in, FLUX.1 Depth's control out (every control image's, or those --control-map says `depth`). The
+    /// depth model is a registry entry ("depth"), on --device in
+    /// --dtype, loaded in a stage of its own (once for all depth maps) and released there.
+    #[arg(long, requires = "control_image")]
     control_depth: Option<PathBuf>,
+    /// What each --control-image becomes: `given` (used as it is), `canny` (its edges, at --control-canny's
+    /// thresholds, else 100,200) or `depth` (its map by --control-depth's model); once for all images, or once
+    /// per --control-image: e.g. the same photo twice, `canny` then `depth`, for two ControlNets
+    /// [default: canny with --control-canny, depth with --control-depth, else given]
+    #[arg(long, value_enum, requires = "control_image")]
+    control_map: Vec<MapArg>,
     /// A Flux ControlNet for FLUX.1-dev or schnell (InstantX's, Shakker-Labs' or XLabs': a diffusers folder or
     /// repo id, e.g. InstantX/FLUX.1-dev-Controlnet-Canny, or its .safetensors file as ComfyUI keeps it, XLabs'
     /// flux-canny-controlnet-v3.safetensors too)
-    /// that follows --control-image (as given, or its --control-canny / --control-depth map), as diffusers'
+    /// that follows --control-image (as given, or its --control-map), as diffusers'
     /// FluxControlNetPipeline: each step it runs on the latents and the control image's VAE latents, and its
     /// residuals join Flux's blocks (both passes with --true-cfg). A registry entry ("controlnet") loaded
-    /// beside Flux for sampling, in --dtype.
+    /// beside Flux for sampling, in --dtype. Give it several times for several ControlNets (ComfyUI's chained
+    /// Apply ControlNet): their residuals add up, each net mapped onto Flux's blocks by its own depth. The
+    /// same file given twice (a Union net in two modes) is loaded once; other files are entries
+    /// "controlnet-2", ….
     #[arg(long, requires = "control_image")]
-    controlnet: Option<PathBuf>,
-    /// The ControlNet's strength (diffusers' controlnet_conditioning_scale; InstantX suggest 0.5-0.7 for Canny)
-    #[arg(long, default_value_t = 1.0, requires = "controlnet")]
-    controlnet_scale: f64,
-    /// The fraction of the steps before which the ControlNet is off (diffusers' control_guidance_start)
-    #[arg(long, default_value_t = 0.0, requires = "controlnet")]
-    controlnet_start: f64,
-    /// The fraction of the steps after which the ControlNet is off again (control_guidance_end)
-    #[arg(long, default_value_t = 1.0, requires = "controlnet")]
-    controlnet_end: f64,
+    controlnet: Vec<PathBuf>,
+    /// The ControlNet's strength (diffusers' controlnet_conditioning_scale; InstantX suggest 0.5-0.7 for Canny);
+    /// once for all nets or once per --controlnet [default: 1]
+    #[arg(long, requires = "controlnet")]
+    controlnet_scale: Vec<f64>,
+    /// The fraction of the steps before which the ControlNet is off (diffusers' control_guidance_start);
+    /// once for all nets or once per --controlnet [default: 0]
+    #[arg(long, requires = "controlnet")]
+    controlnet_start: Vec<f64>,
+    /// The fraction of the steps after which the ControlNet is off again (control_guidance_end); once for
+    /// all nets or once per --controlnet [default: 1]
+    #[arg(long, requires = "controlnet")]
+    controlnet_end: Vec<f64>,
     /// ComfyUI's window instead (Apply ControlNet's start_percent): the ControlNet is on from the sigma this
-    /// percent of the schedule maps to (with --controlnet-end-percent, default 1)
+    /// percent of the schedule maps to; once for all nets or once per --controlnet [default: 0]
     #[arg(long, requires = "controlnet", conflicts_with_all = ["controlnet_start", "controlnet_end"])]
-    controlnet_start_percent: Option<f64>,
-    /// ComfyUI's end_percent: the ControlNet is off below the sigma this percent maps to (default 1: to the end)
+    controlnet_start_percent: Vec<f64>,
+    /// ComfyUI's end_percent: the ControlNet is off below the sigma this percent maps to; once for all nets
+    /// or once per --controlnet [default: 1: to the end]
     #[arg(long, requires = "controlnet", conflicts_with_all = ["controlnet_start", "controlnet_end"])]
-    controlnet_end_percent: Option<f64>,
-    /// A Union ControlNet's mode: canny, tile, depth, blur, pose, gray, lq, or its number [default: canny with
-    /// --control-canny, depth with --control-depth]
+    controlnet_end_percent: Vec<f64>,
+    /// A Union ControlNet's mode: canny, tile, depth, blur, pose, gray, lq, or its number; once for all nets
+    /// or once per --controlnet (`none` for a net that is not a Union net) [default: canny where the net's
+    /// image is a canny --control-map, depth where it is a depth map]
     #[arg(long, value_parser = parse_control_mode, requires = "controlnet")]
-    controlnet_mode: Option<usize>,
+    controlnet_mode: Vec<ControlMode>,
     /// Output width [default: 1024, or the init image's, the (resized) Kontext image's or the control image's]
     #[arg(long)]
     width: Option<usize>,
@@ -447,18 +466,34 @@ fn ip_negative(arg: &std::path::Path) -> anyhow::Result<generate::IpNegative> {
     })
 }
 
-/// `LOW,HIGH` Canny thresholds.
-/// A Union ControlNet's mode by name ([`generate::UNION_MODES`]) or number.
-fn parse_control_mode(s: &str) -> Result<usize, String> {
+/// `--controlnet-mode`: a Union ControlNet's mode, or none (a single-purpose net).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct ControlMode(Option<usize>);
+
+/// A Union ControlNet's mode by name ([`generate::UNION_MODES`]) or number, or `none`.
+fn parse_control_mode(s: &str) -> Result<ControlMode, String> {
     let name = s.trim().to_ascii_lowercase();
     match generate::UNION_MODES.iter().position(|m| *m == name) {
-        Some(i) => Ok(i),
-        None => name
-            .parse::<usize>()
-            .map_err(|_| format!("`{s}`: give a mode name ({}) or number", generate::UNION_MODES.join(", "))),
+        Some(i) => Ok(ControlMode(Some(i))),
+        None if name == "none" => Ok(ControlMode(None)),
+        None => name.parse::<usize>().map(|i| ControlMode(Some(i))).map_err(|_| {
+            format!("`{s}`: give a mode name ({}), its number, or none", generate::UNION_MODES.join(", "))
+        }),
     }
 }
 
+/// `--control-map`: what a control image becomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum MapArg {
+    Given,
+    Canny,
+    Depth,
+}
+
+/// controlnet_aux's Canny thresholds, `ipaflux canny`'s and `--control-map canny`'s defaults.
+const DEFAULT_CANNY: (f64, f64) = (100.0, 200.0);
+
+/// `LOW,HIGH` Canny thresholds.
 fn parse_canny(s: &str) -> Result<(f64, f64), String> {
     let parse = |v: &str| v.trim().parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 0.0);
     match s.split_once(',').map(|(a, b)| (parse(a), parse(b))) {
@@ -649,16 +684,13 @@ fn settings_from_args(
         }),
         None => None,
     };
-    let map = match (a.control_canny, &a.control_depth) {
-        (Some((low, high)), _) => generate::ControlMap::Canny { low, high },
-        (None, Some(_)) => generate::ControlMap::Depth,
-        (None, None) => generate::ControlMap::AsGiven,
-    };
-    let control = match &a.control_image {
-        Some(p) => Some(generate::Control { image: image_file(p, "control image")?, map }),
-        None => None,
-    };
-    let images = (init.as_ref(), kontext.as_ref(), control.as_ref().map(|c| &c.image));
+    let control = a
+        .control_image
+        .iter()
+        .zip(control_maps(a)?)
+        .map(|(p, map)| Ok(generate::Control { image: image_file(p, "control image")?, map }))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let images = (init.as_ref(), kontext.as_ref(), control.first().map(|c| &c.image));
     let (width, height) = output_size(a.width, a.height, images)?;
     ipaflux_core::flux::sampler::check_size(width, height)?;
     let steps_run = match &init {
@@ -710,17 +742,95 @@ fn settings_from_args(
         true_cfg,
         kontext,
         control,
-        controlnet: a.controlnet.as_ref().map(|_| generate::ControlNetSettings {
-            scale: a.controlnet_scale,
-            mode: a.controlnet_mode,
-            window: match (a.controlnet_start_percent, a.controlnet_end_percent) {
-                (None, None) => {
-                    ipaflux_core::flux::ControlWindow::Steps { start: a.controlnet_start, end: a.controlnet_end }
-                }
-                (s, e) => ipaflux_core::flux::ControlWindow::from_percent(s.unwrap_or(0.0), e.unwrap_or(1.0)),
-            },
-        }),
+        controlnet: controlnet_settings(a)?,
     })
+}
+
+/// Per-net values of a ControlNet option: none given → `default` for every
+/// net, one → it for every net, else one per net.
+fn per_net<T: Clone>(values: &[T], nets: usize, default: T, flag: &str) -> anyhow::Result<Vec<T>> {
+    match values {
+        [] => Ok(vec![default; nets]),
+        [one] => Ok(vec![one.clone(); nets]),
+        _ if values.len() == nets => Ok(values.to_vec()),
+        _ => anyhow::bail!(
+            "{} --{flag} values for {nets} ControlNets: give one for all, or one per --controlnet",
+            values.len()
+        ),
+    }
+}
+
+/// The ControlNet files, each once, and the index of each `--controlnet` among them.
+fn controlnet_files(a: &GenerateArgs) -> (Vec<PathBuf>, Vec<usize>) {
+    let mut files: Vec<PathBuf> = Vec::new();
+    let index = a
+        .controlnet
+        .iter()
+        .map(|p| match files.iter().position(|f| f == p) {
+            Some(i) => i,
+            None => {
+                files.push(p.clone());
+                files.len() - 1
+            }
+        })
+        .collect();
+    (files, index)
+}
+
+/// Each `--controlnet`'s settings, from the per-net options.
+fn controlnet_settings(a: &GenerateArgs) -> anyhow::Result<Vec<generate::ControlNetSettings>> {
+    use ipaflux_core::flux::ControlWindow;
+    let n = a.controlnet.len();
+    let scale = per_net(&a.controlnet_scale, n, 1.0, "controlnet-scale")?;
+    let mode = per_net(&a.controlnet_mode, n, ControlMode(None), "controlnet-mode")?;
+    let windows: Vec<ControlWindow> = if a.controlnet_start_percent.is_empty() && a.controlnet_end_percent.is_empty() {
+        let start = per_net(&a.controlnet_start, n, 0.0, "controlnet-start")?;
+        let end = per_net(&a.controlnet_end, n, 1.0, "controlnet-end")?;
+        start.into_iter().zip(end).map(|(start, end)| ControlWindow::Steps { start, end }).collect()
+    } else {
+        let start = per_net(&a.controlnet_start_percent, n, 0.0, "controlnet-start-percent")?;
+        let end = per_net(&a.controlnet_end_percent, n, 1.0, "controlnet-end-percent")?;
+        start.into_iter().zip(end).map(|(s, e)| ControlWindow::from_percent(s, e)).collect()
+    };
+    let (_, net) = controlnet_files(a);
+    Ok((0..n)
+        .map(|k| generate::ControlNetSettings { net: net[k], scale: scale[k], mode: mode[k].0, window: windows[k] })
+        .collect())
+}
+
+/// What each control image becomes ([`GenerateArgs::control_map`]).
+fn control_maps(a: &GenerateArgs) -> anyhow::Result<Vec<generate::ControlMap>> {
+    let n = a.control_image.len();
+    let kinds = match (a.control_map.as_slice(), a.control_canny, &a.control_depth) {
+        ([], Some(_), Some(_)) => anyhow::bail!(
+            "--control-canny and --control-depth both given: say which control image gets which with --control-map \
+             (e.g. --control-image photo.png --control-image photo.png --control-map canny --control-map depth)"
+        ),
+        ([], Some(_), None) => vec![MapArg::Canny; n],
+        ([], None, Some(_)) => vec![MapArg::Depth; n],
+        ([], None, None) => vec![MapArg::Given; n],
+        ([one], ..) => vec![*one; n],
+        (maps, ..) if maps.len() == n => maps.to_vec(),
+        (maps, ..) => anyhow::bail!(
+            "{} --control-map values for {n} control images: give one for all, or one per --control-image",
+            maps.len()
+        ),
+    };
+    if a.control_depth.is_some() && !kinds.contains(&MapArg::Depth) {
+        anyhow::bail!("--control-depth given, but no --control-map is `depth`: no depth map would be made");
+    }
+    if a.control_canny.is_some() && !kinds.contains(&MapArg::Canny) {
+        anyhow::bail!("--control-canny given, but no --control-map is `canny`: no edge map would be made");
+    }
+    let (low, high) = a.control_canny.unwrap_or(DEFAULT_CANNY);
+    Ok(kinds
+        .into_iter()
+        .map(|k| match k {
+            MapArg::Given => generate::ControlMap::AsGiven,
+            MapArg::Canny => generate::ControlMap::Canny { low, high },
+            MapArg::Depth => generate::ControlMap::Depth,
+        })
+        .collect())
 }
 
 /// What each LoRA covers, as it was read.
@@ -753,6 +863,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     check_reference_args(&a)?;
     let mut settings = settings_from_args(&a, &device)?;
     let refs = references(&a)?;
+    let (controlnets, _) = controlnet_files(&a);
     let paths = generate::ModelPaths {
         flux: a.flux,
         t5: a.t5,
@@ -763,7 +874,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         clip_vision: a.clip_vision,
         redux: a.redux,
         depth: a.control_depth,
-        controlnet: a.controlnet,
+        controlnet: controlnets,
         t5_tokenizer: a.t5_tokenizer,
         clip_tokenizer: a.clip_tokenizer,
         encoder_dtype: a.dtype,
@@ -771,8 +882,9 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let sources = paths.into_sources(device)?;
     print_loras(&sources, &a.lora);
-    if let Some(mode) = generate::union_mode_from_map(&sources, &mut settings) {
-        eprintln!("Union ControlNet: mode {} ({}), from the control map made", mode, generate::UNION_MODES[mode]);
+    for (k, mode) in generate::union_mode_from_map(&sources, &mut settings) {
+        let which = if settings.controlnet.len() > 1 { format!(" {}", k + 1) } else { String::new() };
+        eprintln!("Union ControlNet{which}: mode {mode} ({}), from the control map made", generate::UNION_MODES[mode]);
     }
     let out = run_pipeline(&sources, &refs, &settings, &a.out, a.verbose)?;
     if a.batch == 1 {

@@ -331,6 +331,38 @@ fn controlnets(c: &Shared<'_>, latents: &Tensor, r: &mut Report) -> Result<()> {
         let out = sample(&model, Start::Noise(&c.noise), guide, &run, 1.0, Hooks::none());
         check(r, dev, what, out, gold.get(&format!("out.{name}"))?);
     }
+    multi_controlnets(c, &model, r)
+}
+
+/// Several ControlNets at once (`FluxMultiControlNetModel`): two nets on two
+/// control images, each with its own scale and window.
+fn multi_controlnets(c: &Shared<'_>, model: &FluxModel, r: &mut Report) -> Result<()> {
+    let (fx, dev) = (c.fx, c.dev);
+    let gold = Golden::read(fx, "controlnet/multi-golden.safetensors", dev)?;
+    let pair = &reference(fx, "controlnet/multi-reference.json")?["pair"];
+    let run = Run::read(fx, "controlnet/reference.json")?;
+    let prompt = c.prompt(&run)?;
+    let nets = ["canny", "depth"]
+        .map(|name| -> Result<FluxControlNet> {
+            let files = crate::load::load_controlnet(&fx.join("controlnet").join(name))?;
+            Ok(FluxControlNet::from_store(files.weights, files.axes_dim, DType::F32, dev)?)
+        })
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let conds = [gold.get("cond.0")?, gold.get("cond.1")?];
+    let at = |key: &str, i: usize, default: f64| pair[key][i].as_f64().unwrap_or(default);
+    let inputs: Vec<ControlInput<'_>> = (0..2)
+        .map(|i| ControlInput {
+            net: &nets[i],
+            image: conds[i],
+            mode: None,
+            scale: at("scale", i, 1.0),
+            window: ControlWindow::Steps { start: at("start", i, 0.0), end: at("end", i, 1.0) },
+        })
+        .collect();
+    let guide = Guide { control: &inputs, ..Guide::prompt(&prompt) };
+    let out = sample(model, Start::Noise(&c.noise), guide, &run, 1.0, Hooks::none());
+    check(r, dev, "two ControlNets", out, gold.get("out.pair")?);
     Ok(())
 }
 

@@ -479,7 +479,7 @@ fn generate_with_flux_control() {
     let info = png::Decoder::new(std::io::Cursor::new(std::fs::read(&a).unwrap())).read_info().unwrap();
     assert_eq!((info.info().width, info.info().height), (32, 16));
     let png = String::from_utf8_lossy(&std::fs::read(&a).unwrap()).into_owned();
-    assert!(png.contains("\"control_image\":\"") && png.contains("control.png"), "the PNG's parameters name it");
+    assert!(png.contains("\"control_image\":[\"") && png.contains("control.png"), "the PNG's parameters name it");
     // Another control image, same seed: another picture.
     run(&["--control-image", &edges], &a, true);
     run(&["--control-image", &init], &b, true);
@@ -531,7 +531,7 @@ fn generate_with_a_controlnet() {
     let entry = |event: &str| log.lines().any(|l| l.contains(&format!(" {event} ")) && l.contains(" controlnet "));
     assert!(entry("register") && entry("release"), "the registry's timeline shows its entry:\n{log}");
     let png = String::from_utf8_lossy(&std::fs::read(&a).unwrap()).into_owned();
-    assert!(png.contains("\"controlnet\":{") && png.contains("\"scale\":0.7"), "the PNG's parameters hold it");
+    assert!(png.contains("\"controlnet\":[{") && png.contains("\"scale\":0.7"), "the PNG's parameters hold it");
     // ComfyUI's percents, whole schedule: the same picture as diffusers' whole window.
     ok(&["--controlnet", &canny, "--controlnet-scale", "0.7", "--controlnet-start-percent", "0"], &b);
     assert_eq!(pixels(&a), pixels(&b), "percent 0..1 is every step");
@@ -577,6 +577,119 @@ fn generate_with_a_controlnet() {
     assert_fails(&generate(&["--vae", &vae, "--controlnet", &canny], &a), &["--control-image"]);
     let control_flux = ["--flux", &f("control/transformer"), "--controlnet", &canny];
     assert_fails(&with(&control_flux), &["goes with FLUX.1-dev or schnell"]);
+}
+
+#[test]
+fn generate_with_several_controlnets() {
+    let f = |r: &str| fixture(r).display().to_string();
+    let (canny, union, vae, edges, photo) = (
+        f("controlnet/canny"),
+        f("controlnet/union"),
+        f("img2img/ae.safetensors"),
+        f("control/control.png"),
+        f("images/photo.jpg"),
+    );
+    let (a, b) = (tmp("gen-multi-a.png"), tmp("gen-multi-b.png"));
+    let pixels = |p: &PathBuf| png_pixels(&std::fs::read(p).unwrap());
+    let ok = |extra: &[&str], out: &PathBuf| {
+        let o = generate(&[&["--vae", &vae], extra].concat(), out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+    };
+    // Nets of different sizes (1+2 and 2+0 blocks), each mapped by its own depth. A second net at
+    // scale 0 adds zeros: the first net's picture, to the byte.
+    ok(&["--control-image", &edges, "--controlnet", &canny, "--controlnet-scale", "0.7"], &a);
+    let pair = ["--control-image", &edges, "--controlnet", &canny, "--controlnet", &union];
+    let scaled = ["--controlnet-scale", "0.7", "--controlnet-scale", "0", "--verbose"];
+    let log = ok(&[&pair[..], &["--controlnet-mode", "none", "--controlnet-mode", "depth"], &scaled[..]].concat(), &b);
+    assert!(pixels(&a) == pixels(&b), "a second net at scale 0 changed the picture");
+    let entry = |name: &str| log.lines().any(|l| l.contains(" register ") && l.contains(&format!(" {name} ")));
+    assert!(entry("controlnet") && entry("controlnet-2"), "one registry entry per file:\n{log}");
+    let png = String::from_utf8_lossy(&std::fs::read(&b).unwrap()).into_owned();
+    assert!(png.contains("\"mode\":null") && png.contains("\"mode\":2"), "the PNG's parameters hold both nets");
+    ok(
+        &[&pair[..], &["--controlnet-scale", "0.7", "--controlnet-mode", "none", "--controlnet-mode", "depth"]]
+            .concat(),
+        &b,
+    );
+    assert!(pixels(&a) != pixels(&b), "the second net changed nothing");
+
+    // One Union net in two modes, each on its own map of one photo (Shakker-Labs' Union-Pro
+    // example): the same file is loaded once; the modes follow the maps; the same picture as the
+    // maps written by `ipaflux canny` / `ipaflux depth` and given as they are.
+    let depth_model = f("depth/model");
+    let maps = [
+        &["--control-image", &photo, "--control-image", &photo, "--control-map", "canny", "--control-map", "depth"][..],
+        &["--control-depth", &depth_model, "--controlnet", &union, "--controlnet", &union, "--verbose"],
+        &[
+            "--controlnet-scale",
+            "0.5",
+            "--controlnet-scale",
+            "0.8",
+            "--controlnet-start",
+            "0",
+            "--controlnet-start",
+            "0.3",
+        ],
+    ]
+    .concat();
+    let log = ok(&maps, &a);
+    assert!(
+        log.contains("Union ControlNet 1: mode 0 (canny)") && log.contains("Union ControlNet 2: mode 2 (depth)"),
+        "{log}"
+    );
+    assert!(!log.contains(" controlnet-2 "), "the same file was registered twice:\n{log}");
+    let made = |cmd: &str, flag: &str, value: &str, out: &PathBuf| {
+        let o = Command::new(env!("CARGO_BIN_EXE_ipaflux")).args([cmd, &photo, flag, value, "--out"]).arg(out).output();
+        assert!(o.as_ref().unwrap().status.success(), "{}", String::from_utf8_lossy(&o.unwrap().stderr));
+    };
+    let (edge_map, depth_map) = (tmp("multi-photo-edges.png"), tmp("multi-photo-depth.png"));
+    made("canny", "--low", "100", &edge_map);
+    made("depth", "--model", &depth_model, &depth_map);
+    let (edge_map, depth_map) = (edge_map.display().to_string(), depth_map.display().to_string());
+    let given = [
+        &["--control-image", &edge_map, "--control-image", &depth_map][..],
+        &["--controlnet", &union, "--controlnet", &union, "--controlnet-mode", "canny", "--controlnet-mode", "depth"],
+        &[
+            "--controlnet-scale",
+            "0.5",
+            "--controlnet-scale",
+            "0.8",
+            "--controlnet-start",
+            "0",
+            "--controlnet-start",
+            "0.3",
+        ],
+    ]
+    .concat();
+    ok(&given, &b);
+    assert!(pixels(&a) == pixels(&b), "each net did not read its own map");
+    // With the first at scale 0: the second net alone on its own image, to the byte.
+    let images = ["--control-image", &edge_map, "--control-image", &depth_map];
+    let twice =
+        ["--controlnet", &union, "--controlnet", &union, "--controlnet-mode", "canny", "--controlnet-mode", "depth"];
+    let second = ["--controlnet-scale", "0", "--controlnet-scale", "0.8", "--controlnet-start", "0.3"];
+    ok(&[&images[..], &twice[..], &second[..]].concat(), &a);
+    let alone = ["--control-image", &depth_map, "--controlnet", &union, "--controlnet-mode", "depth"];
+    ok(&[&alone[..], &["--controlnet-scale", "0.8", "--controlnet-start", "0.3"]].concat(), &b);
+    assert!(pixels(&a) == pixels(&b), "the second net did not read the second image");
+
+    // Refused before any model runs.
+    let with = |extra: &[&str]| generate(&[&["--vae", &vae], extra].concat(), &a);
+    let three = ["--control-image", &edges, "--control-image", &edges, "--control-image", &edges];
+    assert_fails(
+        &with(&[&three[..], &["--controlnet", &canny, "--controlnet", &canny]].concat()),
+        &["3 control images for 2"],
+    );
+    let scales = ["--controlnet-scale", "1", "--controlnet-scale", "1", "--controlnet-scale", "1"];
+    assert_fails(&with(&[&pair[..], &scales[..]].concat()), &["3 --controlnet-scale values for 2"]);
+    assert_fails(&with(&[&pair[..], &["--controlnet-mode", "depth"]].concat()), &["ControlNet 1 (", "no modes"]);
+    let both = ["--control-image", &photo, "--control-canny", "100,200", "--control-depth", &depth_model];
+    assert_fails(&with(&[&both[..], &["--controlnet", &canny]].concat()), &["--control-map"]);
+    let unused = ["--control-image", &photo, "--control-depth", &depth_model, "--control-map", "canny"];
+    assert_fails(&with(&[&unused[..], &["--controlnet", &canny]].concat()), &["no depth map would be made"]);
+    let flux_control = ["--flux", &f("control/transformer"), "--control-image", &edges, "--control-image", &edges];
+    assert_fails(&with(&flux_control), &["one control image, and 2"]);
 }
 
 #[test]

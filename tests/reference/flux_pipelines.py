@@ -1,10 +1,10 @@
 """What the diffusers-pipeline fixture scripts share: FLUX.1-dev's scheduler
 config, a Flux pipeline of any kind over the tiny models without text
 encoders (the scripts pass embeddings), and the tiny models loaded in f32.
-Imported by make_{img2img,cfg,redux,inpaint,fill,kontext,control,controlnet}_fixtures.py.
+Imported by make_{img2img,cfg,redux,inpaint,fill,kontext,control,controlnet,multi_controlnet}_fixtures.py.
 """
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxTransformer2DModel
 
 
 def dev_scheduler():
@@ -59,3 +59,24 @@ def transformer(path):
 
 def vae(path):
     return AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
+def random_controlnet(path, **config):
+    """A random ControlNet with the tiny Flux's sizes (nothing zeroed: its residuals must matter), saved in
+    bf16 and read back in f32."""
+    sizes = {k: v for k, v in TINY.items() if k != "out_channels"}
+    model = FluxControlNetModel(**{**sizes, **config}).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(0.05 * torch.randn_like(p))
+            elif "mode_embedder" in name:
+                p.copy_(torch.randn_like(p))
+            elif p.ndim == 4:  # the hint block's convolutions
+                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+    model.to(torch.bfloat16).save_pretrained(path)
+    return FluxControlNetModel.from_pretrained(path, torch_dtype=torch.float32).eval()

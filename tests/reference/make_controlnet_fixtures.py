@@ -48,8 +48,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import (FluxControlNetImg2ImgPipeline, FluxControlNetInpaintPipeline, FluxControlNetModel,
-                       FluxControlNetPipeline)
+from diffusers import FluxControlNetImg2ImgPipeline, FluxControlNetInpaintPipeline, FluxControlNetPipeline
 from diffusers.models.autoencoders import vae as vae_module
 from diffusers.pipelines.flux import (pipeline_flux_controlnet, pipeline_flux_controlnet_image_to_image,
                                       pipeline_flux_controlnet_inpainting)
@@ -63,28 +62,7 @@ OUT = ROOT / "controlnet"
 OUT.mkdir(exist_ok=True)
 torch.manual_seed(91)
 
-SIZES = {k: v for k, v in flux_pipelines.TINY.items() if k != "out_channels"}
-
-
-def random_controlnet(path, **config):
-    """A random ControlNet (nothing zeroed: its residuals must matter), saved in bf16 and read back in f32."""
-    model = FluxControlNetModel(**{**SIZES, **config}).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and p.ndim == 1:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.05 * torch.randn_like(p))
-            elif "mode_embedder" in name:
-                p.copy_(torch.randn_like(p))
-            elif p.ndim == 4:  # the hint block's convolutions
-                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
-    model.to(torch.bfloat16).save_pretrained(path)
-    return FluxControlNetModel.from_pretrained(path, torch_dtype=torch.float32).eval()
-
-
+random_controlnet = flux_pipelines.random_controlnet
 canny = random_controlnet(OUT / "canny", num_layers=1, num_single_layers=2, guidance_embeds=True)
 union = random_controlnet(OUT / "union", num_layers=2, num_single_layers=0, guidance_embeds=False, num_mode=10)
 xlabs = random_controlnet(OUT / "xlabs", num_layers=2, num_single_layers=0, guidance_embeds=True,

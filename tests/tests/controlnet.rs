@@ -7,7 +7,10 @@
 //! nets' residuals at the first step, and the final latents with each net's
 //! conditioning scale and step window, from noise and (the Canny net,
 //! `FluxControlNetImg2ImgPipeline` and `FluxControlNetInpaintPipeline`) from
-//! an init image, with a mask too; and with XLabs' IP-Adapter. Tolerance: f32 relative max error ≤ 1e-4.
+//! an init image, with a mask too; and with XLabs' IP-Adapter. Several nets at
+//! once against diffusers' `FluxMultiControlNetModel`
+//! (make_multi_controlnet_fixtures.py): two nets of one size, and one Union
+//! net in two modes. Tolerance: f32 relative max error ≤ 1e-4.
 
 use ipaflux::generate::control_latents;
 use ipaflux_core::candle_core::{DType, Device, Tensor};
@@ -197,4 +200,49 @@ fn xlabs_controlnets_match_diffusers_in_both_layouts() {
         // Latents where it wants pixels: refused.
         assert!(xlabs.forward(x, &ids, &c.cond, None, &c.prompt, sigma.into(), scale).is_err());
     }
+}
+
+/// The `i`th entry of a per-net list in multi-reference.json as one net's
+/// entry, as [`control_input`] reads it.
+fn nth(r: &serde_json::Value, i: usize) -> serde_json::Value {
+    let obj = r.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v[i].clone()));
+    serde_json::Value::Object(obj.collect())
+}
+
+/// Several ControlNets at once (diffusers' `FluxMultiControlNetModel`): two
+/// nets of one size, each on its own image with its own scale and window,
+/// and one Union net twice, in two modes. Their residuals add up.
+#[test]
+fn several_controlnets_match_diffusers_multi() {
+    let (g, r, c) = (tensors("controlnet/multi-golden.safetensors"), json("controlnet/multi-reference.json"), case());
+    let init = fixture_image("img2img/init.png");
+    let cond1 = control_latents(&tiny_vae_encoder(), &init, (c.run.width, c.run.height), &Device::Cpu).unwrap();
+    assert_close("control latents 0", &c.cond, &g["cond.0"], F32_TOL);
+    assert_close("control latents 1", &cond1, &g["cond.1"], F32_TOL);
+    let model = tiny_flux("flux/transformer");
+    let ids = c.run.ids();
+    let sample = |control: &[ControlInput<'_>]| {
+        let guide = Guide { control, ..Guide::prompt(&c.prompt) };
+        sampler::euler(&model, Start::Noise(&c.noise), &ids, guide, &c.run.sigmas(), Hooks::none(), &mut |_| {})
+            .unwrap()
+    };
+
+    let (canny, depth) = (net("controlnet/canny"), net("controlnet/depth"));
+    let pair =
+        [control_input(&canny, &c.cond, &nth(&r["pair"], 0)), control_input(&depth, &cond1, &nth(&r["pair"], 1))];
+    let out = sample(&pair);
+    assert_close("two ControlNets", &out, &g["out.pair"], F32_TOL);
+    // Each alone is far off: both nets' residuals are in the golden.
+    for one in &pair {
+        assert!(rel_max_err(&sample(std::slice::from_ref(one)), &g["out.pair"]) > 10.0 * F32_TOL);
+    }
+    // The order of the nets does not matter (their residuals add up).
+    assert_close("two ControlNets, swapped", &sample(&[pair[1], pair[0]]), &out, F32_TOL);
+
+    let union = net("controlnet/union");
+    let ru = &r["union"];
+    let twice = [control_input(&union, &c.cond, &nth(ru, 0)), control_input(&union, &cond1, &nth(ru, 1))];
+    assert_close("one Union ControlNet in two modes", &sample(&twice), &g["out.union"], F32_TOL);
+    let same_mode = [twice[0], ControlInput { mode: twice[0].mode, ..twice[1] }];
+    assert!(rel_max_err(&sample(&same_mode), &g["out.union"]) > 10.0 * F32_TOL, "each input's mode matters");
 }

@@ -333,6 +333,7 @@ fn main() {
             run(&python, &["tests/reference/make_kontext_inpaint_fixtures.py"]);
             run(&python, &["tests/reference/make_control_fixtures.py"]);
             run(&python, &["tests/reference/make_controlnet_fixtures.py"]);
+            run(&python, &["tests/reference/make_multi_controlnet_fixtures.py"]);
             run(&python, &["tests/reference/make_canny_fixtures.py"]);
             run(&python, &["tests/reference/make_depth_fixtures.py"]);
             // Its goldens come from a repository not on PyPI: a checkout must be given.
