@@ -561,6 +561,8 @@ pub fn run_streamed(
         units,
         weights_key: None,
         streamable: true,
+        // Its embedders, which every block needs, as generate registers it.
+        resident_units: 1,
     };
     let handle = reg.register(spec)?;
     let plan = reg.load_for_job(&JobRequest::new(job_device, &[handle.model]).working(working))?;

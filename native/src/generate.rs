@@ -100,10 +100,17 @@ pub struct Sources {
 pub struct ControlNetSource {
     /// Its path, for messages.
     pub name: String,
-    pub load: LoadFn<FluxControlNet>,
+    /// Builds it with these blocks left out, returning their tensors for a
+    /// [`BlockSource`] (none: the whole net resident).
+    pub load: ControlNetLoad,
     pub bytes: u64,
+    /// Its registry units ([`ControlNetDims::unit_specs`]): its base, then its blocks.
+    pub units: Vec<ipaflux_core::registry::UnitSpec>,
     pub dims: ControlNetDims,
 }
+
+/// [`ControlNetSource::load`].
+pub type ControlNetLoad = Box<dyn Fn(&[BlockId]) -> Result<(FluxControlNet, BTreeMap<String, Tensor>)>>;
 
 /// A reference: for the IP-Adapter, an image to encode or `image_prompt_embeds`
 /// made earlier; for FLUX.1 Redux, an image whose tokens follow the prompt's.
@@ -548,7 +555,8 @@ fn register_all(reg: &mut Registry, src: &Sources, refs: &[Reference], s: &Setti
     let flux = if flux_units.is_empty() {
         spec("flux", Role::Diffusion, src.flux.1)
     } else {
-        ModelSpec { units: flux_units, streamable: true, ..spec("flux", Role::Diffusion, 0) }
+        // Its embedders and final layer (unit 0) are never streamed.
+        ModelSpec { units: flux_units, streamable: true, ..spec("flux", Role::Diffusion, 0) }.with_resident_units(1)
     };
     Ok(Handles {
         t5: reg.register(spec("t5", Role::TextEncoder, src.t5.1))?,
@@ -591,12 +599,20 @@ fn register_all(reg: &mut Registry, src: &Sources, refs: &[Reference], s: &Setti
             }
             _ => None,
         },
-        // (`check_controlnet` refused a file no ControlNet setting runs.)
+        // (`check_controlnet` refused a file no ControlNet setting runs.) Its
+        // blocks stream as Flux's do; its base unit (embedders, own layers) never.
         controlnet: src
             .controlnet
             .iter()
             .enumerate()
-            .map(|(i, net)| reg.register(spec(&controlnet_entry(i), Role::Diffusion, net.bytes)))
+            .map(|(i, net)| {
+                let spec = ModelSpec {
+                    units: net.units.clone(),
+                    streamable: true,
+                    ..spec(&controlnet_entry(i), Role::Diffusion, 0)
+                };
+                reg.register(spec.with_resident_units(1))
+            })
             .collect::<std::result::Result<_, _>>()?,
     })
 }
@@ -770,8 +786,19 @@ pub fn generate(
         Some(p) if !p.streamed.is_empty() => src.flux_units.blocks(&p.streamed)?,
         _ => Vec::new(),
     };
+    let streamed_controlnet = h
+        .controlnet
+        .iter()
+        .zip(&src.controlnet)
+        .map(|(handle, net)| match plan.placements.iter().find(|p| p.model == handle.model) {
+            Some(p) if !p.streamed.is_empty() => {
+                Ok(ipaflux_core::flux::stream::blocks_of_units(&net.dims.blocks, &p.streamed)?)
+            }
+            _ => Ok(Vec::new()),
+        })
+        .collect::<Result<Vec<_>>>()?;
     reg.stream(&plan, (steps_run * s.batch * prompts.len()) as u64);
-    let start = SampleStart { encoded: &encoded, streamed: &streamed };
+    let start = SampleStart { encoded: &encoded, streamed: &streamed, streamed_controlnet: &streamed_controlnet };
     let ip = (referenced.ip, referenced.negative_ip, referenced.adapter_dims);
     let latents = timed(&mut stages, "sampling", || sample(src, ip, &texts, s, start, on_step))?;
     if let Some(kv) = kv {
@@ -1348,6 +1375,8 @@ fn encode_kontext(encoder: &VaeEncoder, k: &Kontext, s: &Settings) -> Result<Kon
 struct SampleStart<'a> {
     encoded: &'a Encoded,
     streamed: &'a [BlockId],
+    /// Each ControlNet file's blocks streamed ([`Sources::controlnet`]'s order).
+    streamed_controlnet: &'a [Vec<BlockId>],
 }
 
 fn sample(
@@ -1355,7 +1384,7 @@ fn sample(
     (images, negative_images, adapter_dims): (Vec<IpImage>, Option<Vec<IpImage>>, AdapterDims),
     texts: &[Conditioning],
     s: &Settings,
-    SampleStart { encoded, streamed }: SampleStart<'_>,
+    SampleStart { encoded, streamed, streamed_controlnet }: SampleStart<'_>,
     on_step: &mut dyn FnMut(StepInfo),
 ) -> Result<Vec<(u64, Tensor)>> {
     let files = (src.flux.0)()?;
@@ -1370,6 +1399,7 @@ fn sample(
             ))
             .into());
         }
+        tracing::info!(target: "ipaflux::stream", blocks = streamed.len(), "Flux runs with blocks streamed");
         model.set_block_source(block_source(kept, streamed, &s.device)?);
     }
     model.set_attention(crate::attention_for(&s.device, s.kernels));
@@ -1412,8 +1442,14 @@ fn sample(
     let nets = src
         .controlnet
         .iter()
-        .map(|source| {
-            let mut net = (source.load)()?;
+        .enumerate()
+        .map(|(i, source)| {
+            let streamed = streamed_controlnet.get(i).map_or(&[][..], Vec::as_slice);
+            let (mut net, kept) = (source.load)(streamed)?;
+            if !streamed.is_empty() {
+                tracing::info!(target: "ipaflux::stream", blocks = streamed.len(), "{} runs with blocks streamed", source.name);
+                net.set_block_source(block_source(kept, streamed, &s.device)?);
+            }
             // The kernels Flux runs with: its blocks are Flux's.
             net.set_attention(crate::attention_for(&s.device, s.kernels));
             net.set_fused_modulation(crate::modulation_for(&s.device, s.kernels));
@@ -1470,8 +1506,11 @@ fn seeds(s: &Settings) -> impl Iterator<Item = u64> + '_ {
 }
 
 /// Where streamed blocks wait: pinned memory with prefetch on CUDA, host tensors elsewhere.
-fn block_source(kept: BTreeMap<String, Tensor>, blocks: &[BlockId], device: &Device) -> Result<Arc<dyn BlockSource>> {
-    tracing::info!(target: "ipaflux::stream", blocks = blocks.len(), "Flux runs with blocks streamed");
+pub(crate) fn block_source(
+    kept: BTreeMap<String, Tensor>,
+    blocks: &[BlockId],
+    device: &Device,
+) -> Result<Arc<dyn BlockSource>> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         return Ok(Arc::new(crate::cuda::stream::PinnedBlocks::new(kept, blocks, device)?));
@@ -1747,12 +1786,13 @@ impl ModelPaths {
             dims.check_compatible(&flux_cfg)?;
             // As Flux: in the run's dtype on its device.
             let bytes = dims.loaded_bytes(self.encoder_dtype.dtype());
+            let units = dims.unit_specs(self.encoder_dtype.dtype());
             let device = device.clone();
-            let load: LoadFn<FluxControlNet> = Box::new(move || {
+            let load: ControlNetLoad = Box::new(move |streamed| {
                 let files = files.clone();
-                Ok(FluxControlNet::from_store(files.weights, files.axes_dim, dtype, &device)?)
+                Ok(FluxControlNet::from_store_streamed(files.weights, files.axes_dim, dtype, &device, streamed)?)
             });
-            controlnet.push(ControlNetSource { name: arg.display().to_string(), load, bytes, dims });
+            controlnet.push(ControlNetSource { name: arg.display().to_string(), load, bytes, units, dims });
         }
         Ok(Sources {
             flux: (Box::new(move || load::load_flux(&flux)), flux_bytes),
@@ -1883,6 +1923,11 @@ mod tests {
                 let hint = |n: &str| n.starts_with("input_hint_block.");
                 let n = files.weights.bytes_as(dtype, |n| !hint(n)) + files.weights.bytes_as(DType::F32, hint);
                 check(&mut off, xlabs_src.controlnet[0].bytes, n, format!("XLabs ControlNet, {at}"));
+                // Its registry units, block by block, hold the same bytes.
+                for net in [&src.controlnet[0], &xlabs_src.controlnet[0]] {
+                    let units: u64 = net.units.iter().map(|u| u.bytes).sum();
+                    check(&mut off, units, net.bytes, format!("{} units, {at}", net.name));
+                }
             }
         }
         assert!(off.is_empty(), "registry figures off:\n{}", off.join("\n"));

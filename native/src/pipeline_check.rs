@@ -331,6 +331,26 @@ fn controlnets(c: &Shared<'_>, latents: &Tensor, r: &mut Report) -> Result<()> {
         let out = sample(&model, Start::Noise(&c.noise), guide, &run, 1.0, Hooks::none());
         check(r, dev, what, out, gold.get(&format!("out.{name}"))?);
     }
+    // The Canny net with every block streamed, from where generate keeps
+    // streamed blocks on this device (CUDA: pinned memory, a copy stream).
+    let files = crate::load::load_controlnet(&fx.join("controlnet/canny"))?;
+    let blocks = ipaflux_core::flux::BlockId::all(&ipaflux_core::flux::ControlNetDims::infer(&files.weights)?.blocks);
+    let (mut net, kept) = FluxControlNet::from_store_streamed(files.weights, files.axes_dim, DType::F32, dev, &blocks)?;
+    net.set_block_source(crate::generate::block_source(kept, &blocks, dev)?);
+    let s = &v["canny"];
+    let input = ControlInput {
+        net: &net,
+        image: latents,
+        mode: None,
+        scale: s["scale"].as_f64().unwrap_or(1.0),
+        window: ControlWindow::Steps {
+            start: s["start"].as_f64().unwrap_or(0.0),
+            end: s["end"].as_f64().unwrap_or(1.0),
+        },
+    };
+    let guide = Guide { control: &[input], ..Guide::prompt(&prompt) };
+    let out = sample(&model, Start::Noise(&c.noise), guide, &run, 1.0, Hooks::none());
+    check(r, dev, "ControlNet, blocks streamed", out, gold.get("out.canny")?);
     multi_controlnets(c, &model, r)
 }
 

@@ -15,8 +15,9 @@
 use ipaflux::generate::control_latents;
 use ipaflux_core::candle_core::{DType, Device, Tensor};
 use ipaflux_core::flux::sampler::{self, Guide, Start};
-use ipaflux_core::flux::{ControlInput, ControlNetDims, ControlWindow, FluxControlNet, Hooks};
+use ipaflux_core::flux::{BlockId, ControlInput, ControlNetDims, ControlWindow, FluxControlNet, Hooks, HostBlocks};
 use ipaflux_tests::*;
+use std::sync::Arc;
 
 fn net(rel: &str) -> FluxControlNet {
     let files = ipaflux::load::load_controlnet(&fixture(rel)).expect("tiny ControlNet");
@@ -245,4 +246,37 @@ fn several_controlnets_match_diffusers_multi() {
     assert_close("one Union ControlNet in two modes", &sample(&twice), &g["out.union"], F32_TOL);
     let same_mode = [twice[0], ControlInput { mode: twice[0].mode, ..twice[1] }];
     assert!(rel_max_err(&sample(&same_mode), &g["out.union"]) > 10.0 * F32_TOL, "each input's mode matters");
+}
+
+/// A ControlNet whose blocks stream (as generate runs one that does not fit
+/// beside Flux): the same residuals as resident, to the bit, and diffusers'.
+#[test]
+fn a_streamed_controlnet_gives_the_residuals_of_a_resident_one() {
+    let (g, c) = (tensors("controlnet/golden.safetensors"), case());
+    let ids = c.run.ids();
+    for (name, mode, streamed) in [
+        ("canny", None, vec![BlockId::Double(0), BlockId::Single(1)]),
+        ("union", Some(2), vec![BlockId::Double(0), BlockId::Double(1)]),
+    ] {
+        let files = ipaflux::load::load_controlnet(&fixture(&format!("controlnet/{name}"))).unwrap();
+        let axes = files.axes_dim.clone();
+        let resident =
+            FluxControlNet::from_store(files.weights.clone(), axes.clone(), DType::F32, &Device::Cpu).unwrap();
+        let (mut net, kept) =
+            FluxControlNet::from_store_streamed(files.weights, axes, DType::F32, &Device::Cpu, &streamed).unwrap();
+        // What it holds back is the streamed blocks' tensors, and only those.
+        assert!(!kept.is_empty() && kept.keys().all(|k| streamed.iter().any(|b| b.owns(k))), "{name}");
+        assert!(streamed.iter().all(|b| kept.keys().any(|k| b.owns(k))), "{name}");
+        // Unset, a streamed block is an error, not a silent skip.
+        let (x, sigma) =
+            (&g[&format!("{name}.x")], f64::from(g[&format!("{name}.sigma")].to_vec1::<f32>().unwrap()[0]));
+        assert!(net.forward(x, &ids, &c.cond, mode, &c.prompt, sigma, 0.5).is_err(), "{name}");
+        net.set_block_source(Arc::new(HostBlocks::new(kept, &streamed, &Device::Cpu, &Device::Cpu).unwrap()));
+        let a = net.forward(x, &ids, &c.cond, mode, &c.prompt, sigma, 0.5).unwrap();
+        let b = resident.forward(x, &ids, &c.cond, mode, &c.prompt, sigma, 0.5).unwrap();
+        for (s, r) in a.double.iter().chain(&a.single).zip(b.double.iter().chain(&b.single)) {
+            assert_eq!(rel_max_err(s, r), 0.0, "{name}: streamed differs");
+        }
+        assert_eq!((a.double.len(), a.single.len()), (b.double.len(), b.single.len()));
+    }
 }

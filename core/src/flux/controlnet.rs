@@ -26,8 +26,15 @@
 //! `ControlNetFlux`, `flux-canny-controlnet-v3.safetensors`: BFL's block names,
 //! `input_hint_block.0..14`, `pos_embed_input`), as ComfyUI loads it.
 //!
+//! Its Flux blocks are registry units and can be streamed as Flux's are
+//! ([`ControlNetDims::unit_specs`], [`FluxControlNet::from_store_streamed`]):
+//! a 6.6 GB Union net need not be resident whole beside Flux.
+//!
 //! Not here: Flux's own FLUX.1 Canny/Depth models, which take the control
 //! latents as input channels ([`super::sampler::Guide::channels`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -35,8 +42,10 @@ use super::config::FluxConfig;
 use super::hooks::{Hooks, Site};
 use super::layout::FluxLayout;
 use super::model::{canonical_tensors, Conditioning, FluxLoad, FluxModel, GgufWeights, Weights};
+use super::stream::{BlockId, BlockSource};
 use crate::error::{Error, Result};
 use crate::nn::Linear;
+use crate::registry::UnitSpec;
 use crate::schedule::{IpWindow, COMFY_FLUX_SHIFT};
 use crate::weights::TensorStore;
 
@@ -242,6 +251,23 @@ impl ControlNetDims {
         crate::weights::loaded_bytes(&rest, dtype) + crate::weights::loaded_bytes(&hint, DType::F32)
     }
 
+    /// Its registry units, as Flux's ([`super::stream::unit_specs`]): the
+    /// base unit (the embedders and every layer of its own, the hint block in
+    /// f32), then one per block in execution order, each with its exact
+    /// bytes; their sum is [`Self::loaded_bytes`]. The blocks can be
+    /// streamed ([`FluxControlNet::from_store_streamed`]); the base unit is
+    /// always resident.
+    pub fn unit_specs(&self, dtype: DType) -> Vec<UnitSpec> {
+        let mut units = super::stream::unit_specs(&self.blocks, dtype);
+        let (hint, rest): (Vec<_>, Vec<_>) =
+            own_tensors(self).into_iter().partition(|(n, _)| n.starts_with(&format!("{HINT}.")));
+        let own = crate::weights::loaded_bytes(&rest, dtype) + crate::weights::loaded_bytes(&hint, DType::F32);
+        if let Some(base) = units.first_mut() {
+            base.bytes += own;
+        }
+        units
+    }
+
     /// Refuses a net whose sizes do not fit `flux`'s (a ControlNet for another model).
     pub fn check_compatible(&self, flux: &FluxConfig) -> Result<()> {
         let b = &self.blocks;
@@ -291,6 +317,20 @@ impl FluxControlNet {
     /// `axes_dim`: diffusers' `axes_dims_rope`, needed only for head sizes
     /// other than FLUX.1's 128.
     pub fn from_store(store: TensorStore, axes_dim: Option<Vec<usize>>, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self::from_store_streamed(store, axes_dim, dtype, device, &[])?.0)
+    }
+
+    /// [`Self::from_store`] with the Flux blocks `streamed` left out of the
+    /// model (as [`FluxModel::from_canonical_store`] leaves them): their
+    /// tensors are returned, as stored, for the [`BlockSource`] the owner
+    /// gives it ([`Self::set_block_source`]).
+    pub fn from_store_streamed(
+        store: TensorStore,
+        axes_dim: Option<Vec<usize>>,
+        dtype: DType,
+        device: &Device,
+        streamed: &[BlockId],
+    ) -> Result<(Self, BTreeMap<String, Tensor>)> {
         let dims = ControlNetDims::infer(&store)?;
         let mut store = canonical_own_names(store);
         let mut own = TensorStore::new(store.source_name.clone());
@@ -303,8 +343,8 @@ impl FluxControlNet {
         let cfg = dims.blocks.clone().with_axes(axes_dim)?;
         own.validate(&own_tensors(&dims))?;
         let canonical = layout.canonicalize(body, &canonical_tensors(&cfg), cfg.hidden_size, cfg.mlp_hidden)?;
-        let load = FluxLoad { dtype, device, streamed: &[], gguf: GgufWeights::Dequantized, loras: &[] };
-        let (body, _) = FluxModel::from_canonical_store(cfg, canonical, &load)?;
+        let load = FluxLoad { dtype, device, streamed, gguf: GgufWeights::Dequantized, loras: &[] };
+        let (body, kept) = FluxModel::from_canonical_store(cfg, canonical, &load)?;
         let mut w = Weights::from_store(own, dtype, device);
         let x_embedder = w.linear(X_EMBEDDER)?;
         let (depth, depth_single) = (dims.blocks.depth, dims.blocks.depth_single);
@@ -322,9 +362,14 @@ impl FluxControlNet {
                 hint.push((f32(format!("{p}.weight"))?, f32(format!("{p}.bias"))?, h.stride(i)));
             }
         }
-        tracing::debug!(target: "ipaflux::flux", ?dims, "loaded a Flux ControlNet");
+        tracing::debug!(target: "ipaflux::flux", ?dims, streamed = streamed.len(), "loaded a Flux ControlNet");
         let dims = ControlNetDims { blocks: body.cfg.clone(), ..dims };
-        Ok(Self { body, x_embedder, blocks, single_blocks, mode_embedder, hint, dims })
+        Ok((Self { body, x_embedder, blocks, single_blocks, mode_embedder, hint, dims }, kept))
+    }
+
+    /// Where its streamed blocks come from (as [`FluxModel::set_block_source`]).
+    pub fn set_block_source(&mut self, source: Arc<dyn BlockSource>) {
+        self.body.set_block_source(source);
     }
 
     /// Uses `attention` in its blocks (as [`FluxModel::set_attention`]).
@@ -531,6 +576,40 @@ mod tests {
         assert_eq!(which(&r, Site::Single { index: 0 }, 19, 38), None);
         // More residuals than blocks: the spacing stays in range.
         assert!(residuals(3, 0, false).at(Site::Double { index: 1 }, 2, 0).is_ok());
+    }
+
+    /// InstantX's FLUX.1-dev-Controlnet-Union: 5 double and 10 single blocks, 10 modes.
+    fn instantx_union() -> ControlNetDims {
+        let blocks = FluxConfig { depth: 5, depth_single: 10, out_channels: 0, ..FluxConfig::dev() };
+        ControlNetDims { blocks, in_channels: 64, modes: Some(10), hint: None }
+    }
+
+    #[test]
+    fn a_controlnets_units_are_its_bytes_block_by_block() {
+        let union = instantx_union();
+        let units = union.unit_specs(DType::BF16);
+        assert_eq!(units.len(), 1 + 5 + 10);
+        // diffusers' FluxControlNetModel at these sizes: 3,301,956,608 parameters.
+        assert_eq!(union.loaded_bytes(DType::BF16), 6_603_913_216);
+        assert_eq!(units.iter().map(|u| u.bytes).sum::<u64>(), union.loaded_bytes(DType::BF16));
+        // Its blocks are Flux's blocks, byte for byte (FLUX.1-dev's 679,662,592 and 283,183,616 in bf16).
+        assert!(units[1..6].iter().all(|u| u.bytes == 679_662_592), "{units:?}");
+        assert!(units[6..].iter().all(|u| u.bytes == 283_183_616), "{units:?}");
+        // The scenario that plans it lists these units.
+        let scenario: serde_json::Value =
+            serde_json::from_str(include_str!("../registry/scenarios/flux-dev-controlnet.json")).unwrap_or_default();
+        let net = &scenario["models"][3];
+        assert_eq!(net["name"], "controlnet-union");
+        let listed: Vec<(u64, u64)> = net["units"]
+            .as_array()
+            .map(|a| a.iter().map(|u| (u["count"].as_u64().unwrap_or(1), u["size"].as_u64().unwrap_or(0))).collect())
+            .unwrap_or_default();
+        assert_eq!(listed, [(1, units[0].bytes), (5, units[1].bytes), (10, units[6].bytes)]);
+        // XLabs' hint block is held in f32, in the base unit.
+        let hint = HintDims { convs: vec![[16, 3, 3, 3], [16, 16, 3, 3]], patch: 2 };
+        let xlabs = ControlNetDims { hint: Some(hint), modes: None, ..instantx_union() };
+        let units = xlabs.unit_specs(DType::BF16);
+        assert_eq!(units.iter().map(|u| u.bytes).sum::<u64>(), xlabs.loaded_bytes(DType::BF16));
     }
 
     #[test]

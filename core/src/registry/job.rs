@@ -305,10 +305,12 @@ impl Registry {
             }
             _ => {}
         }
-        // Models their runners load whole stay resident whatever the state;
-        // only the others' units stream (and need a stream buffer).
-        let streamable = |id: ModelId| self.entry(id).map(|e| e.streamable).unwrap_or(true);
-        let (flexible, fixed): (Vec<UnitRef>, Vec<UnitRef>) = units.iter().partition(|u| streamable(u.0));
+        // Models their runners load whole stay resident whatever the state,
+        // and so do streamable models' base units; only the other units
+        // stream (and need a stream buffer).
+        let streamable =
+            |&&(id, i, _): &&UnitRef| self.entry(id).map(|e| e.streamable && i >= e.resident_units).unwrap_or(true);
+        let (flexible, fixed): (Vec<UnitRef>, Vec<UnitRef>) = units.iter().partition(streamable);
         let buffer = stream_buffer(&flexible);
         let Some(weight_room) = usable.checked_sub(working + buffer) else {
             return Err(self.oom(
@@ -324,7 +326,8 @@ impl Registry {
                 device,
                 working + buffer + fixed_bytes,
                 usable,
-                "a model that cannot be streamed does not fit whole beside the job's working memory",
+                "what cannot be streamed (models loaded whole, streamable models' base units) does not fit beside \
+                 the job's working memory and stream buffer",
             ));
         };
         let cap = match state {

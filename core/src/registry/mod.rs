@@ -566,6 +566,7 @@ fn new_entry(spec: ModelSpec, lease: u64) -> Entry {
         outputs_cached: false,
         last_used: 0,
         streamable: spec.streamable,
+        resident_units: spec.resident_units,
     }
 }
 

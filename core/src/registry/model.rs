@@ -96,6 +96,10 @@ pub struct ModelSpec {
     /// per use (Flux's blocks). **A model that cannot is planned resident
     /// whole or its job fails**: a plan never streams what its runner loads whole.
     pub streamable: bool,
+    /// How many of its first units are resident whenever it runs, streamed
+    /// or not: **a streamable model's base (Flux's embedders, which every
+    /// block needs) is never streamed**. 0 for most models.
+    pub resident_units: usize,
 }
 
 impl ModelSpec {
@@ -117,7 +121,14 @@ impl ModelSpec {
             units,
             weights_key: None,
             streamable: true,
+            resident_units: 0,
         }
+    }
+
+    /// Its first `n` units are resident whenever it runs ([`Self::resident_units`]).
+    pub fn with_resident_units(mut self, n: usize) -> Self {
+        self.resident_units = n;
+        self
     }
 
     /// Marks it as one whose runner loads it whole ([`Self::streamable`] false).
@@ -182,6 +193,8 @@ pub(super) struct Entry {
     pub last_used: u64,
     /// [`ModelSpec::streamable`].
     pub streamable: bool,
+    /// [`ModelSpec::resident_units`].
+    pub resident_units: usize,
 }
 
 impl Entry {

@@ -272,6 +272,46 @@ fn a_model_that_cannot_stream_is_resident_whole_beside_one_that_streams() {
 }
 
 #[test]
+fn a_streamable_models_base_units_are_never_streamed() {
+    // 70 MiB, 10 working. A ControlNet (a 30 MiB base, then two 10 MiB blocks) beside Flux (20 units of
+    // 10 MiB), each with its first unit resident whenever it runs: the bases are placed first, the
+    // blocks stream through a 20 MiB buffer.
+    let net_spec = || {
+        let mut spec = model("net", 50, 3);
+        spec.units[0].bytes = 30 * MB;
+        spec.units[1].bytes = 10 * MB;
+        spec.units[2].bytes = 10 * MB;
+        spec
+    };
+    let placed = |plan: &JobPlan, id: ModelId| {
+        plan.placements.iter().find(|p| p.model == id).map(|p| (p.resident.clone(), p.streamed.len()))
+    };
+    let mut r = registry(70 * MB, no_margin());
+    let flux = reg(&mut r, model("flux", 200, 20).with_resident_units(1)).model;
+    let net = reg(&mut r, net_spec().with_resident_units(1)).model;
+    let plan = job(&mut r, &[flux, net], 10);
+    assert_eq!(placed(&plan, net), Some((vec![0], 2)), "the net's base resident, its blocks streamed");
+    assert_eq!(placed(&plan, flux), Some((vec![0], 19)));
+    assert!(plan.peak_bytes <= 70 * MB);
+    ok_audit(&r);
+    // Without the rule, the fill order (the smaller model first) streams the net's base: its 30 MiB
+    // are in the buffer, and its blocks take the room left.
+    let mut r = registry(70 * MB, no_margin());
+    let flux = reg(&mut r, model("flux", 200, 20)).model;
+    let net = reg(&mut r, net_spec()).model;
+    let plan = job(&mut r, &[flux, net], 10);
+    assert_eq!(placed(&plan, net), Some((vec![1, 2], 1)));
+    // No room for both bases beside the buffer and the working memory: a clear error, nothing moved.
+    let mut r = registry(60 * MB, no_margin());
+    let flux = reg(&mut r, model("flux", 200, 20).with_resident_units(1)).model;
+    let net = reg(&mut r, net_spec().with_resident_units(1)).model;
+    let err = r.load_for_job(&JobRequest::new(GPU, &[flux, net]).working(10 * MB));
+    assert!(matches!(err, Err(Error::OutOfMemory { .. })), "{err:?}");
+    assert_eq!(r.placed_bytes(GPU), 0);
+    ok_audit(&r);
+}
+
+#[test]
 fn low_state_caps_weights_at_a_share_of_usable_memory() {
     let mut r = registry(100 * MB, RegistryConfig { state: VramState::Low, ..no_margin() });
     let m = reg(&mut r, model("m", 80, 8)).model;
