@@ -618,19 +618,20 @@ fn generate_with_several_controlnets() {
     // example): the same file is loaded once; the modes follow the maps; the same picture as the
     // maps written by `ipaflux canny` / `ipaflux depth` and given as they are.
     let depth_model = f("depth/model");
+    let knobs = [
+        "--controlnet-scale",
+        "0.5",
+        "--controlnet-scale",
+        "0.8",
+        "--controlnet-start",
+        "0",
+        "--controlnet-start",
+        "0.3",
+    ];
     let maps = [
         &["--control-image", &photo, "--control-image", &photo, "--control-map", "canny", "--control-map", "depth"][..],
         &["--control-depth", &depth_model, "--controlnet", &union, "--controlnet", &union, "--verbose"],
-        &[
-            "--controlnet-scale",
-            "0.5",
-            "--controlnet-scale",
-            "0.8",
-            "--controlnet-start",
-            "0",
-            "--controlnet-start",
-            "0.3",
-        ],
+        &knobs,
     ]
     .concat();
     let log = ok(&maps, &a);
@@ -650,16 +651,7 @@ fn generate_with_several_controlnets() {
     let given = [
         &["--control-image", &edge_map, "--control-image", &depth_map][..],
         &["--controlnet", &union, "--controlnet", &union, "--controlnet-mode", "canny", "--controlnet-mode", "depth"],
-        &[
-            "--controlnet-scale",
-            "0.5",
-            "--controlnet-scale",
-            "0.8",
-            "--controlnet-start",
-            "0",
-            "--controlnet-start",
-            "0.3",
-        ],
+        &knobs,
     ]
     .concat();
     ok(&given, &b);

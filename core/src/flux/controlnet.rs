@@ -321,9 +321,9 @@ impl FluxControlNet {
     }
 
     /// [`Self::from_store`] with the Flux blocks `streamed` left out of the
-    /// model (as [`FluxModel::from_canonical_store`] leaves them): their
-    /// tensors are returned, as stored, for the [`BlockSource`] the owner
-    /// gives it ([`Self::set_block_source`]).
+    /// model, as [`FluxModel::from_store_streamed`] leaves them: their
+    /// tensors are returned (canonical names, in `dtype` where they stay) for
+    /// the [`BlockSource`] the owner gives it ([`Self::set_block_source`]).
     pub fn from_store_streamed(
         store: TensorStore,
         axes_dim: Option<Vec<usize>>,
